@@ -1,0 +1,38 @@
+# nibble: every target sets up .venv by itself on first use.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help train test lint bench-numerics clean
+
+help:
+	@echo "nibble: 4-bit neural-network training on open FPGAs"
+	@echo ""
+	@echo "  make train            train the digits MLP in 4 bits (emulated) beside fp32"
+	@echo "  make test             lint and run the whole test suite"
+	@echo "  make lint             ruff"
+	@echo "  make bench-numerics   4-bit vs fp32 training benchmark -> build/bench/"
+	@echo "  make clean            remove build/ (keeps .venv)"
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+train: $(STAMP)
+	$(VENV)/bin/nibble train $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: lint
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench-numerics: $(STAMP)
+	$(VENV)/bin/nibble bench numerics --docs docs/results.md $(ARGS)
+
+clean:
+	rm -rf build

@@ -1,0 +1,132 @@
+"""The ``nibble`` command line."""
+
+import argparse
+import sys
+from pathlib import Path
+
+from host.datasets import DATASETS, DatasetError
+from host.model import SCHEMES
+from host.numerics import NumericsError
+from host.train import DEFAULT_MODELS, TrainConfig, train
+
+__all__ = ["main"]
+
+
+def _positive(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def cmd_train(args):
+    from host import datasets
+    from host.report import plot_curves, write_json
+
+    data = datasets.load(args.dataset)
+    sizes = DEFAULT_MODELS[args.dataset]
+    schemes = [args.scheme] + ([args.baseline] if args.baseline not in ("none", args.scheme)
+                               else [])
+    results = {}
+    for scheme in schemes:
+        cfg = TrainConfig(scheme=scheme, epochs=args.epochs, batch_size=args.batch_size,
+                          lr=args.lr, momentum=args.momentum, seed=args.seed, sizes=sizes)
+        print(f"training {args.dataset} MLP {'-'.join(map(str, sizes))} with {scheme} "
+              f"({'4-bit golden-model emulation' if SCHEMES[scheme].quantized else 'fp32'}), "
+              f"{args.epochs} epochs", flush=True)
+        results[scheme] = train(data, cfg, progress=not args.quiet)
+    out = Path(args.out or f"build/train/{args.dataset}")
+    metrics = {s: {k: r[k] for k in ("config", "history", "test_accuracy", "seconds",
+                                      "step_seconds")} for s, r in results.items()}
+    write_json(out / "metrics.json", metrics)
+    plot_curves(out / "curves.png", {f"{args.dataset} test accuracy":
+                                     {s: [h["test_accuracy"] for h in r["history"]]
+                                      for s, r in results.items()}})
+    print()
+    print(f"{'scheme':20s} {'test accuracy':>14s} {'ms/step':>9s}")
+    for scheme, r in results.items():
+        print(f"{scheme:20s} {r['test_accuracy']:14.4f} {r['step_seconds'] * 1e3:9.3f}")
+    print(f"\nmetrics: {out / 'metrics.json'}\nplot:    {out / 'curves.png'}")
+    return 0
+
+
+def cmd_bench_numerics(args):
+    from host.bench import BENCH_EPOCHS, bench_numerics
+
+    epochs = dict(BENCH_EPOCHS)
+    if args.epochs:
+        epochs = dict.fromkeys(epochs, args.epochs)
+    bench_numerics(out_dir=args.out, names=args.dataset, schemes=args.scheme, epochs=epochs,
+                   docs=args.docs, progress=not args.quiet)
+    print(f"\nwrote {args.out}/numerics.json, numerics.md, numerics.png"
+          + (f"; updated {args.docs}" if args.docs else ""))
+    return 0
+
+
+def cmd_formats(_args):
+    from rtl import formats as f
+
+    print(f"INT4   storage {f.INT4_MIN}..{f.INT4_MAX}, weights {f.WEIGHT_MIN}..{f.WEIGHT_MAX}")
+    print(f"UINT4  {f.UINT4_MIN}..{f.UINT4_MAX}")
+    print(f"FP4    code s|eee, eee={f.FP4_EXP_ZERO} is zero, value ±4^(eee-7)·2^phase·2^exp, "
+          f"datapath shift up to {f.FP4_MAG_LOG2_MAX}")
+    print(f"GEMM   max reduction {f.MAX_REDUCTION}")
+    for mode in f.GemmMode:
+        lo, hi = f.product_range(mode)
+        print(f"  {mode.name.lower():16s} products {lo}..{hi}, accumulator "
+              f"{f.ACC_BITS[mode]} bits")
+    print(f"Rescale M {f.RESCALE_M_BITS} bits unsigned, shift 0..{f.RESCALE_SHIFT_MAX}")
+    return 0
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="nibble", description="nibble: 4-bit neural-network "
+                                "training on open FPGAs")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train an MLP in 4 bits (golden-model emulation) "
+                       "beside an fp32 baseline")
+    t.add_argument("--dataset", choices=list(DATASETS), default="digits")
+    t.add_argument("--scheme", choices=list(SCHEMES), default="ibm4")
+    t.add_argument("--baseline", choices=[*SCHEMES, "none"], default="fp32")
+    t.add_argument("--epochs", type=_positive, default=30)
+    t.add_argument("--batch-size", type=_positive, default=TrainConfig.batch_size)
+    t.add_argument("--lr", type=float, default=TrainConfig.lr)
+    t.add_argument("--momentum", type=float, default=TrainConfig.momentum)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", help="output folder (default build/train/DATASET)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    n = bsub.add_parser("numerics", help="4-bit schemes vs fp32 on digits and Fashion-MNIST")
+    n.add_argument("--dataset", action="append", choices=list(DATASETS),
+                   help="repeatable; default: every dataset present on this machine")
+    n.add_argument("--scheme", action="append", choices=list(SCHEMES),
+                   help="repeatable; default: all (fp32 is always included)")
+    n.add_argument("--epochs", type=_positive, help="override the epochs of every dataset")
+    n.add_argument("--out", default="build/bench")
+    n.add_argument("--docs", help="also update the generated table in this markdown file")
+    n.add_argument("--quiet", action="store_true")
+    n.set_defaults(func=cmd_bench_numerics)
+
+    f = sub.add_parser("formats", help="print the number formats and accumulator widths")
+    f.set_defaults(func=cmd_formats)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (DatasetError, NumericsError, ValueError) as e:
+        print(f"nibble: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nibble: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""nibble's number formats: the single definition shared by the gateware and the host.
+
+Every format constant of the numerics contract lives here, once. The golden model
+(``host.numerics``), the gateware and the host driver all read these names; nothing else
+in the repository may spell a format constant as a literal. ``docs/numerics.md`` specifies
+each format bit by bit.
+
+The module is pure Python plus Amaranth ``lib.data`` layouts, so both sides can import it.
+"""
+
+import enum
+import functools
+from dataclasses import dataclass
+
+from amaranth.hdl import signed, unsigned
+from amaranth.lib import data
+
+__all__ = [
+    "ACC_BITS",
+    "FP4",
+    "FP4_EXP_BITS",
+    "FP4_EXP_MAX",
+    "FP4_EXP_ZERO",
+    "FP4_MAG_LOG2_MAX",
+    "FP4_PHASES",
+    "FP4_RADIX_LOG2",
+    "FP4_SIGN_SHIFT",
+    "FP4_TOP_LOG2",
+    "INT4",
+    "INT4_MAX",
+    "INT4_MIN",
+    "MAX_REDUCTION",
+    "RESCALE_M_BITS",
+    "RESCALE_SHIFT_MAX",
+    "SAWB_C1",
+    "SAWB_C2",
+    "UINT4",
+    "UINT4_MAX",
+    "UINT4_MIN",
+    "WEIGHT_MAX",
+    "WEIGHT_MIN",
+    "GemmMode",
+    "Operand",
+    "acc_bits",
+    "fp4_mag_log2",
+    "product_range",
+    "signed_bits",
+]
+
+# --- Integer formats ------------------------------------------------------------------------
+CODE_BITS = 4
+INT4_MIN, INT4_MAX = -8, 7        # two's complement storage range
+WEIGHT_MIN, WEIGHT_MAX = -7, 7    # symmetric weight grid (SAWB): -8 is never produced
+UINT4_MIN, UINT4_MAX = 0, 15      # activations after ReLU / PACT clip
+
+INT4 = signed(CODE_BITS)
+UINT4 = unsigned(CODE_BITS)
+
+# --- FP4 radix-4 gradients: code = s | eee ----------------------------------------------------
+FP4_EXP_BITS = 3
+FP4_EXP_ZERO = 0                  # eee == 0 encodes zero (either sign)
+FP4_EXP_MAX = (1 << FP4_EXP_BITS) - 1   # 7: the top binade
+FP4_SIGN_SHIFT = FP4_EXP_BITS     # the sign is the code's most significant bit
+FP4_RADIX_LOG2 = 2                # radix 4: neighbouring codes differ by 4x
+FP4_PHASES = (0, 1)               # TPR: phase 0 grid {4^k}, phase 1 grid {2*4^k}
+
+#: ``FP4`` as an Amaranth layout. Fields are listed LSB first: ``exp`` is bits 0..2,
+#: ``sign`` is bit 3, so the packed value equals the host's code ``sign << 3 | exp``.
+FP4 = data.StructLayout({"exp": unsigned(FP4_EXP_BITS), "sign": unsigned(1)})
+
+
+def fp4_mag_log2(exp, phase, radix_log2=FP4_RADIX_LOG2):
+    """log2 of the integer magnitude of a nonzero FP4 code in the GEMM datapath.
+
+    In the datapath a code with exponent field ``exp`` (1..7) stands for the integer
+    ``2 ** (radix_log2 * (exp - 1) + phase)``: multiplying an integer operand by it is a
+    left shift by this amount.
+    """
+    return radix_log2 * (exp - 1) + phase
+
+
+#: Largest datapath shift: exponent 7 in phase 1 (2^13 = 8192).
+FP4_MAG_LOG2_MAX = fp4_mag_log2(FP4_EXP_MAX, max(FP4_PHASES))
+#: The datapath integer of the top code of phase 0 is 2^FP4_TOP_LOG2; the real value of a
+#: code is ``datapath_integer * 2 ** (tensor_exp - FP4_TOP_LOG2) * tensor_base``, i.e.
+#: ``±4^(eee-7) * 2^phase * 2^tensor_exp * tensor_base``.
+FP4_TOP_LOG2 = fp4_mag_log2(FP4_EXP_MAX, 0)
+
+# --- GEMM operands, modes and accumulator widths --------------------------------------------
+#: The longest reduction (K for forward, N for backward-data, B for backward-weight) the
+#: hardware accepts. Every accumulator width below is derived from it.
+MAX_REDUCTION = 4096
+
+
+class Operand(enum.Enum):
+    """The kinds of 4-bit operand a PE accepts, with their range in the integer datapath."""
+
+    INT4 = "int4"
+    UINT4 = "uint4"
+    FP4 = "fp4"       # either phase: magnitudes 1 .. 2^FP4_MAG_LOG2_MAX
+
+    @property
+    def range(self):
+        """(min, max) of the datapath integer this operand kind can carry."""
+        if self is Operand.INT4:
+            return INT4_MIN, INT4_MAX
+        if self is Operand.UINT4:
+            return UINT4_MIN, UINT4_MAX
+        top = 1 << FP4_MAG_LOG2_MAX
+        return -top, top
+
+
+@dataclass(frozen=True)
+class _ModeInfo:
+    a: tuple   # operand kinds accepted for A (the streamed operand)
+    b: tuple   # operand kinds accepted for B
+
+
+class GemmMode(enum.Enum):
+    """The three GEMMs of a training step of ``y = x @ w.T`` (x: B x K, w: N x K).
+
+    ========================  ===================  ===========  =================
+    mode                      result               A            B
+    ========================  ===================  ===========  =================
+    FORWARD                   ``X @ W.T``  (BxN)   X int/uint4  W int4
+    BACKWARD_DATA             ``dY @ W``   (BxK)   dY fp4       W int4
+    BACKWARD_WEIGHT           ``dY.T @ X`` (NxK)   dY fp4       X int/uint4
+    ========================  ===================  ===========  =================
+    """
+
+    FORWARD = 0
+    BACKWARD_DATA = 1
+    BACKWARD_WEIGHT = 2
+
+    @property
+    def operands(self):
+        return {
+            GemmMode.FORWARD: _ModeInfo((Operand.UINT4, Operand.INT4), (Operand.INT4,)),
+            GemmMode.BACKWARD_DATA: _ModeInfo((Operand.FP4,), (Operand.INT4,)),
+            GemmMode.BACKWARD_WEIGHT: _ModeInfo((Operand.FP4,), (Operand.UINT4, Operand.INT4)),
+        }[self]
+
+
+def signed_bits(lo, hi):
+    """Smallest two's complement width that holds every integer in ``[lo, hi]``."""
+    if lo > hi:
+        raise ValueError(f"empty range [{lo}, {hi}]")
+    width = 1
+    while not (-(1 << (width - 1)) <= lo and hi <= (1 << (width - 1)) - 1):
+        width += 1
+    return width
+
+
+@functools.cache
+def product_range(mode):
+    """(min, max) of one product ``a * b`` over every operand pair ``mode`` accepts."""
+    info = mode.operands
+    corners = [
+        x * y
+        for a in info.a for b in info.b
+        for x in a.range for y in b.range
+    ]
+    return min(corners), max(corners)
+
+
+@functools.cache
+def acc_bits(mode, length=MAX_REDUCTION):
+    """Exact accumulator width for a reduction of ``length`` products in ``mode``.
+
+    The sum of ``length`` products lies in ``[length * pmin, length * pmax]``; this is the
+    smallest signed width that holds that interval, so no input the hardware accepts can
+    overflow it (``tests/test_gemm.py`` proves it with worst-case operands).
+    """
+    if not 1 <= length <= MAX_REDUCTION:
+        raise ValueError(f"reduction length {length} outside 1..{MAX_REDUCTION}")
+    pmin, pmax = product_range(mode)
+    return signed_bits(length * pmin, length * pmax)
+
+
+#: Accumulator width per GEMM mode at MAX_REDUCTION (forward 20, backward modes 30 bits).
+ACC_BITS = {mode: acc_bits(mode) for mode in GemmMode}
+
+# --- Range-rescale unit: q = clamp(round((acc * M) >> s), lo, hi) ---------------------------
+RESCALE_M_BITS = 16               # unsigned fixed-point multiplier M, normalised to [2^15, 2^16)
+RESCALE_SHIFT_MAX = 63            # shift s in 0..63 (a 6-bit field)
+
+# --- SAWB weight scale: alpha = c1 * sqrt(E[w^2]) + c2 * E[|w|] (IBM's 4-bit coefficients) --
+SAWB_C1, SAWB_C2 = 12.68, -12.80
