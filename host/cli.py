@@ -57,7 +57,7 @@ def cmd_bench_numerics(args):
     if args.epochs:
         epochs = dict.fromkeys(epochs, args.epochs)
     bench_numerics(out_dir=args.out, names=args.dataset, schemes=args.scheme, epochs=epochs,
-                   docs=args.docs, progress=not args.quiet)
+                   seeds=args.seeds, docs=args.docs, progress=not args.quiet)
     print(f"\nwrote {args.out}/numerics.json, numerics.md, numerics.png"
           + (f"; updated {args.docs}" if args.docs else ""))
     return 0
@@ -106,6 +106,7 @@ def build_parser():
     n.add_argument("--scheme", action="append", choices=list(SCHEMES),
                    help="repeatable; default: all (fp32 is always included)")
     n.add_argument("--epochs", type=_positive, help="override the epochs of every dataset")
+    n.add_argument("--seeds", type=_positive, default=3, help="seeds per scheme (default 3)")
     n.add_argument("--out", default="build/bench")
     n.add_argument("--docs", help="also update the generated table in this markdown file")
     n.add_argument("--quiet", action="store_true")

@@ -82,7 +82,8 @@ def test_cli_bench_numerics_rows(tmp_path, tiny_fashion):
     doc = tmp_path / "results.md"
     doc.write_text("# r\n<!-- bench-numerics:begin -->\nold\n<!-- bench-numerics:end -->\n")
     out = tmp_path / "bench"
-    assert main(["bench", "numerics", "--epochs", "1", "--quiet", "--out", str(out),
+    assert main(["bench", "numerics", "--epochs", "1", "--seeds", "2", "--quiet",
+                 "--out", str(out),
                  "--scheme", "ibm4", "--scheme", "radix2-fp4", "--docs", str(doc)]) == 0
     rows = json.loads((out / "numerics.json").read_text())
     assert {(r["dataset"], r["scheme"]) for r in rows} == {
@@ -91,6 +92,8 @@ def test_cli_bench_numerics_rows(tmp_path, tiny_fashion):
         assert {"dataset", "model", "scheme", "test_accuracy", "epochs", "seconds",
                 "step_time_ratio_vs_fp32"} <= set(r)
         assert 0 <= r["test_accuracy"] <= 1 and r["epochs"] == 1
+        assert len(r["test_accuracies"]) == 2
+        assert r["test_accuracy"] == sum(r["test_accuracies"]) / 2
     assert (out / "numerics.png").exists()
     assert "| fashion-mnist | mlp-784-128-10 | ibm4 |" in doc.read_text()
     assert "old" not in doc.read_text()
