@@ -264,8 +264,3 @@ class MLP:
         out = [self.forward(rows(h, slice(i, i + batch_size))).argmax(axis=1)
                for i in range(0, n, batch_size)]
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
-
-    def state_dict(self):
-        state = {f"p{i}": p.value.copy() for i, p in enumerate(self.params)}
-        state.update({f"v{i}": p.velocity.copy() for i, p in enumerate(self.params)})
-        return state

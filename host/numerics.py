@@ -375,9 +375,3 @@ class GradScale:
         if real:
             self.prev_absmax = real
         return self.exp
-
-    def state_dict(self):
-        return {"prev_absmax": self.prev_absmax, "exp": self.exp}
-
-    def load_state_dict(self, state):
-        self.prev_absmax, self.exp = state["prev_absmax"], state["exp"]
