@@ -299,6 +299,11 @@ def log_thresholds(exp, phase, radix_log2=FP4_RADIX_LOG2):
     return np.array([np.ldexp(0.5, g0), *mids])
 
 
+def _fp4_code(e, negative):
+    """Pack exponent fields and signs into FP4 codes; a zero result keeps sign 0."""
+    return e | ((negative & (e != FP4_EXP_ZERO)).astype(np.uint8) << FP4_SIGN_SHIFT)
+
+
 def log_quantize(x, exp, phase, radix_log2=FP4_RADIX_LOG2):
     """Round ``x`` to FP4 codes on the grid ``{0} ∪ {±R^j * 2^(phase+exp-6r)}, j = 0..6``.
 
@@ -313,8 +318,7 @@ def log_quantize(x, exp, phase, radix_log2=FP4_RADIX_LOG2):
     exp = _check_int(exp, "exp", -900, 900)
     x = check_finite(x, "x")
     e = np.searchsorted(log_thresholds(exp, phase, radix_log2), np.abs(x), side="left")
-    e = e.astype(np.uint8)
-    return e | (((x < 0) & (e != FP4_EXP_ZERO)).astype(np.uint8) << FP4_SIGN_SHIFT)
+    return _fp4_code(e.astype(np.uint8), x < 0)
 
 
 def log_quantize_tpr(x, exp, radix_log2=FP4_RADIX_LOG2):
@@ -331,10 +335,7 @@ def log_quantize_tpr(x, exp, radix_log2=FP4_RADIX_LOG2):
     merged[0::2], merged[1::2] = t0, 2.0 * t0
     i = np.searchsorted(merged, np.abs(x), side="left").astype(np.uint8)
     neg = x < 0
-    out = []
-    for e in ((i + 1) >> 1, i >> 1):
-        out.append(e | ((neg & (e != FP4_EXP_ZERO)).astype(np.uint8) << FP4_SIGN_SHIFT))
-    return tuple(out)
+    return _fp4_code((i + 1) >> 1, neg), _fp4_code(i >> 1, neg)
 
 
 def gradscale_exponent(absmax):
