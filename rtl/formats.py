@@ -186,3 +186,86 @@ RESCALE_SHIFT_MAX = 63            # shift s in 0..63 (a 6-bit field)
 
 # --- SAWB weight scale: alpha = c1 * sqrt(E[w^2]) + c2 * E[|w|] (IBM's 4-bit coefficients) --
 SAWB_C1, SAWB_C2 = 12.68, -12.80
+
+# --- The hardware datapath: widths derived from the formats above ---------------------------
+#: In a PE an FP4 code multiplies as a left shift by ``radix_log2 * (exp - 1)``; the TPR
+#: phase is a constant of the GEMM, so the output lane applies it once (``<< phase``).
+PE_FP4_SHIFT_MAX = fp4_mag_log2(FP4_EXP_MAX, 0)
+
+
+@functools.cache
+def pe_product_range():
+    """(min, max) of one PE product over every mode, with the phase factored out."""
+    top = 1 << PE_FP4_SHIFT_MAX
+    ranges = {Operand.INT4: (INT4_MIN, INT4_MAX), Operand.UINT4: (UINT4_MIN, UINT4_MAX),
+              Operand.FP4: (-top, top)}
+    corners = [
+        x * y
+        for mode in GemmMode
+        for a in mode.operands.a for b in mode.operands.b
+        for x in ranges[a] for y in ranges[b]
+    ]
+    return min(corners), max(corners)
+
+
+#: A PE product (phase factored out): 17 bits signed.
+PE_PRODUCT_BITS = signed_bits(*pe_product_range())
+#: A PE accumulator: exact for MAX_REDUCTION products of any mode (29 bits signed).
+PE_ACC_BITS = signed_bits(MAX_REDUCTION * pe_product_range()[0],
+                          MAX_REDUCTION * pe_product_range()[1])
+#: An output-lane value, ``pe_acc << phase``: exactly the widest GEMM accumulator (30 bits).
+LANE_BITS = PE_ACC_BITS + max(FP4_PHASES)
+assert LANE_BITS == max(ACC_BITS.values())
+#: The rescale unit serves forward GEMMs, whose accumulators fit ACC_BITS[FORWARD] bits.
+RESCALE_IN_BITS = ACC_BITS[GemmMode.FORWARD]
+#: Effective shift cap: for s >= RESCALE_SHIFT_CAP every result is 0, exactly as for larger s
+#: (|acc * M| < 2^(RESCALE_SHIFT_CAP - 1), so acc * M + 2^(s-1) lies in (0, 2^s)).
+RESCALE_SHIFT_CAP = RESCALE_IN_BITS + RESCALE_M_BITS
+#: The log4 quantizer's GradScale exponent field (two's complement). Exponents below
+#: LOG4_EXP_MIN saturate every nonzero input and above LOG4_EXP_MAX zero every input, just
+#: like any exponent beyond them, so the host clamps into this range without changing a code.
+LOG4_EXP_BITS = 8
+LOG4_EXP_MIN = -(FP4_RADIX_LOG2 + 1)
+LOG4_EXP_MAX = LANE_BITS + FP4_TOP_LOG2 + 1
+
+
+class OutputPath(enum.IntEnum):
+    """What an output lane does with a GEMM result."""
+
+    RAW = 0       # the exact wide accumulator (LANE_BITS), e.g. for host reads
+    RESCALE = 1   # range-rescale to INT4 / UINT4 codes (forward)
+    LOG4 = 2      # mask and log4-quantize to an FP4 pair (backward-data)
+
+
+class MaskMode(enum.IntEnum):
+    """The activation derivative the log4 lane applies, from the stored UINT4 code q."""
+
+    NONE = 0      # pass everything
+    RELU = 1      # pass where q > 0
+    PACT = 2      # pass where 0 < q < 15 (q == 15 was clipped at alpha)
+
+
+def mask_pass(code, mode):
+    """Golden mask: does the gradient pass for activation code ``code`` under ``mode``."""
+    mode = MaskMode(mode)
+    if mode is MaskMode.NONE:
+        return True
+    if mode is MaskMode.RELU:
+        return code > UINT4_MIN
+    return UINT4_MIN < code < UINT4_MAX
+
+
+#: Operand interpretation of a PE, set once per GEMM.
+OPERAND_CFG = data.StructLayout({
+    "a_fp4": unsigned(1),     # A is FP4 radix-4 (a shift); else an integer
+    "a_signed": unsigned(1),  # integer A is INT4 (else UINT4)
+    "b_signed": unsigned(1),  # B is INT4 (else UINT4)
+})
+
+
+def operand_cfg(a, b):
+    """OPERAND_CFG field values for operand kinds ``a`` and ``b`` (``Operand`` members)."""
+    if b is Operand.FP4:
+        raise ValueError("the B operand is an integer (INT4 or UINT4)")
+    return {"a_fp4": int(a is Operand.FP4), "a_signed": int(a is Operand.INT4),
+            "b_signed": int(b is Operand.INT4)}

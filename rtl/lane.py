@@ -1,0 +1,123 @@
+"""An output lane: the array's finished sums leave through RAW, RESCALE or LOG4.
+
+The lane first undoes the factored-out TPR phase (``value = acc << phase``, LANE_BITS wide,
+equal to the widest GEMM accumulator), then feeds the path the GEMM selected. Each path is a
+pipeline that takes one element per cycle; the path is constant during a GEMM, so the lane
+never reorders elements.
+"""
+
+from amaranth.hdl import Module, Mux, Signal, signed, unsigned
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from .formats import LANE_BITS, PE_ACC_BITS, RESCALE_IN_BITS, UINT4, MaskMode, OutputPath
+from .log4 import LOG4_CFG, LOG4_OUT, Log4Quantizer
+from .rescale import RESCALE_CFG, Rescale
+
+__all__ = ["LANE_CFG", "LANE_OUT", "OutputLane"]
+
+#: Settings of an output lane, constant during a GEMM.
+LANE_CFG = data.StructLayout({
+    "path": unsigned(2),      # an OutputPath
+    "phase": unsigned(1),     # TPR phase of the FP4 operand (0 for forward GEMMs)
+    "rescale": RESCALE_CFG,
+    "log4": LOG4_CFG,
+})
+#: One output element; which field is meaningful depends on the path.
+LANE_OUT = data.UnionLayout({
+    "raw": signed(LANE_BITS),     # RAW: the exact accumulator
+    "code": unsigned(4),          # RESCALE: INT4 or UINT4 code
+    "fp4": LOG4_OUT,              # LOG4: [phase-0 code, phase-1 code]
+})
+
+
+class OutputLane(wiring.Component):
+    """One output lane.
+
+    Ports
+    -----
+    cfg : In(LANE_CFG)
+    i : In(stream.Signature(signed(PE_ACC_BITS)))
+        PE accumulators (phase factored out).
+    mask : In(stream.Signature(UINT4))
+        Activation codes, one per element, consumed only on the LOG4 path with a mask.
+    o : Out(stream.Signature(LANE_OUT))
+    clear : In(1)
+        Resets ``absmax``.
+    absmax : Out(unsigned(LANE_BITS))
+        RAW: ``max |value|``; RESCALE: ``max |acc|`` after ReLU; LOG4: ``max`` masked
+        ``|value|``; over the elements since ``clear``.
+    """
+
+    def __init__(self):
+        super().__init__({
+            "cfg": In(LANE_CFG),
+            "i": In(stream.Signature(signed(PE_ACC_BITS))),
+            "mask": In(stream.Signature(UINT4)),
+            "o": Out(stream.Signature(LANE_OUT)),
+            "clear": In(1),
+            "absmax": Out(unsigned(LANE_BITS)),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg = self.cfg
+        m.submodules.rescale = rescale = Rescale()
+        m.submodules.log4 = log4 = Log4Quantizer()
+        m.d.comb += [
+            rescale.cfg.eq(cfg.rescale), log4.cfg.eq(cfg.log4),
+            rescale.clear.eq(self.clear), log4.clear.eq(self.clear),
+        ]
+        value = Signal(signed(LANE_BITS))
+        m.d.comb += value.eq(self.i.payload << cfg.phase)
+        is_raw = cfg.path == OutputPath.RAW
+        is_rescale = cfg.path == OutputPath.RESCALE
+        is_log4 = cfg.path == OutputPath.LOG4
+        need_mask = is_log4 & (cfg.log4.mask != MaskMode.NONE)
+
+        # RAW: one register stage, with its own absmax.
+        raw = Signal(signed(LANE_BITS))
+        raw_valid = Signal()
+        raw_absmax = Signal(unsigned(LANE_BITS))
+        raw_advance = ~raw_valid | (self.o.ready & is_raw)
+        with m.If(raw_advance):
+            m.d.sync += [raw.eq(value), raw_valid.eq(self.i.valid & is_raw)]
+        mag = Mux(value < 0, -value, value)
+        with m.If(self.clear):
+            m.d.sync += raw_absmax.eq(0)
+        with m.Elif(self.i.valid & is_raw & raw_advance & (mag > raw_absmax)):
+            m.d.sync += raw_absmax.eq(mag)
+
+        m.d.comb += [
+            rescale.i.payload.eq(value[:RESCALE_IN_BITS]),
+            rescale.i.valid.eq(self.i.valid & is_rescale),
+            log4.i.payload.value.eq(value),
+            log4.i.payload.code.eq(self.mask.payload),
+            log4.i.valid.eq(self.i.valid & is_log4 & (self.mask.valid | ~need_mask)),
+            self.mask.ready.eq(need_mask & self.i.valid & log4.i.ready),
+            rescale.o.ready.eq(self.o.ready & is_rescale),
+            log4.o.ready.eq(self.o.ready & is_log4),
+        ]
+        with m.Switch(cfg.path):
+            with m.Case(OutputPath.RESCALE):
+                m.d.comb += [
+                    self.i.ready.eq(rescale.i.ready),
+                    self.o.valid.eq(rescale.o.valid),
+                    self.o.payload.code.eq(rescale.o.payload),
+                    self.absmax.eq(rescale.absmax),
+                ]
+            with m.Case(OutputPath.LOG4):
+                m.d.comb += [
+                    self.i.ready.eq(log4.i.ready & (self.mask.valid | ~need_mask)),
+                    self.o.valid.eq(log4.o.valid),
+                    self.o.payload.fp4.eq(log4.o.payload),
+                    self.absmax.eq(log4.absmax),
+                ]
+            with m.Default():
+                m.d.comb += [
+                    self.i.ready.eq(raw_advance),
+                    self.o.valid.eq(raw_valid),
+                    self.o.payload.raw.eq(raw),
+                    self.absmax.eq(raw_absmax),
+                ]
+        return m

@@ -1,0 +1,106 @@
+"""The range-rescale unit: ``q = clamp(((acc * M) + 2^(s-1)) >> s, lo, hi)``, one per cycle.
+
+Bit-exact with :func:`host.numerics.rescale` (``docs/numerics.md`` §4): optional ReLU first,
+an arithmetic (flooring) shift so the rounding is round half up, no rounding term for
+``s = 0``, then saturation to INT4 (-8..7) or UINT4 (0..15). A PACT clip is the UINT4
+saturation with alpha folded into M and s. The unit also keeps ``absmax = max |acc|``
+(after the ReLU) over every element since ``clear``.
+"""
+
+from amaranth.hdl import Const, Module, Mux, Signal, signed, unsigned
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from .formats import (
+    CODE_BITS,
+    INT4_MAX,
+    INT4_MIN,
+    RESCALE_IN_BITS,
+    RESCALE_M_BITS,
+    RESCALE_SHIFT_MAX,
+    UINT4_MAX,
+    UINT4_MIN,
+)
+
+__all__ = ["RESCALE_CFG", "Rescale"]
+
+#: Settings of the rescale unit, constant while a tensor streams through.
+RESCALE_CFG = data.StructLayout({
+    "m": unsigned(RESCALE_M_BITS),
+    "s": range(RESCALE_SHIFT_MAX + 1),
+    "relu": unsigned(1),
+    "out_signed": unsigned(1),      # saturate to INT4 (else UINT4)
+})
+
+
+class Rescale(wiring.Component):
+    """Range-rescale stream: signed accumulators in, 4-bit codes out, 4-cycle latency.
+
+    Ports
+    -----
+    cfg : In(RESCALE_CFG)
+        M (unsigned, 16 bits), s (0..63), ReLU, output kind.
+    i : In(stream.Signature(signed(RESCALE_IN_BITS)))
+        Accumulators. ``ready`` is ``~o.valid | o.ready`` (the pipeline moves as one).
+    o : Out(stream.Signature(unsigned(4)))
+        Codes: two's complement INT4 or UINT4.
+    clear : In(1)
+        Resets ``absmax`` to 0.
+    absmax : Out(unsigned(RESCALE_IN_BITS))
+        Largest ``|acc|`` (after ReLU) accepted since ``clear``.
+    """
+
+    LATENCY = 4
+
+    def __init__(self, in_bits=RESCALE_IN_BITS):
+        self.in_bits = in_bits
+        super().__init__({
+            "cfg": In(RESCALE_CFG),
+            "i": In(stream.Signature(signed(in_bits))),
+            "o": Out(stream.Signature(unsigned(CODE_BITS))),
+            "clear": In(1),
+            "absmax": Out(unsigned(in_bits)),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg = self.cfg
+        prod_bits = self.in_bits + RESCALE_M_BITS + 1       # signed acc * unsigned M
+        cap = self.in_bits + RESCALE_M_BITS                  # results are 0 from here on
+
+        advance = Signal()
+        m.d.comb += [advance.eq(~self.o.valid | self.o.ready), self.i.ready.eq(advance)]
+        take = self.i.valid & advance
+
+        # Stage 1: ReLU and the absmax statistic.
+        v = Signal(signed(self.in_bits))
+        v_ok = Signal()
+        x = self.i.payload
+        relu_x = Mux(cfg.relu & (x < 0), 0, x)
+        mag = Mux(relu_x < 0, -relu_x, relu_x)
+        with m.If(self.clear):
+            m.d.sync += self.absmax.eq(0)
+        with m.Elif(take & (mag > self.absmax)):
+            m.d.sync += self.absmax.eq(mag)
+        # Stage 2: the product. Stage 3: the rounding term. Stage 4: shift and saturate.
+        prod = Signal(signed(prod_bits))
+        t = Signal(signed(prod_bits + 1))
+        s_eff = Signal(range(cap + 1))
+        m.d.comb += s_eff.eq(Mux(cfg.s > cap, cap, cfg.s))
+        bias = Signal(unsigned(cap))
+        m.d.comb += bias.eq((Const(1, cap + 1) << s_eff) >> 1)
+        valid = [Signal(name=f"valid{k}") for k in range(3)]
+        lo = Mux(cfg.out_signed, INT4_MIN, UINT4_MIN)
+        hi = Mux(cfg.out_signed, INT4_MAX, UINT4_MAX)
+        q = Signal(signed(prod_bits + 1))
+        m.d.comb += q.eq(t >> s_eff)
+        with m.If(advance):
+            m.d.sync += [
+                v.eq(relu_x), v_ok.eq(self.i.valid),
+                prod.eq(v * cfg.m), valid[0].eq(v_ok),
+                t.eq(prod + bias), valid[1].eq(valid[0]),
+                self.o.payload.eq(Mux(q < lo, lo, Mux(q > hi, hi, q))[:CODE_BITS]),
+                valid[2].eq(valid[1]),
+            ]
+        m.d.comb += self.o.valid.eq(valid[2])
+        return m
