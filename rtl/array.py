@@ -23,7 +23,7 @@ from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from .formats import CODE_BITS, OPERAND_CFG, PE_ACC_BITS, PE_PRODUCT_BITS
+from .formats import CODE_BITS, OPERAND_CFG, PE_ACC_BITS, PE_FP4_SHIFT_MAX, PE_PRODUCT_BITS
 
 __all__ = ["PE", "SystolicArray", "array_beat_layout", "lane_order"]
 
@@ -31,6 +31,17 @@ __all__ = ["PE", "SystolicArray", "array_beat_layout", "lane_order"]
 def _as_int5(code, is_signed):
     """A 4-bit code as a 5-bit two's complement integer (INT4 or UINT4)."""
     return Mux(is_signed, code.as_signed(), Cat(code, Const(0, 1)).as_signed())
+
+
+def _mul5(x, y):
+    """5 x 5 two's complement multiply as explicit shift-and-add partial products.
+
+    Written out so that yosys keeps it in LUTs on purpose: given a ``*``, synth_ecp5 maps
+    every multiply to a MULT18X18D and a 16 x 16 array would need 256 of the 85F's 156.
+    """
+    terms = [Mux(x[k], y << k, 0) for k in range(4)]
+    total = (terms[0] + terms[1]) + (terms[2] + terms[3])
+    return total - Mux(x[4], y << 4, 0)
 
 
 class PE(wiring.Component):
@@ -77,18 +88,21 @@ class PE(wiring.Component):
             m.d.sync += [a.eq(self.a_in), b.eq(self.b_in), last.eq(self.last_in)]
         m.d.comb += [self.a_out.eq(a), self.b_out.eq(b), self.last_out.eq(last)]
 
-        # The product: an integer multiply, or for FP4 a shift of B by 2*(eee-1).
+        # The product. FP4: (+-B) << 2*(eee-1); integer: A * B. Both share one shifter
+        # (the integer product is shifted by 0), the smallest of the forms we measured
+        # (docs/architecture.md lists them).
         bv = _as_int5(b, self.cfg.b_signed)
         av = _as_int5(a, self.cfg.a_signed)
         exp, sign = a[:3], a[3]
-        shamt = Cat(Const(0, 1), (exp - 1)[:3])          # radix 4: 2 * (eee - 1)
-        shifted = Signal(signed(PE_PRODUCT_BITS))
-        m.d.comb += shifted.eq(bv << shamt)
-        fp = Mux(exp == 0, 0, Mux(sign, -shifted, shifted))
+        is_fp = self.cfg.a_fp4
+        base = Signal(signed(10))
+        m.d.comb += base.eq(Mux(is_fp, Mux(exp == 0, 0, Mux(sign, -bv, bv)), _mul5(av, bv)))
+        shamt = Signal(range(PE_FP4_SHIFT_MAX + 1))
+        m.d.comb += shamt.eq(Mux(is_fp & (exp != 0), Cat(Const(0, 1), (exp - 1)[:3]), 0))
         prod = Signal(signed(PE_PRODUCT_BITS))
         last_p = Signal()
         with m.If(self.en):
-            m.d.sync += [prod.eq(Mux(self.cfg.a_fp4, fp, av * bv)), last_p.eq(last)]
+            m.d.sync += [prod.eq(base << shamt), last_p.eq(last)]
 
         # Accumulate; on the last step publish the sum and restart from zero.
         acc = Signal(signed(PE_ACC_BITS))

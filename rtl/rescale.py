@@ -3,11 +3,10 @@
 Bit-exact with :func:`host.numerics.rescale` (``docs/numerics.md`` §4): optional ReLU first,
 an arithmetic (flooring) shift so the rounding is round half up, no rounding term for
 ``s = 0``, then saturation to INT4 (-8..7) or UINT4 (0..15). A PACT clip is the UINT4
-saturation with alpha folded into M and s. The unit also keeps ``absmax = max |acc|``
-(after the ReLU) over every element since ``clear``.
+saturation with alpha folded into M and s. (The output lane keeps the tensor's absmax.)
 """
 
-from amaranth.hdl import Const, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -44,10 +43,6 @@ class Rescale(wiring.Component):
         Accumulators. ``ready`` is ``~o.valid | o.ready`` (the pipeline moves as one).
     o : Out(stream.Signature(unsigned(4)))
         Codes: two's complement INT4 or UINT4.
-    clear : In(1)
-        Resets ``absmax`` to 0.
-    absmax : Out(unsigned(RESCALE_IN_BITS))
-        Largest ``|acc|`` (after ReLU) accepted since ``clear``.
     """
 
     LATENCY = 4
@@ -58,8 +53,6 @@ class Rescale(wiring.Component):
             "cfg": In(RESCALE_CFG),
             "i": In(stream.Signature(signed(in_bits))),
             "o": Out(stream.Signature(unsigned(CODE_BITS))),
-            "clear": In(1),
-            "absmax": Out(unsigned(in_bits)),
         })
 
     def elaborate(self, platform):
@@ -70,36 +63,39 @@ class Rescale(wiring.Component):
 
         advance = Signal()
         m.d.comb += [advance.eq(~self.o.valid | self.o.ready), self.i.ready.eq(advance)]
-        take = self.i.valid & advance
 
-        # Stage 1: ReLU and the absmax statistic.
+        # Stage 1: ReLU.
         v = Signal(signed(self.in_bits))
         v_ok = Signal()
         x = self.i.payload
         relu_x = Mux(cfg.relu & (x < 0), 0, x)
-        mag = Mux(relu_x < 0, -relu_x, relu_x)
-        with m.If(self.clear):
-            m.d.sync += self.absmax.eq(0)
-        with m.Elif(take & (mag > self.absmax)):
-            m.d.sync += self.absmax.eq(mag)
-        # Stage 2: the product. Stage 3: the rounding term. Stage 4: shift and saturate.
+        # Stage 2: the product. Stage 3: shift by s - 1. Stage 4: round and saturate.
+        # For s >= 1, floor((P + 2^(s-1)) / 2^s) == floor((floor(P / 2^(s-1)) + 1) / 2), so
+        # the rounding term is a +1 after the shift, not a wide add before it.
         prod = Signal(signed(prod_bits))
-        t = Signal(signed(prod_bits + 1))
         s_eff = Signal(range(cap + 1))
         m.d.comb += s_eff.eq(Mux(cfg.s > cap, cap, cfg.s))
-        bias = Signal(unsigned(cap))
-        m.d.comb += bias.eq((Const(1, cap + 1) << s_eff) >> 1)
+        half = Signal(signed(prod_bits))          # floor(P / 2^(s-1)), or P for s = 0
+        shift = Signal(range(cap))
+        m.d.comb += shift.eq(Mux(s_eff == 0, 0, s_eff - 1))
+        # Saturation needs no wide compare: outside a 6-bit window every result saturates
+        # (|half| >= 32 rounds to |q| >= 16), inside it the arithmetic is 6 bits wide.
+        win = 6
+        head = half[win - 1:]
+        inside = head.all() | ~head.any()
+        small = half[:win].as_signed()
+        q = Signal(signed(win + 1))
+        m.d.comb += q.eq(Mux(cfg.s == 0, small, (small + 1) >> 1))
         valid = [Signal(name=f"valid{k}") for k in range(3)]
         lo = Mux(cfg.out_signed, INT4_MIN, UINT4_MIN)
         hi = Mux(cfg.out_signed, INT4_MAX, UINT4_MAX)
-        q = Signal(signed(prod_bits + 1))
-        m.d.comb += q.eq(t >> s_eff)
         with m.If(advance):
             m.d.sync += [
                 v.eq(relu_x), v_ok.eq(self.i.valid),
                 prod.eq(v * cfg.m), valid[0].eq(v_ok),
-                t.eq(prod + bias), valid[1].eq(valid[0]),
-                self.o.payload.eq(Mux(q < lo, lo, Mux(q > hi, hi, q))[:CODE_BITS]),
+                half.eq(prod >> shift), valid[1].eq(valid[0]),
+                self.o.payload.eq(Mux(inside, Mux(q < lo, lo, Mux(q > hi, hi, q)),
+                                      Mux(half < 0, lo, hi))[:CODE_BITS]),
                 valid[2].eq(valid[1]),
             ]
         m.d.comb += self.o.valid.eq(valid[2])

