@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help train test lint bench-numerics clean
+.PHONY: help train test lint sim synth bench-numerics clean
 
 help:
 	@echo "nibble: 4-bit neural-network training on open FPGAs"
@@ -13,6 +13,8 @@ help:
 	@echo "  make train            train the digits MLP in 4 bits (emulated) beside fp32"
 	@echo "  make test             lint and run the whole test suite"
 	@echo "  make lint             ruff"
+	@echo "  make sim              cocotb suites on Verilator (also part of make test)"
+	@echo "  make synth            datapath through yosys/nextpnr for UP5K and ECP5-85F"
 	@echo "  make bench-numerics   4-bit vs fp32 training benchmark -> build/bench/"
 	@echo "  make clean            remove build/ (keeps .venv)"
 
@@ -20,6 +22,12 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+SYNTH_STAMP := $(VENV)/.installed-synth
+
+$(SYNTH_STAMP): pyproject.toml $(STAMP)
+	$(PY) -m pip install --quiet -e '.[synth,dev]'
 	@touch $@
 
 train: $(STAMP)
@@ -30,6 +38,12 @@ lint: $(STAMP)
 
 test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+sim: $(STAMP)
+	$(PY) -m sim.runner $(ARGS)
+
+synth: $(SYNTH_STAMP)
+	$(VENV)/bin/nibble synth --docs docs/results.md $(ARGS)
 
 bench-numerics: $(STAMP)
 	$(VENV)/bin/nibble bench numerics --docs docs/results.md $(ARGS)

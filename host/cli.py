@@ -79,6 +79,55 @@ def cmd_formats(_args):
     return 0
 
 
+SYNTH_COLUMNS = [
+    ("device", "device", "{}"), ("array", "array", "{}"), ("PEs", "pes", "{}"),
+    ("lanes", "lanes", "{}"), ("LUTs/LCs", "luts", "{:,}"), ("FFs", "ffs", "{:,}"),
+    ("DSPs", "dsps", "{}"), ("RAMs", "rams", "{}"), ("fmax MHz", "fmax_mhz", "{:.1f}"),
+    ("target MHz", "target_mhz", "{:.0f}"), ("LUTs/PE (array)", "luts_per_pe", "{:.0f}"),
+    ("PE LUTs", "pe_luts", "{}"), ("of which FP4 path", "fp4_path_luts", "{}"),
+    ("build s", "seconds", "{:.0f}"),
+]
+
+
+def synth_table(out_dir):
+    """Markdown table of every build/synth/<device>.json present."""
+    import json
+
+    from gateware.synth import DEVICES
+    rows = []
+    for name in DEVICES:
+        path = Path(out_dir) / f"{name}.json"
+        if path.exists():
+            row = json.loads(path.read_text())
+            row["array"] = f"{row['rows']}x{row['cols']}"
+            rows.append(row)
+    from host.report import markdown_table
+    return markdown_table(rows, SYNTH_COLUMNS) if rows else ""
+
+
+def cmd_synth(args):
+    from gateware.synth import DEVICES, synthesize
+    from host.report import update_doc_section
+
+    for name in args.device or list(DEVICES):
+        dev = DEVICES[name]
+        rows, cols = args.rows or dev.rows, args.cols or dev.cols
+        print(f"{name}: synthesizing the {rows}x{cols} datapath with YoWASP "
+              f"(yosys, nextpnr; minutes) ...", flush=True)
+        r = synthesize(name, out_dir=args.out, rows=rows, cols=cols, seed=args.seed)
+        verdict = "meets" if r["timing_met"] else "MISSES"
+        print(f"  {r['luts']:,} LUTs/LCs, {r['ffs']:,} FFs, {r['dsps']} DSPs, "
+              f"{r['fmax_mhz']:.1f} MHz ({verdict} {r['target_mhz']:.0f} MHz), "
+              f"{r['seconds']:.0f} s -> {args.out}/{name}.json")
+    table = synth_table(args.out)
+    Path(args.out, "synth.md").write_text(table)
+    print("\n" + table)
+    if args.docs:
+        update_doc_section(args.docs, "synth", table)
+        print(f"updated {args.docs}")
+    return 0
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="nibble", description="nibble: 4-bit neural-network "
                                 "training on open FPGAs")
@@ -112,16 +161,28 @@ def build_parser():
     n.add_argument("--quiet", action="store_true")
     n.set_defaults(func=cmd_bench_numerics)
 
+    y = sub.add_parser("synth", help="synthesize the datapath for the FPGAs (YoWASP)")
+    y.add_argument("--device", action="append", choices=["ice40-up5k", "ecp5-85f"],
+                   help="device (repeatable; default all)")
+    y.add_argument("--rows", type=_positive, help="array rows (default: per device)")
+    y.add_argument("--cols", type=_positive, help="array columns (default: per device)")
+    y.add_argument("--seed", type=int, default=1, help="nextpnr placement seed")
+    y.add_argument("--out", default="build/synth")
+    y.add_argument("--docs", help="also update the generated table in this markdown file")
+    y.set_defaults(func=cmd_synth)
+
     f = sub.add_parser("formats", help="print the number formats and accumulator widths")
     f.set_defaults(func=cmd_formats)
     return p
 
 
 def main(argv=None):
+    from gateware.synth import SynthError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (DatasetError, NumericsError, ValueError) as e:
+    except (DatasetError, NumericsError, SynthError, ValueError) as e:
         print(f"nibble: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

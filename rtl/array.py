@@ -65,7 +65,8 @@ class PE(wiring.Component):
         ``result`` carries a sum.
     """
 
-    def __init__(self):
+    def __init__(self, fp4=True):
+        self.fp4 = fp4      # False only to measure what the FP4 path costs (gateware/synth)
         super().__init__({
             "en": In(1),
             "cfg": In(OPERAND_CFG),
@@ -94,7 +95,7 @@ class PE(wiring.Component):
         bv = _as_int5(b, self.cfg.b_signed)
         av = _as_int5(a, self.cfg.a_signed)
         exp, sign = a[:3], a[3]
-        is_fp = self.cfg.a_fp4
+        is_fp = self.cfg.a_fp4 if self.fp4 else Const(0, 1)
         base = Signal(signed(10))
         m.d.comb += base.eq(Mux(is_fp, Mux(exp == 0, 0, Mux(sign, -bv, bv)), _mul5(av, bv)))
         shamt = Signal(range(PE_FP4_SHIFT_MAX + 1))

@@ -6,7 +6,7 @@ it accepts it, so a stalled output stream (or a missing mask code) freezes the a
 nothing is lost or duplicated.
 """
 
-from amaranth.hdl import Module, Mux, unsigned
+from amaranth.hdl import Module, Mux, Signal, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -36,7 +36,7 @@ class Datapath(wiring.Component):
     clear : In(1)
         Resets the absmax statistic.
     absmax : Out(unsigned(LANE_BITS))
-        Max over the lanes' absmax, one cycle behind them.
+        Max over the lanes' absmax, ``ceil(log2 rows) + 1`` cycles behind them.
     """
 
     def __init__(self, rows, cols):
@@ -73,9 +73,18 @@ class Datapath(wiring.Component):
             en = en & mv
         m.d.comb += array.en.eq(en)
 
+        # Max over the lanes: a registered tree, one level per cycle (a statistic read after
+        # the stream, so its latency of ceil(log2 R) + 1 cycles costs nothing).
         level = [lane.absmax for lane in lanes]
+        depth = 0
         while len(level) > 1:
-            level = [Mux(level[k] > level[k + 1], level[k], level[k + 1])
-                     if k + 1 < len(level) else level[k] for k in range(0, len(level), 2)]
+            nxt = []
+            for k in range(0, len(level), 2):
+                reg = Signal(unsigned(LANE_BITS), name=f"absmax_l{depth}_{k // 2}")
+                pick = level[k] if k + 1 == len(level) else Mux(
+                    level[k] > level[k + 1], level[k], level[k + 1])
+                m.d.sync += reg.eq(pick)
+                nxt.append(reg)
+            level, depth = nxt, depth + 1
         m.d.sync += self.absmax.eq(level[0])
         return m

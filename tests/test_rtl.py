@@ -19,7 +19,6 @@ from rtl.formats import (
     LOG4_EXP_MIN,
     MAX_REDUCTION,
     PE_ACC_BITS,
-    RESCALE_IN_BITS,
     UINT4_MAX,
     GemmMode,
     MaskMode,
@@ -30,21 +29,16 @@ from rtl.formats import (
 )
 from rtl.log4 import Log4Quantizer
 from rtl.rescale import Rescale
-from tests.rtl_driver import (
-    get,
+from sim.golden import (
+    MODE_KINDS,
     golden_acc,
     golden_lane,
     lane_cfg,
-    put,
+    log4_vectors,
     random_gemm,
-    run_datapath,
+    rescale_vectors,
 )
-
-KINDS = {
-    GemmMode.FORWARD: [(Operand.UINT4, Operand.INT4), (Operand.INT4, Operand.INT4)],
-    GemmMode.BACKWARD_DATA: [(Operand.FP4, Operand.INT4)],
-    GemmMode.BACKWARD_WEIGHT: [(Operand.FP4, Operand.UINT4), (Operand.FP4, Operand.INT4)],
-}
+from tests.rtl_driver import get, put, run_datapath
 
 
 def _value(kind, code, phase=0):
@@ -93,7 +87,7 @@ def test_pe_every_code_pair(a_kind, b_kind):
 def test_datapath_raw_gemm(mode, shape):
     """Whole GEMMs (partial tiles, tiles shorter than C, bubbles and stalls) in RAW."""
     rng = np.random.default_rng(hash((mode.value, shape)) % 2**32)
-    for kinds in KINDS[mode]:
+    for kinds in MODE_KINDS[mode]:
         gemm = random_gemm(rng, kinds, *shape)
         phase = 1 if mode is GemmMode.BACKWARD_WEIGHT else 0
         dut = Datapath(2, 4)
@@ -182,12 +176,6 @@ def _run_unit(dut, cfg, inputs, seed=0, p_bubble=0.2, p_stall=0.3):
     return out
 
 
-def rescale_vectors(rng, n):
-    lim = 1 << (RESCALE_IN_BITS - 1)
-    corners = [0, 1, -1, lim - 1, -lim, 7, -8, 15, 16, -9]
-    return corners + [int(v) for v in rng.integers(-lim, lim, n)]
-
-
 @pytest.mark.parametrize("s", [0, 1, 5, 16, 25, 35, 36, 37, 63])
 def test_rescale_unit(s):
     rng = np.random.default_rng(s)
@@ -208,19 +196,6 @@ def test_rescale_ties_round_half_up():
     want, _ = rescale(np.array(xs), 1, 1, INT4_MIN, INT4_MAX)
     assert [int(g) for g in got] == [int(w) & 0xF for w in want]
     assert [int(w) for w in want] == [2, -1, 3, -2, 1, 0, 7, -6]
-
-
-def log4_vectors(rng, exp, n):
-    """Random accumulators around the quantizer's range plus every threshold +-1."""
-    top = 1 << (LANE_BITS - 1)
-    vals = [0, 1, -1, top - 1, -(top - 1), -top]
-    for k in range(-1, 31):
-        for base in (1 << k if k >= 0 else 0, (5 << k) if k >= 0 else 0):
-            vals += [base - 1, base, base + 1, -base]
-    span = max(1, min(LANE_BITS - 2, exp + 2))
-    mags = rng.integers(0, 1 << span, n) >> rng.integers(0, span, n)
-    vals += [int(v) for v in mags * rng.choice([-1, 1], n)]
-    return [max(-top, min(top - 1, v)) for v in vals]
 
 
 @pytest.mark.parametrize("exp", [LOG4_EXP_MIN, -1, 0, 3, 12, 20, 29, LOG4_EXP_MAX])

@@ -1,0 +1,131 @@
+"""Golden expectations and test vectors shared by the Amaranth tests and the cocotb benches.
+
+Everything here is computed from the golden model (``host.numerics``, ``host.tiling``) and
+the format definitions (``rtl.formats``); nothing is derived from the RTL.
+"""
+
+import numpy as np
+
+from host.numerics import fp4_int, log_quantize_tpr, rescale
+from host.tiling import Gemm
+from rtl.formats import (
+    INT4_MAX,
+    INT4_MIN,
+    LANE_BITS,
+    RESCALE_IN_BITS,
+    UINT4_MAX,
+    UINT4_MIN,
+    GemmMode,
+    MaskMode,
+    Operand,
+    OutputPath,
+    mask_pass,
+)
+
+__all__ = [
+    "MODE_KINDS", "golden_acc", "golden_lane", "lane_cfg", "lane_value", "log4_vectors",
+    "operand_ints", "random_gemm", "rescale_vectors",
+]
+
+#: Operand kinds each GEMM mode is tested with (A, B).
+MODE_KINDS = {
+    GemmMode.FORWARD: [(Operand.UINT4, Operand.INT4), (Operand.INT4, Operand.INT4)],
+    GemmMode.BACKWARD_DATA: [(Operand.FP4, Operand.INT4)],
+    GemmMode.BACKWARD_WEIGHT: [(Operand.FP4, Operand.UINT4), (Operand.FP4, Operand.INT4)],
+}
+
+
+def operand_ints(codes, kind, phase):
+    """Datapath integers of codes (FP4 at ``phase``)."""
+    codes = np.asarray(codes)
+    if kind is Operand.FP4:
+        return fp4_int(codes.astype(np.uint8), phase)
+    return codes.astype(np.int64)
+
+
+def golden_acc(gemm, phase):
+    """Exact T = A @ B (int64) with the FP4 operand at ``phase``."""
+    a = operand_ints(gemm.a, gemm.a_kind, phase)
+    b = operand_ints(gemm.b, gemm.b_kind, phase)
+    return a.astype(object).dot(b.astype(object)).astype(np.int64)
+
+
+def lane_cfg(path=OutputPath.RAW, phase=0, m=1 << 15, s=0, relu=0, out_signed=0, exp=0,
+             mask=MaskMode.NONE):
+    """LANE_CFG field values."""
+    return {"path": int(path), "phase": phase,
+            "rescale": {"m": m, "s": s, "relu": relu, "out_signed": out_signed},
+            "log4": {"exp": exp, "mask": int(mask)}}
+
+
+def golden_lane(acc, lane, mask_codes=None):
+    """Expected lane outputs for accumulators ``acc`` under ``lane`` (LANE_CFG values):
+    ``(values, absmax)``. RAW: ints; RESCALE: 4-bit nibbles; LOG4: (phase 0, phase 1)
+    code pairs (an object array)."""
+    acc = np.asarray(acc, dtype=np.int64)
+    path = OutputPath(lane["path"])
+    if path is OutputPath.RAW:
+        return acc, int(np.abs(acc).max()) if acc.size else 0
+    if path is OutputPath.RESCALE:
+        rs = lane["rescale"]
+        lo, hi = (INT4_MIN, INT4_MAX) if rs["out_signed"] else (UINT4_MIN, UINT4_MAX)
+        codes, absmax = rescale(acc, rs["m"], rs["s"], lo, hi, relu=bool(rs["relu"]))
+        return (codes.astype(np.int64) & 0xF), absmax
+    lg = lane["log4"]
+    mode = MaskMode(lg["mask"])
+    if mask_codes is None:
+        mask_codes = np.zeros(acc.shape, np.int64)
+    keep = np.vectorize(lambda c: mask_pass(int(c), mode), otypes=[bool])(mask_codes)
+    masked = np.where(keep, acc, 0) if acc.size else acc
+    p0, p1 = log_quantize_tpr(masked, lg["exp"])
+    pairs = np.empty(acc.shape, dtype=object)
+    for idx in np.ndindex(acc.shape):
+        pairs[idx] = (int(p0[idx]), int(p1[idx]))
+    return pairs, int(np.abs(masked).max()) if masked.size else 0
+
+
+def lane_value(payload, path):
+    """Decode a LANE_OUT payload (an Amaranth ``data.Const``) for ``path``."""
+    path = OutputPath(path)
+    if path is OutputPath.RAW:
+        return int(payload.raw)
+    if path is OutputPath.RESCALE:
+        return int(payload.code)
+    return (int(payload.fp4[0].as_value().value), int(payload.fp4[1].as_value().value))
+
+
+def random_gemm(rng, kinds, m, red, n):
+    """Random codes for A (m x red) and B (red x n) of operand kinds ``kinds``."""
+    a_kind, b_kind = kinds
+
+    def codes(kind, shape):
+        if kind is Operand.FP4:
+            return rng.integers(0, 16, shape)
+        if kind is Operand.INT4:
+            return rng.integers(INT4_MIN, INT4_MAX + 1, shape)
+        return rng.integers(UINT4_MIN, UINT4_MAX + 1, shape)
+
+    return Gemm(codes(a_kind, (m, red)), codes(b_kind, (red, n)), a_kind, b_kind)
+
+
+def rescale_vectors(rng, n):
+    """Corner cases (zero, +-1, the input range ends, the 4-bit edges) plus ``n`` random
+    accumulators spread over every magnitude."""
+    lim = 1 << (RESCALE_IN_BITS - 1)
+    corners = [0, 1, -1, lim - 1, -lim, 7, -8, 15, 16, -9]
+    mags = rng.integers(0, lim, n) >> rng.integers(0, RESCALE_IN_BITS - 1, n)
+    return corners + [int(v) for v in mags * rng.choice([-1, 1], n)]
+
+
+def log4_vectors(rng, exp, n):
+    """Accumulators around the quantizer's range: every threshold and power of two +-1,
+    the extremes, and ``n`` random values spread over the magnitudes near ``exp``."""
+    top = 1 << (LANE_BITS - 1)
+    vals = [0, 1, -1, top - 1, -(top - 1), -top]
+    for k in range(0, LANE_BITS):
+        for base in (1 << k, 5 << k):
+            vals += [base - 1, base, base + 1, -base]
+    span = max(1, min(LANE_BITS - 2, exp + 2))
+    mags = rng.integers(0, 1 << span, n) >> rng.integers(0, span, n)
+    vals += [int(v) for v in mags * rng.choice([-1, 1], n)]
+    return [max(-top, min(top - 1, v)) for v in vals]

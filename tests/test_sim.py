@@ -1,0 +1,24 @@
+"""The cocotb suites on Verilator, and the Verilator lint of every unit, inside pytest.
+
+Each suite builds its unit once (cached under build/sim/) and checks it against the golden
+model; see sim/test_*.py for what each one covers.
+"""
+
+import pytest
+
+from sim import runner
+from sim.vectors import totals
+
+UNITS = list(runner.units())
+
+
+@pytest.mark.parametrize("unit", UNITS)
+def test_verilator_lint(unit):
+    runner.lint(runner.units()[unit])
+
+
+@pytest.mark.parametrize("unit", UNITS)
+def test_cocotb_suite(unit):
+    (passed, failed), _ = runner.run(runner.units()[unit])
+    assert failed == 0 and passed > 0, f"{failed} cocotb test(s) of {unit} failed"
+    assert totals([unit])[unit] >= 100_000, "fewer than 100k vectors checked"
