@@ -76,6 +76,9 @@ def cmd_formats(_args):
         print(f"  {mode.name.lower():16s} products {lo}..{hi}, accumulator "
               f"{f.ACC_BITS[mode]} bits")
     print(f"Rescale M {f.RESCALE_M_BITS} bits unsigned, shift 0..{f.RESCALE_SHIFT_MAX}")
+    lo, hi = f.pe_product_range()
+    print(f"PE     products {lo}..{hi} ({f.PE_PRODUCT_BITS} bits, TPR phase applied in the "
+          f"lane), accumulator {f.PE_ACC_BITS} bits, lane value {f.LANE_BITS} bits")
     return 0
 
 
