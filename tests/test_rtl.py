@@ -62,7 +62,7 @@ def test_pe_every_code_pair(a_kind, b_kind):
         ctx.set(pe.cfg, operand_cfg(a_kind, b_kind))
         ctx.set(pe.en, 1)
         pairs = [(a, b) for a in range(16) for b in range(16)]
-        for step in range(len(pairs) + 2):
+        for step in range(len(pairs) + 4):
             if step < len(pairs):
                 ctx.set(pe.a_in, pairs[step][0])
                 ctx.set(pe.b_in, pairs[step][1])
@@ -116,14 +116,17 @@ def test_datapath_worst_case_accumulators():
 
 
 def test_datapath_back_to_back_tiles_keep_the_array_busy():
-    """No bubbles, no stalls: n tiles of length L >= C take n*L cycles plus the latency."""
+    """No bubbles, no stalls, tiles of length >= C: doubling the tiles adds exactly their
+    beats in cycles, so the array takes one beat (one MAC per PE) every cycle."""
     rng = np.random.default_rng(7)
-    gemm = random_gemm(rng, (Operand.UINT4, Operand.INT4), 8, 6, 8)   # 4x2 tiles of 6 beats
-    dut = Datapath(2, 4)
-    got, _, cycles = run_datapath(dut, gemm, lane_cfg(OutputPath.RAW), p_bubble=0, p_stall=0)
-    np.testing.assert_array_equal(got, golden_acc(gemm, 0))
-    n_beats = 8 // 2 * 8 // 4 * 6
-    assert cycles <= n_beats + 12, cycles
+    cycles = {}
+    for m in (8, 16):
+        gemm = random_gemm(rng, (Operand.UINT4, Operand.INT4), m, 6, 8)   # tiles of 6 beats
+        got, _, cycles[m] = run_datapath(Datapath(2, 4), gemm, lane_cfg(OutputPath.RAW),
+                                         p_bubble=0, p_stall=0)
+        np.testing.assert_array_equal(got, golden_acc(gemm, 0))
+    extra_beats = (16 - 8) // 2 * 8 // 4 * 6
+    assert cycles[16] - cycles[8] == extra_beats, cycles
 
 
 def test_datapath_rescale_path():
