@@ -86,8 +86,8 @@ SYNTH_COLUMNS = [
     ("device", "device", "{}"), ("array", "array", "{}"), ("PEs", "pes", "{}"),
     ("lanes", "lanes", "{}"), ("LUTs/LCs", "luts", "{:,}"), ("FFs", "ffs", "{:,}"),
     ("DSPs", "dsps", "{}"), ("RAMs", "rams", "{}"), ("fmax MHz", "fmax_mhz", "{:.1f}"),
-    ("target MHz", "target_mhz", "{:.0f}"), ("LUTs/PE (array)", "luts_per_pe", "{:.0f}"),
-    ("PE LUTs", "pe_luts", "{}"), ("of which FP4 path", "fp4_path_luts", "{}"),
+    ("target MHz", "target_mhz", "{:.0f}"), ("all LUTs / PEs", "luts_per_pe", "{:.0f}"),
+    ("one PE's LUTs", "pe_luts", "{}"), ("of which FP4 path", "fp4_path_luts", "{}"),
     ("build s", "seconds", "{:.0f}"),
 ]
 
@@ -112,7 +112,7 @@ def cmd_synth(args):
     from gateware.synth import DEVICES, synthesize
     from host.report import update_doc_section
 
-    for name in args.device or list(DEVICES):
+    for name in [] if args.report_only else args.device or list(DEVICES):
         dev = DEVICES[name]
         rows, cols = args.rows or dev.rows, args.cols or dev.cols
         print(f"{name}: synthesizing the {rows}x{cols} datapath with YoWASP "
@@ -172,6 +172,8 @@ def build_parser():
     y.add_argument("--seed", type=int, default=1, help="nextpnr placement seed")
     y.add_argument("--out", default="build/synth")
     y.add_argument("--docs", help="also update the generated table in this markdown file")
+    y.add_argument("--report-only", action="store_true",
+                   help="build nothing: tabulate the existing build/synth/<device>.json")
     y.set_defaults(func=cmd_synth)
 
     f = sub.add_parser("formats", help="print the number formats and accumulator widths")

@@ -5,6 +5,7 @@ The cocotb suites under ``sim/`` repeat these checks on Verilator with far more 
 
 import numpy as np
 import pytest
+from amaranth.hdl import Value
 from amaranth.sim import Simulator
 
 from host.numerics import fp4_int, log_quantize_tpr, rescale
@@ -215,3 +216,21 @@ def test_log4_unit(exp):
         p0, p1 = log_quantize_tpr(masked, exp)
         got_pairs = [(int(g[0].as_value().value), int(g[1].as_value().value)) for g in got]
         assert got_pairs == list(zip(p0.tolist(), p1.tolist(), strict=True))
+
+
+def test_synth_top_registers_every_port():
+    """The synthesis wrapper puts every datapath port behind a boundary register."""
+    from amaranth.back import rtlil
+
+    from gateware.synth import SynthTop
+    top = SynthTop(2, 4)
+    rtlil.convert(top, ports=[top.scan_in, top.capture, top.scan_out])
+    dp = top.dut
+    width = sum(len(Value.cast(v)) for _, _, v in dp.signature.flatten(dp))
+    assert top.boundary_ffs == width
+
+
+def test_synth_missing_tool_is_one_clear_error(tmp_path):
+    from gateware.synth import SynthError, _run
+    with pytest.raises(SynthError, match="install the synthesis extra"):
+        _run(["no-such-yowasp-tool"], tmp_path / "log", tmp_path)
