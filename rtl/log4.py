@@ -87,7 +87,7 @@ def mask_passes(mode, code):
 
 
 class Log4Quantizer(wiring.Component):
-    """Log4 quantizer stream: masked accumulators in, FP4 pairs out, 5-cycle latency.
+    """Log4 quantizer stream: masked accumulators in, FP4 pairs out, 6-cycle latency.
 
     Ports
     -----
@@ -99,7 +99,7 @@ class Log4Quantizer(wiring.Component):
         ``o.payload[0]``: phase-0 FP4 code, ``o.payload[1]``: phase-1 FP4 code.
     """
 
-    LATENCY = 5
+    LATENCY = 6
 
     def __init__(self):
         super().__init__({
@@ -114,16 +114,17 @@ class Log4Quantizer(wiring.Component):
         advance = Signal()
         m.d.comb += [advance.eq(~self.o.valid | self.o.ready), self.i.ready.eq(advance)]
 
-        # Stage 1: mask, magnitude, sign.
+        # Stage 1: the mask. Stage 2: magnitude and sign (its carry chain gets a cycle).
         code, x = self.i.payload.code, self.i.payload.value
-        passes = mask_passes(cfg.mask, code)
+        xm = Signal(signed(LANE_BITS))
+        v0 = Signal()
         mag_in = Signal(unsigned(LANE_BITS))
-        m.d.comb += mag_in.eq(Mux(passes, Mux(x < 0, -x, x), 0))
+        m.d.comb += mag_in.eq(Mux(xm < 0, -xm, xm))
         a = Signal(unsigned(LANE_BITS))
         neg1 = Signal()
         v1 = Signal()
 
-        # Stages 2-3: leading one and the more-than-one-bit flag: per 8-bit group, then
+        # Stages 3-4: leading one and the more-than-one-bit flag: per 8-bit group, then
         # across the groups (two short trees instead of one deep one).
         groups = leading_one_groups(a)
         g_regs = [(Signal(name=f"g{k}_nz"), Signal(len(ix), name=f"g{k}_ix"),
@@ -134,9 +135,9 @@ class Log4Quantizer(wiring.Component):
         nz2, lead2, lownz2, neg2, v2 = (Signal(name="nz2"), Signal(len(lead), name="lead2"),
                                         Signal(name="lownz2"), Signal(name="neg2"),
                                         Signal(name="v2"))
-        # Stage 4: the one compare, 4a > 5 * 2^L, and the four terms of the count from
+        # Stage 5: the one compare, 4a > 5 * 2^L, and the four terms of the count from
         # u = L - exp + 12 (exp - 12 depends only on the settings: decoded into a register).
-        five_l = Signal(unsigned(LANE_BITS + 2))     # 5 * 2^L, decoded in stage 3
+        five_l = Signal(unsigned(LANE_BITS + 2))     # 5 * 2^L, decoded in stage 4
         base = Signal(signed(LOG4_EXP_BITS + 1))
         m.d.sync += base.eq(cfg.exp - FP4_TOP_LOG2)
         u = Signal(signed(LOG4_EXP_BITS + 3))
@@ -149,14 +150,15 @@ class Log4Quantizer(wiring.Component):
         t1, t2, t4 = Signal(name="t1"), Signal(name="t2"), Signal(name="t4")
         t3 = Signal(range(top + 1))
         nz3, neg3, v3 = Signal(name="nz3"), Signal(name="neg3"), Signal(name="v3")
-        # Stage 5: the count and the two codes.
+        # Stage 6: the count and the two codes.
         count = Signal(range(2 * FP4_EXP_MAX + 1))
         m.d.comb += count.eq(Mux(nz3, t1 + t2 + t3 + t4, 0))
         e0 = (count + 1) >> 1
         e1 = count >> 1
         with m.If(advance):
             m.d.sync += [
-                a.eq(mag_in), neg1.eq(x < 0), v1.eq(self.i.valid),
+                xm.eq(Mux(mask_passes(cfg.mask, code), x, 0)), v0.eq(self.i.valid),
+                a.eq(mag_in), neg1.eq(xm < 0), v1.eq(v0),
                 *[r.eq(e) for reg, node in zip(g_regs, groups, strict=True)
                   for r, e in zip(reg, node, strict=True)],
                 a_g.eq(a), neg_g.eq(neg1), v_g.eq(v1),

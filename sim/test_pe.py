@@ -3,7 +3,8 @@
 import cocotb
 from cocotb.triggers import ReadOnly, RisingEdge
 
-from rtl.formats import MAX_REDUCTION, OPERAND_CFG, Operand, operand_cfg
+from rtl.array import A_OPERAND, B_OPERAND
+from rtl.formats import MAX_REDUCTION, Operand, operand_cfg
 from sim.cocotb_util import rng_for, start, uint
 from sim.golden import operand_ints
 from sim.vectors import record
@@ -23,8 +24,12 @@ def value(kind, code):
 
 async def run_tiles(dut, rng, kinds, tiles, p_freeze):
     """Feed tiles (lists of (a, b) code pairs); returns the finished sums in order."""
-    dut.cfg.value = OPERAND_CFG.const(operand_cfg(*kinds)).as_value().value
-    steps = [(a, b, k == len(t) - 1) for t in tiles for k, (a, b) in enumerate(t)]
+    flags = operand_cfg(*kinds)
+    a_kind = A_OPERAND.const({"code": 0, "fp4": flags["a_fp4"], "signed": flags["a_signed"]})
+    b_kind = B_OPERAND.const({"code": 0, "signed": flags["b_signed"]})
+    a_kind, b_kind = a_kind.as_value().value, b_kind.as_value().value
+    steps = [(a | a_kind, b | b_kind, k == len(t) - 1)
+             for t in tiles for k, (a, b) in enumerate(t)]
     sums, i = [], 0
     while len(sums) < len(tiles):
         en = not (p_freeze and rng.random() < p_freeze)
@@ -34,7 +39,7 @@ async def run_tiles(dut, rng, kinds, tiles, p_freeze):
             dut.a_in.value, dut.b_in.value, dut.last_in.value = a, b, int(last)
             i += 1
         elif en:
-            dut.a_in.value, dut.b_in.value, dut.last_in.value = 0, 0, 0
+            dut.a_in.value, dut.b_in.value, dut.last_in.value = a_kind, b_kind, 0
         await ReadOnly()
         if en and uint(dut.result_valid):
             sums.append(dut.result.value.to_signed())

@@ -59,14 +59,16 @@ def test_pe_every_code_pair(a_kind, b_kind):
     pe = PE()
     seen = []
 
+    flags = operand_cfg(a_kind, b_kind)
+
     async def bench(ctx):
-        ctx.set(pe.cfg, operand_cfg(a_kind, b_kind))
         ctx.set(pe.en, 1)
         pairs = [(a, b) for a in range(16) for b in range(16)]
         for step in range(len(pairs) + 4):
             if step < len(pairs):
-                ctx.set(pe.a_in, pairs[step][0])
-                ctx.set(pe.b_in, pairs[step][1])
+                ctx.set(pe.a_in, {"code": pairs[step][0], "fp4": flags["a_fp4"],
+                                  "signed": flags["a_signed"]})
+                ctx.set(pe.b_in, {"code": pairs[step][1], "signed": flags["b_signed"]})
                 ctx.set(pe.last_in, 1)
             else:
                 ctx.set(pe.last_in, 0)
