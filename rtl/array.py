@@ -157,7 +157,10 @@ class SystolicArray(wiring.Component):
     Ports
     -----
     en : In(1)
-        Clock enable: 0 freezes the array, its skew registers and its output registers.
+        Input enable: the array takes a beat only while ``en`` is high and inserts bubbles
+        otherwise. Everything inside always moves (no clock enable reaches a PE), so whoever
+        drives ``en`` must have room for every result already in flight
+        (:meth:`max_in_flight`).
     cfg : In(OPERAND_CFG)
         Operand kinds of the current GEMM; change it only while the array is empty.
     beat : In(stream.Signature(array_beat_layout(rows, cols)))
@@ -166,9 +169,9 @@ class SystolicArray(wiring.Component):
     lane_valid : Out(rows)
         Lane ``g`` carries a finished element this cycle.
     lane_data : Out(ArrayLayout(signed(PE_ACC_BITS), rows))
-        The elements, in :func:`lane_order` per tile. They stay until ``en`` is high.
+        The elements, in :func:`lane_order` per tile, each valid for one cycle.
     latency : int
-        Cycles (with ``en`` high) from a tile's last beat to its first lane element.
+        Cycles from a tile's last beat to its first lane element.
     """
 
     def __init__(self, rows, cols):
@@ -185,6 +188,12 @@ class SystolicArray(wiring.Component):
             "lane_valid": Out(rows),
             "lane_data": Out(data.ArrayLayout(signed(PE_ACC_BITS), rows)),
         })
+
+    def max_in_flight(self):
+        """Most elements a lane can still receive after ``en`` goes low (with ``en`` itself
+        registered one cycle earlier): every tile whose last beat got in delivers C elements
+        within ``latency + rows + C`` cycles, one per cycle, and one more tile may follow."""
+        return self.latency + self.rows + 2 * self.cols + 2
 
     def elaborate(self, platform):
         m = Module()
@@ -203,25 +212,24 @@ class SystolicArray(wiring.Component):
         a_in = Signal(data.ArrayLayout(A_OPERAND, R))
         b_in = Signal(data.ArrayLayout(B_OPERAND, C))
         last_in = Signal()
-        with m.If(en):
-            m.d.sync += [
-                *[a_in[i].code.eq(Mux(take, self.beat.payload.a[i], 0)) for i in range(R)],
-                *[a_in[i].fp4.eq(self.cfg.a_fp4) for i in range(R)],
-                *[a_in[i].signed.eq(self.cfg.a_signed) for i in range(R)],
-                *[b_in[j].code.eq(Mux(take, self.beat.payload.b[j], 0)) for j in range(C)],
-                *[b_in[j].signed.eq(self.cfg.b_signed) for j in range(C)],
-                last_in.eq(take & self.beat.payload.last),
-            ]
-            with m.If(take & self.beat.payload.last):
-                m.d.sync += since.eq(0)
-            with m.Elif(since < C):
-                m.d.sync += since.eq(since + 1)
+        # The input stage always moves: a beat or a bubble.
+        m.d.sync += [
+            *[a_in[i].code.eq(Mux(take, self.beat.payload.a[i], 0)) for i in range(R)],
+            *[a_in[i].fp4.eq(self.cfg.a_fp4) for i in range(R)],
+            *[a_in[i].signed.eq(self.cfg.a_signed) for i in range(R)],
+            *[b_in[j].code.eq(Mux(take, self.beat.payload.b[j], 0)) for j in range(C)],
+            *[b_in[j].signed.eq(self.cfg.b_signed) for j in range(C)],
+            last_in.eq(take & self.beat.payload.last),
+        ]
+        with m.If(take & self.beat.payload.last):
+            m.d.sync += since.eq(0)
+        with m.Elif(since < C):
+            m.d.sync += since.eq(since + 1)
 
         def delay(sig, n, name):
             for k in range(n):
                 nxt = Signal(sig.shape(), name=f"{name}_d{k}")
-                with m.If(en):
-                    m.d.sync += nxt.eq(sig)
+                m.d.sync += nxt.eq(sig)
                 sig = nxt
             return sig
 
@@ -230,7 +238,7 @@ class SystolicArray(wiring.Component):
             for j in range(C):
                 pe = pes[i][j]
                 m.submodules[f"pe_{i}_{j}"] = pe
-                m.d.comb += pe.en.eq(en)
+                m.d.comb += pe.en.eq(1)
                 if j == 0:
                     m.d.comb += [
                         pe.a_in.eq(delay(a_in[i], i, f"a{i}")),
@@ -248,17 +256,17 @@ class SystolicArray(wiring.Component):
         # most one PE on a bus publishes a nonzero result in any cycle.
         col_data = [Signal(signed(PE_ACC_BITS), name=f"col{j}") for j in range(C)]
         col_valid = [Signal(name=f"col{j}_valid") for j in range(C)]
-        with m.If(en):
-            for j in range(C):
-                m.d.sync += [
-                    col_data[j].eq(_or_tree([pes[i][j].result for i in range(R)])),
-                    col_valid[j].eq(_or_tree([pes[i][j].result_valid for i in range(R)])),
-                ]
-            for g in range(R):
-                m.d.sync += [
-                    self.lane_data[g].eq(_or_tree(col_data[g::R])),
-                    self.lane_valid[g].eq(_or_tree(col_valid[g::R])),
-                ]
+        # The buses always move.
+        for j in range(C):
+            m.d.sync += [
+                col_data[j].eq(_or_tree([pes[i][j].result for i in range(R)])),
+                col_valid[j].eq(_or_tree([pes[i][j].result_valid for i in range(R)])),
+            ]
+        for g in range(R):
+            m.d.sync += [
+                self.lane_data[g].eq(_or_tree(col_data[g::R])),
+                self.lane_valid[g].eq(_or_tree(col_valid[g::R])),
+            ]
         return m
 
 

@@ -1,13 +1,14 @@
 """The datapath: the systolic array and its R output lanes, as one streaming block.
 
 Operand beats go in (see :mod:`rtl.array`); each lane emits its elements in
-:func:`rtl.array.lane_order`. A stalled output stream (or a missing mask code) freezes the
-array, and nothing is lost or duplicated; the freeze goes through a registered clock enable
-and a 3-deep FIFO per lane, so no handshake reaches the array's flip-flops combinationally.
+:func:`rtl.array.lane_order`. A stalled output stream (or a missing mask code) stops the
+array's input, never the array itself: a FIFO per lane (block RAM) holds everything still in
+flight, so nothing is lost or duplicated and no enable fans out to the array's flip-flops.
 """
 
-from amaranth.hdl import Elaboratable, Module, Mux, Signal, unsigned
+from amaranth.hdl import Module, Mux, Signal, unsigned
 from amaranth.lib import data, stream, wiring
+from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
 from .array import SystolicArray, array_beat_layout, lane_order
@@ -16,50 +17,8 @@ from .lane import LANE_CFG, LANE_OUT, OutputLane
 
 __all__ = ["DATAPATH_CFG", "Datapath", "lane_order"]
 
-#: Depth of the FIFO between the array and each lane (see Datapath.elaborate).
-SKID_DEPTH = 3
-
 #: Everything a GEMM sets before its first beat.
 DATAPATH_CFG = data.StructLayout({"operands": OPERAND_CFG, "lane": LANE_CFG})
-
-
-class SkidFIFO(Elaboratable):
-    """A small FIFO in registers: a ring with read and write pointers, so a pop or a push
-    only moves a 2-bit pointer (no wide shift on the handshake path).
-
-    (Written out rather than ``lib.fifo.SyncFIFO`` because YoWASP's yosys 0.70 asserts while
-    mapping its distributed RAM on ECP5.)
-    """
-
-    def __init__(self, width, depth):
-        self.width, self.depth = width, depth
-        self.w_data = Signal(width)
-        self.w_en = Signal()
-        self.r_data = Signal(width)
-        self.r_rdy = Signal()
-        self.r_en = Signal()
-        self.level = Signal(range(depth + 1))
-
-    def elaborate(self, platform):
-        m = Module()
-        regs = [Signal(self.width, name=f"entry{k}") for k in range(self.depth)]
-        rptr = Signal(range(self.depth))
-        wptr = Signal(range(self.depth))
-        pop = Signal()
-        m.d.comb += [pop.eq(self.r_en & (self.level != 0)), self.r_rdy.eq(self.level != 0)]
-        with m.Switch(rptr):
-            for k in range(self.depth):
-                with m.Case(k) if k + 1 < self.depth else m.Default():
-                    m.d.comb += self.r_data.eq(regs[k])
-        for k in range(self.depth):
-            with m.If(self.w_en & (wptr == k)):
-                m.d.sync += regs[k].eq(self.w_data)
-        with m.If(self.w_en):
-            m.d.sync += wptr.eq(Mux(wptr == self.depth - 1, 0, wptr + 1))
-        with m.If(pop):
-            m.d.sync += rptr.eq(Mux(rptr == self.depth - 1, 0, rptr + 1))
-        m.d.sync += self.level.eq(self.level + self.w_en - pop)
-        return m
 
 
 class Datapath(wiring.Component):
@@ -100,28 +59,30 @@ class Datapath(wiring.Component):
         m.d.comb += array.cfg.eq(self.cfg.operands)
         wiring.connect(m, wiring.flipped(self.beat), array.beat)
 
-        # The array's clock enable is a register, so no output stream or mask handshake
-        # reaches the thousands of flip-flops it drives in the same cycle: each lane takes
-        # the array's elements through a 3-deep FIFO, and the array moves in the next cycle
-        # only if every FIFO holds at most one element now. At most two more elements can
-        # arrive before the enable drops, so a FIFO never overflows, and a lane that keeps
-        # up holds at most one element, so a streaming array never stops.
+        # No clock enable reaches the array: it always moves, and only its input is
+        # throttled. Each lane takes the array's elements through a FIFO (block RAM) with
+        # room for everything that can still arrive after the input stops
+        # (SystolicArray.max_in_flight); the input enable is a register, high while every
+        # FIFO has that much room. A lane that keeps up holds few elements, so a streaming
+        # array never stops.
+        margin = array.max_in_flight()
+        depth = 1 << (2 * margin - 1).bit_length()
         en = Signal(init=1)
         fits = []
         for g, lane in enumerate(lanes):
             m.submodules[f"lane{g}"] = lane
-            m.submodules[f"skid{g}"] = skid = SkidFIFO(PE_ACC_BITS, SKID_DEPTH)
+            m.submodules[f"fifo{g}"] = fifo = SyncFIFOBuffered(width=PE_ACC_BITS, depth=depth)
             m.d.comb += [lane.cfg.eq(self.cfg.lane), lane.clear.eq(self.clear)]
             wiring.connect(m, wiring.flipped(self.mask[g]), lane.mask)
             wiring.connect(m, lane.o, wiring.flipped(self.out[g]))
             m.d.comb += [
-                skid.w_data.eq(array.lane_data[g]),
-                skid.w_en.eq(array.lane_valid[g] & en),
-                lane.i.payload.eq(skid.r_data),
-                lane.i.valid.eq(skid.r_rdy),
-                skid.r_en.eq(lane.i.ready),
+                fifo.w_data.eq(array.lane_data[g]),
+                fifo.w_en.eq(array.lane_valid[g]),
+                lane.i.payload.eq(fifo.r_data),
+                lane.i.valid.eq(fifo.r_rdy),
+                fifo.r_en.eq(lane.i.ready),
             ]
-            fits.append(skid.level <= 1)
+            fits.append(fifo.level <= depth - margin)
         m.d.sync += en.eq(_and_tree(fits))
         m.d.comb += array.en.eq(en)
 
