@@ -6,7 +6,7 @@ an arithmetic (flooring) shift so the rounding is round half up, no rounding ter
 saturation with alpha folded into M and s. (The output lane keeps the tensor's absmax.)
 """
 
-from amaranth.hdl import Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -33,7 +33,7 @@ RESCALE_CFG = data.StructLayout({
 
 
 class Rescale(wiring.Component):
-    """Range-rescale stream: signed accumulators in, 4-bit codes out, 5-cycle latency.
+    """Range-rescale stream: signed accumulators in, 4-bit codes out, 6-cycle latency.
 
     Ports
     -----
@@ -45,7 +45,7 @@ class Rescale(wiring.Component):
         Codes: two's complement INT4 or UINT4.
     """
 
-    LATENCY = 5
+    LATENCY = 6
 
     def __init__(self, in_bits=RESCALE_IN_BITS):
         self.in_bits = in_bits
@@ -69,8 +69,8 @@ class Rescale(wiring.Component):
         v_ok = Signal()
         x = self.i.payload
         relu_x = Mux(cfg.relu & (x < 0), 0, x)
-        # Stage 2: the product. Stages 3-4: an arithmetic shift by s - 1, in two halves
-        # (multiples of 8, then 0..7). Stage 5: round and saturate.
+        # Stages 2-3: the product. Stages 4-5: an arithmetic shift by s - 1, in two halves
+        # (multiples of 8, then 0..7). Stage 6: round and saturate.
         # For s >= 1, floor((P + 2^(s-1)) / 2^s) == floor((floor(P / 2^(s-1)) + 1) / 2), so
         # the rounding term is a +1 after the shift, not a wide add before it.
         # The shift amount depends only on the settings, so it is decoded into registers
@@ -95,10 +95,18 @@ class Rescale(wiring.Component):
         valid = [Signal(name=f"valid{k}") for k in range(4)]
         lo = Mux(cfg.out_signed, INT4_MIN, UINT4_MIN)
         hi = Mux(cfg.out_signed, INT4_MAX, UINT4_MAX)
+        # The product in two stages: two DSP-sized partial products (16-bit low part of the
+        # accumulator times M, and its signed high part times M), then their sum.
+        lo_bits = RESCALE_M_BITS
+        p_lo = Signal(unsigned(lo_bits + RESCALE_M_BITS))
+        p_hi = Signal(signed(max(self.in_bits - lo_bits, 1) + RESCALE_M_BITS + 1))
+        v_hi = v[lo_bits:].as_signed() if self.in_bits > lo_bits else Const(0, signed(1))
+        v_ok2 = Signal()
         with m.If(advance):
             m.d.sync += [
                 v.eq(relu_x), v_ok.eq(self.i.valid),
-                prod.eq(v * cfg.m), valid[0].eq(v_ok),
+                p_lo.eq(v[:lo_bits] * cfg.m), p_hi.eq(v_hi * cfg.m), v_ok2.eq(v_ok),
+                prod.eq((p_hi << lo_bits) + p_lo), valid[0].eq(v_ok2),
                 coarse.eq(prod >> (shift[3:] << 3)), valid[1].eq(valid[0]),
                 half.eq(coarse >> shift[:3]), valid[2].eq(valid[1]),
                 self.o.payload.eq(Mux(inside, Mux(q < lo, lo, Mux(q > hi, hi, q)),
