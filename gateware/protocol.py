@@ -1,54 +1,104 @@
 """The host link protocol: one definition for the gateware and the host driver.
 
-A frame on the wire is the COBS encoding of ``body`` followed by one ``0x00`` delimiter, so
-a receiver resynchronizes at the next zero after any garbage. The body is::
+A frame on the wire is ``FLAG body FLAG`` with HDLC-style byte stuffing inside: a body byte
+equal to ``FLAG`` or ``ESC`` is sent as ``ESC, byte ^ ESC_XOR``. Stuffing is a two-state
+machine in both directions (no look-ahead buffer, unlike COBS), costs 2 bytes in 128 on
+random data, and a receiver resynchronizes at the next ``FLAG`` after any garbage. The body
+is::
 
     seq (1 byte) | op (1 byte) | payload (0..MAX_PAYLOAD bytes) | crc32 (4 bytes, LE)
 
 with the CRC (:data:`CRC`, CRC-32/ISO-HDLC) over ``seq | op | payload``. A reply echoes the
-request's ``seq``; its ``op`` is the request's opcode on success or an :class:`Status`
-error code (``0x80`` and up) with a one-byte detail. ``docs/protocol.md`` will give the
-payload of every command as the command engine lands (the next issue).
+request's ``seq``; its ``op`` is the request's opcode on success, or a :class:`Status` error
+code (``0x80`` and up) with an empty payload. A rejected frame changes no device state.
+``docs/protocol.md`` gives the payload of every command.
 """
 
 import enum
 
-from amaranth.lib import crc
+from amaranth.lib import crc, data
 
-__all__ = ["CRC", "CRC_BYTES", "DELIMITER", "HEADER_BYTES", "MAX_PAYLOAD", "Op", "Status",
-           "max_encoded_size"]
+__all__ = ["CRC", "CRC_BYTES", "ESC", "ESC_XOR", "FLAG", "GEMM_ARGS", "HEADER_BYTES",
+           "INFO_LAYOUT", "MAX_PAYLOAD", "READ_ARGS", "STATS_ARGS", "STATS_LAYOUT",
+           "VERSION", "WRITE_HEADER", "Op", "Status", "max_encoded_size"]
 
 #: The frame CRC; ``CRC().compute(data)`` on the host, ``crc.Processor`` in the gateware.
 CRC = crc.catalog.CRC32_ISO_HDLC(data_width=8)
 CRC_BYTES = 4
 HEADER_BYTES = 2                 # seq, op
-DELIMITER = 0x00
-#: Largest payload of one frame (so the COBS overhead is at most 1 byte in 254).
+FLAG = 0x7E
+ESC = 0x7D
+ESC_XOR = 0x20
+#: Largest payload of one frame.
 MAX_PAYLOAD = 1024
+VERSION = 1
 
 
 class Op(enum.IntEnum):
     """Request opcodes."""
 
     PING = 0x01       # echo the payload
-    INFO = 0x02       # array size, memory sizes, protocol version
-    WRITE = 0x10      # write bytes into a buffer
-    READ = 0x11       # read bytes from a buffer
-    GEMM = 0x20       # run a GEMM between buffers
-    STATS = 0x21      # absmax and the sums SAWB needs
+    INFO = 0x02       # array size, memory size, protocol version (INFO_LAYOUT)
+    WRITE = 0x10      # WRITE_HEADER, then whole words of data
+    READ = 0x11       # READ_ARGS; the reply is the words
+    GEMM = 0x20       # GEMM_ARGS; starts the engine and replies at once
+    STATS = 0x21      # optional STATS_ARGS; the reply is STATS_LAYOUT
 
 
 class Status(enum.IntEnum):
     """Error replies (``op`` byte of a reply); every rejected frame changes no state."""
 
-    BAD_CRC = 0x80
+    BAD_CRC = 0x80        # the frame's CRC did not match (seq is as received)
     UNKNOWN_OP = 0x81
-    BAD_LENGTH = 0x82
+    BAD_LENGTH = 0x82     # payload too short, too long or not whole words
     OUT_OF_RANGE = 0x83   # dims or buffer out of range
-    BUSY = 0x84
+    BUSY = 0x84           # the engine is running a GEMM; try again
+
+
+#: Tensor memory addresses are in words; a word is ``word_nibbles`` 4-bit codes
+#: (INFO), nibble 0 in the low half of byte 0, bytes little-endian.
+ADDR_BITS = 24
+
+WRITE_HEADER = data.StructLayout({"addr": ADDR_BITS})
+READ_ARGS = data.StructLayout({"addr": ADDR_BITS, "words": 16})
+#: Optional: sums over ``count`` INT4 codes from word ``addr`` (for SAWB's E|w| and E w^2).
+STATS_ARGS = data.StructLayout({"addr": ADDR_BITS, "count": 24})
+STATS_LAYOUT = data.StructLayout({
+    "busy": 8,              # 1 while a GEMM runs
+    "absmax": 32,           # the last GEMM's output statistic (see rtl.lane)
+    "gemm_cycles": 32,      # cycles from the last GEMM's start to its last write
+    "beats": 32,            # operand beats the last GEMM sent into the array
+    "cycles": 32,           # free-running cycle counter
+    "sum_abs": 32,          # sum |code| over the STATS_ARGS region (0 without args)
+    "sum_sq": 32,           # sum code^2 over that region
+    "rx_errors": 16,        # frames dropped: bad CRC, too long, timed out
+})
+INFO_LAYOUT = data.StructLayout({
+    "version": 8,
+    "rows": 8,
+    "cols": 8,
+    "word_nibbles": 8,
+    "mem_words": 32,
+    "max_payload": 16,
+    "clk_hz": 32,
+})
+
+
+def _gemm_args():
+    # Imported here so that `rtl` stays free of any link knowledge and the layout stays
+    # defined once, by the engine that consumes it.
+    from rtl.engine import GEMM_CFG
+    return GEMM_CFG
+
+
+GEMM_ARGS = _gemm_args()
 
 
 def max_encoded_size(payload_len):
-    """Wire bytes of a frame carrying ``payload_len`` bytes (COBS worst case + delimiter)."""
-    body = HEADER_BYTES + payload_len + CRC_BYTES
-    return body + (body + 253) // 254 + 1
+    """Wire bytes of a frame carrying ``payload_len`` bytes (every byte stuffed + 2 flags)."""
+    return 2 * (HEADER_BYTES + payload_len + CRC_BYTES) + 2
+
+
+def layout_bytes(layout):
+    """Bytes of a packed layout on the wire (little-endian, padded to whole bytes)."""
+    return (layout.size + 7) // 8

@@ -4,9 +4,8 @@ Everything here is computed from the golden model (``host.numerics``, ``host.til
 the format definitions (``rtl.formats``); nothing is derived from the RTL.
 """
 
-import numpy as np
 
-from host.numerics import fp4_int, log_quantize_tpr, rescale
+from host.golden import golden_acc, golden_lane, lane_cfg, operand_ints
 from host.tiling import Gemm
 from rtl.formats import (
     INT4_MAX,
@@ -16,10 +15,8 @@ from rtl.formats import (
     UINT4_MAX,
     UINT4_MIN,
     GemmMode,
-    MaskMode,
     Operand,
     OutputPath,
-    mask_pass,
 )
 
 __all__ = [
@@ -33,55 +30,6 @@ MODE_KINDS = {
     GemmMode.BACKWARD_DATA: [(Operand.FP4, Operand.INT4)],
     GemmMode.BACKWARD_WEIGHT: [(Operand.FP4, Operand.UINT4), (Operand.FP4, Operand.INT4)],
 }
-
-
-def operand_ints(codes, kind, phase):
-    """Datapath integers of codes (FP4 at ``phase``)."""
-    codes = np.asarray(codes)
-    if kind is Operand.FP4:
-        return fp4_int(codes.astype(np.uint8), phase)
-    return codes.astype(np.int64)
-
-
-def golden_acc(gemm, phase):
-    """Exact T = A @ B (int64) with the FP4 operand at ``phase``."""
-    a = operand_ints(gemm.a, gemm.a_kind, phase)
-    b = operand_ints(gemm.b, gemm.b_kind, phase)
-    return a.astype(object).dot(b.astype(object)).astype(np.int64)
-
-
-def lane_cfg(path=OutputPath.RAW, phase=0, m=1 << 15, s=0, relu=0, out_signed=0, exp=0,
-             mask=MaskMode.NONE):
-    """LANE_CFG field values."""
-    return {"path": int(path), "phase": phase,
-            "rescale": {"m": m, "s": s, "relu": relu, "out_signed": out_signed},
-            "log4": {"exp": exp, "mask": int(mask)}}
-
-
-def golden_lane(acc, lane, mask_codes=None):
-    """Expected lane outputs for accumulators ``acc`` under ``lane`` (LANE_CFG values):
-    ``(values, absmax)``. RAW: ints; RESCALE: 4-bit nibbles; LOG4: (phase 0, phase 1)
-    code pairs (an object array)."""
-    acc = np.asarray(acc, dtype=np.int64)
-    path = OutputPath(lane["path"])
-    if path is OutputPath.RAW:
-        return acc, int(np.abs(acc).max()) if acc.size else 0
-    if path is OutputPath.RESCALE:
-        rs = lane["rescale"]
-        lo, hi = (INT4_MIN, INT4_MAX) if rs["out_signed"] else (UINT4_MIN, UINT4_MAX)
-        codes, absmax = rescale(acc, rs["m"], rs["s"], lo, hi, relu=bool(rs["relu"]))
-        return (codes.astype(np.int64) & 0xF), absmax
-    lg = lane["log4"]
-    mode = MaskMode(lg["mask"])
-    if mask_codes is None:
-        mask_codes = np.zeros(acc.shape, np.int64)
-    keep = np.vectorize(lambda c: mask_pass(int(c), mode), otypes=[bool])(mask_codes)
-    masked = np.where(keep, acc, 0) if acc.size else acc
-    p0, p1 = log_quantize_tpr(masked, lg["exp"])
-    pairs = np.empty(acc.shape, dtype=object)
-    for idx in np.ndindex(acc.shape):
-        pairs[idx] = (int(p0[idx]), int(p1[idx]))
-    return pairs, int(np.abs(masked).max()) if masked.size else 0
 
 
 def lane_value(payload, path):

@@ -1,0 +1,274 @@
+"""``emu://``: the device's command set on the golden model, in process.
+
+:func:`gemm_apply` is the reference semantics of one GEMM command on tensor memory (the
+engine's RTL tests compare against it). :class:`Emulator` speaks the wire protocol, byte for
+byte like the gateware, so the driver's framing, retries and error handling run unchanged;
+:class:`EmuTransport` gives it pyserial's ``write``/``read`` interface.
+"""
+
+import numpy as np
+
+from gateware.protocol import (
+    CRC,
+    CRC_BYTES,
+    ESC,
+    ESC_XOR,
+    FLAG,
+    GEMM_ARGS,
+    HEADER_BYTES,
+    INFO_LAYOUT,
+    MAX_PAYLOAD,
+    READ_ARGS,
+    STATS_ARGS,
+    STATS_LAYOUT,
+    VERSION,
+    WRITE_HEADER,
+    Op,
+    Status,
+    layout_bytes,
+)
+from host.golden import golden_acc, golden_lane
+from host.layout import row_words, unpack
+from host.packing import pack_fields, unpack_fields
+from host.tiling import Gemm
+from rtl.engine import element_nibbles, word_nibbles
+from rtl.formats import MAX_REDUCTION, MaskMode, Operand, OutputPath
+
+__all__ = ["EmuTransport", "Emulator", "gemm_apply"]
+
+
+def _region(mem, nib, addr, rows, stride):
+    wb = nib // 2
+    return mem[addr * wb:(addr + rows * stride) * wb]
+
+
+def _kind(fp4, is_signed):
+    if fp4:
+        return Operand.FP4
+    return Operand.INT4 if is_signed else Operand.UINT4
+
+
+def _signed_codes(codes, kind):
+    if kind is Operand.INT4:
+        return np.where(codes >= 8, codes - 16, codes)
+    return codes
+
+
+def gemm_check(cfg, rows, cols, mem_words):
+    """True when the GEMM command ``cfg`` (GEMM_ARGS values) is in range: the same rule as
+    the engine's sequential check."""
+    nib = word_nibbles(rows, cols)
+    lane = cfg["lane"]
+    path = lane["path"]
+    if not (cfg["m"] and cfg["n"] and cfg["l"] and cfg["l"] <= MAX_REDUCTION):
+        return False
+    if path > OutputPath.LOG4 or lane["log4"]["mask"] > MaskMode.PACT:
+        return False
+    ea = 2 if cfg["a_pair"] else 1
+    eo = element_nibbles(path)
+    m_pad = -(-cfg["m"] // rows) * rows
+    n_pad = -(-cfg["n"] // cols) * cols
+    if cfg["out_stride"] * nib < cfg["m"] * eo:
+        return False
+    bufs = [(cfg["a_addr"], cfg["a_stride"], cfg["l"], row_words(m_pad, ea, nib)),
+            (cfg["b_addr"], cfg["b_stride"], cfg["l"], row_words(n_pad, 1, nib)),
+            (cfg["out_addr"], cfg["out_stride"], cfg["n"], row_words(cfg["m"], eo, nib))]
+    if path == OutputPath.LOG4 and lane["log4"]["mask"] != MaskMode.NONE:
+        bufs.append((cfg["mask_addr"], cfg["mask_stride"], cfg["n"], row_words(m_pad, 1, nib)))
+    return all(addr + (rows_ - 1) * stride + words <= mem_words
+               for addr, stride, rows_, words in bufs)
+
+
+def gemm_apply(mem, cfg, rows, cols):
+    """Run the GEMM command ``cfg`` on ``mem`` (a bytearray, the whole tensor memory) as the
+    engine does; returns the output statistic (absmax)."""
+    nib = word_nibbles(rows, cols)
+    m, red, n = cfg["m"], cfg["l"], cfg["n"]
+    ops, lane = cfg["operands"], cfg["lane"]
+    a_kind = _kind(ops["a_fp4"], ops["a_signed"])
+    b_kind = _kind(0, ops["b_signed"])
+    ea = 2 if cfg["a_pair"] else 1
+    at = unpack(_region(mem, nib, cfg["a_addr"], red, cfg["a_stride"]), red, m, ea, nib,
+                cfg["a_stride"])
+    if cfg["a_pair"]:
+        at = (at >> (4 * cfg["a_sel"])) & 0xF
+    b = unpack(_region(mem, nib, cfg["b_addr"], red, cfg["b_stride"]), red, n, 1, nib,
+               cfg["b_stride"])
+    gemm = Gemm(_signed_codes(at.T, a_kind), _signed_codes(b, b_kind), a_kind, b_kind)
+    acc = golden_acc(gemm, lane["phase"])
+    path = OutputPath(lane["path"])
+    mask = None
+    if path is OutputPath.LOG4 and lane["log4"]["mask"] != MaskMode.NONE:
+        mask = unpack(_region(mem, nib, cfg["mask_addr"], n, cfg["mask_stride"]), n, m, 1,
+                      nib, cfg["mask_stride"]).T
+    values, absmax = golden_lane(acc, lane, mask)
+    if path is OutputPath.LOG4:
+        elems = np.array([[p0 | (p1 << 4) for p0, p1 in row] for row in values], np.int64)
+    else:
+        elems = np.asarray(values, np.int64) & 0xFFFFFFFF
+    write_elements(mem, nib, cfg["out_addr"], cfg["out_stride"], elems.T,
+                   element_nibbles(path))
+    return absmax
+
+
+def write_elements(mem, nib, addr, stride, values, elem_nibbles):
+    """Write ``values`` (rows x elems) into a buffer, touching only their own nibbles."""
+    rows, elems = values.shape
+    wb = nib // 2
+    region = np.frombuffer(bytes(_region(mem, nib, addr, rows, stride)),
+                           np.uint8).reshape(rows, stride * wb)
+    nibbles = np.empty((rows, stride * nib), np.int64)
+    nibbles[:, 0::2] = region & 0xF
+    nibbles[:, 1::2] = region >> 4
+    for q in range(elem_nibbles):
+        nibbles[:, q:elems * elem_nibbles:elem_nibbles] = (values >> (4 * q)) & 0xF
+    out = (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).astype(np.uint8)
+    mem[addr * wb:(addr + rows * stride) * wb] = out.tobytes()
+
+
+def code_sums(mem, nib, addr, count):
+    """Sum |c| and sum c^2 over ``count`` INT4 codes from word ``addr`` (STATS)."""
+    words = -(-count // nib)
+    codes = unpack(_region(mem, nib, addr, 1, words), 1, count, 1, nib, words, 4)[0]
+    return int(np.abs(codes).sum()), int((codes * codes).sum())
+
+
+class Emulator:
+    """The device, byte stream in and out, on the golden model (GEMMs finish instantly)."""
+
+    def __init__(self, rows=2, cols=4, mem_words=1 << 16, clk_hz=0):
+        self.rows, self.cols, self.mem_words, self.clk_hz = rows, cols, mem_words, clk_hz
+        self.nib = word_nibbles(rows, cols)
+        self.mem = bytearray(mem_words * self.nib // 2)
+        self.absmax = 0
+        self.rx_errors = 0
+        self._body = bytearray()
+        self._esc = False
+        self._overflow = False
+        self._last = None       # (seq, op, reply op) of the last executed request
+        self.out = bytearray()
+
+    def feed(self, data):
+        for byte in data:
+            if byte == FLAG:
+                if self._body or self._overflow:
+                    self._frame()
+                self._body.clear()
+                self._esc = self._overflow = False
+            elif byte == ESC:
+                self._esc = True
+            else:
+                if len(self._body) < HEADER_BYTES + MAX_PAYLOAD + CRC_BYTES:
+                    self._body.append(byte ^ ESC_XOR if self._esc else byte)
+                else:
+                    self._overflow = True
+                self._esc = False
+
+    def _reply(self, seq, op, payload=b""):
+        body = bytes([seq, op]) + payload
+        body += CRC.compute(body).to_bytes(CRC_BYTES, "little")
+        self.out.append(FLAG)
+        for byte in body:
+            if byte in (FLAG, ESC):
+                self.out += bytes([ESC, byte ^ ESC_XOR])
+            else:
+                self.out.append(byte)
+        self.out.append(FLAG)
+
+    def _frame(self):
+        body = bytes(self._body)
+        if self._overflow:
+            self.rx_errors += 1
+            return self._reply(body[0], Status.BAD_LENGTH)
+        if len(body) < HEADER_BYTES + CRC_BYTES:
+            self.rx_errors += 1
+            return None
+        if CRC.compute(body[:-CRC_BYTES]) != int.from_bytes(body[-CRC_BYTES:], "little"):
+            self.rx_errors += 1
+            return self._reply(body[0], Status.BAD_CRC)
+        seq, op, payload = body[0], body[1], body[HEADER_BYTES:-CRC_BYTES]
+        if (op in (Op.WRITE, Op.GEMM) and self._last is not None
+                and self._last[:2] == (seq, op)):
+            return self._reply(seq, self._last[2])        # a retry: answer, do not redo
+        status, reply = self._execute(op, payload)
+        self._last = (seq, op, status)
+        return self._reply(seq, status, reply)
+
+    def _execute(self, op, payload):
+        wb = self.nib // 2
+        if op == Op.PING:
+            return op, payload
+        if op == Op.INFO:
+            if payload:
+                return Status.BAD_LENGTH, b""
+            return op, pack_fields(INFO_LAYOUT, {
+                "version": VERSION, "rows": self.rows, "cols": self.cols,
+                "word_nibbles": self.nib, "mem_words": self.mem_words,
+                "max_payload": MAX_PAYLOAD, "clk_hz": self.clk_hz})
+        if op == Op.WRITE:
+            hb = layout_bytes(WRITE_HEADER)
+            data = payload[hb:]
+            if len(payload) < hb + wb or len(data) % wb:
+                return Status.BAD_LENGTH, b""
+            addr = unpack_fields(WRITE_HEADER, payload[:hb])["addr"]
+            if addr + len(data) // wb > self.mem_words:
+                return Status.OUT_OF_RANGE, b""
+            self.mem[addr * wb:addr * wb + len(data)] = data
+            return op, b""
+        if op == Op.READ:
+            if len(payload) != layout_bytes(READ_ARGS):
+                return Status.BAD_LENGTH, b""
+            args = unpack_fields(READ_ARGS, payload)
+            if not 0 < args["words"] <= MAX_PAYLOAD // wb:
+                return Status.BAD_LENGTH, b""
+            if args["addr"] + args["words"] > self.mem_words:
+                return Status.OUT_OF_RANGE, b""
+            return op, bytes(self.mem[args["addr"] * wb:(args["addr"] + args["words"]) * wb])
+        if op == Op.GEMM:
+            if len(payload) != layout_bytes(GEMM_ARGS):
+                return Status.BAD_LENGTH, b""
+            cfg = unpack_fields(GEMM_ARGS, payload)
+            if not gemm_check(cfg, self.rows, self.cols, self.mem_words):
+                return Status.OUT_OF_RANGE, b""
+            self.absmax = gemm_apply(self.mem, cfg, self.rows, self.cols)
+            return op, b""
+        if op == Op.STATS:
+            sums = (0, 0)
+            if payload:
+                if len(payload) != layout_bytes(STATS_ARGS):
+                    return Status.BAD_LENGTH, b""
+                args = unpack_fields(STATS_ARGS, payload)
+                if args["addr"] + -(-args["count"] // self.nib) > self.mem_words:
+                    return Status.OUT_OF_RANGE, b""
+                sums = code_sums(self.mem, self.nib, args["addr"], args["count"])
+            return op, pack_fields(STATS_LAYOUT, {
+                "busy": 0, "absmax": self.absmax, "gemm_cycles": 0, "beats": 0, "cycles": 0,
+                "sum_abs": sums[0], "sum_sq": sums[1], "rx_errors": self.rx_errors})
+        return Status.UNKNOWN_OP, b""
+
+
+class EmuTransport:
+    """pyserial-style ``write``/``read`` over an in-process :class:`Emulator`."""
+
+    def __init__(self, emulator=None, **kw):
+        self.emu = emulator or Emulator(**kw)
+        self.timeout = 0
+
+    def write(self, data):
+        self.emu.feed(data)
+        return len(data)
+
+    def read(self, size=1):
+        out = bytes(self.emu.out[:size])
+        del self.emu.out[:size]
+        return out
+
+    @property
+    def in_waiting(self):
+        return len(self.emu.out)
+
+    def reset_input_buffer(self):
+        self.emu.out.clear()
+
+    def close(self):
+        pass

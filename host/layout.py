@@ -1,0 +1,63 @@
+"""Tensor memory layouts, shared by the driver and the emulator (see :mod:`rtl.engine`).
+
+A buffer is ``rows`` rows, ``stride`` words apart, each holding ``elems`` elements of
+``elem_nibbles`` 4-bit nibbles from nibble 0 of its first word. A word is ``nib`` nibbles,
+``nib // 2`` bytes, nibble 0 in the low half of byte 0.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["Buffer", "pack", "row_words", "unpack"]
+
+
+def row_words(elems, elem_nibbles, nib):
+    """Words one row of ``elems`` elements needs."""
+    return -(-elems * elem_nibbles // nib)
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """A tensor in device memory: ``rows`` x ``elems`` elements of ``elem_nibbles``."""
+
+    addr: int
+    rows: int
+    elems: int
+    elem_nibbles: int
+    stride: int
+
+    @property
+    def words(self):
+        return self.rows * self.stride
+
+    @property
+    def end(self):
+        return self.addr + self.words
+
+
+def pack(values, elem_nibbles, nib, stride=None):
+    """Bytes of a buffer holding ``values`` (rows x elems non-negative ints, each below
+    ``16 ** elem_nibbles``), rows ``stride`` words apart (default: as tight as possible)."""
+    values = np.asarray(values, dtype=np.int64)
+    rows, elems = values.shape
+    stride = stride or row_words(elems, elem_nibbles, nib)
+    nibbles = np.zeros((rows, stride * nib), np.uint8)
+    for q in range(elem_nibbles):
+        nibbles[:, q:elems * elem_nibbles:elem_nibbles] = (values >> (4 * q)) & 0xF
+    return (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).astype(np.uint8).tobytes()
+
+
+def unpack(raw, rows, elems, elem_nibbles, nib, stride=None, signed_bits=None):
+    """Inverse of :func:`pack`; ``signed_bits`` sign-extends each element from that width."""
+    stride = stride or row_words(elems, elem_nibbles, nib)
+    b = np.frombuffer(bytes(raw), np.uint8).reshape(rows, stride * nib // 2)
+    nibbles = np.empty((rows, stride * nib), np.int64)
+    nibbles[:, 0::2] = b & 0xF
+    nibbles[:, 1::2] = b >> 4
+    out = np.zeros((rows, elems), np.int64)
+    for q in range(elem_nibbles):
+        out |= nibbles[:, q:elems * elem_nibbles:elem_nibbles] << (4 * q)
+    if signed_bits:
+        out = np.where(out >= 1 << (signed_bits - 1), out - (1 << signed_bits), out)
+    return out

@@ -1,0 +1,76 @@
+"""Place a GEMM's tensors in device memory: the buffers and the GEMM command's arguments.
+
+Used by the driver for one-off GEMMs, and by the tests to build random commands. The
+layouts are those of :mod:`rtl.engine`: A stored as A^T (L rows of M codes), B as itself,
+the result as out^T (N rows of M elements), the LOG4 mask codes as act^T.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from host.layout import Buffer, pack, row_words
+from host.tiling import code_bits
+from rtl.engine import element_nibbles
+from rtl.formats import MaskMode, OutputPath, operand_cfg
+
+__all__ = ["GemmPlan", "plan_gemm"]
+
+
+@dataclass
+class GemmPlan:
+    a: Buffer
+    b: Buffer
+    out: Buffer
+    mask: Buffer | None
+    cfg: dict                 # GEMM_ARGS values
+    uploads: list             # (Buffer, bytes)
+
+
+def plan_gemm(gemm, lane, nib, rows, cols, base=0, mask_codes=None, a_pair=None,
+              spacing=0):
+    """Buffers from word ``base`` on for ``gemm`` (a :class:`host.tiling.Gemm`) with output
+    lane settings ``lane`` (LANE_CFG values). ``a_pair=(pairs, sel)`` stores A as LOG4 pairs
+    (the ``pairs`` M x L array of ``p0 | p1 << 4``) and reads nibble ``sel``.
+    ``spacing`` extra words are left between buffers (and added to the strides)."""
+    m, red, n = gemm.shape
+    m_pad = -(-m // rows) * rows
+    n_pad = -(-n // cols) * cols
+    addr = base
+    uploads = []
+
+    def place(rows_, elems, en, values=None, stride_extra=0):
+        nonlocal addr
+        stride = row_words(elems, en, nib) + stride_extra
+        buf = Buffer(addr, rows_, elems, en, stride)
+        addr = buf.end + spacing
+        if values is not None:
+            uploads.append((buf, pack(values, en, nib, stride)))
+        return buf
+
+    if a_pair is not None:
+        pairs = a_pair[0]
+        a_buf = place(red, m_pad, 2, np.pad(np.asarray(pairs).T, ((0, 0), (0, m_pad - m))),
+                      spacing)
+    else:
+        a_buf = place(red, m_pad, 1, np.pad(code_bits(gemm.a).T, ((0, 0), (0, m_pad - m))),
+                      spacing)
+    b_buf = place(red, n_pad, 1, np.pad(code_bits(gemm.b), ((0, 0), (0, n_pad - n))), spacing)
+    path = OutputPath(lane["path"])
+    out_buf = place(n, m, element_nibbles(path), None, spacing)
+    mask_buf = None
+    if path is OutputPath.LOG4 and lane["log4"]["mask"] != MaskMode.NONE:
+        codes = np.zeros((m, n), np.int64) if mask_codes is None else np.asarray(mask_codes)
+        mask_buf = place(n, m_pad, 1, np.pad(codes.T, ((0, 0), (0, m_pad - m))), spacing)
+    cfg = {
+        "a_addr": a_buf.addr, "a_stride": a_buf.stride,
+        "b_addr": b_buf.addr, "b_stride": b_buf.stride,
+        "out_addr": out_buf.addr, "out_stride": out_buf.stride,
+        "mask_addr": mask_buf.addr if mask_buf else 0,
+        "mask_stride": mask_buf.stride if mask_buf else 0,
+        "m": m, "l": red, "n": n,
+        "a_pair": int(a_pair is not None), "a_sel": a_pair[1] if a_pair is not None else 0,
+        "operands": operand_cfg(gemm.a_kind, gemm.b_kind),
+        "lane": lane,
+    }
+    return GemmPlan(a_buf, b_buf, out_buf, mask_buf, cfg, uploads)
