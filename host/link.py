@@ -1,57 +1,50 @@
-"""Host side of the link framing: COBS, CRC and a resynchronizing frame decoder.
+"""Host side of the link framing: byte stuffing, CRC and a resynchronizing frame decoder.
 
 The wire format is defined once, in :mod:`gateware.protocol`.
 """
 
 from dataclasses import dataclass
 
-from gateware.protocol import CRC, CRC_BYTES, DELIMITER, HEADER_BYTES, MAX_PAYLOAD
+from gateware.protocol import CRC, CRC_BYTES, ESC, ESC_XOR, FLAG, HEADER_BYTES, MAX_PAYLOAD
 
-__all__ = ["Frame", "FrameDecoder", "LinkError", "cobs_decode", "cobs_encode", "encode_frame"]
+__all__ = ["Frame", "FrameDecoder", "LinkError", "decode_body", "encode_frame", "stuff",
+           "unstuff"]
 
 
 class LinkError(ValueError):
-    """A malformed frame (bad COBS, bad CRC, bad length)."""
+    """A malformed frame (bad stuffing, bad CRC, bad length)."""
 
 
-def cobs_encode(data):
-    """Consistent Overhead Byte Stuffing: ``data`` without any zero byte."""
+_SPECIAL = {FLAG, ESC}
+
+
+def stuff(data):
+    """``data`` with every FLAG or ESC byte sent as ``ESC, byte ^ ESC_XOR``."""
     out = bytearray()
-    block = bytearray()
     for byte in data:
-        if byte == 0:
-            out.append(len(block) + 1)
-            out += block
-            block.clear()
+        if byte in _SPECIAL:
+            out += bytes((ESC, byte ^ ESC_XOR))
         else:
-            block.append(byte)
-            if len(block) == 254:
-                out.append(255)
-                out += block
-                block.clear()
-    out.append(len(block) + 1)
-    out += block
+            out.append(byte)
     return bytes(out)
 
 
-def cobs_decode(data):
-    """Inverse of :func:`cobs_encode`; raises :class:`LinkError` on a malformed block."""
+def unstuff(data):
+    """Inverse of :func:`stuff`; raises :class:`LinkError` on a FLAG or a dangling ESC."""
     out = bytearray()
-    i = 0
-    while i < len(data):
-        code = data[i]
-        if code == 0:
-            raise LinkError("zero byte inside a COBS frame")
-        end = i + code
-        if end > len(data):
-            raise LinkError("truncated COBS block")
-        block = data[i + 1:end]
-        if 0 in block:
-            raise LinkError("zero byte inside a COBS frame")
-        out += block
-        i = end
-        if code < 255 and i < len(data):
-            out.append(0)
+    esc = False
+    for byte in data:
+        if byte == FLAG:
+            raise LinkError("flag inside a frame")
+        if esc:
+            out.append(byte ^ ESC_XOR)
+            esc = False
+        elif byte == ESC:
+            esc = True
+        else:
+            out.append(byte)
+    if esc:
+        raise LinkError("frame ends in an escape")
     return bytes(out)
 
 
@@ -63,19 +56,19 @@ class Frame:
 
 
 def encode_frame(frame):
-    """Wire bytes of a frame: COBS(seq | op | payload | crc32 LE) and the delimiter."""
+    """Wire bytes of a frame: FLAG, stuffed(seq | op | payload | crc32 LE), FLAG."""
     if not 0 <= frame.seq < 256 or not 0 <= frame.op < 256:
         raise LinkError(f"seq and op are bytes, got {frame.seq}, {frame.op}")
     if len(frame.payload) > MAX_PAYLOAD:
         raise LinkError(f"payload of {len(frame.payload)} bytes exceeds {MAX_PAYLOAD}")
     body = bytes([frame.seq, frame.op]) + bytes(frame.payload)
     body += CRC.compute(body).to_bytes(CRC_BYTES, "little")
-    return cobs_encode(body) + bytes([DELIMITER])
+    return bytes([FLAG]) + stuff(body) + bytes([FLAG])
 
 
 def decode_body(encoded):
-    """Frame from the bytes between two delimiters; raises :class:`LinkError`."""
-    body = cobs_decode(encoded)
+    """Frame from the bytes between two flags; raises :class:`LinkError`."""
+    body = unstuff(encoded)
     if len(body) < HEADER_BYTES + CRC_BYTES:
         raise LinkError(f"frame of {len(body)} bytes is too short")
     if len(body) > HEADER_BYTES + MAX_PAYLOAD + CRC_BYTES:
@@ -89,8 +82,8 @@ def decode_body(encoded):
 class FrameDecoder:
     """Feed it bytes in any chunks; it returns whole frames and counts what it dropped.
 
-    Garbage between frames, a frame cut by a delimiter, or a corrupted frame are dropped
-    (counted in ``errors``); decoding resumes at the next delimiter.
+    Garbage between frames, a frame cut by a flag, or a corrupted frame are dropped
+    (counted in ``errors``); decoding resumes at the next flag.
     """
 
     def __init__(self):
@@ -101,7 +94,7 @@ class FrameDecoder:
     def feed(self, data):
         frames = []
         for byte in data:
-            if byte == DELIMITER:
+            if byte == FLAG:
                 if self._buf or self._overflow:
                     try:
                         if self._overflow:

@@ -1,0 +1,174 @@
+"""Link framing in the gateware: byte stuffing, CRC-32 and a watchdog (see gateware.protocol).
+
+:class:`FrameRx` unstuffs received bytes into the frame buffer while computing the CRC, and
+reports each frame once its closing ``FLAG`` arrives: good, bad CRC, or too long. It then
+holds its input (``i.ready`` low) until the command decoder has answered, so a frame is
+never overwritten while it is being executed. A frame that stops arriving for ``timeout``
+cycles is dropped (the watchdog), and so is a body shorter than a header and a CRC.
+
+:class:`FrameTx` sends a reply body as ``FLAG stuffed(body | crc32) FLAG``.
+"""
+
+from amaranth.hdl import Module, Mux, Signal
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from .protocol import CRC, CRC_BYTES, ESC, ESC_XOR, FLAG, HEADER_BYTES, MAX_PAYLOAD
+
+__all__ = ["BUFFER_BYTES", "TX_BYTE", "FrameRx", "FrameTx", "RxStatus"]
+
+#: Largest frame body (header, payload, CRC): the frame buffer's size.
+BUFFER_BYTES = HEADER_BYTES + MAX_PAYLOAD + CRC_BYTES
+#: A reply body byte for FrameTx; ``last`` on the final one (the CRC follows it).
+TX_BYTE = data.StructLayout({"data": 8, "last": 1})
+
+
+class RxStatus:
+    OK = 0
+    BAD_CRC = 1
+    TOO_LONG = 2
+
+
+class FrameRx(wiring.Component):
+    """Received bytes in; frame buffer writes and a frame report out.
+
+    Ports
+    -----
+    i : In(stream.Signature(8))
+    wr_addr, wr_data, wr_en : Out
+        Frame buffer writes (body byte ``k`` at address ``k``).
+    frame : Out(1)
+        One-cycle pulse: a frame ended; ``status`` (RxStatus) and ``length`` (body bytes,
+        CRC included) tell which. The input then stays held until ``ack``.
+    ack : In(1)
+        The decoder is done with the frame in the buffer.
+    errors : Out(16)
+        Frames dropped: bad CRC, too long, too short, or timed out (saturating).
+    """
+
+    def __init__(self, timeout):
+        self.timeout = timeout
+        super().__init__({
+            "i": In(stream.Signature(8)),
+            "wr_addr": Out(range(BUFFER_BYTES)), "wr_data": Out(8), "wr_en": Out(1),
+            "frame": Out(1), "status": Out(2), "length": Out(range(BUFFER_BYTES + 1)),
+            "ack": In(1),
+            "errors": Out(16),
+            "in_frame": Out(1),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.crc = crc = CRC.create()
+        length = Signal(range(BUFFER_BYTES + 1))
+        esc = Signal()
+        overflow = Signal()
+        held = Signal()
+        timer = Signal(range(self.timeout + 1))
+        byte = self.i.payload
+        take = Signal()
+        m.d.comb += [
+            self.i.ready.eq(~held),
+            take.eq(self.i.valid & self.i.ready),
+            self.in_frame.eq((length != 0) | esc | overflow),
+            crc.data.eq(byte ^ Mux(esc, ESC_XOR, 0)),
+            self.wr_addr.eq(length),
+            self.wr_data.eq(byte ^ Mux(esc, ESC_XOR, 0)),
+        ]
+        m.d.sync += self.frame.eq(0)
+        error = Signal()
+        with m.If(error & (self.errors != 0xFFFF)):
+            m.d.sync += self.errors.eq(self.errors + 1)
+        with m.If(self.ack):
+            m.d.sync += held.eq(0)
+
+        with m.If(take):
+            m.d.sync += timer.eq(0)
+            with m.If(byte == FLAG):
+                m.d.comb += crc.start.eq(1)
+                m.d.sync += [length.eq(0), esc.eq(0), overflow.eq(0)]
+                with m.If(overflow):
+                    m.d.sync += [self.frame.eq(1), self.status.eq(RxStatus.TOO_LONG),
+                                 self.length.eq(length), held.eq(1)]
+                    m.d.comb += error.eq(1)
+                with m.Elif(length >= HEADER_BYTES + CRC_BYTES):
+                    m.d.sync += [self.frame.eq(1), self.length.eq(length), held.eq(1),
+                                 self.status.eq(Mux(crc.match_detected, RxStatus.OK,
+                                                    RxStatus.BAD_CRC))]
+                    m.d.comb += error.eq(~crc.match_detected)
+                with m.Elif(length != 0):
+                    m.d.comb += error.eq(1)           # too short to answer: dropped
+            with m.Elif(byte == ESC):
+                m.d.sync += esc.eq(1)
+            with m.Else():
+                m.d.sync += esc.eq(0)
+                with m.If(length < BUFFER_BYTES):
+                    m.d.comb += [self.wr_en.eq(1), crc.valid.eq(1)]
+                    m.d.sync += length.eq(length + 1)
+                with m.Else():
+                    m.d.sync += overflow.eq(1)
+        with m.Elif(self.in_frame & ~held):
+            with m.If(timer == self.timeout):         # the watchdog
+                m.d.comb += [crc.start.eq(1), error.eq(1)]
+                m.d.sync += [length.eq(0), esc.eq(0), overflow.eq(0), timer.eq(0)]
+            with m.Else():
+                m.d.sync += timer.eq(timer + 1)
+        return m
+
+
+class FrameTx(wiring.Component):
+    """Reply body bytes in (``last`` on the final one); wire bytes out.
+
+    Ports
+    -----
+    i : In(stream.Signature(TX_BYTE))
+    o : Out(stream.Signature(8))
+    busy : Out(1)
+        A frame is being sent.
+    """
+
+    def __init__(self):
+        super().__init__({"i": In(stream.Signature(TX_BYTE)), "o": Out(stream.Signature(8)),
+                          "busy": Out(1)})
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.crc = crc = CRC.create()
+        cur = Signal(8)
+        escaped = Signal()           # the ESC of the current byte has been sent
+        k = Signal(range(CRC_BYTES))
+        need = (cur == FLAG) | (cur == ESC)
+        sent = Signal()
+        m.d.comb += [
+            self.o.payload.eq(Mux(need & ~escaped, ESC, cur ^ Mux(need, ESC_XOR, 0))),
+            sent.eq(self.o.valid & self.o.ready & (~need | escaped)),
+            crc.data.eq(self.i.payload.data),
+        ]
+        with m.If(self.o.valid & self.o.ready):
+            m.d.sync += escaped.eq(need & ~escaped)
+        with m.FSM():
+            with m.State("IDLE"):
+                m.d.comb += [self.o.valid.eq(self.i.valid), self.o.payload.eq(FLAG),
+                             crc.start.eq(1)]
+                with m.If(self.o.valid & self.o.ready):
+                    m.d.sync += escaped.eq(0)
+                    m.next = "BODY"
+            with m.State("BODY"):
+                m.d.comb += [self.busy.eq(1), self.o.valid.eq(self.i.valid),
+                             cur.eq(self.i.payload.data),
+                             self.i.ready.eq(sent), crc.valid.eq(sent)]
+                with m.If(sent & self.i.payload.last):
+                    m.d.sync += k.eq(0)
+                    m.next = "CRC"
+            with m.State("CRC"):
+                m.d.comb += [self.busy.eq(1), self.o.valid.eq(1),
+                             cur.eq(crc.crc.word_select(k, 8))]
+                with m.If(sent):
+                    m.d.sync += k.eq(k + 1)
+                    with m.If(k == CRC_BYTES - 1):
+                        m.next = "END"
+            with m.State("END"):
+                m.d.comb += [self.busy.eq(1), self.o.valid.eq(1), self.o.payload.eq(FLAG)]
+                with m.If(self.o.ready):
+                    m.next = "IDLE"
+        return m

@@ -1,0 +1,167 @@
+"""The whole device (framing, decoder, memory, engine) in the Amaranth simulator: its reply
+bytes equal the emulator's, request for request."""
+
+import numpy as np
+from amaranth.sim import Simulator
+
+from gateware.device import Device
+from gateware.protocol import (
+    ESC,
+    FLAG,
+    GEMM_ARGS,
+    MAX_PAYLOAD,
+    READ_ARGS,
+    STATS_ARGS,
+    STATS_LAYOUT,
+    WRITE_HEADER,
+    Op,
+    Status,
+)
+from host.emu import Emulator
+from host.link import Frame, FrameDecoder, encode_frame
+from host.packing import pack_fields, unpack_fields
+from host.plan import plan_gemm
+from rtl.formats import Operand, OutputPath
+from sim.golden import lane_cfg, random_gemm
+
+ROWS, COLS, WORDS = 2, 4, 256
+
+
+def run_device(wire_chunks, replies, max_cycles=200_000, timeout=None):
+    """Feed byte chunks to the RTL device; returns every byte it sent."""
+    dut = Device(ROWS, COLS, WORDS, clk_hz=1_000_000, timeout=timeout)
+    out = bytearray()
+
+    async def feeder(ctx):
+        for chunk in wire_chunks:
+            if isinstance(chunk, int):          # a pause of `chunk` cycles
+                await ctx.tick().repeat(chunk)
+                continue
+            for byte in chunk:
+                ctx.set(dut.i.payload, byte)
+                ctx.set(dut.i.valid, 1)
+                await ctx.tick().until(dut.i.ready)
+            ctx.set(dut.i.valid, 0)
+
+    async def reader(ctx):
+        ctx.set(dut.o.ready, 1)
+        dec = FrameDecoder()
+        got = []
+        for _ in range(max_cycles):
+            *_, valid, byte = await ctx.tick().sample(dut.o.valid, dut.o.payload)
+            if valid:
+                out.append(byte)
+                got += dec.feed(bytes([byte]))
+                if len(got) >= replies:
+                    return
+        raise AssertionError(f"{len(got)} of {replies} replies after {max_cycles} cycles")
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-6)
+    sim.add_testbench(feeder, background=True)
+    sim.add_testbench(reader)
+    sim.run()
+    return bytes(out)
+
+
+def emulate(wire_chunks):
+    emu = Emulator(ROWS, COLS, WORDS, clk_hz=1_000_000)
+    for chunk in wire_chunks:
+        if not isinstance(chunk, int):
+            emu.feed(chunk)
+    return bytes(emu.out)
+
+
+COUNTERS = ("cycles", "gemm_cycles", "beats")
+
+
+def same_replies(got, want):
+    """Equal frame for frame; STATS replies are compared without the cycle counters (the
+    emulator has no clock)."""
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        if g.op == w.op == Op.STATS:
+            gs, ws = unpack_fields(STATS_LAYOUT, g.payload), unpack_fields(STATS_LAYOUT, w.payload)
+            for key in COUNTERS:
+                gs.pop(key), ws.pop(key)
+            assert (g.seq, gs) == (w.seq, ws)
+        else:
+            assert g == w
+    return True
+
+
+def frame(seq, op, payload=b""):
+    return encode_frame(Frame(seq, op, payload))
+
+
+def test_commands_match_the_emulator():
+    rng = np.random.default_rng(1)
+    data = bytes(rng.integers(0, 256, 64, dtype=np.uint8))
+    data = data[:10] + bytes([FLAG, ESC]) + data[12:]          # stuffing both ways
+    wire = [
+        frame(1, Op.PING, b"hello" + bytes([FLAG, ESC, 0])),
+        frame(2, Op.INFO),
+        frame(3, Op.WRITE, pack_fields(WRITE_HEADER, {"addr": 5}) + data),
+        frame(4, Op.READ, pack_fields(READ_ARGS, {"addr": 4, "words": 18})),
+        frame(5, Op.STATS, pack_fields(STATS_ARGS, {"addr": 5, "count": 37})),
+        # errors
+        frame(6, 0x55),
+        frame(7, Op.WRITE, pack_fields(WRITE_HEADER, {"addr": 5}) + data[:5]),
+        frame(8, Op.WRITE, pack_fields(WRITE_HEADER, {"addr": WORDS - 1}) + data[:8]),
+        frame(9, Op.READ, pack_fields(READ_ARGS, {"addr": 0, "words": 0})),
+        frame(10, Op.READ, pack_fields(READ_ARGS, {"addr": WORDS - 2, "words": 3})),
+        frame(11, Op.INFO, b"x"),
+        frame(12, Op.GEMM, b"short"),
+        frame(13, Op.STATS, pack_fields(STATS_ARGS, {"addr": WORDS - 1, "count": 9})),
+        # a retried WRITE (same seq and op) is answered, not redone
+        frame(14, Op.WRITE, pack_fields(WRITE_HEADER, {"addr": 0}) + data[:8]),
+        frame(14, Op.WRITE, pack_fields(WRITE_HEADER, {"addr": 100}) + data[:8]),
+        frame(15, Op.READ, pack_fields(READ_ARGS, {"addr": 100, "words": 2})),
+    ]
+    bad = bytearray(frame(16, Op.PING, b"abc"))
+    bad[3] ^= 0x01
+    wire.append(bytes(bad))                                    # BAD_CRC
+    wire.append(b"\x01\x02" + bytes([FLAG]))                   # garbage: dropped silently
+    wire.append(frame(17, Op.PING, bytes(range(40))))
+    want = FrameDecoder().feed(emulate(wire))
+    replies = FrameDecoder().feed(run_device(wire, replies=len(wire) - 1))
+    assert same_replies(replies, want)
+    ops = [r.op for r in replies]
+    assert ops[5:13] == [Status.UNKNOWN_OP, Status.BAD_LENGTH, Status.OUT_OF_RANGE,
+                         Status.BAD_LENGTH, Status.OUT_OF_RANGE, Status.BAD_LENGTH,
+                         Status.BAD_LENGTH, Status.OUT_OF_RANGE]
+    assert replies[15].payload == bytes(8)          # the retry did not write at 100
+    assert replies[16].op == Status.BAD_CRC and replies[16].seq == 16
+
+
+def test_too_long_frame_and_watchdog():
+    long = bytes([FLAG]) + bytes(MAX_PAYLOAD + 20) + bytes([FLAG])
+    half = frame(2, Op.PING, b"lost")[:-3]
+    wire = [long, half, 3000, frame(3, Op.PING, b"ok")]
+    got = run_device(wire, replies=2, timeout=1000)
+    replies = FrameDecoder().feed(got)
+    assert replies[0].op == Status.BAD_LENGTH
+    assert replies[1] == Frame(3, Op.PING, b"ok")
+
+
+def test_gemm_through_the_device():
+    rng = np.random.default_rng(2)
+    gemm = random_gemm(rng, (Operand.UINT4, Operand.INT4), 5, 9, 6)
+    lane = lane_cfg(OutputPath.RESCALE, m=45000, s=17, relu=1)
+    plan = plan_gemm(gemm, lane, 8, ROWS, COLS, base=3)
+    wire = [frame(1, Op.INFO)]
+    seq = 2
+    for buf, raw in plan.uploads:
+        wire.append(frame(seq, Op.WRITE, pack_fields(WRITE_HEADER, {"addr": buf.addr}) + raw))
+        seq += 1
+    wire.append(frame(seq, Op.GEMM, pack_fields(GEMM_ARGS, plan.cfg)))
+    wire.append(frame(seq + 1, Op.WRITE, pack_fields(WRITE_HEADER, {"addr": 0}) + bytes(4)))
+    wire.append(2000)
+    out = plan.out
+    wire.append(frame(seq + 2, Op.READ, pack_fields(READ_ARGS, {"addr": out.addr,
+                                                               "words": out.words})))
+    got = FrameDecoder().feed(run_device(wire, replies=len(wire) - 1))
+    want = FrameDecoder().feed(emulate([w for w in wire if not isinstance(w, int)]))
+    assert got[-3].op == Op.GEMM
+    assert got[-2].op == Status.BUSY           # the WRITE right after the GEMM
+    assert got[-1] == want[-1]
