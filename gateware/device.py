@@ -321,8 +321,9 @@ class Device(wiring.Component):
                 m.next = "OPBYTE"
 
             with m.State("SEND_RECORD"):  # remember the answer for a retry of this request
-                m.d.sync += [last.eq(Cat(seq, op, status)), last_valid.eq(1), p.eq(0),
-                             q.eq(0), have.eq(0)]
+                # only a success is remembered: a rejected request may be sent again as is
+                m.d.sync += [last.eq(Cat(seq, op, status)), last_valid.eq(~status[7]),
+                             p.eq(0), q.eq(0), have.eq(0)]
                 m.next = "OPBYTE"
 
             with m.State("OPBYTE"):

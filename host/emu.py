@@ -191,7 +191,7 @@ class Emulator:
                 and self._last[:2] == (seq, op)):
             return self._reply(seq, self._last[2])        # a retry: answer, do not redo
         status, reply = self._execute(op, payload)
-        self._last = (seq, op, status)
+        self._last = (seq, op, status) if status < 0x80 else None
         return self._reply(seq, status, reply)
 
     def _execute(self, op, payload):
@@ -253,6 +253,8 @@ class EmuTransport:
     def __init__(self, emulator=None, **kw):
         self.emu = emulator or Emulator(**kw)
         self.timeout = 0
+        #: Replies are complete as soon as ``write`` returns: nothing more will arrive.
+        self.instant = True
 
     def write(self, data):
         self.emu.feed(data)

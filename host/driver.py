@@ -1,0 +1,319 @@
+"""The host driver: one API for a board, the simulated device and the emulator.
+
+``Device.open(url)`` takes
+
+* ``emu://`` (optionally ``emu://?rows=2&cols=4&words=65536``): the golden model in process;
+* ``socket://127.0.0.1:PORT``: the Verilator system model (``nibble sim serve``);
+* a serial port (``/dev/ttyUSB1``, ``COM5``): a board, at its baud rate.
+
+Every request is a frame with a sequence number; the driver waits for the reply with the
+same number, resends on a timeout or a BAD_CRC reply (the device answers a repeated WRITE or
+GEMM without redoing it), waits out BUSY, and raises a :class:`DeviceError` subclass with a
+clear message for every other error reply. A reply is accepted only with a good CRC, so a
+result is either exact or an exception.
+"""
+
+import time
+import urllib.parse
+
+from gateware.protocol import (
+    GEMM_ARGS,
+    INFO_LAYOUT,
+    MAX_PAYLOAD,
+    READ_ARGS,
+    STATS_ARGS,
+    STATS_LAYOUT,
+    WRITE_HEADER,
+    Op,
+    Status,
+    layout_bytes,
+)
+from host.layout import unpack
+from host.link import Frame, FrameDecoder, encode_frame
+from host.packing import pack_fields, unpack_fields
+from host.plan import plan_gemm
+from rtl.formats import OutputPath
+
+__all__ = ["BadCrcError", "BadLengthError", "BusyError", "Device", "DeviceError",
+           "LinkTimeout", "OutOfRangeError", "UnknownOpError", "open_transport"]
+
+#: Default baud rates by board link (the driver's default for serial ports).
+DEFAULT_BAUD = 3_000_000
+
+
+class DeviceError(RuntimeError):
+    """Anything the device or the link refused."""
+
+
+class ReplyError(DeviceError):
+    status = None
+
+
+class BadCrcError(ReplyError):
+    status = Status.BAD_CRC
+
+
+class UnknownOpError(ReplyError):
+    status = Status.UNKNOWN_OP
+
+
+class BadLengthError(ReplyError):
+    status = Status.BAD_LENGTH
+
+
+class OutOfRangeError(ReplyError):
+    status = Status.OUT_OF_RANGE
+
+
+class BusyError(ReplyError):
+    status = Status.BUSY
+
+
+class LinkTimeout(DeviceError):
+    """No valid reply after every retry."""
+
+
+_ERRORS = {cls.status: cls for cls in (BadCrcError, UnknownOpError, BadLengthError,
+                                       OutOfRangeError, BusyError)}
+_MESSAGES = {
+    Status.BAD_CRC: "every copy of the {op} frame reached the device corrupted "
+                    "(bad CRC) after {tries} tries: the link is too noisy",
+    Status.UNKNOWN_OP: "the device does not know opcode {op}: host and bitstream are from "
+                       "different versions",
+    Status.BAD_LENGTH: "the device rejected the length of a {op} frame ({n} payload bytes)",
+    Status.OUT_OF_RANGE: "{op} is out of range for the device (dims, or a buffer beyond its "
+                         "{words} words of tensor memory)",
+    Status.BUSY: "the device is busy with a GEMM and refused {op}",
+}
+
+
+def open_transport(url, baudrate=None, timeout=0.05):
+    """A pyserial-style object for ``url`` (see the module docstring)."""
+    if url.startswith("emu://"):
+        from host.emu import EmuTransport
+        query = urllib.parse.parse_qs(urllib.parse.urlparse(url).query)
+        kw = {k: int(v[0]) for k, v in query.items()}
+        try:
+            return EmuTransport(rows=kw.get("rows", 2), cols=kw.get("cols", 4),
+                                mem_words=kw.get("words", 1 << 16))
+        except ValueError as e:
+            raise DeviceError(f"bad emulator URL {url}: {e}") from e
+    import serial
+    try:
+        return serial.serial_for_url(url, baudrate=baudrate or DEFAULT_BAUD, timeout=timeout)
+    except (serial.SerialException, OSError, ValueError) as e:
+        raise DeviceError(f"cannot open {url}: {e}") from e
+
+
+class Device:
+    """A connected nibble device.
+
+    Attributes after :meth:`open`: ``rows``, ``cols``, ``word_nibbles``, ``mem_words``,
+    ``clk_hz``; link counters ``wire_sent``, ``wire_received`` (bytes on the wire),
+    ``payload_sent``, ``payload_received`` (frame payload bytes), ``resends``.
+    """
+
+    def __init__(self, transport, url="?", timeout=2.0, retries=10, poll=0.0005):
+        self.t = transport
+        self.url = url
+        self.timeout = timeout
+        self.retries = retries
+        self.poll = poll
+        self._seq = int(time.monotonic_ns()) & 0xFF
+        self._dec = FrameDecoder()
+        self.wire_sent = self.wire_received = 0
+        self.payload_sent = self.payload_received = 0
+        self.resends = 0
+        self.info = None
+
+    @classmethod
+    def open(cls, url, baudrate=None, timeout=None, retries=10, wrap=None):
+        """Open ``url`` and read the device's INFO; ``wrap`` wraps the transport (tests use
+        it to inject faults)."""
+        transport = open_transport(url, baudrate)
+        if wrap is not None:
+            transport = wrap(transport)
+        if timeout is None:
+            timeout = 0.2 if url.startswith("emu://") else 2.0
+        dev = cls(transport, url, timeout=timeout, retries=retries)
+        try:
+            dev.info = unpack_fields(INFO_LAYOUT, dev.request(Op.INFO))
+        except LinkTimeout as e:
+            dev.close()
+            raise LinkTimeout(f"no answer from {url}: is the device there, and is it a "
+                              f"nibble bitstream? ({e})") from None
+        dev.rows, dev.cols = dev.info["rows"], dev.info["cols"]
+        dev.word_nibbles = dev.info["word_nibbles"]
+        dev.mem_words = dev.info["mem_words"]
+        dev.clk_hz = dev.info["clk_hz"]
+        return dev
+
+    def close(self):
+        self.t.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- requests -------------------------------------------------------------------------
+    def _next_seq(self):
+        self._seq = (self._seq + 1) & 0xFF
+        return self._seq
+
+    def _await(self, seq, deadline):
+        """The reply frame numbered ``seq``, or None at the deadline."""
+        instant = getattr(self.t, "instant", False)
+        while True:
+            chunk = self.t.read(max(1, getattr(self.t, "in_waiting", 0) or 1))
+            if chunk:
+                self.wire_received += len(chunk)
+                for frame in self._dec.feed(chunk):
+                    if frame.seq == seq:
+                        return frame
+            elif instant or time.monotonic() > deadline:
+                return None
+
+    def request(self, op, payload=b"", wait_busy=True):
+        """Send one request; returns the reply payload or raises."""
+        payload = bytes(payload)
+        seq = self._next_seq()
+        wire = encode_frame(Frame(seq, op, payload))
+        bad_crc = 0
+        tries = 0
+        while True:
+            tries += 1
+            if tries > self.retries + 1:
+                raise LinkTimeout(f"no valid reply to {Op(op).name} from {self.url} after "
+                                  f"{tries - 1} tries of {self.timeout:g} s")
+            if tries > 1:
+                self.resends += 1
+            self.t.write(wire)
+            self.wire_sent += len(wire)
+            reply = self._await(seq, time.monotonic() + self.timeout)
+            if reply is None:
+                continue
+            if reply.op == Status.BAD_CRC:
+                bad_crc += 1
+                if bad_crc <= self.retries:
+                    continue
+            if reply.op == Status.BUSY and wait_busy:
+                time.sleep(self.poll)
+                seq = self._next_seq()                       # a new request, not a retry
+                wire = encode_frame(Frame(seq, op, payload))
+                tries = 0
+                continue
+            if reply.op >= 0x80:
+                status = Status(reply.op) if reply.op in set(Status) else None
+                if status is None:
+                    raise DeviceError(f"unknown error reply 0x{reply.op:02x} to "
+                                      f"{Op(op).name}")
+                msg = _MESSAGES[status].format(op=_op_name(op), tries=tries, n=len(payload),
+                                               words=getattr(self, "mem_words", "?"))
+                raise _ERRORS[status](msg)
+            if reply.op != op:
+                raise DeviceError(f"reply opcode 0x{reply.op:02x} to {_op_name(op)}")
+            self.payload_sent += len(payload)
+            self.payload_received += len(reply.payload)
+            return reply.payload
+
+    # -- commands -------------------------------------------------------------------------
+    @property
+    def word_bytes(self):
+        return self.word_nibbles // 2
+
+    def ping(self, payload=b""):
+        return self.request(Op.PING, payload)
+
+    def write(self, addr, data):
+        """Write whole words from word ``addr`` on (several frames if needed)."""
+        data = bytes(data)
+        wb = self.word_bytes
+        if len(data) % wb:
+            raise ValueError(f"write of {len(data)} bytes is not whole {wb}-byte words")
+        if addr < 0 or addr + len(data) // wb > self.mem_words:
+            raise OutOfRangeError(f"write of {len(data) // wb} words at {addr} exceeds the "
+                                  f"device's {self.mem_words} words")
+        hb = layout_bytes(WRITE_HEADER)
+        step = (MAX_PAYLOAD - hb) // wb * wb
+        for off in range(0, len(data), step):
+            chunk = data[off:off + step]
+            self.request(Op.WRITE, pack_fields(WRITE_HEADER, {"addr": addr + off // wb})
+                         + chunk)
+
+    def read(self, addr, words):
+        """Read ``words`` words from word ``addr`` on."""
+        wb = self.word_bytes
+        if addr < 0 or addr + words > self.mem_words:
+            raise OutOfRangeError(f"read of {words} words at {addr} exceeds the device's "
+                                  f"{self.mem_words} words")
+        out = bytearray()
+        step = MAX_PAYLOAD // wb
+        for off in range(0, words, step):
+            n = min(step, words - off)
+            out += self.request(Op.READ, pack_fields(READ_ARGS, {"addr": addr + off,
+                                                                 "words": n}))
+        return bytes(out)
+
+    def stats(self, addr=None, count=None):
+        """The device statistics (STATS_LAYOUT fields); with ``addr, count`` also the sums
+        of |c| and c^2 over that many INT4 codes."""
+        payload = b"" if addr is None else pack_fields(STATS_ARGS, {"addr": addr,
+                                                                    "count": count})
+        return unpack_fields(STATS_LAYOUT, self.request(Op.STATS, payload))
+
+    def gemm(self, cfg, wait=True):
+        """Start a GEMM (GEMM_ARGS values); with ``wait``, return its STATS when done."""
+        self.request(Op.GEMM, pack_fields(GEMM_ARGS, cfg))
+        return self.wait() if wait else None
+
+    def wait(self):
+        """Poll until the engine is idle; returns the STATS."""
+        while True:
+            stats = self.stats()
+            if not stats["busy"]:
+                return stats
+            time.sleep(self.poll)
+
+    # -- tensors --------------------------------------------------------------------------
+    def upload(self, buf, raw):
+        self.write(buf.addr, raw)
+
+    def download(self, buf, signed_bits=None):
+        raw = self.read(buf.addr, buf.words)
+        return unpack(raw, buf.rows, buf.elems, buf.elem_nibbles, self.word_nibbles,
+                      buf.stride, signed_bits)
+
+    def matmul(self, gemm, lane, mask=None, a_pair=None, base=0):
+        """One GEMM on arbitrary shapes: upload the operands, run, download the result.
+
+        Returns ``(result, stats)``: RAW ints, RESCALE codes (INT4 signed when
+        ``out_signed``), or for LOG4 a pair of FP4 code arrays (phase 0, phase 1), each
+        M x N."""
+        plan = plan_gemm(gemm, lane, self.word_nibbles, self.rows, self.cols, base=base,
+                         mask_codes=mask, a_pair=a_pair)
+        end = max(b.end for b in (plan.a, plan.b, plan.out, plan.mask) if b is not None)
+        if end > self.mem_words:
+            raise OutOfRangeError(
+                f"a {gemm.shape[0]}x{gemm.shape[1]}x{gemm.shape[2]} GEMM needs {end} words "
+                f"of tensor memory; {self.url} has {self.mem_words}")
+        for buf, raw in plan.uploads:
+            self.upload(buf, raw)
+        stats = self.gemm(plan.cfg)
+        path = OutputPath(lane["path"])
+        signed = {OutputPath.RAW: 32,
+                  OutputPath.RESCALE: 4 if lane["rescale"]["out_signed"] else None,
+                  OutputPath.LOG4: None}[path]
+        out = self.download(plan.out, signed).T
+        if path is OutputPath.LOG4:
+            return (out & 0xF, out >> 4), stats
+        return out, stats
+
+
+def _op_name(op):
+    try:
+        return Op(op).name
+    except ValueError:
+        return f"0x{op:02x}"
+

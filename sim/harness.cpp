@@ -1,0 +1,135 @@
+// The Verilator system model's harness: the device's byte streams on a TCP socket.
+//
+// Usage: Vnibble_device PORT   (PORT 0 picks a free one; the first stdout line is
+// "listening on PORT"). One client at a time; the device keeps its state between clients,
+// like a board between host programs. While the device is idle and no byte is waiting the
+// harness sleeps in poll(), so an idle model costs no CPU; otherwise it clocks the model and
+// services the socket every SERVICE cycles. On SIGINT/SIGTERM it prints the clocked cycles
+// and the rate to stderr.
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "Vnibble_device.h"
+#include "verilated.h"
+
+static volatile sig_atomic_t stop = 0;
+static void on_signal(int) { stop = 1; }
+
+static const int SERVICE = 2048;  // cycles between socket services while busy
+
+int main(int argc, char **argv) {
+    int port = argc > 1 ? atoi(argv[1]) : 0;
+    signal(SIGINT, on_signal);
+    signal(SIGTERM, on_signal);
+    signal(SIGPIPE, SIG_IGN);
+
+    int lsock = socket(AF_INET, SOCK_STREAM, 0);
+    int one = 1;
+    setsockopt(lsock, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    addr.sin_port = htons(port);
+    if (bind(lsock, (sockaddr *)&addr, sizeof addr) || listen(lsock, 1)) {
+        perror("nibble sim: bind/listen");
+        return 2;
+    }
+    socklen_t len = sizeof addr;
+    getsockname(lsock, (sockaddr *)&addr, &len);
+    printf("listening on %d\n", ntohs(addr.sin_port));
+    fflush(stdout);
+
+    auto *ctx = new VerilatedContext;
+    auto *top = new Vnibble_device{ctx};
+    top->clk = 0;
+    top->rst = 1;
+    for (int i = 0; i < 4; i++) {
+        top->clk = !top->clk;
+        top->eval();
+    }
+    top->rst = 0;
+    top->tx_ready = 1;
+
+    std::vector<unsigned char> rx, tx;
+    size_t rx_pos = 0;
+    unsigned long long cycles = 0;
+    double busy_seconds = 0;
+    int client = -1;
+    unsigned char buf[65536];
+
+    while (!stop) {
+        if (client < 0) {
+            pollfd p{lsock, POLLIN, 0};
+            if (poll(&p, 1, 200) <= 0) continue;
+            client = accept(lsock, nullptr, nullptr);
+            if (client < 0) continue;
+            setsockopt(client, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+            rx.clear();
+            rx_pos = 0;
+            tx.clear();
+        }
+        // Service the socket: send what the device sent, take what the host sent. Block
+        // only when the device has nothing to do.
+        bool idle = top->idle && rx_pos == rx.size();
+        if (!tx.empty()) {
+            ssize_t n = send(client, tx.data(), tx.size(), MSG_DONTWAIT);
+            if (n > 0) tx.erase(tx.begin(), tx.begin() + n);
+        }
+        pollfd p{client, POLLIN, 0};
+        int ready = poll(&p, 1, idle && tx.empty() ? 200 : 0);
+        if (ready > 0) {
+            ssize_t n = recv(client, buf, sizeof buf, MSG_DONTWAIT);
+            if (n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK)) {
+                close(client);
+                client = -1;
+                continue;
+            }
+            if (n > 0) {
+                if (rx_pos == rx.size()) {
+                    rx.clear();
+                    rx_pos = 0;
+                }
+                rx.insert(rx.end(), buf, buf + n);
+            }
+        }
+        if (idle && rx_pos == rx.size() && tx.empty()) continue;
+
+        auto t0 = std::chrono::steady_clock::now();
+        for (int k = 0; k < SERVICE; k++) {
+            bool have = rx_pos < rx.size();
+            top->rx_valid = have;
+            if (have) top->rx_data = rx[rx_pos];
+            top->clk = 0;
+            top->eval();
+            bool take = have && top->rx_ready;
+            bool give = top->tx_valid;
+            unsigned char out = top->tx_data;
+            top->clk = 1;
+            top->eval();
+            cycles++;
+            if (take) rx_pos++;
+            if (give) tx.push_back(out);
+        }
+        busy_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0)
+                            .count();
+    }
+    fprintf(stderr, "nibble sim: %llu cycles in %.3f s clocked (%.0f cycles/s)\n", cycles,
+            busy_seconds, busy_seconds > 0 ? cycles / busy_seconds : 0.0);
+    top->final();
+    delete top;
+    delete ctx;
+    return 0;
+}

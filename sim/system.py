@@ -1,0 +1,112 @@
+"""The full-system simulation: the real device top on Verilator, served on a TCP socket.
+
+``nibble sim serve`` (``make serve``) builds the model once per source hash into
+``build/simdev/<hash>/`` and serves it; the host then opens
+``socket://127.0.0.1:PORT`` with the same driver code as a board's serial port. The model is
+:class:`gateware.device.Device`, the board tops' core, at its byte-stream port (the UART PHY,
+which only serializes those bytes, has its own tests and a cocotb test of the top through its
+pins).
+"""
+
+import hashlib
+import os
+import re
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from amaranth.back import verilog
+
+from sim.runner import WAIVED, _env, verilator_bin
+
+ROOT = Path(__file__).resolve().parent.parent
+HARNESS = Path(__file__).with_name("harness.cpp")
+TOP = "nibble_device"
+
+#: Verilator warnings waived on the system model: the unit waivers, and FSM ``case``
+#: statements that leave the unused state encodings to their default.
+SYSTEM_WAIVED = [*WAIVED, "CASEINCOMPLETE"]
+
+#: The simulated device's default configuration (the iCEBreaker's array, a roomy memory).
+DEFAULTS = {"rows": 2, "cols": 4, "words": 1 << 16, "clk_hz": 36_000_000}
+
+
+def build(rows=DEFAULTS["rows"], cols=DEFAULTS["cols"], words=DEFAULTS["words"],
+          clk_hz=DEFAULTS["clk_hz"], quiet=True):
+    """Build the model (cached by a hash of the Verilog, the harness and the flags);
+    returns the executable."""
+    top, ports = _top(rows, cols, words, clk_hz)
+    text = verilog.convert(top, name=TOP, ports=ports)
+    # Amaranth spells out the zero initial value of every memory word (three copies of the
+    # tensor memory: hundreds of thousands of lines that only slow the C++ compiler down);
+    # --x-initial 0 gives the same zeros.
+    text = re.sub(r"^ *\w+\[\d+\] = \d+'d0;\n", "", text, flags=re.M)
+    flags = ["-O3", "--x-assign", "fast", "--x-initial", "0", "--noassert",
+             *[f"-Wno-{w}" for w in SYSTEM_WAIVED]]
+    key = hashlib.sha256("\0".join([text, HARNESS.read_text(), *flags]).encode()).hexdigest()
+    out = ROOT / "build" / "simdev" / key[:16]
+    exe = out / "obj" / f"V{TOP}"
+    if exe.exists():
+        return exe
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{TOP}.v").write_text(text)
+    env = _env()
+    env["MAKEFLAGS"] = "CFG_CXXFLAGS_PCH_I=-include"
+    cmd = [str(verilator_bin() / "verilator"), "--cc", "--exe", "--build", "-j",
+           str(os.cpu_count() or 2), *flags, "--top-module", TOP, "-Mdir", str(out / "obj"),
+           "-CFLAGS", "-O3 -march=native", str(out / f"{TOP}.v"), str(HARNESS)]
+    if not quiet:
+        print(f"building the system model in {out} (once per source change) ...", flush=True)
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        raise RuntimeError(f"verilator build failed:\n{proc.stdout[-3000:]}\n"
+                           f"{proc.stderr[-3000:]}")
+    (out / "build.log").write_text(f"{time.monotonic() - t0:.1f} s\n{proc.stdout}")
+    return exe
+
+
+def _top(rows, cols, words, clk_hz):
+    """The device with plainly named ports for the harness."""
+    from amaranth.hdl import Module, Signal
+
+    from gateware.device import Device
+    m = Module()
+    m.submodules.device = dev = Device(rows, cols, words, clk_hz=clk_hz)
+    ports = {name: Signal(width, name=name) for name, width in
+             [("rx_data", 8), ("rx_valid", 1), ("rx_ready", 1), ("tx_data", 8),
+              ("tx_valid", 1), ("tx_ready", 1), ("idle", 1)]}
+    m.d.comb += [
+        dev.i.payload.eq(ports["rx_data"]), dev.i.valid.eq(ports["rx_valid"]),
+        ports["rx_ready"].eq(dev.i.ready),
+        ports["tx_data"].eq(dev.o.payload), ports["tx_valid"].eq(dev.o.valid),
+        dev.o.ready.eq(ports["tx_ready"]), ports["idle"].eq(dev.idle),
+    ]
+    return m, list(ports.values())
+
+
+@contextmanager
+def serve(port=0, **config):
+    """Run the model; yields its ``socket://`` URL and stops it on exit."""
+    exe = build(**config)
+    proc = subprocess.Popen([str(exe), str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        match = re.match(r"listening on (\d+)", line)
+        if not match:
+            raise RuntimeError(f"the system model did not start: {line!r} "
+                               f"{proc.stderr.read() if proc.poll() is not None else ''}")
+        yield f"socket://127.0.0.1:{match.group(1)}"
+    finally:
+        proc.terminate()
+        try:
+            _, err = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+        serve.last_report = err.strip()
+
+
+serve.last_report = ""
