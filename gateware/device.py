@@ -138,8 +138,9 @@ class Device(wiring.Component):
         sum_abs = Signal(32)
         sum_sq = Signal(32)
         n_reply = Signal(range(BUFFER_BYTES + 1))     # reply body bytes (seq, op, payload)
-        fill = Signal(8 * max(layout_bytes(STATS_LAYOUT), layout_bytes(INFO_LAYOUT)))
-        fill_len = Signal(range(len(fill) // 8 + 1))
+        fill_info = Signal()                          # FILL writes INFO (else STATS)
+        fill_len = Signal(range(max(layout_bytes(STATS_LAYOUT), layout_bytes(INFO_LAYOUT)) + 1))
+        cycles_at = Signal(32)                        # `cycles` when the STATS began
 
         write_addr = args[:24]
         write_words = (plen - layout_bytes(WRITE_HEADER)) >> (wb.bit_length() - 1)
@@ -154,7 +155,7 @@ class Device(wiring.Component):
         stats = Signal(STATS_LAYOUT)
         m.d.comb += [stats.busy.eq(engine.busy), stats.absmax.eq(engine.absmax),
                      stats.gemm_cycles.eq(engine.cycles), stats.beats.eq(engine.beats),
-                     stats.cycles.eq(cycles), stats.sum_abs.eq(sum_abs),
+                     stats.cycles.eq(cycles_at), stats.sum_abs.eq(sum_abs),
                      stats.sum_sq.eq(sum_sq), stats.rx_errors.eq(rx.errors)]
 
         m.d.comb += [fb_rd.en.eq(1), tx.i.payload.data.eq(fb_rd.data)]
@@ -167,7 +168,7 @@ class Device(wiring.Component):
 
         with m.FSM():
             with m.State("IDLE"):
-                m.d.comb += self.idle.eq(~rx.in_frame & ~engine.busy & ~tx.busy)
+                m.d.comb += self.idle.eq(~rx.in_frame & ~rx.frame & ~engine.busy & ~tx.busy)
                 with m.If(rx.frame):
                     m.d.sync += [length.eq(rx.length), p.eq(0), have.eq(0)]
                     with m.If(rx.status == RxStatus.OK):
@@ -187,7 +188,7 @@ class Device(wiring.Component):
                         m.d.sync += seq.eq(fb_rd.data)
                     with m.Elif(p == 2):
                         m.d.sync += op.eq(fb_rd.data)
-                    with m.Else():
+                    with m.Elif(~engine.busy):       # a running GEMM reads args
                         m.d.sync += args.eq(Cat(args[8:], fb_rd.data))
                 with m.If(p == HEADER_BYTES + ARGS_BYTES):
                     m.next = "DISPATCH"
@@ -209,7 +210,7 @@ class Device(wiring.Component):
                     with m.If(plen != 0):
                         reply(m, Status.BAD_LENGTH)
                     with m.Else():
-                        m.d.sync += [fill.eq(info.as_value()), status.eq(op),
+                        m.d.sync += [fill_info.eq(1), status.eq(op),
                                      fill_len.eq(layout_bytes(INFO_LAYOUT))]
                         m.next = "FILL"
                 with m.Elif(op == Op.WRITE):
@@ -300,14 +301,15 @@ class Device(wiring.Component):
                     m.next = "STATS"
 
             with m.State("STATS"):
-                m.d.sync += [fill.eq(stats.as_value()), fill_len.eq(layout_bytes(STATS_LAYOUT)),
+                m.d.sync += [fill_info.eq(0), fill_len.eq(layout_bytes(STATS_LAYOUT)),
                              status.eq(Op.STATS), q.eq(0)]
                 m.next = "FILL"
 
             with m.State("FILL"):         # a register reply into the buffer
-                m.d.comb += [d_fb_en.eq(1), d_fb_addr.eq(HEADER_BYTES + q),
-                             d_fb_data.eq(fill[:8])]
-                m.d.sync += [fill.eq(fill >> 8), q.eq(q + 1)]
+                byte = Mux(fill_info, info.as_value().word_select(q[:5], 8),
+                           stats.as_value().word_select(q[:5], 8))
+                m.d.comb += [d_fb_en.eq(1), d_fb_addr.eq(HEADER_BYTES + q), d_fb_data.eq(byte)]
+                m.d.sync += q.eq(q + 1)
                 with m.If(q == fill_len - 1):
                     m.d.sync += n_reply.eq(HEADER_BYTES + fill_len)
                     m.next = "SEND_RECORD"

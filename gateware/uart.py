@@ -1,7 +1,11 @@
 """UART PHY: 8N1 transmitter and receiver as byte streams, baud rate as a parameter.
 
-``divisor = round(clk_hz / baud)`` clock cycles per bit (at least 4): 12 Mbaud from a 48 MHz
-clock is 4, 3 Mbaud from 48 MHz is 16. The receiver samples the middle of each bit after a
+``divisor = round(clk_hz / baud)`` clock cycles per bit (at least 3): 12 Mbaud from a 36 MHz
+clock is 3, 3 Mbaud from 45 MHz is 15. At 3 the receiver samples each bit one cycle after
+its middle or at it, so both ends' clocks must be exact multiples of the baud rate (the
+FT2232H's 12 Mbaud is 120 MHz / 10; the iCEBreaker's 36 MHz is its 12 MHz crystal x 3).
+
+The receiver samples the middle of each bit after a
 two-flop synchronizer, drops a byte whose stop bit is low (counted in ``framing_errors``),
 and never blocks: a byte that arrives while its output is full is dropped and counted in
 ``overruns``; the framing layer above retries.
@@ -16,10 +20,10 @@ __all__ = ["UARTRx", "UARTTx", "divisor_for"]
 
 
 def divisor_for(clk_hz, baud):
-    """Clock cycles per bit; raises if the rate error exceeds 2% or the divisor is < 4."""
+    """Clock cycles per bit; raises if the rate error exceeds 2% or the divisor is < 3."""
     div = round(clk_hz / baud)
-    if div < 4:
-        raise ValueError(f"{baud} baud needs at least 4 clocks per bit at {clk_hz} Hz")
+    if div < 3:
+        raise ValueError(f"{baud} baud needs at least 3 clocks per bit at {clk_hz} Hz")
     err = abs(clk_hz / div - baud) / baud
     if err > 0.02:
         raise ValueError(f"{baud} baud from {clk_hz} Hz is off by {100 * err:.1f}%")
@@ -76,8 +80,8 @@ class UARTRx(wiring.Component):
     """
 
     def __init__(self, divisor):
-        if divisor < 4:
-            raise ValueError("divisor must be at least 4")
+        if divisor < 3:
+            raise ValueError("divisor must be at least 3")
         self.divisor = divisor
         super().__init__({
             "rx": In(1, init=1),

@@ -87,7 +87,7 @@ _MESSAGES = {
 }
 
 
-def open_transport(url, baudrate=None, timeout=0.05):
+def open_transport(url, baudrate=None, timeout=0.002):
     """A pyserial-style object for ``url`` (see the module docstring)."""
     if url.startswith("emu://"):
         from host.emu import EmuTransport
@@ -110,7 +110,8 @@ class Device:
 
     Attributes after :meth:`open`: ``rows``, ``cols``, ``word_nibbles``, ``mem_words``,
     ``clk_hz``; link counters ``wire_sent``, ``wire_received`` (bytes on the wire),
-    ``payload_sent``, ``payload_received`` (frame payload bytes), ``resends``.
+    ``payload_sent``, ``payload_received`` (frame payload bytes), ``frames_sent``,
+    ``resends``.
     """
 
     def __init__(self, transport, url="?", timeout=2.0, retries=10, poll=0.0005):
@@ -124,6 +125,7 @@ class Device:
         self.wire_sent = self.wire_received = 0
         self.payload_sent = self.payload_received = 0
         self.resends = 0
+        self.frames_sent = 0
         self.info = None
 
     @classmethod
@@ -166,7 +168,8 @@ class Device:
         """The reply frame numbered ``seq``, or None at the deadline."""
         instant = getattr(self.t, "instant", False)
         while True:
-            chunk = self.t.read(max(1, getattr(self.t, "in_waiting", 0) or 1))
+            # a short read timeout on the transport: returns what arrived within it
+            chunk = self.t.read(4096)
             if chunk:
                 self.wire_received += len(chunk)
                 for frame in self._dec.feed(chunk):
@@ -191,6 +194,7 @@ class Device:
                 self.resends += 1
             self.t.write(wire)
             self.wire_sent += len(wire)
+            self.frames_sent += 1
             reply = self._await(seq, time.monotonic() + self.timeout)
             if reply is None:
                 continue

@@ -9,7 +9,6 @@ byte like the gateware, so the driver's framing, retries and error handling run 
 import numpy as np
 
 from gateware.protocol import (
-    CRC,
     CRC_BYTES,
     ESC,
     ESC_XOR,
@@ -29,6 +28,7 @@ from gateware.protocol import (
 )
 from host.golden import golden_acc, golden_lane
 from host.layout import row_words, unpack
+from host.link import crc32
 from host.packing import pack_fields, unpack_fields
 from host.tiling import Gemm
 from rtl.engine import element_nibbles, word_nibbles
@@ -64,6 +64,8 @@ def gemm_check(cfg, rows, cols, mem_words):
         return False
     if path > OutputPath.LOG4 or lane["log4"]["mask"] > MaskMode.PACT:
         return False
+    if path == OutputPath.RESCALE and cfg["operands"]["a_fp4"]:
+        return False            # RESCALE takes forward (non-FP4) accumulators only
     ea = 2 if cfg["a_pair"] else 1
     eo = element_nibbles(path)
     m_pad = -(-cfg["m"] // rows) * rows
@@ -166,7 +168,7 @@ class Emulator:
 
     def _reply(self, seq, op, payload=b""):
         body = bytes([seq, op]) + payload
-        body += CRC.compute(body).to_bytes(CRC_BYTES, "little")
+        body += crc32(body).to_bytes(CRC_BYTES, "little")
         self.out.append(FLAG)
         for byte in body:
             if byte in (FLAG, ESC):
@@ -175,16 +177,19 @@ class Emulator:
                 self.out.append(byte)
         self.out.append(FLAG)
 
+    def _error(self):
+        self.rx_errors = min(self.rx_errors + 1, 0xFFFF)        # saturating, as in the RTL
+
     def _frame(self):
         body = bytes(self._body)
         if self._overflow:
-            self.rx_errors += 1
+            self._error()
             return self._reply(body[0], Status.BAD_LENGTH)
         if len(body) < HEADER_BYTES + CRC_BYTES:
-            self.rx_errors += 1
+            self._error()
             return None
-        if CRC.compute(body[:-CRC_BYTES]) != int.from_bytes(body[-CRC_BYTES:], "little"):
-            self.rx_errors += 1
+        if crc32(body[:-CRC_BYTES]) != int.from_bytes(body[-CRC_BYTES:], "little"):
+            self._error()
             return self._reply(body[0], Status.BAD_CRC)
         seq, op, payload = body[0], body[1], body[HEADER_BYTES:-CRC_BYTES]
         if (op in (Op.WRITE, Op.GEMM) and self._last is not None

@@ -3,12 +3,20 @@
 The wire format is defined once, in :mod:`gateware.protocol`.
 """
 
+import zlib
 from dataclasses import dataclass
 
-from gateware.protocol import CRC, CRC_BYTES, ESC, ESC_XOR, FLAG, HEADER_BYTES, MAX_PAYLOAD
+from gateware.protocol import CRC_BYTES, ESC, ESC_XOR, FLAG, HEADER_BYTES, MAX_PAYLOAD
 
-__all__ = ["Frame", "FrameDecoder", "LinkError", "decode_body", "encode_frame", "stuff",
-           "unstuff"]
+__all__ = ["Frame", "FrameDecoder", "LinkError", "crc32", "decode_body", "encode_frame",
+           "stuff", "unstuff"]
+
+
+def crc32(data):
+    """The frame CRC (:data:`gateware.protocol.CRC`, CRC-32/ISO-HDLC), computed by zlib:
+    the same function, a thousand times faster than the bit-level reference (a test checks
+    that they agree)."""
+    return zlib.crc32(data)
 
 
 class LinkError(ValueError):
@@ -62,7 +70,7 @@ def encode_frame(frame):
     if len(frame.payload) > MAX_PAYLOAD:
         raise LinkError(f"payload of {len(frame.payload)} bytes exceeds {MAX_PAYLOAD}")
     body = bytes([frame.seq, frame.op]) + bytes(frame.payload)
-    body += CRC.compute(body).to_bytes(CRC_BYTES, "little")
+    body += crc32(body).to_bytes(CRC_BYTES, "little")
     return bytes([FLAG]) + stuff(body) + bytes([FLAG])
 
 
@@ -74,7 +82,7 @@ def decode_body(encoded):
     if len(body) > HEADER_BYTES + MAX_PAYLOAD + CRC_BYTES:
         raise LinkError(f"frame of {len(body)} bytes is too long")
     data, check = body[:-CRC_BYTES], body[-CRC_BYTES:]
-    if CRC.compute(data) != int.from_bytes(check, "little"):
+    if crc32(data) != int.from_bytes(check, "little"):
         raise LinkError("bad CRC")
     return Frame(data[0], data[1], bytes(data[2:]))
 

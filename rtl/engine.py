@@ -27,7 +27,7 @@ Engine
     than C beats.
 """
 
-from amaranth.hdl import Cat, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Array, Cat, Module, Mux, Signal, Value, signed, unsigned
 from amaranth.lib import data, memory, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -109,7 +109,8 @@ class GemmEngine(wiring.Component):
     Ports
     -----
     cfg : In(GEMM_CFG)
-        Sampled on ``start``.
+        Read from ``start`` until ``busy`` falls: hold it constant meanwhile (the command
+        decoder does; a second copy would cost 250 flip-flops).
     start : In(1)
         Pulse while ``busy`` is low: check ``cfg``, then run it if it is in range.
     checked : Out(1)
@@ -151,14 +152,19 @@ class GemmEngine(wiring.Component):
 
     # -- the range check ----------------------------------------------------------------
     def _check(self, m, cfg, go, done, ok):
-        """A sequential check (no multipliers): every buffer's last touched word is inside
-        the memory, found by adding the stride once per row."""
+        """A sequential check with one adder (no multipliers): buffer by buffer, the last
+        word each touches is found by adding its stride once per row, and must lie inside
+        the memory. Takes ``2 L + 2 N + 4`` cycles at most."""
         R, C, NIB = self.rows, self.cols, self.nib
         lnib = NIB.bit_length() - 1
-        ext_bits = ADDR + DIM + STRIDE + 2
-        ea = Mux(cfg.a_pair, 2, 1)
+        aw = self.mem_words.bit_length() - 1
+        # `end` stops growing once its top bit is set (past any memory), so it never wraps
+        width = max(aw, DIM + 1) + 2
         path = cfg.lane.path
-        eo = Mux(path == OutputPath.RAW, 8, Mux(path == OutputPath.LOG4, 2, 1))
+        # element sizes are powers of two: shifts, not multipliers
+        out_nibbles = Signal(DIM + 3)
+        m.d.comb += out_nibbles.eq(Mux(path == OutputPath.RAW, cfg.m << 3,
+                                       Mux(path == OutputPath.LOG4, cfg.m << 1, cfg.m)))
         m_pad = Signal(DIM + 1)
         n_pad = Signal(DIM + 1)
         m.d.comb += [m_pad.eq((cfg.m + R - 1) & ~(R - 1)), n_pad.eq((cfg.n + C - 1) & ~(C - 1))]
@@ -167,44 +173,58 @@ class GemmEngine(wiring.Component):
             return (nibbles + NIB - 1) >> lnib
 
         bufs = [  # (addr, stride, rows, words per row, used)
-            (cfg.a_addr, cfg.a_stride, cfg.l, words(m_pad * ea), 1),
+            (cfg.a_addr, cfg.a_stride, cfg.l, words(m_pad << cfg.a_pair), 1),
             (cfg.b_addr, cfg.b_stride, cfg.l, words(n_pad), 1),
-            (cfg.out_addr, cfg.out_stride, cfg.n, words(cfg.m * eo), 1),
+            (cfg.out_addr, cfg.out_stride, cfg.n, words(out_nibbles), 1),
             (cfg.mask_addr, cfg.mask_stride, cfg.n, words(m_pad),
              (path == OutputPath.LOG4) & (cfg.lane.log4.mask != MaskMode.NONE)),
         ]
+        idx = Signal(range(len(bufs)))
+        addr = Array(b[0] for b in bufs)[idx]
+        stride = Array(b[1] for b in bufs)[idx]
+        rows = Array(b[2] for b in bufs)[idx]
+        row_words = Array(b[3] for b in bufs)[idx]
+        used = Array(Value.cast(b[4]) for b in bufs)[idx]
         count = Signal(DIM)
-        ends = [Signal(ext_bits, name=f"end{i}") for i in range(len(bufs))]
-        running = Signal()
+        end = Signal(width)
+        bad = Signal()
+        # RESCALE takes forward accumulators (RESCALE_IN_BITS): not an FP4 GEMM's
         dims_ok = ((cfg.m != 0) & (cfg.n != 0) & (cfg.l != 0) & (cfg.l <= MAX_REDUCTION)
-                   & (path <= OutputPath.LOG4) & (cfg.lane.log4.mask <= MaskMode.PACT))
+                   & (path <= OutputPath.LOG4) & (cfg.lane.log4.mask <= MaskMode.PACT)
+                   & ~((path == OutputPath.RESCALE) & cfg.operands.a_fp4))
         # result rows must not overlap: the stride covers a row
-        rows_ok = (cfg.out_stride << lnib) >= cfg.m * eo
-        m.d.comb += [done.eq(0)]
-        with m.If(go):
-            m.d.sync += [running.eq(1), count.eq(0)]
-            m.d.sync += [e.eq(b[0] + b[3]) for e, b in zip(ends, bufs, strict=True)]
-        with m.Elif(running):
-            more = Signal()
-            m.d.comb += more.eq(0)
-            for e, (_, stride, rows, _, _) in zip(ends, bufs, strict=True):
-                with m.If(count + 1 < rows):
-                    m.d.sync += e.eq(e + stride)
-                    m.d.comb += more.eq(1)
-            m.d.sync += count.eq(count + 1)
-            with m.If(~more):
-                m.d.sync += running.eq(0)
-                m.d.comb += done.eq(1)
-                inside = [~b[4] | (e <= self.mem_words) for e, b in zip(ends, bufs, strict=True)]
-                m.d.comb += ok.eq(dims_ok & rows_ok & Cat(*inside).all())
+        rows_ok = (cfg.out_stride << lnib) >= out_nibbles
+        m.d.comb += done.eq(0)
+        with m.FSM():
+            with m.State("IDLE"):
+                with m.If(go):
+                    m.d.sync += [idx.eq(0), bad.eq(~dims_ok | ~rows_ok)]
+                    m.next = "START"
+            with m.State("START"):
+                m.d.sync += [end.eq(addr[:width - 1] + row_words), count.eq(1),
+                             bad.eq(bad | (used & (addr >= self.mem_words)))]
+                m.next = "ROWS"
+            with m.State("ROWS"):
+                with m.If((count < rows) & ~end[-1]):
+                    m.d.sync += [end.eq(end + stride), count.eq(count + 1)]
+                with m.Else():
+                    fail = used & (end > self.mem_words)
+                    m.d.sync += [bad.eq(bad | fail), idx.eq(idx + 1)]
+                    with m.If(idx == len(bufs) - 1):
+                        m.d.comb += [done.eq(1), ok.eq(~bad & ~fail)]
+                        m.next = "IDLE"
+                    with m.Else():
+                        m.next = "START"
+
 
     def elaborate(self, platform):
         m = Module()
         R, C, NIB = self.rows, self.cols, self.nib
         lnib = NIB.bit_length() - 1
         lr = R.bit_length() - 1
+        aw = self.mem_words.bit_length() - 1
         m.submodules.dp = dp = Datapath(R, C)
-        cfg = Signal(GEMM_CFG)
+        cfg = self.cfg
         m.d.comb += [dp.cfg.operands.eq(cfg.operands), dp.cfg.lane.eq(cfg.lane),
                      self.absmax.eq(dp.absmax)]
 
@@ -214,7 +234,7 @@ class GemmEngine(wiring.Component):
         run = Signal()            # beats still to issue
         lanes_done = Signal()
         with m.If(self.start & ~self.busy):
-            m.d.sync += [cfg.eq(self.cfg), self.busy.eq(1), check_go.eq(1)]
+            m.d.sync += [self.busy.eq(1), check_go.eq(1)]
         with m.Else():
             m.d.sync += check_go.eq(0)
         m.d.comb += [self.checked.eq(check_done), self.ok.eq(check_ok)]
@@ -235,13 +255,14 @@ class GemmEngine(wiring.Component):
         m.d.comb += n_pad.eq((cfg.n + C - 1) & ~(C - 1))
 
         # -- operand reads: stage 1 walks (tile row, tile col, k), stage 2 is the memory --
-        a_nib = Signal(ADDR + 4)      # r0 * Ea (nibbles into an A row)
+        a_nib = Signal(DIM + 2)       # r0 * Ea (nibbles into an A row)
         b_nib = Signal(DIM + 1)       # c0
         m_left = Signal(signed(DIM + 2))
         n_left = Signal(signed(DIM + 2))
         k = Signal(DIM)
-        a_ptr = Signal(ADDR + 1)
-        b_ptr = Signal(ADDR + 1)
+        # word pointers wrap at the memory size: the check keeps every buffer inside it
+        a_ptr = Signal(aw)
+        b_ptr = Signal(aw)
         s2_valid = Signal()
         s2 = Signal(data.StructLayout({
             "a_off": range(NIB), "b_off": range(NIB), "m_left": signed(DIM + 2),
@@ -407,7 +428,7 @@ class GemmEngine(wiring.Component):
         row_ok = (r0 + i) < cfg.m
         col_ok = col < cfg.n
         # column pointer kept incrementally (no multiplier)
-        cptr = Signal(ADDR + 1, name=f"w{g}_cptr")
+        cptr = Signal(self.mem_words.bit_length() - 1, name=f"w{g}_cptr")
         with m.If(launch):
             m.d.sync += cptr.eq(cfg.out_addr + cfg.out_stride * g)
         with m.Elif(take & (i == R - 1)):
@@ -465,7 +486,7 @@ class GemmEngine(wiring.Component):
         req = {"valid": Signal(name=f"m{g}_rvalid"), "addr": Signal(range(self.mem_words),
                name=f"m{g}_raddr"), "grant": Signal(name=f"m{g}_grant"),
                "fill": Signal(name=f"m{g}_fill"), "data": Signal(4 * NIB, name=f"m{g}_data")}
-        cptr = Signal(ADDR + 1, name=f"m{g}_cptr")
+        cptr = Signal(self.mem_words.bit_length() - 1, name=f"m{g}_cptr")
         with m.If(launch):
             m.d.sync += cptr.eq(cfg.mask_addr + cfg.mask_stride * g)
         with m.Elif(req_step & (i == R - 1)):

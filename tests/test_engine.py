@@ -83,6 +83,8 @@ def random_lane(rng, path, phase):
 
 
 def one_case(rng, rows, cols, words, mode, path, shape, spacing=0):
+    if path is OutputPath.RESCALE:
+        mode = type(mode).FORWARD           # the rescale unit takes forward accumulators
     kinds = MODE_KINDS[mode][int(rng.integers(len(MODE_KINDS[mode])))]
     phase = 1 if mode.name == "BACKWARD_WEIGHT" else 0
     gemm = random_gemm(rng, kinds, *shape)
@@ -140,8 +142,9 @@ def test_engine_rejects_out_of_range():
     rng = np.random.default_rng(5)
     plan = one_case(rng, 2, 4, 512, GemmMode.FORWARD, OutputPath.RESCALE, (4, 6, 8))
     bad = []
+    fp4 = dict(plan.cfg["operands"], a_fp4=1)
     for field, value in [("m", 0), ("l", 4097), ("out_addr", 510), ("a_addr", 508),
-                         ("b_stride", 400), ("out_stride", 0)]:
+                         ("b_stride", 400), ("out_stride", 0), ("operands", fp4)]:
         cfg = dict(plan.cfg, **{field: value})
         assert not gemm_check(cfg, 2, 4, 512), field
         bad.append(dataclasses.replace(plan, cfg=cfg))

@@ -5,11 +5,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateware.protocol import ESC, FLAG, MAX_PAYLOAD, Op, max_encoded_size
+from gateware.protocol import CRC, ESC, FLAG, MAX_PAYLOAD, Op, max_encoded_size
 from host.link import (
     Frame,
     FrameDecoder,
     LinkError,
+    crc32,
     decode_body,
     encode_frame,
     stuff,
@@ -70,3 +71,9 @@ def test_oversized_and_short_frames_are_rejected():
     assert dec.feed(b"\x05" * (3 * MAX_PAYLOAD) + bytes([FLAG])) == []
     assert dec.errors == 1
     assert dec.feed(encode_frame(Frame(1, 2, b"ok"))) == [Frame(1, 2, b"ok")]
+
+
+@given(st.binary(max_size=300))
+@settings(max_examples=100, deadline=None)
+def test_fast_crc_is_the_protocol_crc(data):
+    assert crc32(data) == CRC.compute(data)

