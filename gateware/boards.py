@@ -237,7 +237,7 @@ def build(board, out_root="build", seed=1):
         return sum(util[n]["used"] for n in names if n in util)
 
     fmax = _sync_fmax(report)
-    luts = used("ICESTORM_LC") or _ecp5_luts(out)
+    luts = used("ICESTORM_LC", "TRELLIS_COMB")
     result = {
         "board": board.name,
         "rows": board.rows,
@@ -248,6 +248,8 @@ def build(board, out_root="build", seed=1):
         "luts": luts,
         "lut_capacity": util.get("ICESTORM_LC", util.get("TRELLIS_COMB", {})).get("available"),
         "ffs": used("TRELLIS_FF") or _ice40_ffs(out),
+        "ram_capacity": sum(util[n]["available"] for n in ("ICESTORM_RAM", "DP16KD")
+                            if n in util),
         "dsps": used("ICESTORM_DSP", "MULT18X18D"),
         "rams": used("ICESTORM_RAM", "ICESTORM_SPRAM", "DP16KD"),
         "fmax_mhz": round(fmax, 2),
@@ -268,12 +270,6 @@ def _sync_fmax(report):
         return next(iter(fmax.values()))["achieved"]
     # several clocks: the one with the highest constraint is the PLL output
     return max(fmax.values(), key=lambda v: v["constraint"])["achieved"]
-
-
-def _ecp5_luts(out):
-    log = (out / "top.rpt").read_text() if (out / "top.rpt").exists() else ""
-    mt = re.search(r"TRELLIS_COMB:\s+(\d+)/", log)
-    return int(mt.group(1)) if mt else None
 
 
 def _ice40_ffs(out):

@@ -13,7 +13,7 @@ those of :mod:`gateware.protocol`:
   plain STATS (which reports ``busy``) still work.
 """
 
-from amaranth.hdl import Cat, Module, Mux, Signal
+from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, signed
 from amaranth.lib import memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -137,6 +137,13 @@ class Device(wiring.Component):
         word = Signal(4 * nib)
         sum_abs = Signal(32)
         sum_sq = Signal(32)
+        code = Signal(signed(4))
+        code_valid = Signal()
+        mag = Signal(4)
+        m.d.comb += mag.eq(Mux(code < 0, -code, code))
+        with m.If(code_valid):
+            m.d.sync += [sum_abs.eq(sum_abs + mag),
+                         sum_sq.eq(sum_sq + Array(Const(k * k, 7) for k in range(16))[mag])]
         n_reply = Signal(range(BUFFER_BYTES + 1))     # reply body bytes (seq, op, payload)
         fill_info = Signal()                          # FILL writes INFO (else STATS)
         fill_len = Signal(range(max(layout_bytes(STATS_LAYOUT), layout_bytes(INFO_LAYOUT)) + 1))
@@ -287,20 +294,25 @@ class Device(wiring.Component):
                     reply(m, Mux(engine.ok, Op.GEMM, Status.OUT_OF_RANGE))
 
             with m.State("SUMS"):         # sum |c| and c^2 over INT4 codes, one per cycle
+                # pipelined: the code is registered, then its magnitude accumulated (the
+                # square from a 9-entry table, not a multiplier)
                 with m.If(q == 0):
                     m.d.comb += d_en.eq(1)
-                    m.d.sync += [q.eq(1), d_addr.eq(d_addr + 1)]
+                    m.d.sync += [q.eq(1), d_addr.eq(d_addr + 1), code_valid.eq(0)]
                 with m.Else():
-                    code = mem.rd[0].data.word_select((q - 1)[:len(q)], 4).as_signed()
-                    mag = Mux(code < 0, -code, code)[:4]
-                    m.d.sync += [sum_abs.eq(sum_abs + mag), sum_sq.eq(sum_sq + mag * mag),
-                                 q.eq(Mux(q == nib, 0, q + 1)), count.eq(count - 1)]
+                    m.d.sync += [code.eq(mem.rd[0].data.word_select((q - 1)[:len(q)], 4)),
+                                 code_valid.eq(1), q.eq(Mux(q == nib, 0, q + 1)),
+                                 count.eq(count - 1)]
                     with m.If(count == 1):
-                        m.next = "STATS"
+                        m.next = "SUMS_LAST"
                 with m.If(count == 0):
                     m.next = "STATS"
+            with m.State("SUMS_LAST"):
+                m.d.sync += code_valid.eq(0)
+                m.next = "STATS"
 
             with m.State("STATS"):
+                m.d.sync += code_valid.eq(0)
                 m.d.sync += [fill_info.eq(0), fill_len.eq(layout_bytes(STATS_LAYOUT)),
                              status.eq(Op.STATS), q.eq(0)]
                 m.next = "FILL"
