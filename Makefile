@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help train test lint sim synth bench-numerics clean
+.PHONY: help train test lint sim serve synth bitstream flash bench-numerics bench-system clean
 
 help:
 	@echo "nibble: 4-bit neural-network training on open FPGAs"
@@ -14,8 +14,12 @@ help:
 	@echo "  make test             lint and run the whole test suite"
 	@echo "  make lint             ruff"
 	@echo "  make sim              cocotb suites on Verilator (also part of make test)"
+	@echo "  make serve            build (cached) and serve the simulated device on a TCP socket"
 	@echo "  make synth            datapath through yosys/nextpnr for UP5K and ECP5-85F"
+	@echo "  make bitstream BOARD=icebreaker|ulx3s-85f   board bitstream -> build/BOARD/"
+	@echo "  make flash BOARD=...  program the board with openFPGALoader"
 	@echo "  make bench-numerics   4-bit vs fp32 training benchmark -> build/bench/"
+	@echo "  make bench-system     simulated device: speed, array utilization, link efficiency"
 	@echo "  make clean            remove build/ (keeps .venv)"
 
 $(STAMP): pyproject.toml
@@ -44,6 +48,20 @@ sim: $(STAMP)
 
 synth: $(SYNTH_STAMP)
 	$(VENV)/bin/nibble synth --docs docs/results.md $(ARGS)
+
+serve: $(STAMP)
+	$(VENV)/bin/nibble sim serve $(ARGS)
+
+BOARD ?= icebreaker
+
+bitstream: $(SYNTH_STAMP)
+	$(VENV)/bin/nibble bitstream --board $(BOARD) --docs docs/results.md $(ARGS)
+
+flash: $(SYNTH_STAMP)
+	$(VENV)/bin/nibble flash --board $(BOARD) $(ARGS)
+
+bench-system: $(STAMP)
+	$(VENV)/bin/nibble bench system --docs docs/results.md $(ARGS)
 
 bench-numerics: $(STAMP)
 	$(VENV)/bin/nibble bench numerics --docs docs/results.md $(ARGS)

@@ -37,11 +37,12 @@ from amaranth.hdl import (
     Signal,
 )
 from amaranth.lib import wiring
+from amaranth.lib.wiring import In, Out
 
 from .device import Device
 from .uart import UARTRx, UARTTx, divisor_for
 
-__all__ = ["BOARDS", "Board", "BoardError", "BoardTop", "build", "flash", "resolve"]
+__all__ = ["BOARDS", "Board", "BoardError", "BoardTop", "UartTop", "build", "flash", "resolve"]
 
 
 class BoardError(RuntimeError):
@@ -142,6 +143,29 @@ class _Ecp5Pll(Elaboratable):
         return m
 
 
+class UartTop(wiring.Component):
+    """The device behind an 8N1 UART: the board tops' core, and the cocotb top test's DUT.
+
+    Ports: ``rx`` (In), ``tx`` (Out), ``idle`` (Out).
+    """
+
+    def __init__(self, rows, cols, mem_words, clk_hz, divisor):
+        self.rows, self.cols, self.mem_words = rows, cols, mem_words
+        self.clk_hz, self.divisor = clk_hz, divisor
+        super().__init__({"rx": In(1, init=1), "tx": Out(1, init=1), "idle": Out(1)})
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.rx = rx = UARTRx(self.divisor)
+        m.submodules.tx = tx = UARTTx(self.divisor)
+        m.submodules.device = dev = Device(self.rows, self.cols, self.mem_words,
+                                           clk_hz=self.clk_hz)
+        m.d.comb += [rx.rx.eq(self.rx), self.tx.eq(tx.tx), self.idle.eq(dev.idle)]
+        wiring.connect(m, rx.o, dev.i)
+        wiring.connect(m, dev.o, tx.i)
+        return m
+
+
 class BoardTop(Elaboratable):
     """The device behind the board's UART; LED 0 shows a running GEMM."""
 
@@ -166,15 +190,11 @@ class BoardTop(Elaboratable):
             m.d.comb += [ClockSignal("sync").eq(clk), ResetSignal("sync").eq(~lock)]
             platform.add_clock_constraint(clk, b.clk_hz)
         uart = platform.request("uart", 0)
-        m.submodules.rx = rx = UARTRx(self.divisor)
-        m.submodules.tx = tx = UARTTx(self.divisor)
-        m.submodules.device = dev = Device(b.rows, b.cols, b.mem_words, clk_hz=b.clk_hz)
-        m.d.comb += [rx.rx.eq(uart.rx.i), uart.tx.o.eq(tx.tx)]
-        wiring.connect(m, rx.o, dev.i)
-        wiring.connect(m, dev.o, tx.i)
+        m.submodules.top = top = UartTop(b.rows, b.cols, b.mem_words, b.clk_hz, self.divisor)
+        m.d.comb += [top.rx.eq(uart.rx.i), uart.tx.o.eq(top.tx)]
         try:
             led = platform.request("led", 0)
-            m.d.comb += led.o.eq(~dev.idle)
+            m.d.comb += led.o.eq(~top.idle)
         except Exception:          # a board without LEDs
             pass
         return m

@@ -59,7 +59,7 @@ class FrameRx(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        m.submodules.crc = crc = CRC.create()
+        m.submodules.crc_unit = crc = CRC.create()
         length = Signal(range(BUFFER_BYTES + 1))
         esc = Signal()
         overflow = Signal()
@@ -133,7 +133,7 @@ class FrameTx(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        m.submodules.crc = crc = CRC.create()
+        m.submodules.crc_unit = crc = CRC.create()
         cur = Signal(8)
         escaped = Signal()           # the ESC of the current byte has been sent
         k = Signal(range(CRC_BYTES))

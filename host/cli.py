@@ -2,6 +2,7 @@
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from host.datasets import DATASETS, DatasetError
@@ -131,6 +132,108 @@ def cmd_synth(args):
     return 0
 
 
+def cmd_bench_system(args):
+    from host.bench_system import bench_system
+
+    print("benchmarking the full-system model (Verilator, built on first use) ...", flush=True)
+    r = bench_system(out_dir=args.out, docs=args.docs, progress=not args.quiet)
+    print(f"\nsim_cycles_per_second {r['sim_cycles_per_second']:,}\n"
+          f"array_utilization     {r['array_utilization']:.3f} (dims multiple of the array)\n"
+          f"link_efficiency       {r['link_efficiency']:.3f}\n"
+          f"wrote {args.out}/system.json, system.md"
+          + (f"; updated {args.docs}" if args.docs else ""))
+    return 0
+
+
+def cmd_sim_serve(args):
+    from sim.system import build, serve
+
+    config = {"rows": args.rows, "cols": args.cols, "words": args.words}
+    build(**config, quiet=False)
+    with serve(port=args.port, **config) as url:
+        print(f"simulated nibble device ({args.rows}x{args.cols}, {args.words:,} words) at "
+              f"{url}\n  e.g. nibble device info --device {url}\n  Ctrl-C stops it",
+              flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+    print(serve.last_report)
+    return 0
+
+
+def cmd_device_info(args):
+    from host.driver import Device
+
+    with Device.open(args.device) as dev:
+        info = dev.info
+        stats = dev.stats()
+    print(f"{args.device}: nibble protocol v{info['version']}, {info['rows']}x{info['cols']} "
+          f"array, {info['mem_words']:,} words of {info['word_nibbles']} codes "
+          f"({info['mem_words'] * info['word_nibbles'] // 2:,} bytes), "
+          f"clock {info['clk_hz'] / 1e6:g} MHz")
+    print(f"  busy {stats['busy']}, cycles {stats['cycles']:,}, last GEMM "
+          f"{stats['gemm_cycles']:,} cycles / {stats['beats']:,} beats, "
+          f"frames dropped {stats['rx_errors']}")
+    return 0
+
+
+def cmd_bitstream(args):
+    from gateware.boards import build, resolve
+
+    board = resolve(args.board, rows=args.rows, cols=args.cols, baud=args.baud,
+                    mem_words=args.words)
+    print(f"{board.name}: building the bitstream ({board.rows}x{board.cols} array, "
+          f"{board.mem_words:,} words, {board.clk_hz / 1e6:g} MHz, {board.baud:,} baud) with "
+          "YoWASP; this takes minutes ...", flush=True)
+    r = build(board, out_root=args.out, seed=args.seed)
+    verdict = "meets" if r["timing_met"] else "MISSES"
+    print(f"  {r['luts']:,} of {r['lut_capacity']:,} LUTs, {r['ffs']:,} FFs, {r['dsps']} DSPs, "
+          f"{r['rams']} of {r['ram_capacity']} RAMs, {r['fmax_mhz']:.1f} MHz ({verdict} "
+          f"{r['target_mhz']:g} MHz), {r['seconds']:.0f} s\n  -> {r['bitstream']}, "
+          f"{args.out}/{board.name}/report.json")
+    if args.docs:
+        from host.report import update_doc_section
+        update_doc_section(args.docs, "boards", boards_table(args.out))
+        print(f"updated {args.docs}")
+    return 0 if r["timing_met"] else 1
+
+
+BOARD_COLUMNS = [
+    ("board", "board", "{}"), ("array", "array", "{}"), ("memory words", "mem_words", "{:,}"),
+    ("link baud", "baud", "{:,}"), ("LUTs/LCs", "luts", "{:,}"),
+    ("of", "lut_capacity", "{:,}"), ("FFs", "ffs", "{:,}"), ("DSPs", "dsps", "{}"),
+    ("RAMs", "rams", "{}"), ("fmax MHz", "fmax_mhz", "{:.1f}"),
+    ("target MHz", "target_mhz", "{:g}"), ("build s", "seconds", "{:.0f}"),
+]
+
+
+def boards_table(out_root):
+    import json
+
+    from gateware.boards import BOARDS
+    from host.report import markdown_table
+    rows = []
+    for name in BOARDS:
+        path = Path(out_root) / name / "report.json"
+        if path.exists():
+            row = json.loads(path.read_text())
+            row["array"] = f"{row['rows']}x{row['cols']}"
+            rows.append(row)
+    return markdown_table(rows, BOARD_COLUMNS) if rows else ""
+
+
+def cmd_flash(args):
+    from gateware.boards import flash, resolve
+
+    board = resolve(args.board)
+    print(f"{board.name}: programming with openFPGALoader ...", flush=True)
+    flash(board, bitstream=args.bitstream, out_root=args.out)
+    print("done")
+    return 0
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="nibble", description="nibble: 4-bit neural-network "
                                 "training on open FPGAs")
@@ -176,18 +279,61 @@ def build_parser():
                    help="build nothing: tabulate the existing build/synth/<device>.json")
     y.set_defaults(func=cmd_synth)
 
+    bs = bsub.add_parser("system", help="full-system model: sim speed, array utilization, "
+                         "link efficiency")
+    bs.add_argument("--out", default="build/bench")
+    bs.add_argument("--docs", help="also update the generated table in this markdown file")
+    bs.add_argument("--quiet", action="store_true")
+    bs.set_defaults(func=cmd_bench_system)
+
+    sm = sub.add_parser("sim", help="the Verilator system model")
+    smsub = sm.add_subparsers(dest="sim", required=True)
+    sv = smsub.add_parser("serve", help="build (cached) and serve it on a TCP socket")
+    sv.add_argument("--port", type=int, default=0, help="TCP port (default: a free one)")
+    sv.add_argument("--rows", type=_positive, default=2)
+    sv.add_argument("--cols", type=_positive, default=4)
+    sv.add_argument("--words", type=_positive, default=1 << 17)
+    sv.set_defaults(func=cmd_sim_serve)
+
+    dv = sub.add_parser("device", help="talk to a device")
+    dvsub = dv.add_subparsers(dest="device_cmd", required=True)
+    di = dvsub.add_parser("info", help="print a device's INFO and STATS")
+    di.add_argument("--device", required=True,
+                    help="emu://, socket://HOST:PORT or a serial port such as /dev/ttyUSB1")
+    di.set_defaults(func=cmd_device_info)
+
+    bt = sub.add_parser("bitstream", help="build a board's bitstream (YoWASP)")
+    bt.add_argument("--board", required=True,
+                    help="icebreaker, ulx3s-85f, or an amaranth-boards platform module:Class")
+    bt.add_argument("--rows", type=_positive)
+    bt.add_argument("--cols", type=_positive)
+    bt.add_argument("--baud", type=_positive)
+    bt.add_argument("--words", type=_positive, help="tensor memory words")
+    bt.add_argument("--seed", type=int, default=1, help="nextpnr placement seed")
+    bt.add_argument("--out", default="build")
+    bt.add_argument("--docs", help="also update the boards table in this markdown file")
+    bt.set_defaults(func=cmd_bitstream)
+
+    fl = sub.add_parser("flash", help="program a board with openFPGALoader")
+    fl.add_argument("--board", required=True)
+    fl.add_argument("--bitstream", help="default: build/<board>/top.bin or top.bit")
+    fl.add_argument("--out", default="build")
+    fl.set_defaults(func=cmd_flash)
+
     f = sub.add_parser("formats", help="print the number formats and accumulator widths")
     f.set_defaults(func=cmd_formats)
     return p
 
 
 def main(argv=None):
+    from gateware.boards import BoardError
     from gateware.synth import SynthError
+    from host.driver import DeviceError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (DatasetError, NumericsError, SynthError, ValueError) as e:
+    except (DatasetError, NumericsError, SynthError, BoardError, DeviceError, ValueError) as e:
         print(f"nibble: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,0 +1,171 @@
+"""``make bench-system``: the full-system model's speed, the array's utilization on the
+reference MLPs' GEMMs, and the link's efficiency for bulk transfers.
+
+Everything is measured on the Verilator system model through the driver, over its socket:
+
+* ``sim_cycles_per_second``: device cycles (its free-running counter, read with STATS) per
+  wall-clock second while a large GEMM runs, socket service included;
+* ``array_utilization``: per GEMM, useful MAC cycles (``M * L * N / (R * C)``) over the
+  engine's busy cycles (STATS ``gemm_cycles``), for the forward, backward-data and
+  backward-weight GEMMs of every layer of the reference MLPs at batch 64;
+* ``link_efficiency``: payload bytes over wire bytes (requests and replies, framing,
+  stuffing and CRC included) for a bulk WRITE and a bulk READ of random data.
+"""
+
+import itertools
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from host.driver import Device
+from host.plan import plan_gemm
+from host.report import markdown_table, update_doc_section, write_json
+from host.tiling import Gemm
+from host.train import DEFAULT_MODELS
+from rtl.formats import MaskMode, Operand, OutputPath
+from sim.golden import lane_cfg
+
+__all__ = ["bench_system"]
+
+BATCH = 64
+
+
+def mlp_gemms(sizes, batch=BATCH):
+    """(name, M, L, N, kinds, lane) of every GEMM of a training step of an MLP."""
+    out = []
+    for i, (k, n) in enumerate(itertools.pairwise(sizes)):
+        fwd = lane_cfg(OutputPath.RESCALE, m=40000, s=20, relu=1)
+        out.append((f"L{i + 1} forward", batch, k, n, (Operand.UINT4, Operand.INT4), fwd))
+        if i:      # the first layer's input gradient is not needed
+            bwd = lane_cfg(OutputPath.LOG4, exp=4, mask=MaskMode.RELU)
+            out.append((f"L{i + 1} backward-data", batch, n, k, (Operand.FP4, Operand.INT4),
+                        bwd))
+        out.append((f"L{i + 1} backward-weight", n, batch, k, (Operand.FP4, Operand.UINT4),
+                    lane_cfg(OutputPath.RAW, phase=1)))
+    return out
+
+
+def _random(rng, kind, shape):
+    if kind is Operand.INT4:
+        return rng.integers(-8, 8, shape)
+    return rng.integers(0, 16, shape)
+
+
+def measure_utilization(dev, rng, models, progress=True):
+    rows = []
+    jobs = [(name, *g) for name, sizes in models.items() for g in mlp_gemms(sizes)]
+    for model, label, m, red, n, kinds, lane in tqdm(jobs, desc="GEMMs", disable=not progress):
+        gemm = Gemm(_random(rng, kinds[0], (m, red)), _random(rng, kinds[1], (red, n)), *kinds)
+        mask = rng.integers(0, 16, (m, n))
+        plan = plan_gemm(gemm, lane, dev.word_nibbles, dev.rows, dev.cols, mask_codes=mask)
+        for buf, raw in plan.uploads:
+            dev.upload(buf, raw)
+        stats = dev.gemm(plan.cfg)
+        useful = m * red * n / (dev.rows * dev.cols)
+        multiple = m % dev.rows == 0 and n % dev.cols == 0 and red >= dev.cols
+        rows.append({"model": model, "gemm": label, "m": m, "l": red, "n": n,
+                     "path": OutputPath(lane["path"]).name, "beats": stats["beats"],
+                     "cycles": stats["gemm_cycles"],
+                     "utilization": round(useful / stats["gemm_cycles"], 4),
+                     "dims_multiple": multiple})
+    return rows
+
+
+def measure_speed(dev, rng):
+    """Device cycles per wall second while one large GEMM runs."""
+    gemm = Gemm(rng.integers(0, 16, (256, 512)), rng.integers(-8, 8, (512, 256)),
+                Operand.UINT4, Operand.INT4)
+    plan = plan_gemm(gemm, lane_cfg(OutputPath.RESCALE, m=40000, s=22), dev.word_nibbles,
+                     dev.rows, dev.cols)
+    for buf, raw in plan.uploads:
+        dev.upload(buf, raw)
+    before = dev.stats()
+    t0 = time.monotonic()
+    dev.gemm(plan.cfg)
+    seconds = time.monotonic() - t0
+    after = dev.stats()
+    return {"cycles": after["cycles"] - before["cycles"], "seconds": round(seconds, 3),
+            "gemm_cycles": after["gemm_cycles"]}
+
+
+def measure_link(dev, rng, nbytes=256 * 1024):
+    data = rng.integers(0, 256, nbytes, dtype=np.uint8).tobytes()
+    out = {}
+    for name, op in (("write", lambda: dev.write(0, data)),
+                     ("read", lambda: dev.read(0, nbytes // dev.word_bytes))):
+        w0 = dev.wire_sent + dev.wire_received
+        t0 = time.monotonic()
+        op()
+        seconds = time.monotonic() - t0
+        wire = dev.wire_sent + dev.wire_received - w0
+        out[name] = {"payload_bytes": nbytes, "wire_bytes": wire,
+                     "efficiency": round(nbytes / wire, 4), "sim_seconds": round(seconds, 3)}
+    back = dev.read(0, nbytes // dev.word_bytes)
+    assert back == data, "bulk READ did not return the bulk WRITE"
+    return out
+
+
+UTIL_COLUMNS = [("model", "model", "{}"), ("GEMM", "gemm", "{}"), ("M", "m", "{}"),
+                ("L", "l", "{}"), ("N", "n", "{}"), ("output", "path", "{}"),
+                ("beats", "beats", "{:,}"), ("engine cycles", "cycles", "{:,}"),
+                ("utilization", "utilization", "{:.3f}"),
+                ("dims multiples of the array", "dims_multiple", "{}")]
+
+
+def bench_system(out_dir="build/bench", docs=None, progress=True, seed=0):
+    from sim.system import serve
+
+    rng = np.random.default_rng(seed)
+    with serve() as url, Device.open(url) as dev:
+        config = {"rows": dev.rows, "cols": dev.cols, "word_nibbles": dev.word_nibbles,
+                  "mem_words": dev.mem_words, "url": url}
+        speed = measure_speed(dev, rng)
+        link = measure_link(dev, rng)
+        util = measure_utilization(dev, rng, DEFAULT_MODELS, progress)
+    harness = serve.last_report
+    multiples = [r["utilization"] for r in util if r["dims_multiple"]]
+    result = {
+        "config": config,
+        "sim_cycles_per_second": round(speed["cycles"] / speed["seconds"]),
+        "speed_run": speed,
+        "harness_report": harness,
+        "array_utilization": round(min(multiples), 4) if multiples else None,
+        "array_utilization_all": util,
+        "link_efficiency": round(min(link["write"]["efficiency"],
+                                     link["read"]["efficiency"]), 4),
+        "link": link,
+        "projected_link_mbytes_per_s": {
+            f"{name} ({baud / 1e6:g} Mbaud)": round(baud / 10 * min(
+                link["write"]["efficiency"], link["read"]["efficiency"]) / 1e6, 3)
+            for name, baud in (("icebreaker", 12_000_000), ("ulx3s-85f", 3_000_000))},
+    }
+    md = system_markdown(result)
+    write_json(f"{out_dir}/system.json", result)
+    Path(out_dir, "system.md").write_text(md)
+    if docs:
+        update_doc_section(docs, "system", md)
+    return result
+
+
+def system_markdown(r):
+    c = r["config"]
+    lines = [
+        f"Simulated device: {c['rows']}x{c['cols']} array, {c['mem_words']:,} words of "
+        f"{c['word_nibbles']} codes (Verilator system model over a TCP socket).",
+        "",
+        "| figure | value | target |",
+        "|---|---|---|",
+        f"| sim_cycles_per_second | {r['sim_cycles_per_second']:,} | >= 1,000,000 |",
+        f"| array_utilization (min over GEMMs with dims multiple of the array) | "
+        f"{r['array_utilization']:.3f} | >= 0.90 |",
+        f"| link_efficiency (min of bulk WRITE {r['link']['write']['efficiency']:.3f} and "
+        f"bulk READ {r['link']['read']['efficiency']:.3f}) | {r['link_efficiency']:.3f} | "
+        ">= 0.90 |",
+        "",
+        markdown_table(r["array_utilization_all"], UTIL_COLUMNS),
+    ]
+    proj = ", ".join(f"{k}: {v} MB/s" for k, v in r["projected_link_mbytes_per_s"].items())
+    lines.append(f"Payload throughput of the boards' links at that efficiency: {proj}.")
+    return "\n".join(lines) + "\n"
