@@ -238,6 +238,8 @@ def build(board, out_root="build", seed=1):
     saved = dict(os.environ)
     os.environ.update(env)
     t0 = time.monotonic()
+    for stale in ("report-nextpnr.json", "report.json", "top.tim"):
+        (out / stale).unlink(missing_ok=True)
     try:
         platform.build(
             BoardTop(board), name="top", build_dir=str(out), do_program=False,
@@ -245,6 +247,19 @@ def build(board, out_root="build", seed=1):
             nextpnr_opts=" ".join([*board.nextpnr_opts, "--seed", str(seed), "--report",
                                    "report-nextpnr.json", "--timing-allow-fail"]))
     except Exception as e:      # the toolchain's own error carries the log tail
+        over = _overfull(out)
+        if over:                # placement refused a design larger than the FPGA
+            kind, used, avail = over
+            result = {"board": board.name, "rows": board.rows, "cols": board.cols,
+                      "mem_words": board.mem_words, "baud": board.baud, "fits": False,
+                      "luts": used, "lut_capacity": avail, "fmax_mhz": None,
+                      "target_mhz": board.clk_hz / 1e6, "timing_met": False,
+                      "seconds": round(time.monotonic() - t0, 1), "bitstream": None}
+            (out / "report.json").write_text(json.dumps(result, indent=2) + "\n")
+            raise BoardError(
+                f"{board.name}: the {board.rows}x{board.cols} design does not fit: {used:,} "
+                f"of {avail:,} {kind} ({100 * used / avail:.0f}%); see "
+                f"{out / 'report.json'}") from None
         raise BoardError(f"bitstream build for {board.name} failed: {e}") from e
     finally:
         os.environ.clear()
@@ -276,11 +291,24 @@ def build(board, out_root="build", seed=1):
         "target_mhz": board.clk_hz / 1e6,
         "seconds": round(seconds, 1),
     }
+    result["fits"] = True
     result["timing_met"] = result["fmax_mhz"] >= result["target_mhz"]
     bitstream = next((p for p in (out / "top.bin", out / "top.bit") if p.exists()), None)
     result["bitstream"] = str(bitstream) if bitstream else None
     (out / "report.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _overfull(out):
+    """(cell kind, used, available) of the first resource nextpnr found over-used."""
+    log = out / "top.tim"
+    if not log.exists():
+        return None
+    for mt in re.finditer(r"Info:\s+(\w+):\s+(\d+)/\s*(\d+)\s+(\d+)%", log.read_text()):
+        kind, used, avail = mt.group(1), int(mt.group(2)), int(mt.group(3))
+        if used > avail:
+            return kind, used, avail
+    return None
 
 
 def _sync_fmax(report):

@@ -247,6 +247,7 @@ class Device(wiring.Component):
                         m.d.comb += engine.start.eq(1)
                         m.next = "GEMM"
                 with m.Elif(op == Op.STATS):
+                    m.d.sync += cycles_at.eq(cycles)
                     with m.If(plen == 0):
                         m.d.sync += [sum_abs.eq(0), sum_sq.eq(0)]
                         m.next = "STATS"

@@ -273,12 +273,15 @@ class Device:
         return self.wait() if wait else None
 
     def wait(self):
-        """Poll until the engine is idle; returns the STATS."""
+        """Poll until the engine is idle (backing off from ``poll`` to 10 ms between polls);
+        returns the STATS."""
+        pause = self.poll
         while True:
             stats = self.stats()
             if not stats["busy"]:
                 return stats
-            time.sleep(self.poll)
+            time.sleep(pause)
+            pause = min(2 * pause, 0.01)
 
     # -- tensors --------------------------------------------------------------------------
     def upload(self, buf, raw):

@@ -28,7 +28,7 @@
 static volatile sig_atomic_t stop = 0;
 static void on_signal(int) { stop = 1; }
 
-static const int SERVICE = 2048;  // cycles between socket services while busy
+static const int SERVICE = 8192;  // cycles between socket services while busy
 
 int main(int argc, char **argv) {
     int port = argc > 1 ? atoi(argv[1]) : 0;

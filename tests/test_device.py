@@ -132,6 +132,8 @@ def test_commands_match_the_emulator():
                          Status.BAD_LENGTH, Status.OUT_OF_RANGE]
     assert replies[15].payload == bytes(8)          # the retry did not write at 100
     assert replies[16].op == Status.BAD_CRC and replies[16].seq == 16
+    stats = unpack_fields(STATS_LAYOUT, replies[4].payload)
+    assert stats["cycles"] > 0              # the free-running counter, sampled at the STATS
 
 
 def test_too_long_frame_and_watchdog():

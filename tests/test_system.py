@@ -268,6 +268,6 @@ def test_faults_on_the_emulator_never_corrupt_silently():
 
 
 def test_faults_on_the_simulated_device_never_corrupt_silently(simdev):
-    ops, exact, raised, faults = fault_run(simdev, 1_500, 1e-3, seed=2, timeout=0.3)
+    ops, exact, raised, faults = fault_run(simdev, 1_000, 1e-3, seed=2, timeout=0.1)
     assert exact + raised == ops and exact >= 0.9 * ops
     assert sum(faults.values()) > 10
