@@ -36,7 +36,7 @@ from amaranth.hdl import (
     ResetSignal,
     Signal,
 )
-from amaranth.lib import wiring
+from amaranth.lib import io, wiring
 from amaranth.lib.wiring import In, Out
 
 from .device import Device
@@ -184,19 +184,20 @@ class BoardTop(Elaboratable):
                 pin = platform.request(platform.default_clk, dir="-")
                 m.submodules.pll = _Ice40Pll(pin.io, clk, lock)
             else:
-                pin = platform.request(platform.default_clk)
-                m.submodules.pll = _Ecp5Pll(pin.i, clk, lock)
+                pin = platform.request(platform.default_clk, dir="-")
+                m.submodules.clk_buf = clk_buf = io.Buffer("i", pin)
+                m.submodules.pll = _Ecp5Pll(clk_buf.i, clk, lock)
             # hold the design in reset until the PLL locks
             m.d.comb += [ClockSignal("sync").eq(clk), ResetSignal("sync").eq(~lock)]
             platform.add_clock_constraint(clk, b.clk_hz)
-        uart = platform.request("uart", 0)
+        uart = platform.request("uart", 0, dir="-")
+        m.submodules.uart_rx = uart_rx = io.Buffer("i", uart.rx)
+        m.submodules.uart_tx = uart_tx = io.Buffer("o", uart.tx)
         m.submodules.top = top = UartTop(b.rows, b.cols, b.mem_words, b.clk_hz, self.divisor)
-        m.d.comb += [top.rx.eq(uart.rx.i), uart.tx.o.eq(top.tx)]
-        try:
-            led = platform.request("led", 0)
+        m.d.comb += [top.rx.eq(uart_rx.i), uart_tx.o.eq(top.tx)]
+        if any(r[0] == "led" for r in platform.resources):
+            m.submodules.led = led = io.Buffer("o", platform.request("led", 0, dir="-"))
             m.d.comb += led.o.eq(~top.idle)
-        except Exception:          # a board without LEDs
-            pass
         return m
 
 
@@ -250,9 +251,12 @@ def build(board, out_root="build", seed=1):
         over = _overfull(out)
         if over:                # placement refused a design larger than the FPGA
             kind, used, avail = over
+            cells = _yosys_cells(out)
             result = {"board": board.name, "rows": board.rows, "cols": board.cols,
                       "mem_words": board.mem_words, "baud": board.baud, "fits": False,
-                      "luts": used, "lut_capacity": avail, "fmax_mhz": None,
+                      "luts": used, "lut_capacity": avail, "lut4s": cells.get("lut4s"),
+                      "ffs": cells.get("ffs"), "dsps": cells.get("dsps"),
+                      "rams": cells.get("rams"), "fmax_mhz": None,
                       "target_mhz": board.clk_hz / 1e6, "timing_met": False,
                       "seconds": round(time.monotonic() - t0, 1), "bitstream": None}
             (out / "report.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -297,6 +301,20 @@ def build(board, out_root="build", seed=1):
     result["bitstream"] = str(bitstream) if bitstream else None
     (out / "report.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _yosys_cells(out):
+    """Cell counts from the yosys report (the design as synthesized, before placement)."""
+    rpt = out / "top.rpt"
+    if not rpt.exists():
+        return {}
+    counts = {}
+    for mt in re.finditer(r"^\s+(\d+)\s+(\w+)$", rpt.read_text(), re.M):
+        counts[mt.group(2)] = int(mt.group(1))     # the last (final) stat wins
+    ffs = sum(v for k, v in counts.items() if re.fullmatch(r"SB_DFF\w*|TRELLIS_FF", k))
+    return {"lut4s": counts.get("SB_LUT4", counts.get("LUT4")), "ffs": ffs,
+            "dsps": counts.get("SB_MAC16", counts.get("MULT18X18D", 0)),
+            "rams": counts.get("SB_RAM40_4K", 0) + counts.get("DP16KD", 0)}
 
 
 def _overfull(out):

@@ -187,24 +187,27 @@ def cmd_bitstream(args):
     print(f"{board.name}: building the bitstream ({board.rows}x{board.cols} array, "
           f"{board.mem_words:,} words, {board.clk_hz / 1e6:g} MHz, {board.baud:,} baud) with "
           "YoWASP; this takes minutes ...", flush=True)
-    r = build(board, out_root=args.out, seed=args.seed)
+    try:
+        r = build(board, out_root=args.out, seed=args.seed)
+    finally:     # the table also records a board that does not fit
+        if args.docs:
+            from host.report import update_doc_section
+            update_doc_section(args.docs, "boards", boards_table(args.out))
     verdict = "meets" if r["timing_met"] else "MISSES"
     print(f"  {r['luts']:,} of {r['lut_capacity']:,} LUTs, {r['ffs']:,} FFs, {r['dsps']} DSPs, "
           f"{r['rams']} of {r['ram_capacity']} RAMs, {r['fmax_mhz']:.1f} MHz ({verdict} "
           f"{r['target_mhz']:g} MHz), {r['seconds']:.0f} s\n  -> {r['bitstream']}, "
           f"{args.out}/{board.name}/report.json")
     if args.docs:
-        from host.report import update_doc_section
-        update_doc_section(args.docs, "boards", boards_table(args.out))
         print(f"updated {args.docs}")
     return 0 if r["timing_met"] else 1
 
 
 BOARD_COLUMNS = [
     ("board", "board", "{}"), ("array", "array", "{}"), ("memory words", "mem_words", "{:,}"),
-    ("link baud", "baud", "{:,}"), ("LUTs/LCs", "luts", "{:,}"),
-    ("of", "lut_capacity", "{:,}"), ("FFs", "ffs", "{:,}"), ("DSPs", "dsps", "{}"),
-    ("RAMs", "rams", "{}"), ("fmax MHz", "fmax_mhz", "{:.1f}"),
+    ("link baud", "baud", "{:,}"), ("fits", "fits", "{}"), ("LUTs/LCs", "luts", "{:,}"),
+    ("of", "lut_capacity", "{:,}"), ("FFs", "ffs", "{}"), ("DSPs", "dsps", "{}"),
+    ("RAMs", "rams", "{}"), ("fmax MHz", "fmax", "{}"),
     ("target MHz", "target_mhz", "{:g}"), ("build s", "seconds", "{:.0f}"),
 ]
 
@@ -220,6 +223,10 @@ def boards_table(out_root):
         if path.exists():
             row = json.loads(path.read_text())
             row["array"] = f"{row['rows']}x{row['cols']}"
+            row["fits"] = "yes" if row.get("fits", True) else "**no**"
+            row["fmax"] = "-" if row.get("fmax_mhz") is None else f"{row['fmax_mhz']:.1f}"
+            for key in ("ffs", "dsps", "rams"):
+                row[key] = f"{row[key]:,}" if isinstance(row.get(key), int) else "-"
             rows.append(row)
     return markdown_table(rows, BOARD_COLUMNS) if rows else ""
 
