@@ -16,6 +16,8 @@ result is either exact or an exception.
 import time
 import urllib.parse
 
+import numpy as np
+
 from gateware.protocol import (
     GEMM_ARGS,
     INFO_LAYOUT,
@@ -28,11 +30,13 @@ from gateware.protocol import (
     Status,
     layout_bytes,
 )
+from host.golden import lane_cfg
 from host.layout import unpack
 from host.link import Frame, FrameDecoder, encode_frame
 from host.packing import pack_fields, unpack_fields
 from host.plan import plan_gemm
-from rtl.formats import OutputPath
+from host.tiling import Gemm
+from rtl.formats import Operand, OutputPath
 
 __all__ = ["BadCrcError", "BadLengthError", "BusyError", "Device", "DeviceError",
            "LinkTimeout", "OutOfRangeError", "UnknownOpError", "open_transport"]
@@ -316,6 +320,27 @@ class Device:
         if path is OutputPath.LOG4:
             return (out & 0xF, out >> 4), stats
         return out, stats
+
+    # -- the three GEMMs of a training step (host.gemm gives their golden results) ---------
+    def forward(self, x_codes, w_codes, lane, x_kind=Operand.UINT4):
+        """``Y = X @ W.T``: X (B x K) activation codes of ``x_kind``, W (N x K) INT4
+        weights; ``lane`` usually rescales (RESCALE) to the next layer's codes."""
+        x, w = np.asarray(x_codes), np.asarray(w_codes)
+        return self.matmul(Gemm(x, w.T, x_kind, Operand.INT4), dict(lane, phase=0))
+
+    def backward_data(self, dy_codes, w_codes, lane, act_codes=None):
+        """``dX = dY @ W``: dY (B x N) FP4 codes at phase 0, W (N x K) INT4; ``lane``
+        usually log4-quantizes (LOG4) under the mask of ``act_codes`` (B x K)."""
+        dy, w = np.asarray(dy_codes), np.asarray(w_codes)
+        return self.matmul(Gemm(dy, w, Operand.FP4, Operand.INT4), dict(lane, phase=0),
+                           mask=act_codes)
+
+    def backward_weight(self, dy_codes, x_codes, lane=None, x_kind=Operand.UINT4):
+        """``dW = dY.T @ X``: dY (B x N) FP4 codes at phase 1, X (B x K) activation
+        codes; RAW (exact accumulators) unless ``lane`` says otherwise."""
+        dy, x = np.asarray(dy_codes), np.asarray(x_codes)
+        lane = dict(lane or lane_cfg(OutputPath.RAW), phase=1)
+        return self.matmul(Gemm(dy.T, x, Operand.FP4, x_kind), lane)
 
 
 def _op_name(op):

@@ -155,6 +155,23 @@ def test_results_stay_on_the_device_for_the_next_gemm(simdev):
             np.testing.assert_array_equal(got, golden_acc(g4, sel))
 
 
+@pytest.mark.parametrize("where", ["emu", "sim"])
+def test_the_three_training_gemms(where, simdev):
+    """forward, backward_data and backward_weight against host.gemm's golden GEMMs."""
+    from host.gemm import gemm_backward_data, gemm_backward_weight, gemm_forward
+    rng = np.random.default_rng(21)
+    x = rng.integers(0, 16, (13, 27)).astype(np.uint8)
+    w = rng.integers(-7, 8, (11, 27))
+    dy = rng.integers(0, 16, (13, 11)).astype(np.uint8)
+    with Device.open("emu://" if where == "emu" else simdev) as dev:
+        y, _ = dev.forward(x, w, lane_cfg(OutputPath.RAW))
+        np.testing.assert_array_equal(y, gemm_forward(x, w))
+        dx, _ = dev.backward_data(dy, w, lane_cfg(OutputPath.RAW))
+        np.testing.assert_array_equal(dx, gemm_backward_data(dy, 0, w))
+        dw, _ = dev.backward_weight(dy, x)
+        np.testing.assert_array_equal(dw, gemm_backward_weight(dy, 1, x))
+
+
 def test_every_error_reply_reaches_the_api(simdev):
     with Device.open(simdev, timeout=0.5) as dev:
         with pytest.raises(UnknownOpError, match="does not know opcode 0x55"):
