@@ -39,6 +39,8 @@ from amaranth.hdl import (
 from amaranth.lib import io, wiring
 from amaranth.lib.wiring import In, Out
 
+from rtl.engine import word_nibbles
+
 from .device import Device
 from .uart import UARTRx, UARTTx, divisor_for
 
@@ -282,7 +284,7 @@ def build(board, out_root="build", seed=1):
         "rows": board.rows,
         "cols": board.cols,
         "mem_words": board.mem_words,
-        "word_nibbles": Device(board.rows, board.cols, board.mem_words).nib,
+        "word_nibbles": word_nibbles(board.rows, board.cols),
         "baud": board.baud,
         "luts": luts,
         "lut_capacity": util.get("ICESTORM_LC", util.get("TRELLIS_COMB", {})).get("available"),
