@@ -232,8 +232,49 @@ def _openfpgaloader():
     return shutil.which("openFPGALoader")
 
 
-def build(board, out_root="build", seed=1):
-    """Build the bitstream; writes ``<out_root>/<board>/report.json`` and returns it."""
+class _Progress:
+    """A progress line while the toolchain runs: the stage (from the files it has written
+    so far) and the elapsed time, rewritten every second on a terminal."""
+
+    STAGES = (("top.tim", "place and route"), ("top.json", "place and route"),
+              ("top.rpt", "synthesis"), ("top.il", "elaborated"))
+
+    def __init__(self, out, enabled):
+        import threading
+        self.out, self.enabled = out, enabled
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _stage(self):
+        for name, stage in self.STAGES:
+            if (self.out / name).exists():
+                return stage
+        return "elaborating"
+
+    def _run(self):
+        t0 = time.monotonic()
+        shown = False
+        while not self.stop.wait(1.0):
+            if self.enabled:
+                elapsed = int(time.monotonic() - t0)
+                sys.stderr.write(f"\r  {self._stage():<16} {elapsed // 60:d}:{elapsed % 60:02d}")
+                sys.stderr.flush()
+                shown = True
+        if shown:
+            sys.stderr.write("\n")
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+def build(board, out_root="build", seed=1, progress=False):
+    """Build the bitstream; writes ``<out_root>/<board>/report.json`` and returns it.
+    ``progress`` shows the stage and the elapsed time meanwhile."""
     platform = board.make_platform()
     out = Path(out_root) / board.name
     out.mkdir(parents=True, exist_ok=True)
@@ -241,14 +282,16 @@ def build(board, out_root="build", seed=1):
     saved = dict(os.environ)
     os.environ.update(env)
     t0 = time.monotonic()
-    for stale in ("report-nextpnr.json", "report.json", "top.tim"):
+    for stale in ("report-nextpnr.json", "report.json", "top.tim", "top.json", "top.rpt",
+                  "top.il"):
         (out / stale).unlink(missing_ok=True)
     try:
-        platform.build(
-            BoardTop(board), name="top", build_dir=str(out), do_program=False,
-            synth_opts=board.synth_opts,
-            nextpnr_opts=" ".join([*board.nextpnr_opts, "--seed", str(seed), "--report",
-                                   "report-nextpnr.json", "--timing-allow-fail"]))
+        with _Progress(out, progress):
+            platform.build(
+                BoardTop(board), name="top", build_dir=str(out), do_program=False,
+                synth_opts=board.synth_opts,
+                nextpnr_opts=" ".join([*board.nextpnr_opts, "--seed", str(seed), "--report",
+                                       "report-nextpnr.json", "--timing-allow-fail"]))
     except Exception as e:      # the toolchain's own error carries the log tail
         over = _overfull(out)
         if over:                # placement refused a design larger than the FPGA

@@ -188,7 +188,7 @@ def cmd_bitstream(args):
           f"{board.mem_words:,} words, {board.clk_hz / 1e6:g} MHz, {board.baud:,} baud) with "
           "YoWASP; this takes minutes ...", flush=True)
     try:
-        r = build(board, out_root=args.out, seed=args.seed)
+        r = build(board, out_root=args.out, seed=args.seed, progress=sys.stderr.isatty())
     finally:     # the table also records a board that does not fit
         if args.docs:
             from host.report import update_doc_section
