@@ -27,8 +27,8 @@ from gateware.protocol import (
     layout_bytes,
 )
 from host.golden import golden_acc, golden_lane
-from host.layout import row_words, unpack
-from host.link import crc32
+from host.layout import pack, row_words, unpack
+from host.link import Frame, crc32, encode_frame
 from host.packing import pack_fields, unpack_fields
 from host.tiling import Gemm
 from rtl.engine import element_nibbles, word_nibbles
@@ -115,17 +115,10 @@ def gemm_apply(mem, cfg, rows, cols):
 
 def write_elements(mem, nib, addr, stride, values, elem_nibbles):
     """Write ``values`` (rows x elems) into a buffer, touching only their own nibbles."""
-    rows, elems = values.shape
+    rows = values.shape[0]
     wb = nib // 2
-    region = np.frombuffer(bytes(_region(mem, nib, addr, rows, stride)),
-                           np.uint8).reshape(rows, stride * wb)
-    nibbles = np.empty((rows, stride * nib), np.int64)
-    nibbles[:, 0::2] = region & 0xF
-    nibbles[:, 1::2] = region >> 4
-    for q in range(elem_nibbles):
-        nibbles[:, q:elems * elem_nibbles:elem_nibbles] = (values >> (4 * q)) & 0xF
-    out = (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).astype(np.uint8)
-    mem[addr * wb:(addr + rows * stride) * wb] = out.tobytes()
+    mem[addr * wb:(addr + rows * stride) * wb] = pack(
+        values, elem_nibbles, nib, stride, base=_region(mem, nib, addr, rows, stride))
 
 
 def code_sums(mem, nib, addr, count):
@@ -167,15 +160,7 @@ class Emulator:
                 self._esc = False
 
     def _reply(self, seq, op, payload=b""):
-        body = bytes([seq, op]) + payload
-        body += crc32(body).to_bytes(CRC_BYTES, "little")
-        self.out.append(FLAG)
-        for byte in body:
-            if byte in (FLAG, ESC):
-                self.out += bytes([ESC, byte ^ ESC_XOR])
-            else:
-                self.out.append(byte)
-        self.out.append(FLAG)
+        self.out += encode_frame(Frame(seq, op, payload))
 
     def _error(self):
         self.rx_errors = min(self.rx_errors + 1, 0xFFFF)        # saturating, as in the RTL

@@ -36,13 +36,25 @@ class Buffer:
         return self.addr + self.words
 
 
-def pack(values, elem_nibbles, nib, stride=None):
+def _nibbles(raw, rows, width):
+    """rows x width nibbles of a buffer's bytes (nibble 0 in the low half of byte 0)."""
+    b = np.frombuffer(bytes(raw), np.uint8).reshape(rows, width // 2)
+    nibbles = np.empty((rows, width), np.int64)
+    nibbles[:, 0::2] = b & 0xF
+    nibbles[:, 1::2] = b >> 4
+    return nibbles
+
+
+def pack(values, elem_nibbles, nib, stride=None, base=None):
     """Bytes of a buffer holding ``values`` (rows x elems non-negative ints, each below
-    ``16 ** elem_nibbles``), rows ``stride`` words apart (default: as tight as possible)."""
+    ``16 ** elem_nibbles``), rows ``stride`` words apart (default: as tight as possible).
+    With ``base`` (the buffer's current bytes) every other nibble keeps its value, as the
+    engine's nibble-enabled writes leave it; otherwise it is zero."""
     values = np.asarray(values, dtype=np.int64)
     rows, elems = values.shape
     stride = stride or row_words(elems, elem_nibbles, nib)
-    nibbles = np.zeros((rows, stride * nib), np.uint8)
+    nibbles = (np.zeros((rows, stride * nib), np.int64) if base is None
+               else _nibbles(base, rows, stride * nib))
     for q in range(elem_nibbles):
         nibbles[:, q:elems * elem_nibbles:elem_nibbles] = (values >> (4 * q)) & 0xF
     return (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).astype(np.uint8).tobytes()
@@ -51,10 +63,7 @@ def pack(values, elem_nibbles, nib, stride=None):
 def unpack(raw, rows, elems, elem_nibbles, nib, stride=None, signed_bits=None):
     """Inverse of :func:`pack`; ``signed_bits`` sign-extends each element from that width."""
     stride = stride or row_words(elems, elem_nibbles, nib)
-    b = np.frombuffer(bytes(raw), np.uint8).reshape(rows, stride * nib // 2)
-    nibbles = np.empty((rows, stride * nib), np.int64)
-    nibbles[:, 0::2] = b & 0xF
-    nibbles[:, 1::2] = b >> 4
+    nibbles = _nibbles(raw, rows, stride * nib)
     out = np.zeros((rows, elems), np.int64)
     for q in range(elem_nibbles):
         out |= nibbles[:, q:elems * elem_nibbles:elem_nibbles] << (4 * q)
