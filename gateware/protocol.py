@@ -18,6 +18,8 @@ import enum
 
 from amaranth.lib import crc, data
 
+from rtl.engine import ADDR, GEMM_CFG
+
 __all__ = ["CRC", "CRC_BYTES", "ESC", "ESC_XOR", "FLAG", "GEMM_ARGS", "HEADER_BYTES",
            "INFO_LAYOUT", "MAX_PAYLOAD", "READ_ARGS", "STATS_ARGS", "STATS_LAYOUT",
            "VERSION", "WRITE_HEADER", "Op", "Status", "max_encoded_size"]
@@ -55,14 +57,13 @@ class Status(enum.IntEnum):
     BUSY = 0x84           # the engine is running a GEMM; try again
 
 
-#: Tensor memory addresses are in words; a word is ``word_nibbles`` 4-bit codes
-#: (INFO), nibble 0 in the low half of byte 0, bytes little-endian.
-ADDR_BITS = 24
-
-WRITE_HEADER = data.StructLayout({"addr": ADDR_BITS})
-READ_ARGS = data.StructLayout({"addr": ADDR_BITS, "words": 16})
+#: Tensor memory addresses are in words (``ADDR`` bits, as in the GEMM arguments); a word is
+#: ``word_nibbles`` 4-bit codes (INFO), nibble 0 in the low half of byte 0, bytes
+#: little-endian.
+WRITE_HEADER = data.StructLayout({"addr": ADDR})
+READ_ARGS = data.StructLayout({"addr": ADDR, "words": 16})
 #: Optional: sums over ``count`` INT4 codes from word ``addr`` (for SAWB's E|w| and E w^2).
-STATS_ARGS = data.StructLayout({"addr": ADDR_BITS, "count": 24})
+STATS_ARGS = data.StructLayout({"addr": ADDR, "count": 24})
 STATS_LAYOUT = data.StructLayout({
     "busy": 8,              # 1 while a GEMM runs
     "absmax": 32,           # the last GEMM's output statistic (see rtl.lane)
@@ -84,14 +85,8 @@ INFO_LAYOUT = data.StructLayout({
 })
 
 
-def _gemm_args():
-    # Imported here so that `rtl` stays free of any link knowledge and the layout stays
-    # defined once, by the engine that consumes it.
-    from rtl.engine import GEMM_CFG
-    return GEMM_CFG
-
-
-GEMM_ARGS = _gemm_args()
+#: The GEMM command's payload: the engine's own settings layout, defined once there.
+GEMM_ARGS = GEMM_CFG
 
 
 def max_encoded_size(payload_len):

@@ -86,10 +86,19 @@ class SynthTop(wiring.Component):
         return m
 
 
+def tool_path():
+    """PATH with this interpreter's folder first: the YoWASP entry points live beside it
+    (the venv need not be active)."""
+    return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+
+
+def find_tool(name):
+    """The executable ``name`` on :func:`tool_path`, or None."""
+    return shutil.which(name, path=tool_path())
+
+
 def _run(cmd, log, cwd):
-    # The YoWASP entry points live beside this interpreter (the venv need not be active).
-    exe = shutil.which(cmd[0], path=os.pathsep.join([str(Path(sys.executable).parent),
-                                                     os.environ.get("PATH", "")]))
+    exe = find_tool(cmd[0])
     if exe is None:
         raise SynthError(f"{cmd[0]} not found: install the synthesis extra "
                          "(pip install -e '.[synth]', or `make synth` does it)")

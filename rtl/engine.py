@@ -151,11 +151,11 @@ class GemmEngine(wiring.Component):
         })
 
     # -- the range check ----------------------------------------------------------------
-    def _check(self, m, cfg, go, done, ok):
+    def _check(self, m, cfg, n_pad, go, done, ok):
         """A sequential check with one adder (no multipliers): buffer by buffer, the last
         word each touches is found by adding its stride once per row, and must lie inside
         the memory. Takes ``2 L + 2 N + 4`` cycles at most."""
-        R, C, NIB = self.rows, self.cols, self.nib
+        R, NIB = self.rows, self.nib
         lnib = NIB.bit_length() - 1
         aw = self.mem_words.bit_length() - 1
         # `end` stops growing once its top bit is set (past any memory), so it never wraps
@@ -166,8 +166,7 @@ class GemmEngine(wiring.Component):
         m.d.comb += out_nibbles.eq(Mux(path == OutputPath.RAW, cfg.m << 3,
                                        Mux(path == OutputPath.LOG4, cfg.m << 1, cfg.m)))
         m_pad = Signal(DIM + 1)
-        n_pad = Signal(DIM + 1)
-        m.d.comb += [m_pad.eq((cfg.m + R - 1) & ~(R - 1)), n_pad.eq((cfg.n + C - 1) & ~(C - 1))]
+        m.d.comb += m_pad.eq((cfg.m + R - 1) & ~(R - 1))
 
         def words(nibbles):
             return (nibbles + NIB - 1) >> lnib
@@ -230,7 +229,9 @@ class GemmEngine(wiring.Component):
 
         # -- control ----------------------------------------------------------------------
         check_go, check_done, check_ok = Signal(), Signal(), Signal()
-        self._check(m, cfg, check_go, check_done, check_ok)
+        n_pad = Signal(DIM + 1)                     # N rounded up to whole column tiles
+        m.d.comb += n_pad.eq((cfg.n + C - 1) & ~(C - 1))
+        self._check(m, cfg, n_pad, check_go, check_done, check_ok)
         run = Signal()            # beats still to issue
         lanes_done = Signal()
         with m.If(self.start & ~self.busy):
@@ -251,8 +252,6 @@ class GemmEngine(wiring.Component):
         path = cfg.lane.path
         ea_log = cfg.a_pair                         # log2 of A nibbles per element
         eo_log = Mux(path == OutputPath.RAW, 3, Mux(path == OutputPath.LOG4, 1, 0))
-        n_pad = Signal(DIM + 1)
-        m.d.comb += n_pad.eq((cfg.n + C - 1) & ~(C - 1))
 
         # -- operand reads: stage 1 walks (tile row, tile col, k), stage 2 is the memory --
         a_nib = Signal(DIM + 2)       # r0 * Ea (nibbles into an A row)
@@ -369,27 +368,32 @@ class GemmEngine(wiring.Component):
             m.d.sync += [self.busy.eq(0), started.eq(0)]
         return m
 
-    def _walker(self, m, g, cfg, launch, n_pad, step, name):
-        """Per lane: the (column, tile row) sequence of its elements, as word pointers."""
+    def _walker(self, m, g, cfg, launch, n_pad, step, name, base, stride):
+        """Per lane: the (column, tile row) sequence of its elements, and the word address
+        of the current column's row in a buffer at ``base`` with rows ``stride`` apart,
+        kept incrementally (no multiplier)."""
         R = self.rows
         col = Signal(DIM + 1, name=f"{name}{g}_col")
         r0 = Signal(DIM + 1, name=f"{name}{g}_r0")
         i = Signal(range(R), name=f"{name}{g}_i")
         active = Signal(name=f"{name}{g}_active")
+        cptr = Signal(self.mem_words.bit_length() - 1, name=f"{name}{g}_cptr")
+        first = base + stride * g
         with m.If(launch):
-            m.d.sync += [col.eq(g), r0.eq(0), i.eq(0), active.eq(1)]
+            m.d.sync += [col.eq(g), r0.eq(0), i.eq(0), active.eq(1), cptr.eq(first)]
         with m.Elif(step):
             with m.If(i == R - 1):
                 m.d.sync += i.eq(0)
                 with m.If(col + R < n_pad):
-                    m.d.sync += col.eq(col + R)
+                    m.d.sync += [col.eq(col + R),
+                                 cptr.eq(cptr + (stride << (R.bit_length() - 1)))]
                 with m.Else():
-                    m.d.sync += [col.eq(g), r0.eq(r0 + R)]
+                    m.d.sync += [col.eq(g), r0.eq(r0 + R), cptr.eq(first)]
                     with m.If(r0 + R >= cfg.m):
                         m.d.sync += active.eq(0)
             with m.Else():
                 m.d.sync += i.eq(i + 1)
-        return col, r0, i, active
+        return col, r0, i, active, cptr
 
     def _lane_writer(self, m, g, dp, cfg, launch, eo_log, n_pad, done_bits):
         R, NIB = self.rows, self.nib
@@ -398,7 +402,8 @@ class GemmEngine(wiring.Component):
         path = cfg.lane.path
         raw = path == OutputPath.RAW
         take = Signal(name=f"w{g}_take")
-        col, r0, i, active = self._walker(m, g, cfg, launch, n_pad, take, "w")
+        col, r0, i, active, cptr = self._walker(m, g, cfg, launch, n_pad, take, "w",
+                                                cfg.out_addr, cfg.out_stride)
         done_bits.append(~active)
 
         # the element as nibbles
@@ -427,16 +432,6 @@ class GemmEngine(wiring.Component):
 
         row_ok = (r0 + i) < cfg.m
         col_ok = col < cfg.n
-        # column pointer kept incrementally (no multiplier)
-        cptr = Signal(self.mem_words.bit_length() - 1, name=f"w{g}_cptr")
-        with m.If(launch):
-            m.d.sync += cptr.eq(cfg.out_addr + cfg.out_stride * g)
-        with m.Elif(take & (i == R - 1)):
-            with m.If(col + R < n_pad):
-                m.d.sync += cptr.eq(cptr + (cfg.out_stride << (R.bit_length() - 1)))
-            with m.Else():
-                m.d.sync += cptr.eq(cfg.out_addr + cfg.out_stride * g)
-
         with m.If(take):
             new_gather = Signal.like(gather, name=f"w{g}_ng")
             new_valid = Signal.like(gvalid, name=f"w{g}_nv")
@@ -477,23 +472,15 @@ class GemmEngine(wiring.Component):
         one per element."""
         R, NIB = self.rows, self.nib
         lnib = NIB.bit_length() - 1
-        lr = R.bit_length() - 1
         ms = dp.mask[g]
         take = Signal(name=f"m{g}_take")
         # request side walks one column group ahead of the codes handed out
         req_step = Signal(name=f"m{g}_rstep")
-        col, r0, i, active = self._walker(m, g, cfg, launch, n_pad, req_step, "mr")
+        _, r0, _, active, cptr = self._walker(m, g, cfg, launch, n_pad, req_step, "mr",
+                                              cfg.mask_addr, cfg.mask_stride)
         req = {"valid": Signal(name=f"m{g}_rvalid"), "addr": Signal(range(self.mem_words),
                name=f"m{g}_raddr"), "grant": Signal(name=f"m{g}_grant"),
                "fill": Signal(name=f"m{g}_fill"), "data": Signal(4 * NIB, name=f"m{g}_data")}
-        cptr = Signal(self.mem_words.bit_length() - 1, name=f"m{g}_cptr")
-        with m.If(launch):
-            m.d.sync += cptr.eq(cfg.mask_addr + cfg.mask_stride * g)
-        with m.Elif(req_step & (i == R - 1)):
-            with m.If(col + R < n_pad):
-                m.d.sync += cptr.eq(cptr + (cfg.mask_stride << lr))
-            with m.Else():
-                m.d.sync += cptr.eq(cfg.mask_addr + cfg.mask_stride * g)
         buf = Signal(4 * R, name=f"m{g}_buf")
         nxt = Signal(4 * R, name=f"m{g}_nxt")
         have = Signal(name=f"m{g}_have")
