@@ -18,6 +18,7 @@ from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from rtl.engine import GEMM_CFG, GemmEngine, TensorMemory, word_nibbles
+from rtl.vector import VEC_CFG, VectorUnit
 
 from .framing import BUFFER_BYTES, FrameRx, FrameTx, RxStatus
 from .protocol import (
@@ -37,7 +38,7 @@ from .protocol import (
 
 __all__ = ["Device"]
 
-ARGS_BYTES = layout_bytes(GEMM_CFG)
+ARGS_BYTES = max(layout_bytes(GEMM_CFG), layout_bytes(VEC_CFG))
 
 
 class Device(wiring.Component):
@@ -81,7 +82,10 @@ class Device(wiring.Component):
         m.submodules.rx = rx = FrameRx(self.timeout)
         m.submodules.tx = tx = FrameTx()
         m.submodules.engine = engine = GemmEngine(self.rows, self.cols, words)
+        m.submodules.vec = vec = VectorUnit(self.rows, self.cols, words)
         m.submodules.mem = mem = TensorMemory(words, nib, 3)
+        busy = Signal()               # the engine or the element-wise unit is running
+        m.d.comb += busy.eq(engine.busy | vec.busy)
         m.submodules.fb = fb = memory.Memory(shape=8, depth=BUFFER_BYTES, init=[])
         fb_rd = fb.read_port()
         fb_wr = fb.write_port()
@@ -100,11 +104,15 @@ class Device(wiring.Component):
             m.d.comb += [mem.rd[0].addr.eq(engine.rd_a.addr), mem.rd[0].en.eq(engine.rd_a.en),
                          mem.wr_addr.eq(engine.wr_addr), mem.wr_data.eq(engine.wr_data),
                          mem.wr_en.eq(engine.wr_en)]
+        with m.Elif(vec.busy):
+            m.d.comb += [mem.rd[0].addr.eq(vec.rd.addr), mem.rd[0].en.eq(vec.rd.en),
+                         mem.wr_addr.eq(vec.wr_addr), mem.wr_data.eq(vec.wr_data),
+                         mem.wr_en.eq(vec.wr_en)]
         with m.Else():
             m.d.comb += [mem.rd[0].addr.eq(d_addr), mem.rd[0].en.eq(d_en),
                          mem.wr_addr.eq(d_wr_addr), mem.wr_data.eq(d_wr_data),
                          mem.wr_en.eq(Mux(d_wr_en, (1 << nib) - 1, 0))]
-        m.d.comb += engine.rd_a.data.eq(mem.rd[0].data)
+        m.d.comb += [engine.rd_a.data.eq(mem.rd[0].data), vec.rd.data.eq(mem.rd[0].data)]
 
         # frame buffer: the receiver fills it, the decoder reads and rewrites it
         d_fb_addr = Signal(range(BUFFER_BYTES))
@@ -161,13 +169,14 @@ class Device(wiring.Component):
                      info.word_nibbles.eq(nib), info.mem_words.eq(words),
                      info.max_payload.eq(MAX_PAYLOAD), info.clk_hz.eq(self.clk_hz)]
         stats = Signal(STATS_LAYOUT)
-        m.d.comb += [stats.busy.eq(engine.busy), stats.absmax.eq(engine.absmax),
+        m.d.comb += [stats.busy.eq(busy), stats.vec_cycles.eq(vec.cycles),
+                     stats.w_sum_abs.eq(vec.sum_abs), stats.w_sum_sq.eq(vec.sum_sq), stats.absmax.eq(engine.absmax),
                      stats.gemm_cycles.eq(engine.cycles), stats.beats.eq(engine.beats),
                      stats.cycles.eq(cycles_at), stats.sum_abs.eq(sum_abs),
                      stats.sum_sq.eq(sum_sq), stats.rx_errors.eq(rx.errors)]
 
         m.d.comb += [fb_rd.en.eq(1), tx.i.payload.data.eq(fb_rd.data)]
-        m.d.comb += engine.cfg.eq(args[:GEMM_CFG.size])
+        m.d.comb += [engine.cfg.eq(args[:GEMM_CFG.size]), vec.cfg.eq(args[:VEC_CFG.size])]
 
         def reply(m_, code):
             """Answer with an empty payload: status ``code`` (a Value or int)."""
@@ -176,7 +185,7 @@ class Device(wiring.Component):
 
         with m.FSM():
             with m.State("IDLE"):
-                m.d.comb += self.idle.eq(~rx.in_frame & ~rx.frame & ~engine.busy & ~tx.busy)
+                m.d.comb += self.idle.eq(~rx.in_frame & ~rx.frame & ~busy & ~tx.busy)
                 with m.If(rx.frame):
                     m.d.sync += [length.eq(rx.length), p.eq(0), have.eq(0)]
                     with m.If(rx.status == RxStatus.OK):
@@ -196,7 +205,7 @@ class Device(wiring.Component):
                         m.d.sync += seq.eq(fb_rd.data)
                     with m.Elif(p == 2):
                         m.d.sync += op.eq(fb_rd.data)
-                    with m.Elif(~engine.busy):       # a running GEMM reads args
+                    with m.Elif(~busy):       # a running GEMM or VECTOR reads args
                         m.d.sync += args.eq(Cat(args[8:], fb_rd.data))
                 with m.If(p == HEADER_BYTES + ARGS_BYTES):
                     m.next = "DISPATCH"
@@ -204,12 +213,12 @@ class Device(wiring.Component):
             with m.State("DISPATCH"):
                 m.d.sync += [have.eq(0), p.eq(0), q.eq(0)]
                 retry = (last_valid & (Cat(seq, op) == last[:16])
-                         & ((op == Op.WRITE) | (op == Op.GEMM)))
+                         & ((op == Op.WRITE) | (op == Op.GEMM) | (op == Op.VECTOR)))
                 uses_mem = ((op == Op.WRITE) | (op == Op.READ) | (op == Op.GEMM)
-                            | ((op == Op.STATS) & (plen != 0)))
+                            | (op == Op.VECTOR) | ((op == Op.STATS) & (plen != 0)))
                 with m.If(retry):
                     reply(m, last[16:])
-                with m.Elif(uses_mem & engine.busy):
+                with m.Elif(uses_mem & busy):
                     reply(m, Status.BUSY)
                 with m.Elif(op == Op.PING):
                     m.d.sync += [status.eq(op), n_reply.eq(HEADER_BYTES + plen)]
@@ -247,6 +256,12 @@ class Device(wiring.Component):
                     with m.Else():
                         m.d.comb += engine.start.eq(1)
                         m.next = "GEMM"
+                with m.Elif(op == Op.VECTOR):
+                    with m.If(plen != layout_bytes(VEC_CFG)):
+                        reply(m, Status.BAD_LENGTH)
+                    with m.Else():
+                        m.d.comb += vec.start.eq(1)
+                        m.next = "VECTOR"
                 with m.Elif(op == Op.STATS):
                     m.d.sync += cycles_at.eq(cycles)
                     with m.If(plen == 0):
@@ -295,6 +310,10 @@ class Device(wiring.Component):
                 with m.If(engine.checked):
                     reply(m, Mux(engine.ok, Op.GEMM, Status.OUT_OF_RANGE))
 
+            with m.State("VECTOR"):
+                with m.If(vec.checked):
+                    reply(m, Mux(vec.ok, Op.VECTOR, Status.OUT_OF_RANGE))
+
             with m.State("SUMS"):         # sum |c| and c^2 over INT4 codes, one per cycle
                 # pipelined: the code is registered, then its magnitude accumulated (the
                 # square from a 9-entry table, not a multiplier)
@@ -320,8 +339,9 @@ class Device(wiring.Component):
                 m.next = "FILL"
 
             with m.State("FILL"):         # a register reply into the buffer
-                byte = Mux(fill_info, info.as_value().word_select(q[:5], 8),
-                           stats.as_value().word_select(q[:5], 8))
+                qb = max(layout_bytes(STATS_LAYOUT), layout_bytes(INFO_LAYOUT)).bit_length()
+                byte = Mux(fill_info, info.as_value().word_select(q[:qb], 8),
+                           stats.as_value().word_select(q[:qb], 8))
                 m.d.comb += [d_fb_en.eq(1), d_fb_addr.eq(HEADER_BYTES + q), d_fb_data.eq(byte)]
                 m.d.sync += q.eq(q + 1)
                 with m.If(q == fill_len - 1):

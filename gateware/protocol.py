@@ -19,9 +19,10 @@ import enum
 from amaranth.lib import crc, data
 
 from rtl.engine import ADDR, GEMM_CFG
+from rtl.vector import VEC_CFG
 
 __all__ = ["CRC", "CRC_BYTES", "ESC", "ESC_XOR", "FLAG", "GEMM_ARGS", "HEADER_BYTES",
-           "INFO_LAYOUT", "MAX_PAYLOAD", "READ_ARGS", "STATS_ARGS", "STATS_LAYOUT",
+           "INFO_LAYOUT", "MAX_PAYLOAD", "READ_ARGS", "STATS_ARGS", "STATS_LAYOUT", "VEC_ARGS",
            "VERSION", "WRITE_HEADER", "Op", "Status", "max_encoded_size"]
 
 #: The frame CRC; ``CRC().compute(data)`` on the host, ``crc.Processor`` in the gateware.
@@ -33,7 +34,7 @@ ESC = 0x7D
 ESC_XOR = 0x20
 #: Largest payload of one frame.
 MAX_PAYLOAD = 1024
-VERSION = 1
+VERSION = 2
 
 
 class Op(enum.IntEnum):
@@ -45,6 +46,7 @@ class Op(enum.IntEnum):
     READ = 0x11       # READ_ARGS; the reply is the words
     GEMM = 0x20       # GEMM_ARGS; starts the engine and replies at once
     STATS = 0x21      # optional STATS_ARGS; the reply is STATS_LAYOUT
+    VECTOR = 0x22     # VEC_ARGS; starts the element-wise unit and replies at once
 
 
 class Status(enum.IntEnum):
@@ -65,7 +67,7 @@ READ_ARGS = data.StructLayout({"addr": ADDR, "words": 16})
 #: Optional: sums over ``count`` INT4 codes from word ``addr`` (for SAWB's E|w| and E w^2).
 STATS_ARGS = data.StructLayout({"addr": ADDR, "count": 24})
 STATS_LAYOUT = data.StructLayout({
-    "busy": 8,              # 1 while a GEMM runs
+    "busy": 8,              # 1 while a GEMM or a VECTOR operation runs
     "absmax": 32,           # the last GEMM's output statistic (see rtl.lane)
     "gemm_cycles": 32,      # cycles from the last GEMM's start to its last write
     "beats": 32,            # operand beats the last GEMM sent into the array
@@ -73,6 +75,9 @@ STATS_LAYOUT = data.StructLayout({
     "sum_abs": 32,          # sum |code| over the STATS_ARGS region (0 without args)
     "sum_sq": 32,           # sum code^2 over that region
     "rx_errors": 16,        # frames dropped: bad CRC, too long, timed out
+    "vec_cycles": 32,       # cycles of the last VECTOR operation
+    "w_sum_abs": 48,        # SAWB statistics of the last UPDATE: sum |w >> 8|
+    "w_sum_sq": 72,         # ... and sum (w >> 8)^2
 })
 INFO_LAYOUT = data.StructLayout({
     "version": 8,
@@ -87,6 +92,8 @@ INFO_LAYOUT = data.StructLayout({
 
 #: The GEMM command's payload: the engine's own settings layout, defined once there.
 GEMM_ARGS = GEMM_CFG
+#: The VECTOR command's payload: the element-wise unit's settings layout.
+VEC_ARGS = VEC_CFG
 
 
 def max_encoded_size(payload_len):

@@ -20,6 +20,7 @@ from gateware.protocol import (
     READ_ARGS,
     STATS_ARGS,
     STATS_LAYOUT,
+    VEC_ARGS,
     VERSION,
     WRITE_HEADER,
     Op,
@@ -29,12 +30,21 @@ from gateware.protocol import (
 from host.golden import golden_acc, golden_lane
 from host.layout import pack, row_words, unpack
 from host.link import Frame, crc32, encode_frame
+from host.numerics import master_update, requantize, sawb_sums
 from host.packing import pack_fields, unpack_fields
 from host.tiling import Gemm
 from rtl.engine import element_nibbles, word_nibbles
-from rtl.formats import MAX_REDUCTION, MaskMode, Operand, OutputPath
+from rtl.formats import (
+    MAX_REDUCTION,
+    SAWB_SQ_BITS,
+    SAWB_SUM_BITS,
+    MaskMode,
+    Operand,
+    OutputPath,
+    VecOp,
+)
 
-__all__ = ["EmuTransport", "Emulator", "gemm_apply"]
+__all__ = ["EmuTransport", "Emulator", "gemm_apply", "vector_apply", "vector_check"]
 
 
 def _region(mem, nib, addr, rows, stride):
@@ -128,6 +138,64 @@ def code_sums(mem, nib, addr, count):
     return int(np.abs(codes).sum()), int((codes * codes).sum())
 
 
+def _vec_buffers(cfg, nib):
+    """(addr, stride, rows, row words, written) of each buffer a VECTOR command touches."""
+    op, rows, cols = cfg["op"], cfg["rows"], cfg["cols"]
+    if op == VecOp.TRANSPOSE:
+        e = 2 if cfg["pair"] else 1
+        return [(cfg["a_addr"], cfg["a_stride"], rows, row_words(cols, e, nib), False),
+                (cfg["b_addr"], cfg["b_stride"], cols, row_words(rows, e, nib), True)]
+    w8 = row_words(cols, 8, nib)
+    if op == VecOp.UPDATE:
+        return [(cfg["a_addr"], cfg["a_stride"], rows, w8, False),
+                (cfg["b_addr"], cfg["b_stride"], rows, w8, True),
+                (cfg["c_addr"], cfg["b_stride"], rows, w8, True)]
+    return [(cfg["a_addr"], cfg["a_stride"], rows, w8, False),
+            (cfg["b_addr"], cfg["b_stride"], rows, row_words(cols, 1, nib), True)]
+
+
+def vector_check(cfg, rows, cols, mem_words):
+    """True when the VECTOR command ``cfg`` (VEC_ARGS values) is in range, as the unit's
+    check decides."""
+    nib = word_nibbles(rows, cols)
+    if not (cfg["rows"] and cfg["cols"] and cfg["op"] <= VecOp.REQUANT):
+        return False
+    return all(addr + (n - 1) * stride + words <= mem_words and not (wr and stride < words)
+               for addr, stride, n, words, wr in _vec_buffers(cfg, nib))
+
+
+def _read(mem, nib, buf, elems, e, signed_bits=None):
+    addr, stride, rows, _, _ = buf
+    return unpack(_region(mem, nib, addr, rows, stride), rows, elems, e, nib, stride,
+                  signed_bits)
+
+
+def vector_apply(mem, cfg, rows, cols):
+    """Run the VECTOR command ``cfg`` on ``mem`` as the element-wise unit does; returns the
+    SAWB sums ``(sum_abs, sum_sq)`` of an UPDATE, else None."""
+    nib = word_nibbles(rows, cols)
+    bufs = _vec_buffers(cfg, nib)
+    op, n_cols = cfg["op"], cfg["cols"]
+    if op == VecOp.TRANSPOSE:
+        e = 2 if cfg["pair"] else 1
+        src = _read(mem, nib, bufs[0], n_cols, e)
+        write_elements(mem, nib, cfg["b_addr"], cfg["b_stride"], src.T, e)
+        return None
+    if op == VecOp.REQUANT:
+        w = _read(mem, nib, bufs[0], n_cols, 8, 32)
+        codes = requantize(w, cfg["m"], cfg["s"]).astype(np.int64) & 0xF
+        write_elements(mem, nib, cfg["b_addr"], cfg["b_stride"], codes, 1)
+        return None
+    g = _read(mem, nib, bufs[0], n_cols, 8, 32)
+    w = _read(mem, nib, bufs[1], n_cols, 8, 32)
+    v = _read(mem, nib, bufs[2], n_cols, 8, 32)
+    w_new, v_new = master_update(g, w, v, cfg["mu"], cfg["m"], cfg["s"])
+    write_elements(mem, nib, cfg["c_addr"], cfg["b_stride"], v_new & 0xFFFFFFFF, 8)
+    write_elements(mem, nib, cfg["b_addr"], cfg["b_stride"], w_new & 0xFFFFFFFF, 8)
+    sum_abs, sum_sq = sawb_sums(w_new)
+    return sum_abs % (1 << SAWB_SUM_BITS), sum_sq % (1 << SAWB_SQ_BITS)
+
+
 class Emulator:
     """The device, byte stream in and out, on the golden model (GEMMs finish instantly)."""
 
@@ -136,6 +204,7 @@ class Emulator:
         self.nib = word_nibbles(rows, cols)
         self.mem = bytearray(mem_words * self.nib // 2)
         self.absmax = 0
+        self.w_sums = (0, 0)
         self.rx_errors = 0
         self._body = bytearray()
         self._esc = False
@@ -177,7 +246,7 @@ class Emulator:
             self._error()
             return self._reply(body[0], Status.BAD_CRC)
         seq, op, payload = body[0], body[1], body[HEADER_BYTES:-CRC_BYTES]
-        if (op in (Op.WRITE, Op.GEMM) and self._last is not None
+        if (op in (Op.WRITE, Op.GEMM, Op.VECTOR) and self._last is not None
                 and self._last[:2] == (seq, op)):
             return self._reply(seq, self._last[2])        # a retry: answer, do not redo
         status, reply = self._execute(op, payload)
@@ -222,6 +291,16 @@ class Emulator:
                 return Status.OUT_OF_RANGE, b""
             self.absmax = gemm_apply(self.mem, cfg, self.rows, self.cols)
             return op, b""
+        if op == Op.VECTOR:
+            if len(payload) != layout_bytes(VEC_ARGS):
+                return Status.BAD_LENGTH, b""
+            cfg = unpack_fields(VEC_ARGS, payload)
+            if not vector_check(cfg, self.rows, self.cols, self.mem_words):
+                return Status.OUT_OF_RANGE, b""
+            sums = vector_apply(self.mem, cfg, self.rows, self.cols)
+            if sums is not None:
+                self.w_sums = sums
+            return op, b""
         if op == Op.STATS:
             sums = (0, 0)
             if payload:
@@ -233,7 +312,8 @@ class Emulator:
                 sums = code_sums(self.mem, self.nib, args["addr"], args["count"])
             return op, pack_fields(STATS_LAYOUT, {
                 "busy": 0, "absmax": self.absmax, "gemm_cycles": 0, "beats": 0, "cycles": 0,
-                "sum_abs": sums[0], "sum_sq": sums[1], "rx_errors": self.rx_errors})
+                "sum_abs": sums[0], "sum_sq": sums[1], "rx_errors": self.rx_errors,
+                "vec_cycles": 0, "w_sum_abs": self.w_sums[0], "w_sum_sq": self.w_sums[1]})
         return Status.UNKNOWN_OP, b""
 
 

@@ -24,10 +24,15 @@ from rtl.formats import (
     FP4_SIGN_SHIFT,
     INT4_MAX,
     INT4_MIN,
+    MASTER_FRAC,
+    MASTER_MAX,
+    MASTER_MIN,
+    MOMENTUM_BITS,
     RESCALE_M_BITS,
     RESCALE_SHIFT_MAX,
     SAWB_C1,
     SAWB_C2,
+    SAWB_SHIFT,
     UINT4_MAX,
     UINT4_MIN,
     WEIGHT_MAX,
@@ -48,13 +53,18 @@ __all__ = [
     "log_quantize",
     "log_quantize_tpr",
     "log_thresholds",
+    "master_from_float",
+    "master_update",
     "pact_quantize",
     "quantize_int",
+    "requantize",
     "rescale",
     "rescale_params",
     "round_half_up",
     "sawb_alpha",
     "sawb_quantize",
+    "sawb_step_from_sums",
+    "sawb_sums",
 ]
 
 _EXP_MASK = (1 << FP4_EXP_BITS) - 1
@@ -376,3 +386,61 @@ class GradScale:
         if real:
             self.prev_absmax = real
         return self.exp
+
+
+# --- On-device training: fixed-point master weights (rtl.vector) -----------------------------
+def _round_shift(p, s):
+    """``(p + 2^(s-1)) >> s`` (``p`` for s = 0), flooring; exact on Python ints in object
+    arrays or int64 arrays whose sums stay below 2^63."""
+    return (p + (1 << (s - 1))) >> s if s else p
+
+
+def master_update(g, w, v, mu, m, s):
+    """The UPDATE operation on int64 arrays: gradient accumulators ``g``, master weights
+    ``w`` and momenta ``v`` (MASTER_BITS integers in units of 2^-MASTER_FRAC). Returns
+    ``(w', v')``::
+
+        v' = sat((v * mu + 2^15) >> 16 + round(g * m >> s));  w' = sat(w - v')
+    """
+    g, w, v = (np.asarray(x, dtype=np.int64) for x in (g, w, v))
+    m = _check_int(m, "M", 0, (1 << RESCALE_M_BITS) - 1)
+    s = _check_int(s, "s", 0, RESCALE_SHIFT_MAX)
+    mu = _check_int(mu, "mu", 0, (1 << MOMENTUM_BITS) - 1)
+    # |v * mu| < 2^47 and |g * m| < 2^47: exact in int64, as are the rounding sums
+    a = (v * mu + (1 << (MOMENTUM_BITS - 1))) >> MOMENTUM_BITS
+    b = _round_shift(g * m, s)
+    v_new = np.clip(a + b, MASTER_MIN, MASTER_MAX)
+    w_new = np.clip(w - v_new, MASTER_MIN, MASTER_MAX)
+    return w_new, v_new
+
+
+def requantize(w, m, s):
+    """The REQUANT operation: INT4 weight codes (-7..7, int8) of master weights ``w``:
+    ``clamp(round(w * m >> s), -7, 7)``, the range-rescale rule."""
+    return rescale(np.asarray(w, dtype=np.int64), m, s, WEIGHT_MIN, WEIGHT_MAX)[0]
+
+
+def sawb_sums(w):
+    """The UPDATE unit's SAWB statistics of master weights: ``(sum |t|, sum t^2)`` over
+    ``t = w >> SAWB_SHIFT``."""
+    t = np.asarray(w, dtype=np.int64) >> SAWB_SHIFT
+    return int(np.abs(t).sum()), int((t * t).sum())
+
+
+def sawb_step_from_sums(sum_abs, sum_sq, count):
+    """SAWB weight step, in master units, from the device's statistics over ``count``
+    weights: ``alpha / 7`` with ``alpha = c1 sqrt(E[w^2]) + c2 E[|w|]`` measured on
+    ``w >> SAWB_SHIFT`` and scaled back. Raises when alpha is not positive (a degenerate
+    tensor: host SAWB falls back to max|w|, which the device does not measure)."""
+    scale = float(1 << SAWB_SHIFT)
+    alpha = (SAWB_C1 * np.sqrt(sum_sq / count) + SAWB_C2 * (sum_abs / count)) * scale
+    if not alpha > 0:
+        raise NumericsError("SAWB: weight statistics give a non-positive clip "
+                            f"(sum|t| = {sum_abs}, sum t^2 = {sum_sq}, n = {count})")
+    return float(alpha) / WEIGHT_MAX
+
+
+def master_from_float(w):
+    """Master-weight integers (units of 2^-MASTER_FRAC) of real weights, round half up."""
+    q = round_half_up(np.ldexp(np.asarray(w, dtype=np.float64), MASTER_FRAC))
+    return np.clip(q, MASTER_MIN, MASTER_MAX).astype(np.int64)

@@ -29,11 +29,15 @@ __all__ = [
     "INT4",
     "INT4_MAX",
     "INT4_MIN",
+    "MASTER_BITS",
+    "MASTER_FRAC",
     "MAX_REDUCTION",
+    "MOMENTUM_BITS",
     "RESCALE_M_BITS",
     "RESCALE_SHIFT_MAX",
     "SAWB_C1",
     "SAWB_C2",
+    "SAWB_SHIFT",
     "UINT4",
     "UINT4_MAX",
     "UINT4_MIN",
@@ -41,6 +45,7 @@ __all__ = [
     "WEIGHT_MIN",
     "GemmMode",
     "Operand",
+    "VecOp",
     "acc_bits",
     "fp4_mag_log2",
     "product_range",
@@ -227,6 +232,31 @@ RESCALE_SHIFT_CAP = RESCALE_IN_BITS + RESCALE_M_BITS
 LOG4_EXP_BITS = 8
 LOG4_EXP_MIN = -(FP4_RADIX_LOG2 + 1)
 LOG4_EXP_MAX = LANE_BITS + FP4_TOP_LOG2 + 1
+
+
+# --- On-device training: fixed-point master weights (rtl.vector) ------------------------------
+#: A master weight (and its momentum) is a signed MASTER_BITS integer in units of
+#: 2^-MASTER_FRAC; one 8-nibble element of tensor memory, like a RAW result.
+MASTER_BITS = 32
+MASTER_FRAC = 24
+MASTER_MIN, MASTER_MAX = -(1 << (MASTER_BITS - 1)), (1 << (MASTER_BITS - 1)) - 1
+#: Momentum as an unsigned fraction ``mu / 2^MOMENTUM_BITS``.
+MOMENTUM_BITS = 16
+#: The SAWB statistics are sums of |t| and t^2 over t = w >> SAWB_SHIFT (arithmetic), with
+#: SAWB_SUM_BITS and SAWB_SQ_BITS wide accumulators: exact for up to 2^SAWB_MAX_LOG2 weights.
+SAWB_SHIFT = 8
+SAWB_MAX_LOG2 = 20
+SAWB_T_BITS = MASTER_BITS - SAWB_SHIFT
+SAWB_SUM_BITS = SAWB_T_BITS + SAWB_MAX_LOG2             # |t| <= 2^23
+SAWB_SQ_BITS = 2 * SAWB_T_BITS - 1 + SAWB_MAX_LOG2      # t^2 <= 2^46
+
+
+class VecOp(enum.IntEnum):
+    """The element-wise unit's operations (``rtl.vector``)."""
+
+    TRANSPOSE = 0   # B[c][r] = A[r][c], 1- or 2-nibble elements
+    UPDATE = 1      # momentum SGD on master weights W, V with gradient accumulators G
+    REQUANT = 2     # INT4 weight codes of master weights: rescale to -7..7
 
 
 class OutputPath(enum.IntEnum):

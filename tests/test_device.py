@@ -73,7 +73,7 @@ def emulate(wire_chunks):
 
 
 #: STATS fields the emulator cannot reproduce: it has no clock.
-CLOCKED = ("cycles", "gemm_cycles", "beats")
+CLOCKED = ("cycles", "gemm_cycles", "beats", "vec_cycles")
 
 
 def comparable(frames, ignore=CLOCKED):
@@ -167,3 +167,46 @@ def test_gemm_through_the_device():
     assert got[-3].op == Op.GEMM
     assert got[-2].op == Status.BUSY           # the WRITE right after the GEMM
     assert got[-1] == want[-1]
+
+
+def test_vector_through_the_device():
+    """VECTOR commands (UPDATE, REQUANT, TRANSPOSE) through the decoder: replies, the SAWB
+    sums in STATS, BUSY while the unit runs, a retried UPDATE not redone, a bad command."""
+    from gateware.protocol import VEC_ARGS
+    from tests.test_vector import vec_cfg
+    from rtl.formats import VecOp
+    rng = np.random.default_rng(3)
+    data = bytes(rng.integers(0, 256, 4 * 36, dtype=np.uint8))
+    upd = pack_fields(VEC_ARGS, vec_cfg(VecOp.UPDATE, 3, 4, (0, 4), (12, 4), 24, mu=58982,
+                                        m=40000, s=9))
+    wire = [
+        frame(1, Op.WRITE, pack_fields(WRITE_HEADER, {"addr": 0}) + data),
+        frame(2, Op.VECTOR, upd),
+        frame(2, Op.VECTOR, upd),                                  # a retry: not redone
+        2000,
+        frame(4, Op.STATS),
+        frame(5, Op.VECTOR, pack_fields(VEC_ARGS, vec_cfg(VecOp.REQUANT, 3, 4, (12, 4),
+                                                          (40, 1), m=50000, s=30))),
+        100,
+        frame(6, Op.VECTOR, pack_fields(VEC_ARGS, vec_cfg(VecOp.TRANSPOSE, 3, 4, (40, 1),
+                                                          (44, 1)))),
+        100,
+        frame(7, Op.VECTOR, pack_fields(VEC_ARGS, vec_cfg(VecOp.TRANSPOSE, 3, 4, (40, 1),
+                                                          (WORDS - 2, 1)))),
+        frame(8, Op.VECTOR, b"short"),
+        frame(9, Op.READ, pack_fields(READ_ARGS, {"addr": 0, "words": 48})),
+        frame(10, Op.VECTOR, upd),
+        frame(11, Op.WRITE, pack_fields(WRITE_HEADER, {"addr": 60}) + bytes(4)),  # BUSY
+        2000,
+        frame(12, Op.STATS),
+    ]
+    got = FrameDecoder().feed(run_device(wire, replies=len(wire) - 4))
+    want = FrameDecoder().feed(emulate([w for w in wire if not isinstance(w, int)]))
+    assert [f.op for f in got] == [Op.WRITE, Op.VECTOR, Op.VECTOR, Op.STATS, Op.VECTOR,
+                                   Op.VECTOR, Status.OUT_OF_RANGE, Status.BAD_LENGTH,
+                                   Op.READ, Op.VECTOR, Status.BUSY, Op.STATS]
+    skip = {10}                                      # the emulator is never busy
+    assert [c for i, c in enumerate(comparable(got)) if i not in skip] == \
+        [c for i, c in enumerate(comparable(want)) if i not in skip]
+    stats = unpack_fields(STATS_LAYOUT, got[3].payload)
+    assert stats["w_sum_sq"] > 0 and stats["vec_cycles"] == 8 * 12

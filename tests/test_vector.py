@@ -1,0 +1,185 @@
+"""The element-wise unit (TRANSPOSE, UPDATE, REQUANT) in the Amaranth simulator, against
+the emulator's reference semantics and the golden fixed-point update."""
+
+import numpy as np
+import pytest
+from amaranth.hdl import Module
+from amaranth.lib import wiring
+from amaranth.sim import Simulator
+
+from host.emu import vector_apply, vector_check
+from host.layout import pack, row_words
+from host.numerics import master_update, requantize, sawb_sums
+from host.packing import to_int
+from rtl.engine import TensorMemory, word_nibbles
+from rtl.formats import MASTER_MAX, MASTER_MIN, VecOp
+from rtl.vector import VEC_CFG, VectorUnit
+
+
+class VectorBench(wiring.Component):
+    def __init__(self, rows, cols, words):
+        self.unit = VectorUnit(rows, cols, words)
+        self.mem = TensorMemory(words, self.unit.nib, 1)
+        super().__init__({})
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.unit = u = self.unit
+        m.submodules.mem = mem = self.mem
+        wiring.connect(m, u.rd, mem.rd[0])
+        m.d.comb += [mem.wr_addr.eq(u.wr_addr), mem.wr_data.eq(u.wr_data),
+                     mem.wr_en.eq(u.wr_en)]
+        return m
+
+
+def run_unit(rows, cols, words, mem_bytes, cfgs):
+    """Run VECTOR commands on the RTL; returns (memory after, [(ok, sums, cycles)])."""
+    bench = VectorBench(rows, cols, words)
+    wb = bench.unit.nib // 2
+    out = bytearray(mem_bytes)
+    results = []
+
+    async def tb(ctx):
+        for addr in range(words):
+            word = int.from_bytes(mem_bytes[addr * wb:(addr + 1) * wb], "little")
+            if word:
+                ctx.set(bench.mem.copies[0].data[addr], word)
+        u = bench.unit
+        for cfg in cfgs:
+            ctx.set(u.cfg.as_value(), to_int(VEC_CFG, cfg))
+            ctx.set(u.start, 1)
+            await ctx.tick()
+            ctx.set(u.start, 0)
+            (ok,) = await ctx.tick().sample(u.ok).until(u.checked)
+            if ok:
+                await ctx.tick().until(~u.busy)
+            results.append((int(ok), (ctx.get(u.sum_abs), ctx.get(u.sum_sq)),
+                            ctx.get(u.cycles)))
+        for addr in range(words):
+            out[addr * wb:(addr + 1) * wb] = ctx.get(
+                bench.mem.copies[0].data[addr]).to_bytes(wb, "little")
+
+    sim = Simulator(bench)
+    sim.add_clock(1e-6)
+    sim.add_testbench(tb)
+    sim.run()
+    return bytes(out), results
+
+
+def vec_cfg(op, rows, cols, a=(0, 1), b=(0, 1), c=0, pair=0, mu=0, m=0, s=0):
+    return {"op": int(op), "pair": pair, "rows": rows, "cols": cols,
+            "a_addr": a[0], "a_stride": a[1], "b_addr": b[0], "b_stride": b[1], "c_addr": c,
+            "mu": mu, "m": m, "s": s}
+
+
+def random_cfgs(rng, rows, cols, words):
+    """In-range commands of every operation, laid out one after another in memory."""
+    nib = word_nibbles(rows, cols)
+    cfgs = []
+    for op in (VecOp.TRANSPOSE, VecOp.TRANSPOSE, VecOp.UPDATE, VecOp.REQUANT, VecOp.UPDATE,
+               VecOp.REQUANT):
+        r, c = int(rng.integers(1, 7)), int(rng.integers(1, 9))
+        pair = int(rng.integers(2))
+        e = (2 if pair else 1) if op == VecOp.TRANSPOSE else 8
+        sa = row_words(c, e, nib) + int(rng.integers(0, 2))
+        if op == VecOp.TRANSPOSE:
+            sb = row_words(r, e, nib) + int(rng.integers(0, 2))
+            nb = c
+        else:
+            sb = row_words(c, 8 if op == VecOp.UPDATE else 1, nib) + int(rng.integers(0, 2))
+            nb = r
+        a = int(rng.integers(0, words // 4))
+        b = a + r * sa + int(rng.integers(0, 3))
+        cc = b + nb * sb + int(rng.integers(0, 3))
+        cfgs.append(vec_cfg(op, r, c, (a, sa), (b, sb), cc, pair=pair,
+                            mu=int(rng.integers(0, 1 << 16)),
+                            m=int(rng.integers(1 << 15, 1 << 16)),
+                            s=int(rng.choice([0, 1, 5, 17, 30, 46, 62, 63]))))
+    return cfgs
+
+
+@pytest.mark.parametrize("rows,cols,seed", [(2, 4, 1), (1, 4, 2), (4, 16, 3)])
+def test_vector_matches_emulator(rows, cols, seed):
+    """Random memory, random in-range commands (including wide and saturating masters):
+    memory, sums and verdicts match the emulator's after each command."""
+    words = 256
+    rng = np.random.default_rng(seed)
+    nib = word_nibbles(rows, cols)
+    mem = bytearray(rng.integers(0, 256, words * nib // 2, dtype=np.uint8).tobytes())
+    cfgs = random_cfgs(rng, rows, cols, words)
+    want = bytearray(mem)
+    want_sums = []
+    for cfg in cfgs:
+        assert vector_check(cfg, rows, cols, words)
+        sums = vector_apply(want, cfg, rows, cols)
+        want_sums.append(sums)
+    got, results = run_unit(rows, cols, words, bytes(mem), cfgs)
+    assert got == bytes(want)
+    last = None
+    for (ok, sums, cycles), want_s, cfg in zip(results, want_sums, cfgs, strict=True):
+        assert ok
+        last = want_s if want_s is not None else last
+        if last is not None:
+            assert sums == last
+        per = {VecOp.TRANSPOSE: 2, VecOp.UPDATE: 8, VecOp.REQUANT: 3}[cfg["op"]]
+        assert cycles == per * cfg["rows"] * cfg["cols"], (cycles, cfg)
+
+
+def test_vector_range_checks():
+    """Each rejected command is rejected by both, and leaves memory alone."""
+    rows, cols, words = 2, 4, 64
+    nib = word_nibbles(rows, cols)
+    cfgs = [
+        vec_cfg(VecOp.TRANSPOSE, 0, 3),                              # empty
+        vec_cfg(VecOp.TRANSPOSE, 3, 0),
+        vec_cfg(3, 1, 1),                                            # no such op
+        vec_cfg(VecOp.TRANSPOSE, 4, 4, (62, 1), (0, 1)),             # A past the end
+        vec_cfg(VecOp.TRANSPOSE, 4, 4, (0, 1), (61, 1)),             # B past the end
+        vec_cfg(VecOp.UPDATE, 2, 2, (0, 2), (10, 2), 61),            # C past the end
+        vec_cfg(VecOp.UPDATE, 2, 2, (0, 2), (10, 1), 20),            # W rows overlap
+        vec_cfg(VecOp.REQUANT, 1, 9, (0, 9), (20, 1)),               # 9 codes in 1 word
+        vec_cfg(VecOp.REQUANT, 1, 8, (0, 8), (56, 1)),               # fine: last words
+        vec_cfg(VecOp.UPDATE, 3, 1, (61, 1), (0, 1), 3),             # fine: to the end
+    ]
+    mem = bytes(words * nib // 2)
+    want = bytearray(mem)
+    verdicts = []
+    for cfg in cfgs:
+        ok = vector_check(cfg, rows, cols, words)
+        verdicts.append(int(ok))
+        if ok:
+            vector_apply(want, cfg, rows, cols)
+    assert verdicts == [0, 0, 0, 0, 0, 0, 0, 0, 1, 1]
+    got, results = run_unit(rows, cols, words, mem, cfgs)
+    assert [r[0] for r in results] == verdicts
+    assert got == bytes(want)
+
+
+def test_update_golden_corners():
+    """The fixed-point update by hand: rounding ties, saturation, and s = 0 / 63."""
+    g = np.array([3, -3, 0, 0, MASTER_MAX, MASTER_MIN])
+    w = np.array([0, 0, 0, MASTER_MIN, MASTER_MIN, MASTER_MAX])
+    v = np.array([0, 0, 1 << 16, 1, 0, 0])
+    # m/2^s = 1/2: 3/2 = 1.5 -> 2, -3/2 = -1.5 -> -1 (half up); v*mu: (2^16*2^15+2^15)>>16
+    w2, v2 = master_update(g, w, v, 1 << 15, 1 << 15, 16)
+    assert list(v2[:3]) == [2, -1, 1 << 15]
+    assert list(w2[:3]) == [-2, 1, -(1 << 15)]
+    ws, vs = master_update(g, w, v, 0, 2, 0)                      # saturate both ways
+    assert vs[4] == MASTER_MAX and ws[4] == MASTER_MIN
+    assert vs[5] == MASTER_MIN and ws[5] == MASTER_MAX
+    w3, v3 = master_update(g, w, v, 0, 1, 0)                      # s = 0: v' = g
+    assert list(v3) == list(np.clip(g, MASTER_MIN, MASTER_MAX))
+    _, v4 = master_update(g, w, v, 0, (1 << 16) - 1, 63)         # everything rounds to 0
+    assert not v4.any()
+    assert list(requantize(np.array([7 << 20, -(15 << 19), 1 << 19, -(1 << 19)]),
+                           1 << 15, 35)) == [7, -7, 1, 0]          # ties: 0.5 -> 1, -0.5 -> 0
+    assert sawb_sums(np.array([256, -256, 255, -1])) == (3, 3)     # -1 >> 8 = -1
+
+
+def test_update_roundtrip_pack():
+    """Masters survive the memory layout: 8-nibble elements, sign-extended on read."""
+    nib = 8
+    w = np.array([[MASTER_MIN, -1, 0, MASTER_MAX]])
+    raw = pack(w & 0xFFFFFFFF, 8, nib)
+    from host.layout import unpack
+    assert (unpack(raw, 1, 4, 8, nib, None, 32) == w).all()
