@@ -170,7 +170,8 @@ class Device(wiring.Component):
                      info.max_payload.eq(MAX_PAYLOAD), info.clk_hz.eq(self.clk_hz)]
         stats = Signal(STATS_LAYOUT)
         m.d.comb += [stats.busy.eq(busy), stats.vec_cycles.eq(vec.cycles),
-                     stats.w_sum_abs.eq(vec.sum_abs), stats.w_sum_sq.eq(vec.sum_sq), stats.absmax.eq(engine.absmax),
+                     stats.w_sum_abs.eq(vec.sum_abs), stats.w_sum_sq.eq(vec.sum_sq),
+                     stats.absmax.eq(engine.absmax),
                      stats.gemm_cycles.eq(engine.cycles), stats.beats.eq(engine.beats),
                      stats.cycles.eq(cycles_at), stats.sum_abs.eq(sum_abs),
                      stats.sum_sq.eq(sum_sq), stats.rx_errors.eq(rx.errors)]

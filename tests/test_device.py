@@ -173,8 +173,8 @@ def test_vector_through_the_device():
     """VECTOR commands (UPDATE, REQUANT, TRANSPOSE) through the decoder: replies, the SAWB
     sums in STATS, BUSY while the unit runs, a retried UPDATE not redone, a bad command."""
     from gateware.protocol import VEC_ARGS
-    from tests.test_vector import vec_cfg
     from rtl.formats import VecOp
+    from tests.test_vector import vec_cfg
     rng = np.random.default_rng(3)
     data = bytes(rng.integers(0, 256, 4 * 36, dtype=np.uint8))
     upd = pack_fields(VEC_ARGS, vec_cfg(VecOp.UPDATE, 3, 4, (0, 4), (12, 4), 24, mu=58982,

@@ -167,7 +167,7 @@ def test_update_golden_corners():
     ws, vs = master_update(g, w, v, 0, 2, 0)                      # saturate both ways
     assert vs[4] == MASTER_MAX and ws[4] == MASTER_MIN
     assert vs[5] == MASTER_MIN and ws[5] == MASTER_MAX
-    w3, v3 = master_update(g, w, v, 0, 1, 0)                      # s = 0: v' = g
+    _, v3 = master_update(g, w, v, 0, 1, 0)                      # s = 0: v' = g
     assert list(v3) == list(np.clip(g, MASTER_MIN, MASTER_MAX))
     _, v4 = master_update(g, w, v, 0, (1 << 16) - 1, 63)         # everything rounds to 0
     assert not v4.any()
