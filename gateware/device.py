@@ -36,7 +36,12 @@ from .protocol import (
     layout_bytes,
 )
 
-__all__ = ["Device"]
+__all__ = ["SIM_DEVICE", "Device"]
+
+#: The simulated device (``sim.system``) and ``emu://`` by default: a small array, fast to
+#: simulate, and a memory that holds the Fashion-MNIST MLP's training state with its master
+#: weights (2 MiB).
+SIM_DEVICE = {"rows": 2, "cols": 4, "words": 1 << 19, "clk_hz": 36_000_000}
 
 ARGS_BYTES = max(layout_bytes(GEMM_CFG), layout_bytes(VEC_CFG))
 

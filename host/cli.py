@@ -3,12 +3,16 @@
 import argparse
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from host.datasets import DATASETS, DatasetError
 from host.model import SCHEMES
 from host.numerics import NumericsError
-from host.train import DEFAULT_MODELS, TrainConfig, train
+from host.train import DEFAULT_MODELS
+
+#: Default epochs of ``nibble train`` per dataset.
+TRAIN_EPOCHS = {"digits": 10, "fashion-mnist": 10}
 
 __all__ = ["main"]
 
@@ -20,34 +24,101 @@ def _positive(text):
     return value
 
 
+def _parse_model(text, dataset):
+    if text in (None, "mlp"):
+        return list(DEFAULT_MODELS[dataset])
+    try:
+        sizes = [int(x) for x in text.split("-")]
+    except ValueError:
+        sizes = []
+    if len(sizes) < 2 or min(sizes) < 1:
+        raise ValueError(f"--model: expected layer sizes like 784-128-10, got {text!r}")
+    return sizes
+
+
+@contextmanager
+def open_device(url, baud=None, quiet=False):
+    """A connected device for ``url``; ``sim`` builds (once) and serves the simulated
+    device for the duration."""
+    from host.driver import Device
+
+    if url != "sim":
+        with Device.open(url, baudrate=baud) as dev:
+            yield dev
+        return
+    from sim.system import DEFAULTS, build, serve
+    build(**DEFAULTS, quiet=quiet)
+    with serve(**DEFAULTS) as sock, Device.open(sock) as dev:
+        yield dev
+
+
 def cmd_train(args):
     from host import datasets
+    from host.device_train import CHECKPOINT, DeviceTrainConfig, load_checkpoint, train_on_device
     from host.report import plot_curves, write_json
 
-    data = datasets.load(args.dataset)
-    sizes = DEFAULT_MODELS[args.dataset]
-    schemes = [args.scheme] + ([args.baseline] if args.baseline not in ("none", args.scheme)
-                               else [])
-    results = {}
-    for scheme in schemes:
-        cfg = TrainConfig(scheme=scheme, epochs=args.epochs, batch_size=args.batch_size,
-                          lr=args.lr, momentum=args.momentum, seed=args.seed, sizes=sizes)
-        print(f"training {args.dataset} MLP {'-'.join(map(str, sizes))} with {scheme} "
-              f"({'4-bit golden-model emulation' if SCHEMES[scheme].quantized else 'fp32'}), "
-              f"{args.epochs} epochs", flush=True)
-        results[scheme] = train(data, cfg, progress=not args.quiet)
-    out = Path(args.out or f"build/train/{args.dataset}")
-    metrics = {s: {k: r[k] for k in ("config", "history", "test_accuracy", "seconds",
-                                      "step_seconds")} for s, r in results.items()}
-    write_json(out / "metrics.json", metrics)
-    plot_curves(out / "curves.png", {f"{args.dataset} test accuracy":
-                                     {s: [h["test_accuracy"] for h in r["history"]]
-                                      for s, r in results.items()}})
-    print()
-    print(f"{'scheme':20s} {'test accuracy':>14s} {'ms/step':>9s}")
-    for scheme, r in results.items():
-        print(f"{scheme:20s} {r['test_accuracy']:14.4f} {r['step_seconds'] * 1e3:9.3f}")
-    print(f"\nmetrics: {out / 'metrics.json'}\nplot:    {out / 'curves.png'}")
+    if args.resume:
+        ckpt = Path(args.resume) / CHECKPOINT
+        if not ckpt.exists():
+            raise ValueError(f"--resume: no {CHECKPOINT} in {args.resume}")
+        _, meta = load_checkpoint(ckpt)
+        c = meta["config"]
+        dataset, sizes, epochs = c["dataset"], c["sizes"], args.epochs or c["epochs"]
+        cfg = DeviceTrainConfig(sizes=sizes, batch_size=c["batch_size"], lr=c["lr"],
+                                momentum=c["momentum"], seed=c["seed"], masters=c["masters"])
+        out = Path(args.out or args.resume)
+    else:
+        ckpt = None
+        dataset, epochs = args.dataset, args.epochs or TRAIN_EPOCHS[args.dataset]
+        sizes = _parse_model(args.model, dataset)
+        cfg = DeviceTrainConfig(sizes=sizes, batch_size=args.batch_size, lr=args.lr,
+                                momentum=args.momentum, seed=args.seed, masters=args.masters)
+        out = Path(args.out or f"build/train/{dataset}")
+    data = datasets.load(dataset)
+    if sizes[0] != data.features or sizes[-1] != data.classes:
+        raise ValueError(f"model {'-'.join(map(str, sizes))} does not match {dataset} "
+                         f"({data.features} inputs, {data.classes} classes)")
+    model = "-".join(map(str, sizes))
+    where = "the simulated device" if args.device == "sim" else args.device
+    print(f"training the {dataset} MLP {model} in 4 bits on {where}, {epochs} epochs, batch "
+          f"{cfg.batch_size}, master weights on the {cfg.masters}"
+          + (f" (resuming {ckpt})" if ckpt else ""), flush=True)
+    with open_device(args.device, args.baud, quiet=args.quiet) as dev:
+        r = train_on_device(dev, data, cfg, epochs, out=out, resume=ckpt,
+                            progress=not args.quiet)
+    if r["interrupted"]:
+        print(f"\ninterrupted after step {r['steps']}: checkpoint {out / CHECKPOINT}; "
+              f"continue with: nibble train --device {args.device} --resume {out}")
+        return 130
+    curves = {"ibm4 (device)": r["history"]}
+    if args.fp32:
+        from host.train import TrainConfig, train
+        print(f"fp32 baseline on the host ({model}, same hyper-parameters) ...", flush=True)
+        f = train(data, TrainConfig(scheme="fp32", epochs=epochs, batch_size=cfg.batch_size,
+                                    lr=cfg.lr, momentum=cfg.momentum, seed=cfg.seed,
+                                    sizes=sizes), progress=not args.quiet)
+        r["fp32"] = {"history": f["history"], "test_accuracy": f["test_accuracy"]}
+        curves["fp32 (host)"] = f["history"]
+    r.pop("model")
+    write_json(out / "metrics.json", r)
+    plot_curves(out / "curves.png", {
+        f"{dataset} {model}: training loss": {k: [h["loss"] for h in v]
+                                              for k, v in curves.items()},
+        f"{dataset} {model}: test accuracy": {k: [h["test_accuracy"] for h in v]
+                                              for k, v in curves.items()},
+    }, ylabel=None)
+    last = r["history"][-1]
+    print(f"\n{'':24s} {'test accuracy':>14s}")
+    print(f"{'ibm4 on the device':24s} {r['test_accuracy']:14.4f}")
+    if "fp32" in r:
+        print(f"{'fp32 on the host':24s} {r['fp32']['test_accuracy']:14.4f}")
+    cyc = last["device_cycles_per_step"]
+    print(f"\n{last['images_per_second']:.0f} images/s; per step: "
+          + (f"{cyc:,.0f} device cycles, " if cyc else "")
+          + f"{last['link_bytes_per_step']:,.0f} link bytes "
+          f"({last['link_bytes_ratio']:.2f}x the batch's own)")
+    print(f"metrics:    {out / 'metrics.json'}\nplots:      {out / 'curves.png'}\n"
+          f"checkpoint: {out / CHECKPOINT}")
     return 0
 
 
@@ -242,21 +313,31 @@ def cmd_flash(args):
 
 
 def build_parser():
+    from gateware.device import SIM_DEVICE
+
     p = argparse.ArgumentParser(prog="nibble", description="nibble: 4-bit neural-network "
                                 "training on open FPGAs")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train an MLP in 4 bits (golden-model emulation) "
-                       "beside an fp32 baseline")
+    t = sub.add_parser("train", help="train an MLP in 4 bits on a device (default: the "
+                       "simulated device) beside an fp32 baseline")
+    t.add_argument("--device", default="sim",
+                   help="sim (the simulated device, built on first use; default), emu://, "
+                        "socket://HOST:PORT, or a board's serial port such as /dev/ttyUSB1")
     t.add_argument("--dataset", choices=list(DATASETS), default="digits")
-    t.add_argument("--scheme", choices=list(SCHEMES), default="ibm4")
-    t.add_argument("--baseline", choices=[*SCHEMES, "none"], default="fp32")
-    t.add_argument("--epochs", type=_positive, default=30)
-    t.add_argument("--batch-size", type=_positive, default=TrainConfig.batch_size)
-    t.add_argument("--lr", type=float, default=TrainConfig.lr)
-    t.add_argument("--momentum", type=float, default=TrainConfig.momentum)
+    t.add_argument("--model", help="layer sizes, e.g. 784-128-10 (default: the dataset's MLP)")
+    t.add_argument("--epochs", type=_positive, help="default: 10")
+    t.add_argument("--batch-size", type=_positive, default=64)
+    t.add_argument("--lr", type=float, default=0.05)
+    t.add_argument("--momentum", type=float, default=0.9)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--masters", choices=["device", "host"], default="device",
+                   help="where the fixed-point master weights live (default: device)")
+    t.add_argument("--no-fp32", dest="fp32", action="store_false",
+                   help="skip the fp32 baseline")
+    t.add_argument("--baud", type=_positive, help="serial baud rate (a board's default)")
     t.add_argument("--out", help="output folder (default build/train/DATASET)")
+    t.add_argument("--resume", metavar="DIR", help="continue the run whose checkpoint is in DIR")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 
@@ -297,9 +378,9 @@ def build_parser():
     smsub = sm.add_subparsers(dest="sim", required=True)
     sv = smsub.add_parser("serve", help="build (cached) and serve it on a TCP socket")
     sv.add_argument("--port", type=int, default=0, help="TCP port (default: a free one)")
-    sv.add_argument("--rows", type=_positive, default=2)
-    sv.add_argument("--cols", type=_positive, default=4)
-    sv.add_argument("--words", type=_positive, default=1 << 17)
+    sv.add_argument("--rows", type=_positive, default=SIM_DEVICE["rows"])
+    sv.add_argument("--cols", type=_positive, default=SIM_DEVICE["cols"])
+    sv.add_argument("--words", type=_positive, default=SIM_DEVICE["words"])
     sv.set_defaults(func=cmd_sim_serve)
 
     dv = sub.add_parser("device", help="talk to a device")

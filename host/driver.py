@@ -2,7 +2,8 @@
 
 ``Device.open(url)`` takes
 
-* ``emu://`` (optionally ``emu://?rows=2&cols=4&words=65536``): the golden model in process;
+* ``emu://`` (optionally ``emu://?rows=2&cols=4&words=65536``): the golden model in process,
+  by default configured as the simulated device (``gateware.device.SIM_DEVICE``);
 * ``socket://127.0.0.1:PORT``: the Verilator system model (``nibble sim serve``);
 * a serial port (``/dev/ttyUSB1``, ``COM5``): a board, at its baud rate.
 
@@ -25,6 +26,7 @@ from gateware.protocol import (
     READ_ARGS,
     STATS_ARGS,
     STATS_LAYOUT,
+    VEC_ARGS,
     WRITE_HEADER,
     Op,
     Status,
@@ -97,9 +99,12 @@ def open_transport(url, baudrate=None, timeout=0.002):
         from host.emu import EmuTransport
         query = urllib.parse.parse_qs(urllib.parse.urlparse(url).query)
         kw = {k: int(v[0]) for k, v in query.items()}
+        from gateware.device import SIM_DEVICE
         try:
-            return EmuTransport(rows=kw.get("rows", 2), cols=kw.get("cols", 4),
-                                mem_words=kw.get("words", 1 << 16))
+            return EmuTransport(rows=kw.get("rows", SIM_DEVICE["rows"]),
+                                cols=kw.get("cols", SIM_DEVICE["cols"]),
+                                mem_words=kw.get("words", SIM_DEVICE["words"]),
+                                clk_hz=kw.get("clk_hz", SIM_DEVICE["clk_hz"]))
         except ValueError as e:
             raise DeviceError(f"bad emulator URL {url}: {e}") from e
     import serial
@@ -130,6 +135,9 @@ class Device:
         self.payload_sent = self.payload_received = 0
         self.resends = 0
         self.frames_sent = 0
+        #: Seconds spent writing to the transport and waiting for replies (the link and
+        #: the device; for ``emu://`` also the emulator's own work).
+        self.io_seconds = 0.0
         self.info = None
 
     @classmethod
@@ -196,10 +204,12 @@ class Device:
                                   f"{tries - 1} tries of {self.timeout:g} s")
             if tries > 1:
                 self.resends += 1
+            t0 = time.perf_counter()
             self.t.write(wire)
             self.wire_sent += len(wire)
             self.frames_sent += 1
             reply = self._await(seq, time.monotonic() + self.timeout)
+            self.io_seconds += time.perf_counter() - t0
             if reply is None:
                 continue
             if reply.op == Status.BAD_CRC:
@@ -274,6 +284,12 @@ class Device:
     def gemm(self, cfg, wait=True):
         """Start a GEMM (GEMM_ARGS values); with ``wait``, return its STATS when done."""
         self.request(Op.GEMM, pack_fields(GEMM_ARGS, cfg))
+        return self.wait() if wait else None
+
+    def vector(self, cfg, wait=True):
+        """Start an element-wise operation (VEC_ARGS values, see :mod:`rtl.vector`); with
+        ``wait``, return the STATS when it is done."""
+        self.request(Op.VECTOR, pack_fields(VEC_ARGS, cfg))
         return self.wait() if wait else None
 
     def wait(self):

@@ -47,7 +47,8 @@ def plot_curves(path, panels, ylabel="test accuracy"):
             ax.plot(range(1, len(ys) + 1), ys, marker="o", markersize=3, label=label)
         ax.set_title(title)
         ax.set_xlabel("epoch")
-        ax.set_ylabel(ylabel)
+        if ylabel:
+            ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()

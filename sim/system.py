@@ -18,6 +18,7 @@ from pathlib import Path
 
 from amaranth.back import verilog
 
+from gateware.device import SIM_DEVICE
 from sim.runner import WAIVED, _env, verilator_bin
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,9 +28,8 @@ TOP = "nibble_device"
 #: Verilator warnings waived on the system model: the unit waivers (sim.runner.WAIVED).
 SYSTEM_WAIVED = list(WAIVED)
 
-#: The simulated device's default configuration: a small array (fast to simulate) and a
-#: memory that holds a Fashion-MNIST MLP's largest GEMM (the 784 x 128 RAW weight gradient).
-DEFAULTS = {"rows": 2, "cols": 4, "words": 1 << 17, "clk_hz": 36_000_000}
+#: The simulated device's default configuration (shared with ``emu://``).
+DEFAULTS = dict(SIM_DEVICE)
 
 
 def build(rows=DEFAULTS["rows"], cols=DEFAULTS["cols"], words=DEFAULTS["words"],
