@@ -5,12 +5,13 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help train test lint sim serve synth bitstream flash bench-numerics bench-system clean
+.PHONY: help train test lint sim serve synth bitstream flash bench-numerics bench-system \
+	bench-train clean
 
 help:
 	@echo "nibble: 4-bit neural-network training on open FPGAs"
 	@echo ""
-	@echo "  make train            train the digits MLP in 4 bits (emulated) beside fp32"
+	@echo "  make train            train the digits MLP in 4 bits on the simulated device, beside fp32"
 	@echo "  make test             lint and run the whole test suite"
 	@echo "  make lint             ruff"
 	@echo "  make sim              cocotb suites on Verilator (also part of make test)"
@@ -20,6 +21,7 @@ help:
 	@echo "  make flash BOARD=...  program the board with openFPGALoader"
 	@echo "  make bench-numerics   4-bit vs fp32 training benchmark -> build/bench/"
 	@echo "  make bench-system     simulated device: speed, array utilization, link efficiency"
+	@echo "  make bench-train      Fashion-MNIST on the device: accuracy, link bytes, projections"
 	@echo "  make clean            remove build/ (keeps .venv)"
 
 $(STAMP): pyproject.toml
@@ -65,6 +67,9 @@ bench-system: $(STAMP)
 
 bench-numerics: $(STAMP)
 	$(VENV)/bin/nibble bench numerics --docs docs/results.md $(ARGS)
+
+bench-train: $(STAMP)
+	$(VENV)/bin/nibble bench train --docs docs/results.md $(ARGS)
 
 clean:
 	rm -rf build

@@ -216,6 +216,20 @@ def cmd_bench_system(args):
     return 0
 
 
+def cmd_bench_train(args):
+    from host.bench_train import bench_train
+
+    r = bench_train(out_dir=args.out, epochs=args.epochs, sim_seconds=args.sim_seconds,
+                    docs=args.docs, progress=not args.quiet)
+    print(f"\nfp32_test_accuracy  {r['fp32_test_accuracy']:.4f}\n"
+          f"ibm4_test_accuracy  {r['ibm4_test_accuracy']:.4f}\n"
+          f"sim_matches_emu     {r['sim_matches_emu']} ({r['sim_steps']} steps)\n"
+          f"link_bytes_ratio    {r['link_bytes_ratio']:.3f}\n"
+          f"wrote {args.out}/train.json, train.md"
+          + (f"; updated {args.docs}" if args.docs else ""))
+    return 0
+
+
 def cmd_sim_serve(args):
     from sim.system import build, serve
 
@@ -328,7 +342,7 @@ def build_parser():
     t.add_argument("--model", help="layer sizes, e.g. 784-128-10 (default: the dataset's MLP)")
     t.add_argument("--epochs", type=_positive, help="default: 10")
     t.add_argument("--batch-size", type=_positive, default=64)
-    t.add_argument("--lr", type=float, default=0.05)
+    t.add_argument("--lr", type=float, default=0.1)
     t.add_argument("--momentum", type=float, default=0.9)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--masters", choices=["device", "host"], default="device",
@@ -373,6 +387,16 @@ def build_parser():
     bs.add_argument("--docs", help="also update the generated table in this markdown file")
     bs.add_argument("--quiet", action="store_true")
     bs.set_defaults(func=cmd_bench_system)
+
+    bt_ = bsub.add_parser("train", help="Fashion-MNIST training on the device: fp32 vs ibm4, "
+                          "the simulated device vs emu://, link bytes, board projections")
+    bt_.add_argument("--epochs", type=_positive, default=10)
+    bt_.add_argument("--sim-seconds", type=float, default=600,
+                     help="time budget of the simulated device's steps (default 600)")
+    bt_.add_argument("--out", default="build/bench")
+    bt_.add_argument("--docs", help="also update the generated section in this markdown file")
+    bt_.add_argument("--quiet", action="store_true")
+    bt_.set_defaults(func=cmd_bench_train)
 
     sm = sub.add_parser("sim", help="the Verilator system model")
     smsub = sm.add_subparsers(dest="sim", required=True)

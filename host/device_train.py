@@ -501,13 +501,30 @@ def load_checkpoint(path):
     return st, meta
 
 
+def _summary(t):
+    """Per-step figures of accumulated step counters."""
+    s = t["steps"]
+    return {
+        "images_per_second": t["images"] / t["seconds"],
+        "device_cycles_per_step": t["cycles"] / s if t["cycles"] else None,
+        "link_bytes_per_step": t["bytes"] / s,
+        "batch_bytes_per_step": t["batch_bytes"] / s,
+        "link_bytes_ratio": t["bytes"] / t["batch_bytes"],
+        "host_seconds_per_step": (t["seconds"] - t["io"]) / s,
+        "io_seconds_per_step": t["io"] / s,
+    }
+
+
 def train_on_device(dev, data, cfg, epochs, out=None, resume=None, progress=True,
-                    max_steps=None, log=print):
+                    max_steps=None, time_budget=None):
     """Train ``cfg``'s MLP on ``data`` through ``dev``. Returns the metrics dict (also
     written to ``out/metrics.json`` with ``out/checkpoint.npz``, each epoch and on Ctrl-C).
 
-    ``resume``: a checkpoint path; training continues bit-identically. ``max_steps``: stop
-    (with a checkpoint) after that many steps of this run, for benchmarks and tests.
+    ``resume``: a checkpoint path; training continues bit-identically. ``max_steps``,
+    ``time_budget`` (seconds): stop (with a checkpoint) after that many steps, or the first
+    step that ends past that time, of this run (benchmarks and tests). The result also has
+    ``losses`` (every step's loss in this run) and ``partial`` (the per-step figures of the
+    steps since the last epoch ended, or of the last epoch).
     """
     import time
     from pathlib import Path
@@ -559,6 +576,8 @@ def train_on_device(dev, data, cfg, epochs, out=None, resume=None, progress=True
                desc=f"{data.name} on {dev.url}", leave=False)
     interrupted = False
     run_steps = 0
+    run_losses = []
+    started = time.perf_counter()
     k_in, n_out = cfg.sizes[0], cfg.sizes[-1]
     with _StopFlag() as stop:
         while loop["epoch"] < epochs and not interrupted:
@@ -587,30 +606,26 @@ def train_on_device(dev, data, cfg, epochs, out=None, resume=None, progress=True
                 acc_t["images"] += len(idx)
                 acc_t["steps"] += 1
                 loop["losses"].append(loss)
+                run_losses.append(loss)
                 loop["pos"] += len(idx)
                 loop["step"] += 1
                 run_steps += 1
                 bar.update()
                 bar.set_postfix(loss=f"{loss:.3f}")
-                if stop.set or (max_steps is not None and run_steps >= max_steps):
+                if (stop.set or (max_steps is not None and run_steps >= max_steps)
+                        or (time_budget is not None
+                            and time.perf_counter() - started > time_budget)):
                     interrupted = True
                     break
             if interrupted and loop["pos"] < n:
                 break
-            s = acc_t["steps"]
             row = {
                 "epoch": loop["epoch"] + 1,
                 "loss": float(np.mean(loop["losses"])),
                 "train_accuracy": float(np.mean(mlp.predict(xq) == data.y_train)),
                 "test_accuracy": float(np.mean(mlp.predict(xt) == data.y_test)),
                 "seconds": acc_t["seconds"],
-                "images_per_second": acc_t["images"] / acc_t["seconds"],
-                "device_cycles_per_step": acc_t["cycles"] / s if acc_t["cycles"] else None,
-                "link_bytes_per_step": acc_t["bytes"] / s,
-                "batch_bytes_per_step": acc_t["batch_bytes"] / s,
-                "link_bytes_ratio": acc_t["bytes"] / acc_t["batch_bytes"],
-                "host_seconds_per_step": (acc_t["seconds"] - acc_t["io"]) / s,
-                "io_seconds_per_step": acc_t["io"] / s,
+                **_summary(acc_t),
             }
             loop["history"].append(row)
             loop["epoch"] += 1
@@ -630,5 +645,9 @@ def train_on_device(dev, data, cfg, epochs, out=None, resume=None, progress=True
     result = metrics(interrupted)
     if out is not None:
         write_json(out / "metrics.json", result)
+    t = loop.get("t")
+    result["partial"] = _summary(t) if t and t["steps"] else (
+        loop["history"][-1] if loop["history"] else None)
+    result["losses"] = run_losses
     result["model"] = mlp
     return result

@@ -212,7 +212,10 @@ class Device:
             self.io_seconds += time.perf_counter() - t0
             if reply is None:
                 continue
-            if reply.op == Status.BAD_CRC:
+            # BAD_CRC: the frame was corrupted. BAD_LENGTH: either a real length error or two
+            # frames run together because a flag byte was lost (the device cannot check the
+            # CRC of an over-long frame); a resend tells them apart.
+            if reply.op in (Status.BAD_CRC, Status.BAD_LENGTH):
                 bad_crc += 1
                 if bad_crc <= self.retries:
                     continue

@@ -16,7 +16,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from amaranth.back import verilog
+from amaranth.back import rtlil, verilog
 
 from gateware.device import SIM_DEVICE
 from sim.runner import WAIVED, _env, verilator_bin
@@ -37,11 +37,14 @@ def build(rows=DEFAULTS["rows"], cols=DEFAULTS["cols"], words=DEFAULTS["words"],
     """Build the model (cached by a hash of the Verilog, the harness and the flags);
     returns the executable."""
     top, ports = _top(rows, cols, words, clk_hz)
-    text = verilog.convert(top, name=TOP, ports=ports)
-    # Amaranth spells out the zero initial value of every memory word (three copies of the
-    # tensor memory: hundreds of thousands of lines that only slow the C++ compiler down);
-    # --x-initial 0 gives the same zeros.
-    text = re.sub(r"^ *\w+\[\d+\] = \d+'d0;\n", "", text, flags=re.M)
+    # Amaranth gives every memory an explicit initial value ($meminit cells: three copies of
+    # the tensor memory, tens of megabytes of zeros that take yosys minutes to write out and
+    # the C++ compiler longer to read). Dropping them leaves the memories uninitialised, and
+    # --x-initial 0 makes that the same zeros.
+    il = rtlil.convert(top, name=TOP, ports=ports)
+    il = re.sub(r"\n *attribute [^\n]*\n *cell \$meminit_v2 .*?\n *end\n", "\n", il,
+                flags=re.S)
+    text = verilog._convert_rtlil_text(il)
     flags = ["-O3", "--x-assign", "fast", "--x-initial", "0", "--noassert",
              *[f"-Wno-{w}" for w in SYSTEM_WAIVED]]
     key = hashlib.sha256("\0".join([text, HARNESS.read_text(), *flags]).encode()).hexdigest()

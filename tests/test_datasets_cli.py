@@ -67,17 +67,6 @@ def test_missing_dataset_is_one_clear_line(tmp_path, monkeypatch, capsys):
     assert len(err) == 1 and "Fashion-MNIST not found" in err[0]
 
 
-def test_cli_train_writes_metrics_and_plot(tmp_path, capsys):
-    out = tmp_path / "run"
-    assert main(["train", "--epochs", "2", "--quiet", "--out", str(out)]) == 0
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"ibm4", "fp32"}
-    assert len(metrics["ibm4"]["history"]) == 2
-    assert (out / "curves.png").stat().st_size > 1000
-    text = capsys.readouterr().out
-    assert "ibm4" in text and "fp32" in text and "test accuracy" in text
-
-
 def test_cli_bench_numerics_rows(tmp_path, tiny_fashion):
     doc = tmp_path / "results.md"
     doc.write_text("# r\n<!-- bench-numerics:begin -->\nold\n<!-- bench-numerics:end -->\n")

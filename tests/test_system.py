@@ -29,13 +29,6 @@ from host.plan import plan_gemm
 from host.tiling import Gemm
 from rtl.formats import GemmMode, MaskMode, Operand, OutputPath
 from sim.golden import MODE_KINDS, lane_cfg, random_gemm
-from sim.system import serve
-
-
-@pytest.fixture(scope="module")
-def simdev():
-    with serve() as url:
-        yield url
 
 
 def random_lane(rng, path, phase, top):

@@ -1,0 +1,201 @@
+"""``nibble bench train``: 4-bit training on the accelerator, Fashion-MNIST MLP 784-128-10.
+
+* fp32 on the host and ibm4 on ``emu://`` (the device's golden model), the full run;
+* the simulated device (the RTL on Verilator) for as many steps as fit a time budget, then
+  the same steps on ``emu://``: ``sim_matches_emu`` is true only when every loss, master
+  weight, momentum and code is identical;
+* per step: device cycles and array utilization (from the simulated device), link bytes
+  (from ``emu://``, where every wait is one STATS poll) against the batch's own bytes, the
+  host's share of the step time; the host-master mode's link cost;
+* projections for the boards from those measured cycles and bytes: GEMM cycles rescaled to
+  each board's array (its beats from the GEMM shapes, plus the fill and drain measured on
+  the simulated device), element-wise cycles as measured, the link at the board's baud rate
+  (10 bits a byte), plus the measured host time.
+
+Writes ``train.json`` and ``train.md`` under the output folder and, with ``docs``, the
+``bench-train`` section of that markdown file.
+"""
+
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+from threadpoolctl import threadpool_limits
+
+from host import datasets
+from host.device_train import DeviceTrainConfig, train_on_device
+from host.driver import Device
+from host.report import markdown_table, update_doc_section, write_json
+from host.train import TrainConfig, train
+
+__all__ = ["bench_train"]
+
+SIZES = [784, 128, 10]
+HYPER = {"batch_size": 64, "lr": 0.1, "momentum": 0.9, "seed": 0}
+
+
+def _board_rows():
+    """(name, rows, cols, baud, clock Hz, clock note, memory bytes) per board: the clock is
+    the measured fmax from ``build/<board>/report.json`` (``make bitstream``) where the
+    design fits, else the board's target clock."""
+    from gateware.boards import BOARDS
+    from rtl.engine import word_nibbles
+    out = []
+    for name, b in BOARDS.items():
+        rep = Path("build") / name / "report.json"
+        hz, note = b.clk_hz, "target (no bitstream report)"
+        if rep.exists():
+            r = json.loads(rep.read_text())
+            if r.get("fits", True) and r.get("fmax_mhz"):
+                hz, note = r["fmax_mhz"] * 1e6, "measured fmax"
+            else:
+                note = "target; the bitstream does not fit"
+        out.append((name, b.rows, b.cols, b.baud, hz, note,
+                    b.mem_words * word_nibbles(b.rows, b.cols) // 2))
+    return out
+
+
+def project(gemms, vec_cycles_per_step, steps, link_bytes, host_s, rows, cols, baud, hz, batch):
+    """Steps/s and images/s on an ``rows`` x ``cols`` array at ``hz`` with a ``baud`` link.
+    ``gemms``: (m, l, n, cycles, beats) of every GEMM in ``steps`` steps (measured)."""
+    cycles = 0
+    for m, l, n, cyc, beats in gemms:
+        cycles += math.ceil(m / rows) * math.ceil(n / cols) * l + (cyc - beats)
+    cycles = cycles / steps + vec_cycles_per_step
+    t = cycles / hz + link_bytes * 10 / baud + host_s
+    return {"device_cycles_per_step": cycles, "compute_s": cycles / hz,
+            "link_s": link_bytes * 10 / baud, "host_s": host_s, "step_s": t,
+            "steps_per_second": 1 / t, "images_per_second": batch / t}
+
+
+def bench_train(out_dir="build/bench", epochs=10, sim_seconds=600, docs=None,
+                progress=True, log=print):
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _bench(out_dir, epochs, sim_seconds, docs, progress, log)
+
+
+def _bench(out_dir, epochs, sim_seconds, docs, progress, log):
+    from sim.system import DEFAULTS, build, serve
+
+    data = datasets.load("fashion-mnist")
+    out = Path(out_dir)
+    cfg = DeviceTrainConfig(sizes=SIZES, **HYPER)
+    res = {"model": "mlp-784-128-10", "dataset": "fashion-mnist", "epochs": epochs,
+           **HYPER, "host": platform.processor() or platform.machine()}
+
+    log(f"fp32 on the host, {epochs} epochs ...")
+    f = train(data, TrainConfig(scheme="fp32", epochs=epochs, sizes=SIZES, **HYPER),
+              progress=progress)
+    res["fp32_test_accuracy"] = f["test_accuracy"]
+    res["fp32_history"] = f["history"]
+
+    log(f"ibm4 on emu:// (the device's golden model), {epochs} epochs ...")
+    with Device.open("emu://") as dev:
+        e = train_on_device(dev, data, cfg, epochs, progress=progress)
+    res["ibm4_test_accuracy"] = e["test_accuracy"]
+    res["ibm4_history"] = e["history"]
+    first = e["history"][0]
+    for key in ("link_bytes_per_step", "batch_bytes_per_step", "link_bytes_ratio",
+                "host_seconds_per_step"):
+        res[key] = first[key]
+
+    log("host-master mode on emu://, 20 steps ...")
+    with Device.open("emu://") as dev:
+        h = train_on_device(dev, data, DeviceTrainConfig(sizes=SIZES, masters="host", **HYPER),
+                            1, progress=False, max_steps=20)
+    res["host_masters"] = {"link_bytes_per_step": h["partial"]["link_bytes_per_step"],
+                           "link_bytes_ratio": h["partial"]["link_bytes_ratio"]}
+
+    log(f"the simulated device (built on first use), {sim_seconds} s of steps ...")
+    build(**DEFAULTS, quiet=not progress)
+    with serve(**DEFAULTS) as url, Device.open(url) as dev:
+        t0 = time.perf_counter()
+        s = train_on_device(dev, data, cfg, epochs, progress=progress,
+                            time_budget=sim_seconds)
+        sim_wall = time.perf_counter() - t0
+        model = s["model"]
+        sim_w, sim_v = model.masters()
+        sim_codes = model.weight_codes()
+    steps = s["steps"]
+    with Device.open("emu://") as dev:
+        c = train_on_device(dev, data, cfg, epochs, progress=False, max_steps=steps)
+        emu_w, emu_v = c["model"].masters()
+        emu_codes = c["model"].weight_codes()
+    same = (s["losses"] == c["losses"]
+            and all((a == b).all() for a, b in zip(sim_w + sim_v + sim_codes,
+                                                   emu_w + emu_v + emu_codes, strict=True)))
+    sp = s["partial"]
+    counters = model.counters
+    macs = sum(m * l * n for m, l, n, _, _ in counters["gemms"])
+    gemm_cycles = sum(cyc for *_, cyc, _ in counters["gemms"])
+    rows, cols = dev.rows, dev.cols
+    res.update({
+        "sim_matches_emu": bool(same),
+        "sim_steps": steps,
+        "sim_seconds": sim_wall,
+        "sim_array": f"{rows}x{cols}",
+        "device_cycles_per_step": sp["device_cycles_per_step"],
+        "gemm_cycles_per_step": gemm_cycles / steps,
+        "vec_cycles_per_step": counters["vec_cycles"] / steps,
+        "array_utilization": macs / (gemm_cycles * rows * cols),
+        "sim_link_bytes_per_step": sp["link_bytes_per_step"],
+        "sim_steps_per_second": steps / sim_wall,
+    })
+    proj = {}
+    for name, br, bc, baud, hz, src, mem_bytes in _board_rows():
+        p = project(counters["gemms"], counters["vec_cycles"] / steps, steps,
+                    res["link_bytes_per_step"], res["host_seconds_per_step"], br, bc, baud,
+                    hz, HYPER["batch_size"])
+        p.update({"array": f"{br}x{bc}", "baud": baud, "clock_mhz": hz / 1e6, "clock": src,
+                  "memory_bytes": mem_bytes})
+        proj[name] = p
+    res["projections"] = proj
+    write_json(out / "train.json", res)
+    md = render(res)
+    (out / "train.md").write_text(md)
+    if docs:
+        update_doc_section(docs, "bench-train", md)
+    return res
+
+
+def render(r):
+    acc = markdown_table([{
+        "model": f"{r['dataset']} {r['model']}", "epochs": r["epochs"],
+        "fp32": r["fp32_test_accuracy"], "ibm4": r["ibm4_test_accuracy"],
+        "delta": 100 * (r["ibm4_test_accuracy"] - r["fp32_test_accuracy"]),
+    }], [("model", "model", "{}"), ("epochs", "epochs", "{}"),
+         ("fp32 (host) test acc.", "fp32", "{:.4f}"),
+         ("ibm4 (device, emu://) test acc.", "ibm4", "{:.4f}"),
+         ("Δ (points)", "delta", "{:+.2f}")])
+    step = markdown_table([{
+        "sim": f"{r['sim_steps']} steps, {r['sim_seconds']:.0f} s",
+        "match": "yes" if r["sim_matches_emu"] else "**NO**",
+        "cycles": r["device_cycles_per_step"], "gemm": r["gemm_cycles_per_step"],
+        "vec": r["vec_cycles_per_step"], "util": r["array_utilization"],
+        "bytes": r["link_bytes_per_step"], "batch": r["batch_bytes_per_step"],
+        "ratio": r["link_bytes_ratio"], "host_ratio": r["host_masters"]["link_bytes_ratio"],
+        "host_ms": 1e3 * r["host_seconds_per_step"],
+    }], [("simulated device", "sim", "{}"), ("bit-identical to emu://", "match", "{}"),
+         (f"device cycles / step ({r['sim_array']})", "cycles", "{:,.0f}"),
+         ("of which GEMM", "gemm", "{:,.0f}"), ("element-wise", "vec", "{:,.0f}"),
+         ("array utilization in GEMMs", "util", "{:.3f}"),
+         ("link bytes / step", "bytes", "{:,.0f}"), ("batch bytes", "batch", "{:,.0f}"),
+         ("ratio", "ratio", "{:.3f}"), ("ratio, host masters", "host_ratio", "{:.2f}"),
+         ("host ms / step", "host_ms", "{:.1f}")])
+    rows = [dict(p, board=name, compute_ms=1e3 * p["compute_s"], link_ms=1e3 * p["link_s"],
+                 host_ms=1e3 * p["host_s"])
+            for name, p in r["projections"].items()]
+    proj = markdown_table(rows, [
+        ("board", "board", "{}"), ("array", "array", "{}"), ("clock MHz", "clock_mhz", "{:g}"),
+        ("clock", "clock", "{}"),
+        ("link baud", "baud", "{:,}"), ("cycles / step", "device_cycles_per_step", "{:,.0f}"),
+        ("compute ms", "compute_ms", "{:.1f}"), ("link ms", "link_ms", "{:.1f}"),
+        ("host ms", "host_ms", "{:.1f}"), ("steps/s", "steps_per_second", "{:.2f}"),
+        ("images/s", "images_per_second", "{:.0f}"), ("tensor memory bytes", "memory_bytes",
+                                                       "{:,}")])
+    return (f"Accuracy\n\n{acc}\nPer step (batch {r['batch_size']})\n\n{step}\n"
+            f"Projected on the boards (batch {r['batch_size']})\n\n{proj}")
+
+

@@ -1,0 +1,144 @@
+"""Training on the accelerator: bit-identical across devices and master placements, across
+a resume and through link faults; the command line's outputs and errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from host import datasets
+from host.cli import main
+from host.datasets import Dataset
+from host.device_train import CHECKPOINT, DeviceTrainConfig, train_on_device
+from host.driver import Device
+from host.faults import FaultyTransport
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZES = [64, 32, 10]
+
+
+@pytest.fixture(scope="module")
+def small():
+    """256 digits images to train on (4 steps of 64), 128 to test on."""
+    d = datasets.load("digits")
+    return Dataset("digits", d.x_train[:256], d.y_train[:256], d.x_test[:128],
+                   d.y_test[:128])
+
+
+def run(url, data, epochs=1, masters="device", wrap=None, max_steps=None, out=None,
+        resume=None):
+    cfg = DeviceTrainConfig(sizes=SIZES, batch_size=64, lr=0.1, masters=masters)
+    with Device.open(url, wrap=wrap) as dev:
+        r = train_on_device(dev, data, cfg, epochs, out=out, resume=resume, progress=False,
+                            max_steps=max_steps)
+        w, v = r["model"].masters()
+        r["masters"] = (w, v)
+        r["codes"] = r["model"].weight_codes()
+    return r
+
+
+def same_weights(a, b):
+    return all((x == y).all() for x, y in zip(a["masters"][0] + a["masters"][1],
+                                               b["masters"][0] + b["masters"][1], strict=True))
+
+
+def test_device_and_host_masters_train_identically(small):
+    """The UPDATE unit and the host's fixed-point update are the same arithmetic."""
+    dev = run("emu://", small, epochs=2)
+    host = run("emu://", small, epochs=2, masters="host")
+    assert [h["loss"] for h in dev["history"]] == [h["loss"] for h in host["history"]]
+    assert same_weights(dev, host)
+    # the masters moved, and training learned something in 8 steps
+    assert dev["history"][-1]["loss"] < dev["history"][0]["loss"]
+
+
+def test_simulated_device_trains_bit_identically_to_the_emulator(small, simdev):
+    """Through the Verilator model of the RTL (socket://), several steps: same losses, same
+    master weights, same codes as on emu://."""
+    sim = run(simdev, small, epochs=1)
+    emu = run("emu://", small, epochs=1)
+    assert sim["history"][0]["loss"] == emu["history"][0]["loss"]
+    assert same_weights(sim, emu)
+    assert all((a == b).all() for a, b in zip(sim["codes"], emu["codes"], strict=True))
+    assert sim["history"][0]["device_cycles_per_step"] > 0
+
+
+def test_training_survives_link_faults(small):
+    """Flipped, dropped and duplicated bytes at 1e-3 per byte both ways: the driver's
+    retries give the same final weights as a clean run."""
+    clean = run("emu://", small, epochs=1)
+    faulty = run("emu://", small, epochs=1,
+                 wrap=lambda t: FaultyTransport(t, rate=1e-3, seed=5))
+    assert same_weights(clean, faulty)
+    assert faulty["history"][0]["loss"] == clean["history"][0]["loss"]
+
+
+def test_resume_is_bit_identical(small, tmp_path):
+    """Stop mid-epoch (as Ctrl-C does), resume from the checkpoint: same result as one
+    uninterrupted run."""
+    whole = run("emu://", small, epochs=2)
+    part = run("emu://", small, epochs=2, max_steps=3, out=tmp_path)
+    assert part["interrupted"] and (tmp_path / CHECKPOINT).exists()
+    rest = run("emu://", small, epochs=2, out=tmp_path, resume=tmp_path / CHECKPOINT)
+    assert not rest["interrupted"]
+    assert [h["loss"] for h in rest["history"]] == [h["loss"] for h in whole["history"]]
+    assert same_weights(rest, whole)
+
+
+def test_masters_that_do_not_fit_say_so(capsys):
+    assert main(["train", "--device", "emu://?words=131072", "--dataset", "digits",
+                 "--model", "64-512-10", "--quiet", "--no-fp32"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--masters host" in err[0] and "131,072" in err[0]
+
+
+def test_cli_train_outputs(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--device", "emu://", "--epochs", "2", "--quiet",
+                 "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert len(m["history"]) == 2 and m["fp32"]["test_accuracy"] > 0.5
+    row = m["history"][-1]
+    for key in ("loss", "train_accuracy", "test_accuracy", "images_per_second",
+                "device_cycles_per_step", "link_bytes_per_step", "link_bytes_ratio"):
+        assert key in row
+    assert row["test_accuracy"] > 0.5
+    assert (out / "curves.png").stat().st_size > 1000 and (out / CHECKPOINT).exists()
+    text = capsys.readouterr().out
+    assert "ibm4 on the device" in text and "fp32 on the host" in text
+
+
+def test_unanswering_port_is_one_clear_line(capsys):
+    assert main(["train", "--device", "socket://127.0.0.1:9", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "socket://127.0.0.1:9" in err[0]
+
+
+def test_ctrl_c_leaves_a_usable_checkpoint(tmp_path):
+    """SIGINT while training: the step finishes, a checkpoint is written, the command says
+    how to resume, and resuming finishes the run."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "host.cli", "train", "--device", "emu://", "--epochs", "400",
+           "--quiet", "--no-fp32", "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    deadline = time.monotonic() + 60
+    while not (out / CHECKPOINT).exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "--resume" in stdout
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["interrupted"]
+    done = len(m["history"])
+    assert main(["train", "--device", "emu://", "--resume", str(out), "--epochs",
+                 str(done + 1), "--quiet", "--no-fp32"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert not m["interrupted"] and len(m["history"]) == done + 1
