@@ -98,8 +98,14 @@ class Device(wiring.Component):
         wiring.connect(m, tx.o, wiring.flipped(self.o))
 
         # tensor memory: the engine while it runs, the decoder otherwise
-        wiring.connect(m, engine.rd_b, mem.rd[1])
-        wiring.connect(m, engine.rd_m, mem.rd[2])
+        # read ports 1 and 2: the engine's B and mask readers, or the element-wise unit's
+        for port, eng in ((1, engine.rd_b), (2, engine.rd_m)):
+            with m.If(vec.busy):
+                m.d.comb += [mem.rd[port].addr.eq(vec.rd[port].addr),
+                             mem.rd[port].en.eq(vec.rd[port].en)]
+            with m.Else():
+                m.d.comb += [mem.rd[port].addr.eq(eng.addr), mem.rd[port].en.eq(eng.en)]
+            m.d.comb += [eng.data.eq(mem.rd[port].data), vec.rd[port].data.eq(mem.rd[port].data)]
         d_addr = Signal(range(words))
         d_en = Signal()
         d_wr_addr = Signal(range(words))
@@ -110,14 +116,14 @@ class Device(wiring.Component):
                          mem.wr_addr.eq(engine.wr_addr), mem.wr_data.eq(engine.wr_data),
                          mem.wr_en.eq(engine.wr_en)]
         with m.Elif(vec.busy):
-            m.d.comb += [mem.rd[0].addr.eq(vec.rd.addr), mem.rd[0].en.eq(vec.rd.en),
+            m.d.comb += [mem.rd[0].addr.eq(vec.rd[0].addr), mem.rd[0].en.eq(vec.rd[0].en),
                          mem.wr_addr.eq(vec.wr_addr), mem.wr_data.eq(vec.wr_data),
                          mem.wr_en.eq(vec.wr_en)]
         with m.Else():
             m.d.comb += [mem.rd[0].addr.eq(d_addr), mem.rd[0].en.eq(d_en),
                          mem.wr_addr.eq(d_wr_addr), mem.wr_data.eq(d_wr_data),
                          mem.wr_en.eq(Mux(d_wr_en, (1 << nib) - 1, 0))]
-        m.d.comb += [engine.rd_a.data.eq(mem.rd[0].data), vec.rd.data.eq(mem.rd[0].data)]
+        m.d.comb += [engine.rd_a.data.eq(mem.rd[0].data), vec.rd[0].data.eq(mem.rd[0].data)]
 
         # frame buffer: the receiver fills it, the decoder reads and rewrites it
         d_fb_addr = Signal(range(BUFFER_BYTES))

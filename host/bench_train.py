@@ -25,7 +25,7 @@ from pathlib import Path
 from threadpoolctl import threadpool_limits
 
 from host import datasets
-from host.device_train import DeviceTrainConfig, train_on_device
+from host.device_train import DeviceTrainConfig, memory_words, train_on_device
 from host.driver import Device
 from host.report import markdown_table, update_doc_section, write_json
 from host.train import TrainConfig, train
@@ -52,8 +52,10 @@ def _board_rows():
                 hz, note = r["fmax_mhz"] * 1e6, "measured fmax"
             else:
                 note = "target; the bitstream does not fit"
-        out.append((name, b.rows, b.cols, b.baud, hz, note,
-                    b.mem_words * word_nibbles(b.rows, b.cols) // 2))
+        nib = word_nibbles(b.rows, b.cols)
+        fits = {m: memory_words(SIZES, HYPER["batch_size"], nib, max(b.rows, b.cols), m)
+                <= b.mem_words for m in ("device", "host")}
+        out.append((name, b.rows, b.cols, b.baud, hz, note, b.mem_words * nib // 2, fits))
     return out
 
 
@@ -141,15 +143,18 @@ def _bench(out_dir, epochs, sim_seconds, docs, progress, log):
         "vec_cycles_per_step": counters["vec_cycles"] / steps,
         "array_utilization": macs / (gemm_cycles * rows * cols),
         "sim_link_bytes_per_step": sp["link_bytes_per_step"],
+        "sim_host_share": sp["host_seconds_per_step"]
+        / (sp["host_seconds_per_step"] + sp["io_seconds_per_step"]),
         "sim_steps_per_second": steps / sim_wall,
     })
     proj = {}
-    for name, br, bc, baud, hz, src, mem_bytes in _board_rows():
+    for name, br, bc, baud, hz, src, mem_bytes, fits in _board_rows():
         p = project(counters["gemms"], counters["vec_cycles"] / steps, steps,
                     res["link_bytes_per_step"], res["host_seconds_per_step"], br, bc, baud,
                     hz, HYPER["batch_size"])
         p.update({"array": f"{br}x{bc}", "baud": baud, "clock_mhz": hz / 1e6, "clock": src,
-                  "memory_bytes": mem_bytes})
+                  "memory_bytes": mem_bytes, "fits_device_masters": fits["device"],
+                  "fits_host_masters": fits["host"]})
         proj[name] = p
     res["projections"] = proj
     write_json(out / "train.json", res)
@@ -176,25 +181,32 @@ def render(r):
         "vec": r["vec_cycles_per_step"], "util": r["array_utilization"],
         "bytes": r["link_bytes_per_step"], "batch": r["batch_bytes_per_step"],
         "ratio": r["link_bytes_ratio"], "host_ratio": r["host_masters"]["link_bytes_ratio"],
-        "host_ms": 1e3 * r["host_seconds_per_step"],
+        "host_ms": 1e3 * r["host_seconds_per_step"], "share": r["sim_host_share"],
     }], [("simulated device", "sim", "{}"), ("bit-identical to emu://", "match", "{}"),
          (f"device cycles / step ({r['sim_array']})", "cycles", "{:,.0f}"),
          ("of which GEMM", "gemm", "{:,.0f}"), ("element-wise", "vec", "{:,.0f}"),
          ("array utilization in GEMMs", "util", "{:.3f}"),
          ("link bytes / step", "bytes", "{:,.0f}"), ("batch bytes", "batch", "{:,.0f}"),
          ("ratio", "ratio", "{:.3f}"), ("ratio, host masters", "host_ratio", "{:.2f}"),
-         ("host ms / step", "host_ms", "{:.1f}")])
+         ("host ms / step", "host_ms", "{:.1f}"),
+         ("host share of a simulated step", "share", "{:.3f}")])
+    for p in r["projections"].values():
+        p["host_share"] = p["host_s"] / p["step_s"]
+    yes = {True: "yes", False: "no"}
     rows = [dict(p, board=name, compute_ms=1e3 * p["compute_s"], link_ms=1e3 * p["link_s"],
-                 host_ms=1e3 * p["host_s"])
+                 host_ms=1e3 * p["host_s"],
+                 fits=f"{yes[p['fits_device_masters']]} / {yes[p['fits_host_masters']]}")
             for name, p in r["projections"].items()]
     proj = markdown_table(rows, [
         ("board", "board", "{}"), ("array", "array", "{}"), ("clock MHz", "clock_mhz", "{:g}"),
         ("clock", "clock", "{}"),
         ("link baud", "baud", "{:,}"), ("cycles / step", "device_cycles_per_step", "{:,.0f}"),
         ("compute ms", "compute_ms", "{:.1f}"), ("link ms", "link_ms", "{:.1f}"),
-        ("host ms", "host_ms", "{:.1f}"), ("steps/s", "steps_per_second", "{:.2f}"),
-        ("images/s", "images_per_second", "{:.0f}"), ("tensor memory bytes", "memory_bytes",
-                                                       "{:,}")])
+        ("host ms", "host_ms", "{:.1f}"), ("host share", "host_share", "{:.2f}"),
+        ("steps/s", "steps_per_second", "{:.2f}"),
+        ("images/s", "images_per_second", "{:.0f}"),
+        ("tensor memory bytes", "memory_bytes", "{:,}"),
+        ("model state fits (device / host masters)", "fits", "{}")])
     return (f"Accuracy\n\n{acc}\nPer step (batch {r['batch_size']})\n\n{step}\n"
             f"Projected on the boards (batch {r['batch_size']})\n\n{proj}")
 

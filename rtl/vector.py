@@ -23,14 +23,17 @@ REQUANT
     1-nibble buffer at ``b`` (same rows and cols): the range-rescale rule of
     :func:`host.numerics.rescale`, with ``M / 2^s`` = 1 / (SAWB step in master units).
 
-Each operation is a small sequential machine on one read port and the write port, with no
+Each operation is a small sequential machine on three read ports (the GEMM engine's: the
+two never run together) and the write port, with no
 multipliers in the address path: row and column pointers are kept by adding strides. It
-takes 2 (TRANSPOSE), 3 (REQUANT) or 8 (UPDATE) cycles per element. Buffers are checked
+takes 2 (TRANSPOSE), 5 (REQUANT) or 8 (UPDATE) cycles per element, plus one. Every
+multiplier has registered operands and a registered product (the ECP5 build missed 45 MHz
+by a third while one multiplied a memory word straight after its read). Buffers are checked
 like a GEMM's (``OUT_OF_RANGE`` when any lies outside the memory, a dimension is 0, or a
 written row overlaps the next); overlapping buffers give an undefined result.
 """
 
-from amaranth.hdl import Array, Const, Module, Mux, Signal, signed
+from amaranth.hdl import Array, Const, Module, Mux, Signal, Value, signed
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -87,7 +90,8 @@ class VectorUnit(wiring.Component):
 
     Ports: ``cfg`` (held constant while busy, like the engine's), ``start``, ``checked``,
     ``ok``, ``busy``, ``cycles`` (of the last operation), ``sum_abs``/``sum_sq`` (SAWB
-    statistics of the last UPDATE), ``rd`` (a read port) and the write port ``wr_*``.
+    statistics of the last UPDATE), ``rd`` (three read ports: A, W and V) and the write port
+    ``wr_*``.
     """
 
     def __init__(self, rows, cols, mem_words):
@@ -102,7 +106,7 @@ class VectorUnit(wiring.Component):
             "cycles": Out(32),
             "sum_abs": Out(SAWB_SUM_BITS),
             "sum_sq": Out(SAWB_SQ_BITS),
-            "rd": Out(read_port_signature(mem_words, self.nib)),
+            "rd": Out(read_port_signature(mem_words, self.nib)).array(3),
             "wr_addr": Out(range(mem_words)),
             "wr_data": Out(4 * self.nib),
             "wr_en": Out(self.nib),
@@ -117,7 +121,7 @@ class VectorUnit(wiring.Component):
         # log2 of the read element's nibbles: TRANSPOSE 0/1, UPDATE and REQUANT 3
         e_log = Mux(op == VecOp.TRANSPOSE, cfg.pair, 3)
 
-        # -- the range check: one multiplier, buffer by buffer ------------------------------
+        # -- the range check: buffer by buffer, three cycles each (select, multiply, add) ---
         def words(nibbles):
             return (nibbles + NIB - 1) >> lnib
 
@@ -131,33 +135,41 @@ class VectorUnit(wiring.Component):
             (cfg.c_addr, cfg.b_stride, cfg.rows, words(cols8), 1, op == VecOp.UPDATE),
         ]
         n = len(bufs)
-        idx = Signal(range(n + 1))
+        idx = Signal(range(n))
 
         def pick(i):
-            col = [b[i] if not isinstance(b[i], int) else Const(b[i]) for b in bufs]
-            return Array([*col, Const(0)])   # one spare entry: idx runs to n
+            return Array(Value.cast(b[i]) for b in bufs)[idx]
 
-        addr, stride, rows, rwords, written, used = (pick(i) for i in range(6))
-        end = Signal(ADDR + 2 * STRIDE + 2)
+        c_addr, c_stride, c_rows, c_words = (Signal(ADDR), Signal(STRIDE), Signal(DIM),
+                                             Signal(DIM + 1))
+        c_written, c_used = Signal(), Signal()
+        c_prod = Signal(DIM + STRIDE)
+        end = Signal(ADDR + DIM + STRIDE + 1)
+        phase = Signal(range(3))
         bad = Signal()
         checking = Signal()
         dims_ok = (cfg.rows != 0) & (cfg.cols != 0) & (op <= VecOp.REQUANT)
-        prev_fail = Signal()
-        cur_fail = Signal()
+        fail = Signal()
         m.d.comb += [
-            prev_fail.eq((idx != 0) & used[idx - 1] & (end > self.mem_words)),
-            cur_fail.eq(used[idx] & written[idx] & (stride[idx] < rwords[idx])),
+            end.eq(c_addr + c_prod + c_words),
+            fail.eq(c_used & ((end > self.mem_words) | (c_written & (c_stride < c_words)))),
         ]
         with m.If(self.start & ~self.busy):
-            m.d.sync += [self.busy.eq(1), checking.eq(1), idx.eq(0), bad.eq(~dims_ok)]
+            m.d.sync += [self.busy.eq(1), checking.eq(1), idx.eq(0), phase.eq(0),
+                         bad.eq(~dims_ok)]
         with m.Elif(checking):
-            m.d.sync += idx.eq(idx + 1)
-            with m.If(idx < n):
-                m.d.sync += [end.eq(addr[idx] + (rows[idx] - 1) * stride[idx] + rwords[idx]),
-                             bad.eq(bad | prev_fail | cur_fail)]
-            with m.Else():
-                m.d.sync += checking.eq(0)
-                m.d.comb += [self.checked.eq(1), self.ok.eq(~bad & ~prev_fail)]
+            with m.Switch(phase):
+                with m.Case(0):
+                    m.d.sync += [c_addr.eq(pick(0)), c_stride.eq(pick(1)),
+                                 c_rows.eq(pick(2) - 1), c_words.eq(pick(3)),
+                                 c_written.eq(pick(4)), c_used.eq(pick(5)), phase.eq(1)]
+                with m.Case(1):
+                    m.d.sync += [c_prod.eq(c_rows * c_stride), phase.eq(2)]
+                with m.Default():
+                    m.d.sync += [bad.eq(bad | fail), idx.eq(idx + 1), phase.eq(0)]
+                    with m.If(idx == n - 1):
+                        m.d.sync += checking.eq(0)
+                        m.d.comb += [self.checked.eq(1), self.ok.eq(~bad & ~fail)]
 
         # -- the element walk -------------------------------------------------------------------
         r = Signal(DIM)
@@ -171,7 +183,9 @@ class VectorUnit(wiring.Component):
         cyc = Signal(32)
         launch = Signal()
         step = Signal()               # the current element is done
-        m.d.comb += launch.eq(self.checked & self.ok)
+        last = Signal()
+        m.d.comb += [launch.eq(self.checked & self.ok),
+                     last.eq((c == cfg.cols - 1) & (r == cfg.rows - 1))]
         with m.If(self.checked & ~self.ok):
             m.d.sync += self.busy.eq(0)
         with m.If(launch):
@@ -182,7 +196,6 @@ class VectorUnit(wiring.Component):
                 m.d.sync += [self.sum_abs.eq(0), self.sum_sq.eq(0)]
         with m.Elif(self.busy & ~checking):
             m.d.sync += cyc.eq(cyc + 1)
-        last = (c == cfg.cols - 1) & (r == cfg.rows - 1)
         with m.If(step):
             with m.If(c == cfg.cols - 1):
                 m.d.sync += [c.eq(0), cnib.eq(0), r.eq(r + 1), rnib.eq(rnib + (1 << e_log)),
@@ -191,101 +204,113 @@ class VectorUnit(wiring.Component):
             with m.Else():
                 m.d.sync += [c.eq(c + 1), cnib.eq(cnib + (1 << e_log)),
                              t_col.eq(t_col + cfg.b_stride)]
-            with m.If(last):
-                m.d.sync += [self.busy.eq(0), self.cycles.eq(cyc + 1)]
 
         off = cnib[:lnib]                 # nibble offset of element (r, c) in its word
-        a_at = a_row + (cnib >> lnib)
-        b_at = b_row + (cnib >> lnib)     # UPDATE: W(r, c)
-        c_at = c_row + (cnib >> lnib)     # UPDATE: V(r, c)
+        at = {"a": a_row + (cnib >> lnib), "w": b_row + (cnib >> lnib),
+              "v": c_row + (cnib >> lnib)}
         q_at = b_row + (c >> lnib)        # REQUANT: code (r, c)
-        word = self.rd.data
-        elem = Signal(signed(MASTER_BITS))
-        m.d.comb += elem.eq(word.word_select(off >> 3, 32) if NIB > 8 else word)
+        elems = []
+        for k in range(3):
+            e = Signal(signed(MASTER_BITS), name=f"elem{k}")
+            data_ = self.rd[k].data
+            m.d.comb += e.eq(data_.word_select(off >> 3, 32) if NIB > 8 else data_)
+            elems.append(e)
 
-        def write(addr, value, nibbles, at):
-            m.d.comb += [self.wr_addr.eq(addr), self.wr_data.eq(value << (at << 2)),
-                         self.wr_en.eq(Const((1 << nibbles) - 1, NIB) << at)]
+        def write(addr, value, nibbles, at_):
+            m.d.comb += [self.wr_addr.eq(addr), self.wr_data.eq(value << (at_ << 2)),
+                         self.wr_en.eq(Const((1 << nibbles) - 1, NIB) << at_)]
 
+        # every multiplier has registered operands and a registered product
         g = Signal(signed(MASTER_BITS))
         w = Signal(signed(MASTER_BITS))
+        v = Signal(signed(MASTER_BITS))
         pv = Signal(signed(MASTER_BITS + MOMENTUM_BITS + 1))
         pg = Signal(signed(_PROD))
+        a_part = Signal(signed(MASTER_BITS + 1))
+        b_part = Signal(signed(_PROD))
         v_new = Signal(signed(MASTER_BITS))
         w_new = Signal(signed(MASTER_BITS))
         t = Signal(signed(SAWB_T_BITS))
+        mag = Signal(SAWB_T_BITS)
+        sq = Signal(2 * SAWB_T_BITS)
+        acc = Signal()                    # mag and sq hold an element to add to the sums
+        m.d.sync += acc.eq(0)
+        with m.If(acc):
+            m.d.sync += [self.sum_abs.eq(self.sum_abs + mag), self.sum_sq.eq(self.sum_sq + sq)]
         m.d.comb += self.wr_en.eq(0)
+
+        def next_element():
+            m.d.comb += step.eq(1)
+            m.next = "READ"
+            with m.If(last):
+                m.next = "DONE"
+
         with m.FSM():
             with m.State("IDLE"):
                 with m.If(launch):
                     m.next = "READ"
-            with m.State("READ"):                 # element (r, c) of A
-                m.d.comb += [self.rd.addr.eq(a_at), self.rd.en.eq(1)]
+            with m.State("READ"):                 # element (r, c) of A, W and V
+                for k, name in enumerate("awv"):
+                    m.d.comb += [self.rd[k].addr.eq(at[name]), self.rd[k].en.eq(1)]
                 with m.Switch(op):
                     with m.Case(VecOp.TRANSPOSE):
                         m.next = "T_WRITE"
                     with m.Case(VecOp.UPDATE):
-                        m.next = "U_READ_W"
+                        m.next = "U_LATCH"
                     with m.Default():
-                        m.next = "Q_MUL"
+                        m.next = "Q_LATCH"
             # TRANSPOSE
             with m.State("T_WRITE"):
-                pair = word.bit_select(off << 2, 8)
+                pair = self.rd[0].data.bit_select(off << 2, 8)
                 t_off = rnib[:lnib]
-                at = t_col + (rnib >> lnib)
+                t_at = t_col + (rnib >> lnib)
                 with m.If(cfg.pair):
-                    write(at, pair[:8], 2, t_off)
+                    write(t_at, pair[:8], 2, t_off)
                 with m.Else():
-                    write(at, pair[:4], 1, t_off)
-                m.d.comb += step.eq(1)
-                m.next = "READ"
-                with m.If(last):
-                    m.next = "IDLE"
+                    write(t_at, pair[:4], 1, t_off)
+                next_element()
             # REQUANT
+            with m.State("Q_LATCH"):
+                m.d.sync += w.eq(elems[0])
+                m.next = "Q_MUL"
             with m.State("Q_MUL"):
-                m.d.sync += pg.eq(elem * cfg.m)
+                m.d.sync += pg.eq(w * cfg.m)
+                m.next = "Q_SHIFT"
+            with m.State("Q_SHIFT"):
+                m.d.sync += b_part.eq(_round_shift(m, pg, cfg.s, "q"))
                 m.next = "Q_WRITE"
             with m.State("Q_WRITE"):
-                q = Signal(signed(_PROD), name="q_round")
-                m.d.comb += q.eq(_round_shift(m, pg, cfg.s, "q"))
-                code = Mux(q > WEIGHT_MAX, WEIGHT_MAX, Mux(q < WEIGHT_MIN, WEIGHT_MIN, q))
+                code = Mux(b_part > WEIGHT_MAX, WEIGHT_MAX,
+                           Mux(b_part < WEIGHT_MIN, WEIGHT_MIN, b_part))
                 write(q_at, code[:4], 1, c[:lnib])
-                m.d.comb += step.eq(1)
-                m.next = "READ"
-                with m.If(last):
-                    m.next = "IDLE"
+                next_element()
             # UPDATE
-            with m.State("U_READ_W"):
-                m.d.sync += g.eq(elem)
-                m.d.comb += [self.rd.addr.eq(b_at), self.rd.en.eq(1)]
-                m.next = "U_READ_V"
-            with m.State("U_READ_V"):
-                m.d.sync += w.eq(elem)
-                m.d.comb += [self.rd.addr.eq(c_at), self.rd.en.eq(1)]
+            with m.State("U_LATCH"):
+                m.d.sync += [g.eq(elems[0]), w.eq(elems[1]), v.eq(elems[2])]
                 m.next = "U_MUL"
             with m.State("U_MUL"):
-                m.d.sync += [pv.eq(elem * cfg.mu), pg.eq(g * cfg.m)]
+                m.d.sync += [pv.eq(v * cfg.mu), pg.eq(g * cfg.m)]
+                m.next = "U_SHIFT"
+            with m.State("U_SHIFT"):
+                m.d.sync += [a_part.eq((pv + (1 << (MOMENTUM_BITS - 1))) >> MOMENTUM_BITS),
+                             b_part.eq(_round_shift(m, pg, cfg.s, "u"))]
                 m.next = "U_ADD"
             with m.State("U_ADD"):
-                a = (pv + (1 << (MOMENTUM_BITS - 1))) >> MOMENTUM_BITS
-                b = Signal(signed(_PROD), name="u_round")
-                m.d.comb += b.eq(_round_shift(m, pg, cfg.s, "u"))
-                m.d.sync += v_new.eq(_sat(m, a + b, "v_sat"))
+                m.d.sync += v_new.eq(_sat(m, a_part + b_part, "v_sat"))
                 m.next = "U_SUB"
             with m.State("U_SUB"):
                 m.d.sync += w_new.eq(_sat(m, w - v_new, "w_sat"))
                 m.next = "U_WRITE_V"
             with m.State("U_WRITE_V"):
-                write(c_at, v_new.as_unsigned(), _ELEM, off)
+                write(at["v"], v_new.as_unsigned(), _ELEM, off)
                 m.d.sync += t.eq(w_new >> SAWB_SHIFT)
                 m.next = "U_WRITE_W"
             with m.State("U_WRITE_W"):
-                write(b_at, w_new.as_unsigned(), _ELEM, off)
-                mag = Mux(t < 0, -t, t)
-                m.d.sync += [self.sum_abs.eq(self.sum_abs + mag),
-                             self.sum_sq.eq(self.sum_sq + (t * t).as_unsigned())]
-                m.d.comb += step.eq(1)
-                m.next = "READ"
-                with m.If(last):
-                    m.next = "IDLE"
+                write(at["w"], w_new.as_unsigned(), _ELEM, off)
+                m.d.sync += [mag.eq(Mux(t < 0, -t, t)), sq.eq((t * t).as_unsigned()),
+                             acc.eq(1)]
+                next_element()
+            with m.State("DONE"):                 # the last sums are in
+                m.d.sync += [self.busy.eq(0), self.cycles.eq(cyc + 1)]
+                m.next = "IDLE"
         return m

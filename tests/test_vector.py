@@ -19,14 +19,15 @@ from rtl.vector import VEC_CFG, VectorUnit
 class VectorBench(wiring.Component):
     def __init__(self, rows, cols, words):
         self.unit = VectorUnit(rows, cols, words)
-        self.mem = TensorMemory(words, self.unit.nib, 1)
+        self.mem = TensorMemory(words, self.unit.nib, 3)
         super().__init__({})
 
     def elaborate(self, platform):
         m = Module()
         m.submodules.unit = u = self.unit
         m.submodules.mem = mem = self.mem
-        wiring.connect(m, u.rd, mem.rd[0])
+        for port, rd in zip(u.rd, mem.rd, strict=True):
+            wiring.connect(m, port, rd)
         m.d.comb += [mem.wr_addr.eq(u.wr_addr), mem.wr_data.eq(u.wr_data),
                      mem.wr_en.eq(u.wr_en)]
         return m
@@ -43,7 +44,8 @@ def run_unit(rows, cols, words, mem_bytes, cfgs):
         for addr in range(words):
             word = int.from_bytes(mem_bytes[addr * wb:(addr + 1) * wb], "little")
             if word:
-                ctx.set(bench.mem.copies[0].data[addr], word)
+                for copy in bench.mem.copies:
+                    ctx.set(copy.data[addr], word)
         u = bench.unit
         for cfg in cfgs:
             ctx.set(u.cfg.as_value(), to_int(VEC_CFG, cfg))
@@ -121,8 +123,8 @@ def test_vector_matches_emulator(rows, cols, seed):
         last = want_s if want_s is not None else last
         if last is not None:
             assert sums == last
-        per = {VecOp.TRANSPOSE: 2, VecOp.UPDATE: 8, VecOp.REQUANT: 3}[cfg["op"]]
-        assert cycles == per * cfg["rows"] * cfg["cols"], (cycles, cfg)
+        per = {VecOp.TRANSPOSE: 2, VecOp.UPDATE: 8, VecOp.REQUANT: 5}[cfg["op"]]
+        assert cycles == per * cfg["rows"] * cfg["cols"] + 1, (cycles, cfg)
 
 
 def test_vector_range_checks():
