@@ -204,14 +204,14 @@ class DeviceMLP:
         """Put master weights ``w`` and momenta ``v`` (K x N int64 each, i.e. W^T) in
         place and make the INT4 codes (given, or requantized from fresh statistics)."""
         dev, nib = self.dev, self.dev.word_nibbles
+        if self.cfg.masters == "host":
+            self.host_w = [np.array(x, np.int64) for x in w]
+            self.host_v = [np.array(x, np.int64) for x in v]
         for i in range(self.layers):
             if self.cfg.masters == "device":
                 for name, x in ((f"wm{i}", w[i]), (f"vm{i}", v[i])):
                     buf = self.buf[name]
                     dev.write(buf.addr, pack(x & 0xFFFFFFFF, _RAW, nib, buf.stride))
-            else:
-                self.host_w = [np.array(x, np.int64) for x in w]
-                self.host_v = [np.array(x, np.int64) for x in v]
             if codes is not None:
                 self.w_step[i] = w_step[i]
                 self._put_codes(i, codes[i])

@@ -34,21 +34,32 @@ class EngineBench(wiring.Component):
         return m
 
 
+def preload(ctx, tmem, mem_bytes):
+    """Fill every copy of a TensorMemory with ``mem_bytes`` (from a testbench)."""
+    wb = tmem.nibbles // 2
+    for addr in range(tmem.words):
+        word = int.from_bytes(mem_bytes[addr * wb:(addr + 1) * wb], "little")
+        if word:
+            for copy in tmem.copies:
+                ctx.set(copy.data[addr], word)
+
+
+def dump(ctx, tmem):
+    """The bytes of a TensorMemory (its first copy; the copies are written together)."""
+    wb = tmem.nibbles // 2
+    return b"".join(ctx.get(tmem.copies[0].data[addr]).to_bytes(wb, "little")
+                    for addr in range(tmem.words))
+
+
 def run_engine(rows, cols, words, mem_bytes, cfgs):
     """Run GEMM commands on the RTL; returns (memory bytes after, [(ok, absmax, cycles,
     beats)])."""
     bench = EngineBench(rows, cols, words)
-    nib = bench.engine.nib
-    wb = nib // 2
     results = []
     out = bytearray(mem_bytes)
 
     async def tb(ctx):
-        for addr in range(words):
-            word = int.from_bytes(mem_bytes[addr * wb:(addr + 1) * wb], "little")
-            if word:
-                for copy in bench.mem.copies:
-                    ctx.set(copy.data[addr], word)
+        preload(ctx, bench.mem, mem_bytes)
         e = bench.engine
         for cfg in cfgs:
             ctx.set(e.cfg.as_value(), to_int(GEMM_CFG, cfg))
@@ -60,9 +71,7 @@ def run_engine(rows, cols, words, mem_bytes, cfgs):
                 await ctx.tick().until(~e.busy)
                 await ctx.tick().repeat(4)        # the absmax tree
             results.append((int(ok), ctx.get(e.absmax), ctx.get(e.cycles), ctx.get(e.beats)))
-        for addr in range(words):
-            out[addr * wb:(addr + 1) * wb] = ctx.get(bench.mem.copies[0].data[addr]).to_bytes(
-                wb, "little")
+        out[:] = dump(ctx, bench.mem)
 
     sim = Simulator(bench)
     sim.add_clock(1e-6)

@@ -14,6 +14,7 @@ from host.packing import to_int
 from rtl.engine import TensorMemory, word_nibbles
 from rtl.formats import MASTER_MAX, MASTER_MIN, VecOp
 from rtl.vector import VEC_CFG, VectorUnit
+from tests.test_engine import dump, preload
 
 
 class VectorBench(wiring.Component):
@@ -36,16 +37,11 @@ class VectorBench(wiring.Component):
 def run_unit(rows, cols, words, mem_bytes, cfgs):
     """Run VECTOR commands on the RTL; returns (memory after, [(ok, sums, cycles)])."""
     bench = VectorBench(rows, cols, words)
-    wb = bench.unit.nib // 2
     out = bytearray(mem_bytes)
     results = []
 
     async def tb(ctx):
-        for addr in range(words):
-            word = int.from_bytes(mem_bytes[addr * wb:(addr + 1) * wb], "little")
-            if word:
-                for copy in bench.mem.copies:
-                    ctx.set(copy.data[addr], word)
+        preload(ctx, bench.mem, mem_bytes)
         u = bench.unit
         for cfg in cfgs:
             ctx.set(u.cfg.as_value(), to_int(VEC_CFG, cfg))
@@ -57,9 +53,7 @@ def run_unit(rows, cols, words, mem_bytes, cfgs):
                 await ctx.tick().until(~u.busy)
             results.append((int(ok), (ctx.get(u.sum_abs), ctx.get(u.sum_sq)),
                             ctx.get(u.cycles)))
-        for addr in range(words):
-            out[addr * wb:(addr + 1) * wb] = ctx.get(
-                bench.mem.copies[0].data[addr]).to_bytes(wb, "little")
+        out[:] = dump(ctx, bench.mem)
 
     sim = Simulator(bench)
     sim.add_clock(1e-6)
