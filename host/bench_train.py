@@ -33,7 +33,7 @@ from host.train import TrainConfig, train
 __all__ = ["bench_train"]
 
 SIZES = [784, 128, 10]
-HYPER = {"batch_size": 64, "lr": 0.1, "momentum": 0.9, "seed": 0}
+HYPER = {"batch_size": 64, "lr": 0.02, "momentum": 0.9, "seed": 0}
 
 
 def _board_rows():
@@ -85,7 +85,7 @@ def _bench(out_dir, epochs, sim_seconds, docs, progress, log):
     out = Path(out_dir)
     cfg = DeviceTrainConfig(sizes=SIZES, **HYPER)
     res = {"model": "mlp-784-128-10", "dataset": "fashion-mnist", "epochs": epochs,
-           **HYPER, "host": platform.processor() or platform.machine()}
+           **HYPER, "act_clip": cfg.act_clip, "host": platform.processor() or platform.machine()}
 
     log(f"fp32 on the host, {epochs} epochs ...")
     f = train(data, TrainConfig(scheme="fp32", epochs=epochs, sizes=SIZES, **HYPER),
