@@ -33,12 +33,13 @@ import numpy as np
 
 from host.driver import DeviceError
 from host.gemm import gemm_forward
+from host.golden import lane_cfg
 from host.layout import Buffer, pack, row_words, unpack
 from host.model import SCHEMES, quantize_grad, softmax_xent
 from host.numerics import (
+    FP4Tensor,
     GradScale,
     NumericsError,
-    gradscale_exponent,
     master_from_float,
     master_update,
     requantize,
@@ -47,10 +48,9 @@ from host.numerics import (
     sawb_step_from_sums,
     sawb_sums,
 )
+from host.plan import gemm_args
 from host.tiling import code_bits
 from rtl.formats import (
-    FP4_EXP_MAX,
-    FP4_RADIX_LOG2,
     LOG4_EXP_MAX,
     LOG4_EXP_MIN,
     MASTER_FRAC,
@@ -61,7 +61,6 @@ from rtl.formats import (
     Operand,
     OutputPath,
     VecOp,
-    operand_cfg,
 )
 
 __all__ = ["DeviceMLP", "DeviceMemoryError", "DeviceTrainConfig"]
@@ -94,23 +93,6 @@ class DeviceTrainConfig:
             raise ValueError("batch_size must be >= 1")
         if not 0 < self.act_clip <= 1:
             raise ValueError(f"act_clip must be in (0, 1], got {self.act_clip}")
-
-
-def _lane(path, phase=0, m=1 << 15, s=0, relu=0, exp=0, mask=MaskMode.NONE):
-    return {"path": int(path), "phase": phase,
-            "rescale": {"m": m, "s": s, "relu": relu, "out_signed": 0},
-            "log4": {"exp": int(np.clip(exp, LOG4_EXP_MIN, LOG4_EXP_MAX)), "mask": int(mask)}}
-
-
-def _gemm_cfg(a, b, out, m, l, n, a_kind, b_kind, lane, a_sel=None, mask=None):
-    return {
-        "a_addr": a.addr, "a_stride": a.stride, "b_addr": b.addr, "b_stride": b.stride,
-        "out_addr": out.addr, "out_stride": out.stride,
-        "mask_addr": mask.addr if mask else 0, "mask_stride": mask.stride if mask else 0,
-        "m": m, "l": l, "n": n,
-        "a_pair": int(a_sel is not None), "a_sel": a_sel or 0,
-        "operands": operand_cfg(a_kind, b_kind), "lane": lane,
-    }
 
 
 def _vec_cfg(op, rows, cols, a, b, c=None, pair=0, mu=0, m=0, s=0):
@@ -195,7 +177,7 @@ class DeviceMLP:
         self.gradscale = [GradScale(streaming=True) for _ in range(self.layers - 1)]
         self.host_w = self.host_v = None            # masters="host": the masters
         self.codes = [None] * self.layers           # last codes (host mode, checkpoints)
-        self.counters = {"gemm_cycles": 0, "vec_cycles": 0, "gemm_beats": 0, "gemms": []}
+        self.counters = {"gemm_cycles": 0, "vec_cycles": 0, "gemms": []}
 
     # -- set-up -------------------------------------------------------------------------------
     def init_weights(self):
@@ -239,7 +221,6 @@ class DeviceMLP:
     def _gemm(self, cfg):
         stats = self.dev.gemm(cfg)
         self.counters["gemm_cycles"] += stats["gemm_cycles"]
-        self.counters["gemm_beats"] += stats["beats"]
         self.counters["gemms"].append((cfg["m"], cfg["l"], cfg["n"], stats["gemm_cycles"],
                                        stats["beats"]))
         return stats
@@ -312,17 +293,17 @@ class DeviceMLP:
             unit = x_step[i] * self.w_step[i]
             a, w = buf[f"xc{i}"], buf[f"wc{i}"]
             if i == self.layers - 1:
-                self._gemm(_gemm_cfg(a, w, buf["logits"], b, k, n, Operand.UINT4,
-                                     Operand.INT4, _lane(OutputPath.RAW)))
+                self._gemm(gemm_args(a, w, buf["logits"], (b, k, n), Operand.UINT4,
+                                     Operand.INT4, lane_cfg(OutputPath.RAW)))
                 break
             out = buf[f"xc{i + 1}"]
             if self.act_amax[i] is None:                      # first step: measure first
-                st = self._gemm(_gemm_cfg(a, w, out, b, k, n, Operand.UINT4, Operand.INT4,
-                                          _lane(OutputPath.RESCALE, relu=1)))
+                st = self._gemm(gemm_args(a, w, out, (b, k, n), Operand.UINT4, Operand.INT4,
+                                          lane_cfg(OutputPath.RESCALE, relu=1)))
                 self.act_amax[i] = (st["absmax"] or 1) * unit
             m, s = self._act_params(i, unit)
-            st = self._gemm(_gemm_cfg(a, w, out, b, k, n, Operand.UINT4, Operand.INT4,
-                                      _lane(OutputPath.RESCALE, m=m, s=s, relu=1)))
+            st = self._gemm(gemm_args(a, w, out, (b, k, n), Operand.UINT4, Operand.INT4,
+                                      lane_cfg(OutputPath.RESCALE, m=m, s=s, relu=1)))
             x_step.append(unit * math.ldexp(1.0, s) / m)
             if st["absmax"]:
                 self.act_amax[i] = st["absmax"] * unit
@@ -341,8 +322,8 @@ class DeviceMLP:
             k, n = self.sizes[i], self.sizes[i + 1]
             dc, dr = buf[f"dc{i}"], buf[f"dr{i}"]
             self._vector(_vec_cfg(VecOp.TRANSPOSE, n, b, dc, dr, pair=1))
-            self._gemm(_gemm_cfg(dr, buf[f"xr{i}"], buf[f"g{i}"], n, b, k, Operand.FP4,
-                                 Operand.UINT4, _lane(OutputPath.RAW, phase=1), a_sel=1))
+            self._gemm(gemm_args(dr, buf[f"xr{i}"], buf[f"g{i}"], (n, b, k), Operand.FP4,
+                                 Operand.UINT4, lane_cfg(OutputPath.RAW, phase=1), a_sel=1))
             unit_w = units[1] * x_step[i]
             if i > 0:
                 units = self._backward_data(i, b, units[0] * self.w_step[i])
@@ -357,22 +338,22 @@ class DeviceMLP:
         gs = self.gradscale[i - 1]
 
         def run(exp):
-            return self._gemm(_gemm_cfg(buf[f"dc{i}"], buf[f"wr{i}"], buf[f"dc{i - 1}"], b, n,
-                                        k, Operand.FP4, Operand.INT4,
-                                        _lane(OutputPath.LOG4, exp=exp, mask=MaskMode.RELU),
-                                        a_sel=0, mask=buf[f"xc{i}"]))
+            # exponents beyond the lane's range give the same codes as its ends
+            lane = lane_cfg(OutputPath.LOG4, exp=int(np.clip(exp, LOG4_EXP_MIN, LOG4_EXP_MAX)),
+                            mask=MaskMode.RELU)
+            return self._gemm(gemm_args(buf[f"dc{i}"], buf[f"wr{i}"], buf[f"dc{i - 1}"],
+                                        (b, n, k), Operand.FP4, Operand.INT4, lane, a_sel=0,
+                                        mask=buf[f"xc{i}"]))
 
-        if gs.prev_absmax:                                   # GradScale, streaming
-            exp = gradscale_exponent(gs.prev_absmax / unit)
-            absmax = run(exp)["absmax"]
-            gs.update(absmax, unit)
-        else:                                                # the first step measures
-            absmax = run(0)["absmax"]
-            exp = gs.update(absmax, unit)
+        exp = gs.planned(unit)                               # GradScale, streaming
+        if exp is None:                                      # the first step measures
+            exp = gs.update(run(0)["absmax"], unit)
             run(exp)
-        # FP4Tensor.int_unit: the same for both phases (the datapath integer holds 2^phase)
-        base = math.ldexp(unit, exp - FP4_RADIX_LOG2 * (FP4_EXP_MAX - 1))
-        return base, base
+        else:
+            gs.update(run(exp)["absmax"], unit)
+        # the datapath unit is the same for both phases (the integer holds 2^phase)
+        unit = FP4Tensor(None, 0, exp, unit).int_unit
+        return unit, unit
 
     # -- reading the model back -------------------------------------------------------------
     def weight_codes(self):
@@ -436,11 +417,6 @@ class DeviceMLP:
 
 
 # -- the training loop ------------------------------------------------------------------------
-def lr_at(lr, step, total):
-    """Cosine schedule, as the host trainer's (``host.train``)."""
-    return lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
-
-
 def batch_bytes(b, k, n):
     """A batch's own bytes: UINT4 inputs, one byte per label, the RAW logits (4 bytes each)
     and the output gradient (one FP4 pair byte each)."""
@@ -538,6 +514,7 @@ def train_on_device(dev, data, cfg, epochs, out=None, resume=None, progress=True
 
     from host.numerics import quantize_int
     from host.report import write_json
+    from host.train import lr_at
 
     xq = quantize_int(data.x_train, 1.0 / UINT4_MAX, UINT4_MIN, UINT4_MAX)
     xt = quantize_int(data.x_test, 1.0 / UINT4_MAX, UINT4_MIN, UINT4_MAX)
@@ -590,11 +567,10 @@ def train_on_device(dev, data, cfg, epochs, out=None, resume=None, progress=True
             if loop["pos"] == 0:
                 loop["order"] = rng.permutation(n)
                 loop["losses"] = []
-                loop["t"] = {"seconds": 0.0, "io": 0.0, "images": 0, "steps": 0,
-                             "bytes": 0, "batch_bytes": 0, "cycles": 0}
-            acc_t = loop.setdefault("t", {"seconds": 0.0, "io": 0.0, "images": 0,
-                                          "steps": 0, "bytes": 0, "batch_bytes": 0,
-                                          "cycles": 0})
+            if loop["pos"] == 0 or "t" not in loop:      # this epoch's (or run's) counters
+                loop["t"] = dict.fromkeys(("seconds", "io", "images", "steps", "bytes",
+                                           "batch_bytes", "cycles"), 0)
+            acc_t = loop["t"]
             while loop["pos"] < n:
                 idx = loop["order"][loop["pos"]:loop["pos"] + bsz]
                 wire0 = dev.wire_sent + dev.wire_received

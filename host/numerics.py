@@ -376,11 +376,20 @@ class GradScale:
         self.prev_absmax = None      # real units
         self.exp = 0
 
+    def planned(self, unit=1.0):
+        """The exponent a streaming update will use for a tensor in units of ``unit``,
+        known before the tensor is (from the previous absmax); None when the tensor must
+        be measured first (the first step, or ``streaming=False``)."""
+        if self.streaming and self.prev_absmax:
+            return gradscale_exponent(self.prev_absmax / unit)
+        return None
+
     def update(self, absmax, unit=1.0):
         """Exponent for the tensor whose absmax (in units of ``unit``) is ``absmax``."""
         real = float(absmax) * unit
-        basis = self.prev_absmax if (self.streaming and self.prev_absmax) else real
-        exp = gradscale_exponent(basis / unit) if basis else None
+        exp = self.planned(unit)
+        if exp is None and real:
+            exp = gradscale_exponent(real / unit)
         if exp is not None:
             self.exp = exp
         if real:

@@ -14,7 +14,7 @@ from host.tiling import code_bits
 from rtl.engine import element_nibbles
 from rtl.formats import MaskMode, OutputPath, operand_cfg
 
-__all__ = ["GemmPlan", "plan_gemm"]
+__all__ = ["GemmPlan", "gemm_args", "plan_gemm"]
 
 
 @dataclass
@@ -62,15 +62,21 @@ def plan_gemm(gemm, lane, nib, rows, cols, base=0, mask_codes=None, a_pair=None,
     if path is OutputPath.LOG4 and lane["log4"]["mask"] != MaskMode.NONE:
         codes = np.zeros((m, n), np.int64) if mask_codes is None else np.asarray(mask_codes)
         mask_buf = place(n, m_pad, 1, np.pad(codes.T, ((0, 0), (0, m_pad - m))), spacing)
-    cfg = {
-        "a_addr": a_buf.addr, "a_stride": a_buf.stride,
-        "b_addr": b_buf.addr, "b_stride": b_buf.stride,
-        "out_addr": out_buf.addr, "out_stride": out_buf.stride,
-        "mask_addr": mask_buf.addr if mask_buf else 0,
-        "mask_stride": mask_buf.stride if mask_buf else 0,
-        "m": m, "l": red, "n": n,
-        "a_pair": int(a_pair is not None), "a_sel": a_pair[1] if a_pair is not None else 0,
-        "operands": operand_cfg(gemm.a_kind, gemm.b_kind),
-        "lane": lane,
-    }
+    cfg = gemm_args(a_buf, b_buf, out_buf, (m, red, n), gemm.a_kind, gemm.b_kind, lane,
+                    a_sel=a_pair[1] if a_pair is not None else None, mask=mask_buf)
     return GemmPlan(a_buf, b_buf, out_buf, mask_buf, cfg, uploads)
+
+
+def gemm_args(a, b, out, shape, a_kind, b_kind, lane, a_sel=None, mask=None):
+    """GEMM_ARGS values for buffers already in device memory: ``a`` (A^T, LOG4 pairs read
+    at nibble ``a_sel`` unless it is None), ``b``, ``out``, the optional ``mask`` codes, and
+    ``shape`` = (M, L, N)."""
+    m, red, n = shape
+    return {
+        "a_addr": a.addr, "a_stride": a.stride, "b_addr": b.addr, "b_stride": b.stride,
+        "out_addr": out.addr, "out_stride": out.stride,
+        "mask_addr": mask.addr if mask else 0, "mask_stride": mask.stride if mask else 0,
+        "m": m, "l": red, "n": n,
+        "a_pair": int(a_sel is not None), "a_sel": a_sel or 0,
+        "operands": operand_cfg(a_kind, b_kind), "lane": lane,
+    }

@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from host.model import MLP, SCHEMES, rows
 
-__all__ = ["DEFAULT_MODELS", "TrainConfig", "train"]
+__all__ = ["DEFAULT_MODELS", "TrainConfig", "lr_at", "train"]
 
 #: The reference MLP of each dataset (layer sizes, input first).
 DEFAULT_MODELS = {"digits": [64, 32, 10], "fashion-mnist": [784, 128, 10]}
@@ -33,8 +33,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1")
 
 
-def _lr_at(cfg, step, total):
-    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
+def lr_at(lr, step, total):
+    """The cosine schedule: learning rate ``lr`` at ``step`` of ``total``."""
+    return lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
 
 
 def accuracy(model, h, y):
@@ -69,7 +70,7 @@ def train(data, cfg, progress=True):
         for i in range(0, n, cfg.batch_size):
             idx = order[i:i + cfg.batch_size]
             losses.append(model.train_step(rows(h_train, idx), data.y_train[idx],
-                                           _lr_at(cfg, step, total), cfg.momentum))
+                                           lr_at(cfg.lr, step, total), cfg.momentum))
             step += 1
             bar.update()
         seconds = time.perf_counter() - t0
