@@ -3,18 +3,21 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+TEST_STAMP  := $(VENV)/.installed-test
+SYNTH_STAMP := $(VENV)/.installed-synth
 
 .DEFAULT_GOAL := help
-.PHONY: help train test lint sim serve synth bitstream flash bench-numerics bench-system \
-	bench-train clean
+.PHONY: help train test test-all lint sim serve synth bitstream flash bench-numerics \
+	bench-system bench-train clean
 
 help:
 	@echo "nibble: 4-bit neural-network training on open FPGAs"
 	@echo ""
 	@echo "  make train            train the digits MLP in 4 bits on the simulated device, beside fp32"
-	@echo "  make test             lint and run the whole test suite"
+	@echo "  make test             lint and the fast test tier (minutes)"
+	@echo "  make test-all         the long test volumes (cocotb, fuzzing, the Verilator system model)"
 	@echo "  make lint             ruff"
-	@echo "  make sim              cocotb suites on Verilator (also part of make test)"
+	@echo "  make sim              cocotb suites on Verilator, full volumes, with a summary"
 	@echo "  make serve            build (cached) and serve the simulated device on a TCP socket"
 	@echo "  make synth            datapath through yosys/nextpnr for UP5K and ECP5-85F"
 	@echo "  make bitstream BOARD=icebreaker|ulx3s-85f   board bitstream -> build/BOARD/"
@@ -27,26 +30,34 @@ help:
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e .
 	@touch $@
 
-SYNTH_STAMP := $(VENV)/.installed-synth
+$(TEST_STAMP): pyproject.toml $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test,dev]'
+	@touch $@
 
 $(SYNTH_STAMP): pyproject.toml $(STAMP)
-	$(PY) -m pip install --quiet -e '.[synth,dev]'
+	$(PY) -m pip install --quiet -e '.[synth]'
 	@touch $@
 
 train: $(STAMP)
 	$(VENV)/bin/nibble train $(ARGS)
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check .
 
+# The fast tier: every module, small volumes (tests marked `long` are left to test-all).
 test: lint
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not long" $(PYTEST_ARGS)
 
-sim: $(STAMP)
-	$(PY) -m sim.runner $(ARGS)
+# The long volumes: >= 100,000 vectors per cocotb suite, 100,000 fuzz frames, 10,000
+# fault-injection frames, everything on the Verilator system model.
+test-all: $(TEST_STAMP)
+	$(PY) -m pytest -q -m long $(PYTEST_ARGS)
+
+sim: $(TEST_STAMP)
+	$(PY) -m nibble.sim.runner $(ARGS)
 
 synth: $(SYNTH_STAMP)
 	$(VENV)/bin/nibble synth --docs docs/results.md $(ARGS)

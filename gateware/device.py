@@ -17,8 +17,8 @@ from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, signed
 from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from rtl.engine import GEMM_CFG, GemmEngine, TensorMemory, word_nibbles
-from rtl.vector import VEC_CFG, VectorUnit
+from nibble.rtl.engine import GEMM_CFG, GemmEngine, TensorMemory, word_nibbles
+from nibble.rtl.vector import VEC_CFG, VectorUnit
 
 from .framing import BUFFER_BYTES, FrameRx, FrameTx, RxStatus
 from .protocol import (

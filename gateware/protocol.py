@@ -18,8 +18,8 @@ import enum
 
 from amaranth.lib import crc, data
 
-from rtl.engine import ADDR, GEMM_CFG
-from rtl.vector import VEC_CFG
+from nibble.rtl.engine import ADDR, GEMM_CFG
+from nibble.rtl.vector import VEC_CFG
 
 __all__ = ["CRC", "CRC_BYTES", "ESC", "ESC_XOR", "FLAG", "GEMM_ARGS", "HEADER_BYTES",
            "INFO_LAYOUT", "MAX_PAYLOAD", "READ_ARGS", "STATS_ARGS", "STATS_LAYOUT", "VEC_ARGS",

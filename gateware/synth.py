@@ -25,7 +25,7 @@ from amaranth.hdl import Cat, Module, Signal, Value
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from rtl.datapath import Datapath
+from nibble.rtl.datapath import Datapath
 
 __all__ = ["DEVICES", "SynthError", "SynthTop", "synthesize"]
 
@@ -169,7 +169,7 @@ def pe_cost(family):
 
     Both PEs sit in the same boundary wrapper; the difference is what the FP4 path costs.
     """
-    from rtl.array import PE
+    from nibble.rtl.array import PE
 
     synth = {"ice40": "synth_ice40", "ecp5": "synth_ecp5"}[family]
     out = {}

@@ -6,10 +6,10 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from host.datasets import DATASETS, DatasetError
-from host.model import SCHEMES
-from host.numerics import NumericsError
-from host.train import DEFAULT_MODELS
+from nibble.host.golden.numerics import NumericsError
+from nibble.host.training.datasets import DATASETS, DatasetError
+from nibble.host.training.model import SCHEMES
+from nibble.host.training.train import DEFAULT_MODELS
 
 #: Defaults of ``nibble train`` per dataset: epochs and learning rate.
 TRAIN_EPOCHS = {"digits": 10, "fashion-mnist": 10}
@@ -41,22 +41,27 @@ def _parse_model(text, dataset):
 def open_device(url, baud=None, quiet=False):
     """A connected device for ``url``; ``sim`` builds (once) and serves the simulated
     device for the duration."""
-    from host.driver import Device
+    from nibble.host.device.driver import Device
 
     if url != "sim":
         with Device.open(url, baudrate=baud) as dev:
             yield dev
         return
-    from sim.system import DEFAULTS, build, serve
+    from nibble.sim.system import DEFAULTS, build, serve
     build(**DEFAULTS, quiet=quiet)
     with serve(**DEFAULTS) as sock, Device.open(sock) as dev:
         yield dev
 
 
 def cmd_train(args):
-    from host import datasets
-    from host.device_train import CHECKPOINT, DeviceTrainConfig, load_checkpoint, train_on_device
-    from host.report import plot_curves, write_json
+    from nibble.host.report import plot_curves, write_json
+    from nibble.host.training import datasets
+    from nibble.host.training.device import (
+        CHECKPOINT,
+        DeviceTrainConfig,
+        load_checkpoint,
+        train_on_device,
+    )
 
     if args.resume:
         ckpt = Path(args.resume) / CHECKPOINT
@@ -96,7 +101,7 @@ def cmd_train(args):
         return 130
     curves = {"ibm4 (device)": r["history"]}
     if args.fp32:
-        from host.train import TrainConfig, train
+        from nibble.host.training.train import TrainConfig, train
         print(f"fp32 baseline on the host ({model}, same hyper-parameters) ...", flush=True)
         f = train(data, TrainConfig(scheme="fp32", epochs=epochs, batch_size=cfg.batch_size,
                                     lr=cfg.lr, momentum=cfg.momentum, seed=cfg.seed,
@@ -127,7 +132,7 @@ def cmd_train(args):
 
 
 def cmd_bench_numerics(args):
-    from host.bench import BENCH_EPOCHS, bench_numerics
+    from nibble.host.bench.numerics import BENCH_EPOCHS, bench_numerics
 
     epochs = dict(BENCH_EPOCHS)
     if args.epochs:
@@ -140,7 +145,7 @@ def cmd_bench_numerics(args):
 
 
 def cmd_formats(_args):
-    from rtl import formats as f
+    from nibble.rtl import formats as f
 
     print(f"INT4   storage {f.INT4_MIN}..{f.INT4_MAX}, weights {f.WEIGHT_MIN}..{f.WEIGHT_MAX}")
     print(f"UINT4  {f.UINT4_MIN}..{f.UINT4_MAX}")
@@ -172,7 +177,7 @@ def synth_table(out_dir):
     """Markdown table of every build/synth/<device>.json present."""
     import json
 
-    from gateware.synth import DEVICES
+    from nibble.gateware.synth import DEVICES
     rows = []
     for name in DEVICES:
         path = Path(out_dir) / f"{name}.json"
@@ -180,13 +185,13 @@ def synth_table(out_dir):
             row = json.loads(path.read_text())
             row["array"] = f"{row['rows']}x{row['cols']}"
             rows.append(row)
-    from host.report import markdown_table
+    from nibble.host.report import markdown_table
     return markdown_table(rows, SYNTH_COLUMNS) if rows else ""
 
 
 def cmd_synth(args):
-    from gateware.synth import DEVICES, synthesize
-    from host.report import update_doc_section
+    from nibble.gateware.synth import DEVICES, synthesize
+    from nibble.host.report import update_doc_section
 
     for name in [] if args.report_only else args.device or list(DEVICES):
         dev = DEVICES[name]
@@ -208,7 +213,7 @@ def cmd_synth(args):
 
 
 def cmd_bench_system(args):
-    from host.bench_system import bench_system
+    from nibble.host.bench.system import bench_system
 
     print("benchmarking the full-system model (Verilator, built on first use) ...", flush=True)
     r = bench_system(out_dir=args.out, docs=args.docs, progress=not args.quiet)
@@ -221,7 +226,7 @@ def cmd_bench_system(args):
 
 
 def cmd_bench_train(args):
-    from host.bench_train import bench_train
+    from nibble.host.bench.train import bench_train
 
     r = bench_train(out_dir=args.out, epochs=args.epochs, sim_seconds=args.sim_seconds,
                     docs=args.docs, progress=not args.quiet)
@@ -235,7 +240,7 @@ def cmd_bench_train(args):
 
 
 def cmd_sim_serve(args):
-    from sim.system import build, serve
+    from nibble.sim.system import build, serve
 
     config = {"rows": args.rows, "cols": args.cols, "words": args.words}
     build(**config, quiet=False)
@@ -253,7 +258,7 @@ def cmd_sim_serve(args):
 
 
 def cmd_device_info(args):
-    from host.driver import Device
+    from nibble.host.device.driver import Device
 
     with Device.open(args.device) as dev:
         info = dev.info
@@ -269,7 +274,7 @@ def cmd_device_info(args):
 
 
 def cmd_bitstream(args):
-    from gateware.boards import build, resolve
+    from nibble.gateware.boards import build, resolve
 
     board = resolve(args.board, rows=args.rows, cols=args.cols, baud=args.baud,
                     mem_words=args.words)
@@ -280,7 +285,7 @@ def cmd_bitstream(args):
         r = build(board, out_root=args.out, seed=args.seed, progress=sys.stderr.isatty())
     finally:     # the table also records a board that does not fit
         if args.docs:
-            from host.report import update_doc_section
+            from nibble.host.report import update_doc_section
             update_doc_section(args.docs, "boards", boards_table(args.out))
     verdict = "meets" if r["timing_met"] else "MISSES"
     print(f"  {r['luts']:,} of {r['lut_capacity']:,} LUTs, {r['ffs']:,} FFs, {r['dsps']} DSPs, "
@@ -304,8 +309,8 @@ BOARD_COLUMNS = [
 def boards_table(out_root):
     import json
 
-    from gateware.boards import BOARDS
-    from host.report import markdown_table
+    from nibble.gateware.boards import BOARDS
+    from nibble.host.report import markdown_table
     rows = []
     for name in BOARDS:
         path = Path(out_root) / name / "report.json"
@@ -321,7 +326,7 @@ def boards_table(out_root):
 
 
 def cmd_flash(args):
-    from gateware.boards import flash, resolve
+    from nibble.gateware.boards import flash, resolve
 
     board = resolve(args.board)
     print(f"{board.name}: programming with openFPGALoader ...", flush=True)
@@ -331,7 +336,7 @@ def cmd_flash(args):
 
 
 def build_parser():
-    from gateware.device import SIM_DEVICE
+    from nibble.gateware.device import SIM_DEVICE
 
     p = argparse.ArgumentParser(prog="nibble", description="nibble: 4-bit neural-network "
                                 "training on open FPGAs")
@@ -446,9 +451,9 @@ def build_parser():
 
 
 def main(argv=None):
-    from gateware.boards import BoardError
-    from gateware.synth import SynthError
-    from host.driver import DeviceError
+    from nibble.gateware.boards import BoardError
+    from nibble.gateware.synth import SynthError
+    from nibble.host.device.driver import DeviceError
 
     args = build_parser().parse_args(argv)
     try:

@@ -1,7 +1,7 @@
 """nibble's number formats: the single definition shared by the gateware and the host.
 
 Every format constant of the numerics contract lives here, once. The golden model
-(``host.numerics``), the gateware and the host driver all read these names; nothing else
+(``nibble.host.golden``), the gateware and the host driver all read these names; nothing else
 in the repository may spell a format constant as a literal. ``docs/numerics.md`` specifies
 each format bit by bit.
 

@@ -1,7 +1,7 @@
 """The radix-4 log gradient quantizer: mask, GradScale offset, both TPR phases, one per cycle.
 
-Bit-exact with :func:`host.numerics.log_quantize_tpr` applied to the masked accumulators
-(``docs/numerics.md`` §3). With ``a = |x|`` and ``L`` the index of its leading one, the
+Bit-exact with :func:`nibble.host.golden.numerics.log_quantize_tpr` applied to the masked
+accumulators (``docs/numerics.md`` §3). With ``a = |x|`` and ``L`` the index of its leading one, the
 number ``c`` of the 14 merged thresholds below ``a`` has a closed form, because the
 thresholds are ``2^(g-1)``, ``2^g`` and then ``5 * 2^(g-3+n)`` for ``n = 2..13`` with
 ``g = exp - 12``. With ``u = L - exp + 12``:

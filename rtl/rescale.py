@@ -1,7 +1,7 @@
 """The range-rescale unit: ``q = clamp(((acc * M) + 2^(s-1)) >> s, lo, hi)``, one per cycle.
 
-Bit-exact with :func:`host.numerics.rescale` (``docs/numerics.md`` §4): optional ReLU first,
-an arithmetic (flooring) shift so the rounding is round half up, no rounding term for
+Bit-exact with :func:`nibble.host.golden.numerics.rescale` (``docs/numerics.md`` §4): optional
+ReLU first, an arithmetic (flooring) shift so the rounding is round half up, no rounding term for
 ``s = 0``, then saturation to INT4 (-8..7) or UINT4 (0..15). A PACT clip is the UINT4
 saturation with alpha folded into M and s. (The output lane keeps the tensor's absmax.)
 """

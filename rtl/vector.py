@@ -21,7 +21,7 @@ UPDATE
 REQUANT
     INT4 codes ``clamp(round(w * M >> s), -7, 7)`` of the master weights at ``a`` into a
     1-nibble buffer at ``b`` (same rows and cols): the range-rescale rule of
-    :func:`host.numerics.rescale`, with ``M / 2^s`` = 1 / (SAWB step in master units).
+    :func:`nibble.host.golden.numerics.rescale`, with ``M / 2^s`` = 1 / (SAWB step in master units).
 
 Each operation is a small sequential machine on three read ports (the GEMM engine's: the
 two never run together) and the write port, with no

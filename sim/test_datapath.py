@@ -5,10 +5,10 @@ import cocotb
 import numpy as np
 from cocotb.triggers import RisingEdge
 
-from host.tiling import Gemm, beats, lane_streams
-from rtl.array import array_beat_layout
-from rtl.datapath import DATAPATH_CFG
-from rtl.formats import (
+from nibble.host.golden.tiling import Gemm, beats, lane_streams
+from nibble.rtl.array import array_beat_layout
+from nibble.rtl.datapath import DATAPATH_CFG
+from nibble.rtl.formats import (
     FP4_EXP_MAX,
     FP4_SIGN_SHIFT,
     LOG4_EXP_MAX,
@@ -19,10 +19,17 @@ from rtl.formats import (
     Operand,
     OutputPath,
 )
-from rtl.lane import LANE_OUT
-from sim.cocotb_util import Sink, Source, params, rng_for, run_streams, start, uint
-from sim.golden import MODE_KINDS, golden_acc, golden_lane, lane_cfg, lane_value, random_gemm
-from sim.vectors import record
+from nibble.rtl.lane import LANE_OUT
+from nibble.sim.cocotb_util import Sink, Source, params, rng_for, run_streams, start, uint
+from nibble.sim.stimuli import (
+    MODE_KINDS,
+    golden_acc,
+    golden_lane,
+    lane_cfg,
+    lane_value,
+    random_gemm,
+)
+from nibble.sim.vectors import record
 
 P = params()
 R, C = P["rows"], P["cols"]

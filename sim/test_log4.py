@@ -1,14 +1,14 @@
-"""cocotb: the log4 quantizer against host.numerics.log_quantize_tpr (>= 100k elements)."""
+"""cocotb: the log4 quantizer against the golden ``log_quantize_tpr`` (>= 100k elements)."""
 
 import cocotb
 import numpy as np
 
-from host.numerics import log_quantize_tpr
-from rtl.formats import LANE_BITS, LOG4_EXP_MAX, LOG4_EXP_MIN, MaskMode, mask_pass
-from rtl.log4 import LOG4_CFG, LOG4_IN, LOG4_OUT
-from sim.cocotb_util import Sink, Source, rng_for, run_streams, start
-from sim.golden import log4_vectors
-from sim.vectors import record
+from nibble.host.golden.numerics import log_quantize_tpr
+from nibble.rtl.formats import LANE_BITS, LOG4_EXP_MAX, LOG4_EXP_MIN, MaskMode, mask_pass
+from nibble.rtl.log4 import LOG4_CFG, LOG4_IN, LOG4_OUT
+from nibble.sim.cocotb_util import Sink, Source, rng_for, run_streams, start
+from nibble.sim.stimuli import log4_vectors
+from nibble.sim.vectors import record
 
 CODE_AT = LOG4_IN.size - 4          # the code field sits above the LANE_BITS value
 assert LOG4_IN.const({"value": 0, "code": 1}).as_value().value == 1 << CODE_AT

@@ -3,11 +3,11 @@
 import cocotb
 from cocotb.triggers import ReadOnly, RisingEdge
 
-from rtl.array import A_OPERAND, B_OPERAND
-from rtl.formats import MAX_REDUCTION, Operand, operand_cfg
-from sim.cocotb_util import rng_for, start, uint
-from sim.golden import operand_ints
-from sim.vectors import record
+from nibble.rtl.array import A_OPERAND, B_OPERAND
+from nibble.rtl.formats import MAX_REDUCTION, Operand, operand_cfg
+from nibble.sim.cocotb_util import rng_for, start, uint
+from nibble.sim.stimuli import operand_ints
+from nibble.sim.vectors import record
 
 CONFIGS = [(Operand.UINT4, Operand.INT4), (Operand.INT4, Operand.INT4),
            (Operand.INT4, Operand.UINT4), (Operand.UINT4, Operand.UINT4),

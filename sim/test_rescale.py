@@ -1,14 +1,14 @@
-"""cocotb: the range-rescale unit against host.numerics.rescale (>= 100k elements)."""
+"""cocotb: the range-rescale unit against nibble.host.golden.numerics.rescale (>= 100k elements)."""
 
 import cocotb
 import numpy as np
 
-from host.numerics import rescale
-from rtl.formats import INT4_MAX, INT4_MIN, RESCALE_IN_BITS, UINT4_MAX, UINT4_MIN
-from rtl.rescale import RESCALE_CFG
-from sim.cocotb_util import Sink, Source, rng_for, run_streams, start
-from sim.golden import rescale_vectors
-from sim.vectors import record
+from nibble.host.golden.numerics import rescale
+from nibble.rtl.formats import INT4_MAX, INT4_MIN, RESCALE_IN_BITS, UINT4_MAX, UINT4_MIN
+from nibble.rtl.rescale import RESCALE_CFG
+from nibble.sim.cocotb_util import Sink, Source, rng_for, run_streams, start
+from nibble.sim.stimuli import rescale_vectors
+from nibble.sim.vectors import record
 
 MASK = (1 << RESCALE_IN_BITS) - 1
 SHIFTS = [0, 1, 2, 3, 8, 15, 16, 17, 20, 23, 26, 29, 32, 34, 35, 36, 37, 50, 63]

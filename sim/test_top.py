@@ -2,15 +2,15 @@
 
 The testbench is a serial port: it shifts each request byte onto ``rx`` as 8N1 bits at
 ``divisor`` clocks per bit and samples ``tx`` the same way; the bytes are the driver's own
-frames (:mod:`host.link`). A few commands run: PING, INFO, WRITE, READ back, a GEMM whose
-result is read and compared with the golden model, and an error reply.
+frames (:mod:`nibble.host.device.link`). A few commands run: PING, INFO, WRITE, READ back, a
+GEMM whose result is read and compared with the golden model, and an error reply.
 """
 
 import cocotb
 import numpy as np
 from cocotb.triggers import ClockCycles, FallingEdge, RisingEdge
 
-from gateware.protocol import (
+from nibble.gateware.protocol import (
     GEMM_ARGS,
     INFO_LAYOUT,
     READ_ARGS,
@@ -19,15 +19,15 @@ from gateware.protocol import (
     Op,
     Status,
 )
-from host.golden import golden_acc
-from host.layout import unpack
-from host.link import Frame, FrameDecoder, encode_frame
-from host.packing import pack_fields, unpack_fields
-from host.plan import plan_gemm
-from rtl.formats import Operand, OutputPath
-from sim.cocotb_util import params, rng_for, start
-from sim.golden import lane_cfg, random_gemm
-from sim.vectors import record
+from nibble.host.device.commands import plan_gemm
+from nibble.host.device.layout import unpack
+from nibble.host.device.link import Frame, FrameDecoder, encode_frame
+from nibble.host.device.packing import pack_fields, unpack_fields
+from nibble.host.golden.lanes import golden_acc
+from nibble.rtl.formats import Operand, OutputPath
+from nibble.sim.cocotb_util import params, rng_for, start
+from nibble.sim.stimuli import lane_cfg, random_gemm
+from nibble.sim.vectors import record
 
 P = params()
 DIV = P["divisor"]

@@ -7,6 +7,6 @@ import pytest
 def simdev():
     """The simulated device (Verilator, built once per source change), served for the whole
     session: its ``socket://`` URL."""
-    from sim.system import serve
+    from nibble.sim.system import serve
     with serve() as url:
         yield url

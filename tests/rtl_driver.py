@@ -3,9 +3,9 @@
 import numpy as np
 from amaranth.sim import Simulator
 
-from host.tiling import assemble, beats, lane_streams
-from rtl.formats import MaskMode, OutputPath
-from sim.golden import lane_value
+from nibble.host.golden.tiling import assemble, beats, lane_streams
+from nibble.rtl.formats import MaskMode, OutputPath
+from nibble.sim.stimuli import lane_value
 
 # -- stream helpers -----------------------------------------------------------------------------
 

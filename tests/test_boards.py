@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from gateware.boards import BOARDS, BoardError, BoardTop, resolve
+from nibble.gateware.boards import BOARDS, BoardError, BoardTop, resolve
 
 
 @pytest.mark.parametrize("name", list(BOARDS))
@@ -31,7 +31,7 @@ def test_any_platform_with_a_uart():
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "host.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "nibble.host.cli", *args], capture_output=True,
                           text=True, timeout=120)
 
 

@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from host import datasets
-from host.cli import main
+from nibble.host.cli import main
+from nibble.host.training import datasets
 
 
 def write_idx(path, array):

@@ -4,8 +4,8 @@ bytes equal the emulator's, request for request."""
 import numpy as np
 from amaranth.sim import Simulator
 
-from gateware.device import Device
-from gateware.protocol import (
+from nibble.gateware.device import Device
+from nibble.gateware.protocol import (
     ESC,
     FLAG,
     GEMM_ARGS,
@@ -17,12 +17,12 @@ from gateware.protocol import (
     Op,
     Status,
 )
-from host.emu import Emulator
-from host.link import Frame, FrameDecoder, encode_frame
-from host.packing import pack_fields, unpack_fields
-from host.plan import plan_gemm
-from rtl.formats import Operand, OutputPath
-from sim.golden import lane_cfg, random_gemm
+from nibble.host.device.commands import plan_gemm
+from nibble.host.device.emu import Emulator
+from nibble.host.device.link import Frame, FrameDecoder, encode_frame
+from nibble.host.device.packing import pack_fields, unpack_fields
+from nibble.rtl.formats import Operand, OutputPath
+from nibble.sim.stimuli import lane_cfg, random_gemm
 
 ROWS, COLS, WORDS = 2, 4, 256
 
@@ -172,8 +172,8 @@ def test_gemm_through_the_device():
 def test_vector_through_the_device():
     """VECTOR commands (UPDATE, REQUANT, TRANSPOSE) through the decoder: replies, the SAWB
     sums in STATS, BUSY while the unit runs, a retried UPDATE not redone, a bad command."""
-    from gateware.protocol import VEC_ARGS
-    from rtl.formats import VecOp
+    from nibble.gateware.protocol import VEC_ARGS
+    from nibble.rtl.formats import VecOp
     from tests.test_vector import vec_cfg
     rng = np.random.default_rng(3)
     data = bytes(rng.integers(0, 256, 4 * 36, dtype=np.uint8))

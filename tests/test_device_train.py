@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from host import datasets
-from host.cli import main
-from host.datasets import Dataset
-from host.device_train import CHECKPOINT, DeviceTrainConfig, train_on_device
-from host.driver import Device
-from host.faults import FaultyTransport
+from nibble.host.cli import main
+from nibble.host.device.driver import Device
+from nibble.host.device.faults import FaultyTransport
+from nibble.host.training import datasets
+from nibble.host.training.datasets import Dataset
+from nibble.host.training.device import CHECKPOINT, DeviceTrainConfig, train_on_device
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = [64, 32, 10]
@@ -123,8 +123,8 @@ def test_ctrl_c_leaves_a_usable_checkpoint(tmp_path):
     """SIGINT while training: the step finishes, a checkpoint is written, the command says
     how to resume, and resuming finishes the run."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "host.cli", "train", "--device", "emu://", "--epochs", "400",
-           "--quiet", "--no-fp32", "--out", str(out)]
+    cmd = [sys.executable, "-m", "nibble.host.cli", "train", "--device", "emu://", "--epochs",
+           "400", "--quiet", "--no-fp32", "--out", str(out)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     deadline = time.monotonic() + 60

@@ -9,12 +9,12 @@ from amaranth.hdl import Module
 from amaranth.lib import wiring
 from amaranth.sim import Simulator
 
-from host.emu import gemm_apply, gemm_check
-from host.packing import to_int
-from host.plan import plan_gemm
-from rtl.engine import GEMM_CFG, GemmEngine, TensorMemory, word_nibbles
-from rtl.formats import MaskMode, Operand, OutputPath
-from sim.golden import MODE_KINDS, lane_cfg, random_gemm
+from nibble.host.device.commands import plan_gemm
+from nibble.host.device.emu import gemm_apply, gemm_check
+from nibble.host.device.packing import to_int
+from nibble.rtl.engine import GEMM_CFG, GemmEngine, TensorMemory, word_nibbles
+from nibble.rtl.formats import MaskMode, Operand, OutputPath
+from nibble.sim.stimuli import MODE_KINDS, lane_cfg, random_gemm
 
 
 class EngineBench(wiring.Component):
@@ -137,7 +137,7 @@ def check_cases(rows, cols, words, plans, seed):
 @pytest.mark.parametrize("path", list(OutputPath))
 @pytest.mark.parametrize("mode", ["FORWARD", "BACKWARD_DATA", "BACKWARD_WEIGHT"])
 def test_engine_matches_golden(mode, path):
-    from rtl.formats import GemmMode
+    from nibble.rtl.formats import GemmMode
     rng = np.random.default_rng([zlib.crc32(mode.encode()), int(path)])
     for rows, cols in [(2, 4), (1, 4)]:
         shape = tuple(int(x) for x in rng.integers(1, 11, 3))
@@ -147,7 +147,7 @@ def test_engine_matches_golden(mode, path):
 
 
 def test_engine_rejects_out_of_range():
-    from rtl.formats import GemmMode
+    from nibble.rtl.formats import GemmMode
     rng = np.random.default_rng(5)
     plan = one_case(rng, 2, 4, 512, GemmMode.FORWARD, OutputPath.RESCALE, (4, 6, 8))
     bad = []
@@ -164,7 +164,7 @@ def test_engine_rejects_out_of_range():
 def test_engine_streams_at_one_beat_per_cycle():
     """Dims that are multiples of the array: the engine's cycles are the beats plus a fixed
     fill and drain."""
-    from host.tiling import Gemm
+    from nibble.host.golden.tiling import Gemm
     rng = np.random.default_rng(3)
     rows, cols = 2, 4
     for red in (16, 64):

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from gateware.protocol import (
+from nibble.gateware.protocol import (
     ESC,
     FLAG,
     GEMM_ARGS,
@@ -20,10 +20,10 @@ from gateware.protocol import (
     Op,
     layout_bytes,
 )
-from host.emu import Emulator
-from host.link import Frame, FrameDecoder, encode_frame
-from host.packing import pack_fields, unpack_fields
-from sim.system import DEFAULTS, serve
+from nibble.host.device.emu import Emulator
+from nibble.host.device.link import Frame, FrameDecoder, encode_frame
+from nibble.host.device.packing import pack_fields, unpack_fields
+from nibble.sim.system import DEFAULTS, serve
 from tests.test_device import CLOCKED, comparable
 
 FRAMES = 100_000
@@ -117,7 +117,7 @@ class Wire:
         raise AssertionError("the device stopped answering (a hang)")
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_fuzzing_the_frame_decoder():
     rng = np.random.default_rng(2026)
     with serve() as url:

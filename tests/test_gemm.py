@@ -5,9 +5,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from host.gemm import gemm_backward_data, gemm_backward_weight, gemm_forward
-from host.numerics import NumericsError, fp4_int
-from rtl.formats import (
+from nibble.host.golden.gemm import gemm_backward_data, gemm_backward_weight, gemm_forward
+from nibble.host.golden.numerics import NumericsError, fp4_int
+from nibble.rtl.formats import (
     ACC_BITS,
     FP4_EXP_MAX,
     FP4_SIGN_SHIFT,

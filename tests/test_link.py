@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateware.protocol import CRC, ESC, FLAG, MAX_PAYLOAD, Op, max_encoded_size
-from host.link import (
+from nibble.gateware.protocol import CRC, ESC, FLAG, MAX_PAYLOAD, Op, max_encoded_size
+from nibble.host.device.link import (
     Frame,
     FrameDecoder,
     LinkError,

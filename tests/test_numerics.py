@@ -8,7 +8,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from host.numerics import (
+from nibble.host.golden.numerics import (
     FP4Tensor,
     GradScale,
     NumericsError,
@@ -26,7 +26,7 @@ from host.numerics import (
     sawb_alpha,
     sawb_quantize,
 )
-from rtl.formats import (
+from nibble.rtl.formats import (
     FP4_EXP_MAX,
     FP4_SIGN_SHIFT,
     RESCALE_M_BITS,

@@ -8,10 +8,10 @@ import pytest
 from amaranth.hdl import Value
 from amaranth.sim import Simulator
 
-from host.numerics import fp4_int, log_quantize_tpr, rescale
-from rtl.array import PE
-from rtl.datapath import Datapath
-from rtl.formats import (
+from nibble.host.golden.numerics import fp4_int, log_quantize_tpr, rescale
+from nibble.rtl.array import PE
+from nibble.rtl.datapath import Datapath
+from nibble.rtl.formats import (
     ACC_BITS,
     INT4_MAX,
     INT4_MIN,
@@ -28,9 +28,9 @@ from rtl.formats import (
     mask_pass,
     operand_cfg,
 )
-from rtl.log4 import Log4Quantizer
-from rtl.rescale import Rescale
-from sim.golden import (
+from nibble.rtl.log4 import Log4Quantizer
+from nibble.rtl.rescale import Rescale
+from nibble.sim.stimuli import (
     MODE_KINDS,
     golden_acc,
     golden_lane,
@@ -108,7 +108,7 @@ def test_datapath_worst_case_accumulators():
     # tests/test_gemm.py, and here a short reduction checks the phase shift at the top.
     gemm_a = np.full((2, 16), 0b1111)            # -2^12 (phase 0)
     gemm_b = np.full((16, 4), -8)
-    from host.tiling import Gemm
+    from nibble.host.golden.tiling import Gemm
     gemm = Gemm(gemm_a, gemm_b, Operand.FP4, Operand.INT4)
     got, _, _ = run_datapath(Datapath(2, 4), gemm, lane_cfg(OutputPath.RAW, phase=1),
                              p_bubble=0, p_stall=0)
@@ -224,7 +224,7 @@ def test_synth_top_registers_every_port():
     """The synthesis wrapper puts every datapath port behind a boundary register."""
     from amaranth.back import rtlil
 
-    from gateware.synth import SynthTop
+    from nibble.gateware.synth import SynthTop
     top = SynthTop(2, 4)
     rtlil.convert(top, ports=[top.scan_in, top.capture, top.scan_out])
     dp = top.dut
@@ -233,6 +233,6 @@ def test_synth_top_registers_every_port():
 
 
 def test_synth_missing_tool_is_one_clear_error(tmp_path):
-    from gateware.synth import SynthError, _run
+    from nibble.gateware.synth import SynthError, _run
     with pytest.raises(SynthError, match="install the synthesis extra"):
         _run(["no-such-yowasp-tool"], tmp_path / "log", tmp_path)

@@ -6,8 +6,8 @@ model; see sim/test_*.py for what each one covers.
 
 import pytest
 
-from sim import runner
-from sim.vectors import totals
+from nibble.sim import runner
+from nibble.sim.vectors import totals
 
 UNITS = list(runner.units())
 

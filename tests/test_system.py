@@ -11,8 +11,9 @@ import time
 import numpy as np
 import pytest
 
-from gateware.protocol import GEMM_ARGS, READ_ARGS, WRITE_HEADER, Op
-from host.driver import (
+from nibble.gateware.protocol import GEMM_ARGS, READ_ARGS, WRITE_HEADER, Op
+from nibble.host.device.commands import plan_gemm
+from nibble.host.device.driver import (
     BadCrcError,
     BadLengthError,
     BusyError,
@@ -22,13 +23,12 @@ from host.driver import (
     OutOfRangeError,
     UnknownOpError,
 )
-from host.faults import FaultyTransport
-from host.golden import golden_acc, golden_lane
-from host.packing import pack_fields
-from host.plan import plan_gemm
-from host.tiling import Gemm
-from rtl.formats import GemmMode, MaskMode, Operand, OutputPath
-from sim.golden import MODE_KINDS, lane_cfg, random_gemm
+from nibble.host.device.faults import FaultyTransport
+from nibble.host.device.packing import pack_fields
+from nibble.host.golden.lanes import golden_acc, golden_lane
+from nibble.host.golden.tiling import Gemm
+from nibble.rtl.formats import GemmMode, MaskMode, Operand, OutputPath
+from nibble.sim.stimuli import MODE_KINDS, lane_cfg, random_gemm
 
 
 def random_lane(rng, path, phase, top):
@@ -150,8 +150,8 @@ def test_results_stay_on_the_device_for_the_next_gemm(simdev):
 
 @pytest.mark.parametrize("where", ["emu", "sim"])
 def test_the_three_training_gemms(where, simdev):
-    """forward, backward_data and backward_weight against host.gemm's golden GEMMs."""
-    from host.gemm import gemm_backward_data, gemm_backward_weight, gemm_forward
+    """forward, backward_data and backward_weight against nibble.host.golden.gemm's golden GEMMs."""
+    from nibble.host.golden.gemm import gemm_backward_data, gemm_backward_weight, gemm_forward
     rng = np.random.default_rng(21)
     x = rng.integers(0, 16, (13, 27)).astype(np.uint8)
     w = rng.integers(-7, 8, (11, 27))

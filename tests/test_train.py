@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from host import datasets
-from host.gemm import gemm_backward_data
-from host.model import MLP, SCHEMES, quantize_grad, rows, softmax_xent
-from host.train import DEFAULT_MODELS, TrainConfig, train
-from rtl.formats import UINT4_MAX
+from nibble.host.golden.gemm import gemm_backward_data
+from nibble.host.training import datasets
+from nibble.host.training.model import MLP, SCHEMES, quantize_grad, rows, softmax_xent
+from nibble.host.training.train import DEFAULT_MODELS, TrainConfig, train
+from nibble.rtl.formats import UINT4_MAX
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import pytest
 from amaranth.hdl import Module
 from amaranth.sim import Simulator
 
-from gateware.uart import UARTRx, UARTTx, divisor_for
+from nibble.gateware.uart import UARTRx, UARTTx, divisor_for
 
 
 def loopback(divisor, data):

@@ -7,13 +7,13 @@ from amaranth.hdl import Module
 from amaranth.lib import wiring
 from amaranth.sim import Simulator
 
-from host.emu import vector_apply, vector_check
-from host.layout import pack, row_words
-from host.numerics import master_update, requantize, sawb_sums
-from host.packing import to_int
-from rtl.engine import TensorMemory, word_nibbles
-from rtl.formats import MASTER_MAX, MASTER_MIN, VecOp
-from rtl.vector import VEC_CFG, VectorUnit
+from nibble.host.device.emu import vector_apply, vector_check
+from nibble.host.device.layout import pack, row_words
+from nibble.host.device.packing import to_int
+from nibble.host.golden.numerics import master_update, requantize, sawb_sums
+from nibble.rtl.engine import TensorMemory, word_nibbles
+from nibble.rtl.formats import MASTER_MAX, MASTER_MIN, VecOp
+from nibble.rtl.vector import VEC_CFG, VectorUnit
 from tests.test_engine import dump, preload
 
 
@@ -177,5 +177,5 @@ def test_update_roundtrip_pack():
     nib = 8
     w = np.array([[MASTER_MIN, -1, 0, MASTER_MAX]])
     raw = pack(w & 0xFFFFFFFF, 8, nib)
-    from host.layout import unpack
+    from nibble.host.device.layout import unpack
     assert (unpack(raw, 1, 4, 8, nib, None, 32) == w).all()

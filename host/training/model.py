@@ -1,13 +1,13 @@
 """Layers and models that train through the 4-bit golden ops (or in fp32 for reference).
 
 A quantized layer keeps fp32 master weights on the host and runs all three GEMMs of its
-training step on 4-bit codes through :mod:`host.gemm`, in the order and with the number
-formats the accelerator uses (straight-through estimators carry the gradient past each
+training step on 4-bit codes through :mod:`nibble.host.golden.gemm`, in the order and with
+the number formats the accelerator uses (straight-through estimators carry the gradient past each
 quantizer):
 
 forward
     W codes = SAWB(W master); acc = X·Wᵀ; hidden layers rescale acc to UINT4 with a PACT
-    clip (``host.numerics.rescale``), the last layer returns ``acc * step`` as fp32 logits.
+    clip (``golden.numerics.rescale``), the last layer returns ``acc * step`` as fp32 logits.
 backward
     dW acc = dYᵀ·X with dY in FP4 phase 1 (TPR); dX acc = dY·W with dY in FP4 phase 0; the
     previous layer's activation applies its ReLU/PACT mask to dX acc, accumulates its clip
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from host.gemm import gemm_backward_data, gemm_backward_weight, gemm_forward
-from host.numerics import (
+from nibble.host.golden.gemm import gemm_backward_data, gemm_backward_weight, gemm_forward
+from nibble.host.golden.numerics import (
     FP4Tensor,
     GradScale,
     QTensor,
@@ -35,7 +35,7 @@ from host.numerics import (
     rescale_params,
     sawb_quantize,
 )
-from rtl.formats import FP4_RADIX_LOG2, UINT4_MAX, UINT4_MIN
+from nibble.rtl.formats import FP4_RADIX_LOG2, UINT4_MAX, UINT4_MIN
 
 __all__ = ["FP32_SCHEME", "MLP", "SCHEMES", "Scheme", "rows", "softmax_xent"]
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rtl.array import lane_order
-from rtl.formats import Operand, operand_cfg
+from nibble.rtl.array import lane_order
+from nibble.rtl.formats import Operand, operand_cfg
 
 __all__ = ["Gemm", "assemble", "beats", "code_bits", "lane_streams", "tiles"]
 

@@ -18,8 +18,9 @@ tensor memory and drives a training step through the driver, whichever device it
 Every scale is a function of integers the device returns (absmax, SAWB sums), so two
 devices that compute bit-exactly train bit-identically. ``masters="host"`` keeps the master
 weights on the host instead (for models whose masters do not fit a board's memory): the
-host downloads dW, runs the same fixed-point update (:func:`host.numerics.master_update`)
-and uploads the codes; the numbers are identical, only the link cost differs.
+host downloads dW, runs the same fixed-point update
+(:func:`~nibble.host.golden.numerics.master_update`) and uploads the codes; the numbers are
+identical, only the link cost differs.
 
 Activations are scaled to the 4-bit range every step from the previous step's absmax
 (the first step measures first), the way GradScale places the gradient grid; the mask of
@@ -31,12 +32,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from host.driver import DeviceError
-from host.gemm import gemm_forward
-from host.golden import lane_cfg
-from host.layout import Buffer, pack, row_words, unpack
-from host.model import SCHEMES, quantize_grad, softmax_xent
-from host.numerics import (
+from nibble.host.device.commands import gemm_args
+from nibble.host.device.driver import DeviceError
+from nibble.host.device.layout import Buffer, pack, row_words, unpack
+from nibble.host.golden.gemm import gemm_forward
+from nibble.host.golden.lanes import lane_cfg
+from nibble.host.golden.numerics import (
     FP4Tensor,
     GradScale,
     NumericsError,
@@ -48,9 +49,9 @@ from host.numerics import (
     sawb_step_from_sums,
     sawb_sums,
 )
-from host.plan import gemm_args
-from host.tiling import code_bits
-from rtl.formats import (
+from nibble.host.golden.tiling import code_bits
+from nibble.host.training.model import SCHEMES, quantize_grad, softmax_xent
+from nibble.rtl.formats import (
     LOG4_EXP_MAX,
     LOG4_EXP_MIN,
     MASTER_FRAC,
@@ -146,7 +147,7 @@ def memory_words(sizes, batch, nib, pad, masters):
 
 
 class DeviceMLP:
-    """An MLP training on ``dev`` (a :class:`host.driver.Device`)."""
+    """An MLP training on ``dev`` (a :class:`nibble.host.device.driver.Device`)."""
 
     def __init__(self, dev, cfg):
         self.dev, self.cfg = dev, cfg
@@ -512,9 +513,9 @@ def train_on_device(dev, data, cfg, epochs, out=None, resume=None, progress=True
 
     from tqdm.auto import tqdm
 
-    from host.numerics import quantize_int
-    from host.report import write_json
-    from host.train import lr_at
+    from nibble.host.golden.numerics import quantize_int
+    from nibble.host.report import write_json
+    from nibble.host.training.train import lr_at
 
     xq = quantize_int(data.x_train, 1.0 / UINT4_MAX, UINT4_MIN, UINT4_MAX)
     xt = quantize_int(data.x_test, 1.0 / UINT4_MAX, UINT4_MIN, UINT4_MAX)

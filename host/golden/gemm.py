@@ -10,8 +10,8 @@ partial sum whatever the summation order), and a reduction longer than
 
 import numpy as np
 
-from host.numerics import NumericsError, check_codes, fp4_int
-from rtl.formats import ACC_BITS, FP4_RADIX_LOG2, MAX_REDUCTION, GemmMode, product_range
+from nibble.host.golden.numerics import NumericsError, check_codes, fp4_int
+from nibble.rtl.formats import ACC_BITS, FP4_RADIX_LOG2, MAX_REDUCTION, GemmMode, product_range
 
 __all__ = ["exact_matmul", "gemm_backward_data", "gemm_backward_weight", "gemm_forward"]
 

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from host.layout import Buffer, pack, row_words
-from host.tiling import code_bits
-from rtl.engine import element_nibbles
-from rtl.formats import MaskMode, OutputPath, operand_cfg
+from nibble.host.device.layout import Buffer, pack, row_words
+from nibble.host.golden.tiling import code_bits
+from nibble.rtl.engine import element_nibbles
+from nibble.rtl.formats import MaskMode, OutputPath, operand_cfg
 
 __all__ = ["GemmPlan", "gemm_args", "plan_gemm"]
 
@@ -29,9 +29,9 @@ class GemmPlan:
 
 def plan_gemm(gemm, lane, nib, rows, cols, base=0, mask_codes=None, a_pair=None,
               spacing=0):
-    """Buffers from word ``base`` on for ``gemm`` (a :class:`host.tiling.Gemm`) with output
-    lane settings ``lane`` (LANE_CFG values). ``a_pair=(pairs, sel)`` stores A as LOG4 pairs
-    (the ``pairs`` M x L array of ``p0 | p1 << 4``) and reads nibble ``sel``.
+    """Buffers from word ``base`` on for ``gemm`` (a :class:`~nibble.host.golden.tiling.Gemm`)
+    with output lane settings ``lane`` (LANE_CFG values). ``a_pair=(pairs, sel)`` stores A as
+    LOG4 pairs (the ``pairs`` M x L array of ``p0 | p1 << 4``) and reads nibble ``sel``.
     ``spacing`` extra words are left between buffers (and added to the strides)."""
     m, red, n = gemm.shape
     m_pad = -(-m // rows) * rows

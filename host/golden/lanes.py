@@ -3,8 +3,8 @@ of them. The emulator (``emu://``), the driver's checks and the RTL tests share 
 
 import numpy as np
 
-from host.numerics import fp4_int, log_quantize_tpr, rescale
-from rtl.formats import (
+from nibble.host.golden.numerics import fp4_int, log_quantize_tpr, rescale
+from nibble.rtl.formats import (
     INT4_MAX,
     INT4_MIN,
     UINT4_MAX,

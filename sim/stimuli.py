@@ -1,13 +1,13 @@
 """Golden expectations and test vectors shared by the Amaranth tests and the cocotb benches.
 
-Everything here is computed from the golden model (``host.numerics``, ``host.tiling``) and
-the format definitions (``rtl.formats``); nothing is derived from the RTL.
+Everything here is computed from the golden model (``nibble.host.golden``) and the format
+definitions (``nibble.rtl.formats``); nothing is derived from the RTL.
 """
 
 
-from host.golden import golden_acc, golden_lane, lane_cfg, operand_ints
-from host.tiling import Gemm
-from rtl.formats import (
+from nibble.host.golden.lanes import golden_acc, golden_lane, lane_cfg, operand_ints
+from nibble.host.golden.tiling import Gemm
+from nibble.rtl.formats import (
     INT4_MAX,
     INT4_MIN,
     LANE_BITS,

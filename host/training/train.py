@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
-from host.model import MLP, SCHEMES, rows
+from nibble.host.training.model import MLP, SCHEMES, rows
 
 __all__ = ["DEFAULT_MODELS", "TrainConfig", "lr_at", "train"]
 
@@ -44,7 +44,7 @@ def accuracy(model, h, y):
 
 
 def train(data, cfg, progress=True):
-    """Train an MLP on ``data`` (a :class:`host.datasets.Dataset`) as ``cfg`` says.
+    """Train an MLP on ``data`` (a :class:`nibble.host.training.datasets.Dataset`) as ``cfg`` says.
 
     Returns a dict: ``test_accuracy``, ``history`` (one row per epoch: ``epoch``, ``loss``,
     ``train_accuracy``, ``test_accuracy``, ``seconds``), ``seconds`` (training time without

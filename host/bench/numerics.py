@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from host import datasets
-from host.model import SCHEMES
-from host.report import markdown_table, plot_curves, update_doc_section, write_json
-from host.train import DEFAULT_MODELS, TrainConfig, train
+from nibble.host.report import markdown_table, plot_curves, update_doc_section, write_json
+from nibble.host.training import datasets
+from nibble.host.training.model import SCHEMES
+from nibble.host.training.train import DEFAULT_MODELS, TrainConfig, train
 
 __all__ = ["BENCH_EPOCHS", "bench_numerics"]
 

@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from host.driver import Device
-from host.plan import plan_gemm
-from host.report import markdown_table, update_doc_section, write_json
-from host.tiling import Gemm
-from host.train import DEFAULT_MODELS
-from rtl.formats import MaskMode, Operand, OutputPath
-from sim.golden import lane_cfg
+from nibble.host.device.commands import plan_gemm
+from nibble.host.device.driver import Device
+from nibble.host.golden.tiling import Gemm
+from nibble.host.report import markdown_table, update_doc_section, write_json
+from nibble.host.training.train import DEFAULT_MODELS
+from nibble.rtl.formats import MaskMode, Operand, OutputPath
+from nibble.sim.stimuli import lane_cfg
 
 __all__ = ["bench_system"]
 
@@ -115,7 +115,7 @@ UTIL_COLUMNS = [("model", "model", "{}"), ("GEMM", "gemm", "{}"), ("M", "m", "{}
 
 
 def bench_system(out_dir="build/bench", docs=None, progress=True, seed=0):
-    from sim.system import serve
+    from nibble.sim.system import serve
 
     rng = np.random.default_rng(seed)
     with serve() as url, Device.open(url) as dev:

@@ -6,7 +6,7 @@ The wire format is defined once, in :mod:`gateware.protocol`.
 import zlib
 from dataclasses import dataclass
 
-from gateware.protocol import CRC_BYTES, ESC, ESC_XOR, FLAG, HEADER_BYTES, MAX_PAYLOAD
+from nibble.gateware.protocol import CRC_BYTES, ESC, ESC_XOR, FLAG, HEADER_BYTES, MAX_PAYLOAD
 
 __all__ = ["Frame", "FrameDecoder", "LinkError", "crc32", "decode_body", "encode_frame",
            "stuff", "unstuff"]

@@ -19,7 +19,7 @@ import urllib.parse
 
 import numpy as np
 
-from gateware.protocol import (
+from nibble.gateware.protocol import (
     GEMM_ARGS,
     INFO_LAYOUT,
     MAX_PAYLOAD,
@@ -32,13 +32,13 @@ from gateware.protocol import (
     Status,
     layout_bytes,
 )
-from host.golden import lane_cfg
-from host.layout import unpack
-from host.link import Frame, FrameDecoder, encode_frame
-from host.packing import pack_fields, unpack_fields
-from host.plan import plan_gemm
-from host.tiling import Gemm
-from rtl.formats import Operand, OutputPath
+from nibble.host.device.commands import plan_gemm
+from nibble.host.device.layout import unpack
+from nibble.host.device.link import Frame, FrameDecoder, encode_frame
+from nibble.host.device.packing import pack_fields, unpack_fields
+from nibble.host.golden.lanes import lane_cfg
+from nibble.host.golden.tiling import Gemm
+from nibble.rtl.formats import Operand, OutputPath
 
 __all__ = ["BadCrcError", "BadLengthError", "BusyError", "Device", "DeviceError",
            "LinkTimeout", "OutOfRangeError", "UnknownOpError", "open_transport"]
@@ -96,10 +96,10 @@ _MESSAGES = {
 def open_transport(url, baudrate=None, timeout=0.002):
     """A pyserial-style object for ``url`` (see the module docstring)."""
     if url.startswith("emu://"):
-        from host.emu import EmuTransport
+        from nibble.host.device.emu import EmuTransport
         query = urllib.parse.parse_qs(urllib.parse.urlparse(url).query)
         kw = {k: int(v[0]) for k, v in query.items()}
-        from gateware.device import SIM_DEVICE
+        from nibble.gateware.device import SIM_DEVICE
         try:
             return EmuTransport(rows=kw.get("rows", SIM_DEVICE["rows"]),
                                 cols=kw.get("cols", SIM_DEVICE["cols"]),
@@ -340,7 +340,7 @@ class Device:
             return (out & 0xF, out >> 4), stats
         return out, stats
 
-    # -- the three GEMMs of a training step (host.gemm gives their golden results) ---------
+    # -- the three GEMMs of a training step (golden results: nibble.host.golden.gemm) ------
     def forward(self, x_codes, w_codes, lane, x_kind=Operand.UINT4):
         """``Y = X @ W.T``: X (B x K) activation codes of ``x_kind``, W (N x K) INT4
         weights; ``lane`` usually rescales (RESCALE) to the next layer's codes."""

@@ -8,7 +8,7 @@ byte like the gateware, so the driver's framing, retries and error handling run 
 
 import numpy as np
 
-from gateware.protocol import (
+from nibble.gateware.protocol import (
     CRC_BYTES,
     ESC,
     ESC_XOR,
@@ -27,14 +27,14 @@ from gateware.protocol import (
     Status,
     layout_bytes,
 )
-from host.golden import golden_acc, golden_lane
-from host.layout import pack, row_words, unpack
-from host.link import Frame, crc32, encode_frame
-from host.numerics import master_update, requantize, sawb_sums
-from host.packing import pack_fields, unpack_fields
-from host.tiling import Gemm
-from rtl.engine import element_nibbles, word_nibbles
-from rtl.formats import (
+from nibble.host.device.layout import pack, row_words, unpack
+from nibble.host.device.link import Frame, crc32, encode_frame
+from nibble.host.device.packing import pack_fields, unpack_fields
+from nibble.host.golden.lanes import golden_acc, golden_lane
+from nibble.host.golden.numerics import master_update, requantize, sawb_sums
+from nibble.host.golden.tiling import Gemm
+from nibble.rtl.engine import element_nibbles, word_nibbles
+from nibble.rtl.formats import (
     MAX_REDUCTION,
     SAWB_SQ_BITS,
     SAWB_SUM_BITS,

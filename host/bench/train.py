@@ -24,11 +24,11 @@ from pathlib import Path
 
 from threadpoolctl import threadpool_limits
 
-from host import datasets
-from host.device_train import DeviceTrainConfig, memory_words, train_on_device
-from host.driver import Device
-from host.report import markdown_table, update_doc_section, write_json
-from host.train import TrainConfig, train
+from nibble.host.device.driver import Device
+from nibble.host.report import markdown_table, update_doc_section, write_json
+from nibble.host.training import datasets
+from nibble.host.training.device import DeviceTrainConfig, memory_words, train_on_device
+from nibble.host.training.train import TrainConfig, train
 
 __all__ = ["bench_train"]
 
@@ -40,8 +40,8 @@ def _board_rows():
     """(name, rows, cols, baud, clock Hz, clock note, memory bytes) per board: the clock is
     the measured fmax from ``build/<board>/report.json`` (``make bitstream``) where the
     design fits, else the board's target clock."""
-    from gateware.boards import BOARDS
-    from rtl.engine import word_nibbles
+    from nibble.gateware.boards import BOARDS
+    from nibble.rtl.engine import word_nibbles
     out = []
     for name, b in BOARDS.items():
         rep = Path("build") / name / "report.json"
@@ -79,7 +79,7 @@ def bench_train(out_dir="build/bench", epochs=10, sim_seconds=600, docs=None,
 
 
 def _bench(out_dir, epochs, sim_seconds, docs, progress, log):
-    from sim.system import DEFAULTS, build, serve
+    from nibble.sim.system import DEFAULTS, build, serve
 
     data = datasets.load("fashion-mnist")
     out = Path(out_dir)

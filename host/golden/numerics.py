@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rtl.formats import (
+from nibble.rtl.formats import (
     FP4_EXP_BITS,
     FP4_EXP_MAX,
     FP4_EXP_ZERO,
