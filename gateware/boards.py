@@ -38,7 +38,7 @@ from amaranth.hdl import (
 from amaranth.lib import io, wiring
 from amaranth.lib.wiring import In, Out
 
-from nibble.rtl.engine import word_nibbles
+from nibble.rtl.formats import word_nibbles
 
 from .device import Device
 from .synth import find_tool, tool_path

@@ -10,7 +10,7 @@ cycles is dropped (the watchdog), and so is a body shorter than a header and a C
 """
 
 from amaranth.hdl import Module, Mux, Signal
-from amaranth.lib import data, stream, wiring
+from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from .protocol import CRC, CRC_BYTES, ESC, ESC_XOR, FLAG, HEADER_BYTES, MAX_PAYLOAD
@@ -23,7 +23,9 @@ BUFFER_BYTES = HEADER_BYTES + MAX_PAYLOAD + CRC_BYTES
 TX_BYTE = data.StructLayout({"data": 8, "last": 1})
 
 
-class RxStatus:
+class RxStatus(enum.IntEnum, shape=2):
+    """What :class:`FrameRx` found at the end of a frame."""
+
     OK = 0
     BAD_CRC = 1
     TOO_LONG = 2
@@ -51,7 +53,7 @@ class FrameRx(wiring.Component):
         super().__init__({
             "i": In(stream.Signature(8)),
             "wr_addr": Out(range(BUFFER_BYTES)), "wr_data": Out(8), "wr_en": Out(1),
-            "frame": Out(1), "status": Out(2), "length": Out(range(BUFFER_BYTES + 1)),
+            "frame": Out(1), "status": Out(RxStatus), "length": Out(range(BUFFER_BYTES + 1)),
             "ack": In(1),
             "errors": Out(16),
             "in_frame": Out(1),

@@ -14,11 +14,10 @@ code (``0x80`` and up) with an empty payload. A rejected frame changes no device
 ``docs/protocol.md`` gives the payload of every command.
 """
 
-import enum
+from amaranth.lib import crc, data, enum
 
-from amaranth.lib import crc, data
-
-from nibble.rtl.engine import ADDR, GEMM_CFG
+from nibble.rtl.engine import GEMM_CFG
+from nibble.rtl.memory import ADDR_BITS
 from nibble.rtl.vector import VEC_CFG
 
 __all__ = ["CRC", "CRC_BYTES", "ESC", "ESC_XOR", "FLAG", "GEMM_ARGS", "HEADER_BYTES",
@@ -37,7 +36,7 @@ MAX_PAYLOAD = 1024
 VERSION = 2
 
 
-class Op(enum.IntEnum):
+class Op(enum.IntEnum, shape=8):
     """Request opcodes."""
 
     PING = 0x01       # echo the payload
@@ -49,7 +48,7 @@ class Op(enum.IntEnum):
     VECTOR = 0x22     # VEC_ARGS; starts the element-wise unit and replies at once
 
 
-class Status(enum.IntEnum):
+class Status(enum.IntEnum, shape=8):
     """Error replies (``op`` byte of a reply); every rejected frame changes no state."""
 
     BAD_CRC = 0x80        # the frame's CRC did not match (seq is as received)
@@ -59,13 +58,13 @@ class Status(enum.IntEnum):
     BUSY = 0x84           # the engine is running a GEMM; try again
 
 
-#: Tensor memory addresses are in words (``ADDR`` bits, as in the GEMM arguments); a word is
+#: Tensor memory addresses are in words (``ADDR_BITS`` bits, as in the GEMM arguments); a word is
 #: ``word_nibbles`` 4-bit codes (INFO), nibble 0 in the low half of byte 0, bytes
 #: little-endian.
-WRITE_HEADER = data.StructLayout({"addr": ADDR})
-READ_ARGS = data.StructLayout({"addr": ADDR, "words": 16})
+WRITE_HEADER = data.StructLayout({"addr": ADDR_BITS})
+READ_ARGS = data.StructLayout({"addr": ADDR_BITS, "words": 16})
 #: Optional: sums over ``count`` INT4 codes from word ``addr`` (for SAWB's E|w| and E w^2).
-STATS_ARGS = data.StructLayout({"addr": ADDR, "count": 24})
+STATS_ARGS = data.StructLayout({"addr": ADDR_BITS, "count": 24})
 STATS_LAYOUT = data.StructLayout({
     "busy": 8,              # 1 while a GEMM or a VECTOR operation runs
     "absmax": 32,           # the last GEMM's output statistic (see rtl.lane)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from amaranth.hdl import signed, unsigned
 from amaranth.lib import data
+from amaranth.lib import enum as hdl_enum
 
 __all__ = [
     "ACC_BITS",
@@ -33,6 +34,8 @@ __all__ = [
     "MASTER_FRAC",
     "MAX_REDUCTION",
     "MOMENTUM_BITS",
+    "RAW_BITS",
+    "RAW_NIBBLES",
     "RESCALE_M_BITS",
     "RESCALE_SHIFT_MAX",
     "SAWB_C1",
@@ -44,12 +47,16 @@ __all__ = [
     "WEIGHT_MAX",
     "WEIGHT_MIN",
     "GemmMode",
+    "MaskMode",
     "Operand",
+    "OutputPath",
     "VecOp",
     "acc_bits",
+    "element_nibbles",
     "fp4_mag_log2",
     "product_range",
     "signed_bits",
+    "word_nibbles",
 ]
 
 # --- Integer formats ------------------------------------------------------------------------
@@ -234,41 +241,26 @@ LOG4_EXP_MIN = -(FP4_RADIX_LOG2 + 1)
 LOG4_EXP_MAX = LANE_BITS + FP4_TOP_LOG2 + 1
 
 
-# --- On-device training: fixed-point master weights (rtl.vector) ------------------------------
-#: A master weight (and its momentum) is a signed MASTER_BITS integer in units of
-#: 2^-MASTER_FRAC; one 8-nibble element of tensor memory, like a RAW result.
-MASTER_BITS = 32
-MASTER_FRAC = 24
-MASTER_MIN, MASTER_MAX = -(1 << (MASTER_BITS - 1)), (1 << (MASTER_BITS - 1)) - 1
-#: Momentum as an unsigned fraction ``mu / 2^MOMENTUM_BITS``.
-MOMENTUM_BITS = 16
-#: The SAWB statistics are sums of |t| and t^2 over t = w >> SAWB_SHIFT (arithmetic), with
-#: SAWB_SUM_BITS and SAWB_SQ_BITS wide accumulators: exact for up to 2^SAWB_MAX_LOG2 weights.
-SAWB_SHIFT = 8
-SAWB_MAX_LOG2 = 20
-SAWB_T_BITS = MASTER_BITS - SAWB_SHIFT
-SAWB_SUM_BITS = SAWB_T_BITS + SAWB_MAX_LOG2             # |t| <= 2^23
-SAWB_SQ_BITS = 2 * SAWB_T_BITS - 1 + SAWB_MAX_LOG2      # t^2 <= 2^46
-
-
-class VecOp(enum.IntEnum):
-    """The element-wise unit's operations (``rtl.vector``)."""
+# --- Enumerations the hardware stores (shapes for lib.data layouts) ------------------------
+class VecOp(hdl_enum.IntEnum, shape=2):
+    """The element-wise unit's operations (``rtl.vector``); the value 3 is no operation."""
 
     TRANSPOSE = 0   # B[c][r] = A[r][c], 1- or 2-nibble elements
     UPDATE = 1      # momentum SGD on master weights W, V with gradient accumulators G
     REQUANT = 2     # INT4 weight codes of master weights: rescale to -7..7
 
 
-class OutputPath(enum.IntEnum):
-    """What an output lane does with a GEMM result."""
+class OutputPath(hdl_enum.IntEnum, shape=2):
+    """What an output lane does with a GEMM result; the value 3 is no path."""
 
     RAW = 0       # the exact wide accumulator (LANE_BITS), e.g. for host reads
     RESCALE = 1   # range-rescale to INT4 / UINT4 codes (forward)
     LOG4 = 2      # mask and log4-quantize to an FP4 pair (backward-data)
 
 
-class MaskMode(enum.IntEnum):
-    """The activation derivative the log4 lane applies, from the stored UINT4 code q."""
+class MaskMode(hdl_enum.IntEnum, shape=2):
+    """The activation derivative the log4 lane applies, from the stored UINT4 code q; the
+    value 3 is no mode."""
 
     NONE = 0      # pass everything
     RELU = 1      # pass where q > 0
@@ -283,6 +275,44 @@ def mask_pass(code, mode):
     if mode is MaskMode.RELU:
         return code > UINT4_MIN
     return UINT4_MIN < code < UINT4_MAX
+
+
+# --- Tensor memory: words of 4-bit nibbles, elements of 1, 2 or 8 nibbles -------------------
+#: A RAW element (the LANE_BITS accumulator, sign-extended), a master weight and a momentum
+#: are RAW_BITS two's complement integers: RAW_NIBBLES nibbles of tensor memory.
+RAW_BITS = 32
+RAW_NIBBLES = RAW_BITS // CODE_BITS
+assert LANE_BITS <= RAW_BITS
+
+
+def word_nibbles(rows, cols):
+    """Codes per tensor-memory word on an R x C array: a B group (C codes), a paired A group
+    (2R nibbles) and a RAW element each sit in one aligned word."""
+    return max(cols, 2 * rows, RAW_NIBBLES)
+
+
+def element_nibbles(path):
+    """Nibbles of one stored output element of an :class:`OutputPath`: RESCALE one code,
+    LOG4 an FP4 pair (phase 0 low, phase 1 high), RAW a RAW_BITS integer."""
+    return {OutputPath.RAW: RAW_NIBBLES, OutputPath.RESCALE: 1,
+            OutputPath.LOG4: 2}[OutputPath(path)]
+
+
+# --- On-device training: fixed-point master weights (rtl.vector) ------------------------------
+#: A master weight (and its momentum) is a signed MASTER_BITS integer in units of
+#: 2^-MASTER_FRAC; one 8-nibble element of tensor memory, like a RAW result.
+MASTER_BITS = RAW_BITS
+MASTER_FRAC = 24
+MASTER_MIN, MASTER_MAX = -(1 << (MASTER_BITS - 1)), (1 << (MASTER_BITS - 1)) - 1
+#: Momentum as an unsigned fraction ``mu / 2^MOMENTUM_BITS``.
+MOMENTUM_BITS = 16
+#: The SAWB statistics are sums of |t| and t^2 over t = w >> SAWB_SHIFT (arithmetic), with
+#: SAWB_SUM_BITS and SAWB_SQ_BITS wide accumulators: exact for up to 2^SAWB_MAX_LOG2 weights.
+SAWB_SHIFT = 8
+SAWB_MAX_LOG2 = 20
+SAWB_T_BITS = MASTER_BITS - SAWB_SHIFT
+SAWB_SUM_BITS = SAWB_T_BITS + SAWB_MAX_LOG2             # |t| <= 2^23
+SAWB_SQ_BITS = 2 * SAWB_T_BITS - 1 + SAWB_MAX_LOG2      # t^2 <= 2^46
 
 
 #: Operand interpretation of a PE, set once per GEMM.

@@ -18,7 +18,7 @@ __all__ = ["LANE_CFG", "LANE_OUT", "OutputLane"]
 
 #: Settings of an output lane, constant during a GEMM.
 LANE_CFG = data.StructLayout({
-    "path": unsigned(2),      # an OutputPath
+    "path": OutputPath,
     "phase": unsigned(1),     # TPR phase of the FP4 operand (0 for forward GEMMs)
     "rescale": RESCALE_CFG,
     "log4": LOG4_CFG,

@@ -38,7 +38,7 @@ __all__ = ["LOG4_CFG", "LOG4_IN", "LOG4_OUT", "Log4Quantizer", "leading_one",
 #: Settings of the log4 quantizer, constant while a tensor streams through.
 LOG4_CFG = data.StructLayout({
     "exp": signed(LOG4_EXP_BITS),   # GradScale exponent in accumulator units
-    "mask": unsigned(2),            # a MaskMode
+    "mask": MaskMode,
 })
 #: One input element: the accumulator and the stored activation code that masks it.
 LOG4_IN = data.StructLayout({"value": signed(LANE_BITS), "code": UINT4})

@@ -23,27 +23,32 @@ REQUANT
     1-nibble buffer at ``b`` (same rows and cols): the range-rescale rule of
     :func:`nibble.host.golden.numerics.rescale`, with ``M / 2^s`` = 1 / (SAWB step in master units).
 
-Each operation is a small sequential machine on three read ports (the GEMM engine's: the
-two never run together) and the write port, with no
-multipliers in the address path: row and column pointers are kept by adding strides. It
-takes 2 (TRANSPOSE), 5 (REQUANT) or 8 (UPDATE) cycles per element, plus one. Every
-multiplier has registered operands and a registered product (the ECP5 build missed 45 MHz
-by a third while one multiplied a memory word straight after its read). Buffers are checked
-like a GEMM's (``OUT_OF_RANGE`` when any lies outside the memory, a dimension is 0, or a
-written row overlaps the next); overlapping buffers give an undefined result.
+Each operation is a small sequential machine on the unit's :class:`~rtl.memory.TensorBus`
+(three read ports: A or G, W, V; the write port), with no multipliers in the address path:
+:class:`VectorWalk` keeps the row and column pointers by adding strides. It takes 2
+(TRANSPOSE), 5 (REQUANT) or 8 (UPDATE) cycles per element, plus one, while the memory grants
+every request (a state that reads or writes waits for the grant). Every multiplier has
+registered operands and a registered product (the ECP5 build missed 45 MHz by a third while
+one multiplied a memory word straight after its read). Buffers are checked by the same
+:class:`~rtl.bounds.BoundsCheck` as a GEMM's (``OUT_OF_RANGE`` when any lies outside the
+memory, a dimension is 0, or a written row overlaps the next); overlapping buffers give an
+undefined result.
 """
 
-from amaranth.hdl import Array, Const, Module, Mux, Signal, Value, signed
+from amaranth.hdl import Const, Module, Mux, Signal, Value, signed
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
-from .engine import ADDR, DIM, STRIDE, read_port_signature, word_nibbles
+from .bounds import DIM_BITS, BoundsCheck
 from .formats import (
     MASTER_BITS,
     MASTER_MAX,
     MASTER_MIN,
     MOMENTUM_BITS,
+    RAW_BITS,
+    RAW_NIBBLES,
     RESCALE_M_BITS,
+    RESCALE_SHIFT_MAX,
     SAWB_SHIFT,
     SAWB_SQ_BITS,
     SAWB_SUM_BITS,
@@ -51,152 +56,80 @@ from .formats import (
     WEIGHT_MAX,
     WEIGHT_MIN,
     VecOp,
+    word_nibbles,
 )
+from .memory import ADDR_BITS, STRIDE_BITS, TensorBus, read_ports
 
-__all__ = ["VEC_CFG", "VectorUnit"]
+__all__ = ["VEC_CFG", "VectorUnit", "VectorWalk"]
 
 #: The VECTOR command's payload.
 VEC_CFG = data.StructLayout({
-    "op": 2,              # a VecOp
+    "op": VecOp,
     "pair": 1,            # TRANSPOSE: 2-nibble elements (LOG4 pairs)
-    "rows": DIM, "cols": DIM,
-    "a_addr": ADDR, "a_stride": STRIDE,
-    "b_addr": ADDR, "b_stride": STRIDE,
-    "c_addr": ADDR,
+    "rows": DIM_BITS, "cols": DIM_BITS,
+    "a_addr": ADDR_BITS, "a_stride": STRIDE_BITS,
+    "b_addr": ADDR_BITS, "b_stride": STRIDE_BITS,
+    "c_addr": ADDR_BITS,
     "mu": MOMENTUM_BITS,  # UPDATE: momentum mu / 2^16
     "m": RESCALE_M_BITS,  # UPDATE: gradient factor; REQUANT: weight factor (M / 2^s)
-    "s": 6,
+    "s": range(RESCALE_SHIFT_MAX + 1),
 })
 
-_ELEM = 8                 # nibbles of a master weight, a momentum or a RAW accumulator
+_E_LOG = RAW_NIBBLES.bit_length() - 1       # log2 of a master's nibbles
 _PROD = MASTER_BITS + RESCALE_M_BITS + 1
 
 
-def _round_shift(m, p, s, name):
+def _round_shift(p, s):
     """``(p + 2^(s-1)) >> s`` (plain ``p`` for s = 0), arithmetic, for ``s`` in 0..63."""
-    half = Signal(64, name=f"{name}_half")
-    m.d.comb += half.eq(Mux(s == 0, 0, Const(1, 64) << (s - 1)[:6]))
-    return (p + half) >> s
+    return (p + Mux(s == 0, 0, (Const(1, 64) << (s - 1)[:6])[:64])) >> s
 
 
-def _sat(m, x, name):
-    out = Signal(signed(MASTER_BITS), name=name)
-    m.d.comb += out.eq(Mux(x > MASTER_MAX, MASTER_MAX, Mux(x < MASTER_MIN, MASTER_MIN, x)))
-    return out
+def _sat(x):
+    return Mux(x > MASTER_MAX, MASTER_MAX, Mux(x < MASTER_MIN, MASTER_MIN, x))
 
 
-class VectorUnit(wiring.Component):
-    """Runs one VEC_CFG operation at a time on tensor memory.
+class VectorWalk(wiring.Component):
+    """Element ``(r, c)`` of a VECTOR command and where it lives, kept by adding strides.
 
-    Ports: ``cfg`` (held constant while busy, like the engine's), ``start``, ``checked``,
-    ``ok``, ``busy``, ``cycles`` (of the last operation), ``sum_abs``/``sum_sq`` (SAWB
-    statistics of the last UPDATE), ``rd`` (three read ports: A, W and V) and the write port
-    ``wr_*``.
+    Ports: ``cfg`` (In ``VEC_CFG``), ``launch`` and ``step`` (In: start over; the current
+    element is done), ``last`` (Out: it is the last element), ``off`` (Out: its nibble
+    offset in its word of A, W and V), ``a_at``, ``w_at``, ``v_at`` (Out: the words of
+    A (or G), W and V), ``q_at``, ``q_off`` (REQUANT: where its code goes), ``t_at``,
+    ``t_off`` (TRANSPOSE: where ``B[c][r]`` goes).
     """
 
-    def __init__(self, rows, cols, mem_words):
-        self.mem_words = mem_words
-        self.nib = word_nibbles(rows, cols)
+    def __init__(self, addr_width, nibbles):
+        self.nib = nibbles
         super().__init__({
-            "cfg": In(VEC_CFG),
-            "start": In(1),
-            "checked": Out(1),
-            "ok": Out(1),
-            "busy": Out(1),
-            "cycles": Out(32),
-            "sum_abs": Out(SAWB_SUM_BITS),
-            "sum_sq": Out(SAWB_SQ_BITS),
-            "rd": Out(read_port_signature(mem_words, self.nib)).array(3),
-            "wr_addr": Out(range(mem_words)),
-            "wr_data": Out(4 * self.nib),
-            "wr_en": Out(self.nib),
+            "cfg": In(VEC_CFG), "launch": In(1), "step": In(1), "last": Out(1),
+            "off": Out(range(nibbles)), "a_at": Out(addr_width), "w_at": Out(addr_width),
+            "v_at": Out(addr_width), "q_at": Out(addr_width), "q_off": Out(range(nibbles)),
+            "t_at": Out(addr_width), "t_off": Out(range(nibbles)),
         })
+        self.aw = addr_width
 
     def elaborate(self, platform):
         m = Module()
-        cfg, NIB = self.cfg, self.nib
-        lnib = NIB.bit_length() - 1
-        aw = self.mem_words.bit_length() - 1
-        op = cfg.op
-        # log2 of the read element's nibbles: TRANSPOSE 0/1, UPDATE and REQUANT 3
-        e_log = Mux(op == VecOp.TRANSPOSE, cfg.pair, 3)
-
-        # -- the range check: buffer by buffer, three cycles each (select, multiply, add) ---
-        def words(nibbles):
-            return (nibbles + NIB - 1) >> lnib
-
-        cols8 = cfg.cols << 3
-        bufs = [  # (addr, stride, rows, row words, written, used)
-            (cfg.a_addr, cfg.a_stride, cfg.rows, words(cfg.cols << e_log), 0, 1),
-            (cfg.b_addr, cfg.b_stride,
-             Mux(op == VecOp.TRANSPOSE, cfg.cols, cfg.rows),
-             words(Mux(op == VecOp.TRANSPOSE, cfg.rows << cfg.pair,
-                       Mux(op == VecOp.UPDATE, cols8, cfg.cols))), 1, 1),
-            (cfg.c_addr, cfg.b_stride, cfg.rows, words(cols8), 1, op == VecOp.UPDATE),
-        ]
-        n = len(bufs)
-        idx = Signal(range(n))
-
-        def pick(i):
-            return Array(Value.cast(b[i]) for b in bufs)[idx]
-
-        c_addr, c_stride, c_rows, c_words = (Signal(ADDR), Signal(STRIDE), Signal(DIM),
-                                             Signal(DIM + 1))
-        c_written, c_used = Signal(), Signal()
-        c_prod = Signal(DIM + STRIDE)
-        end = Signal(ADDR + DIM + STRIDE + 1)
-        phase = Signal(range(3))
-        bad = Signal()
-        checking = Signal()
-        dims_ok = (cfg.rows != 0) & (cfg.cols != 0) & (op <= VecOp.REQUANT)
-        fail = Signal()
+        cfg, lnib = self.cfg, self.nib.bit_length() - 1
+        # log2 of the read element's nibbles: TRANSPOSE 0/1, UPDATE and REQUANT a master's
+        e_log = Mux(cfg.op == VecOp.TRANSPOSE, cfg.pair, _E_LOG)
+        r, c = Signal(DIM_BITS), Signal(DIM_BITS)
+        a_row, b_row, c_row = Signal(self.aw), Signal(self.aw), Signal(self.aw)  # + r * stride
+        t_col = Signal(self.aw)           # TRANSPOSE: b_addr + c * b_stride
+        cnib = Signal(DIM_BITS + 3)       # c * (read element nibbles)
+        rnib = Signal(DIM_BITS + 1)       # TRANSPOSE: r * (element nibbles)
         m.d.comb += [
-            end.eq(c_addr + c_prod + c_words),
-            fail.eq(c_used & ((end > self.mem_words) | (c_written & (c_stride < c_words)))),
+            self.last.eq((c == cfg.cols - 1) & (r == cfg.rows - 1)),
+            self.off.eq(cnib[:lnib]),
+            self.a_at.eq(a_row + (cnib >> lnib)), self.w_at.eq(b_row + (cnib >> lnib)),
+            self.v_at.eq(c_row + (cnib >> lnib)), self.q_at.eq(b_row + (c >> lnib)),
+            self.q_off.eq(c[:lnib]),
+            self.t_at.eq(t_col + (rnib >> lnib)), self.t_off.eq(rnib[:lnib]),
         ]
-        with m.If(self.start & ~self.busy):
-            m.d.sync += [self.busy.eq(1), checking.eq(1), idx.eq(0), phase.eq(0),
-                         bad.eq(~dims_ok)]
-        with m.Elif(checking):
-            with m.Switch(phase):
-                with m.Case(0):
-                    m.d.sync += [c_addr.eq(pick(0)), c_stride.eq(pick(1)),
-                                 c_rows.eq(pick(2) - 1), c_words.eq(pick(3)),
-                                 c_written.eq(pick(4)), c_used.eq(pick(5)), phase.eq(1)]
-                with m.Case(1):
-                    m.d.sync += [c_prod.eq(c_rows * c_stride), phase.eq(2)]
-                with m.Default():
-                    m.d.sync += [bad.eq(bad | fail), idx.eq(idx + 1), phase.eq(0)]
-                    with m.If(idx == n - 1):
-                        m.d.sync += checking.eq(0)
-                        m.d.comb += [self.checked.eq(1), self.ok.eq(~bad & ~fail)]
-
-        # -- the element walk -------------------------------------------------------------------
-        r = Signal(DIM)
-        c = Signal(DIM)
-        a_row = Signal(aw)            # a_addr + r * a_stride
-        b_row = Signal(aw)            # b_addr + r * b_stride
-        c_row = Signal(aw)            # c_addr + r * b_stride
-        t_col = Signal(aw)            # TRANSPOSE: b_addr + c * b_stride
-        cnib = Signal(DIM + 3)        # c * (read element nibbles)
-        rnib = Signal(DIM + 1)        # TRANSPOSE: r * (element nibbles)
-        cyc = Signal(32)
-        launch = Signal()
-        step = Signal()               # the current element is done
-        last = Signal()
-        m.d.comb += [launch.eq(self.checked & self.ok),
-                     last.eq((c == cfg.cols - 1) & (r == cfg.rows - 1))]
-        with m.If(self.checked & ~self.ok):
-            m.d.sync += self.busy.eq(0)
-        with m.If(launch):
+        with m.If(self.launch):
             m.d.sync += [r.eq(0), c.eq(0), cnib.eq(0), rnib.eq(0), a_row.eq(cfg.a_addr),
-                         b_row.eq(cfg.b_addr), c_row.eq(cfg.c_addr), t_col.eq(cfg.b_addr),
-                         cyc.eq(0)]
-            with m.If(op == VecOp.UPDATE):
-                m.d.sync += [self.sum_abs.eq(0), self.sum_sq.eq(0)]
-        with m.Elif(self.busy & ~checking):
-            m.d.sync += cyc.eq(cyc + 1)
-        with m.If(step):
+                         b_row.eq(cfg.b_addr), c_row.eq(cfg.c_addr), t_col.eq(cfg.b_addr)]
+        with m.Elif(self.step):
             with m.If(c == cfg.cols - 1):
                 m.d.sync += [c.eq(0), cnib.eq(0), r.eq(r + 1), rnib.eq(rnib + (1 << e_log)),
                              a_row.eq(a_row + cfg.a_stride), b_row.eq(b_row + cfg.b_stride),
@@ -204,72 +137,127 @@ class VectorUnit(wiring.Component):
             with m.Else():
                 m.d.sync += [c.eq(c + 1), cnib.eq(cnib + (1 << e_log)),
                              t_col.eq(t_col + cfg.b_stride)]
+        return m
 
-        off = cnib[:lnib]                 # nibble offset of element (r, c) in its word
-        at = {"a": a_row + (cnib >> lnib), "w": b_row + (cnib >> lnib),
-              "v": c_row + (cnib >> lnib)}
-        q_at = b_row + (c >> lnib)        # REQUANT: code (r, c)
-        elems = []
-        for k in range(3):
-            e = Signal(signed(MASTER_BITS), name=f"elem{k}")
-            data_ = self.rd[k].data
-            m.d.comb += e.eq(data_.word_select(off >> 3, 32) if NIB > 8 else data_)
-            elems.append(e)
 
-        def write(addr, value, nibbles, at_):
-            m.d.comb += [self.wr_addr.eq(addr), self.wr_data.eq(value << (at_ << 2)),
-                         self.wr_en.eq(Const((1 << nibbles) - 1, NIB) << at_)]
+class VectorUnit(wiring.Component):
+    """Runs one VEC_CFG operation at a time on tensor memory.
+
+    Ports: ``cfg`` (held constant while busy, like the engine's), ``start``, ``checked``,
+    ``ok``, ``busy``, ``cycles`` (of the last operation), ``sum_abs``/``sum_sq`` (SAWB
+    statistics of the last UPDATE) and ``bus`` (``rd0`` A or G, ``rd1`` W, ``rd2`` V,
+    ``wr``).
+    """
+
+    def __init__(self, rows, cols, mem_words):
+        self.mem_words = mem_words
+        self.nib = word_nibbles(rows, cols)
+        self.aw = (mem_words - 1).bit_length()
+        super().__init__({
+            "cfg": In(VEC_CFG), "start": In(1), "checked": Out(1), "ok": Out(1),
+            "busy": Out(1), "cycles": Out(32),
+            "sum_abs": Out(SAWB_SUM_BITS), "sum_sq": Out(SAWB_SQ_BITS),
+            "bus": Out(TensorBus.Signature(addr_width=self.aw, nibbles=self.nib)),
+        })
+
+    def _buffers(self, m, check):
+        """The check's view of A (or G), B (W, or the codes) and V."""
+        cfg, lnib = self.cfg, self.nib.bit_length() - 1
+        op = cfg.op
+        t, u = op == VecOp.TRANSPOSE, op == VecOp.UPDATE
+        masters = cfg.cols << _E_LOG
+        bufs = [  # addr, stride, rows, nibbles per row, written, used
+            (cfg.a_addr, cfg.a_stride, cfg.rows, Mux(t, cfg.cols << cfg.pair, masters), 0, 1),
+            (cfg.b_addr, cfg.b_stride, Mux(t, cfg.cols, cfg.rows),
+             Mux(t, cfg.rows << cfg.pair, Mux(u, masters, cfg.cols)), 1, 1),
+            (cfg.c_addr, cfg.b_stride, cfg.rows, masters, 1, u),
+        ]
+        for b, (addr, stride, rows, nibbles, written, used) in zip(check.buffers, bufs,
+                                                                    strict=True):
+            m.d.comb += [b.addr.eq(addr), b.stride.eq(stride), b.rows.eq(rows),
+                         b.words.eq((nibbles + self.nib - 1) >> lnib), b.written.eq(written),
+                         b.used.eq(used)]
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg, NIB, bus = self.cfg, self.nib, self.bus
+        op = cfg.op
+        m.submodules.check = check = BoundsCheck(3, self.mem_words)
+        self._buffers(m, check)
+        m.submodules.walk = walk = VectorWalk(self.aw, NIB)
+        launch, step, cyc = Signal(), Signal(), Signal(32)
+        dims_ok = (cfg.rows != 0) & (cfg.cols != 0) & (Value.cast(op) <= VecOp.REQUANT)
+        go = Signal()
+        m.d.sync += go.eq(self.start & ~self.busy)
+        m.d.comb += [check.start.eq(go), self.checked.eq(check.done),
+                     self.ok.eq(check.ok & dims_ok), launch.eq(self.checked & self.ok),
+                     walk.cfg.eq(cfg), walk.launch.eq(launch), walk.step.eq(step),
+                     bus.claim.eq(self.busy)]
+        with m.If(self.start & ~self.busy):
+            m.d.sync += self.busy.eq(1)
+        with m.If(self.checked & ~self.ok):
+            m.d.sync += self.busy.eq(0)
+        with m.If(launch):
+            m.d.sync += cyc.eq(0)
+            with m.If(op == VecOp.UPDATE):
+                m.d.sync += [self.sum_abs.eq(0), self.sum_sq.eq(0)]
+        with m.Elif(self.busy & ~go):
+            m.d.sync += cyc.eq(cyc + 1)
+
+        elems = [Signal(signed(MASTER_BITS), name=f"elem_{n}") for n in "awv"]
+        for e, rd in zip(elems, read_ports(bus), strict=True):
+            m.d.comb += e.eq(rd.data.word_select(walk.off >> _E_LOG, RAW_BITS)
+                             if NIB > RAW_NIBBLES else rd.data)
+
+        def write(addr, value, nibbles, at):
+            m.d.comb += [bus.wr.addr.eq(addr), bus.wr.data.eq(value << (at << 2)),
+                         bus.wr.en.eq(Const((1 << nibbles) - 1, NIB) << at)]
+            return bus.wr.ready
 
         # every multiplier has registered operands and a registered product
-        g = Signal(signed(MASTER_BITS))
-        w = Signal(signed(MASTER_BITS))
-        v = Signal(signed(MASTER_BITS))
+        g, w, v = (Signal(signed(MASTER_BITS), name=n) for n in ("g", "w", "v"))
         pv = Signal(signed(MASTER_BITS + MOMENTUM_BITS + 1))
         pg = Signal(signed(_PROD))
-        a_part = Signal(signed(MASTER_BITS + 1))
-        b_part = Signal(signed(_PROD))
-        v_new = Signal(signed(MASTER_BITS))
-        w_new = Signal(signed(MASTER_BITS))
+        a_part, b_part = Signal(signed(MASTER_BITS + 1)), Signal(signed(_PROD))
+        v_new, w_new = Signal(signed(MASTER_BITS)), Signal(signed(MASTER_BITS))
         t = Signal(signed(SAWB_T_BITS))
-        mag = Signal(SAWB_T_BITS)
-        sq = Signal(2 * SAWB_T_BITS)
+        mag, sq = Signal(SAWB_T_BITS), Signal(2 * SAWB_T_BITS)
         acc = Signal()                    # mag and sq hold an element to add to the sums
         m.d.sync += acc.eq(0)
         with m.If(acc):
             m.d.sync += [self.sum_abs.eq(self.sum_abs + mag), self.sum_sq.eq(self.sum_sq + sq)]
-        m.d.comb += self.wr_en.eq(0)
 
-        def next_element():
-            m.d.comb += step.eq(1)
-            m.next = "READ"
-            with m.If(last):
+        def next_element(done=1):
+            with m.If(done):
+                m.d.comb += step.eq(1)
                 m.next = "DONE"
+                with m.If(~walk.last):
+                    m.next = "READ"
 
         with m.FSM():
             with m.State("IDLE"):
                 with m.If(launch):
                     m.next = "READ"
             with m.State("READ"):                 # element (r, c) of A, W and V
-                for k, name in enumerate("awv"):
-                    m.d.comb += [self.rd[k].addr.eq(at[name]), self.rd[k].en.eq(1)]
-                with m.Switch(op):
-                    with m.Case(VecOp.TRANSPOSE):
-                        m.next = "T_WRITE"
-                    with m.Case(VecOp.UPDATE):
-                        m.next = "U_LATCH"
-                    with m.Default():
-                        m.next = "Q_LATCH"
-            # TRANSPOSE
+                u = op == VecOp.UPDATE
+                ats = (walk.a_at, walk.w_at, walk.v_at)
+                for rd, at, used in zip(read_ports(bus), ats, (1, u, u), strict=True):
+                    m.d.comb += [rd.addr.eq(at), rd.en.eq(used)]
+                granted = bus.rd0.ready & (~u | (bus.rd1.ready & bus.rd2.ready))
+                with m.If(granted):
+                    with m.Switch(op):
+                        with m.Case(VecOp.TRANSPOSE):
+                            m.next = "T_WRITE"
+                        with m.Case(VecOp.UPDATE):
+                            m.next = "U_LATCH"
+                        with m.Default():
+                            m.next = "Q_LATCH"
             with m.State("T_WRITE"):
-                pair = self.rd[0].data.bit_select(off << 2, 8)
-                t_off = rnib[:lnib]
-                t_at = t_col + (rnib >> lnib)
+                pair = bus.rd0.data.bit_select(walk.off << 2, 8)
                 with m.If(cfg.pair):
-                    write(t_at, pair[:8], 2, t_off)
+                    next_element(write(walk.t_at, pair[:8], 2, walk.t_off))
                 with m.Else():
-                    write(t_at, pair[:4], 1, t_off)
-                next_element()
-            # REQUANT
+                    next_element(write(walk.t_at, pair[:4], 1, walk.t_off))
             with m.State("Q_LATCH"):
                 m.d.sync += w.eq(elems[0])
                 m.next = "Q_MUL"
@@ -277,14 +265,12 @@ class VectorUnit(wiring.Component):
                 m.d.sync += pg.eq(w * cfg.m)
                 m.next = "Q_SHIFT"
             with m.State("Q_SHIFT"):
-                m.d.sync += b_part.eq(_round_shift(m, pg, cfg.s, "q"))
+                m.d.sync += b_part.eq(_round_shift(pg, cfg.s))
                 m.next = "Q_WRITE"
             with m.State("Q_WRITE"):
                 code = Mux(b_part > WEIGHT_MAX, WEIGHT_MAX,
                            Mux(b_part < WEIGHT_MIN, WEIGHT_MIN, b_part))
-                write(q_at, code[:4], 1, c[:lnib])
-                next_element()
-            # UPDATE
+                next_element(write(walk.q_at, code[:4], 1, walk.q_off))
             with m.State("U_LATCH"):
                 m.d.sync += [g.eq(elems[0]), w.eq(elems[1]), v.eq(elems[2])]
                 m.next = "U_MUL"
@@ -293,23 +279,24 @@ class VectorUnit(wiring.Component):
                 m.next = "U_SHIFT"
             with m.State("U_SHIFT"):
                 m.d.sync += [a_part.eq((pv + (1 << (MOMENTUM_BITS - 1))) >> MOMENTUM_BITS),
-                             b_part.eq(_round_shift(m, pg, cfg.s, "u"))]
+                             b_part.eq(_round_shift(pg, cfg.s))]
                 m.next = "U_ADD"
             with m.State("U_ADD"):
-                m.d.sync += v_new.eq(_sat(m, a_part + b_part, "v_sat"))
+                m.d.sync += v_new.eq(_sat(a_part + b_part))
                 m.next = "U_SUB"
             with m.State("U_SUB"):
-                m.d.sync += w_new.eq(_sat(m, w - v_new, "w_sat"))
+                m.d.sync += w_new.eq(_sat(w - v_new))
                 m.next = "U_WRITE_V"
             with m.State("U_WRITE_V"):
-                write(at["v"], v_new.as_unsigned(), _ELEM, off)
-                m.d.sync += t.eq(w_new >> SAWB_SHIFT)
-                m.next = "U_WRITE_W"
+                with m.If(write(walk.v_at, v_new.as_unsigned(), RAW_NIBBLES, walk.off)):
+                    m.d.sync += t.eq(w_new >> SAWB_SHIFT)
+                    m.next = "U_WRITE_W"
             with m.State("U_WRITE_W"):
-                write(at["w"], w_new.as_unsigned(), _ELEM, off)
-                m.d.sync += [mag.eq(Mux(t < 0, -t, t)), sq.eq((t * t).as_unsigned()),
-                             acc.eq(1)]
-                next_element()
+                done = write(walk.w_at, w_new.as_unsigned(), RAW_NIBBLES, walk.off)
+                with m.If(done):
+                    m.d.sync += [mag.eq(Mux(t < 0, -t, t)), sq.eq((t * t).as_unsigned()),
+                                 acc.eq(1)]
+                next_element(done)
             with m.State("DONE"):                 # the last sums are in
                 m.d.sync += [self.busy.eq(0), self.cycles.eq(cyc + 1)]
                 m.next = "IDLE"

@@ -12,25 +12,23 @@ from amaranth.sim import Simulator
 from nibble.host.device.commands import plan_gemm
 from nibble.host.device.emu import gemm_apply, gemm_check
 from nibble.host.device.packing import to_int
-from nibble.rtl.engine import GEMM_CFG, GemmEngine, TensorMemory, word_nibbles
-from nibble.rtl.formats import MaskMode, Operand, OutputPath
+from nibble.rtl.engine import GEMM_CFG, GemmEngine
+from nibble.rtl.formats import MaskMode, Operand, OutputPath, word_nibbles
+from nibble.rtl.memory import BlockRAM
 from nibble.sim.stimuli import MODE_KINDS, lane_cfg, random_gemm
 
 
 class EngineBench(wiring.Component):
     def __init__(self, rows, cols, words):
         self.engine = GemmEngine(rows, cols, words)
-        self.mem = TensorMemory(words, self.engine.nib, 3)
+        self.mem = BlockRAM(words, self.engine.nib)
         super().__init__({})
 
     def elaborate(self, platform):
         m = Module()
         m.submodules.engine = e = self.engine
         m.submodules.mem = mem = self.mem
-        for port, rd in zip((e.rd_a, e.rd_b, e.rd_m), mem.rd, strict=True):
-            wiring.connect(m, port, rd)
-        m.d.comb += [mem.wr_addr.eq(e.wr_addr), mem.wr_data.eq(e.wr_data),
-                     mem.wr_en.eq(e.wr_en)]
+        wiring.connect(m, e.bus, mem.bus)
         return m
 
 

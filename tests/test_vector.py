@@ -11,8 +11,8 @@ from nibble.host.device.emu import vector_apply, vector_check
 from nibble.host.device.layout import pack, row_words
 from nibble.host.device.packing import to_int
 from nibble.host.golden.numerics import master_update, requantize, sawb_sums
-from nibble.rtl.engine import TensorMemory, word_nibbles
-from nibble.rtl.formats import MASTER_MAX, MASTER_MIN, VecOp
+from nibble.rtl.formats import MASTER_MAX, MASTER_MIN, VecOp, word_nibbles
+from nibble.rtl.memory import BlockRAM
 from nibble.rtl.vector import VEC_CFG, VectorUnit
 from tests.test_engine import dump, preload
 
@@ -20,17 +20,14 @@ from tests.test_engine import dump, preload
 class VectorBench(wiring.Component):
     def __init__(self, rows, cols, words):
         self.unit = VectorUnit(rows, cols, words)
-        self.mem = TensorMemory(words, self.unit.nib, 3)
+        self.mem = BlockRAM(words, self.unit.nib)
         super().__init__({})
 
     def elaborate(self, platform):
         m = Module()
         m.submodules.unit = u = self.unit
         m.submodules.mem = mem = self.mem
-        for port, rd in zip(u.rd, mem.rd, strict=True):
-            wiring.connect(m, port, rd)
-        m.d.comb += [mem.wr_addr.eq(u.wr_addr), mem.wr_data.eq(u.wr_data),
-                     mem.wr_en.eq(u.wr_en)]
+        wiring.connect(m, u.bus, mem.bus)
         return m
 
 

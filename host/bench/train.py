@@ -41,7 +41,7 @@ def _board_rows():
     the measured fmax from ``build/<board>/report.json`` (``make bitstream``) where the
     design fits, else the board's target clock."""
     from nibble.gateware.boards import BOARDS
-    from nibble.rtl.engine import word_nibbles
+    from nibble.rtl.formats import word_nibbles
     out = []
     for name, b in BOARDS.items():
         rep = Path("build") / name / "report.json"

@@ -11,8 +11,7 @@ import numpy as np
 
 from nibble.host.device.layout import Buffer, pack, row_words
 from nibble.host.golden.tiling import code_bits
-from nibble.rtl.engine import element_nibbles
-from nibble.rtl.formats import MaskMode, OutputPath, operand_cfg
+from nibble.rtl.formats import MaskMode, OutputPath, element_nibbles, operand_cfg
 
 __all__ = ["GemmPlan", "gemm_args", "plan_gemm"]
 

@@ -33,7 +33,6 @@ from nibble.host.device.packing import pack_fields, unpack_fields
 from nibble.host.golden.lanes import golden_acc, golden_lane
 from nibble.host.golden.numerics import master_update, requantize, sawb_sums
 from nibble.host.golden.tiling import Gemm
-from nibble.rtl.engine import element_nibbles, word_nibbles
 from nibble.rtl.formats import (
     MAX_REDUCTION,
     SAWB_SQ_BITS,
@@ -42,6 +41,8 @@ from nibble.rtl.formats import (
     Operand,
     OutputPath,
     VecOp,
+    element_nibbles,
+    word_nibbles,
 )
 
 __all__ = ["EmuTransport", "Emulator", "gemm_apply", "vector_apply", "vector_check"]

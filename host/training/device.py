@@ -56,6 +56,7 @@ from nibble.rtl.formats import (
     LOG4_EXP_MIN,
     MASTER_FRAC,
     MOMENTUM_BITS,
+    RAW_NIBBLES,
     UINT4_MAX,
     UINT4_MIN,
     MaskMode,
@@ -67,7 +68,6 @@ from nibble.rtl.formats import (
 __all__ = ["DeviceMLP", "DeviceMemoryError", "DeviceTrainConfig"]
 
 SCHEME = SCHEMES["ibm4"]
-_RAW = 8          # nibbles of a RAW result, a master weight or a momentum
 
 
 class DeviceMemoryError(DeviceError):
@@ -127,10 +127,10 @@ def plan_memory(sizes, batch, nib, pad, masters):
         arena.alloc(f"wc{i}", k, n, 1)                   # W^T codes: forward's B
         if i > 0:
             arena.alloc(f"wr{i}", n, k, 1)               # W codes: backward-data's B
-        arena.alloc(f"g{i}", k, n, _RAW)                 # dW^T accumulators
+        arena.alloc(f"g{i}", k, n, RAW_NIBBLES)                 # dW^T accumulators
         if masters == "device":
-            arena.alloc(f"wm{i}", k, n, _RAW)            # master weights (as dW^T)
-            arena.alloc(f"vm{i}", k, n, _RAW)            # momenta
+            arena.alloc(f"wm{i}", k, n, RAW_NIBBLES)            # master weights (as dW^T)
+            arena.alloc(f"vm{i}", k, n, RAW_NIBBLES)            # momenta
     for i in range(layers):
         k = sizes[i]
         arena.alloc(f"xc{i}", k, batch, 1)               # X^T: forward's A, the mask
@@ -138,7 +138,7 @@ def plan_memory(sizes, batch, nib, pad, masters):
         n = sizes[i + 1]
         arena.alloc(f"dc{i}", n, batch, 2)               # dY^T pairs: backward-data's A
         arena.alloc(f"dr{i}", batch, n, 2)               # dY pairs: backward-weight's A
-    arena.alloc("logits", sizes[-1], batch, _RAW)
+    arena.alloc("logits", sizes[-1], batch, RAW_NIBBLES)
     return arena
 
 
@@ -199,7 +199,7 @@ class DeviceMLP:
             if self.cfg.masters == "device":
                 for name, x in ((f"wm{i}", w[i]), (f"vm{i}", v[i])):
                     buf = self.buf[name]
-                    dev.write(buf.addr, pack(x & 0xFFFFFFFF, _RAW, nib, buf.stride))
+                    dev.write(buf.addr, pack(x & 0xFFFFFFFF, RAW_NIBBLES, nib, buf.stride))
             if codes is not None:
                 self.w_step[i] = w_step[i]
                 self._put_codes(i, codes[i])
@@ -254,7 +254,7 @@ class DeviceMLP:
                 g = np.zeros_like(self.host_w[i])
             else:
                 gbuf = self.buf[f"g{i}"]
-                g = unpack(self.dev.read(gbuf.addr, gbuf.words), k, n, _RAW,
+                g = unpack(self.dev.read(gbuf.addr, gbuf.words), k, n, RAW_NIBBLES,
                            self.dev.word_nibbles, gbuf.stride, 32)
             self.host_w[i], self.host_v[i] = master_update(g, self.host_w[i], self.host_v[i],
                                                            mu, gm, gs)
@@ -311,7 +311,7 @@ class DeviceMLP:
         # logits, loss, the output gradient
         lb = buf["logits"]
         n_out = self.sizes[-1]
-        acc = unpack(dev.read(lb.addr, lb.words), n_out, b, _RAW, nib, lb.stride, 32).T
+        acc = unpack(dev.read(lb.addr, lb.words), n_out, b, RAW_NIBBLES, nib, lb.stride, 32).T
         logits = (acc * (x_step[-1] * self.w_step[-1])).astype(np.float32)
         loss, dlogits = softmax_xent(logits, labels)
         d0, d1 = quantize_grad(dlogits, 1.0, SCHEME)
@@ -378,7 +378,7 @@ class DeviceMLP:
             k, n = self.sizes[i], self.sizes[i + 1]
             for name, dst in ((f"wm{i}", w), (f"vm{i}", v)):
                 buf = self.buf[name]
-                dst.append(unpack(self.dev.read(buf.addr, buf.words), k, n, _RAW,
+                dst.append(unpack(self.dev.read(buf.addr, buf.words), k, n, RAW_NIBBLES,
                                   self.dev.word_nibbles, buf.stride, 32))
         return w, v
 

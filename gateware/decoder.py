@@ -1,0 +1,243 @@
+"""The command decoder: a received frame in, a command carried out and answered.
+
+:class:`CommandDecoder` reads a frame's header and arguments from the frame buffer, checks
+everything (length, range, busy) before anything changes, so a rejected frame changes no
+state, and then runs the command through the component that does it:
+
+=======  ===================================================  ==============================
+op       what runs                                            reply
+=======  ===================================================  ==============================
+PING     nothing: the payload stays in the frame buffer       the payload
+INFO     nothing                                              ``INFO_LAYOUT`` (:class:`Reply`)
+WRITE    :class:`~nibble.gateware.transfer.Transfer`          empty
+READ     :class:`~nibble.gateware.transfer.Transfer`          the words
+STATS    a SUMS :class:`~nibble.gateware.transfer.Transfer`   ``STATS_LAYOUT``
+GEMM     the GEMM engine: the reply follows its check         empty, or OUT_OF_RANGE
+VECTOR   the element-wise unit, the same way                  empty, or OUT_OF_RANGE
+=======  ===================================================  ==============================
+
+The arguments stay in the decoder's argument register while a GEMM or VECTOR runs (the
+units read their settings from it; no copy), so until they are done the decoder answers
+WRITE, READ, GEMM, VECTOR and STATS with a region BUSY and still serves PING, INFO and plain
+STATS (BUSY too when the unit ended while the frame was parsed: its arguments were not all
+read). A WRITE, GEMM or VECTOR whose ``seq`` and opcode repeat the previous request's is a
+host retry after a lost reply: it is answered with the remembered status and not run again
+(any other reply forgets it; receiver errors do not touch it).
+
+``phase`` tells the device which component owns the frame buffer.
+"""
+
+from amaranth.hdl import Cat, Module, Mux, Signal
+from amaranth.lib import data, enum, memory, wiring
+from amaranth.lib.wiring import In, Out
+
+from nibble.rtl.engine import GEMM_CFG
+from nibble.rtl.vector import VEC_CFG
+
+from .framing import BUFFER_BYTES, RxStatus
+from .protocol import (
+    CRC_BYTES,
+    HEADER_BYTES,
+    INFO_LAYOUT,
+    MAX_PAYLOAD,
+    READ_ARGS,
+    STATS_ARGS,
+    STATS_LAYOUT,
+    WRITE_HEADER,
+    Op,
+    Status,
+    layout_bytes,
+)
+from .reply import Fill, ReplyControl
+from .transfer import FB_ADDR, TransferControl, TransferOp
+
+__all__ = ["ARGS_BYTES", "CommandDecoder", "Phase"]
+
+#: The argument register: the longest fixed payload (GEMM's).
+ARGS_BYTES = max(layout_bytes(GEMM_CFG), layout_bytes(VEC_CFG))
+
+
+class Phase(enum.Enum, shape=2):
+    """Who owns the frame buffer."""
+
+    IDLE = 0        # the receiver (it writes a frame while one arrives)
+    PARSE = 1       # the decoder reads the header and arguments
+    TRANSFER = 2    # a WRITE, READ or STATS transfer
+    REPLY = 3       # the reply
+
+
+class CommandDecoder(wiring.Component):
+    """Ports
+    -----
+    frame, rx_status, length : In
+        The receiver's report (a frame ended; how; its body length); ``ack`` (Out) releases
+        the receiver once the reply is sent.
+    buf : the frame buffer's read port while parsing.
+    phase : Out(Phase)
+    busy : In(1)
+        The engine or the element-wise unit runs.
+    args : Out(8 * ARGS_BYTES)
+        The argument register (the engine's and the unit's settings).
+    gemm_start, vec_start : Out(1); checked, ok : In(1)
+        Start a unit; its check's verdict (from whichever runs).
+    stats_snapshot : Out(1)
+        A STATS is being answered: freeze the cycle counter it reports.
+    transfer, reply : Out(TransferControl / ReplyControl)
+    """
+
+    def __init__(self, addr_width, nibbles, mem_words):
+        self.nib, self.mem_words = nibbles, mem_words
+        super().__init__({
+            "frame": In(1), "rx_status": In(RxStatus), "length": In(range(BUFFER_BYTES + 1)),
+            "ack": Out(1),
+            "buf": In(memory.ReadPort.Signature(addr_width=FB_ADDR, shape=8)),
+            "phase": Out(Phase), "busy": In(1), "args": Out(8 * ARGS_BYTES),
+            "gemm_start": Out(1), "vec_start": Out(1), "checked": In(1), "ok": In(1),
+            "stats_snapshot": Out(1),
+            "transfer": Out(TransferControl.Signature(addr_width)),
+            "reply": Out(ReplyControl.Signature()),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        nib, words, args = self.nib, self.mem_words, self.args
+        wb = nib // 2
+        plen = Signal(range(BUFFER_BYTES + 1))          # payload bytes
+        seq, op = Signal(8), Signal(8)               # op: any byte; Op names the known ones
+        last = Signal(data.StructLayout({"seq": 8, "op": 8, "status": 8}))
+        last_valid = Signal()                           # `last` may be retried
+        p = Signal(range(BUFFER_BYTES + 1))
+        have = Signal()                                 # buf.data holds byte p - 1
+        stale = Signal()                                # a unit ran during PARSE
+        reply = self.reply                              # the reply's settings, held
+        record = Signal()                               # ... and whether to remember it
+        xfer = self.transfer
+        m.d.comb += [plen.eq(self.length - HEADER_BYTES - CRC_BYTES), self.buf.addr.eq(p),
+                     self.buf.en.eq(1)]
+        write_addr = data.View(WRITE_HEADER, args[:WRITE_HEADER.size]).addr
+        write_words = (plen - layout_bytes(WRITE_HEADER)) >> (wb.bit_length() - 1)
+        read = data.View(READ_ARGS, args[:READ_ARGS.size])
+        stats = data.View(STATS_ARGS, args[:STATS_ARGS.size])
+
+        def answer(status, length=HEADER_BYTES, fill=Fill.NONE, remember=1):
+            m.d.sync += [reply.status.eq(status), reply.length.eq(length),
+                         reply.fill.eq(fill), record.eq(remember)]
+            m.next = "REPLY"
+
+        def transfer(op_, addr, count, pos, status, length=HEADER_BYTES, fill=Fill.NONE):
+            m.d.comb += [xfer.start.eq(1), xfer.op.eq(op_), xfer.addr.eq(addr),
+                         xfer.count.eq(count), xfer.pos.eq(pos)]
+            answer(status, length, fill)
+            m.next = "TRANSFER"
+
+        with m.FSM() as fsm:
+            with m.State("IDLE"):
+                with m.If(self.frame):
+                    m.d.sync += [p.eq(0), have.eq(0), stale.eq(0)]
+                    with m.If(self.rx_status == RxStatus.OK):
+                        m.next = "PARSE"
+                    with m.Elif(self.rx_status == RxStatus.BAD_CRC):
+                        answer(Status.BAD_CRC, remember=0)
+                    with m.Else():
+                        answer(Status.BAD_LENGTH, remember=0)
+
+            with m.State("PARSE"):        # bytes 0 .. 1 + ARGS_BYTES: seq, op, arguments
+                m.d.sync += [p.eq(p + 1), have.eq(1)]
+                with m.If(have):
+                    with m.If(p == 1):
+                        m.d.sync += seq.eq(self.buf.data)
+                    with m.Elif(p == 2):
+                        m.d.sync += op.eq(self.buf.data)
+                    with m.Elif(~self.busy):       # a running unit reads the arguments
+                        m.d.sync += args.eq(Cat(args[8:], self.buf.data))
+                    with m.Else():
+                        m.d.sync += stale.eq(1)
+                with m.If(p == HEADER_BYTES + ARGS_BYTES):
+                    m.next = "DISPATCH"
+
+            with m.State("DISPATCH"):
+                once = (op == Op.WRITE) | (op == Op.GEMM) | (op == Op.VECTOR)
+                retry = last_valid & (last.seq == seq) & (last.op == op) & once
+                uses_mem = once | (op == Op.READ) | ((op == Op.STATS) & (plen != 0))
+                with m.If(retry):
+                    answer(last.status)
+                with m.Elif(uses_mem & (self.busy | stale)):   # stale: args half-read
+                    answer(Status.BUSY)
+                with m.Elif(op == Op.PING):
+                    answer(op, HEADER_BYTES + plen)
+                with m.Elif(op == Op.INFO):
+                    with m.If(plen != 0):
+                        answer(Status.BAD_LENGTH)
+                    with m.Else():
+                        answer(op, HEADER_BYTES + layout_bytes(INFO_LAYOUT), Fill.INFO)
+                with m.Elif(op == Op.WRITE):
+                    hb = layout_bytes(WRITE_HEADER)
+                    with m.If((plen < hb + wb) | ((plen - hb)[:wb.bit_length() - 1] != 0)):
+                        answer(Status.BAD_LENGTH)
+                    with m.Elif(write_addr + write_words > words):
+                        answer(Status.OUT_OF_RANGE)
+                    with m.Else():
+                        transfer(TransferOp.WRITE, write_addr, write_words,
+                                 HEADER_BYTES + hb, op)
+                with m.Elif(op == Op.READ):
+                    with m.If((plen != layout_bytes(READ_ARGS)) | (read.words == 0)
+                              | (read.words > MAX_PAYLOAD // wb)):
+                        answer(Status.BAD_LENGTH)
+                    with m.Elif(read.addr + read.words > words):
+                        answer(Status.OUT_OF_RANGE)
+                    with m.Else():
+                        transfer(TransferOp.READ, read.addr, read.words, HEADER_BYTES, op,
+                                 HEADER_BYTES + read.words * wb)
+                with m.Elif(op == Op.GEMM):
+                    with m.If(plen != layout_bytes(GEMM_CFG)):
+                        answer(Status.BAD_LENGTH)
+                    with m.Else():
+                        m.d.comb += self.gemm_start.eq(1)
+                        m.next = "UNIT"
+                with m.Elif(op == Op.VECTOR):
+                    with m.If(plen != layout_bytes(VEC_CFG)):
+                        answer(Status.BAD_LENGTH)
+                    with m.Else():
+                        m.d.comb += self.vec_start.eq(1)
+                        m.next = "UNIT"
+                with m.Elif(op == Op.STATS):
+                    m.d.comb += self.stats_snapshot.eq(1)
+                    n = HEADER_BYTES + layout_bytes(STATS_LAYOUT)
+                    with m.If((plen != 0) & (plen != layout_bytes(STATS_ARGS))):
+                        answer(Status.BAD_LENGTH)
+                    with m.Elif((plen != 0) & (stats.addr + ((stats.count + nib - 1)
+                                                             >> (nib.bit_length() - 1))
+                                               > words)):
+                        answer(Status.OUT_OF_RANGE)
+                    with m.Else():         # a plain STATS sums nothing
+                        transfer(TransferOp.SUMS, stats.addr, Mux(plen == 0, 0, stats.count),
+                                 0, op, n, Fill.STATS)
+                with m.Else():
+                    answer(Status.UNKNOWN_OP)
+
+            with m.State("TRANSFER"):
+                with m.If(xfer.done):
+                    m.next = "REPLY"
+
+            with m.State("UNIT"):         # the GEMM or VECTOR answer follows its check
+                with m.If(self.checked):
+                    answer(Mux(self.ok, op, Status.OUT_OF_RANGE))
+
+            with m.State("REPLY"):
+                m.d.comb += reply.start.eq(1)
+                with m.If(record):           # only a success may be retried
+                    m.d.sync += [last.seq.eq(seq), last.op.eq(op),
+                                 last.status.eq(reply.status), last_valid.eq(~reply.status[7])]
+                m.next = "SENDING"
+            with m.State("SENDING"):
+                with m.If(reply.done):
+                    m.d.comb += self.ack.eq(1)
+                    m.next = "IDLE"
+
+        with m.If(fsm.ongoing("PARSE")):
+            m.d.comb += self.phase.eq(Phase.PARSE)
+        with m.Elif(fsm.ongoing("TRANSFER")):
+            m.d.comb += self.phase.eq(Phase.TRANSFER)
+        with m.Elif(fsm.ongoing("REPLY") | fsm.ongoing("SENDING")):
+            m.d.comb += self.phase.eq(Phase.REPLY)
+        return m

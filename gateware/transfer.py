@@ -1,0 +1,155 @@
+"""Moving words between the frame buffer and tensor memory: WRITE, READ and STATS sums.
+
+:class:`Transfer` is the command decoder's access to tensor memory, through its own
+:class:`~nibble.rtl.memory.TensorBus` (one read port and the write port):
+
+* WRITE: the payload bytes in the frame buffer, little-endian, become whole words written
+  from ``addr`` on (every nibble enabled);
+* READ: ``count`` words from ``addr`` on become reply bytes in the frame buffer;
+* SUMS: ``count`` INT4 codes from word ``addr`` on are summed as ``sum |c|`` and ``sum c^2``
+  (SAWB's statistics of a weight tensor), one code per cycle: the code is registered, then
+  its magnitude accumulated and its square looked up in a 9-entry table (no multiplier).
+  The sums restart with every SUMS; a STATS without a region is a SUMS of 0 codes.
+
+It moves one byte (WRITE, READ) or one code (SUMS) per cycle while the memory grants its
+requests, and waits when it does not. The decoder has checked every argument before.
+"""
+
+from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, signed
+from amaranth.lib import enum, memory, wiring
+from amaranth.lib.wiring import In, Out
+
+from nibble.rtl.formats import CODE_BITS
+from nibble.rtl.memory import TensorBus
+
+from .framing import BUFFER_BYTES
+
+__all__ = ["Transfer", "TransferControl", "TransferOp"]
+
+#: Frame-buffer addresses.
+FB_ADDR = (BUFFER_BYTES - 1).bit_length()
+
+
+class TransferOp(enum.Enum, shape=2):
+    WRITE = 0      # frame buffer -> tensor memory
+    READ = 1       # tensor memory -> frame buffer
+    SUMS = 2       # tensor memory codes -> sum_abs, sum_sq
+
+
+class TransferControl:
+    class Signature(wiring.Signature):
+        """From the decoder's side: ``start`` (a pulse with ``op``, ``addr``, ``count`` (words
+        for WRITE and READ, codes for SUMS) and ``pos``, the first frame-buffer byte to read
+        or write), ``done`` (a pulse at the end)."""
+
+        def __init__(self, addr_width):
+            super().__init__({
+                "start": Out(1), "op": Out(TransferOp), "addr": Out(addr_width),
+                "count": Out(24), "pos": Out(FB_ADDR), "done": In(1),
+            })
+
+
+class Transfer(wiring.Component):
+    """One transfer at a time.
+
+    Ports
+    -----
+    ctl : In(TransferControl.Signature)
+    sum_abs, sum_sq : Out(32)
+        The last SUMS' statistics.
+    buf_rd, buf_wr : the frame buffer's ports (``amaranth.lib.memory`` signatures).
+    bus : Out(TensorBus.Signature)
+        Tensor memory: ``rd0`` and ``wr``.
+    """
+
+    def __init__(self, addr_width, nibbles):
+        self.nib = nibbles
+        super().__init__({
+            "ctl": In(TransferControl.Signature(addr_width)),
+            "sum_abs": Out(32), "sum_sq": Out(32),
+            "buf_rd": In(memory.ReadPort.Signature(addr_width=FB_ADDR, shape=8)),
+            "buf_wr": In(memory.WritePort.Signature(addr_width=FB_ADDR, shape=8)),
+            "bus": Out(TensorBus.Signature(addr_width=addr_width, nibbles=nibbles)),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        nib, bus = self.nib, self.bus
+        wb = nib // 2                                 # bytes per word
+        p = Signal(FB_ADDR + 1)                       # frame-buffer index
+        q = Signal(range(max(wb, nib) + 1))           # byte or code within the word
+        have = Signal()                               # buf_rd.data holds byte p - 1
+        count = Signal(24)
+        ctl = self.ctl
+        addr = Signal.like(ctl.addr)
+        word = Signal(4 * nib)
+        code, code_valid = Signal(signed(CODE_BITS)), Signal()
+        mag = Signal(CODE_BITS)
+        m.d.comb += [mag.eq(Mux(code < 0, -code, code)), bus.claim.eq(1),
+                     bus.rd0.addr.eq(addr), bus.wr.addr.eq(addr), bus.wr.data.eq(word),
+                     self.buf_rd.addr.eq(p), self.buf_wr.addr.eq(p)]
+        with m.If(code_valid):
+            m.d.sync += [self.sum_abs.eq(self.sum_abs + mag),
+                         self.sum_sq.eq(self.sum_sq + Array(Const(k * k, 7)
+                                                            for k in range(16))[mag])]
+        with m.FSM():
+            with m.State("IDLE"):
+                with m.If(ctl.start):
+                    m.d.sync += [p.eq(ctl.pos), q.eq(0), have.eq(0), count.eq(ctl.count),
+                                 addr.eq(ctl.addr), code_valid.eq(0)]
+                    with m.Switch(ctl.op):
+                        with m.Case(TransferOp.WRITE):
+                            m.next = "WRITE"
+                        with m.Case(TransferOp.READ):
+                            m.next = "READ"
+                        with m.Default():
+                            m.d.sync += [self.sum_abs.eq(0), self.sum_sq.eq(0)]
+                            m.next = "SUMS"
+
+            with m.State("WRITE"):        # payload bytes -> words -> tensor memory
+                full = have & (q == wb - 1)               # this byte completes a word
+                advance = ~full | bus.wr.ready
+                m.d.comb += [self.buf_rd.en.eq(advance),
+                             bus.wr.en.eq(Mux(full, (1 << nib) - 1, 0))]
+                with m.If(advance):
+                    m.d.sync += [p.eq(p + 1), have.eq(1)]
+                    with m.If(have):
+                        m.d.sync += [word.eq(Cat(word[8:], self.buf_rd.data)), q.eq(q + 1)]
+                with m.If(full):
+                    m.d.comb += bus.wr.data.eq(Cat(word[8:], self.buf_rd.data))
+                    with m.If(bus.wr.ready):
+                        m.d.sync += [q.eq(0), addr.eq(addr + 1), count.eq(count - 1)]
+                        with m.If(count == 1):
+                            m.d.comb += ctl.done.eq(1)
+                            m.next = "IDLE"
+
+            with m.State("READ"):         # one word read, then its bytes written one a cycle
+                with m.If(q == 0):
+                    m.d.comb += bus.rd0.en.eq(1)
+                    with m.If(bus.rd0.ready):
+                        m.d.sync += [q.eq(1), addr.eq(addr + 1)]
+                with m.Else():
+                    m.d.comb += [self.buf_wr.en.eq(1), self.buf_wr.data.eq(
+                        bus.rd0.data.word_select((q - 1)[:len(q)], 8))]
+                    m.d.sync += [p.eq(p + 1), q.eq(Mux(q == wb, 0, q + 1))]
+                    with m.If(q == wb):
+                        m.d.sync += count.eq(count - 1)
+                        with m.If(count == 1):
+                            m.d.comb += ctl.done.eq(1)
+                            m.next = "IDLE"
+
+            with m.State("SUMS"):         # one code a cycle into the sums
+                with m.If(count == 0):                # the last code is being added
+                    m.d.sync += code_valid.eq(0)
+                    m.d.comb += ctl.done.eq(1)
+                    m.next = "IDLE"
+                with m.Elif(q == 0):
+                    m.d.comb += bus.rd0.en.eq(1)
+                    m.d.sync += code_valid.eq(0)
+                    with m.If(bus.rd0.ready):
+                        m.d.sync += [q.eq(1), addr.eq(addr + 1)]
+                with m.Else():
+                    m.d.sync += [code.eq(bus.rd0.data.word_select((q - 1)[:len(q)], CODE_BITS)),
+                                 code_valid.eq(1), q.eq(Mux(q == nib, 0, q + 1)),
+                                 count.eq(count - 1)]
+        return m

@@ -1,0 +1,245 @@
+"""Tensor memory: typed ports, the bus every unit holds, an arbiter and the block-RAM backend.
+
+Ports
+    :class:`ReadPort` and :class:`WritePort` are named and timed like
+    :class:`amaranth.lib.memory.ReadPort` / ``WritePort`` (``addr``, ``en``, ``data``; a
+    write enable per 4-bit nibble, the memory's granularity), with two differences. Their
+    signatures are written from the side that issues requests, like amaranth-soc's buses, so
+    a unit declares ``Out(TensorBus.Signature(...))`` and a memory ``In(...)``. And each port
+    has a grant, ``ready``: a request (``en`` high) is taken at the clock edge where
+    ``ready`` is high, and otherwise stays pending. Block RAM grants every request; a
+    single-ported or banked backend (the UP5K's SPRAM) or a shared one may not, and the units
+    only ever wait for ``ready``, so any backend fits behind the same ports. Two rules keep a
+    bus free of combinational loops: ``en`` never depends on any ``ready``, and ``ready``
+    never depends on the same port's ``en``.
+
+    A read returns its word one cycle after it was taken, and ``data`` holds that word until
+    the port's next read is taken (block RAM does this with its read enable).
+
+Bus
+    :class:`TensorBus` is what a unit holds: read ports ``rd0``, ``rd1``, ``rd2`` (the engine's
+    A, B and mask streams, the element-wise unit's three operands; :func:`read_ports` lists
+    them), one write port ``wr`` and ``claim``. (Named members, not an array: Amaranth 0.5
+    cannot flip an interface whose member is an array of interfaces.)
+    :class:`TensorArbiter` gives one memory bus to several units: the first unit in its list
+    that claims owns every port, the others wait (``ready`` low). The GEMM engine and the
+    element-wise unit claim while they run; the command decoder, last in the list, always
+    claims. Ownership changes only between commands, so a unit's read data is never another
+    unit's.
+
+Backend
+    :class:`BlockRAM` is ``words`` words of ``nibbles`` codes in block RAM, one copy per read
+    port, all copies written together: block RAM is plentiful next to the LUTs the
+    alternative (banks and stalls) costs on the ECP5.
+
+Stream adapters
+    :class:`Reader` turns a stream of read requests into a stream of words through one read
+    port (a request's tag travels with its word); :class:`Writer` puts a stream of write
+    requests on a write port; :class:`StreamArbiter` merges streams by fixed priority (the
+    engine's lane writers share the write port through it, its mask readers a read port).
+"""
+
+from amaranth.hdl import Module, Mux, Signal, unsigned
+from amaranth.lib import data, memory, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from .formats import CODE_BITS
+
+__all__ = ["ADDR_BITS", "STRIDE_BITS", "BlockRAM", "ReadPort", "Reader", "StreamArbiter",
+           "TensorArbiter", "TensorBus", "WritePort", "Writer", "read_ports", "write_request"]
+
+#: Tensor memory addresses in commands are ADDR_BITS wide (in words), row strides STRIDE_BITS.
+ADDR_BITS = 24
+STRIDE_BITS = 16
+
+
+class ReadPort:
+    """A tensor-memory read port (see the module docstring for its timing)."""
+
+    class Signature(wiring.Signature):
+        """``addr``: Out(addr_width); ``en``: Out(1), a read request; ``ready``: In(1), the
+        request is taken this cycle; ``data``: In(4 * nibbles), the word of the last taken
+        read, from the next cycle on."""
+
+        def __init__(self, *, addr_width, nibbles):
+            self.addr_width, self.nibbles = addr_width, nibbles
+            super().__init__({
+                "addr": Out(addr_width), "en": Out(1), "ready": In(1),
+                "data": In(unsigned(CODE_BITS * nibbles)),
+            })
+
+
+class WritePort:
+    """A tensor-memory write port, one enable bit per nibble (the write granularity)."""
+
+    class Signature(wiring.Signature):
+        """``addr``: Out(addr_width); ``data``: Out(4 * nibbles); ``en``: Out(nibbles), the
+        nibbles to write (a request when any is set); ``ready``: In(1), taken this cycle."""
+
+        def __init__(self, *, addr_width, nibbles):
+            self.addr_width, self.nibbles = addr_width, nibbles
+            super().__init__({
+                "addr": Out(addr_width), "data": Out(unsigned(CODE_BITS * nibbles)),
+                "en": Out(nibbles), "ready": In(1),
+            })
+
+
+class TensorBus:
+    """Everything a unit reaches tensor memory through."""
+
+    class Signature(wiring.Signature):
+        def __init__(self, *, addr_width, nibbles, reads=3):
+            self.addr_width, self.nibbles, self.reads = addr_width, nibbles, reads
+            port = ReadPort.Signature(addr_width=addr_width, nibbles=nibbles)
+            super().__init__({
+                **{f"rd{k}": Out(port) for k in range(reads)},
+                "wr": Out(WritePort.Signature(addr_width=addr_width, nibbles=nibbles)),
+                "claim": Out(1),
+            })
+
+
+def read_ports(bus):
+    """The read ports of a :class:`TensorBus` interface, in order."""
+    return [getattr(bus, f"rd{k}") for k in range(bus.signature.reads)]
+
+
+def write_request(addr_width, nibbles):
+    """Payload of a stream of write requests (see :class:`Writer`)."""
+    return data.StructLayout({"addr": addr_width, "data": CODE_BITS * nibbles,
+                              "en": nibbles})
+
+
+class BlockRAM(wiring.Component):
+    """``words`` x ``nibbles`` codes in block RAM behind a :class:`TensorBus` (one copy per
+    read port, written together); every request is granted.
+
+    ``copies`` are the :class:`amaranth.lib.memory.Memory` objects (testbenches preload and
+    dump them through their ``.data``).
+    """
+
+    def __init__(self, words, nibbles, reads=3):
+        self.words, self.nibbles = words, nibbles
+        aw = (words - 1).bit_length()
+        super().__init__({"bus": In(TensorBus.Signature(addr_width=aw, nibbles=nibbles,
+                                                          reads=reads))})
+        self.copies = [memory.Memory(shape=unsigned(CODE_BITS * nibbles), depth=words, init=[])
+                       for _ in range(reads)]
+
+    def elaborate(self, platform):
+        m = Module()
+        bus = self.bus
+        m.d.comb += bus.wr.ready.eq(1)
+        for k, (mem, rd) in enumerate(zip(self.copies, read_ports(bus), strict=True)):
+            m.submodules[f"copy{k}"] = mem
+            w = mem.write_port(granularity=CODE_BITS)
+            r = mem.read_port()
+            m.d.comb += [w.addr.eq(bus.wr.addr), w.data.eq(bus.wr.data), w.en.eq(bus.wr.en),
+                         r.addr.eq(rd.addr), r.en.eq(rd.en), rd.data.eq(r.data), rd.ready.eq(1)]
+        return m
+
+
+class TensorArbiter(wiring.Component):
+    """One memory bus for ``n`` units: the first unit (in ``units`` order) whose ``claim`` is
+    high owns every port; the other units' requests are not taken."""
+
+    def __init__(self, signature, n):
+        self.n = n
+        super().__init__({"units": In(signature).array(n), "mem": Out(signature)})
+
+    def elaborate(self, platform):
+        m = Module()
+        owner = Signal(range(self.n + 1))
+        m.d.comb += owner.eq(self.n)
+        for k in reversed(range(self.n)):
+            with m.If(self.units[k].claim):
+                m.d.comb += owner.eq(k)
+        mem = self.mem
+        m.d.comb += mem.claim.eq(owner != self.n)
+        for k, unit in enumerate(self.units):
+            mine = owner == k
+            with m.If(mine):
+                m.d.comb += [mem.wr.addr.eq(unit.wr.addr), mem.wr.data.eq(unit.wr.data),
+                             mem.wr.en.eq(unit.wr.en)]
+                for p, q in zip(read_ports(mem), read_ports(unit), strict=True):
+                    m.d.comb += [p.addr.eq(q.addr), p.en.eq(q.en)]
+            m.d.comb += unit.wr.ready.eq(mine & mem.wr.ready)
+            for p, q in zip(read_ports(mem), read_ports(unit), strict=True):
+                m.d.comb += [q.data.eq(p.data), q.ready.eq(mine & p.ready)]
+        return m
+
+
+class Reader(wiring.Component):
+    """Read requests in (``addr`` and a ``tag``), words out (``data`` and the same ``tag``).
+
+    One request is in flight at a time per output slot: a request is issued when the output
+    slot is free or being emptied, so at full speed (the consumer always ready) the reader
+    takes one request per cycle, and its words come out one cycle later, as from the port
+    itself.
+    """
+
+    def __init__(self, addr_width, nibbles, tag_shape):
+        self.request = data.StructLayout({"addr": addr_width, "tag": tag_shape})
+        self.word = data.StructLayout({"data": CODE_BITS * nibbles, "tag": tag_shape})
+        super().__init__({
+            "i": In(stream.Signature(self.request)),
+            "o": Out(stream.Signature(self.word)),
+            "port": Out(ReadPort.Signature(addr_width=addr_width, nibbles=nibbles)),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        free = Signal()
+        m.d.comb += [
+            free.eq(~self.o.valid | self.o.ready),
+            self.port.addr.eq(self.i.payload.addr),
+            self.port.en.eq(self.i.valid & free),
+            self.i.ready.eq(self.port.ready & free),
+            self.o.payload.data.eq(self.port.data),
+        ]
+        with m.If(self.i.valid & self.i.ready):
+            m.d.sync += [self.o.valid.eq(1), self.o.payload.tag.eq(self.i.payload.tag)]
+        with m.Elif(self.o.ready):
+            m.d.sync += self.o.valid.eq(0)
+        return m
+
+
+class Writer(wiring.Component):
+    """A stream of write requests (:func:`write_request`) onto a write port."""
+
+    def __init__(self, addr_width, nibbles):
+        super().__init__({
+            "i": In(stream.Signature(write_request(addr_width, nibbles))),
+            "port": Out(WritePort.Signature(addr_width=addr_width, nibbles=nibbles)),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        m.d.comb += [
+            self.port.addr.eq(self.i.payload.addr), self.port.data.eq(self.i.payload.data),
+            self.port.en.eq(Mux(self.i.valid, self.i.payload.en, 0)),
+            self.i.ready.eq(self.port.ready),
+        ]
+        return m
+
+
+class StreamArbiter(wiring.Component):
+    """``n`` streams into one by fixed priority (input 0 first), in the same cycle; the
+    output carries the winner's index (``o.payload.index``) beside its payload."""
+
+    def __init__(self, payload_shape, n):
+        self.n = n
+        super().__init__({
+            "i": In(stream.Signature(payload_shape)).array(n),
+            "o": Out(stream.Signature(data.StructLayout({
+                "payload": payload_shape, "index": range(max(n, 2))}))),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        for k in reversed(range(self.n)):
+            with m.If(self.i[k].valid):
+                m.d.comb += [self.o.valid.eq(1), self.o.payload.payload.eq(self.i[k].payload),
+                             self.o.payload.index.eq(k)]
+        for k in range(self.n):
+            m.d.comb += self.i[k].ready.eq(self.o.ready & (self.o.payload.index == k))
+        return m
