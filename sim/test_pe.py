@@ -3,10 +3,10 @@
 import cocotb
 from cocotb.triggers import ReadOnly, RisingEdge
 
+from nibble.host.golden.lanes import operand_ints
 from nibble.rtl.array import A_OPERAND, B_OPERAND
 from nibble.rtl.formats import MAX_REDUCTION, Operand, operand_cfg
 from nibble.sim.cocotb_util import rng_for, start, uint
-from nibble.sim.stimuli import operand_ints
 from nibble.sim.vectors import record
 
 CONFIGS = [(Operand.UINT4, Operand.INT4), (Operand.INT4, Operand.INT4),

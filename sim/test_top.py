@@ -19,14 +19,14 @@ from nibble.gateware.protocol import (
     Op,
     Status,
 )
-from nibble.host.device.commands import plan_gemm
+from nibble.host.device.commands import lane_cfg, plan_gemm
 from nibble.host.device.layout import unpack
 from nibble.host.device.link import Frame, FrameDecoder, encode_frame
 from nibble.host.device.packing import pack_fields, unpack_fields
 from nibble.host.golden.lanes import golden_acc
 from nibble.rtl.formats import Operand, OutputPath
 from nibble.sim.cocotb_util import params, rng_for, start
-from nibble.sim.stimuli import lane_cfg, random_gemm
+from nibble.sim.stimuli import random_gemm
 from nibble.sim.vectors import record
 
 P = params()

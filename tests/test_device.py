@@ -2,9 +2,7 @@
 bytes equal the emulator's, request for request."""
 
 import numpy as np
-from amaranth.sim import Simulator
 
-from nibble.gateware.device import Device
 from nibble.gateware.protocol import (
     ESC,
     FLAG,
@@ -13,85 +11,19 @@ from nibble.gateware.protocol import (
     READ_ARGS,
     STATS_ARGS,
     STATS_LAYOUT,
+    VEC_ARGS,
     WRITE_HEADER,
     Op,
     Status,
 )
-from nibble.host.device.commands import plan_gemm
-from nibble.host.device.emu import Emulator
-from nibble.host.device.link import Frame, FrameDecoder, encode_frame
+from nibble.host.device.commands import lane_cfg, plan_gemm, vector_args
+from nibble.host.device.link import Frame, FrameDecoder
 from nibble.host.device.packing import pack_fields, unpack_fields
-from nibble.rtl.formats import Operand, OutputPath
-from nibble.sim.stimuli import lane_cfg, random_gemm
+from nibble.rtl.formats import Operand, OutputPath, VecOp
+from nibble.sim.stimuli import random_gemm
+from tests.support import comparable, emulate, frame, run_device
 
-ROWS, COLS, WORDS = 2, 4, 256
-
-
-def run_device(wire_chunks, replies, max_cycles=200_000, timeout=None):
-    """Feed byte chunks to the RTL device; returns every byte it sent."""
-    dut = Device(ROWS, COLS, WORDS, clk_hz=1_000_000, timeout=timeout)
-    out = bytearray()
-
-    async def feeder(ctx):
-        for chunk in wire_chunks:
-            if isinstance(chunk, int):          # a pause of `chunk` cycles
-                await ctx.tick().repeat(chunk)
-                continue
-            for byte in chunk:
-                ctx.set(dut.i.payload, byte)
-                ctx.set(dut.i.valid, 1)
-                await ctx.tick().until(dut.i.ready)
-            ctx.set(dut.i.valid, 0)
-
-    async def reader(ctx):
-        ctx.set(dut.o.ready, 1)
-        dec = FrameDecoder()
-        got = []
-        for _ in range(max_cycles):
-            *_, valid, byte = await ctx.tick().sample(dut.o.valid, dut.o.payload)
-            if valid:
-                out.append(byte)
-                got += dec.feed(bytes([byte]))
-                if len(got) >= replies:
-                    return
-        raise AssertionError(f"{len(got)} of {replies} replies after {max_cycles} cycles")
-
-    sim = Simulator(dut)
-    sim.add_clock(1e-6)
-    sim.add_testbench(feeder, background=True)
-    sim.add_testbench(reader)
-    sim.run()
-    return bytes(out)
-
-
-def emulate(wire_chunks):
-    emu = Emulator(ROWS, COLS, WORDS, clk_hz=1_000_000)
-    for chunk in wire_chunks:
-        if not isinstance(chunk, int):
-            emu.feed(chunk)
-    return bytes(emu.out)
-
-
-#: STATS fields the emulator cannot reproduce: it has no clock.
-CLOCKED = ("cycles", "gemm_cycles", "beats", "vec_cycles")
-
-
-def comparable(frames, ignore=CLOCKED):
-    """Replies as comparable tuples, STATS without the ``ignore`` fields."""
-    out = []
-    for f in frames:
-        if f.op == Op.STATS:
-            fields = unpack_fields(STATS_LAYOUT, f.payload)
-            for key in ignore:
-                fields.pop(key)
-            out.append((f.seq, f.op, tuple(sorted(fields.items()))))
-        else:
-            out.append((f.seq, f.op, f.payload))
-    return out
-
-
-def frame(seq, op, payload=b""):
-    return encode_frame(Frame(seq, op, payload))
+ROWS, COLS, WORDS = 2, 4, 256       # the defaults of run_device and emulate
 
 
 def test_commands_match_the_emulator():
@@ -172,12 +104,9 @@ def test_gemm_through_the_device():
 def test_vector_through_the_device():
     """VECTOR commands (UPDATE, REQUANT, TRANSPOSE) through the decoder: replies, the SAWB
     sums in STATS, BUSY while the unit runs, a retried UPDATE not redone, a bad command."""
-    from nibble.gateware.protocol import VEC_ARGS
-    from nibble.rtl.formats import VecOp
-    from tests.test_vector import vec_cfg
     rng = np.random.default_rng(3)
     data = bytes(rng.integers(0, 256, 4 * 36, dtype=np.uint8))
-    upd = pack_fields(VEC_ARGS, vec_cfg(VecOp.UPDATE, 3, 4, (0, 4), (12, 4), 24, mu=58982,
+    upd = pack_fields(VEC_ARGS, vector_args(VecOp.UPDATE, 3, 4, (0, 4), (12, 4), 24, mu=58982,
                                         m=40000, s=9))
     wire = [
         frame(1, Op.WRITE, pack_fields(WRITE_HEADER, {"addr": 0}) + data),
@@ -185,13 +114,13 @@ def test_vector_through_the_device():
         frame(2, Op.VECTOR, upd),                                  # a retry: not redone
         2000,
         frame(4, Op.STATS),
-        frame(5, Op.VECTOR, pack_fields(VEC_ARGS, vec_cfg(VecOp.REQUANT, 3, 4, (12, 4),
+        frame(5, Op.VECTOR, pack_fields(VEC_ARGS, vector_args(VecOp.REQUANT, 3, 4, (12, 4),
                                                           (40, 1), m=50000, s=30))),
         100,
-        frame(6, Op.VECTOR, pack_fields(VEC_ARGS, vec_cfg(VecOp.TRANSPOSE, 3, 4, (40, 1),
+        frame(6, Op.VECTOR, pack_fields(VEC_ARGS, vector_args(VecOp.TRANSPOSE, 3, 4, (40, 1),
                                                           (44, 1)))),
         100,
-        frame(7, Op.VECTOR, pack_fields(VEC_ARGS, vec_cfg(VecOp.TRANSPOSE, 3, 4, (40, 1),
+        frame(7, Op.VECTOR, pack_fields(VEC_ARGS, vector_args(VecOp.TRANSPOSE, 3, 4, (40, 1),
                                                           (WORDS - 2, 1)))),
         frame(8, Op.VECTOR, b"short"),
         frame(9, Op.READ, pack_fields(READ_ARGS, {"addr": 0, "words": 48})),

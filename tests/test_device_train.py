@@ -16,7 +16,8 @@ from nibble.host.device.driver import Device
 from nibble.host.device.faults import FaultyTransport
 from nibble.host.training import datasets
 from nibble.host.training.datasets import Dataset
-from nibble.host.training.device import CHECKPOINT, DeviceTrainConfig, train_on_device
+from nibble.host.training.device import DeviceTrainConfig
+from nibble.host.training.session import CHECKPOINT, train_on_device
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = [64, 32, 10]
@@ -57,6 +58,24 @@ def test_device_and_host_masters_train_identically(small):
     assert dev["history"][-1]["loss"] < dev["history"][0]["loss"]
 
 
+def test_the_rtl_trains_bit_identically_to_the_emulator(small):
+    """Through the device's RTL in Amaranth's simulator (pysim://), a 16-8-4 MLP for two
+    steps of 8: same losses, master weights and codes as on emu://."""
+    d = Dataset("tiny", small.x_train[:16, :16], small.y_train[:16] % 4,
+                small.x_test[:8, :16], small.y_test[:8] % 4, classes=4)
+    cfg = DeviceTrainConfig(sizes=[16, 8, 4], batch_size=8, lr=0.1)
+    runs = {}
+    for url in ("pysim://", "emu://"):
+        with Device.open(url) as dev:
+            r = train_on_device(dev, d, cfg, 1, progress=False)
+            runs[url] = (r["losses"], *r["model"].masters(), r["model"].weight_codes())
+    (sim_loss, *sim), (emu_loss, *emu) = runs.values()
+    assert sim_loss == emu_loss and len(sim_loss) == 2
+    for a, b in zip(sim, emu, strict=True):
+        assert all((x == y).all() for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.long
 def test_simulated_device_trains_bit_identically_to_the_emulator(small, simdev):
     """Through the Verilator model of the RTL (socket://), several steps: same losses, same
     master weights, same codes as on emu://."""

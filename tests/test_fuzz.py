@@ -24,7 +24,7 @@ from nibble.host.device.emu import Emulator
 from nibble.host.device.link import Frame, FrameDecoder, encode_frame
 from nibble.host.device.packing import pack_fields, unpack_fields
 from nibble.sim.system import DEFAULTS, serve
-from tests.test_device import CLOCKED, comparable
+from tests.support import CLOCKED, comparable
 
 FRAMES = 100_000
 BATCH = 25

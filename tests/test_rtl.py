@@ -8,6 +8,8 @@ import pytest
 from amaranth.hdl import Value
 from amaranth.sim import Simulator
 
+from nibble.host.device.commands import lane_cfg
+from nibble.host.golden.lanes import golden_acc, golden_lane
 from nibble.host.golden.numerics import fp4_int, log_quantize_tpr, rescale
 from nibble.rtl.array import PE
 from nibble.rtl.datapath import Datapath
@@ -30,16 +32,8 @@ from nibble.rtl.formats import (
 )
 from nibble.rtl.log4 import Log4Quantizer
 from nibble.rtl.rescale import Rescale
-from nibble.sim.stimuli import (
-    MODE_KINDS,
-    golden_acc,
-    golden_lane,
-    lane_cfg,
-    log4_vectors,
-    random_gemm,
-    rescale_vectors,
-)
-from tests.rtl_driver import get, put, run_datapath
+from nibble.sim.stimuli import MODE_KINDS, log4_vectors, random_gemm, rescale_vectors
+from tests.support import run_datapath, run_stream_unit
 
 
 def _value(kind, code, phase=0):
@@ -161,27 +155,6 @@ def test_datapath_log4_path(mask):
 # -- the units on their own -----------------------------------------------------------------------
 
 
-def _run_unit(dut, cfg, inputs, seed=0, p_bubble=0.2, p_stall=0.3):
-    rng = np.random.default_rng(seed)
-    out = []
-
-    async def feed(ctx):
-        ctx.set(dut.cfg, cfg)
-        for x in inputs:
-            await put(ctx, dut.i, x, rng, p_bubble)
-
-    async def collect(ctx):
-        for _ in inputs:
-            out.append(await get(ctx, dut.o, rng, p_stall))
-
-    sim = Simulator(dut)
-    sim.add_clock(1e-6)
-    sim.add_testbench(feed, background=True)
-    sim.add_testbench(collect)
-    sim.run()
-    return out
-
-
 @pytest.mark.parametrize("s", [0, 1, 5, 16, 25, 35, 36, 37, 63])
 def test_rescale_unit(s):
     rng = np.random.default_rng(s)
@@ -189,7 +162,7 @@ def test_rescale_unit(s):
     for m in [0, 1, (1 << 15), (1 << 16) - 1, int(rng.integers(1 << 15, 1 << 16))]:
         for relu, signed_out in [(0, 1), (1, 0)]:
             cfg = {"m": m, "s": s, "relu": relu, "out_signed": signed_out}
-            got = _run_unit(Rescale(), cfg, xs, seed=m + s)
+            got = run_stream_unit(Rescale(), cfg, xs, seed=m + s)
             lo, hi = (INT4_MIN, INT4_MAX) if signed_out else (0, UINT4_MAX)
             want, _ = rescale(np.array(xs), m, s, lo, hi, relu=bool(relu))
             assert [int(g) for g in got] == [int(w) & 0xF for w in want]
@@ -198,7 +171,7 @@ def test_rescale_unit(s):
 def test_rescale_ties_round_half_up():
     # acc * M exactly half-way: (2k+1) * 2^(s-1) -> rounds up (towards +inf), both signs.
     xs = [3, -3, 5, -5, 1, -1, 13, -13]
-    got = _run_unit(Rescale(), {"m": 1, "s": 1, "relu": 0, "out_signed": 1}, xs)
+    got = run_stream_unit(Rescale(), {"m": 1, "s": 1, "relu": 0, "out_signed": 1}, xs)
     want, _ = rescale(np.array(xs), 1, 1, INT4_MIN, INT4_MAX)
     assert [int(g) for g in got] == [int(w) & 0xF for w in want]
     assert [int(w) for w in want] == [2, -1, 3, -2, 1, 0, 7, -6]
@@ -211,7 +184,7 @@ def test_log4_unit(exp):
     codes = rng.integers(0, 16, len(xs))
     for mask in MaskMode:
         ins = [{"value": x, "code": int(c)} for x, c in zip(xs, codes, strict=True)]
-        got = _run_unit(Log4Quantizer(), {"exp": exp, "mask": int(mask)}, ins,
+        got = run_stream_unit(Log4Quantizer(), {"exp": exp, "mask": int(mask)}, ins,
                                 seed=(exp + 10) * 3 + int(mask))
         keep = np.array([mask_pass(int(c), mask) for c in codes])
         masked = np.where(keep, np.array(xs, dtype=np.int64), 0)

@@ -3,66 +3,24 @@ the emulator's reference semantics and the golden fixed-point update."""
 
 import numpy as np
 import pytest
-from amaranth.hdl import Module
-from amaranth.lib import wiring
-from amaranth.sim import Simulator
 
+from nibble.host.device.commands import vector_args
 from nibble.host.device.emu import vector_apply, vector_check
-from nibble.host.device.layout import pack, row_words
-from nibble.host.device.packing import to_int
+from nibble.host.device.layout import pack, row_words, unpack
 from nibble.host.golden.numerics import master_update, requantize, sawb_sums
 from nibble.rtl.formats import MASTER_MAX, MASTER_MIN, VecOp, word_nibbles
-from nibble.rtl.memory import BlockRAM
 from nibble.rtl.vector import VEC_CFG, VectorUnit
-from tests.test_engine import dump, preload
+from tests.support import random_memory, run_commands
 
 
-class VectorBench(wiring.Component):
-    def __init__(self, rows, cols, words):
-        self.unit = VectorUnit(rows, cols, words)
-        self.mem = BlockRAM(words, self.unit.nib)
-        super().__init__({})
-
-    def elaborate(self, platform):
-        m = Module()
-        m.submodules.unit = u = self.unit
-        m.submodules.mem = mem = self.mem
-        wiring.connect(m, u.bus, mem.bus)
-        return m
-
-
-def run_unit(rows, cols, words, mem_bytes, cfgs):
+def run_unit(rows, cols, words, mem_bytes, cfgs, flaky=None):
     """Run VECTOR commands on the RTL; returns (memory after, [(ok, sums, cycles)])."""
-    bench = VectorBench(rows, cols, words)
-    out = bytearray(mem_bytes)
-    results = []
+    unit = VectorUnit(rows, cols, words)
 
-    async def tb(ctx):
-        preload(ctx, bench.mem, mem_bytes)
-        u = bench.unit
-        for cfg in cfgs:
-            ctx.set(u.cfg.as_value(), to_int(VEC_CFG, cfg))
-            ctx.set(u.start, 1)
-            await ctx.tick()
-            ctx.set(u.start, 0)
-            (ok,) = await ctx.tick().sample(u.ok).until(u.checked)
-            if ok:
-                await ctx.tick().until(~u.busy)
-            results.append((int(ok), (ctx.get(u.sum_abs), ctx.get(u.sum_sq)),
-                            ctx.get(u.cycles)))
-        out[:] = dump(ctx, bench.mem)
+    def outcome(ctx, ok):
+        return ok, (ctx.get(unit.sum_abs), ctx.get(unit.sum_sq)), ctx.get(unit.cycles)
 
-    sim = Simulator(bench)
-    sim.add_clock(1e-6)
-    sim.add_testbench(tb)
-    sim.run()
-    return bytes(out), results
-
-
-def vec_cfg(op, rows, cols, a=(0, 1), b=(0, 1), c=0, pair=0, mu=0, m=0, s=0):
-    return {"op": int(op), "pair": pair, "rows": rows, "cols": cols,
-            "a_addr": a[0], "a_stride": a[1], "b_addr": b[0], "b_stride": b[1], "c_addr": c,
-            "mu": mu, "m": m, "s": s}
+    return run_commands(unit, VEC_CFG, words, mem_bytes, cfgs, outcome, flaky)
 
 
 def random_cfgs(rng, rows, cols, words):
@@ -84,7 +42,7 @@ def random_cfgs(rng, rows, cols, words):
         a = int(rng.integers(0, words // 4))
         b = a + r * sa + int(rng.integers(0, 3))
         cc = b + nb * sb + int(rng.integers(0, 3))
-        cfgs.append(vec_cfg(op, r, c, (a, sa), (b, sb), cc, pair=pair,
+        cfgs.append(vector_args(op, r, c, (a, sa), (b, sb), cc, pair=pair,
                             mu=int(rng.integers(0, 1 << 16)),
                             m=int(rng.integers(1 << 15, 1 << 16)),
                             s=int(rng.choice([0, 1, 5, 17, 30, 46, 62, 63]))))
@@ -97,8 +55,7 @@ def test_vector_matches_emulator(rows, cols, seed):
     memory, sums and verdicts match the emulator's after each command."""
     words = 256
     rng = np.random.default_rng(seed)
-    nib = word_nibbles(rows, cols)
-    mem = bytearray(rng.integers(0, 256, words * nib // 2, dtype=np.uint8).tobytes())
+    mem = random_memory(rng, words, rows, cols)
     cfgs = random_cfgs(rng, rows, cols, words)
     want = bytearray(mem)
     want_sums = []
@@ -118,21 +75,38 @@ def test_vector_matches_emulator(rows, cols, seed):
         assert cycles == per * cfg["rows"] * cfg["cols"] + 1, (cycles, cfg)
 
 
+def test_vector_waits_for_grants():
+    """A memory that grants requests only on some cycles: the same memory and sums as the
+    emulator, in more cycles than the steady 2, 5 and 8 per element."""
+    rows, cols, words = 2, 4, 256
+    rng = np.random.default_rng(7)
+    mem = random_memory(rng, words, rows, cols)
+    cfgs = random_cfgs(rng, rows, cols, words)
+    want = bytearray(mem)
+    for cfg in cfgs:
+        vector_apply(want, cfg, rows, cols)
+    got, results = run_unit(rows, cols, words, bytes(mem), cfgs, flaky=3)
+    assert got == bytes(want) and all(ok for ok, _, _ in results)
+    per = {VecOp.TRANSPOSE: 2, VecOp.UPDATE: 8, VecOp.REQUANT: 5}
+    assert sum(c for _, _, c in results) > sum(per[c["op"]] * c["rows"] * c["cols"] + 1
+                                               for c in cfgs)
+
+
 def test_vector_range_checks():
     """Each rejected command is rejected by both, and leaves memory alone."""
     rows, cols, words = 2, 4, 64
     nib = word_nibbles(rows, cols)
     cfgs = [
-        vec_cfg(VecOp.TRANSPOSE, 0, 3),                              # empty
-        vec_cfg(VecOp.TRANSPOSE, 3, 0),
-        vec_cfg(3, 1, 1),                                            # no such op
-        vec_cfg(VecOp.TRANSPOSE, 4, 4, (62, 1), (0, 1)),             # A past the end
-        vec_cfg(VecOp.TRANSPOSE, 4, 4, (0, 1), (61, 1)),             # B past the end
-        vec_cfg(VecOp.UPDATE, 2, 2, (0, 2), (10, 2), 61),            # C past the end
-        vec_cfg(VecOp.UPDATE, 2, 2, (0, 2), (10, 1), 20),            # W rows overlap
-        vec_cfg(VecOp.REQUANT, 1, 9, (0, 9), (20, 1)),               # 9 codes in 1 word
-        vec_cfg(VecOp.REQUANT, 1, 8, (0, 8), (56, 1)),               # fine: last words
-        vec_cfg(VecOp.UPDATE, 3, 1, (61, 1), (0, 1), 3),             # fine: to the end
+        vector_args(VecOp.TRANSPOSE, 0, 3, (0, 1), (0, 1)),              # empty
+        vector_args(VecOp.TRANSPOSE, 3, 0, (0, 1), (0, 1)),
+        vector_args(3, 1, 1, (0, 1), (0, 1)),                              # no such op
+        vector_args(VecOp.TRANSPOSE, 4, 4, (62, 1), (0, 1)),             # A past the end
+        vector_args(VecOp.TRANSPOSE, 4, 4, (0, 1), (61, 1)),             # B past the end
+        vector_args(VecOp.UPDATE, 2, 2, (0, 2), (10, 2), 61),            # C past the end
+        vector_args(VecOp.UPDATE, 2, 2, (0, 2), (10, 1), 20),            # W rows overlap
+        vector_args(VecOp.REQUANT, 1, 9, (0, 9), (20, 1)),               # 9 codes in 1 word
+        vector_args(VecOp.REQUANT, 1, 8, (0, 8), (56, 1)),               # fine: last words
+        vector_args(VecOp.UPDATE, 3, 1, (61, 1), (0, 1), 3),             # fine: to the end
     ]
     mem = bytes(words * nib // 2)
     want = bytearray(mem)
@@ -174,5 +148,4 @@ def test_update_roundtrip_pack():
     nib = 8
     w = np.array([[MASTER_MIN, -1, 0, MASTER_MAX]])
     raw = pack(w & 0xFFFFFFFF, 8, nib)
-    from nibble.host.device.layout import unpack
     assert (unpack(raw, 1, 4, 8, nib, None, 32) == w).all()

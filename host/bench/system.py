@@ -19,13 +19,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from nibble.host.device.commands import plan_gemm
+from nibble.host.device.commands import lane_cfg, plan_gemm
 from nibble.host.device.driver import Device
 from nibble.host.golden.tiling import Gemm
 from nibble.host.report import markdown_table, update_doc_section, write_json
 from nibble.host.training.train import DEFAULT_MODELS
 from nibble.rtl.formats import MaskMode, Operand, OutputPath
-from nibble.sim.stimuli import lane_cfg
 
 __all__ = ["bench_system"]
 

@@ -27,7 +27,8 @@ from threadpoolctl import threadpool_limits
 from nibble.host.device.driver import Device
 from nibble.host.report import markdown_table, update_doc_section, write_json
 from nibble.host.training import datasets
-from nibble.host.training.device import DeviceTrainConfig, memory_words, train_on_device
+from nibble.host.training.device import DeviceTrainConfig, memory_words
+from nibble.host.training.session import train_on_device
 from nibble.host.training.train import TrainConfig, train
 
 __all__ = ["bench_train"]

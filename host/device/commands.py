@@ -1,8 +1,13 @@
-"""Place a GEMM's tensors in device memory: the buffers and the GEMM command's arguments.
+"""The arguments of the device's commands, built in one place.
 
-Used by the driver for one-off GEMMs, and by the tests to build random commands. The
-layouts are those of :mod:`rtl.engine`: A stored as A^T (L rows of M codes), B as itself,
-the result as out^T (N rows of M elements), the LOG4 mask codes as act^T.
+* :func:`lane_cfg`: an output lane's settings (``LANE_CFG``);
+* :func:`gemm_args`: a GEMM command on buffers already in device memory (``GEMM_ARGS``), and
+  :func:`plan_gemm`, which also places a GEMM's operands in memory (the driver's one-off
+  GEMMs and the tests' random commands);
+* :func:`vector_args`: a VECTOR command (``VEC_ARGS``).
+
+The layouts are those of :mod:`nibble.rtl.engine`: A stored as A^T (L rows of M codes), B
+as itself, the result as out^T (N rows of M elements), the LOG4 mask codes as act^T.
 """
 
 from dataclasses import dataclass
@@ -11,9 +16,18 @@ import numpy as np
 
 from nibble.host.device.layout import Buffer, pack, row_words
 from nibble.host.golden.tiling import code_bits
-from nibble.rtl.formats import MaskMode, OutputPath, element_nibbles, operand_cfg
+from nibble.rtl.formats import MaskMode, OutputPath, VecOp, element_nibbles, operand_cfg
 
-__all__ = ["GemmPlan", "gemm_args", "plan_gemm"]
+__all__ = ["GemmPlan", "gemm_args", "lane_cfg", "plan_gemm", "vector_args"]
+
+
+def lane_cfg(path=OutputPath.RAW, phase=0, m=1 << 15, s=0, relu=0, out_signed=0, exp=0,
+             mask=MaskMode.NONE):
+    """LANE_CFG values: the output ``path``, the TPR ``phase``, the rescale settings (``m``,
+    ``s``, ``relu``, ``out_signed``) and the log4 settings (GradScale ``exp``, ``mask``)."""
+    return {"path": int(path), "phase": phase,
+            "rescale": {"m": m, "s": s, "relu": relu, "out_signed": out_signed},
+            "log4": {"exp": exp, "mask": int(mask)}}
 
 
 @dataclass
@@ -79,3 +93,20 @@ def gemm_args(a, b, out, shape, a_kind, b_kind, lane, a_sel=None, mask=None):
         "a_pair": int(a_sel is not None), "a_sel": a_sel or 0,
         "operands": operand_cfg(a_kind, b_kind), "lane": lane,
     }
+
+
+def _place(buf):
+    """(addr, stride) of a :class:`Buffer` or of an ``(addr, stride)`` pair."""
+    return (buf.addr, buf.stride) if isinstance(buf, Buffer) else tuple(buf)
+
+
+def vector_args(op, rows, cols, a, b, c=None, pair=0, mu=0, m=0, s=0):
+    """VEC_ARGS values for ``op`` (:class:`~nibble.rtl.formats.VecOp`) over ``rows`` x
+    ``cols`` elements; ``a``, ``b`` (and UPDATE's ``c``, which shares ``b``'s stride) are
+    :class:`Buffer` objects or ``(addr, stride)`` pairs. See :mod:`nibble.rtl.vector`."""
+    (a_addr, a_stride), (b_addr, b_stride) = _place(a), _place(b)
+    c_addr = 0 if c is None else (c if isinstance(c, int) else _place(c)[0])
+    return {"op": int(VecOp(op)) if op in set(VecOp) else int(op), "pair": pair,
+            "rows": rows, "cols": cols, "a_addr": a_addr, "a_stride": a_stride,
+            "b_addr": b_addr, "b_stride": b_stride, "c_addr": c_addr, "mu": mu, "m": m,
+            "s": s}

@@ -4,6 +4,8 @@
 
 * ``emu://`` (optionally ``emu://?rows=2&cols=4&words=65536``): the golden model in process,
   by default configured as the simulated device (``gateware.device.SIM_DEVICE``);
+* ``pysim://`` (same parameters): the device's RTL in Amaranth's simulator, in process
+  (:mod:`nibble.host.device.pysim`);
 * ``socket://127.0.0.1:PORT``: the Verilator system model (``nibble sim serve``);
 * a serial port (``/dev/ttyUSB1``, ``COM5``): a board, at its baud rate.
 
@@ -32,11 +34,10 @@ from nibble.gateware.protocol import (
     Status,
     layout_bytes,
 )
-from nibble.host.device.commands import plan_gemm
+from nibble.host.device.commands import lane_cfg, plan_gemm
 from nibble.host.device.layout import unpack
 from nibble.host.device.link import Frame, FrameDecoder, encode_frame
 from nibble.host.device.packing import pack_fields, unpack_fields
-from nibble.host.golden.lanes import lane_cfg
 from nibble.host.golden.tiling import Gemm
 from nibble.rtl.formats import Operand, OutputPath
 
@@ -95,18 +96,27 @@ _MESSAGES = {
 
 def open_transport(url, baudrate=None, timeout=0.002):
     """A pyserial-style object for ``url`` (see the module docstring)."""
-    if url.startswith("emu://"):
-        from nibble.host.device.emu import EmuTransport
+    for scheme, module, cls, defaults in (
+            ("emu://", "nibble.host.device.emu", "EmuTransport", None),
+            ("pysim://", "nibble.host.device.pysim", "PysimTransport", "PYSIM_DEVICE")):
+        if not url.startswith(scheme):
+            continue
+        import importlib
+        mod = importlib.import_module(module)
+        if defaults is None:
+            from nibble.gateware.device import SIM_DEVICE as config
+        else:
+            config = getattr(mod, defaults)
         query = urllib.parse.parse_qs(urllib.parse.urlparse(url).query)
-        kw = {k: int(v[0]) for k, v in query.items()}
-        from nibble.gateware.device import SIM_DEVICE
+        kw = dict(config)
         try:
-            return EmuTransport(rows=kw.get("rows", SIM_DEVICE["rows"]),
-                                cols=kw.get("cols", SIM_DEVICE["cols"]),
-                                mem_words=kw.get("words", SIM_DEVICE["words"]),
-                                clk_hz=kw.get("clk_hz", SIM_DEVICE["clk_hz"]))
+            for key, value in query.items():
+                if key not in kw:
+                    raise ValueError(f"unknown parameter {key!r} (one of {', '.join(kw)})")
+                kw[key] = int(value[0])
+            return getattr(mod, cls)(**kw)
         except ValueError as e:
-            raise DeviceError(f"bad emulator URL {url}: {e}") from e
+            raise DeviceError(f"bad device URL {url}: {e}") from e
     import serial
     try:
         return serial.serial_for_url(url, baudrate=baudrate or DEFAULT_BAUD, timeout=timeout)
@@ -148,7 +158,7 @@ class Device:
         if wrap is not None:
             transport = wrap(transport)
         if timeout is None:
-            timeout = 0.2 if url.startswith("emu://") else 2.0
+            timeout = 0.2 if url.startswith(("emu://", "pysim://")) else 2.0
         dev = cls(transport, url, timeout=timeout, retries=retries)
         try:
             dev.info = unpack_fields(INFO_LAYOUT, dev.request(Op.INFO))

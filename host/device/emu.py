@@ -321,8 +321,8 @@ class Emulator:
 class EmuTransport:
     """pyserial-style ``write``/``read`` over an in-process :class:`Emulator`."""
 
-    def __init__(self, emulator=None, **kw):
-        self.emu = emulator or Emulator(**kw)
+    def __init__(self, emulator=None, rows=2, cols=4, words=1 << 16, clk_hz=0):
+        self.emu = emulator or Emulator(rows, cols, words, clk_hz)
         self.timeout = 0
         #: Replies are complete as soon as ``write`` returns: nothing more will arrive.
         self.instant = True

@@ -15,7 +15,7 @@ from nibble.rtl.formats import (
     mask_pass,
 )
 
-__all__ = ["golden_acc", "golden_lane", "lane_cfg", "operand_ints"]
+__all__ = ["golden_acc", "golden_lane", "operand_ints"]
 
 
 def operand_ints(codes, kind, phase):
@@ -34,14 +34,6 @@ def golden_acc(gemm, phase):
     # partial sum below 2^31
     assert np.abs(a).max(initial=0) * np.abs(b).max(initial=0) * a.shape[1] < 1 << 53
     return (a.astype(np.float64) @ b.astype(np.float64)).astype(np.int64)
-
-
-def lane_cfg(path=OutputPath.RAW, phase=0, m=1 << 15, s=0, relu=0, out_signed=0, exp=0,
-             mask=MaskMode.NONE):
-    """LANE_CFG field values."""
-    return {"path": int(path), "phase": phase,
-            "rescale": {"m": m, "s": s, "relu": relu, "out_signed": out_signed},
-            "log4": {"exp": exp, "mask": int(mask)}}
 
 
 def golden_lane(acc, lane, mask_codes=None):

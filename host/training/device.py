@@ -27,16 +27,16 @@ Activations are scaled to the 4-bit range every step from the previous step's ab
 the activation derivative is ReLU's (a straight-through estimate at the top code).
 """
 
+import itertools
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from nibble.host.device.commands import gemm_args
+from nibble.host.device.commands import gemm_args, lane_cfg, vector_args
 from nibble.host.device.driver import DeviceError
 from nibble.host.device.layout import Buffer, pack, row_words, unpack
 from nibble.host.golden.gemm import gemm_forward
-from nibble.host.golden.lanes import lane_cfg
 from nibble.host.golden.numerics import (
     FP4Tensor,
     GradScale,
@@ -65,7 +65,8 @@ from nibble.rtl.formats import (
     VecOp,
 )
 
-__all__ = ["DeviceMLP", "DeviceMemoryError", "DeviceTrainConfig"]
+__all__ = ["DeviceMLP", "DeviceMemoryError", "DeviceTrainConfig", "LayerBuffers",
+           "MemoryPlan", "memory_words", "plan_memory"]
 
 SCHEME = SCHEMES["ibm4"]
 
@@ -96,50 +97,59 @@ class DeviceTrainConfig:
             raise ValueError(f"act_clip must be in (0, 1], got {self.act_clip}")
 
 
-def _vec_cfg(op, rows, cols, a, b, c=None, pair=0, mu=0, m=0, s=0):
-    return {"op": int(op), "pair": pair, "rows": rows, "cols": cols,
-            "a_addr": a.addr, "a_stride": a.stride, "b_addr": b.addr, "b_stride": b.stride,
-            "c_addr": c.addr if c else 0, "mu": mu, "m": m, "s": s}
-
-
 class _Arena:
     """A bump allocator of tensor-memory buffers; element counts are padded to the array
     so every GEMM that reads a buffer finds whole groups."""
 
     def __init__(self, nib, pad):
         self.nib, self.pad, self.end = nib, pad, 0
-        self.bufs = {}
 
-    def alloc(self, name, rows, elems, e):
+    def alloc(self, rows, elems, e):
         padded = -(-elems // self.pad) * self.pad
         buf = Buffer(self.end, rows, elems, e, row_words(padded, e, self.nib))
         self.end = buf.end
-        self.bufs[name] = buf
         return buf
 
 
+@dataclass
+class LayerBuffers:
+    """One layer's tensors in device memory (layer ``y = x @ w.T``, x: B x K, w: N x K)."""
+
+    wc: Buffer            # W^T codes, K rows of N: forward's B
+    wr: Buffer | None     # W codes, N rows of K: backward-data's B (not for layer 0)
+    g: Buffer             # dW^T accumulators, K rows of N RAW elements: UPDATE's G
+    wm: Buffer | None     # master weights, as dW^T (device masters only)
+    vm: Buffer | None     # momenta, as dW^T (device masters only)
+    xc: Buffer = None     # X^T codes, K rows of B: forward's A, the layer below's mask
+    xr: Buffer = None     # X codes, B rows of K: backward-weight's B
+    dc: Buffer = None     # dY^T FP4 pairs, N rows of B: backward-data's A
+    dr: Buffer = None     # dY FP4 pairs, B rows of N: backward-weight's A
+
+
+@dataclass
+class MemoryPlan:
+    layers: list          # LayerBuffers per layer
+    logits: Buffer        # the last layer's RAW output, N rows of B
+    end: int              # words in all
+
+
 def plan_memory(sizes, batch, nib, pad, masters):
-    """The device buffers of a model: returns the arena (``.end`` words in all)."""
+    """Where a model's training state lives in device memory (:class:`MemoryPlan`)."""
     arena = _Arena(nib, pad)
-    layers = len(sizes) - 1
-    for i in range(layers):
-        k, n = sizes[i], sizes[i + 1]
-        arena.alloc(f"wc{i}", k, n, 1)                   # W^T codes: forward's B
-        if i > 0:
-            arena.alloc(f"wr{i}", n, k, 1)               # W codes: backward-data's B
-        arena.alloc(f"g{i}", k, n, RAW_NIBBLES)                 # dW^T accumulators
+    layers = []
+    for i, (k, n) in enumerate(itertools.pairwise(sizes)):
+        wc = arena.alloc(k, n, 1)
+        wr = arena.alloc(n, k, 1) if i > 0 else None
+        g = arena.alloc(k, n, RAW_NIBBLES)
+        wm = vm = None
         if masters == "device":
-            arena.alloc(f"wm{i}", k, n, RAW_NIBBLES)            # master weights (as dW^T)
-            arena.alloc(f"vm{i}", k, n, RAW_NIBBLES)            # momenta
-    for i in range(layers):
-        k = sizes[i]
-        arena.alloc(f"xc{i}", k, batch, 1)               # X^T: forward's A, the mask
-        arena.alloc(f"xr{i}", batch, k, 1)               # X: backward-weight's B
-        n = sizes[i + 1]
-        arena.alloc(f"dc{i}", n, batch, 2)               # dY^T pairs: backward-data's A
-        arena.alloc(f"dr{i}", batch, n, 2)               # dY pairs: backward-weight's A
-    arena.alloc("logits", sizes[-1], batch, RAW_NIBBLES)
-    return arena
+            wm, vm = arena.alloc(k, n, RAW_NIBBLES), arena.alloc(k, n, RAW_NIBBLES)
+        layers.append(LayerBuffers(wc, wr, g, wm, vm))
+    for layer, k, n in zip(layers, sizes[:-1], sizes[1:], strict=True):
+        layer.xc, layer.xr = arena.alloc(k, batch, 1), arena.alloc(batch, k, 1)
+        layer.dc, layer.dr = arena.alloc(n, batch, 2), arena.alloc(batch, n, 2)
+    logits = arena.alloc(sizes[-1], batch, RAW_NIBBLES)
+    return MemoryPlan(layers, logits, arena.end)
 
 
 def memory_words(sizes, batch, nib, pad, masters):
@@ -154,10 +164,9 @@ class DeviceMLP:
         self.sizes = list(cfg.sizes)
         self.layers = len(self.sizes) - 1
         pad = max(dev.rows, dev.cols)
-        self.arena = plan_memory(self.sizes, cfg.batch_size, dev.word_nibbles, pad,
-                                 cfg.masters)
-        if self.arena.end > dev.mem_words:
-            need = self.arena.end
+        self.plan = plan_memory(self.sizes, cfg.batch_size, dev.word_nibbles, pad, cfg.masters)
+        if self.plan.end > dev.mem_words:
+            need = self.plan.end
             msg = (f"the {'-'.join(map(str, self.sizes))} model at batch {cfg.batch_size} "
                    f"needs {need:,} words of tensor memory with its master weights on the "
                    f"device; {dev.url} has {dev.mem_words:,}")
@@ -169,7 +178,7 @@ class DeviceMLP:
                             " words on the device, dW and the codes cross the link every "
                             "step) it fits")
             raise DeviceMemoryError(msg)
-        self.buf = self.arena.bufs
+        self.bufs = self.plan.layers
         self.mu = round(cfg.momentum * (1 << MOMENTUM_BITS))
         if not 0 <= self.mu < 1 << MOMENTUM_BITS:
             raise ValueError(f"momentum {cfg.momentum} outside [0, 1)")
@@ -197,8 +206,7 @@ class DeviceMLP:
             self.host_v = [np.array(x, np.int64) for x in v]
         for i in range(self.layers):
             if self.cfg.masters == "device":
-                for name, x in ((f"wm{i}", w[i]), (f"vm{i}", v[i])):
-                    buf = self.buf[name]
+                for buf, x in ((self.bufs[i].wm, w[i]), (self.bufs[i].vm, v[i])):
                     dev.write(buf.addr, pack(x & 0xFFFFFFFF, RAW_NIBBLES, nib, buf.stride))
             if codes is not None:
                 self.w_step[i] = w_step[i]
@@ -207,7 +215,7 @@ class DeviceMLP:
                 self._requant(i, None)
 
     def _put_codes(self, i, codes):
-        buf = self.buf[f"wc{i}"]
+        buf = self.bufs[i].wc
         self.dev.write(buf.addr, pack(code_bits(codes), 1, self.dev.word_nibbles, buf.stride))
         self.codes[i] = np.asarray(codes, np.int8)
         self._transpose_weights(i)
@@ -215,8 +223,7 @@ class DeviceMLP:
     def _transpose_weights(self, i):
         if i > 0:
             k, n = self.sizes[i], self.sizes[i + 1]
-            self._vector(_vec_cfg(VecOp.TRANSPOSE, k, n, self.buf[f"wc{i}"],
-                                  self.buf[f"wr{i}"]))
+            self._vector(vector_args(VecOp.TRANSPOSE, k, n, self.bufs[i].wc, self.bufs[i].wr))
 
     # -- device operations ----------------------------------------------------------------
     def _gemm(self, cfg):
@@ -245,15 +252,15 @@ class DeviceMLP:
                                     f"the UPDATE unit's range ({e})") from None
             mu = self.mu
         if self.cfg.masters == "device":
-            stats = self._vector(_vec_cfg(VecOp.UPDATE, k, n, self.buf[f"g{i}"],
-                                          self.buf[f"wm{i}"], self.buf[f"vm{i}"], mu=mu,
+            stats = self._vector(vector_args(VecOp.UPDATE, k, n, self.bufs[i].g,
+                                          self.bufs[i].wm, self.bufs[i].vm, mu=mu,
                                           m=gm, s=gs))
             sums = stats["w_sum_abs"], stats["w_sum_sq"]
         else:
             if ratio is None:
                 g = np.zeros_like(self.host_w[i])
             else:
-                gbuf = self.buf[f"g{i}"]
+                gbuf = self.bufs[i].g
                 g = unpack(self.dev.read(gbuf.addr, gbuf.words), k, n, RAW_NIBBLES,
                            self.dev.word_nibbles, gbuf.stride, 32)
             self.host_w[i], self.host_v[i] = master_update(g, self.host_w[i], self.host_v[i],
@@ -268,8 +275,8 @@ class DeviceMLP:
         qm, qs = rescale_params(1.0 / step)
         self.w_step[i] = math.ldexp(step, -MASTER_FRAC)
         if self.cfg.masters == "device":
-            self._vector(_vec_cfg(VecOp.REQUANT, k, n, self.buf[f"wm{i}"],
-                                  self.buf[f"wc{i}"], m=qm, s=qs))
+            self._vector(vector_args(VecOp.REQUANT, k, n, self.bufs[i].wm,
+                                  self.bufs[i].wc, m=qm, s=qs))
             self.codes[i] = None
             self._transpose_weights(i)
         else:
@@ -284,67 +291,76 @@ class DeviceMLP:
     def step(self, x_codes, labels, lr):
         """One SGD step on a batch (UINT4 image codes, labels); returns the loss."""
         dev, b, nib = self.dev, len(labels), self.dev.word_nibbles
-        buf = self.buf
-        xc0 = buf["xc0"]
-        dev.write(xc0.addr, pack(np.asarray(x_codes).T, 1, nib, xc0.stride))
-        x_step = [1.0 / UINT4_MAX]
-        for i in range(self.layers):
-            k, n = self.sizes[i], self.sizes[i + 1]
-            self._vector(_vec_cfg(VecOp.TRANSPOSE, k, b, buf[f"xc{i}"], buf[f"xr{i}"]))
-            unit = x_step[i] * self.w_step[i]
-            a, w = buf[f"xc{i}"], buf[f"wc{i}"]
-            if i == self.layers - 1:
-                self._gemm(gemm_args(a, w, buf["logits"], (b, k, n), Operand.UINT4,
-                                     Operand.INT4, lane_cfg(OutputPath.RAW)))
-                break
-            out = buf[f"xc{i + 1}"]
-            if self.act_amax[i] is None:                      # first step: measure first
-                st = self._gemm(gemm_args(a, w, out, (b, k, n), Operand.UINT4, Operand.INT4,
-                                          lane_cfg(OutputPath.RESCALE, relu=1)))
-                self.act_amax[i] = (st["absmax"] or 1) * unit
-            m, s = self._act_params(i, unit)
-            st = self._gemm(gemm_args(a, w, out, (b, k, n), Operand.UINT4, Operand.INT4,
-                                      lane_cfg(OutputPath.RESCALE, m=m, s=s, relu=1)))
-            x_step.append(unit * math.ldexp(1.0, s) / m)
-            if st["absmax"]:
-                self.act_amax[i] = st["absmax"] * unit
+        first = self.bufs[0].xc
+        dev.write(first.addr, pack(np.asarray(x_codes).T, 1, nib, first.stride))
+        x_step = self._forward(b)
         # logits, loss, the output gradient
-        lb = buf["logits"]
-        n_out = self.sizes[-1]
-        acc = unpack(dev.read(lb.addr, lb.words), n_out, b, RAW_NIBBLES, nib, lb.stride, 32).T
+        out = self.plan.logits
+        acc = unpack(dev.read(out.addr, out.words), self.sizes[-1], b, RAW_NIBBLES, nib,
+                     out.stride, 32).T
         logits = (acc * (x_step[-1] * self.w_step[-1])).astype(np.float32)
         loss, dlogits = softmax_xent(logits, labels)
         d0, d1 = quantize_grad(dlogits, 1.0, SCHEME)
-        dc = buf[f"dc{self.layers - 1}"]
-        dev.write(dc.addr, pack((d0.codes.astype(np.int64) | (d1.codes.astype(np.int64) << 4)).T,
-                                2, nib, dc.stride))
-        units = (d0.int_unit, d1.int_unit)
+        top = self.bufs[-1].dc
+        pairs = d0.codes.astype(np.int64) | (d1.codes.astype(np.int64) << 4)
+        dev.write(top.addr, pack(pairs.T, 2, nib, top.stride))
+        self._backward(b, x_step, (d0.int_unit, d1.int_unit), lr)
+        return loss
+
+    def _forward(self, b):
+        """The forward GEMMs of a batch already in layer 0's ``xc``; returns each layer's
+        input step (real value of code 1). Every hidden output is rescaled to UINT4 codes
+        into the next layer's ``xc``; the logits stay RAW."""
+        x_step = [1.0 / UINT4_MAX]
+        for i, (layer, k, n) in enumerate(zip(self.bufs, self.sizes, self.sizes[1:],
+                                              strict=False)):
+            self._vector(vector_args(VecOp.TRANSPOSE, k, b, layer.xc, layer.xr))
+            unit = x_step[i] * self.w_step[i]
+
+            def forward(out, lane, layer=layer, k=k, n=n):
+                return self._gemm(gemm_args(layer.xc, layer.wc, out, (b, k, n), Operand.UINT4,
+                                            Operand.INT4, lane))
+
+            if i == self.layers - 1:
+                forward(self.plan.logits, lane_cfg(OutputPath.RAW))
+                break
+            out = self.bufs[i + 1].xc
+            if self.act_amax[i] is None:                      # first step: measure first
+                st = forward(out, lane_cfg(OutputPath.RESCALE, relu=1))
+                self.act_amax[i] = (st["absmax"] or 1) * unit
+            m, s = self._act_params(i, unit)
+            st = forward(out, lane_cfg(OutputPath.RESCALE, m=m, s=s, relu=1))
+            x_step.append(unit * math.ldexp(1.0, s) / m)
+            if st["absmax"]:
+                self.act_amax[i] = st["absmax"] * unit
+        return x_step
+
+    def _backward(self, b, x_step, units, lr):
+        """From the top: backward-weight into ``g``, backward-data into the layer below's
+        FP4 pair, then the update. ``units``: the top gradient pair's datapath units."""
         for i in reversed(range(self.layers)):
-            k, n = self.sizes[i], self.sizes[i + 1]
-            dc, dr = buf[f"dc{i}"], buf[f"dr{i}"]
-            self._vector(_vec_cfg(VecOp.TRANSPOSE, n, b, dc, dr, pair=1))
-            self._gemm(gemm_args(dr, buf[f"xr{i}"], buf[f"g{i}"], (n, b, k), Operand.FP4,
+            layer, k, n = self.bufs[i], self.sizes[i], self.sizes[i + 1]
+            self._vector(vector_args(VecOp.TRANSPOSE, n, b, layer.dc, layer.dr, pair=1))
+            self._gemm(gemm_args(layer.dr, layer.xr, layer.g, (n, b, k), Operand.FP4,
                                  Operand.UINT4, lane_cfg(OutputPath.RAW, phase=1), a_sel=1))
             unit_w = units[1] * x_step[i]
             if i > 0:
                 units = self._backward_data(i, b, units[0] * self.w_step[i])
             self._requant(i, lr * unit_w * math.ldexp(1.0, MASTER_FRAC))
-        return loss
 
     def _backward_data(self, i, b, unit):
         """dX of layer ``i`` masked by layer i-1's activation and log-quantized on the
         device into layer i-1's FP4 pair; returns that pair's datapath units."""
         k, n = self.sizes[i], self.sizes[i + 1]
-        buf = self.buf
+        layer, below = self.bufs[i], self.bufs[i - 1]
         gs = self.gradscale[i - 1]
 
         def run(exp):
             # exponents beyond the lane's range give the same codes as its ends
             lane = lane_cfg(OutputPath.LOG4, exp=int(np.clip(exp, LOG4_EXP_MIN, LOG4_EXP_MAX)),
                             mask=MaskMode.RELU)
-            return self._gemm(gemm_args(buf[f"dc{i}"], buf[f"wr{i}"], buf[f"dc{i - 1}"],
-                                        (b, n, k), Operand.FP4, Operand.INT4, lane, a_sel=0,
-                                        mask=buf[f"xc{i}"]))
+            return self._gemm(gemm_args(layer.dc, layer.wr, below.dc, (b, n, k), Operand.FP4,
+                                        Operand.INT4, lane, a_sel=0, mask=layer.xc))
 
         exp = gs.planned(unit)                               # GradScale, streaming
         if exp is None:                                      # the first step measures
@@ -362,7 +378,7 @@ class DeviceMLP:
         out = []
         for i in range(self.layers):
             if self.codes[i] is None:
-                buf = self.buf[f"wc{i}"]
+                buf = self.bufs[i].wc
                 k, n = self.sizes[i], self.sizes[i + 1]
                 self.codes[i] = unpack(self.dev.read(buf.addr, buf.words), k, n, 1,
                                        self.dev.word_nibbles, buf.stride, 4).astype(np.int8)
@@ -376,8 +392,7 @@ class DeviceMLP:
         w, v = [], []
         for i in range(self.layers):
             k, n = self.sizes[i], self.sizes[i + 1]
-            for name, dst in ((f"wm{i}", w), (f"vm{i}", v)):
-                buf = self.buf[name]
+            for buf, dst in ((self.bufs[i].wm, w), (self.bufs[i].vm, v)):
                 dst.append(unpack(self.dev.read(buf.addr, buf.words), k, n, RAW_NIBBLES,
                                   self.dev.word_nibbles, buf.stride, 32))
         return w, v
@@ -415,222 +430,3 @@ class DeviceMLP:
         for g, (prev, exp) in zip(self.gradscale, st["gradscale"], strict=True):
             g.prev_absmax, g.exp = prev, exp
         self.load_masters(st["w"], st["v"], codes=st["codes"], w_step=st["w_step"])
-
-
-# -- the training loop ------------------------------------------------------------------------
-def batch_bytes(b, k, n):
-    """A batch's own bytes: UINT4 inputs, one byte per label, the RAW logits (4 bytes each)
-    and the output gradient (one FP4 pair byte each)."""
-    return -(-b * k // 2) + b + 4 * b * n + b * n
-
-
-class _StopFlag:
-    """SIGINT sets a flag the loop reads between steps (a second Ctrl-C aborts at once)."""
-
-    def __init__(self):
-        self.set = False
-        self._old = None
-
-    def __enter__(self):
-        import signal
-        import threading
-        if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def _handler(self, *_):
-        if self.set:
-            raise KeyboardInterrupt
-        self.set = True
-
-    def __exit__(self, *exc):
-        import signal
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
-
-
-CHECKPOINT = "checkpoint.npz"
-
-
-def save_checkpoint(path, mlp, meta):
-    """Write the model's device state and the loop's state atomically."""
-    import json
-    from pathlib import Path
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    st = mlp.state()
-    arrays = {}
-    for i in range(mlp.layers):
-        arrays[f"w{i}"], arrays[f"v{i}"] = st["w"][i], st["v"][i]
-        arrays[f"codes{i}"] = st["codes"][i]
-    meta = dict(meta, w_step=st["w_step"], act_amax=st["act_amax"],
-                gradscale=st["gradscale"])
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, meta=np.array(json.dumps(meta)), **arrays)
-    tmp.replace(path)
-
-
-def load_checkpoint(path):
-    """``(state for DeviceMLP.restore, meta)``."""
-    import json
-    with np.load(path) as z:
-        meta = json.loads(str(z["meta"]))
-        layers = len(meta["config"]["sizes"]) - 1
-        st = {"w": [z[f"w{i}"] for i in range(layers)], "v": [z[f"v{i}"] for i in range(layers)],
-              "codes": [z[f"codes{i}"] for i in range(layers)],
-              "w_step": meta["w_step"], "act_amax": meta["act_amax"],
-              "gradscale": meta["gradscale"]}
-    return st, meta
-
-
-def _summary(t):
-    """Per-step figures of accumulated step counters."""
-    s = t["steps"]
-    return {
-        "images_per_second": t["images"] / t["seconds"],
-        "device_cycles_per_step": t["cycles"] / s if t["cycles"] else None,
-        "link_bytes_per_step": t["bytes"] / s,
-        "batch_bytes_per_step": t["batch_bytes"] / s,
-        "link_bytes_ratio": t["bytes"] / t["batch_bytes"],
-        "host_seconds_per_step": (t["seconds"] - t["io"]) / s,
-        "io_seconds_per_step": t["io"] / s,
-    }
-
-
-def train_on_device(dev, data, cfg, epochs, out=None, resume=None, progress=True,
-                    max_steps=None, time_budget=None):
-    """Train ``cfg``'s MLP on ``data`` through ``dev``. Returns the metrics dict (also
-    written to ``out/metrics.json`` with ``out/checkpoint.npz``, each epoch and on Ctrl-C).
-
-    ``resume``: a checkpoint path; training continues bit-identically. ``max_steps``,
-    ``time_budget`` (seconds): stop (with a checkpoint) after that many steps, or the first
-    step that ends past that time, of this run (benchmarks and tests). The result also has
-    ``losses`` (every step's loss in this run) and ``partial`` (the per-step figures of the
-    steps since the last epoch ended, or of the last epoch).
-    """
-    import time
-    from pathlib import Path
-
-    from tqdm.auto import tqdm
-
-    from nibble.host.golden.numerics import quantize_int
-    from nibble.host.report import write_json
-    from nibble.host.training.train import lr_at
-
-    xq = quantize_int(data.x_train, 1.0 / UINT4_MAX, UINT4_MIN, UINT4_MAX)
-    xt = quantize_int(data.x_test, 1.0 / UINT4_MAX, UINT4_MIN, UINT4_MAX)
-    n = len(xq)
-    bsz = cfg.batch_size
-    steps_per_epoch = -(-n // bsz)
-    total = steps_per_epoch * epochs
-    mlp = DeviceMLP(dev, cfg)
-    rng = np.random.default_rng(cfg.seed + 1)
-    loop = {"epoch": 0, "pos": 0, "step": 0, "order": None, "losses": [], "history": []}
-    if resume is not None:
-        st, meta = load_checkpoint(resume)
-        if meta["config"]["sizes"] != cfg.sizes or meta["config"]["batch_size"] != bsz:
-            raise ValueError(f"{resume} is a checkpoint of a different model or batch size")
-        mlp.restore(st)
-        rng.bit_generator.state = meta["rng"]
-        loop.update({k: meta[k] for k in ("epoch", "pos", "step", "losses", "history")})
-        loop["order"] = np.array(meta["order"]) if meta["order"] is not None else None
-    else:
-        mlp.init_weights()
-    out = Path(out) if out else None
-    config = {"dataset": data.name, "sizes": cfg.sizes, "batch_size": bsz, "lr": cfg.lr,
-              "momentum": cfg.momentum, "seed": cfg.seed, "masters": cfg.masters,
-              "act_clip": cfg.act_clip,
-              "epochs": epochs, "device": dev.url, "device_info": dev.info}
-
-    def checkpoint():
-        if out is None:
-            return
-        meta = {"config": config, "rng": rng.bit_generator.state,
-                "order": None if loop["order"] is None else loop["order"].tolist(),
-                **{k: loop[k] for k in ("epoch", "pos", "step", "losses", "history")}}
-        save_checkpoint(out / CHECKPOINT, mlp, meta)
-
-    def metrics(interrupted):
-        hist = loop["history"]
-        return {"config": config, "history": hist, "steps": loop["step"],
-                "test_accuracy": hist[-1]["test_accuracy"] if hist else None,
-                "interrupted": interrupted}
-
-    bar = tqdm(total=total, initial=loop["step"], disable=not progress, unit="step",
-               desc=f"{data.name} on {dev.url}", leave=False)
-    interrupted = False
-    run_steps = 0
-    run_losses = []
-    started = time.perf_counter()
-    k_in, n_out = cfg.sizes[0], cfg.sizes[-1]
-    with _StopFlag() as stop:
-        while loop["epoch"] < epochs and not interrupted:
-            if loop["pos"] == 0:
-                loop["order"] = rng.permutation(n)
-                loop["losses"] = []
-            if loop["pos"] == 0 or "t" not in loop:      # this epoch's (or run's) counters
-                loop["t"] = dict.fromkeys(("seconds", "io", "images", "steps", "bytes",
-                                           "batch_bytes", "cycles"), 0)
-            acc_t = loop["t"]
-            while loop["pos"] < n:
-                idx = loop["order"][loop["pos"]:loop["pos"] + bsz]
-                wire0 = dev.wire_sent + dev.wire_received
-                io0 = dev.io_seconds
-                cyc0 = mlp.counters["gemm_cycles"] + mlp.counters["vec_cycles"]
-                t0 = time.perf_counter()
-                loss = mlp.step(xq[idx], data.y_train[idx],
-                                lr_at(cfg.lr, loop["step"], total))
-                acc_t["seconds"] += time.perf_counter() - t0
-                acc_t["io"] += dev.io_seconds - io0
-                acc_t["bytes"] += dev.wire_sent + dev.wire_received - wire0
-                acc_t["batch_bytes"] += batch_bytes(len(idx), k_in, n_out)
-                acc_t["cycles"] += (mlp.counters["gemm_cycles"] + mlp.counters["vec_cycles"]
-                                    - cyc0)
-                acc_t["images"] += len(idx)
-                acc_t["steps"] += 1
-                loop["losses"].append(loss)
-                run_losses.append(loss)
-                loop["pos"] += len(idx)
-                loop["step"] += 1
-                run_steps += 1
-                bar.update()
-                bar.set_postfix(loss=f"{loss:.3f}")
-                if (stop.set or (max_steps is not None and run_steps >= max_steps)
-                        or (time_budget is not None
-                            and time.perf_counter() - started > time_budget)):
-                    interrupted = True
-                    break
-            if interrupted and loop["pos"] < n:
-                break
-            row = {
-                "epoch": loop["epoch"] + 1,
-                "loss": float(np.mean(loop["losses"])),
-                "train_accuracy": float(np.mean(mlp.predict(xq) == data.y_train)),
-                "test_accuracy": float(np.mean(mlp.predict(xt) == data.y_test)),
-                "seconds": acc_t["seconds"],
-                **_summary(acc_t),
-            }
-            loop["history"].append(row)
-            loop["epoch"] += 1
-            loop["pos"] = 0
-            loop["order"] = None
-            bar.set_postfix(loss=f"{row['loss']:.3f}", test=f"{row['test_accuracy']:.3f}")
-            if progress:
-                bar.write(f"epoch {row['epoch']}: loss {row['loss']:.4f}, test accuracy "
-                          f"{row['test_accuracy']:.4f}, {row['images_per_second']:.0f} "
-                          "images/s")
-            checkpoint()
-            if out is not None:
-                write_json(out / "metrics.json", metrics(False))
-    bar.close()
-    if interrupted:
-        checkpoint()
-    result = metrics(interrupted)
-    if out is not None:
-        write_json(out / "metrics.json", result)
-    t = loop.get("t")
-    result["partial"] = _summary(t) if t and t["steps"] else (
-        loop["history"][-1] if loop["history"] else None)
-    result["losses"] = run_losses
-    result["model"] = mlp
-    return result

@@ -1,0 +1,97 @@
+"""``pysim://``: the device's RTL in Amaranth's simulator, behind the driver.
+
+:class:`PysimTransport` has pyserial's ``write``/``read``: the bytes the driver writes are
+offered to :class:`~nibble.gateware.device.Device`'s input stream one per cycle, and a read
+runs the simulation until the device is *listening* again (every byte taken, nothing being
+parsed, carried out or answered) and returns what it sent. So a request's reply is complete
+when ``read`` returns, and a lost reply is known at once (``instant``, like ``emu://``),
+while a GEMM or VECTOR keeps running between requests exactly as on a board: a WRITE right
+after a GEMM meets BUSY, and the driver's polls let simulated time pass.
+
+It is the fast way to run the driver's retries, BUSY and error paths against the real RTL
+(seconds, where the Verilator model takes minutes to build); the Verilator model
+(``socket://``) is the fast way to run long workloads.
+"""
+
+from amaranth.sim import Simulator
+
+from nibble.gateware.device import Device
+
+__all__ = ["PYSIM_DEVICE", "PysimTransport"]
+
+#: The pysim device by default: the simulated device's array with a smaller memory (the
+#: simulator keeps every word as a Python integer) and a short watchdog.
+PYSIM_DEVICE = {"rows": 2, "cols": 4, "words": 1 << 14, "clk_hz": 36_000_000,
+                "timeout": 4096}
+
+
+class PysimTransport:
+    """The RTL device in Amaranth's simulator, as a serial port.
+
+    ``max_cycles`` bounds one ``read`` (a device that never goes quiet is a bug: the read
+    returns what arrived); ``idle_cycles`` is how far a read lets a running GEMM or VECTOR
+    advance once the link is quiet, at most (the time a host waits between polls).
+    """
+
+    instant = True
+
+    def __init__(self, rows=2, cols=4, words=1 << 14, clk_hz=36_000_000, timeout=4096,
+                 max_cycles=2_000_000, idle_cycles=2048):
+        self.dut = Device(rows, cols, words, clk_hz=clk_hz, timeout=timeout)
+        self.max_cycles, self.idle_cycles = max_cycles, idle_cycles
+        self.cycles = 0                        # clock cycles simulated
+        self._steps = 0                        # run_until's deadline, in cycles
+        self._in, self._out = bytearray(), bytearray()
+        self._listening = self._idle = False
+        self._sim = Simulator(self.dut)
+        self._sim.add_clock(1e-6)
+        self._sim.add_testbench(self._io, background=True)
+        self.timeout = 0
+
+    async def _io(self, ctx):
+        dut = self.dut
+        ctx.set(dut.o.ready, 1)
+        while True:
+            ctx.set(dut.i.valid, bool(self._in))
+            if self._in:
+                ctx.set(dut.i.payload, self._in[0])
+            _, _, took, sent, byte, listening, idle = await ctx.tick().sample(
+                dut.i.valid & dut.i.ready, dut.o.valid, dut.o.payload, dut.listening,
+                dut.idle)
+            self.cycles += 1
+            if took:
+                del self._in[0]
+            if sent:
+                self._out.append(byte)
+            self._listening, self._idle = listening and not self._in, idle and not self._in
+
+    def _run(self, cycles):
+        self._steps += cycles
+        self._sim.run_until(self._steps * 1e-6)
+
+    def write(self, data):
+        self._in += data
+        return len(data)
+
+    def read(self, size=1):
+        if not self._out:
+            start = self.cycles
+            self._run(1)
+            while not self._listening and self.cycles - start < self.max_cycles:
+                self._run(64)
+            start = self.cycles                # a unit runs: let it go on meanwhile
+            while not self._idle and self.cycles - start < self.idle_cycles:
+                self._run(64)
+        out = bytes(self._out[:size])
+        del self._out[:size]
+        return out
+
+    @property
+    def in_waiting(self):
+        return len(self._out)
+
+    def reset_input_buffer(self):
+        self._out.clear()
+
+    def close(self):
+        pass

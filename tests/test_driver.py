@@ -1,0 +1,104 @@
+"""The driver on ``emu://`` (the golden model) and ``pysim://`` (the device's RTL in Amaranth's
+simulator): GEMMs bit for bit, results chained on the device, every error reply, BUSY, and
+retries through a faulty link. The Verilator system model repeats these at volume
+(``tests/test_system.py``, ``make test-all``)."""
+
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from nibble.host.device.commands import lane_cfg
+from nibble.host.device.driver import (
+    Device,
+    DeviceError,
+    LinkTimeout,
+)
+from nibble.rtl.formats import Operand, OutputPath
+from nibble.sim.stimuli import random_gemm
+from tests.support import chain_results, every_error_reply, fault_run, run_random_gemms
+
+PYSIM = "pysim://?words=4096"
+
+
+def test_random_gemms_on_the_emulator():
+    with Device.open("emu://") as dev:
+        run_random_gemms(dev, np.random.default_rng(12), 45, 60)
+
+
+def test_random_gemms_on_the_rtl():
+    """Every mode and path on the device's RTL, through the driver."""
+    with Device.open(PYSIM) as dev:
+        assert (dev.rows, dev.cols, dev.word_nibbles, dev.mem_words) == (2, 4, 8, 4096)
+        run_random_gemms(dev, np.random.default_rng(13), 9, 12)
+
+
+@pytest.mark.parametrize("url", ["emu://", PYSIM])
+def test_the_three_training_gemms(url):
+    """forward, backward_data and backward_weight against host.gemm's golden GEMMs."""
+    from nibble.host.golden.gemm import gemm_backward_data, gemm_backward_weight, gemm_forward
+    rng = np.random.default_rng(21)
+    x = rng.integers(0, 16, (13, 27)).astype(np.uint8)
+    w = rng.integers(-7, 8, (11, 27))
+    dy = rng.integers(0, 16, (13, 11)).astype(np.uint8)
+    with Device.open(url) as dev:
+        y, _ = dev.forward(x, w, lane_cfg(OutputPath.RAW))
+        np.testing.assert_array_equal(y, gemm_forward(x, w))
+        dx, _ = dev.backward_data(dy, w, lane_cfg(OutputPath.RAW))
+        np.testing.assert_array_equal(dx, gemm_backward_data(dy, 0, w))
+        dw, _ = dev.backward_weight(dy, x)
+        np.testing.assert_array_equal(dw, gemm_backward_weight(dy, 1, x))
+
+
+def test_results_stay_on_the_device_for_the_next_gemm():
+    with Device.open(PYSIM) as dev:
+        chain_results(dev, np.random.default_rng(4))
+
+
+def test_every_error_reply_reaches_the_api():
+    big = random_gemm(np.random.default_rng(0), (Operand.UINT4, Operand.INT4), 16, 256, 8)
+    every_error_reply(PYSIM, big)
+
+
+def test_unreachable_devices_fail_with_one_clear_error():
+    with pytest.raises(DeviceError, match="cannot open /dev/nibble-nonexistent"):
+        Device.open("/dev/nibble-nonexistent")
+    with pytest.raises(DeviceError, match=r"bad device URL pysim://.*unknown parameter"):
+        Device.open("pysim://?wrods=12")
+    # a port that accepts but never answers
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    stop = threading.Event()
+
+    def accept():
+        conn, _ = server.accept()
+        stop.wait(10)
+        conn.close()
+
+    threading.Thread(target=accept, daemon=True).start()
+    t0 = time.monotonic()
+    with pytest.raises(LinkTimeout, match="no answer from socket://"):
+        Device.open(f"socket://127.0.0.1:{port}", timeout=0.1, retries=2)
+    stop.set()
+    server.close()
+    assert time.monotonic() - t0 < 5
+
+
+def test_faults_on_the_emulator_never_corrupt_silently():
+    """1,000 frames at 1e-3 per byte (flips, drops and duplicates, both directions)."""
+    ops, exact, raised, faults = fault_run("emu://", 1_000, 1e-3, seed=1, timeout=0.05)
+    assert exact + raised == ops and exact >= 0.95 * ops
+    assert sum(faults.values()) > 10
+
+
+def test_faults_on_the_rtl_never_corrupt_silently():
+    """The same through the device's RTL: its CRC, resynchronization, watchdog and
+    exactly-once rules against the driver's retries."""
+    ops, exact, raised, faults = fault_run(PYSIM, 100, 1e-3, seed=3, timeout=0.05,
+                                           addrs=2048, base=2048, max_words=32)
+    assert exact + raised == ops and exact >= 0.9 * ops
+    assert sum(faults.values()) > 10
