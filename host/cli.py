@@ -331,6 +331,13 @@ def cmd_flash(args):
     return 0
 
 
+def cmd_docs(args):
+    from nibble.host.docs import update_protocol_doc
+
+    print(f"updated {update_protocol_doc(args.protocol)}")
+    return 0
+
+
 def build_parser():
     from nibble.gateware.device import SIM_DEVICE
 
@@ -440,6 +447,11 @@ def build_parser():
     fl.add_argument("--bitstream", help="default: build/<board>/top.bin or top.bit")
     fl.add_argument("--out", default="build")
     fl.set_defaults(func=cmd_flash)
+
+    dc = sub.add_parser("docs", help="rewrite the generated sections of docs/protocol.md "
+                        "from the payload layouts")
+    dc.add_argument("--protocol", default="docs/protocol.md")
+    dc.set_defaults(func=cmd_docs)
 
     f = sub.add_parser("formats", help="print the number formats and accumulator widths")
     f.set_defaults(func=cmd_formats)

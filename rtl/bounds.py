@@ -9,7 +9,7 @@ and, for a buffer the command writes, when its rows do not overlap (``stride >= 
 A unit lists its buffers (those it does not use this time have ``used`` low) and pulses
 ``start``; the check walks them one at a time with one adder: the product is a shift-and-add
 over the bits of ``rows - 1``, lowest first, that stops after the highest set bit, so a
-buffer takes ``2 + bits(rows - 1)`` cycles (at most ``DIM_BITS + 2``) and no multiplier
+buffer takes ``3 + bits(rows - 1)`` cycles (at most ``DIM_BITS + 3``) and no multiplier
 (the UP5K has eight). The GEMM engine used to add the stride once per row (up to 16,000
 cycles for a 4096-step GEMM) and the element-wise unit used a 16 x 16 multiplier: two
 circuits for one rule, now one.

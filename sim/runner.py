@@ -109,8 +109,9 @@ def lint(unit):
     return proc.stderr
 
 
-def run(unit, seed=None):
-    """Build (cached) and run the unit's cocotb suite; returns (passed, failed, seconds)."""
+def run(unit, seed=None, testcase=None):
+    """Build (cached) and run the unit's cocotb suite (or only the tests named in
+    ``testcase``); returns ((passed, failed), seconds)."""
     from cocotb_tools.runner import get_runner
     src = generate(unit)
     os.environ["PATH"] = _env()["PATH"]
@@ -132,10 +133,12 @@ def run(unit, seed=None):
              "NIBBLE_SIM_OUT": str(BUILD)}
     if seed is not None:
         extra["NIBBLE_SEED"] = str(seed)
+    (BUILD / unit.name / "vectors.json").unlink(missing_ok=True)    # this run's counts only
     t0 = time.monotonic()
     results = runner.test(
         hdl_toplevel=unit.name,
         test_module=f"nibble.sim.test_{unit.name}",
+        testcase=testcase,
         build_dir=build_dir,
         test_dir=build_dir,
         extra_env=extra,

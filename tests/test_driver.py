@@ -58,7 +58,7 @@ def test_results_stay_on_the_device_for_the_next_gemm():
 
 
 def test_every_error_reply_reaches_the_api():
-    big = random_gemm(np.random.default_rng(0), (Operand.UINT4, Operand.INT4), 16, 256, 8)
+    big = random_gemm(np.random.default_rng(0), (Operand.UINT4, Operand.INT4), 16, 512, 8)
     every_error_reply(PYSIM, big)
 
 
