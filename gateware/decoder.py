@@ -74,6 +74,8 @@ class CommandDecoder(wiring.Component):
         the receiver once the reply is sent.
     buf : the frame buffer's read port while parsing.
     phase : Out(Phase)
+    waiting : Out(1)
+        Waiting for a frame (nothing parsed, carried out or answered).
     busy : In(1)
         The engine or the element-wise unit runs.
     args : Out(8 * ARGS_BYTES)
@@ -91,7 +93,8 @@ class CommandDecoder(wiring.Component):
             "frame": In(1), "rx_status": In(RxStatus), "length": In(range(BUFFER_BYTES + 1)),
             "ack": Out(1),
             "buf": In(memory.ReadPort.Signature(addr_width=FB_ADDR, shape=8)),
-            "phase": Out(Phase), "busy": In(1), "args": Out(8 * ARGS_BYTES),
+            "phase": Out(Phase), "waiting": Out(1), "busy": In(1),
+            "args": Out(8 * ARGS_BYTES),
             "gemm_start": Out(1), "vec_start": Out(1), "checked": In(1), "ok": In(1),
             "stats_snapshot": Out(1),
             "transfer": Out(TransferControl.Signature(addr_width)),
@@ -234,6 +237,7 @@ class CommandDecoder(wiring.Component):
                     m.d.comb += self.ack.eq(1)
                     m.next = "IDLE"
 
+        m.d.comb += self.waiting.eq(fsm.ongoing("IDLE"))
         with m.If(fsm.ongoing("PARSE")):
             m.d.comb += self.phase.eq(Phase.PARSE)
         with m.Elif(fsm.ongoing("TRANSFER")):

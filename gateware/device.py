@@ -106,7 +106,7 @@ class Device(wiring.Component):
             engine.start.eq(dec.gemm_start), vec.start.eq(dec.vec_start),
             dec.checked.eq(engine.checked | vec.checked),
             dec.ok.eq(Mux(engine.checked, engine.ok, vec.ok)),
-            self.listening.eq((dec.phase == Phase.IDLE) & ~rx.in_frame & ~rx.frame & ~tx.busy),
+            self.listening.eq(dec.waiting & ~rx.in_frame & ~rx.frame & ~tx.busy),
             self.idle.eq(self.listening & ~busy),
         ]
         self._frame_buffer(m, rx, dec, xfer, reply)

@@ -2,7 +2,9 @@
 bytes equal the emulator's, request for request."""
 
 import numpy as np
+from amaranth.sim import Simulator
 
+from nibble.gateware.device import Device
 from nibble.gateware.protocol import (
     ESC,
     FLAG,
@@ -139,3 +141,41 @@ def test_vector_through_the_device():
         [c for i, c in enumerate(comparable(want)) if i not in skip]
     stats = unpack_fields(STATS_LAYOUT, got[3].payload)
     assert stats["w_sum_sq"] > 0 and stats["vec_cycles"] == 8 * 12 + 1
+
+
+def test_listening_only_between_frames():
+    """``listening`` (and so ``idle``, which lets the system harness sleep) is low from a
+    frame's first byte until the last byte of its reply is out: through parsing, dispatch,
+    a unit's check and the reply. (The harness once slept with a GEMM's check pending.)"""
+    rng = np.random.default_rng(6)
+    gemm = random_gemm(rng, (Operand.UINT4, Operand.INT4), 4, 8, 4)
+    plan = plan_gemm(gemm, lane_cfg(OutputPath.RAW), 8, ROWS, COLS, base=3)
+    frames = [frame(1, Op.INFO), frame(2, Op.GEMM, pack_fields(GEMM_ARGS, plan.cfg)),
+              frame(3, Op.STATS), frame(4, Op.WRITE, pack_fields(WRITE_HEADER, {"addr": 0})
+                                             + bytes(8))]
+    dut = Device(ROWS, COLS, WORDS, clk_hz=1_000_000)
+
+    async def tb(ctx):
+        ctx.set(dut.o.ready, 1)
+        for wire in frames:
+            for byte in wire:
+                ctx.set(dut.i.payload, byte)
+                ctx.set(dut.i.valid, 1)
+                await ctx.tick().until(dut.i.ready)
+            ctx.set(dut.i.valid, 0)
+            dec, seen, cycles = FrameDecoder(), [], 0
+            while not seen:
+                *_, listening, valid, byte = await ctx.tick().sample(
+                    dut.listening, dut.o.valid, dut.o.payload)
+                assert not listening, (wire[:4].hex(), cycles)
+                if valid:
+                    seen = dec.feed(bytes([byte]))
+                cycles += 1
+            for _ in range(4):                  # then it listens again
+                await ctx.tick()
+            assert ctx.get(dut.listening)
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-6)
+    sim.add_testbench(tb)
+    sim.run()
