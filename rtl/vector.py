@@ -58,7 +58,7 @@ from .formats import (
     VecOp,
     word_nibbles,
 )
-from .memory import ADDR_BITS, STRIDE_BITS, TensorBus, read_ports
+from .memory import ADDR_BITS, STRIDE_BITS, TensorBus, read_ports, write_request
 
 __all__ = ["VEC_CFG", "VectorUnit", "VectorWalk"]
 
@@ -209,10 +209,24 @@ class VectorUnit(wiring.Component):
             m.d.comb += e.eq(rd.data.word_select(walk.off >> _E_LOG, RAW_BITS)
                              if NIB > RAW_NIBBLES else rd.data)
 
+        # Writes go through a register: a write lands the cycle after its state, while the
+        # machine moves on (a TRANSPOSE read, its nibble select, the write shift, the
+        # arbiter and the memory's data input in one cycle limited the ECP5 to 44.7 MHz).
+        wreq = Signal(write_request(self.aw, NIB))
+        wvalid = Signal()
+        free = Signal()
+        m.d.comb += [bus.wr.addr.eq(wreq.addr), bus.wr.data.eq(wreq.data),
+                     bus.wr.en.eq(Mux(wvalid, wreq.en, 0)),
+                     free.eq(~wvalid | bus.wr.ready)]
+        with m.If(bus.wr.ready):
+            m.d.sync += wvalid.eq(0)
+
         def write(addr, value, nibbles, at):
-            m.d.comb += [bus.wr.addr.eq(addr), bus.wr.data.eq(value << (at << 2)),
-                         bus.wr.en.eq(Const((1 << nibbles) - 1, NIB) << at)]
-            return bus.wr.ready
+            """Issue a write (once the register is free); returns whether it was."""
+            with m.If(free):
+                m.d.sync += [wreq.addr.eq(addr), wreq.data.eq(value << (at << 2)),
+                             wreq.en.eq(Const((1 << nibbles) - 1, NIB) << at), wvalid.eq(1)]
+            return free
 
         # every multiplier has registered operands and a registered product
         g, w, v = (Signal(signed(MASTER_BITS), name=n) for n in ("g", "w", "v"))
@@ -297,7 +311,8 @@ class VectorUnit(wiring.Component):
                     m.d.sync += [mag.eq(Mux(t < 0, -t, t)), sq.eq((t * t).as_unsigned()),
                                  acc.eq(1)]
                 next_element(done)
-            with m.State("DONE"):                 # the last sums are in
-                m.d.sync += [self.busy.eq(0), self.cycles.eq(cyc + 1)]
-                m.next = "IDLE"
+            with m.State("DONE"):                 # the last sums are in, the last write out
+                with m.If(~wvalid | bus.wr.ready):
+                    m.d.sync += [self.busy.eq(0), self.cycles.eq(cyc + 1)]
+                    m.next = "IDLE"
         return m
