@@ -125,7 +125,7 @@ class Device(wiring.Component):
             stats.cycles.eq(cycles_at), stats.sum_abs.eq(xfer.sum_abs),
             stats.sum_sq.eq(xfer.sum_sq), stats.rx_errors.eq(rx.errors),
             stats.vec_cycles.eq(vec.cycles), stats.w_sum_abs.eq(vec.sum_abs),
-            stats.w_sum_sq.eq(vec.sum_sq),
+            stats.w_sum_sq.eq(vec.sum_sq), stats.clip_sum.eq(engine.clip_sum),
         ]
         assert len(info.as_value()) == INFO_LAYOUT.size
         assert len(stats.as_value()) == STATS_LAYOUT.size

@@ -14,6 +14,7 @@ code (``0x80`` and up) with an empty payload. A rejected frame changes no device
 ``docs/protocol.md`` gives the payload of every command.
 """
 
+from amaranth.hdl import signed
 from amaranth.lib import crc, data, enum
 
 from nibble.rtl.engine import GEMM_CFG
@@ -33,7 +34,7 @@ ESC = 0x7D
 ESC_XOR = 0x20
 #: Largest payload of one frame.
 MAX_PAYLOAD = 1024
-VERSION = 2
+VERSION = 3
 
 
 class Op(enum.IntEnum, shape=8):
@@ -77,6 +78,7 @@ STATS_LAYOUT = data.StructLayout({
     "vec_cycles": 32,       # cycles of the last VECTOR operation
     "w_sum_abs": 48,        # SAWB statistics of the last UPDATE: sum |w >> 8|
     "w_sum_sq": 72,         # ... and sum (w >> 8)^2
+    "clip_sum": signed(64),  # the last GEMM's PACT clip statistic (see rtl.lane)
 })
 INFO_LAYOUT = data.StructLayout({
     "version": 8,

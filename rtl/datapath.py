@@ -8,13 +8,13 @@ flight, so nothing is lost or duplicated and no enable fans out to the array's f
 
 import operator
 
-from amaranth.hdl import Module, Mux, Signal, unsigned
+from amaranth.hdl import Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
 from .array import SystolicArray, array_beat_layout, balanced, lane_order
-from .formats import LANE_BITS, OPERAND_CFG, PE_ACC_BITS, UINT4
+from .formats import CLIP_SUM_BITS, LANE_BITS, OPERAND_CFG, PE_ACC_BITS, UINT4
 from .lane import LANE_CFG, LANE_OUT, OutputLane
 
 __all__ = ["DATAPATH_CFG", "Datapath", "lane_order"]
@@ -37,9 +37,11 @@ class Datapath(wiring.Component):
     out : Out(stream.Signature(LANE_OUT)).array(rows)
         Per lane, the results.
     clear : In(1)
-        Resets the absmax statistic.
+        Resets the statistics.
     absmax : Out(unsigned(LANE_BITS))
         Max over the lanes' absmax, ``ceil(log2 rows) + 1`` cycles behind them.
+    clip_sum : Out(signed(CLIP_SUM_BITS))
+        Sum of the lanes' clip statistic, as many cycles behind them.
     """
 
     def __init__(self, rows, cols):
@@ -51,6 +53,7 @@ class Datapath(wiring.Component):
             "out": Out(stream.Signature(LANE_OUT)).array(rows),
             "clear": In(1),
             "absmax": Out(unsigned(LANE_BITS)),
+            "clip_sum": Out(signed(CLIP_SUM_BITS)),
         })
 
     def elaborate(self, platform):
@@ -88,19 +91,26 @@ class Datapath(wiring.Component):
         m.d.sync += en.eq(balanced(operator.and_, fits))
         m.d.comb += array.en.eq(en)
 
-        # Max over the lanes: a registered tree, one level per cycle (a statistic read after
-        # the stream, so its latency of ceil(log2 R) + 1 cycles costs nothing).
-        level = [lane.absmax for lane in lanes]
-        depth = 0
-        while len(level) > 1:
-            nxt = []
-            for k in range(0, len(level), 2):
-                reg = Signal(unsigned(LANE_BITS), name=f"absmax_l{depth}_{k // 2}")
-                pick = level[k] if k + 1 == len(level) else Mux(
-                    level[k] > level[k + 1], level[k], level[k + 1])
-                m.d.sync += reg.eq(pick)
-                nxt.append(reg)
-            level, depth = nxt, depth + 1
-        m.d.sync += self.absmax.eq(level[0])
+        # The statistics over the lanes: registered trees, one level per cycle (statistics
+        # are read after the stream, so a latency of ceil(log2 R) + 1 cycles costs nothing).
+        m.d.sync += [
+            self.absmax.eq(_tree(m, [lane.absmax for lane in lanes], "absmax",
+                                 lambda a, b: Mux(a > b, a, b))),
+            self.clip_sum.eq(_tree(m, [lane.clip_sum for lane in lanes], "clip_sum",
+                                   lambda a, b: a + b)),
+        ]
         return m
+
+
+def _tree(m, level, name, op):
+    """Reduce ``level`` with ``op`` through a registered balanced tree; returns its root."""
+    depth = 0
+    while len(level) > 1:
+        nxt = []
+        for k in range(0, len(level), 2):
+            reg = Signal.like(level[k], name=f"{name}_l{depth}_{k // 2}")
+            m.d.sync += reg.eq(level[k] if k + 1 == len(level) else op(level[k], level[k + 1]))
+            nxt.append(reg)
+        level, depth = nxt, depth + 1
+    return level[0]
 

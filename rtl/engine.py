@@ -23,13 +23,14 @@ restarts its accumulators on ``last``), so there is nothing to double-buffer: th
 array cycles are a GEMM's fill and drain (about 20 cycles) and tiles shorter than C beats.
 """
 
-from amaranth.hdl import Cat, Module, Mux, Signal, Value
+from amaranth.hdl import Cat, Module, Mux, Signal, Value, signed
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
 from .bounds import DIM_BITS, BoundsCheck
 from .datapath import Datapath
 from .formats import (
+    CLIP_SUM_BITS,
     LANE_BITS,
     MAX_REDUCTION,
     OPERAND_CFG,
@@ -90,6 +91,8 @@ class GemmEngine(wiring.Component):
         Of the last GEMM: cycles from its launch to the last write, beats into the array.
     absmax : Out(LANE_BITS)
         The datapath's output statistic (cleared on launch).
+    clip_sum : Out(signed(CLIP_SUM_BITS))
+        The PACT clip statistic of the last GEMM (see ``rtl.lane``).
     bus : Out(TensorBus.Signature)
         Tensor memory: ``rd0`` A, ``rd1`` B, ``rd2`` mask codes, ``wr`` results.
     """
@@ -104,6 +107,7 @@ class GemmEngine(wiring.Component):
         super().__init__({
             "cfg": In(GEMM_CFG), "start": In(1), "checked": Out(1), "ok": Out(1),
             "busy": Out(1), "cycles": Out(32), "beats": Out(32), "absmax": Out(LANE_BITS),
+            "clip_sum": Out(signed(CLIP_SUM_BITS)),
             "bus": Out(TensorBus.Signature(addr_width=self.aw, nibbles=nibbles)),
         })
 
@@ -159,7 +163,8 @@ class GemmEngine(wiring.Component):
         m.submodules.dp = dp = Datapath(R, C)
         m.d.comb += [walker.cfg.eq(cfg), walker.launch.eq(launch), fetch.a_pair.eq(cfg.a_pair),
                      fetch.a_sel.eq(cfg.a_sel), dp.cfg.operands.eq(cfg.operands),
-                     dp.cfg.lane.eq(cfg.lane), dp.clear.eq(launch), self.absmax.eq(dp.absmax)]
+                     dp.cfg.lane.eq(cfg.lane), dp.clear.eq(launch), self.absmax.eq(dp.absmax),
+                     self.clip_sum.eq(dp.clip_sum)]
         wiring.connect(m, walker.o, fetch.i)
         wiring.connect(m, fetch.beat, dp.beat)
         wiring.connect(m, fetch.rd_a, wiring.flipped(self.bus.rd0))

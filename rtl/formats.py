@@ -18,6 +18,7 @@ from amaranth.lib import enum as hdl_enum
 
 __all__ = [
     "ACC_BITS",
+    "CLIP_SUM_BITS",
     "FP4",
     "FP4_EXP_BITS",
     "FP4_EXP_MAX",
@@ -30,6 +31,7 @@ __all__ = [
     "INT4",
     "INT4_MAX",
     "INT4_MIN",
+    "MASK_CLIPPED",
     "MASTER_BITS",
     "MASTER_FRAC",
     "MAX_REDUCTION",
@@ -228,6 +230,9 @@ PE_ACC_BITS = signed_bits(MAX_REDUCTION * pe_product_range()[0],
 #: An output-lane value, ``pe_acc << phase``: exactly the widest GEMM accumulator (30 bits).
 LANE_BITS = PE_ACC_BITS + max(FP4_PHASES)
 assert LANE_BITS == max(ACC_BITS.values())
+#: The PACT clip statistic of a GEMM (the sum of the lane values whose activation code is the
+#: top code): at most 2^(2 * 16) elements (M, N < 2^16) of LANE_BITS each.
+CLIP_SUM_BITS = LANE_BITS + 2 * 16
 #: The rescale unit serves forward GEMMs, whose accumulators fit ACC_BITS[FORWARD] bits.
 RESCALE_IN_BITS = ACC_BITS[GemmMode.FORWARD]
 #: Effective shift cap: for s >= RESCALE_SHIFT_CAP every result is 0, exactly as for larger s
@@ -265,6 +270,10 @@ class MaskMode(hdl_enum.IntEnum, shape=2):
     NONE = 0      # pass everything
     RELU = 1      # pass where q > 0
     PACT = 2      # pass where 0 < q < 15 (q == 15 was clipped at alpha)
+
+
+#: The activation code PACT clipped at alpha: where the gradient goes to alpha instead.
+MASK_CLIPPED = UINT4_MAX
 
 
 def mask_pass(code, mode):

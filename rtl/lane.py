@@ -10,7 +10,16 @@ from amaranth.hdl import Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from .formats import LANE_BITS, PE_ACC_BITS, RESCALE_IN_BITS, UINT4, MaskMode, OutputPath
+from .formats import (
+    CLIP_SUM_BITS,
+    LANE_BITS,
+    MASK_CLIPPED,
+    PE_ACC_BITS,
+    RESCALE_IN_BITS,
+    UINT4,
+    MaskMode,
+    OutputPath,
+)
 from .log4 import LOG4_CFG, LOG4_OUT, Log4Quantizer, mask_passes
 from .rescale import RESCALE_CFG, Rescale
 
@@ -43,10 +52,14 @@ class OutputLane(wiring.Component):
         Activation codes, one per element, consumed only on the LOG4 path with a mask.
     o : Out(stream.Signature(LANE_OUT))
     clear : In(1)
-        Resets ``absmax``.
+        Resets ``absmax`` and ``clip_sum``.
     absmax : Out(unsigned(LANE_BITS))
         RAW: ``max |value|``; RESCALE: ``max |acc|`` after ReLU; LOG4: ``max`` masked
         ``|value|``; over the elements since ``clear``.
+    clip_sum : Out(signed(CLIP_SUM_BITS))
+        LOG4 with a mask: the sum of the values whose activation code is the top code
+        (``UINT4_MAX``, clipped at PACT's alpha), since ``clear``: what the gradient of
+        alpha needs (``docs/numerics.md`` §2). 0 on the other paths.
     """
 
     def __init__(self):
@@ -57,6 +70,7 @@ class OutputLane(wiring.Component):
             "o": Out(stream.Signature(LANE_OUT)),
             "clear": In(1),
             "absmax": Out(unsigned(LANE_BITS)),
+            "clip_sum": Out(signed(CLIP_SUM_BITS)),
         })
 
     def elaborate(self, platform):
@@ -99,6 +113,14 @@ class OutputLane(wiring.Component):
             m.d.sync += self.absmax.eq(0)
         with m.Elif(mag_valid & (mag > self.absmax)):
             m.d.sync += self.absmax.eq(mag)
+        # The clip statistic, one registered add per element.
+        clipped = Signal(signed(LANE_BITS))
+        top = need_mask & (self.mask.payload == MASK_CLIPPED)
+        m.d.sync += clipped.eq(Mux(top, value, 0))
+        with m.If(self.clear):
+            m.d.sync += self.clip_sum.eq(0)
+        with m.Elif(seen_valid):
+            m.d.sync += self.clip_sum.eq(self.clip_sum + clipped)
 
         m.d.comb += [
             rescale.i.payload.eq(value[:RESCALE_IN_BITS]),

@@ -6,7 +6,7 @@ import numpy as np
 from cocotb.triggers import RisingEdge
 
 from nibble.host.device.commands import lane_cfg
-from nibble.host.golden.lanes import golden_acc, golden_lane
+from nibble.host.golden.lanes import golden_acc, golden_clip_sum, golden_lane
 from nibble.host.golden.tiling import Gemm, beats, lane_streams
 from nibble.rtl.array import array_beat_layout
 from nibble.rtl.datapath import DATAPATH_CFG
@@ -41,7 +41,8 @@ def pack_beat(a, b, last):
 
 
 async def run_gemm(dut, rng, gemm, lane, mask_matrix=None, p_bubble=0.2, p_stall=0.3):
-    """One GEMM through the datapath; checks every lane element and the absmax."""
+    """One GEMM through the datapath; checks every lane element, the absmax and the clip
+    statistic."""
     m, _, n = gemm.shape
     dut.cfg.value = DATAPATH_CFG.const({"operands": gemm.operands,
                                         "lane": lane}).as_value().value
@@ -71,6 +72,8 @@ async def run_gemm(dut, rng, gemm, lane, mask_matrix=None, p_bubble=0.2, p_stall
     for _ in range(8):              # the absmax tree's latency
         await RisingEdge(dut.clk)
     assert uint(dut.absmax) == want_absmax, (uint(dut.absmax), want_absmax)
+    want_clip = golden_clip_sum(acc, lane, mask_matrix)
+    assert dut.clip_sum.value.to_signed() == want_clip, (dut.clip_sum.value, want_clip)
     assert checked == m * n
     return checked, cycles, n_beats
 

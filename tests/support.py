@@ -86,7 +86,8 @@ def run_stream_unit(dut, cfg, inputs, seed=0, p_bubble=0.2, p_stall=0.3):
 
 def run_datapath(dut, gemm, lane, mask_matrix=None, seed=0, p_bubble=0.2, p_stall=0.3,
                  clear=True):
-    """Run one GEMM through ``dut`` (a Datapath); returns (M x N results, absmax, cycles)."""
+    """Run one GEMM through ``dut`` (a Datapath); returns (M x N results, (absmax,
+    clip_sum), cycles)."""
     R, C = dut.rows, dut.cols
     rng = np.random.default_rng(seed)
     path = OutputPath(lane["path"])
@@ -127,7 +128,7 @@ def run_datapath(dut, gemm, lane, mask_matrix=None, seed=0, p_bubble=0.2, p_stal
             cycles[0] += 1
         for _ in range(8):          # the absmax tree's latency
             await ctx.tick()
-        absmax[0] = ctx.get(dut.absmax)
+        absmax[0] = (ctx.get(dut.absmax), ctx.get(dut.clip_sum))
 
     sim = Simulator(dut)
     sim.add_clock(1e-6)

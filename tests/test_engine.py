@@ -19,7 +19,8 @@ def run_engine(rows, cols, words, mem_bytes, cfgs, flaky=None):
     engine = GemmEngine(rows, cols, words)
 
     def outcome(ctx, ok):
-        return ok, ctx.get(engine.absmax), ctx.get(engine.cycles), ctx.get(engine.beats)
+        return (ok, (ctx.get(engine.absmax), ctx.get(engine.clip_sum)), ctx.get(engine.cycles),
+                ctx.get(engine.beats))
 
     return run_commands(engine, GEMM_CFG, words, mem_bytes, cfgs, outcome, flaky)
 
@@ -37,13 +38,13 @@ def check_cases(rows, cols, words, plans, seed, flaky=None):
     expect = []
     for plan in plans:
         ok = gemm_check(plan.cfg, rows, cols, words)
-        absmax = gemm_apply(want, plan.cfg, rows, cols) if ok else None
-        expect.append((ok, absmax))
+        stats = gemm_apply(want, plan.cfg, rows, cols) if ok else None
+        expect.append((ok, stats))
     got_mem, got = run_engine(rows, cols, words, bytes(mem), [p.cfg for p in plans], flaky)
-    for (ok, absmax), (g_ok, g_absmax, cycles, beats) in zip(expect, got, strict=True):
+    for (ok, stats), (g_ok, g_stats, cycles, beats) in zip(expect, got, strict=True):
         assert g_ok == ok
         if ok:
-            assert g_absmax == absmax
+            assert g_stats == stats             # absmax and the clip statistic
             assert beats > 0 and cycles >= beats
     assert got_mem == bytes(want)
     return got

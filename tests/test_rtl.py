@@ -9,7 +9,7 @@ from amaranth.hdl import Value
 from amaranth.sim import Simulator
 
 from nibble.host.device.commands import lane_cfg
-from nibble.host.golden.lanes import golden_acc, golden_lane
+from nibble.host.golden.lanes import golden_acc, golden_clip_sum, golden_lane
 from nibble.host.golden.numerics import fp4_int, log_quantize_tpr, rescale
 from nibble.rtl.array import PE
 from nibble.rtl.datapath import Datapath
@@ -20,6 +20,7 @@ from nibble.rtl.formats import (
     LANE_BITS,
     LOG4_EXP_MAX,
     LOG4_EXP_MIN,
+    MASK_CLIPPED,
     MAX_REDUCTION,
     PE_ACC_BITS,
     UINT4_MAX,
@@ -88,11 +89,11 @@ def test_datapath_raw_gemm(mode, shape):
         gemm = random_gemm(rng, kinds, *shape)
         phase = 1 if mode is GemmMode.BACKWARD_WEIGHT else 0
         dut = Datapath(2, 4)
-        got, absmax, _ = run_datapath(dut, gemm, lane_cfg(OutputPath.RAW, phase=phase),
+        got, (absmax, clip), _ = run_datapath(dut, gemm, lane_cfg(OutputPath.RAW, phase=phase),
                                       seed=int(rng.integers(1 << 30)))
         want = golden_acc(gemm, phase)
         np.testing.assert_array_equal(got, want)
-        assert absmax == np.abs(want).max()
+        assert absmax == np.abs(want).max() and clip == 0
 
 
 def test_datapath_worst_case_accumulators():
@@ -132,7 +133,7 @@ def test_datapath_rescale_path():
         gemm = random_gemm(rng, (Operand.UINT4, Operand.INT4), 5, 9, 6)
         lane = lane_cfg(OutputPath.RESCALE, m=int(rng.integers(1 << 15, 1 << 16)), s=21,
                         relu=relu, out_signed=signed_out)
-        got, absmax, _ = run_datapath(Datapath(2, 4), gemm, lane, seed=relu)
+        got, (absmax, _), _ = run_datapath(Datapath(2, 4), gemm, lane, seed=relu)
         want, want_absmax = golden_lane(golden_acc(gemm, 0), lane)
         np.testing.assert_array_equal(got, want)
         assert absmax == want_absmax
@@ -146,8 +147,12 @@ def test_datapath_log4_path(mask):
     exp = int(np.ceil(np.log2(max(1, np.abs(acc).max()))))
     codes = rng.integers(0, 16, acc.shape)
     lane = lane_cfg(OutputPath.LOG4, exp=exp, mask=mask)
-    got, absmax, _ = run_datapath(Datapath(2, 4), gemm, lane, mask_matrix=codes, seed=5)
+    got, (absmax, clip), _ = run_datapath(Datapath(2, 4), gemm, lane, mask_matrix=codes,
+                                          seed=5)
     want, want_absmax = golden_lane(acc, lane, codes)
+    assert clip == golden_clip_sum(acc, lane, codes)
+    assert (clip != 0) == (mask is not MaskMode.NONE and (codes == MASK_CLIPPED).any()
+                           and bool((acc[codes == MASK_CLIPPED] != 0).any()))
     assert [tuple(v) for v in got.flat] == list(want.flat)
     assert absmax == want_absmax
 

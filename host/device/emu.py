@@ -30,7 +30,7 @@ from nibble.gateware.protocol import (
 from nibble.host.device.layout import pack, row_words, unpack
 from nibble.host.device.link import Frame, crc32, encode_frame
 from nibble.host.device.packing import pack_fields, unpack_fields
-from nibble.host.golden.lanes import golden_acc, golden_lane
+from nibble.host.golden.lanes import golden_acc, golden_clip_sum, golden_lane
 from nibble.host.golden.numerics import master_update, requantize, sawb_sums
 from nibble.host.golden.tiling import Gemm
 from nibble.rtl.formats import (
@@ -94,7 +94,7 @@ def gemm_check(cfg, rows, cols, mem_words):
 
 def gemm_apply(mem, cfg, rows, cols):
     """Run the GEMM command ``cfg`` on ``mem`` (a bytearray, the whole tensor memory) as the
-    engine does; returns the output statistic (absmax)."""
+    engine does; returns its statistics ``(absmax, clip_sum)``."""
     nib = word_nibbles(rows, cols)
     m, red, n = cfg["m"], cfg["l"], cfg["n"]
     ops, lane = cfg["operands"], cfg["lane"]
@@ -115,13 +115,14 @@ def gemm_apply(mem, cfg, rows, cols):
         mask = unpack(_region(mem, nib, cfg["mask_addr"], n, cfg["mask_stride"]), n, m, 1,
                       nib, cfg["mask_stride"]).T
     values, absmax = golden_lane(acc, lane, mask)
+    clip_sum = golden_clip_sum(acc, lane, mask)
     if path is OutputPath.LOG4:
         elems = np.array([[p0 | (p1 << 4) for p0, p1 in row] for row in values], np.int64)
     else:
         elems = np.asarray(values, np.int64) & 0xFFFFFFFF
     write_elements(mem, nib, cfg["out_addr"], cfg["out_stride"], elems.T,
                    element_nibbles(path))
-    return absmax
+    return absmax, clip_sum
 
 
 def write_elements(mem, nib, addr, stride, values, elem_nibbles):
@@ -204,7 +205,7 @@ class Emulator:
         self.rows, self.cols, self.mem_words, self.clk_hz = rows, cols, mem_words, clk_hz
         self.nib = word_nibbles(rows, cols)
         self.mem = bytearray(mem_words * self.nib // 2)
-        self.absmax = 0
+        self.absmax = self.clip_sum = 0
         self.w_sums = (0, 0)
         self.rx_errors = 0
         self._body = bytearray()
@@ -290,7 +291,7 @@ class Emulator:
             cfg = unpack_fields(GEMM_ARGS, payload)
             if not gemm_check(cfg, self.rows, self.cols, self.mem_words):
                 return Status.OUT_OF_RANGE, b""
-            self.absmax = gemm_apply(self.mem, cfg, self.rows, self.cols)
+            self.absmax, self.clip_sum = gemm_apply(self.mem, cfg, self.rows, self.cols)
             return op, b""
         if op == Op.VECTOR:
             if len(payload) != layout_bytes(VEC_ARGS):
@@ -314,7 +315,8 @@ class Emulator:
             return op, pack_fields(STATS_LAYOUT, {
                 "busy": 0, "absmax": self.absmax, "gemm_cycles": 0, "beats": 0, "cycles": 0,
                 "sum_abs": sums[0], "sum_sq": sums[1], "rx_errors": self.rx_errors,
-                "vec_cycles": 0, "w_sum_abs": self.w_sums[0], "w_sum_sq": self.w_sums[1]})
+                "vec_cycles": 0, "w_sum_abs": self.w_sums[0], "w_sum_sq": self.w_sums[1],
+                "clip_sum": self.clip_sum})
         return Status.UNKNOWN_OP, b""
 
 

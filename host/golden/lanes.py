@@ -7,6 +7,7 @@ from nibble.host.golden.numerics import fp4_int, log_quantize_tpr, rescale
 from nibble.rtl.formats import (
     INT4_MAX,
     INT4_MIN,
+    MASK_CLIPPED,
     UINT4_MAX,
     UINT4_MIN,
     MaskMode,
@@ -15,7 +16,7 @@ from nibble.rtl.formats import (
     mask_pass,
 )
 
-__all__ = ["golden_acc", "golden_lane", "operand_ints"]
+__all__ = ["golden_acc", "golden_clip_sum", "golden_lane", "operand_ints"]
 
 
 def operand_ints(codes, kind, phase):
@@ -60,3 +61,13 @@ def golden_lane(acc, lane, mask_codes=None):
     for idx in np.ndindex(acc.shape):
         pairs[idx] = (int(p0[idx]), int(p1[idx]))
     return pairs, int(np.abs(masked).max()) if masked.size else 0
+
+
+def golden_clip_sum(acc, lane, mask_codes=None):
+    """The lane's PACT clip statistic: for LOG4 with a mask, the sum of the accumulators
+    whose activation code is the top code (clipped at alpha); otherwise 0."""
+    if (OutputPath(lane["path"]) is not OutputPath.LOG4 or mask_codes is None
+            or MaskMode(lane["log4"]["mask"]) is MaskMode.NONE):
+        return 0
+    acc = np.asarray(acc, dtype=np.int64)
+    return int(acc[np.asarray(mask_codes) == MASK_CLIPPED].sum())
