@@ -114,3 +114,71 @@ def test_bad_config_is_a_clear_error(digits):
         TrainConfig(epochs=0)
     with pytest.raises(ValueError, match="does not match"):
         train(digits, TrainConfig(sizes=[10, 10]), progress=False)
+
+
+def test_two_term_gradient_is_closer_and_on_one_grid():
+    """The second FP4 term quantizes the first's residual on the same grid: the sum is never
+    further from the value than the first term alone, much closer on average, and both
+    terms share one exponent (so an accumulator sums their datapath integers exactly)."""
+    from nibble.host.training.model import quantize_grad
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((64, 10)) * np.exp(rng.uniform(-6, 0, (64, 10)))).astype(np.float32)
+    one = quantize_grad(x, 1.0, SCHEMES["ibm4"])
+    two = quantize_grad(x, 1.0, SCHEMES["ibm4-2t"], terms=2)
+    for p in (0, 1):
+        t1, t2 = two[p]
+        assert t1.exp == t2.exp == one[p].exp and t1.phase == t2.phase == one[p].phase
+        np.testing.assert_array_equal(t1.codes, one[p].codes)
+        e1 = np.abs(x - t1.dequantize())
+        e2 = np.abs(x - t1.dequantize() - t2.dequantize())
+        assert (e2 <= e1 + 1e-12).all() and e2.mean() < 0.5 * e1.mean()
+
+
+def test_im2col_and_pooling_are_adjoint_to_their_gradients():
+    from nibble.host.training.cnn import col2im, im2col, maxpool2, unpool2
+    rng = np.random.default_rng(0)
+    x = rng.integers(-9, 9, (2, 3, 9, 9))
+    c = rng.integers(-9, 9, (2 * 25, 75))
+    assert (im2col(x, 5) * c).sum() == (x * col2im(c, x.shape, 5)).sum()      # exact ints
+    y = rng.standard_normal((2, 3, 8, 8))
+    p, arg = maxpool2(y)
+    g = rng.standard_normal(p.shape)
+    assert np.isclose((p * g).sum(), (y * unpool2(g, arg)).sum())
+    assert (p == y.reshape(2, 3, 4, 2, 4, 2).max(axis=(3, 5))).all()
+
+
+def test_cnn_learns_in_4_bits_and_counts_its_macs():
+    """LeNet on images whose class is the bright quadrant: the default 4-bit scheme learns it;
+    every MAC is 4-bit x 4-bit, and with fp32 none is."""
+    from nibble.host.training.cnn import LeNet
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 4, 256)
+    img = rng.uniform(0, 0.3, (256, 28, 28))
+    for k in range(4):
+        r, c = divmod(k, 2)
+        img[y == k, 14 * r:14 * r + 14, 14 * c:14 * c + 14] += 0.6
+    x = img.reshape(256, 784).astype(np.float32)
+    for scheme, share in (("ibm4-2t", 0.0), ("fp32", 1.0)):
+        model = LeNet(SCHEMES[scheme], seed=0)
+        h = model.input(x)
+        losses = [model.train_step(rows(h, slice(i, i + 32)), y[i:i + 32], 0.05, 0.9)
+                  for _ in range(3) for i in range(0, 256, 32)]
+        assert losses[-1] < 0.5 * losses[0]
+        assert float(np.mean(model.predict(h) == y)) > 0.9
+        assert model.non_4bit_mac_share() == share
+
+
+def test_mac_shares_of_the_output_gradient_policies():
+    """On the Fashion-MNIST MLP shape: the two-term gradient adds the output layer's two
+    backward GEMMs again, all 4-bit; an fp32 output gradient makes them wider."""
+    rng = np.random.default_rng(2)
+    x, y = rng.uniform(0, 1, (64, 784)).astype(np.float32), rng.integers(0, 10, 64)
+    macs = {}
+    for scheme in ("ibm4", "ibm4-2t", "ibm4-fp32-out"):
+        model = MLP([784, 128, 10], SCHEMES[scheme])
+        model.train_step(model.input(x), y, 0.01, 0.9)
+        macs[scheme] = (model.train_macs, model.non_4bit_mac_share())
+    out = 64 * 128 * 10
+    assert macs["ibm4"] == ([2 * 64 * 784 * 128 + 3 * out, 0], 0.0)   # layer 1: no dX
+    assert macs["ibm4-2t"][0] == [macs["ibm4"][0][0] + 2 * out, 0]
+    assert macs["ibm4-fp32-out"][0] == [macs["ibm4"][0][0] - 2 * out, 2 * out]

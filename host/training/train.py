@@ -1,4 +1,5 @@
-"""The training loop: minibatch SGD with momentum and a cosine learning-rate schedule."""
+"""The host-emulation training loop: minibatch SGD with momentum and a cosine schedule, for
+an MLP or the LeNet-5-class CNN, in any :class:`~nibble.host.training.model.Scheme`."""
 
 import math
 import time
@@ -7,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
+from nibble.host.training.cnn import LeNet
 from nibble.host.training.model import MLP, SCHEMES, rows
 
 __all__ = ["DEFAULT_MODELS", "TrainConfig", "lr_at", "train"]
@@ -24,13 +26,30 @@ class TrainConfig:
     momentum: float = 0.9
     seed: int = 0
     sizes: list = field(default_factory=list)   # empty: DEFAULT_MODELS[dataset]
+    model: str = "mlp"                          # "mlp" (sizes) or "lenet5" (28x28 images)
 
     def __post_init__(self):
+        if self.model not in ("mlp", "lenet5"):
+            raise ValueError(f"unknown model {self.model!r}: mlp or lenet5")
         if self.scheme not in SCHEMES:
             raise ValueError(f"unknown scheme {self.scheme!r}; choose from {', '.join(SCHEMES)}")
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+
+
+def build_model(data, cfg):
+    """The model ``cfg`` names for ``data``, and its layer sizes."""
+    if cfg.model == "lenet5":
+        if data.features != 784 or data.classes != 10:
+            raise ValueError(f"lenet5 takes 28x28 images in 10 classes, not {data.name}")
+        model = LeNet(SCHEMES[cfg.scheme], seed=cfg.seed)
+        return model, model.sizes
+    sizes = cfg.sizes or [data.features, 128, data.classes]
+    if sizes[0] != data.features or sizes[-1] != data.classes:
+        raise ValueError(f"model {sizes} does not match {data.name} "
+                         f"({data.features} features, {data.classes} classes)")
+    return MLP(sizes, SCHEMES[cfg.scheme], seed=cfg.seed), sizes
 
 
 def lr_at(lr, step, total):
@@ -44,17 +63,14 @@ def accuracy(model, h, y):
 
 
 def train(data, cfg, progress=True):
-    """Train an MLP on ``data`` (a :class:`nibble.host.training.datasets.Dataset`) as ``cfg`` says.
+    """Train ``cfg``'s model on ``data`` (a :class:`~nibble.host.training.datasets.Dataset`).
 
     Returns a dict: ``test_accuracy``, ``history`` (one row per epoch: ``epoch``, ``loss``,
     ``train_accuracy``, ``test_accuracy``, ``seconds``), ``seconds`` (training time without
-    evaluation), ``step_seconds`` (mean time of one training step), ``config`` and the model.
+    evaluation), ``step_seconds`` (mean time of one training step), ``non_4bit_mac_share``
+    (of the training steps' MACs), ``config`` and the model.
     """
-    sizes = cfg.sizes or [data.features, 128, data.classes]
-    if sizes[0] != data.features or sizes[-1] != data.classes:
-        raise ValueError(f"model {sizes} does not match {data.name} "
-                         f"({data.features} features, {data.classes} classes)")
-    model = MLP(sizes, SCHEMES[cfg.scheme], seed=cfg.seed)
+    model, sizes = build_model(data, cfg)
     rng = np.random.default_rng(cfg.seed + 1)
     h_train, h_test = model.input(data.x_train), model.input(data.x_test)
     n = len(data.x_train)
@@ -91,5 +107,6 @@ def train(data, cfg, progress=True):
         "test_accuracy": history[-1]["test_accuracy"],
         "seconds": train_seconds,
         "step_seconds": train_seconds / total,
+        "non_4bit_mac_share": model.non_4bit_mac_share(),
         "model": model,
     }
