@@ -68,7 +68,8 @@ def cmd_train(args):
         dataset, sizes, epochs = c["dataset"], c["sizes"], args.epochs or c["epochs"]
         cfg = DeviceTrainConfig(sizes=sizes, batch_size=c["batch_size"], lr=c["lr"],
                                 momentum=c["momentum"], seed=c["seed"], masters=c["masters"],
-                                act_clip=c["act_clip"])
+                                out_grad=c.get("out_grad", "fp4"), act=c.get("act", "absmax"),
+                                alpha_init=c.get("alpha_init"), act_clip=c["act_clip"])
         out = Path(args.out or args.resume)
     else:
         ckpt = None
@@ -77,7 +78,8 @@ def cmd_train(args):
         cfg = DeviceTrainConfig(sizes=sizes, batch_size=args.batch_size,
                                 lr=args.lr or TRAIN_LR[dataset],
                                 momentum=args.momentum, seed=args.seed, masters=args.masters,
-                                act_clip=args.act_clip)
+                                out_grad=args.out_grad, act=args.act,
+                                alpha_init=args.alpha_init, act_clip=args.act_clip)
         out = Path(args.out or f"build/train/{dataset}")
     data = datasets.load(dataset)
     if sizes[0] != data.features or sizes[-1] != data.classes:
@@ -128,13 +130,12 @@ def cmd_train(args):
 
 
 def cmd_bench_numerics(args):
-    from nibble.host.bench.numerics import BENCH_EPOCHS, bench_numerics
+    from nibble.host.bench.numerics import bench_numerics
 
-    epochs = dict(BENCH_EPOCHS)
-    if args.epochs:
-        epochs = dict.fromkeys(epochs, args.epochs)
-    bench_numerics(out_dir=args.out, names=args.dataset, schemes=args.scheme, epochs=epochs,
-                   seeds=args.seeds, docs=args.docs, progress=not args.quiet)
+    epochs = dict.fromkeys(("digits", "fashion-mnist"), args.epochs) if args.epochs else None
+    bench_numerics(out_dir=args.out, names=args.dataset, schemes=args.scheme, models=args.model,
+                   epochs=epochs, seeds=args.seeds, ablation=args.ablation, docs=args.docs,
+                   progress=not args.quiet)
     print(f"\nwrote {args.out}/numerics.json, numerics.md, numerics.png"
           + (f"; updated {args.docs}" if args.docs else ""))
     return 0
@@ -358,9 +359,19 @@ def build_parser():
                    help="learning rate (cosine schedule; default: digits 0.1, Fashion-MNIST 0.02)")
     t.add_argument("--momentum", type=float, default=0.9)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out-grad", choices=["fp4x2", "fp4"], default="fp4x2",
+                   help="the output layer's gradient: two FP4 terms (default) or one (the "
+                        "pure 4-bit scheme)")
+    t.add_argument("--act", choices=["pact", "absmax"], default="pact",
+                   help="hidden activation scale: a learned PACT clip (default) or a "
+                        "fraction of the previous step's absmax")
+    t.add_argument("--alpha-init", type=float,
+                   help="PACT: the clips' initial value (default: --act-clip times the first "
+                        "batch's absmax)")
     t.add_argument("--act-clip", type=float, default=0.5,
                    help="the top activation code stands for this fraction of the previous "
-                        "step's absmax (default 0.5)")
+                        "step's absmax (absmax), or of the first batch's (PACT's initial "
+                        "clip); default 0.5")
     t.add_argument("--masters", choices=["device", "host"], default="device",
                    help="where the fixed-point master weights live (default: device)")
     t.add_argument("--no-fp32", dest="fp32", action="store_false",
@@ -373,11 +384,16 @@ def build_parser():
 
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)
-    n = bsub.add_parser("numerics", help="4-bit schemes vs fp32 on digits and Fashion-MNIST")
+    n = bsub.add_parser("numerics", help="4-bit schemes vs fp32 on digits and Fashion-MNIST "
+                        "(MLPs and a CNN), and the per-tensor ablation")
     n.add_argument("--dataset", action="append", choices=list(DATASETS),
                    help="repeatable; default: every dataset present on this machine")
     n.add_argument("--scheme", action="append", choices=list(SCHEMES),
                    help="repeatable; default: all (fp32 is always included)")
+    n.add_argument("--model", action="append", choices=["mlp", "lenet5"],
+                   help="repeatable; default: both (the CNN on Fashion-MNIST only)")
+    n.add_argument("--no-ablation", dest="ablation", action="store_false",
+                   help="skip the per-tensor ablation (Fashion-MNIST MLP)")
     n.add_argument("--epochs", type=_positive, help="override the epochs of every dataset")
     n.add_argument("--seeds", type=_positive, default=3, help="seeds per scheme (default 3)")
     n.add_argument("--out", default="build/bench")

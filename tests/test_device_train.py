@@ -161,3 +161,22 @@ def test_ctrl_c_leaves_a_usable_checkpoint(tmp_path):
                  str(done + 1), "--quiet", "--no-fp32"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert not m["interrupted"] and len(m["history"]) == done + 1
+
+
+def test_output_gradient_policies_are_costed(small):
+    """bench-train's policy table on a small model: the two-term gradient doubles the output
+    layer's backward MACs and sends twice its gradient bytes; the host-fp32 option moves the
+    output layer's MACs off the 4-bit datapath and the hidden layer's tensors onto the link."""
+    from nibble.host.bench.train import policy_costs
+    with Device.open("pysim://") as sim:
+        d = Dataset("tiny", small.x_train[:16, :16], small.y_train[:16] % 4,
+                    small.x_test[:8, :16], small.y_test[:8] % 4, classes=4)
+        p = policy_costs(sim, d, sizes=[16, 8, 4], steps=1,
+                         hyper={"batch_size": 8, "lr": 0.1, "momentum": 0.9, "seed": 0})
+    one, two, host = p["fp4"], p["fp4x2"], p["host-fp32"]
+    assert two["macs_per_step"] - one["macs_per_step"] == 2 * 8 * 8 * 4
+    assert two["link_bytes_per_step"] > one["link_bytes_per_step"]
+    assert two["device_cycles_per_step"] > one["device_cycles_per_step"] > 0
+    assert host["device_cycles_per_step"] < one["device_cycles_per_step"]
+    assert host["non_4bit_mac_share"] == 3 * 8 * 8 * 4 / one["macs_per_step"]
+    assert one["non_4bit_mac_share"] == two["non_4bit_mac_share"] == 0.0

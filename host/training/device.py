@@ -29,7 +29,7 @@ the activation derivative is ReLU's (a straight-through estimate at the top code
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -83,14 +83,26 @@ class DeviceTrainConfig:
     momentum: float = 0.9
     seed: int = 0
     masters: str = "device"          # "device" or "host"
-    #: The top activation code stands for this fraction of the previous step's absmax
-    #: (1.0: no clipping; 0.5 clips the outliers for twice finer steps, which trains
-    #: better on both reference MLPs: docs/results.md).
+    #: The output layer's gradient: "fp4x2" (two FP4 terms, summed exactly by doubling its
+    #: GEMMs' reduction) or "fp4" (one FP4 pair: the pure 4-bit scheme).
+    out_grad: str = "fp4x2"
+    #: The hidden activations' scale: "pact" (a clip alpha per layer, learned from the
+    #: device's clip statistic; its initial value alpha_init, or with None act_clip times
+    #: the first batch's absmax) or "absmax" (the top code stands for act_clip times the
+    #: previous step's absmax).
+    act: str = "pact"
+    alpha_init: float | None = None
     act_clip: float = 0.5
 
     def __post_init__(self):
         if self.masters not in ("device", "host"):
             raise ValueError(f"masters must be 'device' or 'host', got {self.masters!r}")
+        if self.out_grad not in ("fp4", "fp4x2"):
+            raise ValueError(f"out_grad must be 'fp4' or 'fp4x2', got {self.out_grad!r}")
+        if self.act not in ("pact", "absmax"):
+            raise ValueError(f"act must be 'pact' or 'absmax', got {self.act!r}")
+        if self.alpha_init is not None and not self.alpha_init > 0:
+            raise ValueError(f"alpha_init must be > 0, got {self.alpha_init}")
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         if not 0 < self.act_clip <= 1:
@@ -133,27 +145,36 @@ class MemoryPlan:
     end: int              # words in all
 
 
-def plan_memory(sizes, batch, nib, pad, masters):
-    """Where a model's training state lives in device memory (:class:`MemoryPlan`)."""
+def plan_memory(sizes, batch, nib, pad, masters, terms=1):
+    """Where a model's training state lives in device memory (:class:`MemoryPlan`). With a
+    ``terms``-term output gradient the top layer's backward operands hold ``terms`` copies
+    along their reduction: dY^T and W as ``terms * N`` rows, dY and X as ``terms * B``."""
     arena = _Arena(nib, pad)
     layers = []
+    top = len(sizes) - 2
     for i, (k, n) in enumerate(itertools.pairwise(sizes)):
         wc = arena.alloc(k, n, 1)
-        wr = arena.alloc(n, k, 1) if i > 0 else None
+        wr = arena.alloc(n * (terms if i == top else 1), k, 1) if i > 0 else None
         g = arena.alloc(k, n, RAW_NIBBLES)
         wm = vm = None
         if masters == "device":
             wm, vm = arena.alloc(k, n, RAW_NIBBLES), arena.alloc(k, n, RAW_NIBBLES)
         layers.append(LayerBuffers(wc, wr, g, wm, vm))
-    for layer, k, n in zip(layers, sizes[:-1], sizes[1:], strict=True):
-        layer.xc, layer.xr = arena.alloc(k, batch, 1), arena.alloc(batch, k, 1)
-        layer.dc, layer.dr = arena.alloc(n, batch, 2), arena.alloc(batch, n, 2)
+    for i, (layer, k, n) in enumerate(zip(layers, sizes[:-1], sizes[1:], strict=True)):
+        t = terms if i == top else 1
+        layer.xc, layer.xr = arena.alloc(k, batch, 1), arena.alloc(batch * t, k, 1)
+        layer.dc, layer.dr = arena.alloc(n * t, batch, 2), arena.alloc(batch * t, n, 2)
     logits = arena.alloc(sizes[-1], batch, RAW_NIBBLES)
     return MemoryPlan(layers, logits, arena.end)
 
 
-def memory_words(sizes, batch, nib, pad, masters):
-    return plan_memory(sizes, batch, nib, pad, masters).end
+def memory_words(sizes, batch, nib, pad, masters, terms=1):
+    return plan_memory(sizes, batch, nib, pad, masters, terms).end
+
+
+def _rows(buf, first, rows):
+    """Rows ``first .. first + rows - 1`` of ``buf`` as a buffer of their own."""
+    return replace(buf, addr=buf.addr + first * buf.stride, rows=rows)
 
 
 class DeviceMLP:
@@ -164,7 +185,9 @@ class DeviceMLP:
         self.sizes = list(cfg.sizes)
         self.layers = len(self.sizes) - 1
         pad = max(dev.rows, dev.cols)
-        self.plan = plan_memory(self.sizes, cfg.batch_size, dev.word_nibbles, pad, cfg.masters)
+        self.terms = 2 if cfg.out_grad == "fp4x2" else 1
+        self.plan = plan_memory(self.sizes, cfg.batch_size, dev.word_nibbles, pad, cfg.masters,
+                                self.terms)
         if self.plan.end > dev.mem_words:
             need = self.plan.end
             msg = (f"the {'-'.join(map(str, self.sizes))} model at batch {cfg.batch_size} "
@@ -172,7 +195,7 @@ class DeviceMLP:
                    f"device; {dev.url} has {dev.mem_words:,}")
             if cfg.masters == "device":
                 host_need = memory_words(self.sizes, cfg.batch_size, dev.word_nibbles, pad,
-                                         "host")
+                                         "host", self.terms)
                 if host_need <= dev.mem_words:
                     msg += (f". With --masters host (master weights on the host, {host_need:,}"
                             " words on the device, dW and the codes cross the link every "
@@ -183,11 +206,15 @@ class DeviceMLP:
         if not 0 <= self.mu < 1 << MOMENTUM_BITS:
             raise ValueError(f"momentum {cfg.momentum} outside [0, 1)")
         self.w_step = [0.0] * self.layers          # real SAWB step of each layer's codes
-        self.act_amax = [None] * (self.layers - 1)  # real absmax of each hidden output
+        self.act_amax = [None] * (self.layers - 1)  # absmax: of each hidden output (real)
+        self.alpha = [cfg.alpha_init] * (self.layers - 1)           # pact: the clips
+        self.alpha_v = [0.0] * (self.layers - 1)                    # ... their momenta
         self.gradscale = [GradScale(streaming=True) for _ in range(self.layers - 1)]
         self.host_w = self.host_v = None            # masters="host": the masters
         self.codes = [None] * self.layers           # last codes (host mode, checkpoints)
-        self.counters = {"gemm_cycles": 0, "vec_cycles": 0, "gemms": []}
+        #: device cycles: of GEMMs, of VECTOR operations, per layer; every GEMM's shape
+        self.counters = {"gemm_cycles": 0, "vec_cycles": 0, "gemms": [],
+                         "layer_cycles": [0] * self.layers}
 
     # -- set-up -------------------------------------------------------------------------------
     def init_weights(self):
@@ -220,22 +247,32 @@ class DeviceMLP:
         self.codes[i] = np.asarray(codes, np.int8)
         self._transpose_weights(i)
 
+    def _copies(self, i):
+        """How many copies of layer ``i``'s backward operands the gradient needs."""
+        return self.terms if i == self.layers - 1 else 1
+
     def _transpose_weights(self, i):
         if i > 0:
             k, n = self.sizes[i], self.sizes[i + 1]
-            self._vector(vector_args(VecOp.TRANSPOSE, k, n, self.bufs[i].wc, self.bufs[i].wr))
+            for c in range(self._copies(i)):
+                self._vector(i, vector_args(VecOp.TRANSPOSE, k, n, self.bufs[i].wc,
+                                         _rows(self.bufs[i].wr, c * n, n)))
 
     # -- device operations ----------------------------------------------------------------
-    def _gemm(self, cfg):
+    def _gemm(self, i, cfg):
+        """Run a GEMM of layer ``i``; returns the STATS."""
         stats = self.dev.gemm(cfg)
         self.counters["gemm_cycles"] += stats["gemm_cycles"]
+        self.counters["layer_cycles"][i] += stats["gemm_cycles"]
         self.counters["gemms"].append((cfg["m"], cfg["l"], cfg["n"], stats["gemm_cycles"],
                                        stats["beats"]))
         return stats
 
-    def _vector(self, cfg):
+    def _vector(self, i, cfg):
+        """Run a VECTOR operation of layer ``i``; returns the STATS."""
         stats = self.dev.vector(cfg)
         self.counters["vec_cycles"] += stats["vec_cycles"]
+        self.counters["layer_cycles"][i] += stats["vec_cycles"]
         return stats
 
     def _update(self, i, ratio):
@@ -252,7 +289,7 @@ class DeviceMLP:
                                     f"the UPDATE unit's range ({e})") from None
             mu = self.mu
         if self.cfg.masters == "device":
-            stats = self._vector(vector_args(VecOp.UPDATE, k, n, self.bufs[i].g,
+            stats = self._vector(i, vector_args(VecOp.UPDATE, k, n, self.bufs[i].g,
                                           self.bufs[i].wm, self.bufs[i].vm, mu=mu,
                                           m=gm, s=gs))
             sums = stats["w_sum_abs"], stats["w_sum_sq"]
@@ -275,7 +312,7 @@ class DeviceMLP:
         qm, qs = rescale_params(1.0 / step)
         self.w_step[i] = math.ldexp(step, -MASTER_FRAC)
         if self.cfg.masters == "device":
-            self._vector(vector_args(VecOp.REQUANT, k, n, self.bufs[i].wm,
+            self._vector(i, vector_args(VecOp.REQUANT, k, n, self.bufs[i].wm,
                                   self.bufs[i].wc, m=qm, s=qs))
             self.codes[i] = None
             self._transpose_weights(i)
@@ -284,9 +321,14 @@ class DeviceMLP:
 
     # -- a training step ----------------------------------------------------------------------
     def _act_params(self, i, unit):
-        amax = self.act_amax[i] * self.cfg.act_clip
-        m, s = rescale_params(unit * UINT4_MAX / amax)
-        return m, s
+        """(M, s) that rescale layer ``i``'s accumulators (real value of 1: ``unit``) to
+        UINT4 codes whose top code is the clip: PACT's alpha, or a fraction of the previous
+        absmax."""
+        if self.cfg.act == "pact":
+            top = self.alpha[i]
+        else:
+            top = self.act_amax[i] * self.cfg.act_clip
+        return rescale_params(unit * UINT4_MAX / top)
 
     def step(self, x_codes, labels, lr):
         """One SGD step on a batch (UINT4 image codes, labels); returns the loss."""
@@ -294,17 +336,21 @@ class DeviceMLP:
         first = self.bufs[0].xc
         dev.write(first.addr, pack(np.asarray(x_codes).T, 1, nib, first.stride))
         x_step = self._forward(b)
-        # logits, loss, the output gradient
+        # logits, loss, the output gradient: one FP4 pair per element and term, the terms
+        # stacked along the top layer's backward reductions (dY^T as terms x N rows)
         out = self.plan.logits
         acc = unpack(dev.read(out.addr, out.words), self.sizes[-1], b, RAW_NIBBLES, nib,
                      out.stride, 32).T
         logits = (acc * (x_step[-1] * self.w_step[-1])).astype(np.float32)
         loss, dlogits = softmax_xent(logits, labels)
-        d0, d1 = quantize_grad(dlogits, 1.0, SCHEME)
+        d0, d1 = quantize_grad(dlogits, 1.0, SCHEME, terms=self.terms)
+        terms0 = d0 if isinstance(d0, list) else [d0]
+        terms1 = d1 if isinstance(d1, list) else [d1]
+        pairs = np.concatenate([(t0.codes.astype(np.int64) | (t1.codes.astype(np.int64) << 4)).T
+                                for t0, t1 in zip(terms0, terms1, strict=True)])
         top = self.bufs[-1].dc
-        pairs = d0.codes.astype(np.int64) | (d1.codes.astype(np.int64) << 4)
-        dev.write(top.addr, pack(pairs.T, 2, nib, top.stride))
-        self._backward(b, x_step, (d0.int_unit, d1.int_unit), lr)
+        dev.write(top.addr, pack(pairs, 2, nib, top.stride))
+        self._backward(b, x_step, (terms0[0].int_unit, terms1[0].int_unit), lr)
         return loss
 
     def _forward(self, b):
@@ -314,20 +360,25 @@ class DeviceMLP:
         x_step = [1.0 / UINT4_MAX]
         for i, (layer, k, n) in enumerate(zip(self.bufs, self.sizes, self.sizes[1:],
                                               strict=False)):
-            self._vector(vector_args(VecOp.TRANSPOSE, k, b, layer.xc, layer.xr))
+            for c in range(self._copies(i)):
+                self._vector(i, vector_args(VecOp.TRANSPOSE, k, b, layer.xc,
+                                         _rows(layer.xr, c * b, b)))
             unit = x_step[i] * self.w_step[i]
 
-            def forward(out, lane, layer=layer, k=k, n=n):
-                return self._gemm(gemm_args(layer.xc, layer.wc, out, (b, k, n), Operand.UINT4,
+            def forward(out, lane, i=i, layer=layer, k=k, n=n):
+                return self._gemm(i, gemm_args(layer.xc, layer.wc, out, (b, k, n), Operand.UINT4,
                                             Operand.INT4, lane))
 
             if i == self.layers - 1:
                 forward(self.plan.logits, lane_cfg(OutputPath.RAW))
                 break
             out = self.bufs[i + 1].xc
-            if self.act_amax[i] is None:                      # first step: measure first
+            if (self.act_amax[i] is None if self.cfg.act == "absmax"
+                    else self.alpha[i] is None):                  # the first step measures
                 st = forward(out, lane_cfg(OutputPath.RESCALE, relu=1))
                 self.act_amax[i] = (st["absmax"] or 1) * unit
+                if self.cfg.act == "pact":
+                    self.alpha[i] = self.act_amax[i] * self.cfg.act_clip
             m, s = self._act_params(i, unit)
             st = forward(out, lane_cfg(OutputPath.RESCALE, m=m, s=s, relu=1))
             x_step.append(unit * math.ldexp(1.0, s) / m)
@@ -337,37 +388,48 @@ class DeviceMLP:
 
     def _backward(self, b, x_step, units, lr):
         """From the top: backward-weight into ``g``, backward-data into the layer below's
-        FP4 pair, then the update. ``units``: the top gradient pair's datapath units."""
+        FP4 pair (and its clip's gradient), then the updates. ``units``: the top gradient's
+        datapath units (phase 0, phase 1)."""
         for i in reversed(range(self.layers)):
-            layer, k, n = self.bufs[i], self.sizes[i], self.sizes[i + 1]
-            self._vector(vector_args(VecOp.TRANSPOSE, n, b, layer.dc, layer.dr, pair=1))
-            self._gemm(gemm_args(layer.dr, layer.xr, layer.g, (n, b, k), Operand.FP4,
+            layer, k, n, c = self.bufs[i], self.sizes[i], self.sizes[i + 1], self._copies(i)
+            for t in range(c):
+                self._vector(i, vector_args(VecOp.TRANSPOSE, n, b, _rows(layer.dc, t * n, n),
+                                         _rows(layer.dr, t * b, b), pair=1))
+            self._gemm(i, gemm_args(layer.dr, layer.xr, layer.g, (n, c * b, k), Operand.FP4,
                                  Operand.UINT4, lane_cfg(OutputPath.RAW, phase=1), a_sel=1))
             unit_w = units[1] * x_step[i]
             if i > 0:
-                units = self._backward_data(i, b, units[0] * self.w_step[i])
+                units = self._backward_data(i, b, units[0] * self.w_step[i], lr)
             self._requant(i, lr * unit_w * math.ldexp(1.0, MASTER_FRAC))
 
-    def _backward_data(self, i, b, unit):
+    def _backward_data(self, i, b, unit, lr):
         """dX of layer ``i`` masked by layer i-1's activation and log-quantized on the
-        device into layer i-1's FP4 pair; returns that pair's datapath units."""
-        k, n = self.sizes[i], self.sizes[i + 1]
+        device into layer i-1's FP4 pair; with PACT, layer i-1's clip learns from the
+        device's clip statistic. Returns that pair's datapath units."""
+        k, n, c = self.sizes[i], self.sizes[i + 1], self._copies(i)
         layer, below = self.bufs[i], self.bufs[i - 1]
         gs = self.gradscale[i - 1]
+        pact = self.cfg.act == "pact"
 
         def run(exp):
             # exponents beyond the lane's range give the same codes as its ends
             lane = lane_cfg(OutputPath.LOG4, exp=int(np.clip(exp, LOG4_EXP_MIN, LOG4_EXP_MAX)),
-                            mask=MaskMode.RELU)
-            return self._gemm(gemm_args(layer.dc, layer.wr, below.dc, (b, n, k), Operand.FP4,
-                                        Operand.INT4, lane, a_sel=0, mask=layer.xc))
+                            mask=MaskMode.PACT if pact else MaskMode.RELU)
+            return self._gemm(i, gemm_args(layer.dc, layer.wr, below.dc, (b, c * n, k),
+                                        Operand.FP4, Operand.INT4, lane, a_sel=0,
+                                        mask=layer.xc))
 
         exp = gs.planned(unit)                               # GradScale, streaming
         if exp is None:                                      # the first step measures
             exp = gs.update(run(0)["absmax"], unit)
-            run(exp)
+            st = run(exp)
         else:
-            gs.update(run(exp)["absmax"], unit)
+            st = run(exp)
+            gs.update(st["absmax"], unit)
+        if pact:          # dL/dalpha: the gradient where the code was clipped; SGD momentum
+            v = self.alpha_v[i - 1] * self.cfg.momentum + st["clip_sum"] * unit
+            self.alpha_v[i - 1] = v
+            self.alpha[i - 1] -= lr * v
         # the datapath unit is the same for both phases (the integer holds 2^phase)
         unit = FP4Tensor(None, 0, exp, unit).int_unit
         return unit, unit
@@ -422,11 +484,14 @@ class DeviceMLP:
         return {
             "w": w, "v": v, "codes": [c.T for c in self.weight_codes()],
             "w_step": list(self.w_step), "act_amax": list(self.act_amax),
+            "alpha": list(self.alpha), "alpha_v": list(self.alpha_v),
             "gradscale": [(g.prev_absmax, g.exp) for g in self.gradscale],
         }
 
     def restore(self, st):
         self.act_amax = list(st["act_amax"])
+        if st["alpha"] is not None:             # (checkpoints from before PACT have none)
+            self.alpha, self.alpha_v = list(st["alpha"]), list(st["alpha_v"])
         for g, (prev, exp) in zip(self.gradscale, st["gradscale"], strict=True):
             g.prev_absmax, g.exp = prev, exp
         self.load_masters(st["w"], st["v"], codes=st["codes"], w_step=st["w_step"])

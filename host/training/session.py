@@ -68,8 +68,8 @@ def save_checkpoint(path, mlp, meta):
     for i in range(mlp.layers):
         arrays[f"w{i}"], arrays[f"v{i}"] = st["w"][i], st["v"][i]
         arrays[f"codes{i}"] = st["codes"][i]
-    meta = dict(meta, w_step=st["w_step"], act_amax=st["act_amax"],
-                gradscale=st["gradscale"])
+    meta = dict(meta, **{k: st[k] for k in ("w_step", "act_amax", "alpha", "alpha_v",
+                                            "gradscale")})
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, meta=np.array(json.dumps(meta)), **arrays)
     tmp.replace(path)
@@ -82,8 +82,8 @@ def load_checkpoint(path):
         layers = len(meta["config"]["sizes"]) - 1
         st = {"w": [z[f"w{i}"] for i in range(layers)], "v": [z[f"v{i}"] for i in range(layers)],
               "codes": [z[f"codes{i}"] for i in range(layers)],
-              "w_step": meta["w_step"], "act_amax": meta["act_amax"],
-              "gradscale": meta["gradscale"]}
+              **{k: meta.get(k) for k in ("w_step", "act_amax", "alpha", "alpha_v",
+                                          "gradscale")}}
     return st, meta
 
 
@@ -121,7 +121,8 @@ class Session:
         self.counters = dict.fromkeys(_COUNTERS, 0)    # since the epoch (or the run) began
         self.config = {"dataset": data.name, "sizes": cfg.sizes, "batch_size": cfg.batch_size,
                        "lr": cfg.lr, "momentum": cfg.momentum, "seed": cfg.seed,
-                       "masters": cfg.masters, "act_clip": cfg.act_clip, "epochs": epochs,
+                       "masters": cfg.masters, "out_grad": cfg.out_grad, "act": cfg.act,
+                       "alpha_init": cfg.alpha_init, "act_clip": cfg.act_clip, "epochs": epochs,
                        "device": dev.url, "device_info": dev.info}
         if resume is not None:
             self._resume(resume)
@@ -130,9 +131,12 @@ class Session:
 
     def _resume(self, path):
         st, meta = load_checkpoint(path)
-        if (meta["config"]["sizes"] != self.cfg.sizes
-                or meta["config"]["batch_size"] != self.cfg.batch_size):
-            raise ValueError(f"{path} is a checkpoint of a different model or batch size")
+        c = meta["config"]
+        if (c["sizes"] != self.cfg.sizes or c["batch_size"] != self.cfg.batch_size
+                or c.get("out_grad", "fp4") != self.cfg.out_grad
+                or c.get("act", "absmax") != self.cfg.act):
+            raise ValueError(f"{path} is a checkpoint of a different model, batch size or "
+                             "scheme")
         self.mlp.restore(st)
         self.rng.bit_generator.state = meta["rng"]
         self.epoch, self.pos, self.step = meta["epoch"], meta["pos"], meta["step"]
