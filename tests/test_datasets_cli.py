@@ -72,7 +72,7 @@ def test_cli_bench_numerics_rows(tmp_path, tiny_fashion):
     doc.write_text("# r\n<!-- bench-numerics:begin -->\nold\n<!-- bench-numerics:end -->\n")
     out = tmp_path / "bench"
     assert main(["bench", "numerics", "--epochs", "1", "--seeds", "2", "--quiet",
-                 "--out", str(out),
+                 "--out", str(out), "--model", "mlp", "--no-ablation",
                  "--scheme", "ibm4", "--scheme", "radix2-fp4", "--docs", str(doc)]) == 0
     rows = json.loads((out / "numerics.json").read_text())
     assert {(r["dataset"], r["scheme"]) for r in rows} == {
@@ -86,6 +86,28 @@ def test_cli_bench_numerics_rows(tmp_path, tiny_fashion):
     assert (out / "numerics.png").exists()
     assert "| fashion-mnist | mlp-784-128-10 | ibm4 |" in doc.read_text()
     assert "old" not in doc.read_text()
+
+
+def test_cli_bench_numerics_cnn_ablation_and_paper(tmp_path, tiny_fashion):
+    """The CNN and the per-tensor ablation through the same command: every row carries its
+    non-4-bit MAC share, and the markdown sets the default scheme beside the paper."""
+    out = tmp_path / "bench"
+    assert main(["bench", "numerics", "--epochs", "1", "--seeds", "1", "--quiet",
+                 "--out", str(out), "--dataset", "fashion-mnist"]) == 0
+    rows = json.loads((out / "numerics.json").read_text())
+    cnn = {r["scheme"]: r for r in rows if r["model"] == "lenet5"}
+    abl = {r["scheme"]: r for r in rows if r["table"] == "ablation"}
+    assert set(cnn) == {"fp32", "ibm4-2t", "ibm4", "ibm4-fp32-out", "ibm4-no-tpr",
+                        "radix2-fp4", "ibm4-no-gradscale"}
+    assert set(abl) == {"fp32"} | {f"{k}-{t}" for k in ("only", "all-but")
+                                   for t in ("weights", "inputs", "acts", "grads", "out-grad")}
+    for r in rows:
+        assert {"dataset", "model", "scheme", "test_accuracy", "non_4bit_mac_share"} <= set(r)
+    assert cnn["fp32"]["non_4bit_mac_share"] == 1.0
+    assert cnn["ibm4"]["non_4bit_mac_share"] == cnn["ibm4-2t"]["non_4bit_mac_share"] == 0.0
+    assert 0 < cnn["ibm4-fp32-out"]["non_4bit_mac_share"] < 0.01
+    md = (out / "numerics.md").read_text()
+    assert "Per-tensor ablation" in md and "| Sun et al. 2020 (TPR-FP4) | ImageNet |" in md
 
 
 def test_cli_formats(capsys):

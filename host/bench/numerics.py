@@ -1,7 +1,18 @@
-"""``nibble bench numerics``: does 4-bit training hold up against fp32?
+"""``nibble bench numerics``: does 4-bit training hold up against fp32, and what costs what?
 
-Every scheme trains the same model from the same seed with the same hyper-parameters; the
-benchmark writes ``numerics.json`` (one row per dataset and scheme), ``numerics.md`` and
+Every scheme trains the same model from the same seeds with the same hyper-parameters, in
+host emulation through the golden GEMMs (:mod:`nibble.host.training`):
+
+* the schemes table: fp32, the default scheme (``ibm4-2t``: 4-bit everywhere, the output
+  layer's gradient as two FP4 terms), the pure 4-bit scheme ``ibm4`` and the other ablations,
+  on the digits MLP, the Fashion-MNIST MLP and a LeNet-5-class CNN;
+* the per-tensor ablation (Fashion-MNIST MLP): each tensor quantized alone, everything else
+  in fp32, and every tensor but it, so the next decision rests on a table;
+* each scheme's ``non_4bit_mac_share``: the share of a training step's MACs with an operand
+  wider than 4 bits, the paper's currency for what a precision exception costs;
+* the paper's TPR-FP4 numbers (Sun et al., NeurIPS 2020) beside ours.
+
+It writes ``numerics.json`` (one row per dataset, model and scheme), ``numerics.md`` and
 ``numerics.png`` (test-accuracy curves) under the output folder.
 """
 
@@ -13,97 +24,158 @@ from threadpoolctl import threadpool_limits
 
 from nibble.host.report import markdown_table, plot_curves, update_doc_section, write_json
 from nibble.host.training import datasets
-from nibble.host.training.model import SCHEMES
+from nibble.host.training.model import ABLATIONS, DEFAULT_SCHEME, TENSORS
 from nibble.host.training.train import DEFAULT_MODELS, TrainConfig, train
 
-__all__ = ["BENCH_EPOCHS", "bench_numerics"]
+__all__ = ["BENCH_MODELS", "PAPER", "SCHEME_ORDER", "bench_numerics"]
 
-#: Epochs per dataset for the benchmark (Fashion-MNIST: the issue asks for at least 10).
-BENCH_EPOCHS = {"digits": 30, "fashion-mnist": 10}
+#: (dataset, model, epochs): what the benchmark trains.
+BENCH_MODELS = [("digits", "mlp", 30), ("fashion-mnist", "mlp", 10),
+                ("fashion-mnist", "lenet5", 10)]
+#: The schemes table's rows, fp32 first.
+SCHEME_ORDER = ["fp32", DEFAULT_SCHEME, "ibm4", "ibm4-fp32-out", "ibm4-no-tpr", "radix2-fp4",
+                "ibm4-no-gradscale"]
+#: The per-tensor ablation runs on this model.
+ABLATION_MODEL = ("fashion-mnist", "mlp", 10)
+#: Sun et al., NeurIPS 2020: (dataset, model, fp32, TPR-FP4) test accuracy in %.
+PAPER = [("CIFAR-10", "ResNet-18", 93.01, 92.74), ("CIFAR-10", "VGG16", 92.07, 91.47),
+         ("CIFAR-10", "ResNet-50", 94.70, 93.42), ("CIFAR-10", "MobileNetV2", 93.00, 91.80),
+         ("ImageNet", "ResNet-18", 69.40, 68.27), ("ImageNet", "ResNet-50", 76.48, 74.01),
+         ("ImageNet", "AlexNet", 57.56, 56.38)]
 
 COLUMNS = [
-    ("dataset", "dataset", "{}"),
-    ("model", "model", "{}"),
-    ("scheme", "scheme", "{}"),
-    ("epochs", "epochs", "{}"),
-    ("test accuracy (mean)", "test_accuracy", "{:.4f}"),
-    ("± std", "test_accuracy_std", "{:.4f}"),
-    ("Δ vs fp32 (points)", "delta_vs_fp32_points", "{:+.2f}"),
-    ("train s", "seconds", "{:.1f}"),
-    ("ms / step", "step_ms", "{:.3f}"),
+    ("dataset", "dataset", "{}"), ("model", "model", "{}"), ("scheme", "scheme", "{}"),
+    ("epochs", "epochs", "{}"), ("test accuracy (mean)", "test_accuracy", "{:.4f}"),
+    ("± std", "test_accuracy_std", "{:.4f}"), ("Δ vs fp32 (points)", "delta_vs_fp32_points",
+                                               "{:+.2f}"),
+    ("MACs not 4-bit", "non_4bit_mac_share", "{:.2%}"), ("ms / step", "step_ms", "{:.3f}"),
     ("step time / fp32", "step_time_ratio_vs_fp32", "{:.2f}"),
 ]
 
 
-def bench_numerics(out_dir="build/bench", names=None, schemes=None, epochs=None, seeds=3,
-                   docs=None, progress=True, log=print):
+def model_name(dataset, model):
+    if model == "lenet5":
+        return "lenet5"
+    return "mlp-" + "-".join(map(str, DEFAULT_MODELS[dataset]))
+
+
+def bench_numerics(out_dir="build/bench", names=None, schemes=None, models=None, epochs=None,
+                   seeds=3, ablation=True, docs=None, progress=True, log=print):
     """Run the benchmark; returns the rows written to ``numerics.json``.
 
-    Each (dataset, scheme) trains with seeds ``0 .. seeds-1``; a row reports the mean test
-    accuracy over seeds (and each seed's), the mean training time and the mean step time.
-    BLAS runs on one thread: these GEMMs are too small to gain from more, and OpenBLAS's
-    spinning threads make step times erratic on a shared 2-core machine.
+    Each (dataset, model, scheme) trains with seeds ``0 .. seeds-1``; a row reports the mean
+    test accuracy over seeds (and each seed's), the mean training and step times and the
+    non-4-bit MAC share. BLAS runs on one thread: these GEMMs are too small to gain from
+    more, and OpenBLAS's spinning threads make step times erratic on a shared 2-core
+    machine.
     """
     with threadpool_limits(limits=1, user_api="blas"):
-        return _bench_numerics(out_dir, names, schemes, epochs, seeds, docs, progress, log)
+        return _bench(out_dir, names, schemes, models, epochs, seeds, ablation, docs,
+                      progress, log)
 
 
-def _bench_numerics(out_dir, names, schemes, epochs, seeds, docs, progress, log):
+def _runs(data, model, scheme, n_epochs, seeds, progress):
+    runs = []
+    for seed in range(seeds):
+        cfg = TrainConfig(scheme=scheme, epochs=n_epochs, seed=seed, model=model,
+                          sizes=DEFAULT_MODELS[data.name] if model == "mlp" else [])
+        runs.append(train(data, cfg, progress=progress))
+    accs = [r["test_accuracy"] for r in runs]
+    return {
+        "dataset": data.name, "model": model_name(data.name, model), "scheme": scheme,
+        "test_accuracy": float(np.mean(accs)), "test_accuracy_std": float(np.std(accs)),
+        "test_accuracies": accs, "epochs": n_epochs, "seeds": seeds,
+        "non_4bit_mac_share": float(np.mean([r["non_4bit_mac_share"] for r in runs])),
+        "seconds": float(np.mean([r["seconds"] for r in runs])),
+        "step_ms": 1e3 * float(np.mean([r["step_seconds"] for r in runs])),
+        "batch_size": cfg.batch_size, "lr": cfg.lr, "momentum": cfg.momentum,
+        "curve": np.mean([[h["test_accuracy"] for h in r["history"]] for r in runs],
+                         axis=0).tolist(),
+    }
+
+
+def _bench(out_dir, names, schemes, models, epochs, seeds, ablation, docs, progress, log):
     names = names or [n for n in ("digits", "fashion-mnist") if datasets.available(n)]
-    schemes = schemes or list(SCHEMES)
+    schemes = [s for s in SCHEME_ORDER if s in (schemes or SCHEME_ORDER)] + \
+        [s for s in (schemes or []) if s not in SCHEME_ORDER]
     if "fp32" not in schemes:
         schemes = ["fp32", *schemes]
-    rows, panels = [], {}
-    for name in names:
-        data = datasets.load(name)
-        sizes = DEFAULT_MODELS[name]
-        model = "mlp-" + "-".join(map(str, sizes))
-        n_epochs = (epochs or {}).get(name, BENCH_EPOCHS[name])
+    rows, panels, loaded = [], {}, {}
+    jobs = [(d, m, (epochs or {}).get(d, e), "schemes", schemes) for d, m, e in BENCH_MODELS
+            if d in names and (models is None or m in models)]
+    d, m, e = ABLATION_MODEL
+    if ablation and d in names and (models is None or m in models):
+        jobs.append((d, m, (epochs or {}).get(d, e), "ablation", ["fp32", *ABLATIONS]))
+    for dataset, model, n_epochs, table, todo in jobs:
+        if dataset not in loaded:
+            loaded[dataset] = datasets.load(dataset)
         curves, base = {}, None
-        for scheme in schemes:
-            runs = []
-            for seed in range(seeds):
-                cfg = TrainConfig(scheme=scheme, epochs=n_epochs, sizes=sizes, seed=seed)
-                runs.append(train(data, cfg, progress=progress))
-            accs = [r["test_accuracy"] for r in runs]
-            row = {
-                "dataset": name,
-                "model": model,
-                "scheme": scheme,
-                "test_accuracy": float(np.mean(accs)),
-                "test_accuracy_std": float(np.std(accs)),
-                "test_accuracies": accs,
-                "epochs": n_epochs,
-                "seeds": seeds,
-                "seconds": float(np.mean([r["seconds"] for r in runs])),
-                "step_ms": 1e3 * float(np.mean([r["step_seconds"] for r in runs])),
-                "batch_size": cfg.batch_size,
-                "lr": cfg.lr,
-                "momentum": cfg.momentum,
-                "curve": np.mean([[h["test_accuracy"] for h in r["history"]] for r in runs],
-                                 axis=0).tolist(),
-            }
-            if scheme == "fp32":
-                base = row
+        for scheme in todo:
+            row = _runs(loaded[dataset], model, scheme, n_epochs, seeds, progress)
+            row["table"] = table
+            base = base or row
             row["step_time_ratio_vs_fp32"] = row["step_ms"] / base["step_ms"]
             row["delta_vs_fp32_points"] = 100 * (row["test_accuracy"] - base["test_accuracy"])
             rows.append(row)
             curves[scheme] = row["curve"]
-            log(f"{name:14s} {scheme:18s} test accuracy {row['test_accuracy']:.4f} "
-                f"± {row['test_accuracy_std']:.4f} ({row['delta_vs_fp32_points']:+.2f} pts vs "
-                f"fp32), {row['step_ms']:.3f} ms/step ({row['step_time_ratio_vs_fp32']:.2f}x)")
-        panels[f"{name} {model} (mean of {seeds} seeds)"] = curves
+            log(f"{dataset:14s} {row['model']:16s} {scheme:18s} test accuracy "
+                f"{row['test_accuracy']:.4f} ± {row['test_accuracy_std']:.4f} "
+                f"({row['delta_vs_fp32_points']:+.2f} pts vs fp32), MACs not 4-bit "
+                f"{row['non_4bit_mac_share']:.2%}, {row['step_ms']:.3f} ms/step")
+        if table == "schemes":
+            panels[f"{dataset} {model_name(dataset, model)} (mean of {seeds} seeds)"] = curves
     out = Path(out_dir)
     write_json(out / "numerics.json", rows)
-    plot_curves(out / "numerics.png", panels)
-    table = markdown_table(rows, COLUMNS)
-    machine = f"{platform.machine()}, {platform.python_implementation()} " \
-              f"{platform.python_version()}, numpy {np.__version__}, BLAS on 1 thread"
-    hp = rows[0] if rows else {}
-    text = (f"Made by `make bench-numerics` (`nibble bench numerics`) on {machine}: "
-            f"seeds 0..{seeds - 1}, batch {hp.get('batch_size')}, SGD lr {hp.get('lr')} "
-            f"(cosine), momentum {hp.get('momentum')}, identical for every scheme.\n\n{table}")
+    if panels:
+        plot_curves(out / "numerics.png", panels)
+    text = render(rows, seeds)
     (out / "numerics.md").write_text(text)
     if docs:
         update_doc_section(docs, "bench-numerics", text)
     return rows
+
+
+def render(rows, seeds):
+    machine = (f"{platform.machine()}, {platform.python_implementation()} "
+               f"{platform.python_version()}, numpy {np.__version__}, BLAS on 1 thread")
+    main = [r for r in rows if r["table"] == "schemes"]
+    hp = rows[0] if rows else {}
+    text = (f"Made by `make bench-numerics` (`nibble bench numerics`) on {machine}: seeds "
+            f"0..{seeds - 1}, batch {hp.get('batch_size')}, SGD lr {hp.get('lr')} (cosine), "
+            f"momentum {hp.get('momentum')}, identical for every scheme.\n\n"
+            + markdown_table(main, COLUMNS))
+    abl = {r["scheme"]: r for r in rows if r["table"] == "ablation"}
+    if abl:
+        m = next(iter(abl.values()))
+        table = [{"tensor": t, "alone": abl[f"only-{t.replace('_', '-')}"],
+                  "without": abl[f"all-but-{t.replace('_', '-')}"]} for t in TENSORS]
+        text += (f"\nPer-tensor ablation ({m['dataset']} {m['model']}, {m['epochs']} epochs): "
+                 "the accuracy cost of each tensor quantized alone (every other tensor "
+                 f"fp32), and of the default scheme `{DEFAULT_SCHEME}` with every tensor but "
+                 "it quantized (it in fp32).\n\n"
+                 + markdown_table([{"tensor": r["tensor"],
+                                    "alone": r["alone"]["delta_vs_fp32_points"],
+                                    "alone_acc": r["alone"]["test_accuracy"],
+                                    "without": r["without"]["delta_vs_fp32_points"],
+                                    "without_acc": r["without"]["test_accuracy"]}
+                                   for r in table],
+                                  [("tensor", "tensor", "`{}`"),
+                                   ("quantized alone: Δ (points)", "alone", "{:+.2f}"),
+                                   ("accuracy", "alone_acc", "{:.4f}"),
+                                   ("all but it quantized: Δ (points)", "without", "{:+.2f}"),
+                                   ("accuracy", "without_acc", "{:.4f}")]))
+    ours = [r for r in main if r["scheme"] == DEFAULT_SCHEME]
+    fp32 = {(r["dataset"], r["model"]): r for r in main if r["scheme"] == "fp32"}
+    both = [{"work": "nibble (this table)", "dataset": r["dataset"], "model": r["model"],
+             "fp32": 100 * fp32[r["dataset"], r["model"]]["test_accuracy"],
+             "fp4": 100 * r["test_accuracy"], "delta": r["delta_vs_fp32_points"],
+             "share": f"{r['non_4bit_mac_share']:.2%}"} for r in ours
+            if (r["dataset"], r["model"]) in fp32]
+    both += [{"work": "Sun et al. 2020 (TPR-FP4)", "dataset": d, "model": m, "fp32": a,
+              "fp4": b, "delta": b - a, "share": "see text"} for d, m, a, b in PAPER]
+    text += ("\nBeside the paper (test accuracy in %; nibble's default scheme "
+             f"`{DEFAULT_SCHEME}`):\n\n" + markdown_table(both, [
+                 ("work", "work", "{}"), ("dataset", "dataset", "{}"), ("model", "model", "{}"),
+                 ("fp32", "fp32", "{:.2f}"), ("4-bit", "fp4", "{:.2f}"),
+                 ("Δ (points)", "delta", "{:+.2f}"), ("MACs not 4-bit", "share", "{}")]))
+    return text

@@ -20,6 +20,7 @@ import json
 import math
 import platform
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from threadpoolctl import threadpool_limits
@@ -27,8 +28,8 @@ from threadpoolctl import threadpool_limits
 from nibble.host.device.driver import Device
 from nibble.host.report import markdown_table, update_doc_section, write_json
 from nibble.host.training import datasets
-from nibble.host.training.device import DeviceTrainConfig, memory_words
-from nibble.host.training.session import train_on_device
+from nibble.host.training.device import DeviceTrainConfig, memory_words, plan_memory
+from nibble.host.training.session import Session, train_on_device
 from nibble.host.training.train import TrainConfig, train
 
 __all__ = ["bench_train"]
@@ -54,10 +55,70 @@ def _board_rows():
             else:
                 note = "target; the bitstream does not fit"
         nib = word_nibbles(b.rows, b.cols)
-        fits = {m: memory_words(SIZES, HYPER["batch_size"], nib, max(b.rows, b.cols), m)
+        fits = {m: memory_words(SIZES, HYPER["batch_size"], nib, max(b.rows, b.cols), m, 2)
                 <= b.mem_words for m in ("device", "host")}
         out.append((name, b.rows, b.cols, b.baud, hz, note, b.mem_words * nib // 2, fits))
     return out
+
+
+def policy_costs(sim, data, sizes=SIZES, hyper=HYPER, steps=6):
+    """What each way of keeping the output layer's gradient above 4 bits costs per step:
+    device cycles on the simulated device ``sim``, link bytes on ``emu://`` (where every
+    wait is one STATS poll), and the share of the step's MACs that are not 4-bit x 4-bit.
+
+    ``fp4`` (one FP4 pair, the pure 4-bit scheme) and ``fp4x2`` (two FP4 terms, the
+    default) run on the device. ``host-fp32`` (the output layer on the host in fp32) is
+    measured from its parts: the ``fp4`` step's cycles without the output layer's (its GEMMs
+    and VECTOR operations, counted per layer), and its link bytes with the transfers that
+    change measured on ``emu://``: the hidden output (K x B codes) and its gradient (K x B
+    FP4 pairs) cross the link instead of the logits and their gradient."""
+    out = {}
+    for og in ("fp4", "fp4x2"):
+        cfg = DeviceTrainConfig(sizes=sizes, out_grad=og, **hyper)
+        row = {}
+        for dev, keys in ((sim, ("cycles", "layer", "macs")), (None, ("bytes",))):
+            with (Device.open("emu://") if dev is None else nullcontext(sim)) as d:
+                session = Session(d, data, cfg, 1)
+                session.run(progress=False, max_steps=1)     # the first step measures
+                before = _costs(session)
+                session.run(progress=False, max_steps=steps)
+                after = _costs(session)
+            row.update({k: (after[k] - before[k]) / (after["steps"] - before["steps"])
+                        for k in keys})
+        out[og] = {"device_cycles_per_step": row["cycles"], "link_bytes_per_step": row["bytes"],
+                   "top_layer_cycles_per_step": row["layer"], "macs_per_step": row["macs"],
+                   "non_4bit_mac_share": 0.0}
+    b, (k, n) = hyper["batch_size"], sizes[-2:]
+    with Device.open("emu://") as emu:
+        plan = plan_memory(sizes, b, emu.word_nibbles, max(emu.rows, emu.cols), "device")
+        top, below = plan.layers[-1], plan.layers[-2]
+
+        def wire(fn):
+            w0 = emu.wire_sent + emu.wire_received
+            fn()
+            return emu.wire_sent + emu.wire_received - w0
+
+        gone = (wire(lambda: emu.read(plan.logits.addr, plan.logits.words))
+                + wire(lambda: emu.write(top.dc.addr, bytes(top.dc.words * emu.word_bytes))))
+        new = (wire(lambda: emu.read(top.xc.addr, top.xc.words))
+               + wire(lambda: emu.write(below.dc.addr, bytes(below.dc.words
+                                                              * emu.word_bytes))))
+    base = out["fp4"]
+    out["host-fp32"] = {
+        "device_cycles_per_step": base["device_cycles_per_step"]
+        - base["top_layer_cycles_per_step"],
+        "link_bytes_per_step": base["link_bytes_per_step"] - gone + new,
+        "macs_per_step": base["macs_per_step"],
+        "non_4bit_mac_share": 3 * b * k * n / base["macs_per_step"]}
+    return out
+
+
+def _costs(session):
+    """A session's totals so far: device cycles, the output layer's, MACs, link bytes."""
+    c, dev = session.mlp.counters, session.dev
+    return {"cycles": c["gemm_cycles"] + c["vec_cycles"], "layer": c["layer_cycles"][-1],
+            "macs": sum(m * l * n for m, l, n, _, _ in c["gemms"]),
+            "bytes": dev.wire_sent + dev.wire_received, "steps": session.step}
 
 
 def project(gemms, vec_cycles_per_step, steps, link_bytes, host_s, rows, cols, baud, hz, batch):
@@ -86,7 +147,8 @@ def _bench(out_dir, epochs, sim_seconds, docs, progress, log):
     out = Path(out_dir)
     cfg = DeviceTrainConfig(sizes=SIZES, **HYPER)
     res = {"model": "mlp-784-128-10", "dataset": "fashion-mnist", "epochs": epochs,
-           **HYPER, "act_clip": cfg.act_clip, "host": platform.processor() or platform.machine()}
+           **HYPER, "out_grad": cfg.out_grad, "act": cfg.act, "act_clip": cfg.act_clip,
+           "host": platform.processor() or platform.machine()}
 
     log(f"fp32 on the host, {epochs} epochs ...")
     f = train(data, TrainConfig(scheme="fp32", epochs=epochs, sizes=SIZES, **HYPER),
@@ -94,11 +156,17 @@ def _bench(out_dir, epochs, sim_seconds, docs, progress, log):
     res["fp32_test_accuracy"] = f["test_accuracy"]
     res["fp32_history"] = f["history"]
 
-    log(f"ibm4 on emu:// (the device's golden model), {epochs} epochs ...")
+    log(f"ibm4 ({cfg.out_grad}, {cfg.act}) on emu:// (the device's golden model), "
+        f"{epochs} epochs ...")
     with Device.open("emu://") as dev:
         e = train_on_device(dev, data, cfg, epochs, progress=progress)
     res["ibm4_test_accuracy"] = e["test_accuracy"]
     res["ibm4_history"] = e["history"]
+    log(f"the pure 4-bit scheme (one FP4 output gradient) on emu://, {epochs} epochs ...")
+    pure = DeviceTrainConfig(sizes=SIZES, out_grad="fp4", **HYPER)
+    with Device.open("emu://") as dev:
+        res["pure4_test_accuracy"] = train_on_device(dev, data, pure, epochs,
+                                                     progress=progress)["test_accuracy"]
     first = e["history"][0]
     for key in ("link_bytes_per_step", "batch_bytes_per_step", "link_bytes_ratio",
                 "host_seconds_per_step"):
@@ -121,6 +189,8 @@ def _bench(out_dir, epochs, sim_seconds, docs, progress, log):
         model = s["model"]
         sim_w, sim_v = model.masters()
         sim_codes = model.weight_codes()
+        log("the output layer's gradient policies, a few steps each ...")
+        res["policies"] = policy_costs(dev, data)
     steps = s["steps"]
     with Device.open("emu://") as dev:
         c = train_on_device(dev, data, cfg, epochs, progress=False, max_steps=steps)
@@ -171,10 +241,25 @@ def render(r):
         "model": f"{r['dataset']} {r['model']}", "epochs": r["epochs"],
         "fp32": r["fp32_test_accuracy"], "ibm4": r["ibm4_test_accuracy"],
         "delta": 100 * (r["ibm4_test_accuracy"] - r["fp32_test_accuracy"]),
+        "pure": r["pure4_test_accuracy"],
+        "pure_delta": 100 * (r["pure4_test_accuracy"] - r["fp32_test_accuracy"]),
     }], [("model", "model", "{}"), ("epochs", "epochs", "{}"),
          ("fp32 (host) test acc.", "fp32", "{:.4f}"),
-         ("ibm4 (device, emu://) test acc.", "ibm4", "{:.4f}"),
-         ("Δ (points)", "delta", "{:+.2f}")])
+         (f"ibm4 (device, emu://: {r['out_grad']}, {r['act']}) test acc.", "ibm4", "{:.4f}"),
+         ("Δ (points)", "delta", "{:+.2f}"),
+         ("pure 4-bit (fp4 output gradient) test acc.", "pure", "{:.4f}"),
+         ("Δ (points)", "pure_delta", "{:+.2f}")])
+    names = {"fp4": "one FP4 pair (pure 4-bit)", "fp4x2": "two FP4 terms (default)",
+             "host-fp32": "the output layer on the host, fp32"}
+    pol = markdown_table([dict(v, policy=names[k], bytes_ratio=v["link_bytes_per_step"]
+                               / r["batch_bytes_per_step"])
+                          for k, v in r["policies"].items()],
+                         [("output-layer gradient", "policy", "{}"),
+                          ("device cycles / step", "device_cycles_per_step", "{:,.0f}"),
+                          ("link bytes / step", "link_bytes_per_step", "{:,.0f}"),
+                          ("link / batch bytes", "bytes_ratio", "{:.3f}"),
+                          ("MACs / step", "macs_per_step", "{:,.0f}"),
+                          ("MACs not 4-bit", "non_4bit_mac_share", "{:.2%}")])
     step = markdown_table([{
         "sim": f"{r['sim_steps']} steps, {r['sim_seconds']:.0f} s",
         "match": "yes" if r["sim_matches_emu"] else "**NO**",
@@ -208,7 +293,9 @@ def render(r):
         ("images/s", "images_per_second", "{:.0f}"),
         ("tensor memory bytes", "memory_bytes", "{:,}"),
         ("model state fits (device / host masters)", "fits", "{}")])
-    return (f"Accuracy\n\n{acc}\nPer step (batch {r['batch_size']})\n\n{step}\n"
+    return (f"Accuracy\n\n{acc}\nThe output layer's gradient, per step (device cycles on "
+            f"the simulated {r['sim_array']} device, link bytes on emu://)\n\n{pol}\n"
+            f"Per step (batch {r['batch_size']})\n\n{step}\n"
             f"Projected on the boards (batch {r['batch_size']})\n\n{proj}")
 
 
