@@ -1,0 +1,326 @@
+"""SDR SDRAM: chips, timings, the pins, and a controller that streams bursts.
+
+Chips
+    :class:`SdramChip` holds a part's geometry (banks, row and column bits, a 16-bit data
+    bus) and its timings in nanoseconds; :meth:`SdramChip.cycles` turns them into clock
+    cycles at a frequency. The ULX3S carries one of :data:`CHIPS` depending on its revision
+    (32 MB parts with 9 column bits, a 64 MB part with 10).
+
+Pins
+    :class:`SdramPins` is the controller's side of the chip's pins with active-high command
+    bits (``cs``, ``ras``, ``cas``, ``we``; the board inverts them) and the data bus split into
+    ``dq_o``, ``dq_oe`` and ``dq_i``. The chip model (:mod:`nibble.sim.sdram_model`) and the
+    board's IO buffers both take this signature.
+
+Controller
+    :class:`SdramController` serves one burst at a time from a stream of requests. A request
+    is a burst address (8 beats of 16 bits: 16 bytes, aligned) and, for a write, the burst's
+    128 bits and a mask per byte (DQM); a read's 128 bits come back on a second stream, in
+    request order. The controller runs the power-up sequence (wait, PRECHARGE ALL, auto
+    refreshes, LOAD MODE: burst length 8, sequential, the CAS latency), refreshes every
+    ``tREFI`` (closing open rows first), keeps one row open per bank (a request to the open
+    row goes straight to READ or WRITE: consecutive bursts of a row stream at one beat per
+    cycle), and honours every timing: tRCD, tRP, tRAS, tRC, tRRD, tWR, tRFC, tMRD and the
+    CAS latency, with a cycle of bus turnaround between a read burst and a write burst. Its
+    commands go out through a register, and read data come back through one: the IO
+    registers of a board (``read_latency`` = CL + 2 cycles after a READ is decided).
+
+The address of a beat is ``(row, bank, column)``, column lowest: linear streams stay in one
+row for ``2^col_bits`` beats, then move to the next bank.
+"""
+
+import math
+from dataclasses import dataclass
+
+from amaranth.hdl import Array, Cat, Const, Module, Signal
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+__all__ = ["BEATS", "BURST_BITS", "CHIPS", "SdramChip", "SdramController", "SdramPins",
+           "burst_request"]
+
+#: Beats per burst (the mode register's burst length) and the bits of a burst.
+BEATS = 8
+BURST_BITS = 16 * BEATS
+
+
+@dataclass(frozen=True)
+class SdramChip:
+    """A 16-bit SDR SDRAM part: geometry and timings (ns unless said otherwise)."""
+
+    name: str
+    banks: int = 4
+    row_bits: int = 13
+    col_bits: int = 9
+    tRCD: float = 20.0       # ACTIVATE to READ/WRITE
+    tRP: float = 20.0        # PRECHARGE to ACTIVATE
+    tRAS: float = 44.0       # ACTIVATE to PRECHARGE
+    tRC: float = 66.0        # ACTIVATE to ACTIVATE, same bank
+    tRRD: float = 15.0       # ACTIVATE to ACTIVATE, another bank
+    tWR: float = 15.0        # last write data to PRECHARGE
+    tRFC: float = 66.0       # AUTO REFRESH to anything
+    tREFI: float = 7_812.5   # the average refresh interval (64 ms / 8192 rows)
+    tMRD: int = 2            # LOAD MODE to anything (cycles)
+    t_init: float = 200_000.0  # power-up wait before the first command
+    init_refreshes: int = 8
+    cl: int = 2              # CAS latency (cycles)
+
+    @property
+    def bank_bits(self):
+        return (self.banks - 1).bit_length()
+
+    @property
+    def beats(self):
+        """16-bit beats in the part."""
+        return self.banks << (self.row_bits + self.col_bits)
+
+    @property
+    def bytes(self):
+        return 2 * self.beats
+
+    def cycles(self, clk_hz):
+        """The timings in clock cycles at ``clk_hz`` (each rounded up, at least 1)."""
+        ns = 1e9 / clk_hz
+        out = {k: max(1, math.ceil(getattr(self, k) / ns - 1e-9))
+               for k in ("tRCD", "tRP", "tRAS", "tRC", "tRRD", "tWR", "tRFC", "t_init")}
+        # refresh a little early: the interval is an average the chip allows to slip
+        out["tREFI"] = int(self.tREFI / ns) - 16
+        out["tMRD"], out["cl"] = self.tMRD, self.cl
+        return out
+
+
+#: The ULX3S's parts (its revisions differ) and a small one for fast simulation.
+CHIPS = {
+    "is42s16160": SdramChip("is42s16160", tRCD=15, tRP=15, tRAS=42, tRC=60, tRRD=14,
+                            tWR=14, tRFC=60),
+    "mt48lc16m16": SdramChip("mt48lc16m16", tRCD=18, tRP=18, tRAS=42, tRC=60, tRRD=12,
+                             tWR=12, tRFC=60),
+    "as4c32m16sb": SdramChip("as4c32m16sb", col_bits=10, tRCD=21, tRP=21, tRAS=42, tRC=63,
+                             tRRD=14, tWR=14, tRFC=63),
+    # 4 banks x 64 rows x 64 columns (32 KB): the same rules, simulated in seconds
+    "tiny": SdramChip("tiny", row_bits=6, col_bits=6, t_init=2_000.0, init_refreshes=2),
+}
+
+
+class SdramPins:
+    """The chip's pins, from the controller's side (command bits active high)."""
+
+    class Signature(wiring.Signature):
+        def __init__(self, chip):
+            self.chip = chip
+            super().__init__({
+                "cke": Out(1), "cs": Out(1), "ras": Out(1), "cas": Out(1), "we": Out(1),
+                "ba": Out(chip.bank_bits), "a": Out(max(chip.row_bits, 11)),
+                "dqm": Out(2), "dq_o": Out(16), "dq_oe": Out(1), "dq_i": In(16),
+            })
+
+
+def burst_request(chip):
+    """A burst request: its address (in bursts), read or write, and a write's data and
+    byte mask (a set bit masks the byte: DQM)."""
+    return data.StructLayout({
+        "addr": (chip.beats // BEATS - 1).bit_length(), "write": 1,
+        "data": BURST_BITS, "mask": 2 * BEATS,
+    })
+
+
+# SDRAM commands: (ras, cas, we) with cs high
+NOP, ACT, READ, WRITE, PRE, REF, MRS = (
+    (0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 1, 1), (1, 0, 1), (1, 1, 0), (1, 1, 1))
+
+
+class SdramController(wiring.Component):
+    """One 16-bit SDR SDRAM behind a stream of burst requests.
+
+    Parameters
+    ----------
+    chip : SdramChip
+    clk_hz : int
+        The controller's clock (the chip runs at the same rate).
+
+    Ports
+    -----
+    req : In(stream.Signature(burst_request(chip)))
+    rdata : Out(stream.Signature(BURST_BITS))
+        Read bursts, in request order; a READ is only started with room for its data.
+    pins : Out(SdramPins.Signature(chip))
+    ready : Out(1)
+        The power-up sequence is done.
+    refreshes : Out(32)
+        Auto refreshes issued.
+
+    Timing convention: a command decided in cycle T is on the pins in cycle T + 1 (the
+    command register), so the spacing the chip sees between two commands is the difference
+    of their decision cycles; a write's beat k is on the pins with the command + k cycles,
+    and a read's beat k reaches the controller's logic ``read_latency + k`` cycles after
+    the decision (the command register, CL, the input register).
+    """
+
+    def __init__(self, chip, clk_hz):
+        self.chip, self.clk_hz = chip, clk_hz
+        self.t = chip.cycles(clk_hz)
+        self.read_latency = chip.cl + 2
+        super().__init__({
+            "req": In(stream.Signature(burst_request(chip))),
+            "rdata": Out(stream.Signature(BURST_BITS)),
+            "pins": Out(SdramPins.Signature(chip)),
+            "ready": Out(1), "refreshes": Out(32),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        chip, t, pins = self.chip, self.t, self.pins
+        nb, rl = chip.banks, self.read_latency
+        # -- the command register -----------------------------------------------------------
+        cmd = Signal(3)                      # (ras, cas, we) this cycle; 0: no command
+        ba, a = Signal(chip.bank_bits), Signal(len(pins.a))
+        m.d.sync += [pins.cs.eq(cmd != 0), Cat(pins.we, pins.cas, pins.ras).eq(cmd),
+                     pins.ba.eq(ba), pins.a.eq(a), pins.cke.eq(1)]
+
+        def issue(c, bank=0, addr=0):
+            m.d.comb += [cmd.eq(Cat(Const(c[2], 1), Const(c[1], 1), Const(c[0], 1))),
+                         ba.eq(bank), a.eq(addr)]
+
+        # -- timers: cycles since an event's decision, saturating -------------------------
+        lim = max(t["tRC"], t["tRAS"], t["tRP"], t["tRCD"], t["tRRD"],
+                  BEATS - 1 + t["tWR"]) + 1
+
+        def timer(name):
+            s = Signal(range(lim + 1), name=name, init=lim)
+            with m.If(s != lim):
+                m.d.sync += s.eq(s + 1)
+            return s
+
+        since_act = Array([timer(f"since_act{b}") for b in range(nb)])
+        since_pre = Array([timer(f"since_pre{b}") for b in range(nb)])
+        since_wr = Array([timer(f"since_wr{b}") for b in range(nb)])   # a WRITE's decision
+        since_any_act = timer("since_any_act")
+        hold = Signal(range(max(t["tRFC"], t["tRP"], t["tMRD"]) + 1))  # no command until 0
+        with m.If(hold != 0):
+            m.d.sync += hold.eq(hold - 1)
+        open_ = Signal(nb)
+        row = Array([Signal(chip.row_bits, name=f"row{b}") for b in range(nb)])
+
+        # -- the data bus ---------------------------------------------------------------------
+        wr_wait = Signal(range(chip.cl + BEATS + 1))   # cycles until a WRITE may be decided
+        rd_wait = Signal(range(BEATS))                 # cycles until a READ may be decided
+        with m.If(wr_wait != 0):
+            m.d.sync += wr_wait.eq(wr_wait - 1)
+        with m.If(rd_wait != 0):
+            m.d.sync += rd_wait.eq(rd_wait - 1)
+        # write data: beat 0 with the command, the rest one a cycle
+        wshift, wmask = Signal(BURST_BITS - 16), Signal(2 * BEATS - 2)
+        wleft = Signal(range(BEATS))
+        m.d.sync += [pins.dq_o.eq(wshift[:16]), pins.dqm.eq(wmask[:2]),
+                     pins.dq_oe.eq(wleft != 0), wshift.eq(wshift >> 16), wmask.eq(wmask >> 2)]
+        with m.If(wleft != 0):
+            m.d.sync += wleft.eq(wleft - 1)
+        # read data: the input register, then a burst assembled beat by beat
+        dq_in = Signal(16)
+        m.d.sync += dq_in.eq(pins.dq_i)
+        starts = Signal(rl - 1 + BEATS)                # a 1 per READ decided, shifted along
+        m.d.sync += starts.eq(starts << 1)
+        beat = starts[rl - 1:].any()                   # dq_in holds a read beat
+        rbuf = Signal(BURST_BITS)
+        rcount = Signal(range(BEATS))
+        burst = Signal()                               # ... its burst's last
+        m.d.comb += burst.eq(beat & (rcount == BEATS - 1))
+        with m.If(beat):
+            m.d.sync += [rbuf.eq(Cat(rbuf[16:], dq_in)), rcount.eq(rcount + 1)]
+        # read bursts wait in a FIFO of DEPTH; a READ starts only with room for its burst
+        depth = 2
+        fifo = Array([Signal(BURST_BITS, name=f"rfifo{k}") for k in range(depth)])
+        level, inflight = Signal(range(depth + 1)), Signal(range(depth + 1))
+        pop = self.rdata.valid & self.rdata.ready
+        read_go = Signal()
+        m.d.comb += [self.rdata.valid.eq(level != 0), self.rdata.payload.eq(fifo[0])]
+        with m.If(pop):
+            m.d.sync += [fifo[k].eq(fifo[k + 1]) for k in range(depth - 1)]
+        with m.If(burst):
+            m.d.sync += fifo[level - pop].eq(Cat(rbuf[16:], dq_in))
+        m.d.sync += [level.eq(level + burst - pop), inflight.eq(inflight + read_go - burst)]
+
+        # -- refresh: due every tREFI ---------------------------------------------------------
+        ref_timer = Signal(range(t["tREFI"] + 1))
+        due = Signal()
+        with m.If(ref_timer != 0):
+            m.d.sync += ref_timer.eq(ref_timer - 1)
+        with m.Else():
+            m.d.sync += due.eq(1)
+
+        # -- the request ----------------------------------------------------------------------
+        req = self.req.payload
+        cb, bb = chip.col_bits - 3, chip.bank_bits
+        col = Cat(Const(0, 3), req.addr[:cb])
+        bank = req.addr[cb:cb + bb]
+        r_row = req.addr[cb + bb:]
+        quiet = hold == 0
+        closable = Cat(*[~open_[b] | ((since_act[b] >= t["tRAS"])
+                                      & (since_wr[b] >= BEATS - 1 + t["tWR"]))
+                         for b in range(nb)]).all()
+        bus_idle = (wr_wait == 0) & (inflight == 0) & (wleft == 0)
+
+        init_wait = Signal(range(t["t_init"] + 1), init=t["t_init"])
+        init_refs = Signal(range(chip.init_refreshes + 1))
+        with m.FSM():
+            with m.State("POWER_UP"):
+                with m.If(init_wait != 0):
+                    m.d.sync += init_wait.eq(init_wait - 1)
+                with m.Else():
+                    issue(PRE, addr=1 << 10)                      # PRECHARGE ALL
+                    m.d.sync += hold.eq(t["tRP"] - 1)
+                    m.next = "INIT_REFRESH"
+            with m.State("INIT_REFRESH"):
+                with m.If(quiet):
+                    issue(REF)
+                    m.d.sync += [init_refs.eq(init_refs + 1), hold.eq(t["tRFC"] - 1)]
+                    with m.If(init_refs == chip.init_refreshes - 1):
+                        m.next = "INIT_MODE"
+            with m.State("INIT_MODE"):
+                with m.If(quiet):
+                    # burst length 8, sequential, the CAS latency, burst writes
+                    issue(MRS, addr=(chip.cl << 4) | 0b011)
+                    m.d.sync += [hold.eq(t["tMRD"] - 1), ref_timer.eq(t["tREFI"]), due.eq(0)]
+                    m.next = "RUN"
+            with m.State("RUN"):
+                m.d.comb += self.ready.eq(1)
+                with m.If(due):
+                    with m.If(open_.any()):       # close every bank, then refresh
+                        with m.If(quiet & closable & bus_idle):
+                            issue(PRE, addr=1 << 10)
+                            m.d.sync += [open_.eq(0), hold.eq(t["tRP"] - 1)]
+                            m.d.sync += [since_pre[b].eq(1) for b in range(nb)]
+                    with m.Elif(quiet & bus_idle):
+                        issue(REF)
+                        m.d.sync += [due.eq(0), ref_timer.eq(t["tREFI"]),
+                                     hold.eq(t["tRFC"] - 1),
+                                     self.refreshes.eq(self.refreshes + 1)]
+                with m.Elif(self.req.valid & quiet):
+                    with m.If(open_.bit_select(bank, 1) & (row[bank] == r_row)):
+                        ready_rw = since_act[bank] >= t["tRCD"]
+                        with m.If(req.write & ready_rw & (wr_wait == 0)):
+                            issue(WRITE, bank, col)
+                            m.d.comb += self.req.ready.eq(1)
+                            m.d.sync += [pins.dq_o.eq(req.data[:16]), pins.dqm.eq(req.mask[:2]),
+                                         pins.dq_oe.eq(1), wshift.eq(req.data[16:]),
+                                         wmask.eq(req.mask[2:]), wleft.eq(BEATS - 1),
+                                         wr_wait.eq(BEATS - 1), rd_wait.eq(BEATS - 1),
+                                         since_wr[bank].eq(1)]
+                        with m.Elif(~req.write & ready_rw & (rd_wait == 0)
+                                    & (inflight + level < depth)):
+                            issue(READ, bank, col)
+                            m.d.comb += [self.req.ready.eq(1), read_go.eq(1)]
+                            m.d.sync += [starts.eq((starts << 1) | 1), rd_wait.eq(BEATS - 1),
+                                         wr_wait.eq(chip.cl + BEATS)]
+                    with m.Elif(open_.bit_select(bank, 1)):     # another row: close it
+                        with m.If((since_act[bank] >= t["tRAS"]) & bus_idle
+                                  & (since_wr[bank] >= BEATS - 1 + t["tWR"])):
+                            issue(PRE, bank, 0)
+                            m.d.sync += [open_.eq(open_ & ~(1 << bank)),
+                                         since_pre[bank].eq(1)]
+                    with m.Elif((since_pre[bank] >= t["tRP"]) & (since_act[bank] >= t["tRC"])
+                                & (since_any_act >= t["tRRD"])):     # open the row
+                        issue(ACT, bank, r_row)
+                        m.d.sync += [open_.eq(open_ | (1 << bank)), row[bank].eq(r_row),
+                                     since_act[bank].eq(1), since_any_act.eq(1)]
+        return m

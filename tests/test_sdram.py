@@ -1,0 +1,332 @@
+"""The SDRAM controller against the chip model, in the Amaranth simulator.
+
+Random traffic (row hits, bank conflicts, random addresses; writes with byte masks) through
+:class:`~nibble.rtl.sdram.SdramController` onto :class:`~nibble.sim.sdram_model.SdramChipModel`
+(the ``tiny`` part: the real rules, a small array): every read must return what a Python
+shadow memory says, and the model must flag nothing. And the model's checks themselves:
+each timing, run with a controller that believes it shorter, is flagged; so are commands
+in a wrong state.
+"""
+
+import dataclasses
+
+import numpy as np
+import pytest
+from amaranth.hdl import Module, Shape
+from amaranth.lib import wiring
+from amaranth.lib.wiring import In, Out
+from amaranth.sim import Simulator
+
+from nibble.rtl.sdram import (
+    ACT,
+    BEATS,
+    BURST_BITS,
+    CHIPS,
+    MRS,
+    NOP,
+    PRE,
+    READ,
+    REF,
+    WRITE,
+    SdramController,
+    SdramPins,
+    burst_request,
+)
+from nibble.sim.sdram_model import Flag, SdramChipModel
+
+TINY = CHIPS["tiny"]
+CLK = 50_000_000
+FAST = 125_000_000
+
+
+class Bench(wiring.Component):
+    """A controller (which may believe different timings: ``believed``) on a chip model."""
+
+    def __init__(self, chip=TINY, believed=None, clk_hz=CLK):
+        self.ctrl = SdramController(believed or chip, clk_hz)
+        self.model = SdramChipModel(chip, clk_hz)
+        super().__init__({
+            "req": In(self.ctrl.req.signature.flip()), "rdata": Out(self.ctrl.rdata.signature),
+            "ready": Out(1), "flags": Out(16), "violations": Out(32), "refreshes": Out(32),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.ctrl, m.submodules.model = self.ctrl, self.model
+        wiring.connect(m, self.ctrl.pins, self.model.pins)
+        wiring.connect(m, wiring.flipped(self.req), self.ctrl.req)
+        wiring.connect(m, self.ctrl.rdata, wiring.flipped(self.rdata))
+        m.d.comb += [self.ready.eq(self.ctrl.ready), self.flags.eq(self.model.flags),
+                     self.violations.eq(self.model.violations),
+                     self.refreshes.eq(self.ctrl.refreshes)]
+        return m
+
+
+def traffic(chip, n, rng):
+    """``n`` requests: (burst address, write, data, mask) with row hits, bank conflicts
+    (same bank, another row) and random addresses, over a few hot bursts."""
+    bursts = chip.beats // BEATS
+    per_row = 1 << (chip.col_bits - 3)
+    rows_banks = bursts // per_row
+    addr, out = 0, []
+    for _ in range(n):
+        kind = rng.random()
+        if kind < 0.45:                       # the next burst (mostly the same row)
+            addr = (addr + 1) % bursts
+        elif kind < 0.65:                     # the same bank, another row: a conflict
+            rb = (addr // per_row + chip.banks * rng.integers(1, 4)) % rows_banks
+            addr = rb * per_row + rng.integers(per_row)
+        elif kind < 0.8:                      # a few hot bursts: read after write
+            addr = int(rng.integers(8))
+        else:
+            addr = int(rng.integers(bursts))
+        write = bool(rng.random() < 0.5)
+        data = int.from_bytes(rng.bytes(BURST_BITS // 8), "little")
+        mask = int(rng.integers(1 << 16)) if rng.random() < 0.3 else 0
+        out.append((int(addr), write, data, mask))
+    return out
+
+
+def run(bench, requests, rng, p_stall=0.1, settle=200, clk_hz=CLK):
+    """Feed ``requests`` (reads stall the consumer at random); returns the read bursts in
+    order and the bench's final (flags, violations, refreshes)."""
+    reads = []
+    n_reads = sum(not w for _, w, _, _ in requests)
+    end = {}
+
+    async def producer(ctx):
+        await ctx.tick().until(bench.ready)
+        for addr, write, data, mask in requests:
+            ctx.set(bench.req.payload, {"addr": addr, "write": write, "data": data,
+                                        "mask": mask})
+            ctx.set(bench.req.valid, 1)
+            await ctx.tick().until(bench.req.ready)
+            ctx.set(bench.req.valid, 0)
+            if rng.random() < 0.05:
+                await ctx.tick().repeat(int(rng.integers(1, 40)))
+
+    async def consumer(ctx):
+        while len(reads) < n_reads:
+            ctx.set(bench.rdata.ready, int(rng.random() >= p_stall))
+            _, _, valid, ready, data = await ctx.tick().sample(
+                bench.rdata.valid, bench.rdata.ready, bench.rdata.payload)
+            if valid and ready:
+                reads.append(data)
+        await ctx.tick().repeat(settle)
+        end["v"] = (ctx.get(bench.flags), ctx.get(bench.violations),
+                    ctx.get(bench.refreshes))
+
+    sim = Simulator(bench)
+    sim.add_clock(1 / clk_hz)
+    sim.add_testbench(producer)
+    sim.add_testbench(consumer)
+    sim.run()
+    return reads, end["v"]
+
+
+def shadow_reads(requests):
+    """What each read must return, from a Python model of the memory (byte masks)."""
+    mem, out = {}, []
+    for addr, write, data, mask in requests:
+        old = mem.get(addr, 0)
+        if write:
+            keep = 0
+            for byte in range(BURST_BITS // 8):
+                if mask >> byte & 1:
+                    keep |= 0xFF << (8 * byte)
+            mem[addr] = (old & keep) | (data & ~keep)
+        else:
+            out.append(old)
+    return out
+
+
+def flag_names(flags):
+    return [f.name for f in Flag if flags >> f & 1]
+
+
+def test_random_traffic_is_exact_and_breaks_no_rule():
+    """2,000 bursts of mixed traffic, refreshes falling among them: every read exact, no
+    flag; the refreshes keep up with tREFI."""
+    rng = np.random.default_rng(1)
+    requests = traffic(TINY, 2000, rng)
+    bench = Bench()
+    reads, (flags, violations, refreshes) = run(bench, requests, rng)
+    assert flag_names(flags) == [] and violations == 0
+    expect = shadow_reads(requests)
+    assert len(reads) == len(expect)
+    bad = [i for i, (a, b) in enumerate(zip(reads, expect, strict=True)) if a != b]
+    assert not bad, f"{len(bad)} wrong reads, the first #{bad[0]}"
+    assert refreshes >= 5
+
+
+def test_streams_run_at_one_beat_per_cycle():
+    """Consecutive reads of one row stream at 8 cycles a burst once the row is open."""
+    rng = np.random.default_rng(2)
+    per_row = 1 << (TINY.col_bits - 3)
+    requests = [(a, False, 0, 0) for a in range(per_row)]
+    bench = Bench()
+    cycles = {}
+
+    async def tb(ctx):
+        await ctx.tick().until(bench.ready)
+        ctx.set(bench.rdata.ready, 1)
+        t0 = None
+        got = 0
+        for t in range(2000):
+            ctx.set(bench.req.valid, len(requests) > 0)
+            if requests:
+                ctx.set(bench.req.payload, {"addr": requests[0][0], "write": 0})
+            _, _, taken, valid = await ctx.tick().sample(bench.req.ready, bench.rdata.valid)
+            if taken and requests:
+                requests.pop(0)
+            if valid:
+                got += 1
+                if got == 1:
+                    t0 = t
+                if got == per_row:
+                    cycles["n"] = t - t0
+                    break
+
+    sim = Simulator(bench)
+    sim.add_clock(1 / CLK)
+    sim.add_testbench(tb)
+    sim.run()
+    # bursts 2 .. per_row arrive 8 cycles apart (a refresh may cost one gap)
+    assert cycles["n"] <= BEATS * (per_row - 1) + 12, cycles
+    del rng
+
+
+@pytest.mark.parametrize("timing,flag", [
+    ("tRCD", Flag.T_RCD), ("tRP", Flag.T_RP), ("tRAS", Flag.T_RAS), ("tRC", Flag.T_RC),
+    ("tRRD", Flag.T_RRD), ("tWR", Flag.T_WR), ("tRFC", Flag.T_RFC),
+])
+def test_the_model_flags_a_controller_that_cuts_a_timing_short(timing, flag):
+    """A controller that believes ``timing`` is a third of what the part needs is caught
+    under traffic that exercises it (at 125 MHz, where each timing is several cycles)."""
+    rng = np.random.default_rng(3)
+    # one request at a time spaces ACTIVATEs beyond the tiny part's tRC and tRRD: give
+    # it longer ones to cut
+    longer = {"tRC": 160, "tRRD": 60}
+    chip = dataclasses.replace(TINY, **{timing: longer[timing]}) if timing in longer else TINY
+    believed = dataclasses.replace(chip, **{timing: getattr(chip, timing) / 3})
+    requests = traffic(chip, 400, rng)
+    bench = Bench(chip, believed=believed, clk_hz=FAST)
+    _, (flags, violations, _) = run(bench, requests, rng, settle=20, clk_hz=FAST)
+    assert flags >> flag & 1, flag_names(flags)
+    assert violations > 0
+
+
+class PinDriver(wiring.Component):
+    """Pins straight onto the chip model, for hand-made command sequences."""
+
+    def __init__(self, chip=TINY):
+        self.model = SdramChipModel(chip, CLK)
+        super().__init__({"pins": In(SdramPins.Signature(chip)), "flags": Out(16)})
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.model = self.model
+        wiring.connect(m, wiring.flipped(self.pins), self.model.pins)
+        m.d.comb += self.flags.eq(self.model.flags)
+        return m
+
+
+def sequence(commands, drive=()):
+    """Flags after ``commands``: (cycle, command tuple, bank, address); NOP elsewhere. The
+    controller drives DQ in the cycles of ``drive``."""
+    dut = PinDriver()
+    out = {}
+
+    async def tb(ctx):
+        p = dut.pins
+        ctx.set(p.cke, 1)
+        last = max([c for c, *_ in commands] + list(drive)) + 10
+        byc = {c: rest for c, *rest in commands}
+        for t in range(last + 3):
+            cmd, bank, addr = byc.get(t, (NOP, 0, 0))
+            ras, cas, we = cmd
+            ctx.set(p.cs, cmd != NOP)
+            ctx.set(p.ras, ras)
+            ctx.set(p.cas, cas)
+            ctx.set(p.we, we)
+            ctx.set(p.ba, bank)
+            ctx.set(p.a, addr)
+            ctx.set(p.dq_oe, t in drive)
+            await ctx.tick()
+        out["flags"] = ctx.get(dut.flags)
+
+    sim = Simulator(dut)
+    sim.add_clock(1 / CLK)
+    sim.add_testbench(tb)
+    sim.run()
+    return flag_names(out["flags"])
+
+
+def init(t0=120):
+    """A correct power-up sequence from cycle ``t0`` (the tiny part: 100 cycles' wait,
+    2 refreshes); returns it and the first free cycle."""
+    seq = [(t0, PRE, 0, 1 << 10), (t0 + 2, REF, 0, 0), (t0 + 6, REF, 0, 0),
+           (t0 + 10, MRS, 0, (2 << 4) | 0b011)]
+    return seq, t0 + 13
+
+
+def test_a_correct_hand_sequence_is_clean():
+    seq, t = init()
+    seq += [(t, ACT, 1, 5), (t + 1, READ, 1, 0), (t + 9, READ, 1, 8), (t + 20, PRE, 1, 0)]
+    assert sequence(seq) == []
+
+
+@pytest.mark.parametrize("case,expect", [
+    ("early", "INIT"),                 # a command before the power-up wait
+    ("no_mode", "INIT"),               # ACTIVATE before LOAD MODE
+    ("closed", "BANK_CLOSED"),         # READ of a bank with no open row
+    ("act_open", "BANK_OPEN"),         # ACTIVATE of an open bank
+    ("ref_open", "BANK_OPEN"),         # REFRESH with a bank open
+    ("mode", "MODE"),                  # burst length 4
+    ("cut", "BURST_CUT"),              # READ 4 cycles after READ
+    ("autopre", "UNSUPPORTED"),        # READ with auto precharge
+    ("undriven", "BUS"),               # WRITE without its data on DQ
+    ("contention", "BUS"),             # DQ driven in a read's turnaround cycle
+])
+def test_the_model_flags_commands_in_a_wrong_state(case, expect):
+    seq, t = init()
+    good_mode = (2 << 4) | 0b011
+    if case == "early":
+        seq = [(5, PRE, 0, 1 << 10)]
+    elif case == "no_mode":
+        seq = [*seq[:-1], (t, ACT, 0, 0)]
+    elif case == "closed":
+        seq += [(t, READ, 2, 0)]
+    elif case == "act_open":
+        seq += [(t, ACT, 0, 0), (t + 10, ACT, 0, 1)]
+    elif case == "ref_open":
+        seq += [(t, ACT, 0, 0), (t + 10, REF, 0, 0)]
+    elif case == "mode":
+        seq = [*seq[:-1], (seq[-1][0], MRS, 0, good_mode - 1)]
+    elif case == "cut":
+        seq += [(t, ACT, 0, 0), (t + 2, READ, 0, 0), (t + 6, READ, 0, 8)]
+    elif case == "autopre":
+        seq += [(t, ACT, 0, 0), (t + 2, READ, 0, 1 << 10)]
+    drive = ()
+    if case == "undriven":
+        seq += [(t, ACT, 0, 0), (t + 2, WRITE, 0, 0)]
+        drive = range(t + 2, t + 9)               # beat 7 not driven
+    elif case == "contention":
+        seq += [(t, ACT, 0, 0), (t + 2, READ, 0, 0)]
+        drive = (t + 2 + 2 + 8,)                   # CL 2: beats end at t + 11
+    assert expect in sequence(seq, drive)
+
+
+def test_the_model_flags_missed_refreshes():
+    """A controller that refreshes 20 times too rarely owes more than 8: flagged."""
+    chip = dataclasses.replace(TINY, tREFI=1000)
+    believed = dataclasses.replace(chip, tREFI=20_000)
+    rng = np.random.default_rng(4)
+    _, (flags, _, _) = run(Bench(chip, believed=believed), traffic(chip, 300, rng), rng)
+    assert flag_names(flags) == ["REFRESH"]
+
+
+def test_burst_request_layout_fits_the_part():
+    for chip in CHIPS.values():
+        layout = burst_request(chip)
+        assert 1 << Shape.cast(layout["addr"].shape).width == chip.beats // BEATS
