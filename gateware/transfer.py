@@ -85,7 +85,7 @@ class Transfer(wiring.Component):
         word = Signal(4 * nib)
         code, code_valid = Signal(signed(CODE_BITS)), Signal()
         mag = Signal(CODE_BITS)
-        m.d.comb += [mag.eq(Mux(code < 0, -code, code)), bus.claim.eq(1),
+        m.d.comb += [mag.eq(Mux(code < 0, -code, code)),
                      bus.rd0.addr.eq(addr), bus.wr.addr.eq(addr), bus.wr.data.eq(word),
                      self.buf_rd.addr.eq(p), self.buf_wr.addr.eq(p)]
         with m.If(code_valid):

@@ -150,8 +150,7 @@ class GemmEngine(wiring.Component):
         launch = Signal()
         m.d.sync += go.eq(self.start & ~self.busy)
         m.d.comb += [check.start.eq(go), self.checked.eq(check.done),
-                     self.ok.eq(check.ok & dims_ok), launch.eq(self.checked & self.ok),
-                     self.bus.claim.eq(self.busy)]
+                     self.ok.eq(check.ok & dims_ok), launch.eq(self.checked & self.ok)]
         with m.If(self.start & ~self.busy):
             m.d.sync += self.busy.eq(1)
         with m.If(self.checked & ~self.ok):

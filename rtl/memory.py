@@ -19,13 +19,12 @@ Ports
 Bus
     :class:`TensorBus` is what a unit holds: read ports ``rd0``, ``rd1``, ``rd2`` (the engine's
     A, B and mask streams, the element-wise unit's three operands; :func:`read_ports` lists
-    them), one write port ``wr`` and ``claim``. (Named members, not an array: Amaranth 0.5
-    cannot flip an interface whose member is an array of interfaces.)
-    :class:`TensorArbiter` gives one memory bus to several units: the first unit in its list
-    that claims owns every port, the others wait (``ready`` low). The GEMM engine and the
-    element-wise unit claim while they run; the command decoder, last in the list, always
-    claims. Ownership changes only between commands, so a unit's read data is never another
-    unit's.
+    them) and one write port ``wr``. (Named members, not an array: Amaranth 0.5 cannot flip
+    an interface whose member is an array of interfaces.)
+    :class:`TensorArbiter` gives one memory bus to several units that run at the same time
+    (a GEMM, an element-wise operation, a DMA transfer, the sequencer): each port goes, each
+    cycle, to the first unit in its list that asks for it, and the others wait (``ready``
+    low). A unit's read data stay its own: the arbiter holds each unit's last word.
 
 Backend
     :class:`BlockRAM` is ``words`` words of ``nibbles`` codes in block RAM, one copy per read
@@ -39,7 +38,7 @@ Stream adapters
     engine's lane writers share the write port through it, its mask readers a read port).
 """
 
-from amaranth.hdl import Module, Mux, Signal, unsigned
+from amaranth.hdl import Const, Module, Mux, Signal, unsigned
 from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -94,7 +93,6 @@ class TensorBus:
             super().__init__({
                 **{f"rd{k}": Out(port) for k in range(reads)},
                 "wr": Out(WritePort.Signature(addr_width=addr_width, nibbles=nibbles)),
-                "claim": Out(1),
             })
 
 
@@ -139,8 +137,11 @@ class BlockRAM(wiring.Component):
 
 
 class TensorArbiter(wiring.Component):
-    """One memory bus for ``n`` units: the first unit (in ``units`` order) whose ``claim`` is
-    high owns every port; the other units' requests are not taken."""
+    """One memory bus for ``n`` units, port by port and cycle by cycle: on each port the
+    first unit (in ``units`` order) with a request this cycle is granted it; the others
+    wait (``ready`` low). Each unit's read ports hold the word of the unit's own last read
+    until its next one (a register per unit and read port, read through while the word
+    arrives), so units that share a port never see each other's words."""
 
     def __init__(self, signature, n):
         self.n = n
@@ -148,23 +149,29 @@ class TensorArbiter(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        owner = Signal(range(self.n + 1))
-        m.d.comb += owner.eq(self.n)
-        for k in reversed(range(self.n)):
-            with m.If(self.units[k].claim):
-                m.d.comb += owner.eq(k)
-        mem = self.mem
-        m.d.comb += mem.claim.eq(owner != self.n)
-        for k, unit in enumerate(self.units):
-            mine = owner == k
-            with m.If(mine):
+        mem, units = self.mem, self.units
+        # the write port: the first requester
+        taken = Const(0, 1)
+        for unit in units:
+            m.d.comb += unit.wr.ready.eq(mem.wr.ready & ~taken)
+            with m.If(~taken & (unit.wr.en != 0)):
                 m.d.comb += [mem.wr.addr.eq(unit.wr.addr), mem.wr.data.eq(unit.wr.data),
                              mem.wr.en.eq(unit.wr.en)]
-                for p, q in zip(read_ports(mem), read_ports(unit), strict=True):
-                    m.d.comb += [p.addr.eq(q.addr), p.en.eq(q.en)]
-            m.d.comb += unit.wr.ready.eq(mine & mem.wr.ready)
-            for p, q in zip(read_ports(mem), read_ports(unit), strict=True):
-                m.d.comb += [q.data.eq(p.data), q.ready.eq(mine & p.ready)]
+            taken = taken | (unit.wr.en != 0)
+        # the read ports: the first requester, and each unit's word held
+        for j, p in enumerate(read_ports(mem)):
+            taken = Const(0, 1)
+            for k, unit in enumerate(units):
+                q = read_ports(unit)[j]
+                grant = Signal(name=f"grant{k}_rd{j}")
+                m.d.comb += [grant.eq(q.en & ~taken & p.ready), q.ready.eq(p.ready & ~taken)]
+                with m.If(~taken & q.en):
+                    m.d.comb += [p.addr.eq(q.addr), p.en.eq(1)]
+                taken = taken | q.en
+                arrived = Signal(name=f"arrived{k}_rd{j}")
+                held = Signal.like(q.data, name=f"held{k}_rd{j}")
+                m.d.sync += [arrived.eq(grant), held.eq(q.data)]
+                m.d.comb += q.data.eq(Mux(arrived, p.data, held))
         return m
 
 

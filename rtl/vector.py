@@ -191,8 +191,7 @@ class VectorUnit(wiring.Component):
         m.d.sync += go.eq(self.start & ~self.busy)
         m.d.comb += [check.start.eq(go), self.checked.eq(check.done),
                      self.ok.eq(check.ok & dims_ok), launch.eq(self.checked & self.ok),
-                     walk.cfg.eq(cfg), walk.launch.eq(launch), walk.step.eq(step),
-                     bus.claim.eq(self.busy)]
+                     walk.cfg.eq(cfg), walk.launch.eq(launch), walk.step.eq(step)]
         with m.If(self.start & ~self.busy):
             m.d.sync += self.busy.eq(1)
         with m.If(self.checked & ~self.ok):

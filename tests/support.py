@@ -158,7 +158,7 @@ class FlakyGrants(wiring.Component):
         m = Module()
         unit, mem = self.unit, self.mem
         pairs = [*zip(read_ports(unit), read_ports(mem), strict=True), (unit.wr, mem.wr)]
-        m.d.comb += [mem.claim.eq(unit.claim), mem.wr.data.eq(unit.wr.data)]
+        m.d.comb += mem.wr.data.eq(unit.wr.data)
         for k, (u, p) in enumerate(pairs):
             lfsr = Signal(16, init=(self.seed * 40503 + k * 9973) & 0xFFFF or 1)
             m.d.sync += lfsr.eq((lfsr << 1) | (lfsr[15] ^ lfsr[14] ^ lfsr[12] ^ lfsr[3]))

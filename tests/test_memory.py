@@ -7,54 +7,74 @@ from amaranth.lib import wiring
 from amaranth.sim import Simulator
 
 from nibble.rtl.bounds import BUFFER, DIM_BITS, BoundsCheck
-from nibble.rtl.memory import BlockRAM, TensorArbiter, TensorBus
+from nibble.rtl.memory import BlockRAM, TensorArbiter, TensorBus, read_ports
 
 
 class Shared(wiring.Component):
-    """Two buses through the arbiter onto block RAM."""
+    """Three buses through the arbiter onto block RAM."""
 
-    def __init__(self, words=16, nibbles=8):
+    def __init__(self, words=16, nibbles=8, n=3):
         sig = TensorBus.Signature(addr_width=(words - 1).bit_length(), nibbles=nibbles)
-        self.arbiter = TensorArbiter(sig, 2)
+        self.arbiter = TensorArbiter(sig, n)
         self.ram = BlockRAM(words, nibbles)
-        super().__init__({"a": wiring.In(sig), "b": wiring.In(sig)})
+        super().__init__({"units": wiring.In(sig).array(n)})
 
     def elaborate(self, platform):
         m = Module()
         m.submodules.arbiter, m.submodules.ram = self.arbiter, self.ram
-        wiring.connect(m, wiring.flipped(self.a), self.arbiter.units[0])
-        wiring.connect(m, wiring.flipped(self.b), self.arbiter.units[1])
+        for unit, port in zip(self.units, self.arbiter.units, strict=True):
+            wiring.connect(m, wiring.flipped(unit), port)
         wiring.connect(m, self.arbiter.mem, self.ram.bus)
         return m
 
 
-def test_the_claiming_unit_owns_every_port():
-    """The first claiming unit's writes and reads are taken; the other's are not (its
-    ``ready`` stays low and memory is untouched) until the owner lets go."""
-    dut = Shared()
+def test_ports_go_to_the_first_asker_and_each_unit_keeps_its_words():
+    """Three units ask for random ports at random: each cycle every port goes to the first
+    unit asking for it (the others see ``ready`` low and change nothing), writes land with
+    their nibble enables, and each unit's read port shows the word of its own last granted
+    read, however many reads of other units came since."""
+    words, nib, n = 16, 8, 3
+    dut = Shared(words, nib, n)
+    rng = np.random.default_rng(5)
+    mem = [0] * words
+    last = [[None] * 3 for _ in range(n)]          # each unit's word on each read port
 
     async def tb(ctx):
-        a, b = dut.a, dut.b
-        for bus, addr, value in ((a, 3, 0xAAAA5555), (b, 4, 0x12345678)):
-            ctx.set(bus.wr.addr, addr)
-            ctx.set(bus.wr.data, value)
-            ctx.set(bus.wr.en, 0xFF)
-        ctx.set(b.claim, 1)
-        ctx.set(a.claim, 1)                       # a comes first in the arbiter's list
-        *_, a_ready, b_ready = await ctx.tick().sample(a.wr.ready, b.wr.ready)
-        assert (a_ready, b_ready) == (1, 0)
-        ctx.set(a.claim, 0)                       # b's turn
-        ctx.set(a.wr.en, 0)
-        *_, a_ready, b_ready = await ctx.tick().sample(a.wr.ready, b.wr.ready)
-        assert (a_ready, b_ready) == (0, 1)
-        ctx.set(b.wr.en, 0)
-        for bus in (a, b):                        # a non-owner reads nothing
-            ctx.set(bus.rd0.en, 1)
-        ctx.set(a.rd0.addr, 4)
-        ctx.set(b.rd0.addr, 3)
-        *_, a_ready = await ctx.tick().sample(a.rd0.ready)
-        assert not a_ready and ctx.get(b.rd0.data) == 0xAAAA5555
-        assert ctx.get(dut.ram.copies[1].data[4]) == 0x12345678
+        for _ in range(600):
+            reqs = []
+            for unit in dut.units:
+                wr = (int(rng.integers(words)), int(rng.integers(1 << 32)),
+                      int(rng.integers(1 << nib)) if rng.random() < 0.4 else 0)
+                rds = [(int(rng.integers(words)), rng.random() < 0.4) for _ in range(3)]
+                ctx.set(unit.wr.addr, wr[0])
+                ctx.set(unit.wr.data, wr[1])
+                ctx.set(unit.wr.en, wr[2])
+                for port, (addr, en) in zip(read_ports(unit), rds, strict=True):
+                    ctx.set(port.addr, addr)
+                    ctx.set(port.en, en)
+                reqs.append((wr, rds))
+            # the grants this cycle, from the rule
+            w_owner = next((k for k, (wr, _) in enumerate(reqs) if wr[2]), None)
+            r_owner = [next((k for k, (_, rds) in enumerate(reqs) if rds[j][1]), None)
+                       for j in range(3)]
+            for k, unit in enumerate(dut.units):          # nobody before k asks
+                assert ctx.get(unit.wr.ready) == (w_owner is None or w_owner >= k)
+                for j, port in enumerate(read_ports(unit)):
+                    assert ctx.get(port.ready) == (r_owner[j] is None or r_owner[j] >= k)
+            before = list(mem)
+            await ctx.tick()
+            if w_owner is not None:
+                addr, data, en = reqs[w_owner][0]
+                mask = sum(0xF << (4 * i) for i in range(nib) if en >> i & 1)
+                mem[addr] = (mem[addr] & ~mask) | (data & mask)
+            for j, k in enumerate(r_owner):
+                if k is not None:
+                    last[k][j] = before[reqs[k][1][j][0]]
+            for k, unit in enumerate(dut.units):
+                for j, port in enumerate(read_ports(unit)):
+                    if last[k][j] is not None:
+                        assert ctx.get(port.data) == last[k][j], (k, j)
+        assert [ctx.get(dut.ram.copies[0].data[a]) for a in range(words)] == mem
 
     sim = Simulator(dut)
     sim.add_clock(1e-6)
