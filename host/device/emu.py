@@ -33,6 +33,7 @@ from nibble.host.device.packing import pack_fields, unpack_fields
 from nibble.host.golden.lanes import golden_acc, golden_clip_sum, golden_lane
 from nibble.host.golden.numerics import master_update, requantize, sawb_sums
 from nibble.host.golden.tiling import Gemm
+from nibble.rtl.dma import words_per_burst
 from nibble.rtl.formats import (
     MAX_REDUCTION,
     SAWB_SQ_BITS,
@@ -44,8 +45,10 @@ from nibble.rtl.formats import (
     element_nibbles,
     word_nibbles,
 )
+from nibble.rtl.sdram import BURST_BITS
 
-__all__ = ["EmuTransport", "Emulator", "gemm_apply", "vector_apply", "vector_check"]
+__all__ = ["EmuTransport", "Emulator", "dma_apply", "dma_check", "gemm_apply", "vector_apply",
+           "vector_check"]
 
 
 def _region(mem, nib, addr, rows, stride):
@@ -196,6 +199,34 @@ def vector_apply(mem, cfg, rows, cols):
     write_elements(mem, nib, cfg["b_addr"], cfg["b_stride"], w_new & 0xFFFFFFFF, 8)
     sum_abs, sum_sq = sawb_sums(w_new)
     return sum_abs % (1 << SAWB_SUM_BITS), sum_sq % (1 << SAWB_SQ_BITS)
+
+
+def dma_check(cfg, nib, mem_words, ext_bursts):
+    """True when the DMA command ``cfg`` (DMA_CFG values) is in range, as the DMA's two
+    checks decide (a written region's rows must not overlap)."""
+    wpb = words_per_burst(nib)
+    if not (cfg["rows"] and cfg["bursts"]):
+        return False
+    regions = ((cfg["mem_addr"], cfg["mem_stride"], cfg["bursts"] * wpb, mem_words,
+                not cfg["store"]),
+               (cfg["ext_addr"], cfg["ext_stride"], cfg["bursts"], ext_bursts, cfg["store"]))
+    return all(addr + (cfg["rows"] - 1) * stride + words <= size
+               and not (written and stride < words)
+               for addr, stride, words, size, written in regions)
+
+
+def dma_apply(mem, ext, cfg, nib):
+    """Run the DMA command ``cfg`` between tensor memory ``mem`` and the SDRAM's bytes
+    ``ext`` (bytearrays): a burst is 16 bytes, its words little-endian, word 0 first."""
+    wb, burst = nib // 2, BURST_BITS // 8
+    for r in range(cfg["rows"]):
+        m0 = (cfg["mem_addr"] + r * cfg["mem_stride"]) * wb
+        e0 = (cfg["ext_addr"] + r * cfg["ext_stride"]) * burst
+        n = cfg["bursts"] * burst
+        if cfg["store"]:
+            ext[e0:e0 + n] = mem[m0:m0 + n]
+        else:
+            mem[m0:m0 + n] = ext[e0:e0 + n]
 
 
 class Emulator:
