@@ -14,15 +14,19 @@ READ     :class:`~nibble.gateware.transfer.Transfer`          the words
 STATS    a SUMS :class:`~nibble.gateware.transfer.Transfer`   ``STATS_LAYOUT``
 GEMM     the GEMM engine: the reply follows its check         empty, or OUT_OF_RANGE
 VECTOR   the element-wise unit, the same way                  empty, or OUT_OF_RANGE
+DMA      the DMA (a device with SDRAM), the same way         empty, or OUT_OF_RANGE
 =======  ===================================================  ==============================
 
 The arguments stay in the decoder's argument register while a GEMM or VECTOR runs (the
 units read their settings from it; no copy), so until they are done the decoder answers
-WRITE, READ, GEMM, VECTOR and STATS with a region BUSY and still serves PING, INFO and plain
-STATS (BUSY too when the unit ended while the frame was parsed: its arguments were not all
-read). A WRITE, GEMM or VECTOR whose ``seq`` and opcode repeat the previous request's is a
-host retry after a lost reply: it is answered with the remembered status and not run again
-(any other reply forgets it; receiver errors do not touch it).
+WRITE, READ, GEMM, VECTOR, DMA and STATS with a region BUSY and still serves PING, INFO and
+plain STATS (BUSY too when the unit ended while the frame was parsed: its arguments were not
+all read). The DMA copies its settings, so a GEMM or VECTOR may start while a DMA runs:
+that is how a transfer overlaps compute (the host keeps their regions apart, as it plans
+double buffers). While a DMA runs, WRITE, READ, STATS with a region and another DMA are
+BUSY. A WRITE, GEMM, VECTOR or DMA whose ``seq`` and opcode repeat the previous request's
+is a host retry after a lost reply: it is answered with the remembered status and not run
+again (any other reply forgets it; receiver errors do not touch it).
 
 ``phase`` tells the device which component owns the frame buffer.
 """
@@ -31,6 +35,7 @@ from amaranth.hdl import Cat, Module, Mux, Signal
 from amaranth.lib import data, enum, memory, wiring
 from amaranth.lib.wiring import In, Out
 
+from nibble.rtl.dma import DMA_CFG
 from nibble.rtl.engine import GEMM_CFG
 from nibble.rtl.vector import VEC_CFG
 
@@ -54,7 +59,7 @@ from .transfer import FB_ADDR, TransferControl, TransferOp
 __all__ = ["ARGS_BYTES", "CommandDecoder", "Phase"]
 
 #: The argument register: the longest fixed payload (GEMM's).
-ARGS_BYTES = max(layout_bytes(GEMM_CFG), layout_bytes(VEC_CFG))
+ARGS_BYTES = max(layout_bytes(GEMM_CFG), layout_bytes(VEC_CFG), layout_bytes(DMA_CFG))
 
 
 class Phase(enum.Enum, shape=2):
@@ -77,25 +82,28 @@ class CommandDecoder(wiring.Component):
     waiting : Out(1)
         Waiting for a frame (nothing parsed, carried out or answered).
     busy : In(1)
-        The engine or the element-wise unit runs.
+        The engine or the element-wise unit runs (the argument register is in use).
+    dma_busy : In(1)
+        The DMA runs.
     args : Out(8 * ARGS_BYTES)
         The argument register (the engine's and the unit's settings).
-    gemm_start, vec_start : Out(1); checked, ok : In(1)
+    gemm_start, vec_start, dma_start : Out(1); checked, ok : In(1)
         Start a unit; its check's verdict (from whichever runs).
     stats_snapshot : Out(1)
         A STATS is being answered: freeze the cycle counter it reports.
     transfer, reply : Out(TransferControl / ReplyControl)
     """
 
-    def __init__(self, addr_width, nibbles, mem_words):
-        self.nib, self.mem_words = nibbles, mem_words
+    def __init__(self, addr_width, nibbles, mem_words, dma=False):
+        self.nib, self.mem_words, self.dma = nibbles, mem_words, dma
         super().__init__({
             "frame": In(1), "rx_status": In(RxStatus), "length": In(range(BUFFER_BYTES + 1)),
             "ack": Out(1),
             "buf": In(memory.ReadPort.Signature(addr_width=FB_ADDR, shape=8)),
-            "phase": Out(Phase), "waiting": Out(1), "busy": In(1),
+            "phase": Out(Phase), "waiting": Out(1), "busy": In(1), "dma_busy": In(1),
             "args": Out(8 * ARGS_BYTES),
-            "gemm_start": Out(1), "vec_start": Out(1), "checked": In(1), "ok": In(1),
+            "gemm_start": Out(1), "vec_start": Out(1), "dma_start": Out(1),
+            "checked": In(1), "ok": In(1),
             "stats_snapshot": Out(1),
             "transfer": Out(TransferControl.Signature(addr_width)),
             "reply": Out(ReplyControl.Signature()),
@@ -159,12 +167,16 @@ class CommandDecoder(wiring.Component):
                     m.next = "DISPATCH"
 
             with m.State("DISPATCH"):
-                once = (op == Op.WRITE) | (op == Op.GEMM) | (op == Op.VECTOR)
+                dma = op == Op.DMA
+                compute = (op == Op.GEMM) | (op == Op.VECTOR)
+                once = (op == Op.WRITE) | compute | (dma if self.dma else 0)
                 retry = last_valid & (last.seq == seq) & (last.op == op) & once
                 uses_mem = once | (op == Op.READ) | ((op == Op.STATS) & (plen != 0))
                 with m.If(retry):
                     answer(last.status)
                 with m.Elif(uses_mem & (self.busy | stale)):   # stale: args half-read
+                    answer(Status.BUSY)
+                with m.Elif(uses_mem & ~compute & self.dma_busy):
                     answer(Status.BUSY)
                 with m.Elif(op == Op.PING):
                     answer(op, HEADER_BYTES + plen)
@@ -203,6 +215,13 @@ class CommandDecoder(wiring.Component):
                     with m.Else():
                         m.d.comb += self.vec_start.eq(1)
                         m.next = "UNIT"
+                if self.dma:                           # only a device with SDRAM knows DMA
+                    with m.Elif(dma):
+                        with m.If(plen != layout_bytes(DMA_CFG)):
+                            answer(Status.BAD_LENGTH)
+                        with m.Else():
+                            m.d.comb += self.dma_start.eq(1)
+                            m.next = "UNIT"
                 with m.Elif(op == Op.STATS):
                     m.d.comb += self.stats_snapshot.eq(1)
                     n = HEADER_BYTES + layout_bytes(STATS_LAYOUT)
@@ -222,7 +241,7 @@ class CommandDecoder(wiring.Component):
                 with m.If(xfer.done):
                     m.next = "REPLY"
 
-            with m.State("UNIT"):         # the GEMM or VECTOR answer follows its check
+            with m.State("UNIT"):         # a GEMM, VECTOR or DMA answer follows its check
                 with m.If(self.checked):
                     answer(Mux(self.ok, op, Status.OUT_OF_RANGE))
 

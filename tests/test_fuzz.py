@@ -122,7 +122,8 @@ def test_fuzzing_the_frame_decoder():
     rng = np.random.default_rng(2026)
     with serve() as url:
         words = DEFAULTS["words"]
-        emu = Emulator(DEFAULTS["rows"], DEFAULTS["cols"], words, clk_hz=DEFAULTS["clk_hz"])
+        emu = Emulator(DEFAULTS["rows"], DEFAULTS["cols"], words, clk_hz=DEFAULTS["clk_hz"],
+                       sdram=DEFAULTS["sdram"])
         wb = emu.nib // 2
         wire = Wire(url)
         sent = replies = 0

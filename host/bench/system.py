@@ -9,7 +9,10 @@ Everything is measured on the Verilator system model through the driver, over it
   engine's busy cycles (STATS ``gemm_cycles``), for the forward, backward-data and
   backward-weight GEMMs of every layer of the reference MLPs at batch 64;
 * ``link_efficiency``: payload bytes over wire bytes (requests and replies, framing,
-  stuffing and CRC included) for a bulk WRITE and a bulk READ of random data.
+  stuffing and CRC included) for a bulk WRITE and a bulk READ of random data;
+* ``sdram_efficiency``: bytes a DMA moved per cycle (STATS ``dma_cycles``) over the SDRAM's
+  peak of 2 bytes a cycle (16 bits at the system clock), for long LOADs and STOREs and for
+  tiles whose rows each open a new SDRAM row, with the data checked by reading it back.
 """
 
 import itertools
@@ -89,6 +92,37 @@ def measure_speed(dev, rng):
             "gemm_cycles": after["gemm_cycles"]}
 
 
+SDRAM_PEAK_BYTES_PER_CYCLE = 2
+
+
+def measure_sdram(dev, rng, bursts=2048):
+    """DMA bandwidth on the simulated device's SDRAM (see the module docstring)."""
+    if not dev.ext_bursts:
+        return None
+    wb, wpb = dev.word_bytes, 16 // dev.word_bytes
+    words = bursts * wpb
+    data = rng.integers(0, 256, words * wb, dtype=np.uint8).tobytes()
+    dev.write(0, data)
+    runs = []
+    for label, cfg in (
+            ("STORE, one row of bursts", {"store": 1, "rows": 1, "bursts": bursts,
+                                          "mem_addr": 0, "ext_addr": 0}),
+            ("LOAD, one row of bursts", {"store": 0, "rows": 1, "bursts": bursts,
+                                         "mem_addr": words, "ext_addr": 0}),
+            ("LOAD, 64 rows of 4 bursts, 257 bursts apart (a new SDRAM row each)",
+             {"store": 0, "rows": 64, "bursts": 4, "mem_addr": 2 * words, "ext_addr": 0,
+              "ext_stride": 257})):
+        stats = dev.dma(cfg)
+        moved = cfg["rows"] * cfg["bursts"] * 16
+        runs.append({"transfer": label, "bytes": moved, "cycles": stats["dma_cycles"],
+                     "bytes_per_cycle": round(moved / stats["dma_cycles"], 3),
+                     "efficiency": round(moved / stats["dma_cycles"]
+                                         / SDRAM_PEAK_BYTES_PER_CYCLE, 3)})
+    if dev.read(words, words) != data:
+        raise AssertionError("the SDRAM round trip changed the data")
+    return runs
+
+
 def measure_link(dev, rng, nbytes=256 * 1024):
     data = rng.integers(0, 256, nbytes, dtype=np.uint8).tobytes()
     out = {}
@@ -114,14 +148,16 @@ UTIL_COLUMNS = [("model", "model", "{}"), ("GEMM", "gemm", "{}"), ("M", "m", "{}
 
 
 def bench_system(out_dir="build/bench", docs=None, progress=True, seed=0):
-    from nibble.sim.system import serve
+    from nibble.sim.system import DEFAULTS, serve
 
     rng = np.random.default_rng(seed)
     with serve() as url, Device.open(url) as dev:
         config = {"rows": dev.rows, "cols": dev.cols, "word_nibbles": dev.word_nibbles,
-                  "mem_words": dev.mem_words, "url": url}
+                  "mem_words": dev.mem_words, "url": url, "sdram": DEFAULTS["sdram"],
+                  "ext_bursts": dev.ext_bursts}
         speed = measure_speed(dev, rng)
         link = measure_link(dev, rng)
+        sdram = measure_sdram(dev, rng)
         util = measure_utilization(dev, rng, DEFAULT_MODELS, progress)
     harness = serve.last_report
     multiples = [r["utilization"] for r in util if r["dims_multiple"]]
@@ -135,6 +171,8 @@ def bench_system(out_dir="build/bench", docs=None, progress=True, seed=0):
         "link_efficiency": round(min(link["write"]["efficiency"],
                                      link["read"]["efficiency"]), 4),
         "link": link,
+        "sdram": sdram,
+        "sdram_efficiency": sdram and min(r["efficiency"] for r in sdram[:2]),
         "projected_link_mbytes_per_s": {
             f"{name} ({baud / 1e6:g} Mbaud)": round(baud / 10 * min(
                 link["write"]["efficiency"], link["read"]["efficiency"]) / 1e6, 3)
@@ -146,6 +184,11 @@ def bench_system(out_dir="build/bench", docs=None, progress=True, seed=0):
     if docs:
         update_doc_section(docs, "system", md)
     return result
+
+
+SDRAM_COLUMNS = [("transfer", "transfer", "{}"), ("bytes", "bytes", "{:,}"),
+                 ("cycles", "cycles", "{:,}"), ("bytes / cycle", "bytes_per_cycle", "{:.3f}"),
+                 ("of peak", "efficiency", "{:.3f}")]
 
 
 def system_markdown(r):
@@ -165,6 +208,12 @@ def system_markdown(r):
         "",
         markdown_table(r["array_utilization_all"], UTIL_COLUMNS),
     ]
+    if r.get("sdram"):
+        lines += [
+            f"SDRAM ({c.get('sdram', '?')}, 16 bits at the system clock: peak "
+            f"{SDRAM_PEAK_BYTES_PER_CYCLE} bytes a cycle), DMA transfers measured with STATS "
+            "`dma_cycles`, data read back and checked:", "",
+            markdown_table(r["sdram"], SDRAM_COLUMNS), ""]
     proj = ", ".join(f"{k}: {v} MB/s" for k, v in r["projected_link_mbytes_per_s"].items())
     lines.append(f"Payload throughput of the boards' links at that efficiency: {proj}.")
     return "\n".join(lines) + "\n"

@@ -22,6 +22,7 @@ import urllib.parse
 import numpy as np
 
 from nibble.gateware.protocol import (
+    DMA_ARGS,
     GEMM_ARGS,
     INFO_LAYOUT,
     MAX_PAYLOAD,
@@ -39,6 +40,7 @@ from nibble.host.device.layout import unpack
 from nibble.host.device.link import Frame, FrameDecoder, encode_frame
 from nibble.host.device.packing import pack_fields, unpack_fields
 from nibble.host.golden.tiling import Gemm
+from nibble.rtl.dma import words_per_burst
 from nibble.rtl.formats import Operand, OutputPath
 
 __all__ = ["BadCrcError", "BadLengthError", "BusyError", "Device", "DeviceError",
@@ -107,13 +109,14 @@ def open_transport(url, baudrate=None, timeout=0.002):
             from nibble.gateware.device import SIM_DEVICE as config
         else:
             config = getattr(mod, defaults)
-        query = urllib.parse.parse_qs(urllib.parse.urlparse(url).query)
+        query = urllib.parse.parse_qs(urllib.parse.urlparse(url).query,
+                                      keep_blank_values=True)     # sdram= : none
         kw = dict(config)
         try:
             for key, value in query.items():
                 if key not in kw:
                     raise ValueError(f"unknown parameter {key!r} (one of {', '.join(kw)})")
-                kw[key] = int(value[0])
+                kw[key] = type(kw[key])(value[0])
             return getattr(mod, cls)(**kw)
         except ValueError as e:
             raise DeviceError(f"bad device URL {url}: {e}") from e
@@ -128,7 +131,8 @@ class Device:
     """A connected nibble device.
 
     Attributes after :meth:`open`: ``rows``, ``cols``, ``word_nibbles``, ``mem_words``,
-    ``clk_hz``; link counters ``wire_sent``, ``wire_received`` (bytes on the wire),
+    ``clk_hz``, ``ext_bursts`` (16-byte bursts of SDRAM, 0 without); link counters
+    ``wire_sent``, ``wire_received`` (bytes on the wire),
     ``payload_sent``, ``payload_received`` (frame payload bytes), ``frames_sent``,
     ``resends``.
     """
@@ -170,6 +174,7 @@ class Device:
         dev.word_nibbles = dev.info["word_nibbles"]
         dev.mem_words = dev.info["mem_words"]
         dev.clk_hz = dev.info["clk_hz"]
+        dev.ext_bursts = dev.info["ext_bursts"]
         return dev
 
     def close(self):
@@ -305,8 +310,50 @@ class Device:
         self.request(Op.VECTOR, pack_fields(VEC_ARGS, cfg))
         return self.wait() if wait else None
 
+    def dma(self, cfg, wait=True):
+        """Start a tile transfer between tensor memory and the SDRAM (DMA_ARGS values, see
+        :mod:`nibble.rtl.dma`; missing strides default to a row's length); with ``wait``,
+        return the STATS when it is done."""
+        if not self.ext_bursts:
+            raise DeviceError(f"{self.url} has no SDRAM (INFO ext_bursts is 0)")
+        wpb = words_per_burst(self.word_nibbles)
+        cfg = {"mem_stride": cfg["bursts"] * wpb, "ext_stride": cfg["bursts"], **cfg}
+        self.request(Op.DMA, pack_fields(DMA_ARGS, cfg))
+        return self.wait() if wait else None
+
+    def _ext_chunks(self, burst, n, staging):
+        addr, words = staging
+        per = min(words // words_per_burst(self.word_nibbles), (1 << 15) - 1)
+        if per < 1:
+            raise ValueError(f"a staging area of {words} words holds no 16-byte burst")
+        if burst < 0 or burst + n > self.ext_bursts:
+            raise OutOfRangeError(f"{n} bursts at burst {burst} exceed the device's "
+                                  f"{self.ext_bursts} bursts of SDRAM")
+        for off in range(0, n, per):
+            yield burst + off, min(per, n - off), addr
+
+    def ext_write(self, burst, data, staging):
+        """Write ``data`` (whole 16-byte bursts) to the SDRAM from burst ``burst`` on,
+        through tensor memory at ``staging`` = (word address, words): WRITE, then DMA STORE,
+        a chunk at a time."""
+        data = bytes(data)
+        if len(data) % 16:
+            raise ValueError(f"{len(data)} bytes are not whole 16-byte bursts")
+        for at, n, addr in self._ext_chunks(burst, len(data) // 16, staging):
+            self.write(addr, data[(at - burst) * 16:(at - burst + n) * 16])
+            self.dma({"store": 1, "rows": 1, "bursts": n, "mem_addr": addr, "ext_addr": at})
+
+    def ext_read(self, burst, n, staging):
+        """Read ``n`` 16-byte bursts of the SDRAM from burst ``burst`` on, through tensor
+        memory at ``staging`` (DMA LOAD, then READ, a chunk at a time)."""
+        out = bytearray()
+        for at, k, addr in self._ext_chunks(burst, n, staging):
+            self.dma({"store": 0, "rows": 1, "bursts": k, "mem_addr": addr, "ext_addr": at})
+            out += self.read(addr, k * 16 // self.word_bytes)
+        return bytes(out)
+
     def wait(self):
-        """Poll until the engine is idle (backing off from ``poll`` to 10 ms between polls);
+        """Poll until every unit is idle (backing off from ``poll`` to 10 ms between polls);
         returns the STATS."""
         pause = self.poll
         while True:

@@ -10,6 +10,7 @@ import numpy as np
 
 from nibble.gateware.protocol import (
     CRC_BYTES,
+    DMA_ARGS,
     ESC,
     ESC_XOR,
     FLAG,
@@ -45,7 +46,7 @@ from nibble.rtl.formats import (
     element_nibbles,
     word_nibbles,
 )
-from nibble.rtl.sdram import BURST_BITS
+from nibble.rtl.sdram import BURST_BITS, CHIPS
 
 __all__ = ["EmuTransport", "Emulator", "dma_apply", "dma_check", "gemm_apply", "vector_apply",
            "vector_check"]
@@ -232,11 +233,15 @@ def dma_apply(mem, ext, cfg, nib):
 class Emulator:
     """The device, byte stream in and out, on the golden model (GEMMs finish instantly)."""
 
-    def __init__(self, rows=2, cols=4, mem_words=1 << 16, clk_hz=0):
+    def __init__(self, rows=2, cols=4, mem_words=1 << 16, clk_hz=0, sdram=""):
         self.rows, self.cols, self.mem_words, self.clk_hz = rows, cols, mem_words, clk_hz
         self.nib = word_nibbles(rows, cols)
         self.mem = bytearray(mem_words * self.nib // 2)
+        #: The SDRAM's bytes (empty without one); DMA moves 16-byte bursts.
+        self.ext = bytearray(CHIPS[sdram].bytes if sdram else 0)
+        self.ext_bursts = len(self.ext) // (BURST_BITS // 8)
         self.absmax = self.clip_sum = 0
+        self.sdram = sdram
         self.w_sums = (0, 0)
         self.rx_errors = 0
         self._body = bytearray()
@@ -279,7 +284,7 @@ class Emulator:
             self._error()
             return self._reply(body[0], Status.BAD_CRC)
         seq, op, payload = body[0], body[1], body[HEADER_BYTES:-CRC_BYTES]
-        if (op in (Op.WRITE, Op.GEMM, Op.VECTOR) and self._last is not None
+        if (op in (Op.WRITE, Op.GEMM, Op.VECTOR, Op.DMA) and self._last is not None
                 and self._last[:2] == (seq, op)):
             return self._reply(seq, self._last[2])        # a retry: answer, do not redo
         status, reply = self._execute(op, payload)
@@ -296,7 +301,8 @@ class Emulator:
             return op, pack_fields(INFO_LAYOUT, {
                 "version": VERSION, "rows": self.rows, "cols": self.cols,
                 "word_nibbles": self.nib, "mem_words": self.mem_words,
-                "max_payload": MAX_PAYLOAD, "clk_hz": self.clk_hz})
+                "max_payload": MAX_PAYLOAD, "clk_hz": self.clk_hz,
+                "ext_bursts": self.ext_bursts})
         if op == Op.WRITE:
             hb = layout_bytes(WRITE_HEADER)
             data = payload[hb:]
@@ -334,6 +340,14 @@ class Emulator:
             if sums is not None:
                 self.w_sums = sums
             return op, b""
+        if op == Op.DMA and self.ext:
+            if len(payload) != layout_bytes(DMA_ARGS):
+                return Status.BAD_LENGTH, b""
+            cfg = unpack_fields(DMA_ARGS, payload)
+            if not dma_check(cfg, self.nib, self.mem_words, self.ext_bursts):
+                return Status.OUT_OF_RANGE, b""
+            dma_apply(self.mem, self.ext, cfg, self.nib)
+            return op, b""
         if op == Op.STATS:
             sums = (0, 0)
             if payload:
@@ -347,15 +361,15 @@ class Emulator:
                 "busy": 0, "absmax": self.absmax, "gemm_cycles": 0, "beats": 0, "cycles": 0,
                 "sum_abs": sums[0], "sum_sq": sums[1], "rx_errors": self.rx_errors,
                 "vec_cycles": 0, "w_sum_abs": self.w_sums[0], "w_sum_sq": self.w_sums[1],
-                "clip_sum": self.clip_sum})
+                "clip_sum": self.clip_sum, "dma_cycles": 0})
         return Status.UNKNOWN_OP, b""
 
 
 class EmuTransport:
     """pyserial-style ``write``/``read`` over an in-process :class:`Emulator`."""
 
-    def __init__(self, emulator=None, rows=2, cols=4, words=1 << 16, clk_hz=0):
-        self.emu = emulator or Emulator(rows, cols, words, clk_hz)
+    def __init__(self, emulator=None, rows=2, cols=4, words=1 << 16, clk_hz=0, sdram=""):
+        self.emu = emulator or Emulator(rows, cols, words, clk_hz, sdram)
         self.timeout = 0
         #: Replies are complete as soon as ``write`` returns: nothing more will arrive.
         self.instant = True

@@ -13,16 +13,34 @@ It is the fast way to run the driver's retries, BUSY and error paths against the
 (``socket://``) is the fast way to run long workloads.
 """
 
+from amaranth.hdl import Module
+from amaranth.lib import wiring
 from amaranth.sim import Simulator
 
 from nibble.gateware.device import Device
+from nibble.rtl.sdram import CHIPS
+from nibble.sim.sdram_model import SdramChipModel
 
 __all__ = ["PYSIM_DEVICE", "PysimTransport"]
 
 #: The pysim device by default: the simulated device's array with a smaller memory (the
 #: simulator keeps every word as a Python integer) and a short watchdog.
 PYSIM_DEVICE = {"rows": 2, "cols": 4, "words": 1 << 14, "clk_hz": 36_000_000,
-                "timeout": 4096}
+                "timeout": 4096, "sdram": ""}
+
+
+class _WithSdram(wiring.Component):
+    """The device with the SDRAM chip model on its pins."""
+
+    def __init__(self, device, model):
+        self.device, self.model = device, model
+        super().__init__({})
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.device, m.submodules.model = self.device, self.model
+        wiring.connect(m, self.device.sdram, self.model.pins)
+        return m
 
 
 class PysimTransport:
@@ -36,14 +54,19 @@ class PysimTransport:
     instant = True
 
     def __init__(self, rows=2, cols=4, words=1 << 14, clk_hz=36_000_000, timeout=4096,
-                 max_cycles=2_000_000, idle_cycles=2048):
-        self.dut = Device(rows, cols, words, clk_hz=clk_hz, timeout=timeout)
+                 max_cycles=2_000_000, idle_cycles=2048, sdram=""):
+        chip = CHIPS[sdram] if sdram else None
+        self.dut = Device(rows, cols, words, clk_hz=clk_hz, timeout=timeout, sdram=chip)
+        top = self.dut
+        if chip:                     # the chip model on the device's SDRAM pins
+            top = _WithSdram(self.dut, SdramChipModel(chip, clk_hz))
+        self.model = top.model if chip else None
         self.max_cycles, self.idle_cycles = max_cycles, idle_cycles
         self.cycles = 0                        # clock cycles simulated
         self._steps = 0                        # run_until's deadline, in cycles
         self._in, self._out = bytearray(), bytearray()
         self._listening = self._idle = False
-        self._sim = Simulator(self.dut)
+        self._sim = Simulator(top)
         self._sim.add_clock(1e-6)
         self._sim.add_testbench(self._io, background=True)
         self.timeout = 0

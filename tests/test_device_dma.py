@@ -1,0 +1,82 @@
+"""The DMA through the whole device (``pysim://`` with the SDRAM controller on the chip
+model) against ``emu://``: the same driver calls, the same memory and SDRAM contents, a
+transfer overlapped with an element-wise operation, the BUSY rules and the range check."""
+
+import numpy as np
+import pytest
+
+from nibble.gateware.protocol import DMA_ARGS, Op
+from nibble.host.device.commands import vector_args
+from nibble.host.device.driver import BusyError, Device, OutOfRangeError, UnknownOpError
+from nibble.host.device.packing import pack_fields
+from nibble.rtl.formats import VecOp
+
+WORDS = 2048
+URLS = (f"emu://?sdram=tiny&words={WORDS}", f"pysim://?sdram=tiny&words={WORDS}")
+
+
+def script(dev, rng):
+    """Random memory and SDRAM, strided loads and stores, and a load overlapped with a
+    TRANSPOSE of another region; returns (tensor memory, SDRAM bursts 0..319, whether the
+    DMA was seen running while the TRANSPOSE was started)."""
+    wb = dev.word_bytes
+    dev.write(0, rng.integers(0, 256, WORDS * wb, dtype=np.uint8).tobytes())
+    dev.ext_write(0, rng.integers(0, 256, 128 * 16, dtype=np.uint8).tobytes(), (1536, 512))
+    dev.dma({"store": 0, "rows": 5, "bursts": 3, "mem_addr": 40, "mem_stride": 13,
+             "ext_addr": 7, "ext_stride": 11})
+    dev.dma({"store": 1, "rows": 4, "bursts": 2, "mem_addr": 100, "mem_stride": 5,
+             "ext_addr": 200, "ext_stride": 3})
+    # a long load (320 bursts) into words 300..1579 while a TRANSPOSE runs on 1600..1681
+    dev.dma({"store": 0, "rows": 8, "bursts": 40, "mem_addr": 300, "ext_addr": 0,
+             "ext_stride": 40}, wait=False)
+    overlapped = bool(dev.stats()["busy"] & 2)
+    dev.vector(vector_args(VecOp.TRANSPOSE, 12, 16, (1600, 2), (1650, 2)), wait=False)
+    dev.wait()
+    return dev.read(0, WORDS), dev.ext_read(0, 320, (1536, 512)), overlapped
+
+
+def test_dma_on_the_device_matches_the_emulator():
+    got = []
+    for url in URLS:
+        with Device.open(url) as dev:
+            assert dev.ext_bursts == 2048
+            got.append(script(dev, np.random.default_rng(7)))
+    (emu_mem, emu_ext, _), (rtl_mem, rtl_ext, overlapped) = got
+    assert overlapped                  # the RTL was still loading when the TRANSPOSE began
+    assert rtl_mem == emu_mem and rtl_ext == emu_ext
+
+
+@pytest.mark.parametrize("url", [u.replace("2048", "4096") for u in URLS])
+def test_dma_busy_rules_and_range(url):
+    """While a DMA runs, a WRITE and another DMA are BUSY and a VECTOR is not; while a
+    VECTOR runs, a DMA is BUSY; out-of-range tiles are refused and move nothing."""
+    with Device.open(url) as dev:
+        bad = [{"store": 0, "rows": 2, "bursts": 1, "mem_addr": 4092, "ext_addr": 0},
+               {"store": 1, "rows": 1, "bursts": 1, "mem_addr": 0, "ext_addr": 2048},
+               {"store": 1, "rows": 2, "bursts": 2, "mem_addr": 0, "ext_addr": 0,
+                "ext_stride": 1}]                   # a written region's rows overlap
+        for cfg in bad:
+            with pytest.raises(OutOfRangeError):
+                dev.dma(cfg)
+        if not url.startswith("pysim"):
+            return                                  # emu:// finishes every command at once
+        long = {"store": 0, "rows": 16, "bursts": 64, "mem_addr": 0, "ext_addr": 0,
+                "mem_stride": 256, "ext_stride": 64}     # 1,024 bursts: > 8,000 cycles
+        payload = pack_fields(DMA_ARGS, long)
+        dev.request(Op.DMA, payload)
+        with pytest.raises(BusyError):
+            dev.request(Op.WRITE, bytes(3) + bytes(dev.word_bytes), wait_busy=False)
+        with pytest.raises(BusyError):
+            dev.request(Op.DMA, payload, wait_busy=False)
+        dev.vector(vector_args(VecOp.TRANSPOSE, 64, 64, (0, 8), (1024, 8)), wait=False)
+        with pytest.raises(BusyError):
+            dev.request(Op.DMA, payload, wait_busy=False)
+        dev.wait()
+
+
+@pytest.mark.parametrize("url", ["emu://?sdram=&words=1024", "pysim://?words=1024"])
+def test_a_device_without_sdram_knows_no_dma(url):
+    with Device.open(url) as dev:
+        assert dev.ext_bursts == 0
+        with pytest.raises(UnknownOpError):
+            dev.request(Op.DMA, pack_fields(DMA_ARGS, {"rows": 1, "bursts": 1}))
