@@ -7,8 +7,15 @@ A board top is :class:`gateware.device.Device` behind an 8N1 UART on the board's
 board         FPGA                array  words  clock        link        memory
 ============  ==================  =====  =====  ===========  ==========  ===============
 icebreaker    iCE40UP5K-SG48      1x4    1024   36 MHz PLL   12 Mbaud    EBR, 4 KB
-ulx3s-85f     ECP5 LFE5U-85F      8x16   8192   45 MHz PLL   3 Mbaud     EBR, 64 KB
+ulx3s-85f     ECP5 LFE5U-85F      8x16   8192   45 MHz PLL   3 Mbaud     EBR, 64 KB;
+                                                                         SDRAM 32 MB
 ============  ==================  =====  =====  ===========  ==========  ===============
+
+On the ULX3S the device has its SDRAM (``Board.sdram``, a part of
+:data:`nibble.rtl.sdram.CHIPS`) behind the DMA: the controller's registered commands and
+write data go out through the pins' buffers, and the SDRAM's clock is a second PLL output at
+the system frequency, 90 degrees behind it (as LiteX runs it), so that the chip samples
+commands and data in the middle of their cycle.
 
 Any other amaranth-boards platform with a ``uart`` resource works through
 ``--board module:Class`` (for example ``amaranth_boards.arty_a7:ArtyA7_35Platform``), on
@@ -39,6 +46,7 @@ from amaranth.lib import io, wiring
 from amaranth.lib.wiring import In, Out
 
 from nibble.rtl.formats import word_nibbles
+from nibble.rtl.sdram import CHIPS, SdramPins
 
 from .device import Device
 from .synth import find_tool, tool_path
@@ -61,6 +69,7 @@ class Board:
     baud: int
     clk_hz: int               # the design clock
     pll: str | None = None    # "ice40" or "ecp5": derive clk_hz from the board clock
+    sdram: str | None = None  # a part of rtl.sdram.CHIPS on the board's `sdram` resource
     nextpnr_opts: tuple = ()
     synth_opts: str = ""
     cable: tuple = field(default=())   # openFPGALoader arguments
@@ -76,7 +85,7 @@ BOARDS = {
                         pll="ice40", synth_opts="-dsp", cable=("-b", "ice40_generic")),
     "ulx3s-85f": Board("ulx3s-85f", "amaranth_boards.ulx3s:ULX3S_85F_Platform",
                        rows=8, cols=16, mem_words=8192, baud=3_000_000, clk_hz=45_000_000,
-                       pll="ecp5", nextpnr_opts=("--router", "router2"),
+                       pll="ecp5", sdram="is42s16160", nextpnr_opts=("--router", "router2"),
                        cable=("-b", "ulx3s")),
 }
 
@@ -122,10 +131,13 @@ class _Ice40Pll(Elaboratable):
 
 
 class _Ecp5Pll(Elaboratable):
-    """EHXPLLL: 25 MHz to 45 MHz (ecppll -i 25 -o 45)."""
+    """EHXPLLL: 25 MHz to 45 MHz (ecppll -i 25 -o 45) on CLKOP, and the same clock 90
+    degrees later on CLKOS (3 + 2/8 steps of 1/13 of a cycle: 90.0 degrees) for the
+    SDRAM."""
 
-    def __init__(self, clkin, clk, lock):
+    def __init__(self, clkin, clk, lock, clk90=None):
         self.clkin, self.clk, self.lock = clkin, clk, lock
+        self.clk90 = clk90 if clk90 is not None else Signal()
 
     def elaborate(self, platform):
         m = Module()
@@ -137,31 +149,36 @@ class _Ecp5Pll(Elaboratable):
             p_DPHASE_SOURCE="DISABLED", p_OUTDIVIDER_MUXA="DIVA", p_OUTDIVIDER_MUXB="DIVB",
             p_OUTDIVIDER_MUXC="DIVC", p_OUTDIVIDER_MUXD="DIVD", p_CLKI_DIV=5,
             p_CLKOP_ENABLE="ENABLED", p_CLKOP_DIV=13, p_CLKOP_CPHASE=6, p_CLKOP_FPHASE=0,
+            p_CLKOS_ENABLE="ENABLED", p_CLKOS_DIV=13, p_CLKOS_CPHASE=9, p_CLKOS_FPHASE=2,
             p_FEEDBK_PATH="CLKOP", p_CLKFB_DIV=9,
             i_RST=0, i_STDBY=0, i_CLKI=self.clkin, i_CLKFB=self.clk,
             i_PHASESEL0=0, i_PHASESEL1=0, i_PHASEDIR=1, i_PHASESTEP=1, i_PHASELOADREG=1,
-            i_PLLWAKESYNC=0, i_ENCLKOP=0,
-            o_CLKOP=self.clk, o_LOCK=self.lock)
+            i_PLLWAKESYNC=0, i_ENCLKOP=0, i_ENCLKOS=0,
+            o_CLKOP=self.clk, o_CLKOS=self.clk90, o_LOCK=self.lock)
         return m
 
 
 class UartTop(wiring.Component):
     """The device behind an 8N1 UART: the board tops' core, and the cocotb top test's DUT.
 
-    Ports: ``rx`` (In), ``tx`` (Out), ``idle`` (Out).
+    Ports: ``rx`` (In), ``tx`` (Out), ``idle`` (Out); ``sdram`` (Out(SdramPins)) with an
+    SDRAM chip.
     """
 
-    def __init__(self, rows, cols, mem_words, clk_hz, divisor):
+    def __init__(self, rows, cols, mem_words, clk_hz, divisor, sdram=None):
         self.rows, self.cols, self.mem_words = rows, cols, mem_words
-        self.clk_hz, self.divisor = clk_hz, divisor
-        super().__init__({"rx": In(1, init=1), "tx": Out(1, init=1), "idle": Out(1)})
+        self.clk_hz, self.divisor, self.chip = clk_hz, divisor, sdram
+        pins = {"sdram": Out(SdramPins.Signature(sdram))} if sdram else {}
+        super().__init__({"rx": In(1, init=1), "tx": Out(1, init=1), "idle": Out(1), **pins})
 
     def elaborate(self, platform):
         m = Module()
         m.submodules.rx = rx = UARTRx(self.divisor)
         m.submodules.tx = tx = UARTTx(self.divisor)
         m.submodules.device = dev = Device(self.rows, self.cols, self.mem_words,
-                                           clk_hz=self.clk_hz)
+                                           clk_hz=self.clk_hz, sdram=self.chip)
+        if self.chip:
+            wiring.connect(m, dev.sdram, wiring.flipped(self.sdram))
         m.d.comb += [rx.rx.eq(self.rx), self.tx.eq(tx.tx), self.idle.eq(dev.idle)]
         wiring.connect(m, rx.o, dev.i)
         wiring.connect(m, dev.o, tx.i)
@@ -178,6 +195,9 @@ class BoardTop(Elaboratable):
     def elaborate(self, platform):
         b = self.board
         m = Module()
+        clk90 = Signal()
+        if b.sdram and b.pll != "ecp5":
+            raise BoardError(f"{b.name}: an SDRAM needs the ECP5 PLL's shifted clock")
         if b.pll:
             m.domains.sync = ClockDomain("sync")
             lock = Signal()
@@ -188,19 +208,38 @@ class BoardTop(Elaboratable):
             else:
                 pin = platform.request(platform.default_clk, dir="-")
                 m.submodules.clk_buf = clk_buf = io.Buffer("i", pin)
-                m.submodules.pll = _Ecp5Pll(clk_buf.i, clk, lock)
+                m.submodules.pll = _Ecp5Pll(clk_buf.i, clk, lock, clk90)
             # hold the design in reset until the PLL locks
             m.d.comb += [ClockSignal("sync").eq(clk), ResetSignal("sync").eq(~lock)]
             platform.add_clock_constraint(clk, b.clk_hz)
         uart = platform.request("uart", 0, dir="-")
         m.submodules.uart_rx = uart_rx = io.Buffer("i", uart.rx)
         m.submodules.uart_tx = uart_tx = io.Buffer("o", uart.tx)
-        m.submodules.top = top = UartTop(b.rows, b.cols, b.mem_words, b.clk_hz, self.divisor)
+        chip = CHIPS[b.sdram] if b.sdram else None
+        m.submodules.top = top = UartTop(b.rows, b.cols, b.mem_words, b.clk_hz, self.divisor,
+                                         sdram=chip)
         m.d.comb += [top.rx.eq(uart_rx.i), uart_tx.o.eq(top.tx)]
+        if chip:
+            self._sdram(m, platform, top.sdram, clk90)
         if any(r[0] == "led" for r in platform.resources):
             m.submodules.led = led = io.Buffer("o", platform.request("led", 0, dir="-"))
             m.d.comb += led.o.eq(~top.idle)
         return m
+
+
+    @staticmethod
+    def _sdram(m, platform, pins, clk90):
+        """The controller's pins onto the board's ``sdram`` resource (command pins are
+        active low there: the resource inverts them)."""
+        res = platform.request("sdram", 0, dir="-")
+        outs = {"clk": clk90, "clk_en": pins.cke, "cs": pins.cs, "we": pins.we,
+                "ras": pins.ras, "cas": pins.cas, "ba": pins.ba, "a": pins.a,
+                "dqm": pins.dqm}
+        for name, value in outs.items():
+            m.submodules[f"sdram_{name}"] = buf = io.Buffer("o", getattr(res, name))
+            m.d.comb += buf.o.eq(value)
+        m.submodules.sdram_dq = dq = io.Buffer("io", res.dq)
+        m.d.comb += [dq.o.eq(pins.dq_o), dq.oe.eq(pins.dq_oe), pins.dq_i.eq(dq.i)]
 
 
 def _tools_env():
@@ -326,6 +365,9 @@ def build(board, out_root="build", seed=1, progress=False):
         "cols": board.cols,
         "mem_words": board.mem_words,
         "word_nibbles": word_nibbles(board.rows, board.cols),
+        "tensor_memory_bytes": board.mem_words * word_nibbles(board.rows, board.cols) // 2,
+        "sdram": board.sdram,
+        "sdram_bytes": CHIPS[board.sdram].bytes if board.sdram else 0,
         "baud": board.baud,
         "luts": luts,
         "lut_capacity": util.get("ICESTORM_LC", util.get("TRELLIS_COMB", {})).get("available"),

@@ -56,7 +56,7 @@ class BoundsCheck(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        idx = Signal(range(self.n))
+        idx = Signal(range(max(self.n, 2)))
         buf = Signal(BUFFER)                    # the buffer being checked
         k = Signal(DIM_BITS)                    # rows - 1, shifted out from the bottom
         part = Signal(DIM_BITS + STRIDE_BITS)   # stride << (bits of k done)

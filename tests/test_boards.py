@@ -17,6 +17,11 @@ def test_board_tops_elaborate(name, tmp_path):
     assert "top.il" in files
     text = files["top.il"]
     assert ("SB_PLL40_PAD" in text) if board.pll == "ice40" else ("EHXPLLL" in text)
+    if board.sdram:     # every SDRAM pin placed (clk, cke, cs, we, ras, cas, ba 2, a 13,
+        #                   dq 16, dqm 2), its clock the PLL's shifted output
+        placed = [line for line in files["top.lpf"].splitlines()
+                  if line.startswith('LOCATE COMP "sdram_0__')]
+        assert len(placed) == 39 and "CLKOS" in text
 
 
 def test_any_platform_with_a_uart():
