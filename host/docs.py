@@ -13,6 +13,7 @@ from amaranth.hdl import Shape
 from amaranth.lib import data
 
 from nibble.gateware.protocol import (
+    DMA_ARGS,
     GEMM_ARGS,
     INFO_LAYOUT,
     MAX_PAYLOAD,
@@ -31,7 +32,7 @@ __all__ = ["LAYOUTS", "layout_table", "protocol_sections", "update_protocol_doc"
 #: Every payload layout, by the name the docs and the code use.
 LAYOUTS = {"INFO_LAYOUT": INFO_LAYOUT, "WRITE_HEADER": WRITE_HEADER, "READ_ARGS": READ_ARGS,
            "STATS_ARGS": STATS_ARGS, "STATS_LAYOUT": STATS_LAYOUT, "GEMM_ARGS": GEMM_ARGS,
-           "VEC_ARGS": VEC_ARGS}
+           "VEC_ARGS": VEC_ARGS, "DMA_ARGS": DMA_ARGS}
 
 
 def _size(name):
@@ -48,6 +49,9 @@ REQUESTS = [
     (Op.STATS, f"none, or {_size('STATS_ARGS')}", _size("STATS_LAYOUT")),
     (Op.VECTOR, _size("VEC_ARGS"),
      "none: the element-wise unit has checked the arguments and runs on"),
+    (Op.DMA, _size("DMA_ARGS"),
+     "none: the DMA has checked both regions and runs on (a device with SDRAM only; "
+     "UNKNOWN_OP without)"),
 ]
 
 

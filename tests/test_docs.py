@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from nibble.gateware.protocol import GEMM_ARGS, VEC_ARGS, Op, layout_bytes
+from nibble.gateware.protocol import DMA_ARGS, GEMM_ARGS, VEC_ARGS, Op, layout_bytes
 from nibble.host.device.driver import BadLengthError, Device, OutOfRangeError
 from nibble.host.docs import protocol_sections
 
@@ -26,12 +26,13 @@ def test_protocol_doc_is_generated_from_the_layouts():
         assert section(doc, name).strip() == text.strip(), f"run `nibble docs`: {name}"
 
 
-@pytest.mark.parametrize("op,layout", [(Op.GEMM, GEMM_ARGS), (Op.VECTOR, VEC_ARGS)])
-def test_documented_sizes_are_the_accepted_sizes(op, layout):
+@pytest.mark.parametrize("op,name,layout", [(Op.GEMM, "GEMM_ARGS", GEMM_ARGS),
+                                            (Op.VECTOR, "VEC_ARGS", VEC_ARGS),
+                                            (Op.DMA, "DMA_ARGS", DMA_ARGS)])
+def test_documented_sizes_are_the_accepted_sizes(op, name, layout):
     """The emulator (and the RTL, tests/test_device.py) takes exactly the layout's bytes."""
     n = layout_bytes(layout)
-    assert f"`{'GEMM_ARGS' if op == Op.GEMM else 'VEC_ARGS'}` ({n} bytes)" in \
-        protocol_sections()["protocol-requests"]
+    assert f"`{name}` ({n} bytes)" in protocol_sections()["protocol-requests"]
     with Device.open("emu://", retries=0) as dev:
         for wrong in (n - 1, n + 1):
             with pytest.raises(BadLengthError):
