@@ -245,7 +245,7 @@ def random_memory(rng, words, rows, cols):
 # -- the device as a byte stream ------------------------------------------------------------
 
 #: STATS fields the emulator cannot reproduce: it has no clock.
-CLOCKED = ("cycles", "gemm_cycles", "beats", "vec_cycles")
+CLOCKED = ("cycles", "gemm_cycles", "beats", "vec_cycles", "dma_cycles")
 
 
 def frame(seq, op, payload=b""):

@@ -142,7 +142,7 @@ def test_fuzzing_the_frame_decoder():
             emu.out.clear()
             assert comparable(got, IGNORED) == comparable(want, IGNORED), f"batch {batch_no}"
             replies += len(got)
-            if any(f.op == Op.GEMM for f in got):         # a random GEMM ran: let it end
+            if any(f.op in (Op.GEMM, Op.DMA) for f in got):   # a random GEMM or DMA ran: let it end
                 while True:
                     poll = encode_frame(Frame(1, Op.STATS))
                     stats = wire.exchange(poll + sync, marker)
