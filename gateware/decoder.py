@@ -141,6 +141,11 @@ class CommandDecoder(wiring.Component):
             answer(status, length, fill)
             m.next = "TRANSFER"
 
+        # the units a command starts (only a device with SDRAM knows DMA)
+        units = [(Op.GEMM, GEMM_CFG, self.gemm_start), (Op.VECTOR, VEC_CFG, self.vec_start)]
+        if self.dma:
+            units.append((Op.DMA, DMA_CFG, self.dma_start))
+
         with m.FSM() as fsm:
             with m.State("IDLE"):
                 with m.If(self.frame):
@@ -167,9 +172,8 @@ class CommandDecoder(wiring.Component):
                     m.next = "DISPATCH"
 
             with m.State("DISPATCH"):
-                dma = op == Op.DMA
                 compute = (op == Op.GEMM) | (op == Op.VECTOR)
-                once = (op == Op.WRITE) | compute | (dma if self.dma else 0)
+                once = (op == Op.WRITE) | compute | ((op == Op.DMA) if self.dma else 0)
                 retry = last_valid & (last.seq == seq) & (last.op == op) & once
                 uses_mem = once | (op == Op.READ) | ((op == Op.STATS) & (plen != 0))
                 with m.If(retry):
@@ -203,24 +207,12 @@ class CommandDecoder(wiring.Component):
                     with m.Else():
                         transfer(TransferOp.READ, read.addr, read.words, HEADER_BYTES, op,
                                  HEADER_BYTES + read.words * wb)
-                with m.Elif(op == Op.GEMM):
-                    with m.If(plen != layout_bytes(GEMM_CFG)):
-                        answer(Status.BAD_LENGTH)
-                    with m.Else():
-                        m.d.comb += self.gemm_start.eq(1)
-                        m.next = "UNIT"
-                with m.Elif(op == Op.VECTOR):
-                    with m.If(plen != layout_bytes(VEC_CFG)):
-                        answer(Status.BAD_LENGTH)
-                    with m.Else():
-                        m.d.comb += self.vec_start.eq(1)
-                        m.next = "UNIT"
-                if self.dma:                           # only a device with SDRAM knows DMA
-                    with m.Elif(dma):
-                        with m.If(plen != layout_bytes(DMA_CFG)):
+                for code, layout, start in units:     # the unit answers after its check
+                    with m.Elif(op == code):
+                        with m.If(plen != layout_bytes(layout)):
                             answer(Status.BAD_LENGTH)
                         with m.Else():
-                            m.d.comb += self.dma_start.eq(1)
+                            m.d.comb += start.eq(1)
                             m.next = "UNIT"
                 with m.Elif(op == Op.STATS):
                     m.d.comb += self.stats_snapshot.eq(1)

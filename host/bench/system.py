@@ -27,6 +27,7 @@ from nibble.host.device.driver import Device
 from nibble.host.golden.tiling import Gemm
 from nibble.host.report import markdown_table, update_doc_section, write_json
 from nibble.host.training.train import DEFAULT_MODELS
+from nibble.rtl.dma import words_per_burst
 from nibble.rtl.formats import MaskMode, Operand, OutputPath
 
 __all__ = ["bench_system"]
@@ -99,8 +100,8 @@ def measure_sdram(dev, rng, bursts=2048):
     """DMA bandwidth on the simulated device's SDRAM (see the module docstring)."""
     if not dev.ext_bursts:
         return None
-    wb, wpb = dev.word_bytes, 16 // dev.word_bytes
-    words = bursts * wpb
+    wb = dev.word_bytes
+    words = bursts * words_per_burst(dev.word_nibbles)
     data = rng.integers(0, 256, words * wb, dtype=np.uint8).tobytes()
     dev.write(0, data)
     runs = []
