@@ -19,14 +19,17 @@ DMA      the DMA (a device with SDRAM), the same way         empty, or OUT_OF_RA
 
 The arguments stay in the decoder's argument register while a GEMM or VECTOR runs (the
 units read their settings from it; no copy), so until they are done the decoder answers
-WRITE, READ, GEMM, VECTOR, DMA and STATS with a region BUSY and still serves PING, INFO and
+WRITE, READ, GEMM, VECTOR and STATS with a region BUSY and still serves PING, INFO and
 plain STATS (BUSY too when the unit ended while the frame was parsed: its arguments were not
-all read). The DMA copies its settings, so a GEMM or VECTOR may start while a DMA runs:
-that is how a transfer overlaps compute (the host keeps their regions apart, as it plans
-double buffers). While a DMA runs, WRITE, READ, STATS with a region and another DMA are
-BUSY. A WRITE, GEMM, VECTOR or DMA whose ``seq`` and opcode repeat the previous request's
-is a host retry after a lost reply: it is answered with the remembered status and not run
-again (any other reply forgets it; receiver errors do not touch it).
+all read). A DMA's arguments land in a register of their own (``dma_args``, which the DMA
+copies when it starts), so a DMA starts while a GEMM or VECTOR runs and a GEMM or VECTOR
+while a DMA runs: that is how a transfer overlaps compute in either order (the host keeps
+their regions apart, as it plans double buffers; start the compute first and the prefetch
+second, and the array never waits for the link). While a DMA runs, WRITE, READ, STATS with a
+region and another DMA are BUSY. A WRITE, GEMM, VECTOR or DMA whose ``seq`` and opcode
+repeat the previous request's is a host retry after a lost reply: it is answered with the
+remembered status and not run again (any other reply forgets it; receiver errors do not
+touch it).
 
 ``phase`` tells the device which component owns the frame buffer.
 """
@@ -87,6 +90,8 @@ class CommandDecoder(wiring.Component):
         The DMA runs.
     args : Out(8 * ARGS_BYTES)
         The argument register (the engine's and the unit's settings).
+    dma_args : Out(DMA_CFG)
+        A DMA's arguments (a device with SDRAM), written while any unit runs.
     gemm_start, vec_start, dma_start : Out(1); checked, ok : In(1)
         Start a unit; its check's verdict (from whichever runs).
     stats_snapshot : Out(1)
@@ -101,7 +106,7 @@ class CommandDecoder(wiring.Component):
             "ack": Out(1),
             "buf": In(memory.ReadPort.Signature(addr_width=FB_ADDR, shape=8)),
             "phase": Out(Phase), "waiting": Out(1), "busy": In(1), "dma_busy": In(1),
-            "args": Out(8 * ARGS_BYTES),
+            "args": Out(8 * ARGS_BYTES), **({"dma_args": Out(DMA_CFG)} if dma else {}),
             "gemm_start": Out(1), "vec_start": Out(1), "dma_start": Out(1),
             "checked": In(1), "ok": In(1),
             "stats_snapshot": Out(1),
@@ -168,19 +173,27 @@ class CommandDecoder(wiring.Component):
                         m.d.sync += args.eq(Cat(args[8:], self.buf.data))
                     with m.Else():
                         m.d.sync += stale.eq(1)
+                    if self.dma:                   # argument byte i arrives at p = i + 3
+                        raw = self.dma_args.as_value()
+                        with m.Switch(p):
+                            for i in range(layout_bytes(DMA_CFG)):
+                                with m.Case(HEADER_BYTES + 1 + i):
+                                    m.d.sync += raw.word_select(i, 8).eq(self.buf.data)
                 with m.If(p == HEADER_BYTES + ARGS_BYTES):
                     m.next = "DISPATCH"
 
             with m.State("DISPATCH"):
                 compute = (op == Op.GEMM) | (op == Op.VECTOR)
-                once = (op == Op.WRITE) | compute | ((op == Op.DMA) if self.dma else 0)
+                is_dma = (op == Op.DMA) if self.dma else 0
+                once = (op == Op.WRITE) | compute | is_dma
                 retry = last_valid & (last.seq == seq) & (last.op == op) & once
-                uses_mem = once | (op == Op.READ) | ((op == Op.STATS) & (plen != 0))
+                uses_mem = (op == Op.WRITE) | compute | (op == Op.READ) | \
+                    ((op == Op.STATS) & (plen != 0))
                 with m.If(retry):
                     answer(last.status)
                 with m.Elif(uses_mem & (self.busy | stale)):   # stale: args half-read
                     answer(Status.BUSY)
-                with m.Elif(uses_mem & ~compute & self.dma_busy):
+                with m.Elif((uses_mem & ~compute | is_dma) & self.dma_busy):
                     answer(Status.BUSY)
                 with m.Elif(op == Op.PING):
                     answer(op, HEADER_BYTES + plen)

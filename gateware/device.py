@@ -27,7 +27,7 @@ from amaranth.hdl import Module, Mux, Signal
 from amaranth.lib import memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from nibble.rtl.dma import DMA_CFG, Dma
+from nibble.rtl.dma import Dma
 from nibble.rtl.engine import GEMM_CFG, GemmEngine
 from nibble.rtl.formats import word_nibbles
 from nibble.rtl.memory import BlockRAM, TensorArbiter, TensorBus
@@ -109,7 +109,7 @@ class Device(wiring.Component):
             wiring.connect(m, ctrl.rdata, dma.rdata)
             wiring.connect(m, ctrl.pins, wiring.flipped(self.sdram))
             units.insert(2, dma)
-            m.d.comb += [dma.cfg.eq(dec.args[:DMA_CFG.size]), dma.start.eq(dec.dma_start)]
+            m.d.comb += [dma.cfg.eq(dec.dma_args), dma.start.eq(dec.dma_start)]
         m.submodules.arbiter = arb = TensorArbiter(
             TensorBus.Signature(addr_width=aw, nibbles=nib), len(units))
         m.submodules.mem = mem = BlockRAM(words, nib)

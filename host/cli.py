@@ -299,7 +299,8 @@ def cmd_bitstream(args):
 
 
 BOARD_COLUMNS = [
-    ("board", "board", "{}"), ("array", "array", "{}"), ("memory words", "mem_words", "{:,}"),
+    ("board", "board", "{}"), ("array", "array", "{}"), ("scratchpad words", "mem_words", "{:,}"),
+    ("SDRAM", "sdram_mb", "{}"),
     ("link baud", "baud", "{:,}"), ("fits", "fits", "{}"), ("LUTs/LCs", "luts", "{:,}"),
     ("of", "lut_capacity", "{:,}"), ("FFs", "ffs", "{}"), ("DSPs", "dsps", "{}"),
     ("RAMs", "rams", "{}"), ("fmax MHz", "fmax", "{}"),
@@ -319,6 +320,8 @@ def boards_table(out_root):
             row = json.loads(path.read_text())
             row["array"] = f"{row['rows']}x{row['cols']}"
             row["fits"] = "yes" if row.get("fits", True) else "**no**"
+            mib = row.get("sdram_bytes", 0) / 2**20
+            row["sdram_mb"] = f"{mib:g} MiB ({row['sdram']})" if mib else "-"
             row["fmax"] = "-" if row.get("fmax_mhz") is None else f"{row['fmax_mhz']:.1f}"
             for key in ("ffs", "dsps", "rams"):
                 row[key] = f"{row[key]:,}" if isinstance(row.get(key), int) else "-"

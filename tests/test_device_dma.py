@@ -49,7 +49,8 @@ def test_dma_on_the_device_matches_the_emulator():
 @pytest.mark.parametrize("url", [u.replace("2048", "4096") for u in URLS])
 def test_dma_busy_rules_and_range(url):
     """While a DMA runs, a WRITE and another DMA are BUSY and a VECTOR is not; while a
-    VECTOR runs, a DMA is BUSY; out-of-range tiles are refused and move nothing."""
+    VECTOR runs, a DMA starts (its arguments have their own register) and a WRITE is BUSY;
+    out-of-range tiles are refused and move nothing."""
     with Device.open(url) as dev:
         bad = [{"store": 0, "rows": 2, "bursts": 1, "mem_addr": 4092, "ext_addr": 0},
                {"store": 1, "rows": 1, "bursts": 1, "mem_addr": 0, "ext_addr": 2048},
@@ -68,10 +69,16 @@ def test_dma_busy_rules_and_range(url):
             dev.request(Op.WRITE, bytes(3) + bytes(dev.word_bytes), wait_busy=False)
         with pytest.raises(BusyError):
             dev.request(Op.DMA, payload, wait_busy=False)
-        dev.vector(vector_args(VecOp.TRANSPOSE, 64, 64, (0, 8), (1024, 8)), wait=False)
-        with pytest.raises(BusyError):
-            dev.request(Op.DMA, payload, wait_busy=False)
         dev.wait()
+        vec = vector_args(VecOp.TRANSPOSE, 64, 64, (0, 8), (1024, 8))
+        dev.vector(vec, wait=False)
+        other = {**long, "rows": 8, "mem_addr": 2048}
+        dev.request(Op.DMA, pack_fields(DMA_ARGS, other), wait_busy=False)
+        assert dev.stats()["busy"] == 3                 # both run
+        with pytest.raises(BusyError):
+            dev.request(Op.WRITE, bytes(3) + bytes(dev.word_bytes), wait_busy=False)
+        dev.wait()
+        assert dev.stats()["dma_cycles"] > 0
 
 
 @pytest.mark.parametrize("url", ["emu://?sdram=&words=1024", "pysim://?words=1024"])
