@@ -17,16 +17,19 @@ VECTOR   the element-wise unit, the same way                  empty, or OUT_OF_R
 DMA      the DMA (a device with SDRAM), the same way         empty, or OUT_OF_RANGE
 =======  ===================================================  ==============================
 
-The arguments stay in the decoder's argument register while a GEMM or VECTOR runs (the
-units read their settings from it; no copy), so until they are done the decoder answers
-WRITE, READ, GEMM, VECTOR and STATS with a region BUSY and still serves PING, INFO and
-plain STATS (BUSY too when the unit ended while the frame was parsed: its arguments were not
-all read). A DMA's arguments land in a register of their own (``dma_args``, which the DMA
-copies when it starts), so a DMA starts while a GEMM or VECTOR runs and a GEMM or VECTOR
-while a DMA runs: that is how a transfer overlaps compute in either order (the host keeps
-their regions apart, as it plans double buffers; start the compute first and the prefetch
-second, and the array never waits for the link). While a DMA runs, WRITE, READ, STATS with a
-region and another DMA are BUSY. A WRITE, GEMM, VECTOR or DMA whose ``seq`` and opcode
+Commands that start a unit queue, one deep: a GEMM or VECTOR that arrives while any unit
+runs (GEMM, VECTOR or DMA) is held in the frame buffer, and parsed again and started the
+cycle every unit is idle; a DMA that arrives while a DMA runs is held until that one ends.
+Its reply comes when it starts. So the host keeps the array busy without polling: it sends
+the next GEMM while the current one runs, and a GEMM never starts before the transfers sent
+ahead of it have ended (it reads what they loaded). A DMA's arguments land in a register of
+their own (``dma_args``, which the DMA copies when it starts), so a DMA starts at once while
+a GEMM or VECTOR runs: that is how a transfer overlaps compute (start the compute, then the
+prefetch of the next operands, or the store of the previous result; the host keeps their
+regions apart, as it plans double buffers). The GEMM and VECTOR arguments stay in the
+decoder's argument register while those units run (they read their settings from it; no
+copy). WRITE, READ and STATS with a region are answered BUSY while any unit runs; PING, INFO
+and plain STATS are served. A WRITE, GEMM, VECTOR or DMA whose ``seq`` and opcode
 repeat the previous request's is a host retry after a lost reply: it is answered with the
 remembered status and not run again (any other reply forgets it; receiver errors do not
 touch it).
@@ -191,9 +194,12 @@ class CommandDecoder(wiring.Component):
                     ((op == Op.STATS) & (plen != 0))
                 with m.If(retry):
                     answer(last.status)
+                with m.Elif(compute & (self.busy | stale | self.dma_busy) |
+                            is_dma & self.dma_busy):
+                    m.next = "HOLD"                 # started when its units are free
                 with m.Elif(uses_mem & (self.busy | stale)):   # stale: args half-read
                     answer(Status.BUSY)
-                with m.Elif((uses_mem & ~compute | is_dma) & self.dma_busy):
+                with m.Elif(uses_mem & self.dma_busy):
                     answer(Status.BUSY)
                 with m.Elif(op == Op.PING):
                     answer(op, HEADER_BYTES + plen)
@@ -241,6 +247,11 @@ class CommandDecoder(wiring.Component):
                                  0, op, n, Fill.STATS)
                 with m.Else():
                     answer(Status.UNKNOWN_OP)
+
+            with m.State("HOLD"):         # then parse the frame again and start it
+                with m.If(~self.dma_busy & ~(self.busy & (op != Op.DMA))):
+                    m.d.sync += [p.eq(0), have.eq(0), stale.eq(0)]
+                    m.next = "PARSE"
 
             with m.State("TRANSFER"):
                 with m.If(xfer.done):

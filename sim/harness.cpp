@@ -28,7 +28,9 @@
 static volatile sig_atomic_t stop = 0;
 static void on_signal(int) { stop = 1; }
 
-static const int SERVICE = 8192;  // cycles between socket services while busy
+// Cycles between socket services while busy: short enough that a command queued behind a
+// running GEMM arrives within a small tile's time, long enough that polling costs nothing.
+static const int SERVICE = 1024;
 
 int main(int argc, char **argv) {
     int port = argc > 1 ? atoi(argv[1]) : 0;
