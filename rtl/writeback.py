@@ -9,11 +9,14 @@ M elements), so the R elements of one column are neighbours in one row of out^T.
 the stride (no multiplier). The writer and the mask reader each have one.
 
 :class:`LaneWriter` gathers a column's R elements and issues them as one write request of a
-partial word (RESCALE: R codes, LOG4: R code pairs; RAW: one request per element, 8 nibbles),
-with a nibble enable for each real element, so padding rows and columns are never written.
-The requests of the R writers share the write port through a
-:class:`~rtl.memory.StreamArbiter`, one word per cycle, which is what full-rate tiles of at
-least C beats need.
+partial word (RESCALE: R codes, LOG4: R code pairs; RAW: as many 8-nibble elements as a word
+holds, two on the 8 x 16 array), with a nibble enable for each real element, so padding rows
+and columns are never written. The requests of the R writers share the write port through a
+:class:`~rtl.memory.StreamArbiter`, one word per cycle. A tile of L beats makes R * C
+elements: R * C / R = C requests for RESCALE and LOG4, and R * C * 8 / NIB for RAW, so a
+tile keeps the array at full rate from L >= C beats on (RESCALE, LOG4) and from
+L >= R * C * 8 / NIB (RAW: 64 on the 8 x 16 array, the backward-weight GEMM at batch 64,
+which took 129 cycles a tile when RAW was one element a request).
 
 :class:`MaskReader` feeds the LOG4 path the stored activation code of each element: one read
 request per column group (R codes in one word), one word in flight and one prefetched. The R
@@ -115,9 +118,12 @@ class LaneWriter(wiring.Component):
                 m.d.comb += elem.eq(self.i.payload.fp4.as_value())
         gather = Signal(2 * g4 * R)               # up to R code pairs of one column
         gvalid = Signal(R)                         # ... and which rows are real
+        pw = max(1, min(NIB // RAW_NIBBLES, R))    # RAW elements a request carries
+        slot = w.i[:pw.bit_length() - 1]           # ... this one's place in it
+        rawbuf, rawvalid = Signal(RAW_BITS * pw), Signal(pw)
         push = Signal()                            # this element completes a request
         m.d.comb += [
-            push.eq(raw | (w.i == R - 1)),
+            push.eq(Mux(raw, slot == pw - 1, w.i == R - 1)),
             self.i.ready.eq(w.active & (~push | ~self.o.valid | self.o.ready)),
             take.eq(self.i.valid & self.i.ready),
         ]
@@ -133,14 +139,22 @@ class LaneWriter(wiring.Component):
             with m.If(w.i == idx):
                 m.d.comb += [new_gather.word_select(idx, 2 * g4).eq(elem[:2 * g4]),
                              new_valid[idx].eq(row_ok)]
+        new_raw, new_rawvalid = Signal.like(rawbuf), Signal.like(rawvalid)
+        m.d.comb += [new_raw.eq(rawbuf), new_rawvalid.eq(rawvalid)]
+        for idx in range(pw):
+            with m.If(slot == idx):
+                m.d.comb += [new_raw.word_select(idx, RAW_BITS).eq(elem),
+                             new_rawvalid[idx].eq(row_ok)]
         e_log = Mux(raw, RAW_NIBBLES.bit_length() - 1, Mux(self.path == OutputPath.LOG4, 1, 0))
-        nib = Mux(raw, w.r0 + w.i, w.r0) << e_log   # the unit's nibble in its out^T row
+        first_row = Mux(raw, w.r0 + w.i - slot, w.r0)  # the request's first element's row
+        nib = first_row << e_log                     # ... its nibble in the out^T row
         off = nib[:lnib]
         unit = Signal(g4 * NIB)                   # the request's nibbles and enables, at 0
         uen = Signal(NIB)
         with m.Switch(self.path):
             with m.Case(OutputPath.RAW):
-                m.d.comb += [unit.eq(elem), uen.eq(Mux(row_ok, (1 << RAW_NIBBLES) - 1, 0))]
+                m.d.comb += [unit.eq(new_raw),
+                             uen.eq(Cat(*[v.replicate(RAW_NIBBLES) for v in new_rawvalid]))]
             with m.Case(OutputPath.RESCALE):
                 m.d.comb += [unit.eq(Cat(*[new_gather.word_select(x, 2 * g4)[:g4]
                                            for x in range(R)])),
@@ -148,11 +162,12 @@ class LaneWriter(wiring.Component):
             with m.Default():
                 m.d.comb += [unit.eq(new_gather), uen.eq(Cat(*[Cat(v, v) for v in new_valid]))]
         with m.If(take):
-            m.d.sync += [gather.eq(new_gather), gvalid.eq(new_valid)]
+            m.d.sync += [gather.eq(new_gather), gvalid.eq(new_valid), rawbuf.eq(new_raw),
+                         rawvalid.eq(new_rawvalid)]
             with m.If(push):
                 m.d.sync += [
-                    gvalid.eq(0),
-                    self.o.valid.eq(col_ok & Mux(raw, row_ok, new_valid.any())),
+                    gvalid.eq(0), rawvalid.eq(0),
+                    self.o.valid.eq(col_ok & Mux(raw, new_rawvalid.any(), new_valid.any())),
                     self.o.payload.addr.eq(w.row_addr + (nib >> lnib)),
                     self.o.payload.data.eq(unit << (off << 2)),
                     self.o.payload.en.eq(uen << off),

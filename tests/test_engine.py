@@ -54,7 +54,7 @@ def check_cases(rows, cols, words, plans, seed, flaky=None):
 @pytest.mark.parametrize("mode", list(GemmMode), ids=lambda m: m.name)
 def test_engine_matches_golden(mode, path):
     rng = np.random.default_rng([zlib.crc32(mode.name.encode()), int(path)])
-    for rows, cols in [(2, 4), (1, 4)]:
+    for rows, cols in [(2, 4), (1, 4), (2, 16)]:     # (2, 16): two RAW elements a word
         shape = tuple(int(x) for x in rng.integers(1, 11, 3))
         plan = gemm_plan(rng, rows, cols, mode, path, shape, base=int(rng.integers(0, 8)),
                          spacing=int(rng.integers(0, 3)))
@@ -101,3 +101,18 @@ def test_engine_streams_at_one_beat_per_cycle():
         (ok, _, cycles, beats), = check_cases(rows, cols, 512, [plan], seed=2)
         assert ok and beats == (8 // rows) * (8 // cols) * red
         assert cycles - beats < 40, (cycles, beats)
+
+
+def test_raw_results_keep_pace_with_short_tiles():
+    """RAW results on 16-nibble words go out two to a write request: a tile of R * C * 8 /
+    16 beats keeps the array at full rate (on the 8 x 16 array that is the backward-weight
+    GEMM at batch 64)."""
+    rng = np.random.default_rng(4)
+    rows, cols = 2, 16
+    red = rows * cols * 8 // word_nibbles(rows, cols)           # 16 beats a tile
+    gemm = Gemm(rng.integers(0, 16, (8, red)), rng.integers(-8, 8, (red, 64)),
+                Operand.UINT4, Operand.INT4)
+    plan = plan_gemm(gemm, lane_cfg(OutputPath.RAW), word_nibbles(rows, cols), rows, cols)
+    (ok, _, cycles, beats), = check_cases(rows, cols, 512, [plan], seed=2)
+    assert ok and beats == (8 // rows) * (64 // cols) * red
+    assert cycles - beats < 40, (cycles, beats)
