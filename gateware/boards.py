@@ -7,7 +7,7 @@ A board top is :class:`gateware.device.Device` behind an 8N1 UART on the board's
 board         FPGA                array  words  clock        link        memory
 ============  ==================  =====  =====  ===========  ==========  ===============
 icebreaker    iCE40UP5K-SG48      1x4    1024   36 MHz PLL   12 Mbaud    EBR, 4 KB
-ulx3s-85f     ECP5 LFE5U-85F      8x16   8192   45 MHz PLL   3 Mbaud     EBR, 64 KB;
+ulx3s-85f     ECP5 LFE5U-85F      8x16   16384  45 MHz PLL   3 Mbaud     EBR, 128 KB;
                                                                          SDRAM 32 MB
 ============  ==================  =====  =====  ===========  ==========  ===============
 
@@ -84,7 +84,7 @@ BOARDS = {
                         rows=1, cols=4, mem_words=1024, baud=12_000_000, clk_hz=36_000_000,
                         pll="ice40", synth_opts="-dsp", cable=("-b", "ice40_generic")),
     "ulx3s-85f": Board("ulx3s-85f", "amaranth_boards.ulx3s:ULX3S_85F_Platform",
-                       rows=8, cols=16, mem_words=8192, baud=3_000_000, clk_hz=45_000_000,
+                       rows=8, cols=16, mem_words=16384, baud=3_000_000, clk_hz=45_000_000,
                        pll="ecp5", sdram="is42s16160", nextpnr_opts=("--router", "router2"),
                        cable=("-b", "ulx3s")),
 }

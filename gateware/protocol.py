@@ -35,7 +35,7 @@ ESC = 0x7D
 ESC_XOR = 0x20
 #: Largest payload of one frame.
 MAX_PAYLOAD = 1024
-VERSION = 4
+VERSION = 5
 
 
 class Op(enum.IntEnum, shape=8):

@@ -30,7 +30,7 @@ static void on_signal(int) { stop = 1; }
 
 // Cycles between socket services while busy: short enough that a command queued behind a
 // running GEMM arrives within a small tile's time, long enough that polling costs nothing.
-static const int SERVICE = 1024;
+static const int SERVICE = 256;
 
 int main(int argc, char **argv) {
     int port = argc > 1 ? atoi(argv[1]) : 0;

@@ -85,7 +85,8 @@ def _buffers(nib):
 
 def layer1_program(dev, rng, batches=3):
     """Upload ``batches`` batches of random layer-1 operands to the SDRAM (tiled the way
-    the scratchpad buffers hold them) and return (prologue DMAs, tiles, scratch words)."""
+    the scratchpad buffers hold them) and return (prologue DMAs, tiles, scratch words, the
+    last batch's operands: ``x`` (B x K codes), ``w`` (K x N, W^T), ``dy`` (B x N pairs))."""
     nib = dev.word_nibbles
     bufs, words = _buffers(nib)
     if words > dev.mem_words:
@@ -111,9 +112,9 @@ def layer1_program(dev, rng, batches=3):
     per = dev.rows * dev.cols
     tiles, loads = [], []          # loads: (earliest tile, deadline tile, buffer, burst)
     for b in range(batches):
-        x = rng.integers(0, 16, (BATCH, K))
+        x, dy = rng.integers(0, 16, (BATCH, K)), rng.integers(0, 256, (BATCH, N))
         xa_at = upload(bufs["xa"], x.T, 1)
-        da_at = upload(bufs["da"], rng.integers(0, 256, (BATCH, N)), 2)
+        da_at = upload(bufs["da"], dy, 2)
         xb_at = [upload(bufs["xb0"], x[:, j:j + BWW_TILE], 1) for j in range(0, K, BWW_TILE)]
         first = len(tiles)
         # X^T and the first weight tile: during the last batch's backward-weight
@@ -136,7 +137,8 @@ def layer1_program(dev, rng, batches=3):
                                         (N, BATCH, n), Operand.FP4, Operand.UINT4,
                                         bww_lane, a_sel=1), N * BATCH * n / per))
     prologue = _schedule(tiles, loads, words_per_burst(nib))
-    return prologue, tiles, words
+    return prologue, tiles, words, {"x": x, "w": w, "dy": dy, "fwd_lane": fwd_lane,
+                                    "bww_lane": bww_lane, "bufs": bufs}
 
 
 #: A tile's transfers are planned to take at most this share of its compute time (the
@@ -202,7 +204,8 @@ def measure_streaming(url, reference="emu://", batches=3, seed=0):
             where = ("emu://?" + "&".join(f"{k}={CONFIG[k]}" for k in
                                           ("rows", "cols", "words", "sdram")))
         with Device.open(where, timeout=10) as dev:
-            prologue, tiles, words = layer1_program(dev, np.random.default_rng(seed), batches)
+            prologue, tiles, words, _ = layer1_program(dev, np.random.default_rng(seed),
+                                                       batches)
             pro, window = run_program(dev, prologue, tiles)
             results.append((dev.read(0, words), pro, window, tiles, dev))
     (got, pro, window, tiles, dev), (want, *_) = results

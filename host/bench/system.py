@@ -12,7 +12,10 @@ Everything is measured on the Verilator system model through the driver, over it
   stuffing and CRC included) for a bulk WRITE and a bulk READ of random data;
 * ``sdram_efficiency``: bytes a DMA moved per cycle (STATS ``dma_cycles``) over the SDRAM's
   peak of 2 bytes a cycle (16 bits at the system clock), for long LOADs and STOREs and for
-  tiles whose rows each open a new SDRAM row, with the data checked by reading it back.
+  tiles whose rows each open a new SDRAM row, with the data checked by reading it back;
+* ``sdram_array_utilization``: the Fashion-MNIST layer-1 forward and backward-weight GEMMs
+  with every operand streamed from the SDRAM, on a second model in the ULX3S configuration
+  (:mod:`nibble.host.bench.streaming`), checked bit for bit against ``emu://``.
 """
 
 import itertools
@@ -160,6 +163,12 @@ def bench_system(out_dir="build/bench", docs=None, progress=True, seed=0):
         link = measure_link(dev, rng)
         sdram = measure_sdram(dev, rng)
         util = measure_utilization(dev, rng, DEFAULT_MODELS, progress)
+    from nibble.host.bench.streaming import CONFIG, measure_streaming
+    with serve(**CONFIG) as url:
+        streaming = measure_streaming(url)
+    streaming["harness_report"] = serve.last_report
+    if not streaming["matches_emu"]:
+        raise AssertionError("the streamed GEMMs' scratchpad differs from emu://")
     harness = serve.last_report
     multiples = [r["utilization"] for r in util if r["dims_multiple"]]
     result = {
@@ -174,6 +183,8 @@ def bench_system(out_dir="build/bench", docs=None, progress=True, seed=0):
         "link": link,
         "sdram": sdram,
         "sdram_efficiency": sdram and min(r["efficiency"] for r in sdram[:2]),
+        "sdram_array_utilization": streaming["sdram_array_utilization"],
+        "streaming": streaming,
         "projected_link_mbytes_per_s": {
             f"{name} ({baud / 1e6:g} Mbaud)": round(baud / 10 * min(
                 link["write"]["efficiency"], link["read"]["efficiency"]) / 1e6, 3)
@@ -215,6 +226,23 @@ def system_markdown(r):
             f"{SDRAM_PEAK_BYTES_PER_CYCLE} bytes a cycle), DMA transfers measured with STATS "
             "`dma_cycles`, data read back and checked:", "",
             markdown_table(r["sdram"], SDRAM_COLUMNS), ""]
+    st = r.get("streaming")
+    if st:
+        lines += [
+            f"Operands streamed from the SDRAM ({st['array']} array, the ULX3S's; "
+            f"{st['scratch_words']:,}-word scratchpad; `host/bench/streaming.py`): the "
+            f"Fashion-MNIST layer-1 forward and backward-weight GEMMs of {st['batches']} "
+            f"batches of 64 in {st['gemm_tiles']} tiles, each tile's next operands loaded "
+            "while it runs, the commands queued on the device, the scratchpad bit-identical "
+            "to `emu://` at the end:", "",
+            "| figure | value | target |", "|---|---|---|",
+            f"| sdram_array_utilization (useful MAC cycles {st['useful_mac_cycles']:,} over "
+            f"{st['window_cycles']:,} cycles) | {st['sdram_array_utilization']:.3f} | >= 0.90 |",
+            f"| ... with the first batch's loads ({st['prologue_cycles']:,} cycles) | "
+            f"{st['utilization_with_prologue']:.3f} | |",
+            f"| SDRAM bytes loaded per cycle (peak {SDRAM_PEAK_BYTES_PER_CYCLE}) | "
+            f"{st['sdram_bytes_per_cycle']:.3f} | |",
+            f"| matches emu:// | {st['matches_emu']} | True |", ""]
     proj = ", ".join(f"{k}: {v} MB/s" for k, v in r["projected_link_mbytes_per_s"].items())
     lines.append(f"Payload throughput of the boards' links at that efficiency: {proj}.")
     return "\n".join(lines) + "\n"
