@@ -111,7 +111,8 @@ class Device(wiring.Component):
             units.insert(2, dma)
             m.d.comb += [dma.cfg.eq(dec.dma_args), dma.start.eq(dec.dma_start)]
         m.submodules.arbiter = arb = TensorArbiter(
-            TensorBus.Signature(addr_width=aw, nibbles=nib), len(units))
+            TensorBus.Signature(addr_width=aw, nibbles=nib), len(units),
+            write_first=units.index(dma) if self.chip else None)
         m.submodules.mem = mem = BlockRAM(words, nib)
         wiring.connect(m, wiring.flipped(self.i), rx.i)
         wiring.connect(m, reply.tx, tx.i)

@@ -97,6 +97,9 @@ def cmd_train(args):
         print(f"\ninterrupted after step {r['steps']}: checkpoint {out / CHECKPOINT}; "
               f"continue with: nibble train --device {args.device} --resume {out}")
         return 130
+    if r["config"].get("state_in_sdram"):
+        print("the training state lived in the device's SDRAM (too large for its scratchpad: "
+              "every command paged its buffers through it)")
     curves = {"ibm4 (device)": r["history"]}
     if args.fp32:
         from nibble.host.training.train import TrainConfig, train

@@ -141,18 +141,26 @@ class TensorArbiter(wiring.Component):
     first unit (in ``units`` order) with a request this cycle is granted it; the others
     wait (``ready`` low). Each unit's read ports hold the word of the unit's own last read
     until its next one (a register per unit and read port, read through while the word
-    arrives), so units that share a port never see each other's words."""
+    arrives), so units that share a port never see each other's words.
 
-    def __init__(self, signature, n):
-        self.n = n
+    ``write_first`` names a unit that goes before the others on the write port (the DMA:
+    its loads arrive at the SDRAM's pace, a quarter of the port, and a unit that only gets
+    the cycles a backward-weight GEMM's lanes leave, none, would hold up the next tile; the
+    lanes' writes wait in their streams instead, for as many cycles as the load takes)."""
+
+    def __init__(self, signature, n, write_first=None):
+        self.n, self.write_first = n, write_first
         super().__init__({"units": In(signature).array(n), "mem": Out(signature)})
 
     def elaborate(self, platform):
         m = Module()
         mem, units = self.mem, self.units
-        # the write port: the first requester
+        # the write port: the first requester, ``write_first`` before the others
+        order = list(units)
+        if self.write_first is not None:
+            order.insert(0, order.pop(self.write_first))
         taken = Const(0, 1)
-        for unit in units:
+        for unit in order:
             m.d.comb += unit.wr.ready.eq(mem.wr.ready & ~taken)
             with m.If(~taken & (unit.wr.en != 0)):
                 m.d.comb += [mem.wr.addr.eq(unit.wr.addr), mem.wr.data.eq(unit.wr.data),

@@ -110,7 +110,7 @@ def test_resume_is_bit_identical(small, tmp_path):
 
 
 def test_masters_that_do_not_fit_say_so(capsys):
-    assert main(["train", "--device", "emu://?words=131072", "--dataset", "digits",
+    assert main(["train", "--device", "emu://?words=131072&sdram=", "--dataset", "digits",
                  "--model", "64-512-10", "--quiet", "--no-fp32"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--masters host" in err[0] and "131,072" in err[0]

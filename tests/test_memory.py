@@ -13,9 +13,9 @@ from nibble.rtl.memory import BlockRAM, TensorArbiter, TensorBus, read_ports
 class Shared(wiring.Component):
     """Three buses through the arbiter onto block RAM."""
 
-    def __init__(self, words=16, nibbles=8, n=3):
+    def __init__(self, words=16, nibbles=8, n=3, write_first=None):
         sig = TensorBus.Signature(addr_width=(words - 1).bit_length(), nibbles=nibbles)
-        self.arbiter = TensorArbiter(sig, n)
+        self.arbiter = TensorArbiter(sig, n, write_first)
         self.ram = BlockRAM(words, nibbles)
         super().__init__({"units": wiring.In(sig).array(n)})
 
@@ -28,13 +28,18 @@ class Shared(wiring.Component):
         return m
 
 
-def test_ports_go_to_the_first_asker_and_each_unit_keeps_its_words():
+@pytest.mark.parametrize("write_first", [None, 2])
+def test_ports_go_to_the_first_asker_and_each_unit_keeps_its_words(write_first):
     """Three units ask for random ports at random: each cycle every port goes to the first
-    unit asking for it (the others see ``ready`` low and change nothing), writes land with
-    their nibble enables, and each unit's read port shows the word of its own last granted
-    read, however many reads of other units came since."""
+    unit asking for it (on the write port ``write_first`` before the others; the others see
+    ``ready`` low and change nothing), writes land with their nibble enables, and each
+    unit's read port shows the word of its own last granted read, however many reads of
+    other units came since."""
     words, nib, n = 16, 8, 3
-    dut = Shared(words, nib, n)
+    dut = Shared(words, nib, n, write_first)
+    w_order = list(range(n))
+    if write_first is not None:
+        w_order.insert(0, w_order.pop(write_first))
     rng = np.random.default_rng(5)
     mem = [0] * words
     last = [[None] * 3 for _ in range(n)]          # each unit's word on each read port
@@ -54,11 +59,12 @@ def test_ports_go_to_the_first_asker_and_each_unit_keeps_its_words():
                     ctx.set(port.en, en)
                 reqs.append((wr, rds))
             # the grants this cycle, from the rule
-            w_owner = next((k for k, (wr, _) in enumerate(reqs) if wr[2]), None)
+            w_owner = next((k for k in w_order if reqs[k][0][2]), None)
             r_owner = [next((k for k, (_, rds) in enumerate(reqs) if rds[j][1]), None)
                        for j in range(3)]
             for k, unit in enumerate(dut.units):          # nobody before k asks
-                assert ctx.get(unit.wr.ready) == (w_owner is None or w_owner >= k)
+                ahead = w_order[:w_order.index(k)]
+                assert ctx.get(unit.wr.ready) == (w_owner is None or w_owner not in ahead)
                 for j, port in enumerate(read_ports(unit)):
                     assert ctx.get(port.ready) == (r_owner[j] is None or r_owner[j] >= k)
             before = list(mem)

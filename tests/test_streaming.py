@@ -63,7 +63,7 @@ def test_operands_are_whole_before_their_gemm(program):
         assert np.all(stamp[a0:a1] < i) and np.all(stamp[b0:b1] < i)
         for dma in tile.prefetch:
             load(dma, i)
-    assert len(tiles) == 2 * (2 + 13)        # 2 forward and 13 backward-weight tiles a batch
+    assert len(tiles) == 2 * (4 + 13)        # 4 forward and 13 backward-weight tiles a batch
 
 
 def test_the_transfers_fit_beside_the_compute(program):

@@ -9,8 +9,8 @@ as commands) and the scratchpad holds
 ====================  =========================================  ==========================
 buffer                what                                       words (8 x 16, batch 64)
 ====================  =========================================  ==========================
-``xa``                X^T codes, forward's A (784 x 64)          3,136
-``wb0``, ``wb1``      W^T tiles of 64 columns, forward's B       2 x 3,136
+``xa0``, ``xa1``      X^T codes, forward's A (784 x 64), by batch 2 x 3,136
+``wb0``, ``wb1``      W^T tiles of 32 columns, forward's B       2 x 1,568
 ``fo``                the forward's UINT4 output (128 x 64)      512
 ``da``                dY^T FP4 pairs, backward-weight's A        1,024
 ``xb0``, ``xb1``      X tiles of 64 columns, backward-weight's B 2 x 256
@@ -19,11 +19,17 @@ buffer                what                                       words (8 x 16, 
 
 15,552 words in all: the schedule needs a 16K-word scratchpad (an 8K one cannot hold the
 forward's X^T beside two weight tiles). The host sends, for each GEMM tile, the GEMM and
-then the transfers of the next tile's operands: the decoder queues the GEMM until every
-unit is idle (so it starts the cycle the previous tile and its loads have ended) and starts
-each DMA at once while the GEMM runs (into a buffer the running GEMM does not read). X^T of
-the next batch loads during this batch's backward-weight, dY^T during the forward, so in
-steady state nothing waits but the array.
+then the transfers of later tiles' operands: the decoder queues the GEMM until every unit
+is idle (so it starts the cycle the previous tile and its loads have ended) and starts each
+DMA at once while the GEMM runs (into a buffer the running GEMM does not read).
+
+Where the loads go is set by the write port: tensor memory has one, and a backward-weight
+tile writes a RAW word every cycle (64 x 128 results of 32 bits in 4,096 cycles), so a load
+beside it only gets the cycles the lanes leave. The schedule therefore puts the big loads
+(the next batch's X^T, the next weight tiles, dY^T) beside the forward tiles, which write
+almost nothing, and only each backward-weight tile's next X tile (256 words) beside the
+backward-weight tiles; a tile's loads are planned to fit 80 % of the SDRAM time and of the
+write-port time its GEMM leaves free.
 
 The weight gradient tile stays on chip (the element-wise update would consume it there);
 storing RAW dW to the SDRAM is 4 bytes per weight, twice the array's rate on this GEMM,
@@ -51,7 +57,7 @@ __all__ = ["CONFIG", "layer1_program", "measure_streaming", "run_program"]
 CONFIG = {"rows": 8, "cols": 16, "words": 16384, "clk_hz": 45_000_000,
           "sdram": "is42s16160"}
 K, N, BATCH = 784, 128, 64           # layer 1 of the Fashion-MNIST MLP
-FWD_TILE, BWW_TILE = 64, 64          # columns of W^T (forward) and X (backward-weight)
+FWD_TILE, BWW_TILE = 32, 64          # columns of W^T (forward) and X (backward-weight)
 
 
 @dataclass
@@ -59,6 +65,7 @@ class Tile:
     """One GEMM and the transfers that start while it runs."""
     gemm: dict
     useful: float                    # M * L * N / (R * C)
+    out_words: int                   # words its GEMM writes
     prefetch: list = field(default_factory=list)     # DMA_ARGS values
 
 
@@ -72,7 +79,8 @@ def _buffers(nib):
         out[name] = Buffer(addr, rows, elems, en, stride)
         addr += rows * stride
 
-    put("xa", K, BATCH, 1)
+    put("xa0", K, BATCH, 1)
+    put("xa1", K, BATCH, 1)
     put("wb0", K, FWD_TILE, 1)
     put("wb1", K, FWD_TILE, 1)
     put("fo", N, BATCH, 1)
@@ -110,24 +118,29 @@ def layer1_program(dev, rng, batches=3):
     fwd_lane = lane_cfg(OutputPath.RESCALE, m=40000, s=20, relu=1)
     bww_lane = lane_cfg(OutputPath.RAW, phase=1)
     per = dev.rows * dev.cols
+    n_fwd = len(w_at)
     tiles, loads = [], []          # loads: (earliest tile, deadline tile, buffer, burst)
     for b in range(batches):
         x, dy = rng.integers(0, 16, (BATCH, K)), rng.integers(0, 256, (BATCH, N))
-        xa_at = upload(bufs["xa"], x.T, 1)
+        xa = bufs[f"xa{b % 2}"]
+        xa_at = upload(xa, x.T, 1)
         da_at = upload(bufs["da"], dy, 2)
         xb_at = [upload(bufs["xb0"], x[:, j:j + BWW_TILE], 1) for j in range(0, K, BWW_TILE)]
         first = len(tiles)
-        # X^T and the first weight tile: during the last batch's backward-weight
-        earliest = first - len(xb_at) if b else -1
-        loads += [(earliest, first, bufs["xa"], xa_at), (earliest, first, bufs["wb0"], w_at[0])]
+        # X^T: from the last batch's first tile on (into the other buffer); the first
+        # weight tile once the last batch's forward has read it for the last time
+        prev = first - n_fwd - len(xb_at)                # the last batch's first tile
+        last_wb0 = (n_fwd - 1) // 2 * 2                  # its last forward tile on wb0
+        loads += [(prev if b else -1, first, xa, xa_at),
+                  (prev + last_wb0 + 1 if b else -1, first, bufs["wb0"], w_at[0])]
         for t, j in enumerate(range(0, N, FWD_TILE)):
             out = Buffer(bufs["fo"].addr + j * bufs["fo"].stride, FWD_TILE, BATCH, 1,
                          bufs["fo"].stride)
             if t:
                 loads.append((first + t - 1, first + t, bufs[f"wb{t % 2}"], w_at[t]))
-            tiles.append(Tile(gemm_args(bufs["xa"], bufs[f"wb{t % 2}"], out,
-                                        (BATCH, K, FWD_TILE), Operand.UINT4, Operand.INT4,
-                                        fwd_lane), BATCH * K * FWD_TILE / per))
+            tiles.append(Tile(gemm_args(xa, bufs[f"wb{t % 2}"], out, (BATCH, K, FWD_TILE),
+                                        Operand.UINT4, Operand.INT4, fwd_lane),
+                              BATCH * K * FWD_TILE / per, out.rows * out.stride))
         bww = len(tiles)
         loads.append((first, bww, bufs["da"], da_at))
         for t, j in enumerate(range(0, K, BWW_TILE)):
@@ -135,7 +148,8 @@ def layer1_program(dev, rng, batches=3):
             loads.append((bww + t - 1, bww + t, bufs[f"xb{t % 2}"], xb_at[t]))
             tiles.append(Tile(gemm_args(bufs["da"], bufs[f"xb{t % 2}"], bufs["go"],
                                         (N, BATCH, n), Operand.FP4, Operand.UINT4,
-                                        bww_lane, a_sel=1), N * BATCH * n / per))
+                                        bww_lane, a_sel=1), N * BATCH * n / per,
+                              n * bufs["go"].stride))
     prologue = _schedule(tiles, loads, words_per_burst(nib))
     return prologue, tiles, words, {"x": x, "w": w, "dy": dy, "fwd_lane": fwd_lane,
                                     "bww_lane": bww_lane, "bufs": bufs}
@@ -166,7 +180,8 @@ def _schedule(tiles, loads, wpb):
     for item in [p for p in pending if p[1] == 0]:
         take(item, 1 << 30, prologue)
     for i, tile in enumerate(tiles):
-        budget = DMA_SHARE * tile.useful / CYCLES_PER_BURST
+        budget = DMA_SHARE * min(tile.useful / CYCLES_PER_BURST,
+                                 (tile.useful - tile.out_words) / wpb)
         for item in pending:
             total = item[2].words // wpb
             if item[4] == total or item[0] > i:

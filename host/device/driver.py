@@ -16,6 +16,7 @@ clear message for every other error reply. A reply is accepted only with a good 
 result is either exact or an exception.
 """
 
+import select
 import time
 import urllib.parse
 
@@ -122,9 +123,15 @@ def open_transport(url, baudrate=None, timeout=0.002):
             raise DeviceError(f"bad device URL {url}: {e}") from e
     import serial
     try:
-        return serial.serial_for_url(url, baudrate=baudrate or DEFAULT_BAUD, timeout=timeout)
+        t = serial.serial_for_url(url, baudrate=baudrate or DEFAULT_BAUD, timeout=timeout)
     except (serial.SerialException, OSError, ValueError) as e:
         raise DeviceError(f"cannot open {url}: {e}") from e
+    if hasattr(t, "fileno"):
+        # pyserial's read(n) waits out its whole timeout unless n bytes come: read what has
+        # arrived (timeout 0) and wait for more with select() on the port instead, so a
+        # reply is taken the moment it lands (2 ms a request otherwise)
+        t.timeout = 0
+    return t
 
 
 class Device:
@@ -194,16 +201,22 @@ class Device:
     def _await(self, seq, deadline):
         """The reply frame numbered ``seq``, or None at the deadline."""
         instant = getattr(self.t, "instant", False)
+        fileno = getattr(self.t, "fileno", None)
         while True:
-            # a short read timeout on the transport: returns what arrived within it
+            # what has arrived (a port with a file number), or what arrives within the
+            # transport's short read timeout
             chunk = self.t.read(4096)
             if chunk:
                 self.wire_received += len(chunk)
                 for frame in self._dec.feed(chunk):
                     if frame.seq == seq:
                         return frame
-            elif instant or time.monotonic() > deadline:
+                continue
+            left = deadline - time.monotonic()
+            if instant or left < 0:
                 return None
+            if fileno is not None:
+                select.select([fileno()], [], [], min(left, 0.05))
 
     def request(self, op, payload=b"", wait_busy=True):
         """Send one request; returns the reply payload or raises."""

@@ -48,8 +48,8 @@ from nibble.rtl.formats import (
 )
 from nibble.rtl.sdram import BURST_BITS, CHIPS
 
-__all__ = ["EmuTransport", "Emulator", "dma_apply", "dma_check", "gemm_apply", "vector_apply",
-           "vector_check"]
+__all__ = ["EmuTransport", "Emulator", "dma_apply", "dma_check", "gemm_apply", "gemm_regions",
+           "vec_regions", "vector_apply", "vector_check"]
 
 
 def _region(mem, nib, addr, rows, stride):
@@ -81,19 +81,29 @@ def gemm_check(cfg, rows, cols, mem_words):
         return False
     if path == OutputPath.RESCALE and cfg["operands"]["a_fp4"]:
         return False            # RESCALE takes forward (non-FP4) accumulators only
+    if cfg["out_stride"] * nib < cfg["m"] * element_nibbles(path):
+        return False
+    return all(addr + (rows_ - 1) * stride + words <= mem_words
+               for addr, stride, rows_, words, _ in gemm_regions(cfg, rows, cols))
+
+
+def gemm_regions(cfg, rows, cols):
+    """(addr, stride, rows, row words, written) of each buffer the GEMM command ``cfg``
+    touches: A, B, the output and, for a masked LOG4 GEMM, the mask codes."""
+    nib = word_nibbles(rows, cols)
+    lane = cfg["lane"]
+    path = lane["path"]
     ea = 2 if cfg["a_pair"] else 1
-    eo = element_nibbles(path)
     m_pad = -(-cfg["m"] // rows) * rows
     n_pad = -(-cfg["n"] // cols) * cols
-    if cfg["out_stride"] * nib < cfg["m"] * eo:
-        return False
-    bufs = [(cfg["a_addr"], cfg["a_stride"], cfg["l"], row_words(m_pad, ea, nib)),
-            (cfg["b_addr"], cfg["b_stride"], cfg["l"], row_words(n_pad, 1, nib)),
-            (cfg["out_addr"], cfg["out_stride"], cfg["n"], row_words(cfg["m"], eo, nib))]
+    bufs = [(cfg["a_addr"], cfg["a_stride"], cfg["l"], row_words(m_pad, ea, nib), False),
+            (cfg["b_addr"], cfg["b_stride"], cfg["l"], row_words(n_pad, 1, nib), False),
+            (cfg["out_addr"], cfg["out_stride"], cfg["n"],
+             row_words(cfg["m"], element_nibbles(path), nib), True)]
     if path == OutputPath.LOG4 and lane["log4"]["mask"] != MaskMode.NONE:
-        bufs.append((cfg["mask_addr"], cfg["mask_stride"], cfg["n"], row_words(m_pad, 1, nib)))
-    return all(addr + (rows_ - 1) * stride + words <= mem_words
-               for addr, stride, rows_, words in bufs)
+        bufs.append((cfg["mask_addr"], cfg["mask_stride"], cfg["n"], row_words(m_pad, 1, nib),
+                     False))
+    return bufs
 
 
 def gemm_apply(mem, cfg, rows, cols):
@@ -144,7 +154,7 @@ def code_sums(mem, nib, addr, count):
     return int(np.abs(codes).sum()), int((codes * codes).sum())
 
 
-def _vec_buffers(cfg, nib):
+def vec_regions(cfg, nib):
     """(addr, stride, rows, row words, written) of each buffer a VECTOR command touches."""
     op, rows, cols = cfg["op"], cfg["rows"], cfg["cols"]
     if op == VecOp.TRANSPOSE:
@@ -167,7 +177,7 @@ def vector_check(cfg, rows, cols, mem_words):
     if not (cfg["rows"] and cfg["cols"] and cfg["op"] <= VecOp.REQUANT):
         return False
     return all(addr + (n - 1) * stride + words <= mem_words and not (wr and stride < words)
-               for addr, stride, n, words, wr in _vec_buffers(cfg, nib))
+               for addr, stride, n, words, wr in vec_regions(cfg, nib))
 
 
 def _read(mem, nib, buf, elems, e, signed_bits=None):
@@ -180,7 +190,7 @@ def vector_apply(mem, cfg, rows, cols):
     """Run the VECTOR command ``cfg`` on ``mem`` as the element-wise unit does; returns the
     SAWB sums ``(sum_abs, sum_sq)`` of an UPDATE, else None."""
     nib = word_nibbles(rows, cols)
-    bufs = _vec_buffers(cfg, nib)
+    bufs = vec_regions(cfg, nib)
     op, n_cols = cfg["op"], cfg["cols"]
     if op == VecOp.TRANSPOSE:
         e = 2 if cfg["pair"] else 1

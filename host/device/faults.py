@@ -17,6 +17,8 @@ class FaultyTransport:
         self.rng = np.random.default_rng(seed)
         self.faults = {"flip": 0, "drop": 0, "dup": 0}
         self.instant = getattr(inner, "instant", False)
+        if hasattr(inner, "fileno"):              # the driver waits on it with select()
+            self.fileno = inner.fileno
 
     def _damage(self, data):
         if not data or not self.rate:

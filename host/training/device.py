@@ -16,9 +16,12 @@ tensor memory and drives a training step through the driver, whichever device it
   step the host computes from those statistics, then TRANSPOSE for backward-data.
 
 Every scale is a function of integers the device returns (absmax, SAWB sums), so two
-devices that compute bit-exactly train bit-identically. ``masters="host"`` keeps the master
-weights on the host instead (for models whose masters do not fit a board's memory): the
-host downloads dW, runs the same fixed-point update
+devices that compute bit-exactly train bit-identically. On a device with an SDRAM whose
+scratchpad cannot hold the state, the state lives in the SDRAM and every command pages its
+buffers through the scratchpad (:class:`~nibble.host.device.paged.PagedDevice`; the same
+numbers, bit for bit). ``masters="host"`` keeps the master weights on the host instead (for
+models whose masters do not fit a board's memory): the host downloads dW, runs the same
+fixed-point update
 (:func:`~nibble.host.golden.numerics.master_update`) and uploads the codes; the numbers are
 identical, only the link cost differs.
 
@@ -36,6 +39,7 @@ import numpy as np
 from nibble.host.device.commands import gemm_args, lane_cfg, vector_args
 from nibble.host.device.driver import DeviceError
 from nibble.host.device.layout import Buffer, pack, row_words, unpack
+from nibble.host.device.paged import PagedDevice
 from nibble.host.golden.gemm import gemm_forward
 from nibble.host.golden.numerics import (
     FP4Tensor,
@@ -188,11 +192,17 @@ class DeviceMLP:
         self.terms = 2 if cfg.out_grad == "fp4x2" else 1
         self.plan = plan_memory(self.sizes, cfg.batch_size, dev.word_nibbles, pad, cfg.masters,
                                 self.terms)
+        #: the state lives in the SDRAM and every command pages through the scratchpad
+        #: (a device with an SDRAM, when the state does not fit its scratchpad)
+        self.paged = self.plan.end > dev.mem_words and bool(getattr(dev, "ext_bursts", 0))
+        if self.paged:
+            self.dev = dev = PagedDevice(dev)
         if self.plan.end > dev.mem_words:
             need = self.plan.end
             msg = (f"the {'-'.join(map(str, self.sizes))} model at batch {cfg.batch_size} "
                    f"needs {need:,} words of tensor memory with its master weights on the "
-                   f"device; {dev.url} has {dev.mem_words:,}")
+                   f"device; {dev.url} has {dev.mem_words:,}"
+                   + (" (its SDRAM)" if self.paged else ""))
             if cfg.masters == "device":
                 host_need = memory_words(self.sizes, cfg.batch_size, dev.word_nibbles, pad,
                                          "host", self.terms)

@@ -123,7 +123,8 @@ class Session:
                        "lr": cfg.lr, "momentum": cfg.momentum, "seed": cfg.seed,
                        "masters": cfg.masters, "out_grad": cfg.out_grad, "act": cfg.act,
                        "alpha_init": cfg.alpha_init, "act_clip": cfg.act_clip, "epochs": epochs,
-                       "device": dev.url, "device_info": dev.info}
+                       "device": dev.url, "device_info": dev.info,
+                       "state_in_sdram": self.mlp.paged}
         if resume is not None:
             self._resume(resume)
         else:

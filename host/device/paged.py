@@ -1,0 +1,247 @@
+"""A device's SDRAM as its tensor memory: the host pages each command's buffers through the
+scratchpad.
+
+:class:`PagedDevice` wraps a :class:`~nibble.host.device.driver.Device` that has an SDRAM
+and looks like a device whose tensor memory is that SDRAM (``mem_words`` = the SDRAM's
+words), so a model whose training state does not fit the scratchpad trains with the same
+code (:class:`~nibble.host.training.device.DeviceMLP`), bit for bit as it would on a device
+with that much block RAM. Per GEMM or VECTOR command:
+
+1. the regions its arguments name (:func:`~nibble.host.device.emu.gemm_regions`,
+   :func:`~nibble.host.device.emu.vec_regions`) become spans of whole 16-byte bursts; spans
+   that share a burst merge into one block, so a store never writes a burst that another
+   copy of it holds;
+2. every block is loaded into the scratchpad by DMA (LOADs are sent back to back: the DMA
+   queues them), the command runs on the copies with its addresses moved, and the blocks it
+   wrote are stored back once it has ended;
+3. a command whose blocks do not fit the scratchpad is split first: a GEMM along N (its
+   output rows, B's columns, in multiples of a word's codes), an UPDATE or REQUANT along
+   its rows; the parts' statistics combine exactly (absmax: the largest; clip and SAWB
+   sums, cycles and beats: the total).
+
+WRITE and READ from the host go to the SDRAM through a staging area (the driver's
+``ext_write``/``ext_read``). Nothing here overlaps transfers with compute: that schedule is
+:mod:`nibble.host.bench.streaming`'s (``make bench-system``); this is the simple, exact path
+a model of any size trains on, and ``counters`` says what it moved.
+"""
+
+from nibble.host.device.driver import DeviceError
+from nibble.host.device.emu import gemm_regions, vec_regions
+from nibble.rtl.dma import words_per_burst
+from nibble.rtl.formats import VecOp
+
+__all__ = ["PagedDevice"]
+
+_SUMMED = ("clip_sum", "gemm_cycles", "beats", "vec_cycles", "w_sum_abs", "w_sum_sq")
+
+
+class PagedDevice:
+    """``dev`` (with an SDRAM) with the SDRAM as its tensor memory (see the module)."""
+
+    def __init__(self, dev):
+        if not dev.ext_bursts:
+            raise DeviceError(f"{dev.url} has no SDRAM to page through")
+        self.dev = dev
+        self.rows, self.cols, self.url = dev.rows, dev.cols, dev.url
+        self.word_nibbles, self.info = dev.word_nibbles, dev.info
+        self.wpb = words_per_burst(dev.word_nibbles)
+        self.mem_words = dev.ext_bursts * self.wpb
+        self.scratch = dev.mem_words
+        self.counters = {"dma_loads": 0, "dma_stores": 0, "dma_bytes": 0, "dma_cycles": 0,
+                         "split_commands": 0}
+
+    # the driver's link counters, for link-byte accounting
+    def __getattr__(self, name):
+        if name in ("wire_sent", "wire_received", "io_seconds", "frames_sent",
+                    "payload_sent", "payload_received", "word_bytes"):
+            return getattr(self.dev, name)
+        raise AttributeError(name)
+
+    def stats(self):
+        return self.dev.stats()
+
+    # -- host data ---------------------------------------------------------------------------
+    def write(self, addr, data):
+        data = bytes(data)
+        wb, wpb = self.dev.word_bytes, self.wpb
+        lo, hi = addr // wpb, -(-(addr + len(data) // wb) // wpb)
+        raw = bytearray(self.dev.ext_read(lo, hi - lo, self._staging())
+                        if (addr % wpb or (addr + len(data) // wb) % wpb) else
+                        bytes((hi - lo) * 16))
+        off = (addr - lo * wpb) * wb
+        raw[off:off + len(data)] = data
+        self.dev.ext_write(lo, bytes(raw), self._staging())
+
+    def read(self, addr, words):
+        wb, wpb = self.dev.word_bytes, self.wpb
+        lo, hi = addr // wpb, -(-(addr + words) // wpb)
+        raw = self.dev.ext_read(lo, hi - lo, self._staging())
+        off = (addr - lo * wpb) * wb
+        return raw[off:off + words * wb]
+
+    def _staging(self):
+        return (0, self.scratch - self.scratch % self.wpb)
+
+    # -- commands ------------------------------------------------------------------------------
+    def gemm(self, cfg, wait=True):
+        return self._run(cfg, self._gemm_parts(cfg), "gemm")
+
+    def vector(self, cfg, wait=True):
+        return self._run(cfg, self._vec_parts(cfg), "vector")
+
+    def wait(self):
+        return self.dev.wait()
+
+    def _regions(self, kind, cfg):
+        """(addr, stride, rows, row words, written, address field, stride field)."""
+        if kind == "gemm":
+            regions = gemm_regions(cfg, self.rows, self.cols)
+            fields = [("a_addr", "a_stride"), ("b_addr", "b_stride"), ("out_addr", "out_stride"),
+                      ("mask_addr", "mask_stride")]
+        else:
+            regions = vec_regions(cfg, self.word_nibbles)
+            fields = [("a_addr", None), ("b_addr", None), ("c_addr", None)]
+        return [(*r, *f) for r, f in zip(regions, fields, strict=False)]
+
+    def _blocks(self, kind, cfg):
+        """How a command's regions are copied: a list of blocks ``[first burst, rows,
+        bursts a row, SDRAM stride in bursts, written, [(address field, stride field)]]``.
+        A region whose rows are a whole number of bursts apart and far apart (a column
+        slice of a wider buffer) and that shares no burst with another is copied row by row
+        (packed); the others as one span of bursts, merged with any span they share a burst
+        with."""
+        wpb = self.wpb
+        spans = []
+        for addr, stride, n, words, written, fa, fs in self._regions(kind, cfg):
+            end = addr + (n - 1) * stride + words
+            spans.append([addr // wpb, -(-end // wpb), written, [(fa, fs)], addr, stride, n,
+                          words])
+        spans.sort(key=lambda x: x[:2])
+        merged = []
+        for sp in spans:
+            if merged and sp[0] < merged[-1][1]:
+                last = merged[-1]
+                last[1] = max(last[1], sp[1])
+                last[2] = last[2] or sp[2]
+                last[3] += sp[3]
+                last[4] = None                       # a merged span: copied whole
+            else:
+                merged.append(sp)
+        blocks = []
+        for lo, hi, written, fields, addr, stride, n, words in merged:
+            per = -(-(addr % wpb + words) // wpb) if addr is not None else 0
+            if (addr is not None and fields[0][1] and stride % wpb == 0 and n > 1
+                    and per * n < hi - lo):
+                blocks.append([lo, n, per, stride // wpb, written, fields])
+            else:
+                blocks.append([lo, 1, hi - lo, hi - lo, written, fields])
+        return blocks
+
+    def _fits(self, kind, cfg):
+        return sum(rows * per for _, rows, per, _, _, _ in self._blocks(kind, cfg)) * self.wpb \
+            <= self.scratch
+
+    def _gemm_parts(self, cfg):
+        """The GEMM as parts along N that each fit the scratchpad."""
+        step = self.word_nibbles                      # B columns: whole words of codes
+        n = cfg["n"]
+        for parts in range(1, -(-n // step) + 1):
+            width = -(-_ceil(n, parts) // step) * step
+            cut = [replace_cfg(cfg, n0, min(n0 + width, n), self.word_nibbles)
+                   for n0 in range(0, n, width)]
+            if all(self._fits("gemm", c) for c in cut):
+                return cut
+        raise DeviceError(f"a GEMM of {cfg['m']}x{cfg['l']}x{cfg['n']} does not fit "
+                          f"{self.scratch:,} words of scratchpad even one word of B wide")
+
+    def _vec_parts(self, cfg):
+        """The VECTOR operation as parts along its rows (UPDATE, REQUANT) that each fit."""
+        if self._fits("vector", cfg):
+            return [cfg]
+        if cfg["op"] == VecOp.TRANSPOSE:
+            raise DeviceError(f"a {cfg['rows']}x{cfg['cols']} TRANSPOSE does not fit "
+                              f"{self.scratch:,} words of scratchpad")
+        rows = cfg["rows"]
+        for parts in range(2, rows + 1):
+            height = -(-rows // parts)
+            cut = [_vec_rows(cfg, r0, min(r0 + height, rows)) for r0 in range(0, rows, height)]
+            if all(self._fits("vector", c) for c in cut):
+                return cut
+        raise DeviceError(f"a VECTOR row of {cfg['cols']} elements does not fit the scratchpad")
+
+    def _run(self, cfg, parts, kind):
+        if len(parts) > 1:
+            self.counters["split_commands"] += 1
+        total = None
+        for part in parts:
+            stats = self._run_one(kind, part)
+            if total is None:
+                total = dict(stats)
+            else:
+                for key in _SUMMED:
+                    if key in stats:
+                        total[key] += stats[key]
+                total["absmax"] = max(total["absmax"], stats["absmax"])
+                total["cycles"] = stats["cycles"]
+        return total
+
+    def _run_one(self, kind, cfg):
+        dev, wpb = self.dev, self.wpb
+        moved, at = dict(cfg), 0
+        blocks = self._blocks(kind, cfg)
+        for lo, rows, per, _, _, fields in blocks:
+            for fa, fs in fields:
+                if rows > 1:                          # packed rows: a new stride
+                    moved[fa] = at + cfg[fa] % wpb
+                    moved[fs] = per * wpb
+                else:
+                    moved[fa] = cfg[fa] - lo * wpb + at
+            at += rows * per * wpb
+        at = 0
+        for lo, rows, per, ext_stride, _, _ in blocks:
+            self._dma(0, lo, rows, per, ext_stride, at)
+            at += rows * per * wpb
+        stats = dev.gemm(moved) if kind == "gemm" else dev.vector(moved)
+        at = 0
+        for lo, rows, per, ext_stride, written, _ in blocks:
+            if written:
+                self._dma(1, lo, rows, per, ext_stride, at)
+            at += rows * per * wpb
+        dev.wait()
+        return stats
+
+    def _dma(self, store, burst, rows, per, ext_stride, mem):
+        """Move ``rows`` rows of ``per`` bursts (``ext_stride`` apart in the SDRAM, packed
+        from word ``mem`` in the scratchpad), in DMAs of at most 32,767 bursts."""
+        most = (1 << 15) - 1
+        if rows > 1:
+            chunks = [(0, rows, per)]
+        else:
+            chunks = [(off, 1, min(most, per - off)) for off in range(0, per, most)]
+        for off, r, k in chunks:
+            self.dev.dma({"store": store, "rows": r, "bursts": k,
+                          "mem_addr": mem + off * self.wpb, "mem_stride": k * self.wpb,
+                          "ext_addr": burst + off, "ext_stride": ext_stride if r > 1 else k},
+                         wait=False)
+            self.counters["dma_stores" if store else "dma_loads"] += 1
+            self.counters["dma_bytes"] += 16 * r * k
+
+
+def replace_cfg(cfg, n0, n1, nib):
+    """GEMM_ARGS of output rows (B columns) ``n0 .. n1 - 1`` of ``cfg``; ``n0`` a multiple of
+    a word's codes."""
+    out = dict(cfg, n=n1 - n0, b_addr=cfg["b_addr"] + n0 // nib,
+               out_addr=cfg["out_addr"] + n0 * cfg["out_stride"])
+    if cfg["mask_stride"] or cfg["mask_addr"]:
+        out["mask_addr"] = cfg["mask_addr"] + n0 * cfg["mask_stride"]
+    return out
+
+
+def _vec_rows(cfg, r0, r1):
+    return dict(cfg, rows=r1 - r0, a_addr=cfg["a_addr"] + r0 * cfg["a_stride"],
+                b_addr=cfg["b_addr"] + r0 * cfg["b_stride"],
+                c_addr=cfg["c_addr"] + r0 * cfg["b_stride"])
+
+
+def _ceil(a, b):
+    return -(-a // b)

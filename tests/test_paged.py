@@ -1,0 +1,81 @@
+"""Training state in the SDRAM (host/device/paged.py): a device whose scratchpad is far too
+small trains bit-identically to one whose block RAM holds everything, and the paging's own
+parts (unaligned host writes, GEMMs split along N, VECTORs split along rows) are exact."""
+
+import numpy as np
+import pytest
+
+from nibble.host.device.commands import lane_cfg, plan_gemm, vector_args
+from nibble.host.device.driver import Device
+from nibble.host.device.paged import PagedDevice
+from nibble.host.golden.tiling import Gemm
+from nibble.host.training import datasets
+from nibble.host.training.device import DeviceTrainConfig
+from nibble.host.training.session import Session
+from nibble.rtl.formats import MaskMode, Operand, OutputPath, VecOp
+
+SMALL = "emu://?words=1024&sdram=is42s16160"        # 4 KB of scratchpad, 32 MB of SDRAM
+
+
+def test_a_model_in_the_sdram_trains_bit_identically():
+    data = datasets.load("digits")
+    cfg = DeviceTrainConfig(sizes=[64, 32, 10], batch_size=16, seed=3)
+    runs = []
+    for url in ("emu://?words=65536", SMALL):
+        with Device.open(url) as dev:
+            session = Session(dev, data, cfg, 1)
+            session.run(progress=False, max_steps=12)
+            runs.append((session.losses, session.mlp.masters(), session.mlp.weight_codes(),
+                         session.mlp.paged, getattr(session.mlp.dev, "counters", None)))
+    (l0, (w0, v0), c0, p0, _), (l1, (w1, v1), c1, p1, counters) = runs
+    assert not p0 and p1
+    assert l0 == l1 and len(l0) == 12
+    for a, b in zip([*w0, *v0, *c0], [*w1, *v1, *c1], strict=True):
+        assert np.array_equal(a, b)
+    assert counters["split_commands"] > 0 and counters["dma_stores"] > 0
+
+
+@pytest.fixture
+def pair():
+    with Device.open(SMALL) as small, Device.open("emu://?words=65536&sdram=") as big:
+        yield PagedDevice(small), big
+
+
+def test_host_writes_and_reads_at_any_word(pair):
+    paged, big = pair
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        addr, n = int(rng.integers(0, 5000)), int(rng.integers(1, 900))
+        data = rng.integers(0, 256, n * paged.word_bytes, dtype=np.uint8).tobytes()
+        paged.write(addr, data)
+        big.write(addr, data)
+    assert paged.read(0, 6000) == big.read(0, 6000)
+
+
+@pytest.mark.parametrize("path", [OutputPath.RAW, OutputPath.LOG4])
+def test_split_commands_equal_whole_ones(pair, path):
+    """A GEMM too big for the scratchpad (split along N) and an UPDATE (split along rows)
+    leave the same memory and statistics as on a device that holds them whole."""
+    paged, big = pair
+    rng = np.random.default_rng(int(path))
+    m, red, n = 16, 40, 640
+    gemm = Gemm(rng.integers(-8, 8, (m, red)), rng.integers(-8, 8, (red, n)), Operand.INT4,
+                Operand.INT4)
+    lane = lane_cfg(path, exp=2, mask=MaskMode.PACT) if path is OutputPath.LOG4 else \
+        lane_cfg(path)
+    plan = plan_gemm(gemm, lane, paged.word_nibbles, paged.rows, paged.cols,
+                     mask_codes=rng.integers(0, 16, (m, n)), base=100)
+    words = max(b.end for b in (plan.a, plan.b, plan.out, plan.mask) if b is not None)
+    base = rng.integers(0, 256, words * paged.word_bytes, dtype=np.uint8).tobytes()
+    got = []
+    for dev in (paged, big):
+        dev.write(0, base)
+        for buf, raw in plan.uploads:
+            dev.write(buf.addr, raw)
+        st = dev.gemm(plan.cfg)
+        upd = dev.vector(vector_args(VecOp.UPDATE, 300, 4, (0, 4), (1300, 4), 2500, mu=900,
+                                     m=20000, s=18))
+        got.append((dev.read(0, words), st["absmax"], st["clip_sum"], upd["w_sum_abs"],
+                    upd["w_sum_sq"]))
+    assert got[0] == got[1]
+    assert paged.counters["split_commands"] == 2
