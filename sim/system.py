@@ -41,6 +41,20 @@ SYSTEM_WAIVED = [*WAIVED, "ALWNEVER"]
 DEFAULTS = dict(SIM_DEVICE)
 
 
+def board_config(name):
+    """The system model's configuration of a board (``gateware.boards.BOARDS``): its array,
+    scratchpad, clock and SDRAM."""
+    from nibble.gateware.boards import BOARDS
+    b = BOARDS[name]
+    return {"rows": b.rows, "cols": b.cols, "words": b.mem_words, "clk_hz": b.clk_hz,
+            "sdram": b.sdram or ""}
+
+
+def emu_url(config):
+    """The ``emu://`` URL of the same configuration."""
+    return "emu://?" + "&".join(f"{k}={config[k]}" for k in ("rows", "cols", "words", "sdram"))
+
+
 def model_key(rows, cols, words, clk_hz, flags, sdram=""):
     """The cache key of a system model: a hash of everything it is built from (the design's
     sources, the harness, the parameters, the build flags and the tools' versions), known

@@ -11,8 +11,9 @@ from nibble.host.device.driver import Device
 from nibble.host.golden.tiling import Gemm
 from nibble.rtl.dma import words_per_burst
 from nibble.rtl.formats import Operand
+from nibble.sim.system import emu_url
 
-URL = "emu://?" + "&".join(f"{k}={CONFIG[k]}" for k in ("rows", "cols", "words", "sdram"))
+URL = emu_url(CONFIG)
 
 
 def _regions(gemm, nib):

@@ -50,12 +50,12 @@ from nibble.host.device.layout import Buffer, pack
 from nibble.host.golden.tiling import code_bits
 from nibble.rtl.dma import words_per_burst
 from nibble.rtl.formats import Operand, OutputPath
+from nibble.sim.system import board_config, emu_url
 
 __all__ = ["CONFIG", "layer1_program", "measure_streaming", "run_program"]
 
-#: The device configuration: the ULX3S's array, a 16K-word scratchpad, its SDRAM.
-CONFIG = {"rows": 8, "cols": 16, "words": 16384, "clk_hz": 45_000_000,
-          "sdram": "is42s16160"}
+#: The device configuration: the ULX3S's (8 x 16 array, 16K-word scratchpad, its SDRAM).
+CONFIG = board_config("ulx3s-85f")
 K, N, BATCH = 784, 128, 64           # layer 1 of the Fashion-MNIST MLP
 FWD_TILE, BWW_TILE = 32, 64          # columns of W^T (forward) and X (backward-weight)
 
@@ -216,8 +216,7 @@ def measure_streaming(url, reference="emu://", batches=3, seed=0):
     results = []
     for where in (url, reference):
         if where.startswith("emu://"):
-            where = ("emu://?" + "&".join(f"{k}={CONFIG[k]}" for k in
-                                          ("rows", "cols", "words", "sdram")))
+            where = emu_url(CONFIG)
         with Device.open(where, timeout=10) as dev:
             prologue, tiles, words, _ = layer1_program(dev, np.random.default_rng(seed),
                                                        batches)

@@ -29,7 +29,7 @@ from nibble.host.device.driver import Device
 from nibble.host.report import markdown_table, update_doc_section, write_json
 from nibble.host.training import datasets
 from nibble.host.training.device import DeviceTrainConfig, memory_words, plan_memory
-from nibble.host.training.session import Session, train_on_device
+from nibble.host.training.session import Session, batch_bytes, train_on_device
 from nibble.host.training.train import TrainConfig, train
 
 __all__ = ["bench_train"]
@@ -44,6 +44,7 @@ def _board_rows():
     design fits, else the board's target clock."""
     from nibble.gateware.boards import BOARDS
     from nibble.rtl.formats import word_nibbles
+    from nibble.rtl.sdram import CHIPS
     out = []
     for name, b in BOARDS.items():
         rep = Path("build") / name / "report.json"
@@ -55,9 +56,11 @@ def _board_rows():
             else:
                 note = "target; the bitstream does not fit"
         nib = word_nibbles(b.rows, b.cols)
+        # with an SDRAM the state may live there (paged through the scratchpad)
+        room = b.mem_words + (CHIPS[b.sdram].bytes * 2 // nib if b.sdram else 0)
         fits = {m: memory_words(SIZES, HYPER["batch_size"], nib, max(b.rows, b.cols), m, 2)
-                <= b.mem_words for m in ("device", "host")}
-        out.append((name, b.rows, b.cols, b.baud, hz, note, b.mem_words * nib // 2, fits))
+                <= room for m in ("device", "host")}
+        out.append((name, b.rows, b.cols, b.baud, hz, note, room * nib // 2, fits))
     return out
 
 
@@ -132,6 +135,60 @@ def project(gemms, vec_cycles_per_step, steps, link_bytes, host_s, rows, cols, b
     return {"device_cycles_per_step": cycles, "compute_s": cycles / hz,
             "link_s": link_bytes * 10 / baud, "host_s": host_s, "step_s": t,
             "steps_per_second": 1 / t, "images_per_second": batch / t}
+
+
+def board_run(name, data, cfg, steps=3, log=print):
+    """The MLP with its whole state on the simulated device in board ``name``'s
+    configuration (``ulx3s-85f``: 8 x 16 array, 16K-word scratchpad, the state in the
+    SDRAM), ``steps`` steps, against ``emu://`` in the same configuration. Per-step figures
+    come from the steps after the first (which measures the activation scales): device
+    cycles from each paged command's first load to its last store (transfers, GEMMs and
+    element-wise operations; the sim's socket service adds at most 256 cycles a command),
+    GEMM and element-wise cycles, SDRAM bytes moved, and link bytes on ``emu://`` (where
+    every wait is one STATS poll)."""
+    from nibble.sim.system import board_config, build, emu_url, serve
+    conf = board_config(name)
+    build(**conf, quiet=False)
+    runs = []
+    for where in ("sim", emu_url(conf)):
+        with (serve(**conf) if where == "sim" else nullcontext(where)) as url, \
+                Device.open(url, timeout=30) as dev:
+            session = Session(dev, data, cfg, 1)
+            session.run(progress=False, max_steps=1)
+            mlp = session.mlp
+            before = _board_counters(session)
+            t0 = time.perf_counter()
+            session.run(progress=False, max_steps=steps)
+            seconds = time.perf_counter() - t0
+            after = _board_counters(session)
+            w, v = mlp.masters()
+            runs.append({"losses": list(session.losses), "state": [*w, *v, *mlp.weight_codes()],
+                         "per_step": {k: (after[k] - before[k]) / (steps - 1) for k in after},
+                         "paged": mlp.paged, "seconds": seconds, "plan_words": mlp.plan.end,
+                         "scratch_words": dev.mem_words, "report": None})
+    sim, emu = runs
+    same = sim["losses"] == emu["losses"] and all(
+        (a == b).all() for a, b in zip(sim["state"], emu["state"], strict=True))
+    b, k, n = cfg.batch_size, SIZES[0], SIZES[-1]
+    batch = batch_bytes(b, k, n)
+    return {"board": name, "array": f"{conf['rows']}x{conf['cols']}",
+            "scratch_words": conf["words"], "sdram": conf["sdram"],
+            "state_words": sim["plan_words"], "state_in_sdram": sim["paged"],
+            "steps": steps, "sim_matches_emu": bool(same),
+            "sim_seconds_per_step": sim["seconds"] / (steps - 1),
+            "device_cycles_per_step": sim["per_step"]["cycles"],
+            "gemm_cycles_per_step": sim["per_step"]["gemm"],
+            "vec_cycles_per_step": sim["per_step"]["vec"],
+            "sdram_bytes_per_step": sim["per_step"]["dma_bytes"],
+            "link_bytes_per_step": emu["per_step"]["link"], "batch_bytes_per_step": batch,
+            "link_bytes_ratio": emu["per_step"]["link"] / batch}
+
+
+def _board_counters(session):
+    c, paged = session.mlp.counters, getattr(session.mlp.dev, "counters", {})
+    return {"cycles": paged.get("cycles", 0), "gemm": c["gemm_cycles"], "vec": c["vec_cycles"],
+            "dma_bytes": paged.get("dma_bytes", 0),
+            "link": session.dev.wire_sent + session.dev.wire_received}
 
 
 def bench_train(out_dir="build/bench", epochs=10, sim_seconds=600, docs=None,
@@ -228,6 +285,20 @@ def _bench(out_dir, epochs, sim_seconds, docs, progress, log):
                   "fits_host_masters": fits["host"]})
         proj[name] = p
     res["projections"] = proj
+
+    log("the ULX3S configuration on the simulated device: the state in the SDRAM ...")
+    ux = board_run("ulx3s-85f", data, cfg)
+    name, br, bc, baud, hz, src, mem_bytes, fits = next(r for r in _board_rows()
+                                                       if r[0] == "ulx3s-85f")
+    t = ux["device_cycles_per_step"] / hz + ux["link_bytes_per_step"] * 10 / baud \
+        + res["host_seconds_per_step"]
+    ux.update({"clock_mhz": hz / 1e6, "clock": src, "baud": baud,
+               "compute_s": ux["device_cycles_per_step"] / hz,
+               "link_s": ux["link_bytes_per_step"] * 10 / baud,
+               "host_s": res["host_seconds_per_step"], "step_s": t,
+               "steps_per_second": 1 / t, "images_per_second": HYPER["batch_size"] / t})
+    res["ulx3s"] = ux
+    res["ulx3s_state_fits"] = bool(fits["device"] and ux["state_in_sdram"])
     write_json(out / "train.json", res)
     md = render(res)
     (out / "train.md").write_text(md)
@@ -293,9 +364,28 @@ def render(r):
         ("images/s", "images_per_second", "{:.0f}"),
         ("tensor memory bytes", "memory_bytes", "{:,}"),
         ("model state fits (device / host masters)", "fits", "{}")])
+    ux = r.get("ulx3s")
+    ulx = ""
+    if ux:
+        ulx = "\nThe ULX3S configuration (simulated, its state in the SDRAM)\n\n" + \
+            markdown_table([dict(ux, match="yes" if ux["sim_matches_emu"] else "**NO**",
+                                 compute_ms=1e3 * ux["compute_s"], link_ms=1e3 * ux["link_s"],
+                                 host_ms=1e3 * ux["host_s"])], [
+                ("array", "array", "{}"), ("scratchpad words", "scratch_words", "{:,}"),
+                ("state words (in the SDRAM)", "state_words", "{:,}"),
+                ("bit-identical to emu://", "match", "{}"), ("steps", "steps", "{}"),
+                ("device cycles / step", "device_cycles_per_step", "{:,.0f}"),
+                ("of which GEMM", "gemm_cycles_per_step", "{:,.0f}"),
+                ("element-wise", "vec_cycles_per_step", "{:,.0f}"),
+                ("SDRAM bytes / step", "sdram_bytes_per_step", "{:,.0f}"),
+                ("link / batch bytes", "link_bytes_ratio", "{:.3f}"),
+                ("clock MHz", "clock_mhz", "{:g}"), ("clock", "clock", "{}"),
+                ("compute ms", "compute_ms", "{:.1f}"), ("link ms", "link_ms", "{:.1f}"),
+                ("host ms", "host_ms", "{:.1f}"), ("steps/s", "steps_per_second", "{:.2f}"),
+                ("images/s", "images_per_second", "{:.0f}")])
     return (f"Accuracy\n\n{acc}\nThe output layer's gradient, per step (device cycles on "
             f"the simulated {r['sim_array']} device, link bytes on emu://)\n\n{pol}\n"
             f"Per step (batch {r['batch_size']})\n\n{step}\n"
-            f"Projected on the boards (batch {r['batch_size']})\n\n{proj}")
+            f"Projected on the boards (batch {r['batch_size']})\n\n{proj}{ulx}")
 
 

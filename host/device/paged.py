@@ -47,7 +47,9 @@ class PagedDevice:
         self.wpb = words_per_burst(dev.word_nibbles)
         self.mem_words = dev.ext_bursts * self.wpb
         self.scratch = dev.mem_words
-        self.counters = {"dma_loads": 0, "dma_stores": 0, "dma_bytes": 0, "dma_cycles": 0,
+        #: what the paging did; ``cycles``: device cycles from each command's first load to
+        #: its last store (STATS ``cycles``; 0 on emu://), transfers and compute together
+        self.counters = {"dma_loads": 0, "dma_stores": 0, "dma_bytes": 0, "cycles": 0,
                          "split_commands": 0}
 
     # the driver's link counters, for link-byte accounting
@@ -197,6 +199,7 @@ class PagedDevice:
                 else:
                     moved[fa] = cfg[fa] - lo * wpb + at
             at += rows * per * wpb
+        c0 = dev.stats()["cycles"]
         at = 0
         for lo, rows, per, ext_stride, _, _ in blocks:
             self._dma(0, lo, rows, per, ext_stride, at)
@@ -207,7 +210,7 @@ class PagedDevice:
             if written:
                 self._dma(1, lo, rows, per, ext_stride, at)
             at += rows * per * wpb
-        dev.wait()
+        self.counters["cycles"] += dev.wait()["cycles"] - c0
         return stats
 
     def _dma(self, store, burst, rows, per, ext_stride, mem):
