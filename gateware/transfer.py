@@ -80,7 +80,10 @@ class Transfer(wiring.Component):
         q = Signal(range(max(wb, nib) + 1))           # byte or code within the word
         have = Signal()                               # buf_rd.data holds byte p - 1
         count = Signal(24)
-        ctl = self.ctl
+        ended = Signal()                              # SUMS: count is 0 (registered: the
+        ctl = self.ctl                                # read enable must not wait for a
+                                                      # 24-bit compare; it was the ULX3S's
+                                                      # critical path into the RAM address)
         addr = Signal.like(ctl.addr)
         word = Signal(4 * nib)
         code, code_valid = Signal(signed(CODE_BITS)), Signal()
@@ -96,7 +99,8 @@ class Transfer(wiring.Component):
             with m.State("IDLE"):
                 with m.If(ctl.start):
                     m.d.sync += [p.eq(ctl.pos), q.eq(0), have.eq(0), count.eq(ctl.count),
-                                 addr.eq(ctl.addr), code_valid.eq(0)]
+                                 addr.eq(ctl.addr), code_valid.eq(0),
+                                 ended.eq(ctl.count == 0)]
                     with m.Switch(ctl.op):
                         with m.Case(TransferOp.WRITE):
                             m.next = "WRITE"
@@ -139,7 +143,7 @@ class Transfer(wiring.Component):
                             m.next = "IDLE"
 
             with m.State("SUMS"):         # one code a cycle into the sums
-                with m.If(count == 0):                # the last code is being added
+                with m.If(ended):                     # the last code is being added
                     m.d.sync += code_valid.eq(0)
                     m.d.comb += ctl.done.eq(1)
                     m.next = "IDLE"
@@ -151,5 +155,5 @@ class Transfer(wiring.Component):
                 with m.Else():
                     m.d.sync += [code.eq(bus.rd0.data.word_select((q - 1)[:len(q)], CODE_BITS)),
                                  code_valid.eq(1), q.eq(Mux(q == nib, 0, q + 1)),
-                                 count.eq(count - 1)]
+                                 count.eq(count - 1), ended.eq(count == 1)]
         return m
