@@ -182,3 +182,18 @@ def test_mac_shares_of_the_output_gradient_policies():
     assert macs["ibm4"] == ([2 * 64 * 784 * 128 + 3 * out, 0], 0.0)   # layer 1: no dX
     assert macs["ibm4-2t"][0] == [macs["ibm4"][0][0] + 2 * out, 0]
     assert macs["ibm4-fp32-out"][0] == [macs["ibm4"][0][0] - 2 * out, 2 * out]
+
+
+def test_a_learned_clip_driven_below_zero_is_held_at_its_floor():
+    """SGD can push PACT's alpha below zero (the CNN's no-TPR ablation did); the layer then
+    clips at its floor, a share of the first clip, instead of failing."""
+    from nibble.host.training.model import ALPHA_FLOOR, SCHEMES, Linear
+    rng = np.random.default_rng(0)
+    layer = Linear(16, 8, relu=True, scheme=SCHEMES["ibm4"], rng=rng)
+    x = MLP([16, 8], SCHEMES["ibm4"]).input(rng.random((4, 16)))
+    layer.forward(x)
+    first = float(layer.alpha.value)
+    layer.alpha.value[...] = -3.0
+    out = layer.forward(x)
+    assert float(layer.alpha.value) == pytest.approx(first * ALPHA_FLOOR)
+    assert out.codes.max() <= 15

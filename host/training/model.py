@@ -194,6 +194,10 @@ def _terms(dy):
 
 #: PACT's initial clip: this fraction of the first batch's largest activation.
 ALPHA_INIT = 0.5
+#: The learned clip never goes below this share of its first value: without a floor, SGD
+#: drove it negative in the CNN's no-TPR ablation (make bench-numerics stopped with "rescale
+#: ratio must be finite and > 0").
+ALPHA_FLOOR = 1 / 64
 
 
 class Linear:
@@ -215,6 +219,7 @@ class Linear:
         if relu and scheme.acts:
             self.alpha = _Param(np.float32(alpha_init or 0.0))
             self.alpha_measured = alpha_init is not None
+            self.alpha_floor = (alpha_init or 0.0) * ALPHA_FLOOR
             self.params.append(self.alpha)
         if relu and scheme.grads:
             self.gradscale = GradScale(streaming=True)
@@ -247,7 +252,10 @@ class Linear:
             if not self.alpha_measured:           # the first batch sets the clip
                 top = float(acc.max()) * unit if acc.size else 0.0
                 self.alpha.value[...] = ALPHA_INIT * top if top > 0 else 1.0
+                self.alpha_floor = float(self.alpha.value) * ALPHA_FLOOR
                 self.alpha_measured = True
+            if self.alpha.value < self.alpha_floor:   # SGD drove the clip to (below) zero
+                self.alpha.value[...] = self.alpha_floor
             if exact:                             # the device's rescale unit
                 m, s = rescale_params(unit * UINT4_MAX / float(self.alpha.value))
                 codes, _ = rescale(acc, m, s, UINT4_MIN, UINT4_MAX, relu=True)
