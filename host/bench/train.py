@@ -164,8 +164,7 @@ def board_run(name, data, cfg, steps=3, log=print):
             w, v = mlp.masters()
             runs.append({"losses": list(session.losses), "state": [*w, *v, *mlp.weight_codes()],
                          "per_step": {k: (after[k] - before[k]) / (steps - 1) for k in after},
-                         "paged": mlp.paged, "seconds": seconds, "plan_words": mlp.plan.end,
-                         "scratch_words": dev.mem_words, "report": None})
+                         "paged": mlp.paged, "seconds": seconds, "plan_words": mlp.plan.end})
     sim, emu = runs
     same = sim["losses"] == emu["losses"] and all(
         (a == b).all() for a, b in zip(sim["state"], emu["state"], strict=True))

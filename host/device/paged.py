@@ -86,10 +86,10 @@ class PagedDevice:
 
     # -- commands ------------------------------------------------------------------------------
     def gemm(self, cfg, wait=True):
-        return self._run(cfg, self._gemm_parts(cfg), "gemm")
+        return self._run(self._gemm_parts(cfg), "gemm")
 
     def vector(self, cfg, wait=True):
-        return self._run(cfg, self._vec_parts(cfg), "vector")
+        return self._run(self._vec_parts(cfg), "vector")
 
     def wait(self):
         return self.dev.wait()
@@ -147,8 +147,8 @@ class PagedDevice:
         """The GEMM as parts along N that each fit the scratchpad."""
         step = self.word_nibbles                      # B columns: whole words of codes
         n = cfg["n"]
-        for parts in range(1, -(-n // step) + 1):
-            width = -(-_ceil(n, parts) // step) * step
+        for parts in range(1, _ceil(n, step) + 1):
+            width = _ceil(_ceil(n, parts), step) * step
             cut = [replace_cfg(cfg, n0, min(n0 + width, n), self.word_nibbles)
                    for n0 in range(0, n, width)]
             if all(self._fits("gemm", c) for c in cut):
@@ -165,13 +165,13 @@ class PagedDevice:
                               f"{self.scratch:,} words of scratchpad")
         rows = cfg["rows"]
         for parts in range(2, rows + 1):
-            height = -(-rows // parts)
+            height = _ceil(rows, parts)
             cut = [_vec_rows(cfg, r0, min(r0 + height, rows)) for r0 in range(0, rows, height)]
             if all(self._fits("vector", c) for c in cut):
                 return cut
         raise DeviceError(f"a VECTOR row of {cfg['cols']} elements does not fit the scratchpad")
 
-    def _run(self, cfg, parts, kind):
+    def _run(self, parts, kind):
         if len(parts) > 1:
             self.counters["split_commands"] += 1
         total = None
@@ -189,27 +189,26 @@ class PagedDevice:
 
     def _run_one(self, kind, cfg):
         dev, wpb = self.dev, self.wpb
-        moved, at = dict(cfg), 0
         blocks = self._blocks(kind, cfg)
-        for lo, rows, per, _, _, fields in blocks:
+        places, at = [], 0                              # each block's word in the scratchpad
+        for _, rows, per, _, _, _ in blocks:
+            places.append(at)
+            at += rows * per * wpb
+        moved = dict(cfg)
+        for (lo, rows, per, _, _, fields), at in zip(blocks, places, strict=True):
             for fa, fs in fields:
                 if rows > 1:                          # packed rows: a new stride
                     moved[fa] = at + cfg[fa] % wpb
                     moved[fs] = per * wpb
                 else:
                     moved[fa] = cfg[fa] - lo * wpb + at
-            at += rows * per * wpb
         c0 = dev.stats()["cycles"]
-        at = 0
-        for lo, rows, per, ext_stride, _, _ in blocks:
+        for (lo, rows, per, ext_stride, _, _), at in zip(blocks, places, strict=True):
             self._dma(0, lo, rows, per, ext_stride, at)
-            at += rows * per * wpb
         stats = dev.gemm(moved) if kind == "gemm" else dev.vector(moved)
-        at = 0
-        for lo, rows, per, ext_stride, written, _ in blocks:
+        for (lo, rows, per, ext_stride, written, _), at in zip(blocks, places, strict=True):
             if written:
                 self._dma(1, lo, rows, per, ext_stride, at)
-            at += rows * per * wpb
         self.counters["cycles"] += dev.wait()["cycles"] - c0
         return stats
 
