@@ -138,7 +138,7 @@ def cmd_bench_numerics(args):
     epochs = dict.fromkeys(("digits", "fashion-mnist"), args.epochs) if args.epochs else None
     bench_numerics(out_dir=args.out, names=args.dataset, schemes=args.scheme, models=args.model,
                    epochs=epochs, seeds=args.seeds, ablation=args.ablation, docs=args.docs,
-                   progress=not args.quiet)
+                   progress=not args.quiet, jobs=args.jobs)
     print(f"\nwrote {args.out}/numerics.json, numerics.md, numerics.png"
           + (f"; updated {args.docs}" if args.docs else ""))
     return 0
@@ -407,6 +407,9 @@ def build_parser():
                    help="skip the per-tensor ablation (Fashion-MNIST MLP)")
     n.add_argument("--epochs", type=_positive, help="override the epochs of every dataset")
     n.add_argument("--seeds", type=_positive, default=3, help="seeds per scheme (default 3)")
+    n.add_argument("--jobs", type=_positive, default=1,
+                   help="training runs at once, in worker processes (default 1; the results "
+                   "do not depend on it, the step times do)")
     n.add_argument("--out", default="build/bench")
     n.add_argument("--docs", help="also update the generated table in this markdown file")
     n.add_argument("--quiet", action="store_true")

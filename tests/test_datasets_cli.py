@@ -110,6 +110,21 @@ def test_cli_bench_numerics_cnn_ablation_and_paper(tmp_path, tiny_fashion):
     assert "Per-tensor ablation" in md and "| Sun et al. 2020 (TPR-FP4) | ImageNet |" in md
 
 
+def test_bench_numerics_jobs_do_not_change_results(tmp_path, tiny_fashion):
+    """Runs spread over worker processes give the same rows, in the same order, as one by
+    one: only the timings may differ."""
+    from nibble.host.bench.numerics import bench_numerics
+
+    kw = dict(names=["fashion-mnist"], schemes=["ibm4"], models=["mlp"],
+              epochs={"fashion-mnist": 1}, seeds=2, ablation=False, progress=False,
+              log=lambda _: None)
+    one = bench_numerics(out_dir=tmp_path / "one", **kw)
+    two = bench_numerics(out_dir=tmp_path / "two", jobs=2, **kw)
+    assert [(r["scheme"], r["test_accuracies"], r["curve"]) for r in one] == \
+        [(r["scheme"], r["test_accuracies"], r["curve"]) for r in two]
+    assert "2 runs at once" in (tmp_path / "two" / "numerics.md").read_text()
+
+
 def test_cli_formats(capsys):
     assert main(["formats"]) == 0
     assert "accumulator 20 bits" in capsys.readouterr().out

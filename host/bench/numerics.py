@@ -16,11 +16,13 @@ It writes ``numerics.json`` (one row per dataset, model and scheme), ``numerics.
 ``numerics.png`` (test-accuracy curves) under the output folder.
 """
 
+import multiprocessing
 import platform
 from pathlib import Path
 
 import numpy as np
 from threadpoolctl import threadpool_limits
+from tqdm.auto import tqdm
 
 from nibble.host.report import markdown_table, plot_curves, update_doc_section, write_json
 from nibble.host.training import datasets
@@ -60,58 +62,100 @@ def model_name(dataset, model):
 
 
 def bench_numerics(out_dir="build/bench", names=None, schemes=None, models=None, epochs=None,
-                   seeds=3, ablation=True, docs=None, progress=True, log=print):
+                   seeds=3, ablation=True, docs=None, progress=True, log=print, jobs=1):
     """Run the benchmark; returns the rows written to ``numerics.json``.
 
     Each (dataset, model, scheme) trains with seeds ``0 .. seeds-1``; a row reports the mean
     test accuracy over seeds (and each seed's), the mean training and step times and the
     non-4-bit MAC share. BLAS runs on one thread: these GEMMs are too small to gain from
     more, and OpenBLAS's spinning threads make step times erratic on a shared 2-core
-    machine.
+    machine. ``jobs`` > 1 trains that many runs at once in worker processes (each on one
+    BLAS thread); a run's result does not depend on where it ran, only its step time does
+    when the workers share the cores.
     """
     with threadpool_limits(limits=1, user_api="blas"):
         return _bench(out_dir, names, schemes, models, epochs, seeds, ablation, docs,
-                      progress, log)
+                      progress, log, jobs)
 
 
-def _runs(data, model, scheme, n_epochs, seeds, progress):
-    runs = []
-    for seed in range(seeds):
+#: The datasets the benchmark trains on, loaded once in the parent; forked workers share them.
+_LOADED = {}
+
+
+def _train_one(task):
+    """One training run (a worker's unit of work): ``task`` = (dataset, model, scheme,
+    epochs, seed, progress). The trained model stays in the worker."""
+    dataset, model, scheme, n_epochs, seed, progress = task
+    with threadpool_limits(limits=1, user_api="blas"):
         cfg = TrainConfig(scheme=scheme, epochs=n_epochs, seed=seed, model=model,
-                          sizes=DEFAULT_MODELS[data.name] if model == "mlp" else [])
-        runs.append(train(data, cfg, progress=progress))
+                          sizes=DEFAULT_MODELS[dataset] if model == "mlp" else [])
+        result = train(_LOADED[dataset], cfg, progress=progress)
+    result.pop("model")
+    return result
+
+
+def _row(dataset, model, scheme, n_epochs, runs):
+    """The (dataset, model, scheme) row from its seeds' runs."""
     accs = [r["test_accuracy"] for r in runs]
+    cfg = runs[0]["config"]
     return {
-        "dataset": data.name, "model": model_name(data.name, model), "scheme": scheme,
+        "dataset": dataset, "model": model_name(dataset, model), "scheme": scheme,
         "test_accuracy": float(np.mean(accs)), "test_accuracy_std": float(np.std(accs)),
-        "test_accuracies": accs, "epochs": n_epochs, "seeds": seeds,
+        "test_accuracies": accs, "epochs": n_epochs, "seeds": len(runs),
         "non_4bit_mac_share": float(np.mean([r["non_4bit_mac_share"] for r in runs])),
         "seconds": float(np.mean([r["seconds"] for r in runs])),
         "step_ms": 1e3 * float(np.mean([r["step_seconds"] for r in runs])),
-        "batch_size": cfg.batch_size, "lr": cfg.lr, "momentum": cfg.momentum,
+        "batch_size": cfg["batch_size"], "lr": cfg["lr"], "momentum": cfg["momentum"],
         "curve": np.mean([[h["test_accuracy"] for h in r["history"]] for r in runs],
                          axis=0).tolist(),
     }
 
 
-def _bench(out_dir, names, schemes, models, epochs, seeds, ablation, docs, progress, log):
+def _run_all(tasks, jobs, progress):
+    """Every task's result, in order: here one by one (each run's own progress bar), or in
+    ``jobs`` forked workers under one bar counting finished runs."""
+    if jobs <= 1:
+        return [_train_one((*t, progress)) for t in tasks]
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(jobs) as pool, tqdm(total=len(tasks), disable=not progress, unit="run",
+                                      desc=f"training runs ({jobs} workers)") as bar:
+        results = {}
+        for i, result in pool.imap_unordered(_indexed, enumerate(tasks)):
+            results[i] = result
+            bar.update()
+            bar.set_postfix_str(" ".join(map(str, tasks[i][:3])))
+    return [results[i] for i in range(len(tasks))]
+
+
+def _indexed(item):
+    i, task = item
+    return i, _train_one((*task, False))
+
+
+def _bench(out_dir, names, schemes, models, epochs, seeds, ablation, docs, progress, log, jobs):
     names = names or [n for n in ("digits", "fashion-mnist") if datasets.available(n)]
     schemes = [s for s in SCHEME_ORDER if s in (schemes or SCHEME_ORDER)] + \
         [s for s in (schemes or []) if s not in SCHEME_ORDER]
     if "fp32" not in schemes:
         schemes = ["fp32", *schemes]
-    rows, panels, loaded = [], {}, {}
-    jobs = [(d, m, (epochs or {}).get(d, e), "schemes", schemes) for d, m, e in BENCH_MODELS
-            if d in names and (models is None or m in models)]
+    tables = [(d, m, (epochs or {}).get(d, e), "schemes", schemes) for d, m, e in BENCH_MODELS
+              if d in names and (models is None or m in models)]
     d, m, e = ABLATION_MODEL
     if ablation and d in names and (models is None or m in models):
-        jobs.append((d, m, (epochs or {}).get(d, e), "ablation", ["fp32", *ABLATIONS]))
-    for dataset, model, n_epochs, table, todo in jobs:
-        if dataset not in loaded:
-            loaded[dataset] = datasets.load(dataset)
+        tables.append((d, m, (epochs or {}).get(d, e), "ablation", ["fp32", *ABLATIONS]))
+    tasks = [(dataset, model, scheme, n_epochs, seed)
+             for dataset, model, n_epochs, _, todo in tables for scheme in todo
+             for seed in range(seeds)]
+    _LOADED.update({dataset: datasets.load(dataset) for dataset, *_ in tables})
+    try:
+        results = iter(_run_all(tasks, jobs, progress))
+    finally:
+        _LOADED.clear()
+    rows, panels = [], {}
+    for dataset, model, n_epochs, table, todo in tables:
         curves, base = {}, None
         for scheme in todo:
-            row = _runs(loaded[dataset], model, scheme, n_epochs, seeds, progress)
+            row = _row(dataset, model, scheme, n_epochs, [next(results) for _ in range(seeds)])
             row["table"] = table
             base = base or row
             row["step_time_ratio_vs_fp32"] = row["step_ms"] / base["step_ms"]
@@ -128,16 +172,17 @@ def _bench(out_dir, names, schemes, models, epochs, seeds, ablation, docs, progr
     write_json(out / "numerics.json", rows)
     if panels:
         plot_curves(out / "numerics.png", panels)
-    text = render(rows, seeds)
+    text = render(rows, seeds, jobs)
     (out / "numerics.md").write_text(text)
     if docs:
         update_doc_section(docs, "bench-numerics", text)
     return rows
 
 
-def render(rows, seeds):
+def render(rows, seeds, jobs=1):
     machine = (f"{platform.machine()}, {platform.python_implementation()} "
-               f"{platform.python_version()}, numpy {np.__version__}, BLAS on 1 thread")
+               f"{platform.python_version()}, numpy {np.__version__}, BLAS on 1 thread"
+               + (f", {jobs} runs at once" if jobs > 1 else ""))
     main = [r for r in rows if r["table"] == "schemes"]
     hp = rows[0] if rows else {}
     text = (f"Made by `make bench-numerics` (`nibble bench numerics`) on {machine}: seeds "
