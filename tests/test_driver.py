@@ -102,3 +102,42 @@ def test_faults_on_the_rtl_never_corrupt_silently():
                                            addrs=2048, base=2048, max_words=32)
     assert exact + raised == ops and exact >= 0.9 * ops
     assert sum(faults.values()) > 10
+
+
+def test_long_frames_on_a_noisy_link_are_halved_until_they_pass(monkeypatch):
+    """At 4e-3 damaged bytes a 1 KB frame gets through one time in 60: the driver halves a
+    WRITE or READ that failed every retry, so 8 KB still arrive exact (without halving they
+    do not); a device that never answers is not split (one LinkTimeout, at once)."""
+    from nibble.host.device import driver
+    from nibble.host.device.faults import FaultyTransport
+
+    data = np.random.default_rng(0).integers(0, 256, 8192, np.uint8).tobytes()
+
+    def roundtrip():
+        with Device.open("emu://", wrap=lambda t: FaultyTransport(t, rate=4e-3, seed=2)) as d:
+            d.write(100, data)
+            return d.read(100, len(data) // d.word_bytes)
+
+    assert roundtrip() == data
+    monkeypatch.setattr(driver, "MIN_SPLIT_WORDS", 1 << 20)
+    with pytest.raises((driver.BadCrcError, LinkTimeout)):
+        roundtrip()
+
+    class Silent:
+        instant = True
+
+        def write(self, data):
+            return len(data)
+
+        def read(self, size=1):
+            return b""
+
+        def close(self):
+            pass
+
+    with Device.open("emu://") as dev:
+        dev.t = Silent()
+        frames = dev.frames_sent
+        with pytest.raises(LinkTimeout) as e:
+            dev.write(0, bytes(1024))
+        assert not e.value.heard and dev.frames_sent - frames == dev.retries + 1

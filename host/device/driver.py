@@ -13,7 +13,10 @@ Every request is a frame with a sequence number; the driver waits for the reply 
 same number, resends on a timeout or a BAD_CRC reply (the device answers a repeated WRITE or
 GEMM without redoing it), waits out BUSY, and raises a :class:`DeviceError` subclass with a
 clear message for every other error reply. A reply is accepted only with a good CRC, so a
-result is either exact or an exception.
+result is either exact or an exception. On a noisy link a long WRITE or READ frame can fail
+every retry (at 1e-3 damaged bytes, a 1 KB frame and its reply get through only a third of
+the time); when the device is heard but the frame never gets through, the driver sends it
+again as two halves (a rejected frame changes nothing), down to :data:`MIN_SPLIT_WORDS`.
 """
 
 import select
@@ -21,6 +24,7 @@ import time
 import urllib.parse
 
 import numpy as np
+from amaranth.hdl import Shape
 
 from nibble.gateware.protocol import (
     DMA_ARGS,
@@ -80,7 +84,14 @@ class BusyError(ReplyError):
 
 
 class LinkTimeout(DeviceError):
-    """No valid reply after every retry."""
+    """No valid reply after every retry. ``heard``: bytes came back meanwhile (a noisy link,
+    not a silent one)."""
+
+    heard = False
+
+
+#: A WRITE or READ that fails every retry on a noisy link is split in halves down to this.
+MIN_SPLIT_WORDS = 8
 
 
 _ERRORS = {cls.status: cls for cls in (BadCrcError, UnknownOpError, BadLengthError,
@@ -225,11 +236,14 @@ class Device:
         wire = encode_frame(Frame(seq, op, payload))
         bad_crc = 0
         tries = 0
+        heard_from = self.wire_received
         while True:
             tries += 1
             if tries > self.retries + 1:
-                raise LinkTimeout(f"no valid reply to {Op(op).name} from {self.url} after "
-                                  f"{tries - 1} tries of {self.timeout:g} s")
+                e = LinkTimeout(f"no valid reply to {Op(op).name} from {self.url} after "
+                                f"{tries - 1} tries of {self.timeout:g} s")
+                e.heard = self.wire_received > heard_from
+                raise e
             if tries > 1:
                 self.resends += 1
             t0 = time.perf_counter()
@@ -287,9 +301,9 @@ class Device:
         hb = layout_bytes(WRITE_HEADER)
         step = (MAX_PAYLOAD - hb) // wb * wb
         for off in range(0, len(data), step):
-            chunk = data[off:off + step]
-            self.request(Op.WRITE, pack_fields(WRITE_HEADER, {"addr": addr + off // wb})
-                         + chunk)
+            self._halving(lambda a, d: self.request(
+                Op.WRITE, pack_fields(WRITE_HEADER, {"addr": a}) + d), addr + off // wb,
+                data[off:off + step])
 
     def read(self, addr, words):
         """Read ``words`` words from word ``addr`` on."""
@@ -301,9 +315,23 @@ class Device:
         step = MAX_PAYLOAD // wb
         for off in range(0, words, step):
             n = min(step, words - off)
-            out += self.request(Op.READ, pack_fields(READ_ARGS, {"addr": addr + off,
-                                                                 "words": n}))
+            out += self._halving(lambda a, d: self.request(
+                Op.READ, pack_fields(READ_ARGS, {"addr": a, "words": len(d) // wb})),
+                addr + off, bytes(n * wb))
         return bytes(out)
+
+    def _halving(self, send, addr, data):
+        """``send(addr, data)``; when it fails every retry on a link that answers, the two
+        halves of ``data`` (whole words) one after the other. Returns the replies, joined."""
+        try:
+            return send(addr, data)
+        except (BadCrcError, LinkTimeout) as e:
+            words = len(data) // self.word_bytes
+            if words < 2 * MIN_SPLIT_WORDS or not getattr(e, "heard", True):
+                raise
+            half = words // 2 * self.word_bytes
+            return (self._halving(send, addr, data[:half])
+                    + self._halving(send, addr + words // 2, data[half:]))
 
     def stats(self, addr=None, count=None):
         """The device statistics (STATS_LAYOUT fields); with ``addr, count`` also the sums
@@ -334,9 +362,17 @@ class Device:
         self.request(Op.DMA, pack_fields(DMA_ARGS, cfg))
         return self.wait() if wait else None
 
+    @property
+    def dma_row_bursts(self):
+        """The most bursts one DMA row moves: its ``bursts`` field, and its words within a
+        ``mem_stride`` (a row's stride is at least its length)."""
+        return min((1 << Shape.cast(DMA_ARGS["bursts"].shape).width) - 1,
+                   ((1 << Shape.cast(DMA_ARGS["mem_stride"].shape).width) - 1)
+                   // words_per_burst(self.word_nibbles))
+
     def _ext_chunks(self, burst, n, staging):
         addr, words = staging
-        per = min(words // words_per_burst(self.word_nibbles), (1 << 15) - 1)
+        per = min(words // words_per_burst(self.word_nibbles), self.dma_row_bursts)
         if per < 1:
             raise ValueError(f"a staging area of {words} words holds no 16-byte burst")
         if burst < 0 or burst + n > self.ext_bursts:
