@@ -92,11 +92,19 @@ def cmd_train(args):
           + (f" (resuming {ckpt})" if ckpt else ""), flush=True)
     with open_device(args.device, args.baud, quiet=args.quiet) as dev:
         r = train_on_device(dev, data, cfg, epochs, out=out, resume=ckpt,
-                            progress=not args.quiet)
+                            progress=not args.quiet, resident=None if args.resident else False)
     if r["interrupted"]:
         print(f"\ninterrupted after step {r['steps']}: checkpoint {out / CHECKPOINT}; "
               f"continue with: nibble train --device {args.device} --resume {out}")
         return 130
+    up = r.get("upload")
+    if up:
+        res = r["config"]["resident"]
+        print(f"the training set was resident in the device's SDRAM ({res['images']:,} images, "
+              f"{up['set_bytes'] / 2**20:.1f} MiB of 4-bit codes, "
+              + ("kept from the checkpoint: the device's sums of it matched" if up["kept"] else
+                 f"uploaded and checked in {up['seconds']:.1f} s")
+              + "); each step sent the batch's indices, not its images")
     if r["config"].get("state_in_sdram"):
         print("the training state lived in the device's SDRAM (too large for its scratchpad: "
               "every command paged its buffers through it)")
@@ -385,6 +393,10 @@ def build_parser():
                         "clip); default 0.5")
     t.add_argument("--masters", choices=["device", "host"], default="device",
                    help="where the fixed-point master weights live (default: device)")
+    t.add_argument("--stream", dest="resident", action="store_false",
+                   help="send every batch's images over the link, even when the device's "
+                        "SDRAM could hold the training set (by default it is uploaded once "
+                        "and each step sends only the batch's indices)")
     t.add_argument("--no-fp32", dest="fp32", action="store_false",
                    help="skip the fp32 baseline")
     t.add_argument("--baud", type=_positive, help="serial baud rate (a board's default)")

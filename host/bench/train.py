@@ -21,6 +21,7 @@ import math
 import platform
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 from threadpoolctl import threadpool_limits
@@ -81,7 +82,7 @@ def policy_costs(sim, data, sizes=SIZES, hyper=HYPER, steps=6):
         row = {}
         for dev, keys in ((sim, ("cycles", "layer", "macs")), (None, ("bytes",))):
             with (Device.open("emu://") if dev is None else nullcontext(sim)) as d:
-                session = Session(d, data, cfg, 1)
+                session = Session(d, head(data, 1024), cfg, 1)
                 session.run(progress=False, max_steps=1)     # the first step measures
                 before = _costs(session)
                 session.run(progress=False, max_steps=steps)
@@ -137,15 +138,24 @@ def project(gemms, vec_cycles_per_step, steps, link_bytes, host_s, rows, cols, b
             "steps_per_second": 1 / t, "images_per_second": batch / t}
 
 
-def board_run(name, data, cfg, steps=3, log=print):
+def head(data, images):
+    """``data`` with its first ``images`` training images: runs of a few steps upload (as a
+    resident set) only what they could use; per-step figures do not depend on it."""
+    return replace(data, x_train=data.x_train[:images], y_train=data.y_train[:images])
+
+
+def board_run(name, data, cfg, steps=3, images=4096, log=print):
     """The MLP with its whole state on the simulated device in board ``name``'s
     configuration (``ulx3s-85f``: 8 x 16 array, 16K-word scratchpad, the state in the
-    SDRAM), ``steps`` steps, against ``emu://`` in the same configuration. Per-step figures
-    come from the steps after the first (which measures the activation scales): device
-    cycles from each paged command's first load to its last store (transfers, GEMMs and
-    element-wise operations; the sim's socket service adds at most 256 cycles a command),
-    GEMM and element-wise cycles, SDRAM bytes moved, and link bytes on ``emu://`` (where
-    every wait is one STATS poll)."""
+    SDRAM), the training set resident in the SDRAM beside it (its first ``images``
+    images: the upload through the simulated link is slow), ``steps`` steps, against
+    ``emu://`` in the same configuration. Per-step figures come from the steps after the
+    first (which measures the activation scales): device cycles from each paged command's
+    first load to its last store (transfers, GEMMs and element-wise operations; the sim's
+    socket service adds at most 256 cycles a command), GEMM and element-wise cycles, SDRAM
+    bytes moved, and link bytes on ``emu://`` (where every wait is one STATS poll, and
+    nothing polls for cycle counts). The whole set's upload is projected from the bytes
+    the subset's took."""
     from nibble.sim.system import board_config, build, emu_url, serve
     conf = board_config(name)
     build(**conf, quiet=False)
@@ -153,9 +163,10 @@ def board_run(name, data, cfg, steps=3, log=print):
     for where in ("sim", emu_url(conf)):
         with (serve(**conf) if where == "sim" else nullcontext(where)) as url, \
                 Device.open(url, timeout=30) as dev:
-            session = Session(dev, data, cfg, 1)
+            session = Session(dev, head(data, images), cfg, 1, resident=True)
             session.run(progress=False, max_steps=1)
             mlp = session.mlp
+            mlp.dev.measure = where == "sim"
             before = _board_counters(session)
             t0 = time.perf_counter()
             session.run(progress=False, max_steps=steps)
@@ -164,12 +175,16 @@ def board_run(name, data, cfg, steps=3, log=print):
             w, v = mlp.masters()
             runs.append({"losses": list(session.losses), "state": [*w, *v, *mlp.weight_codes()],
                          "per_step": {k: (after[k] - before[k]) / (steps - 1) for k in after},
-                         "paged": mlp.paged, "seconds": seconds, "plan_words": mlp.plan.end})
+                         "paged": mlp.paged, "seconds": seconds, "plan_words": mlp.plan.end,
+                         "upload": session.uploaded, "resident": mlp.resident.describe(),
+                         "row_bytes": mlp.resident.row_bursts * 16})
     sim, emu = runs
     same = sim["losses"] == emu["losses"] and all(
         (a == b).all() for a, b in zip(sim["state"], emu["state"], strict=True))
     b, k, n = cfg.batch_size, SIZES[0], SIZES[-1]
     batch = batch_bytes(b, k, n)
+    up = emu["upload"]
+    full_set = len(data.x_train) * emu["row_bytes"]
     return {"board": name, "array": f"{conf['rows']}x{conf['cols']}",
             "scratch_words": conf["words"], "sdram": conf["sdram"],
             "state_words": sim["plan_words"], "state_in_sdram": sim["paged"],
@@ -180,7 +195,10 @@ def board_run(name, data, cfg, steps=3, log=print):
             "vec_cycles_per_step": sim["per_step"]["vec"],
             "sdram_bytes_per_step": sim["per_step"]["dma_bytes"],
             "link_bytes_per_step": emu["per_step"]["link"], "batch_bytes_per_step": batch,
-            "link_bytes_ratio": emu["per_step"]["link"] / batch}
+            "link_bytes_ratio": emu["per_step"]["link"] / batch,
+            "dataset_resident": True, "resident_images": emu["resident"]["images"],
+            "resident_set_bytes": full_set,
+            "upload_link_bytes": full_set * up["link_bytes"] / up["set_bytes"]}
 
 
 def _board_counters(session):
@@ -292,6 +310,7 @@ def _bench(out_dir, epochs, sim_seconds, docs, progress, log):
     t = ux["device_cycles_per_step"] / hz + ux["link_bytes_per_step"] * 10 / baud \
         + res["host_seconds_per_step"]
     ux.update({"clock_mhz": hz / 1e6, "clock": src, "baud": baud,
+               "upload_s": ux["upload_link_bytes"] * 10 / baud,
                "compute_s": ux["device_cycles_per_step"] / hz,
                "link_s": ux["link_bytes_per_step"] * 10 / baud,
                "host_s": res["host_seconds_per_step"], "step_s": t,
@@ -366,7 +385,8 @@ def render(r):
     ux = r.get("ulx3s")
     ulx = ""
     if ux:
-        ulx = "\nThe ULX3S configuration (simulated, its state in the SDRAM)\n\n" + \
+        ulx = ("\nThe ULX3S configuration (simulated; its state and the training set in the "
+               "SDRAM, each step gathering its batch by index)\n\n") + \
             markdown_table([dict(ux, match="yes" if ux["sim_matches_emu"] else "**NO**",
                                  compute_ms=1e3 * ux["compute_s"], link_ms=1e3 * ux["link_s"],
                                  host_ms=1e3 * ux["host_s"])], [
@@ -377,7 +397,9 @@ def render(r):
                 ("of which GEMM", "gemm_cycles_per_step", "{:,.0f}"),
                 ("element-wise", "vec_cycles_per_step", "{:,.0f}"),
                 ("SDRAM bytes / step", "sdram_bytes_per_step", "{:,.0f}"),
+                ("link bytes / step", "link_bytes_per_step", "{:,.0f}"),
                 ("link / batch bytes", "link_bytes_ratio", "{:.3f}"),
+                ("training set upload (once) s", "upload_s", "{:.0f}"),
                 ("clock MHz", "clock_mhz", "{:g}"), ("clock", "clock", "{}"),
                 ("compute ms", "compute_ms", "{:.1f}"), ("link ms", "link_ms", "{:.1f}"),
                 ("host ms", "host_ms", "{:.1f}"), ("steps/s", "steps_per_second", "{:.2f}"),

@@ -13,7 +13,9 @@ with that much block RAM. Per GEMM or VECTOR command:
    copy of it holds;
 2. every block is loaded into the scratchpad by DMA (LOADs are sent back to back: the DMA
    queues them), the command runs on the copies with its addresses moved, and the blocks it
-   wrote are stored back once it has ended;
+   wrote are stored back once it has ended (its STATS poll says so); the host does not wait
+   for the stores: the next command's loads queue behind them on the DMA, and a WRITE or
+   READ is answered BUSY until every unit is idle;
 3. a command whose blocks do not fit the scratchpad is split first: a GEMM along N (its
    output rows, B's columns, in multiples of a word's codes), an UPDATE or REQUANT along
    its rows; the parts' statistics combine exactly (absmax: the largest; clip and SAWB
@@ -48,9 +50,11 @@ class PagedDevice:
         self.mem_words = dev.ext_bursts * self.wpb
         self.scratch = dev.mem_words
         #: what the paging did; ``cycles``: device cycles from each command's first load to
-        #: its last store (STATS ``cycles``; 0 on emu://), transfers and compute together
+        #: its last store (STATS ``cycles``; 0 on emu://), transfers and compute together,
+        #: counted only with ``measure`` (it costs two STATS polls a command)
         self.counters = {"dma_loads": 0, "dma_stores": 0, "dma_bytes": 0, "cycles": 0,
                          "split_commands": 0}
+        self.measure = False
 
     # the driver's link counters, for link-byte accounting
     def __getattr__(self, name):
@@ -202,20 +206,22 @@ class PagedDevice:
                     moved[fs] = per * wpb
                 else:
                     moved[fa] = cfg[fa] - lo * wpb + at
-        c0 = dev.stats()["cycles"]
+        c0 = dev.stats()["cycles"] if self.measure else None
         for (lo, rows, per, ext_stride, _, _), at in zip(blocks, places, strict=True):
             self._dma(0, lo, rows, per, ext_stride, at)
         stats = dev.gemm(moved) if kind == "gemm" else dev.vector(moved)
         for (lo, rows, per, ext_stride, written, _), at in zip(blocks, places, strict=True):
             if written:
                 self._dma(1, lo, rows, per, ext_stride, at)
-        self.counters["cycles"] += dev.wait()["cycles"] - c0
+        if self.measure:      # else the stores run on: the next DMA queues behind them, and
+            # a GEMM or VECTOR waits for every unit, a WRITE or READ is BUSY until then
+            self.counters["cycles"] += dev.wait()["cycles"] - c0
         return stats
 
     def _dma(self, store, burst, rows, per, ext_stride, mem):
         """Move ``rows`` rows of ``per`` bursts (``ext_stride`` apart in the SDRAM, packed
-        from word ``mem`` in the scratchpad), in DMAs of at most 32,767 bursts."""
-        most = (1 << 15) - 1
+        from word ``mem`` in the scratchpad), in DMAs of at most a DMA row's bursts."""
+        most = self.dev.dma_row_bursts
         if rows > 1:
             chunks = [(0, rows, per)]
         else:

@@ -55,6 +55,8 @@ from nibble.host.golden.numerics import (
 )
 from nibble.host.golden.tiling import code_bits
 from nibble.host.training.model import SCHEMES, quantize_grad, softmax_xent
+from nibble.host.training.resident import ResidentSet, staging_area
+from nibble.rtl.dma import words_per_burst
 from nibble.rtl.formats import (
     LOG4_EXP_MAX,
     LOG4_EXP_MIN,
@@ -120,9 +122,11 @@ class _Arena:
     def __init__(self, nib, pad):
         self.nib, self.pad, self.end = nib, pad, 0
 
-    def alloc(self, rows, elems, e):
+    def alloc(self, rows, elems, e, align=1):
+        """``align``: the buffer's address and row stride in multiples of that many words."""
         padded = -(-elems // self.pad) * self.pad
-        buf = Buffer(self.end, rows, elems, e, row_words(padded, e, self.nib))
+        stride = -(-row_words(padded, e, self.nib) // align) * align
+        buf = Buffer(-(-self.end // align) * align, rows, elems, e, stride)
         self.end = buf.end
         return buf
 
@@ -149,10 +153,12 @@ class MemoryPlan:
     end: int              # words in all
 
 
-def plan_memory(sizes, batch, nib, pad, masters, terms=1):
+def plan_memory(sizes, batch, nib, pad, masters, terms=1, align=1):
     """Where a model's training state lives in device memory (:class:`MemoryPlan`). With a
     ``terms``-term output gradient the top layer's backward operands hold ``terms`` copies
-    along their reduction: dY^T and W as ``terms * N`` rows, dY and X as ``terms * B``."""
+    along their reduction: dY^T and W as ``terms * N`` rows, dY and X as ``terms * B``.
+    ``align``: layer 0's X rows start on multiples of that many words (an SDRAM burst's,
+    so a DMA can gather resident images into them)."""
     arena = _Arena(nib, pad)
     layers = []
     top = len(sizes) - 2
@@ -166,14 +172,15 @@ def plan_memory(sizes, batch, nib, pad, masters, terms=1):
         layers.append(LayerBuffers(wc, wr, g, wm, vm))
     for i, (layer, k, n) in enumerate(zip(layers, sizes[:-1], sizes[1:], strict=True)):
         t = terms if i == top else 1
-        layer.xc, layer.xr = arena.alloc(k, batch, 1), arena.alloc(batch * t, k, 1)
+        layer.xc = arena.alloc(k, batch, 1)
+        layer.xr = arena.alloc(batch * t, k, 1, align if i == 0 else 1)
         layer.dc, layer.dr = arena.alloc(n * t, batch, 2), arena.alloc(batch * t, n, 2)
     logits = arena.alloc(sizes[-1], batch, RAW_NIBBLES)
     return MemoryPlan(layers, logits, arena.end)
 
 
-def memory_words(sizes, batch, nib, pad, masters, terms=1):
-    return plan_memory(sizes, batch, nib, pad, masters, terms).end
+def memory_words(sizes, batch, nib, pad, masters, terms=1, align=1):
+    return plan_memory(sizes, batch, nib, pad, masters, terms, align).end
 
 
 def _rows(buf, first, rows):
@@ -190,11 +197,16 @@ class DeviceMLP:
         self.layers = len(self.sizes) - 1
         pad = max(dev.rows, dev.cols)
         self.terms = 2 if cfg.out_grad == "fp4x2" else 1
+        sdram = bool(getattr(dev, "ext_bursts", 0))
+        self.align = words_per_burst(dev.word_nibbles) if sdram else 1
         self.plan = plan_memory(self.sizes, cfg.batch_size, dev.word_nibbles, pad, cfg.masters,
-                                self.terms)
+                                self.terms, self.align)
         #: the state lives in the SDRAM and every command pages through the scratchpad
         #: (a device with an SDRAM, when the state does not fit its scratchpad)
-        self.paged = self.plan.end > dev.mem_words and bool(getattr(dev, "ext_bursts", 0))
+        self.paged = self.plan.end > dev.mem_words and sdram
+        self.raw_dev = dev                          # the driver's device, even when paged
+        #: the training set in the SDRAM (:meth:`make_resident`), or None: batches streamed
+        self.resident = None
         if self.paged:
             self.dev = dev = PagedDevice(dev)
         if self.plan.end > dev.mem_words:
@@ -205,7 +217,7 @@ class DeviceMLP:
                    + (" (its SDRAM)" if self.paged else ""))
             if cfg.masters == "device":
                 host_need = memory_words(self.sizes, cfg.batch_size, dev.word_nibbles, pad,
-                                         "host", self.terms)
+                                         "host", self.terms, self.align)
                 if host_need <= dev.mem_words:
                     msg += (f". With --masters host (master weights on the host, {host_need:,}"
                             " words on the device, dW and the codes cross the link every "
@@ -340,12 +352,52 @@ class DeviceMLP:
             top = self.act_amax[i] * self.cfg.act_clip
         return rescale_params(unit * UINT4_MAX / top)
 
+    # -- the training set in the SDRAM ---------------------------------------------------------
+    def make_resident(self, codes):
+        """A :class:`~nibble.host.training.resident.ResidentSet` of ``codes`` (images x K
+        UINT4) in the SDRAM beside the state (after it when the state is paged there), used
+        by :meth:`step_indices`; not uploaded yet."""
+        wpb = words_per_burst(self.raw_dev.word_nibbles)
+        base = -(-self.plan.end // wpb) if self.paged else 0
+        self.resident = ResidentSet(self.raw_dev, codes, base, self.bufs[0].xr.stride)
+        return self.resident
+
+    def staging(self):
+        """The scratchpad words no buffer holds between commands ``(addr, words)``: all of
+        it when the state is paged, else what the state leaves free."""
+        return staging_area(self.raw_dev, 0 if self.paged else self.plan.end)
+
+    def _gather(self, idx):
+        """Layer 0's X (B rows of K codes) from the resident set: DMAs straight into it, or
+        (paged) into the scratchpad and one DMA STORE to its place in the SDRAM."""
+        xr, rs = self.bufs[0].xr, self.resident
+        if not self.paged:
+            rs.gather(idx, xr.addr)
+            return
+        at = self.staging()[0]
+        rs.gather(idx, at)
+        self.raw_dev.dma({"store": 1, "rows": 1, "bursts": len(idx) * rs.row_bursts,
+                          "mem_addr": at, "ext_addr": xr.addr // rs.wpb}, wait=False)
+
+    # -- a training step ----------------------------------------------------------------------
     def step(self, x_codes, labels, lr):
         """One SGD step on a batch (UINT4 image codes, labels); returns the loss."""
-        dev, b, nib = self.dev, len(labels), self.dev.word_nibbles
         first = self.bufs[0].xc
-        dev.write(first.addr, pack(np.asarray(x_codes).T, 1, nib, first.stride))
-        x_step = self._forward(b)
+        self.dev.write(first.addr, pack(np.asarray(x_codes).T, 1, self.dev.word_nibbles,
+                                        first.stride))
+        return self._step(labels, lr, gathered=False)
+
+    def step_indices(self, idx, labels, lr):
+        """One SGD step on images ``idx`` of the resident set (:meth:`make_resident`, uploaded)
+        with their labels: the link carries the indices' DMAs, not the images."""
+        if self.resident is None:
+            raise DeviceError("step_indices needs a resident training set (make_resident)")
+        self._gather(idx)
+        return self._step(labels, lr, gathered=True)
+
+    def _step(self, labels, lr, gathered):
+        dev, b, nib = self.dev, len(labels), self.dev.word_nibbles
+        x_step = self._forward(b, gathered)
         # logits, loss, the output gradient: one FP4 pair per element and term, the terms
         # stacked along the top layer's backward reductions (dY^T as terms x N rows)
         out = self.plan.logits
@@ -363,14 +415,20 @@ class DeviceMLP:
         self._backward(b, x_step, (terms0[0].int_unit, terms1[0].int_unit), lr)
         return loss
 
-    def _forward(self, b):
-        """The forward GEMMs of a batch already in layer 0's ``xc``; returns each layer's
-        input step (real value of code 1). Every hidden output is rescaled to UINT4 codes
-        into the next layer's ``xc``; the logits stay RAW."""
+    def _forward(self, b, gathered=False):
+        """The forward GEMMs of a batch already in layer 0's ``xc`` (``gathered``: in the
+        first copy of its ``xr``); returns each layer's input step (real value of code 1).
+        Every hidden output is rescaled to UINT4 codes into the next layer's ``xc``; the
+        logits stay RAW."""
         x_step = [1.0 / UINT4_MAX]
         for i, (layer, k, n) in enumerate(zip(self.bufs, self.sizes, self.sizes[1:],
                                               strict=False)):
-            for c in range(self._copies(i)):
+            copies = range(self._copies(i))
+            if i == 0 and gathered:
+                self._vector(i, vector_args(VecOp.TRANSPOSE, b, k, _rows(layer.xr, 0, b),
+                                         layer.xc))
+                copies = copies[1:]
+            for c in copies:
                 self._vector(i, vector_args(VecOp.TRANSPOSE, k, b, layer.xc,
                                          _rows(layer.xr, c * b, b)))
             unit = x_step[i] * self.w_step[i]

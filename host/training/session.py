@@ -6,6 +6,12 @@ device cycles and link bytes per step) and writes ``metrics.json`` and ``checkpo
 after every epoch. A checkpoint holds the model's device state and the loop's own (epoch,
 position, the shuffle and its generator), so a resumed run is bit-identical to one that
 was never stopped. Ctrl-C finishes the step, writes the checkpoint and stops.
+
+On a device with an SDRAM that has room for it, the training set is *resident*
+(:mod:`nibble.host.training.resident`): uploaded once as 4-bit codes and checked, and each
+step sends only the batch's indices (one DMA each). The checkpoint names the set (its
+CRC-32 and layout): a resumed run checks the device still holds it and uploads it again
+if not.
 """
 
 import json
@@ -20,6 +26,7 @@ from tqdm.auto import tqdm
 from nibble.host.golden.numerics import quantize_int
 from nibble.host.report import write_json
 from nibble.host.training.device import DeviceMLP
+from nibble.host.training.resident import DMA_WIRE_BYTES, ResidentError
 from nibble.host.training.train import lr_at
 from nibble.rtl.formats import UINT4_MAX, UINT4_MIN
 
@@ -103,15 +110,35 @@ def _summary(t):
 
 class Session:
     """Training ``cfg``'s MLP on ``data`` through ``dev`` for ``epochs``; ``out`` (a folder)
-    gets the metrics and the checkpoint, ``resume`` is a checkpoint to continue."""
+    gets the metrics and the checkpoint, ``resume`` is a checkpoint to continue.
+    ``resident``: the training set in the device's SDRAM (True: required; None: where it
+    fits and saves link bytes, i.e. an image's codes are at least twice a DMA's frames;
+    False: batches streamed)."""
 
-    def __init__(self, dev, data, cfg, epochs, out=None, resume=None):
+    def __init__(self, dev, data, cfg, epochs, out=None, resume=None, resident=None):
         self.dev, self.data, self.cfg, self.epochs = dev, data, cfg, epochs
         self.out = Path(out) if out else None
         self.x_train = quantize_int(data.x_train, 1.0 / UINT4_MAX, UINT4_MIN, UINT4_MAX)
         self.x_test = quantize_int(data.x_test, 1.0 / UINT4_MAX, UINT4_MIN, UINT4_MAX)
         self.total = -(-len(self.x_train) // cfg.batch_size) * epochs
         self.mlp = DeviceMLP(dev, cfg)
+        #: why the set is not resident (None when it is, or when not asked)
+        self.streamed_because = None
+        self.uploaded = None                  # the resident set's upload: None until run()
+        if resident is not False:
+            try:
+                rs = self.mlp.make_resident(self.x_train)
+            except ResidentError as e:
+                if resident:
+                    raise
+                self.streamed_because = str(e)
+            else:
+                if resident is None and not rs.worth_it:
+                    self.mlp.resident = None
+                    self.streamed_because = (
+                        f"an image's {rs.image_bytes} bytes of codes cost about as much link "
+                        f"as the DMA that would fetch it ({DMA_WIRE_BYTES} bytes): resident, "
+                        "the set saves no link bytes")
         self.rng = np.random.default_rng(cfg.seed + 1)
         # the loop's state: what a checkpoint keeps
         self.epoch = self.pos = self.step = 0
@@ -124,7 +151,10 @@ class Session:
                        "masters": cfg.masters, "out_grad": cfg.out_grad, "act": cfg.act,
                        "alpha_init": cfg.alpha_init, "act_clip": cfg.act_clip, "epochs": epochs,
                        "device": dev.url, "device_info": dev.info,
-                       "state_in_sdram": self.mlp.paged}
+                       "state_in_sdram": self.mlp.paged,
+                       "resident": (self.mlp.resident.describe() if self.mlp.resident
+                                    else None)}
+        self._resumed_resident = None
         if resume is not None:
             self._resume(resume)
         else:
@@ -139,6 +169,7 @@ class Session:
             raise ValueError(f"{path} is a checkpoint of a different model, batch size or "
                              "scheme")
         self.mlp.restore(st)
+        self._resumed_resident = c.get("resident")
         self.rng.bit_generator.state = meta["rng"]
         self.epoch, self.pos, self.step = meta["epoch"], meta["pos"], meta["step"]
         self.losses, self.history = meta["losses"], meta["history"]
@@ -157,10 +188,28 @@ class Session:
     def metrics(self, interrupted):
         hist = self.history
         return {"config": self.config, "history": hist, "steps": self.step,
+                "upload": self.uploaded,
                 "test_accuracy": hist[-1]["test_accuracy"] if hist else None,
                 "interrupted": interrupted}
 
     # -- the loop -------------------------------------------------------------------------------
+    def _upload(self, progress):
+        """Put the resident set on the device once per session: a resumed run whose
+        checkpoint names this set keeps the device's copy when the device's sums of it
+        still match (``uploaded["kept"]``)."""
+        rs = self.mlp.resident
+        if rs is None or self.uploaded is not None:
+            return
+        dev, staging = self.dev, self.mlp.staging()
+        wire0, t0 = dev.wire_sent + dev.wire_received, time.perf_counter()
+        kept = (self._resumed_resident == rs.describe()
+                and rs.verify(staging, progress, raise_=False))
+        if not kept:
+            rs.upload(staging, progress)
+        self.uploaded = {"kept": bool(kept), "seconds": time.perf_counter() - t0,
+                         "link_bytes": dev.wire_sent + dev.wire_received - wire0,
+                         "set_bytes": rs.bytes}
+
     def _train_step(self):
         """One step of the current epoch, its counters summed."""
         dev, mlp, c = self.dev, self.mlp, self.counters
@@ -168,8 +217,11 @@ class Session:
         wire0, io0 = dev.wire_sent + dev.wire_received, dev.io_seconds
         cyc0 = mlp.counters["gemm_cycles"] + mlp.counters["vec_cycles"]
         t0 = time.perf_counter()
-        loss = mlp.step(self.x_train[idx], self.data.y_train[idx],
-                        lr_at(self.cfg.lr, self.step, self.total))
+        lr = lr_at(self.cfg.lr, self.step, self.total)
+        if mlp.resident is not None:
+            loss = mlp.step_indices(idx, self.data.y_train[idx], lr)
+        else:
+            loss = mlp.step(self.x_train[idx], self.data.y_train[idx], lr)
         c["seconds"] += time.perf_counter() - t0
         c["io"] += dev.io_seconds - io0
         c["bytes"] += dev.wire_sent + dev.wire_received - wire0
@@ -201,6 +253,7 @@ class Session:
         first step that ends past ``time_budget`` seconds. Returns the metrics, with
         ``losses`` (every step's loss in this run), ``partial`` (the per-step figures since
         the last epoch ended, or of the last epoch) and ``model``."""
+        self._upload(progress)
         n = len(self.x_train)
         bar = tqdm(total=self.total, initial=self.step, disable=not progress, unit="step",
                    desc=f"{self.data.name} on {self.dev.url}", leave=False)
@@ -246,11 +299,13 @@ class Session:
 
 
 def train_on_device(dev, data, cfg, epochs, out=None, resume=None, progress=True,
-                    max_steps=None, time_budget=None):
+                    max_steps=None, time_budget=None, resident=None):
     """Train ``cfg``'s MLP on ``data`` through ``dev``: :class:`Session` in one call.
 
     ``resume``: a checkpoint path; training continues bit-identically. ``max_steps``,
     ``time_budget`` (seconds): stop (with a checkpoint) after that many steps, or the first
-    step that ends past that time, of this run (benchmarks and tests).
+    step that ends past that time, of this run (benchmarks and tests). ``resident``: see
+    :class:`Session`.
     """
-    return Session(dev, data, cfg, epochs, out, resume).run(progress, max_steps, time_budget)
+    return Session(dev, data, cfg, epochs, out, resume, resident).run(progress, max_steps,
+                                                                       time_budget)
