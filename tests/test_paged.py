@@ -32,7 +32,8 @@ def test_a_model_in_the_sdram_trains_bit_identically():
     assert l0 == l1 and len(l0) == 12
     for a, b in zip([*w0, *v0, *c0], [*w1, *v1, *c1], strict=True):
         assert np.array_equal(a, b)
-    assert counters["split_commands"] > 0 and counters["dma_stores"] > 0
+    assert counters["split_commands"] >= counters["overlapped_commands"] > 0
+    assert counters["dma_stores"] > 0
 
 
 @pytest.fixture
@@ -52,11 +53,14 @@ def test_host_writes_and_reads_at_any_word(pair):
     assert paged.read(0, 6000) == big.read(0, 6000)
 
 
+@pytest.mark.parametrize("overlap", [True, False])
 @pytest.mark.parametrize("path", [OutputPath.RAW, OutputPath.LOG4])
-def test_split_commands_equal_whole_ones(pair, path):
+def test_split_commands_equal_whole_ones(pair, path, overlap):
     """A GEMM too big for the scratchpad (split along N) and an UPDATE (split along rows)
-    leave the same memory and statistics as on a device that holds them whole."""
+    leave the same memory and statistics as on a device that holds them whole, their parts
+    double-buffered in the scratchpad's halves or one after the other."""
     paged, big = pair
+    paged.overlap = overlap
     rng = np.random.default_rng(int(path))
     m, red, n = 16, 40, 640
     gemm = Gemm(rng.integers(-8, 8, (m, red)), rng.integers(-8, 8, (red, n)), Operand.INT4,
@@ -79,3 +83,4 @@ def test_split_commands_equal_whole_ones(pair, path):
                     upd["w_sum_sq"]))
     assert got[0] == got[1]
     assert paged.counters["split_commands"] == 2
+    assert paged.counters["overlapped_commands"] == (2 if overlap else 0)

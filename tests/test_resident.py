@@ -152,6 +152,7 @@ def test_paged_and_resident_on_the_simulated_device(small, simdev):
         s = Session(dev, small, cfg, 1, resident=True)
         s.run(progress=False)
         assert s.mlp.paged and s.mlp.resident is not None
+        assert s.mlp.dev.counters["overlapped_commands"] > 0
         sim = (s.losses, *s.mlp.masters(), s.mlp.weight_codes())
     with Device.open("emu://?words=65536&sdram=") as dev:
         s = Session(dev, small, cfg, 1)
