@@ -233,6 +233,20 @@ def cmd_bench_system(args):
     return 0
 
 
+def cmd_bench_density(args):
+    from nibble.host.bench.density import bench_density
+
+    r = bench_density(out_dir=args.out, devices=args.device or ("ecp5-85f", "ice40-up5k"),
+                      docs=args.docs, progress=not args.quiet)
+    for d, ratio in r["ratio_vs_fp16_lut"].items():
+        print(f"{d}: nibble's PE has {ratio:.2f}x the MAC/s per LUT of an all-LUT FP16 PE "
+              f"({r['ratio_vs_fp16_dsp'][d]:.2f}x of one with its multiply in a DSP); the "
+              f"paper's area model says {r['paper_density_ratio']}x")
+    print(f"wrote {args.out}/density.json, density.md"
+          + (f"; updated {args.docs}" if args.docs else ""))
+    return 0
+
+
 def cmd_bench_train(args):
     from nibble.host.bench.train import bench_train
 
@@ -445,6 +459,15 @@ def build_parser():
     bs.add_argument("--docs", help="also update the generated table in this markdown file")
     bs.add_argument("--quiet", action="store_true")
     bs.set_defaults(func=cmd_bench_system)
+
+    bd = bsub.add_parser("density", help="nibble's INT4 x FP4 PE against an FP16 PE on both "
+                         "FPGAs: LUTs, DSPs, fmax, MAC/s per LUT (the paper's 7.3x)")
+    bd.add_argument("--device", action="append", choices=["ecp5-85f", "ice40-up5k"],
+                    help="repeatable; default: both")
+    bd.add_argument("--out", default="build/bench")
+    bd.add_argument("--docs", help="also update the generated section in this markdown file")
+    bd.add_argument("--quiet", action="store_true")
+    bd.set_defaults(func=cmd_bench_density)
 
     bt_ = bsub.add_parser("train", help="Fashion-MNIST training on the device: fp32 vs ibm4, "
                           "the simulated device vs emu://, link bytes, board projections")
