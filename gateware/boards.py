@@ -18,11 +18,15 @@ the system frequency, 90 degrees behind it (as LiteX runs it), so that the chip 
 commands and data in the middle of their cycle.
 
 Any other amaranth-boards platform with a ``uart`` resource works through
-``--board module:Class`` (for example ``amaranth_boards.arty_a7:ArtyA7_35Platform``), on
-its default clock. ``nibble bitstream`` builds with YoWASP (no system tools) and writes
+``--board module:Class`` (for example ``amaranth_boards.icestick:ICEStickPlatform``): on an
+iCE40 or ECP5 a PLL (:mod:`gateware.pll`) makes the clock these designs meet on those
+families (:data:`FAMILY_CLOCK`; ``--clk`` chooses another, on any board); elsewhere the
+design runs at the board's oscillator, and :attr:`Board.clock_note` says so in one line.
+``nibble bitstream`` builds with YoWASP (no system tools) and writes
 ``build/<board>/report.json``; ``nibble flash`` programs with openFPGALoader.
 """
 
+import dataclasses
 import importlib
 import json
 import os
@@ -37,7 +41,6 @@ from amaranth.hdl import (
     ClockDomain,
     ClockSignal,
     Elaboratable,
-    Instance,
     Module,
     ResetSignal,
     Signal,
@@ -49,10 +52,12 @@ from nibble.rtl.formats import word_nibbles
 from nibble.rtl.sdram import CHIPS, SdramPins
 
 from .device import Device
+from .pll import Ecp5Pll, Ice40Pll, PllError, ecp5_pll, ice40_pll
 from .synth import find_tool, tool_path
 from .uart import UARTRx, UARTTx, divisor_for
 
-__all__ = ["BOARDS", "Board", "BoardError", "BoardTop", "UartTop", "build", "flash", "resolve"]
+__all__ = ["BOARDS", "FAMILY_CLOCK", "Board", "BoardError", "BoardTop", "UartTop", "build",
+           "flash", "pll_setting", "resolve"]
 
 
 class BoardError(RuntimeError):
@@ -69,10 +74,13 @@ class Board:
     baud: int
     clk_hz: int               # the design clock
     pll: str | None = None    # "ice40" or "ecp5": derive clk_hz from the board clock
+    pll_pad: bool = True      # iCE40: the oscillator is on a PLL pad (else SB_PLL40_CORE)
     sdram: str | None = None  # a part of rtl.sdram.CHIPS on the board's `sdram` resource
     nextpnr_opts: tuple = ()
     synth_opts: str = ""
     cable: tuple = field(default=())   # openFPGALoader arguments
+    #: how the clock was chosen, where that needs saying (a board without a PLL here)
+    clock_note: str = ""
 
     def make_platform(self):
         module, cls = self.platform.split(":")
@@ -90,8 +98,25 @@ BOARDS = {
 }
 
 
-def resolve(name, rows=None, cols=None, baud=None, mem_words=None):
-    """A :class:`Board` for a known name or a ``module:Class`` amaranth-boards platform."""
+#: The design clock a PLL makes on a board of each family by default: what the designs
+#: here meet there (the iCEBreaker's and the ULX3S's builds, ``docs/results.md``).
+FAMILY_CLOCK = {"ice40": 36_000_000, "ecp5": 45_000_000}
+
+
+def _family(platform):
+    device = str(getattr(platform, "device", ""))
+    return "ice40" if device.startswith("iCE40") else \
+        "ecp5" if device.startswith("LFE5") else None
+
+
+def pll_setting(board, fin):
+    """The board's PLL setting for its ``clk_hz`` from an oscillator of ``fin`` Hz."""
+    return (ice40_pll if board.pll == "ice40" else ecp5_pll)(fin, board.clk_hz)
+
+
+def resolve(name, rows=None, cols=None, baud=None, mem_words=None, clk_hz=None):
+    """A :class:`Board` for a known name or a ``module:Class`` amaranth-boards platform;
+    ``clk_hz`` asks for another design clock (the nearest a PLL makes at or below it)."""
     if name in BOARDS:
         board = BOARDS[name]
     elif ":" in name:
@@ -102,60 +127,30 @@ def resolve(name, rows=None, cols=None, baud=None, mem_words=None):
             raise BoardError(f"cannot load platform {name}: {e}") from e
         if not any(r[0] == "uart" for r in platform.resources):
             raise BoardError(f"{name} has no `uart` resource for the host link")
+        osc, family = int(platform.default_clk_frequency), _family(platform)
         board = Board(cls, name, rows=2, cols=4, mem_words=1024, baud=115_200,
-                      clk_hz=int(platform.default_clk_frequency))
+                      clk_hz=clk_hz or FAMILY_CLOCK.get(family, osc), pll=family,
+                      pll_pad=False)
+        if family is None:
+            if clk_hz and clk_hz != osc:
+                raise BoardError(f"{name}: no PLL for its FPGA ({platform.device}) here, so "
+                                 f"--clk cannot change its {osc / 1e6:g} MHz clock")
+            board = dataclasses.replace(board, clk_hz=osc, clock_note=(
+                f"{cls}: no PLL for its FPGA ({platform.device}) here: the design runs at the "
+                f"board's {osc / 1e6:g} MHz oscillator, met or not (see report.json)"))
     else:
         raise BoardError(f"unknown board {name!r}: use one of {', '.join(BOARDS)} or an "
                          "amaranth-boards platform as module:Class")
     changes = {k: v for k, v in (("rows", rows), ("cols", cols), ("baud", baud),
-                                 ("mem_words", mem_words)) if v}
-    if changes:
-        import dataclasses
-        board = dataclasses.replace(board, **changes)
+                                 ("mem_words", mem_words), ("clk_hz", clk_hz)) if v}
+    board = dataclasses.replace(board, **changes)
+    if board.pll:                 # the clock the PLL makes, nearest at or below the target
+        fin = board.make_platform().default_clk_frequency
+        try:
+            board = dataclasses.replace(board, clk_hz=int(pll_setting(board, fin).hz))
+        except PllError as e:
+            raise BoardError(f"{board.name}: {e}") from None
     return board
-
-
-class _Ice40Pll(Elaboratable):
-    """SB_PLL40_PAD: 12 MHz pad to 36 MHz (icepll -i 12 -o 36)."""
-
-    def __init__(self, pad, clk, lock):
-        self.pad, self.clk, self.lock = pad, clk, lock
-
-    def elaborate(self, platform):
-        m = Module()
-        m.submodules.pll = Instance(
-            "SB_PLL40_PAD", p_FEEDBACK_PATH="SIMPLE", p_DIVR=0, p_DIVF=47, p_DIVQ=4,
-            p_FILTER_RANGE=1, i_PACKAGEPIN=self.pad, i_RESETB=1, i_BYPASS=0,
-            o_PLLOUTGLOBAL=self.clk, o_LOCK=self.lock)
-        return m
-
-
-class _Ecp5Pll(Elaboratable):
-    """EHXPLLL: 25 MHz to 45 MHz (ecppll -i 25 -o 45) on CLKOP, and the same clock 90
-    degrees later on CLKOS (3 + 2/8 steps of 1/13 of a cycle: 90.0 degrees) for the
-    SDRAM."""
-
-    def __init__(self, clkin, clk, lock, clk90=None):
-        self.clkin, self.clk, self.lock = clkin, clk, lock
-        self.clk90 = clk90 if clk90 is not None else Signal()
-
-    def elaborate(self, platform):
-        m = Module()
-        m.submodules.pll = Instance(
-            "EHXPLLL",
-            a_FREQUENCY_PIN_CLKI="25", a_FREQUENCY_PIN_CLKOP="45", a_ICP_CURRENT="12",
-            a_LPF_RESISTOR="8", a_MFG_ENABLE_FILTEROPAMP="1", a_MFG_GMCREF_SEL="2",
-            p_PLLRST_ENA="DISABLED", p_INTFB_WAKE="DISABLED", p_STDBY_ENABLE="DISABLED",
-            p_DPHASE_SOURCE="DISABLED", p_OUTDIVIDER_MUXA="DIVA", p_OUTDIVIDER_MUXB="DIVB",
-            p_OUTDIVIDER_MUXC="DIVC", p_OUTDIVIDER_MUXD="DIVD", p_CLKI_DIV=5,
-            p_CLKOP_ENABLE="ENABLED", p_CLKOP_DIV=13, p_CLKOP_CPHASE=6, p_CLKOP_FPHASE=0,
-            p_CLKOS_ENABLE="ENABLED", p_CLKOS_DIV=13, p_CLKOS_CPHASE=9, p_CLKOS_FPHASE=2,
-            p_FEEDBK_PATH="CLKOP", p_CLKFB_DIV=9,
-            i_RST=0, i_STDBY=0, i_CLKI=self.clkin, i_CLKFB=self.clk,
-            i_PHASESEL0=0, i_PHASESEL1=0, i_PHASEDIR=1, i_PHASESTEP=1, i_PHASELOADREG=1,
-            i_PLLWAKESYNC=0, i_ENCLKOP=0, i_ENCLKOS=0,
-            o_CLKOP=self.clk, o_CLKOS=self.clk90, o_LOCK=self.lock)
-        return m
 
 
 class UartTop(wiring.Component):
@@ -202,13 +197,19 @@ class BoardTop(Elaboratable):
             m.domains.sync = ClockDomain("sync")
             lock = Signal()
             clk = Signal()
-            if b.pll == "ice40":
-                pin = platform.request(platform.default_clk, dir="-")
-                m.submodules.pll = _Ice40Pll(pin.io, clk, lock)
+            fin = platform.default_clk_frequency
+            setting = pll_setting(b, fin)
+            if setting.hz != b.clk_hz:
+                raise BoardError(f"{b.name}: the PLL makes {setting.hz / 1e6:g} MHz, not "
+                                 f"{b.clk_hz / 1e6:g} (use resolve() to make a Board)")
+            pin = platform.request(platform.default_clk, dir="-")
+            if b.pll == "ice40" and b.pll_pad:
+                m.submodules.pll = Ice40Pll(setting, pin.io, clk, lock)
             else:
-                pin = platform.request(platform.default_clk, dir="-")
                 m.submodules.clk_buf = clk_buf = io.Buffer("i", pin)
-                m.submodules.pll = _Ecp5Pll(clk_buf.i, clk, lock, clk90)
+                m.submodules.pll = (Ice40Pll(setting, clk_buf.i, clk, lock, pad=False)
+                                    if b.pll == "ice40" else
+                                    Ecp5Pll(setting, fin, clk_buf.i, clk, lock, clk90))
             # hold the design in reset until the PLL locks
             m.d.comb += [ClockSignal("sync").eq(clk), ResetSignal("sync").eq(~lock)]
             platform.add_clock_constraint(clk, b.clk_hz)

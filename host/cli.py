@@ -303,7 +303,9 @@ def cmd_bitstream(args):
     from nibble.gateware.boards import build, resolve
 
     board = resolve(args.board, rows=args.rows, cols=args.cols, baud=args.baud,
-                    mem_words=args.words)
+                    mem_words=args.words, clk_hz=args.clk and round(args.clk * 1e6))
+    if board.clock_note:
+        print(board.clock_note)
     print(f"{board.name}: building the bitstream ({board.rows}x{board.cols} array, "
           f"{board.mem_words:,} words, {board.clk_hz / 1e6:g} MHz, {board.baud:,} baud) with "
           "YoWASP; this takes minutes ...", flush=True)
@@ -505,6 +507,10 @@ def build_parser():
     bt.add_argument("--cols", type=_positive)
     bt.add_argument("--baud", type=_positive)
     bt.add_argument("--words", type=_positive, help="tensor memory words")
+    bt.add_argument("--clk", type=float, metavar="MHZ",
+                    help="design clock: the nearest the board's PLL makes at or below it "
+                    "(default: the board's, or on another iCE40 / ECP5 board "
+                    "36 / 45 MHz)")
     bt.add_argument("--seed", type=int, default=1, help="nextpnr placement seed")
     bt.add_argument("--out", default="build")
     bt.add_argument("--docs", help="also update the boards table in this markdown file")

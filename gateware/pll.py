@@ -1,0 +1,138 @@
+"""PLLs for the board tops: a design clock derived from any board's oscillator.
+
+A board's oscillator is rarely the clock the design meets (the ULX3S has 25 MHz, the
+iCEBreaker 12 MHz; an 8x16 array closes near 45 MHz on the ECP5, a 1x4 near 36 MHz on the
+UP5K). :func:`ice40_pll` and :func:`ecp5_pll` search the PLL's dividers for the highest
+output at or below a target, within the PLL's documented ranges, the way the vendors'
+``icepll`` and ``ecppll`` do:
+
+* iCE40 (SB_PLL40, simple feedback): ``f = fin (DIVF+1) / ((DIVR+1) 2^DIVQ)``, phase
+  detector ``fin / (DIVR+1)`` in 10..133 MHz, VCO ``fin (DIVF+1) / (DIVR+1)`` in
+  533..1066 MHz, output 16..275 MHz;
+* ECP5 (EHXPLLL, CLKOP feedback): ``f = fin CLKFB_DIV / CLKI_DIV``, phase detector
+  ``fin / CLKI_DIV`` >= 3.125 MHz, VCO ``f CLKOP_DIV`` in 400..800 MHz (the divider that
+  puts it nearest 600 MHz); CLKOS is the same clock 90 degrees later (the SDRAM's).
+
+The parameters reproduce the hand-derived ones the iCEBreaker (12 -> 36 MHz) and ULX3S
+(25 -> 45 MHz) builds used, so their netlists are unchanged.
+"""
+
+from dataclasses import dataclass
+
+from amaranth.hdl import Elaboratable, Instance, Module, Signal
+
+__all__ = ["Ecp5Pll", "Ice40Pll", "PllError", "ecp5_pll", "ice40_pll"]
+
+
+class PllError(ValueError):
+    """No PLL setting reaches a usable clock from this input."""
+
+
+@dataclass(frozen=True)
+class Ice40Setting:
+    divr: int
+    divf: int
+    divq: int
+    filter_range: int
+    hz: float
+
+
+@dataclass(frozen=True)
+class Ecp5Setting:
+    clki_div: int
+    clkfb_div: int
+    clkop_div: int
+    hz: float
+
+
+def ice40_pll(fin, target):
+    """The SB_PLL40 setting with the highest output at or below ``target`` Hz."""
+    best = None
+    for divr in range(16):
+        pfd = fin / (divr + 1)
+        if not 10e6 <= pfd <= 133e6:
+            continue
+        for divf in range(128):
+            vco = pfd * (divf + 1)
+            if not 533e6 <= vco <= 1066e6:
+                continue
+            for divq in range(1, 7):
+                f = vco / (1 << divq)
+                if 16e6 <= f <= target and (best is None or f > best.hz):
+                    rng = next(i for i, top in enumerate((17e6, 26e6, 44e6, 66e6, 101e6,
+                                                          float("inf")), 1) if pfd < top)
+                    best = Ice40Setting(divr, divf, divq, rng, f)
+    if best is None:
+        raise PllError(f"no iCE40 PLL setting from {fin / 1e6:g} MHz reaches a clock of "
+                       f"16 MHz to {target / 1e6:g} MHz")
+    return best
+
+
+def ecp5_pll(fin, target):
+    """The EHXPLLL setting with the highest output at or below ``target`` Hz."""
+    best = None
+    for clki in range(1, 129):
+        pfd = fin / clki
+        if pfd < 3.125e6:
+            break
+        for fb in range(1, 81):
+            f = pfd * fb
+            if f > target or f < 3.125e6:
+                continue
+            divs = [d for d in range(1, 129) if 400e6 <= f * d <= 800e6]
+            if divs and (best is None or f > best.hz):
+                op = min(divs, key=lambda d: abs(f * d - 600e6))
+                best = Ecp5Setting(clki, fb, op, f)
+    if best is None:
+        raise PllError(f"no ECP5 PLL setting from {fin / 1e6:g} MHz reaches a clock at or "
+                       f"below {target / 1e6:g} MHz")
+    return best
+
+
+class Ice40Pll(Elaboratable):
+    """SB_PLL40_PAD (the clock on a PLL pad) or SB_PLL40_CORE (from the fabric)."""
+
+    def __init__(self, setting, clkin, clk, lock, pad=True):
+        self.s, self.clkin, self.clk, self.lock, self.pad = setting, clkin, clk, lock, pad
+
+    def elaborate(self, platform):
+        m = Module()
+        s = self.s
+        src = {"i_PACKAGEPIN": self.clkin} if self.pad else {"i_REFERENCECLK": self.clkin}
+        m.submodules.pll = Instance(
+            "SB_PLL40_PAD" if self.pad else "SB_PLL40_CORE", p_FEEDBACK_PATH="SIMPLE",
+            p_DIVR=s.divr, p_DIVF=s.divf, p_DIVQ=s.divq, p_FILTER_RANGE=s.filter_range,
+            **src, i_RESETB=1, i_BYPASS=0, o_PLLOUTGLOBAL=self.clk, o_LOCK=self.lock)
+        return m
+
+
+class Ecp5Pll(Elaboratable):
+    """EHXPLLL: the design clock on CLKOP, the same clock 90 degrees later on CLKOS (a
+    quarter of CLKOP_DIV in VCO steps of whole and eighth cycles)."""
+
+    def __init__(self, setting, fin, clkin, clk, lock, clk90=None):
+        self.s, self.fin, self.clkin, self.clk, self.lock = setting, fin, clkin, clk, lock
+        self.clk90 = clk90 if clk90 is not None else Signal()
+
+    def elaborate(self, platform):
+        m = Module()
+        s = self.s
+        cphase = (s.clkop_div - 1) // 2
+        quarter = 2 * s.clkop_div                     # a quarter cycle in eighth VCO steps
+        m.submodules.pll = Instance(
+            "EHXPLLL",
+            a_FREQUENCY_PIN_CLKI=f"{self.fin / 1e6:g}", a_FREQUENCY_PIN_CLKOP=f"{s.hz / 1e6:g}",
+            a_ICP_CURRENT="12",
+            a_LPF_RESISTOR="8", a_MFG_ENABLE_FILTEROPAMP="1", a_MFG_GMCREF_SEL="2",
+            p_PLLRST_ENA="DISABLED", p_INTFB_WAKE="DISABLED", p_STDBY_ENABLE="DISABLED",
+            p_DPHASE_SOURCE="DISABLED", p_OUTDIVIDER_MUXA="DIVA", p_OUTDIVIDER_MUXB="DIVB",
+            p_OUTDIVIDER_MUXC="DIVC", p_OUTDIVIDER_MUXD="DIVD", p_CLKI_DIV=s.clki_div,
+            p_CLKOP_ENABLE="ENABLED", p_CLKOP_DIV=s.clkop_div, p_CLKOP_CPHASE=cphase,
+            p_CLKOP_FPHASE=0, p_CLKOS_ENABLE="ENABLED", p_CLKOS_DIV=s.clkop_div,
+            p_CLKOS_CPHASE=cphase + quarter // 8, p_CLKOS_FPHASE=quarter % 8,
+            p_FEEDBK_PATH="CLKOP", p_CLKFB_DIV=s.clkfb_div,
+            i_RST=0, i_STDBY=0, i_CLKI=self.clkin, i_CLKFB=self.clk,
+            i_PHASESEL0=0, i_PHASESEL1=0, i_PHASEDIR=1, i_PHASESTEP=1, i_PHASELOADREG=1,
+            i_PLLWAKESYNC=0, i_ENCLKOP=0, i_ENCLKOS=0,
+            o_CLKOP=self.clk, o_CLKOS=self.clk90, o_LOCK=self.lock)
+        return m

@@ -1,0 +1,59 @@
+"""PLL settings (gateware/pll.py) and the clocks of boards given as module:Class."""
+
+import pytest
+
+from nibble.gateware.boards import BOARDS, BoardError, BoardTop, resolve
+from nibble.gateware.pll import PllError, ecp5_pll, ice40_pll
+
+
+def test_the_boards_settings_are_the_hand_derived_ones():
+    s = ice40_pll(12e6, 36e6)
+    assert (s.divr, s.divf, s.divq, s.filter_range, s.hz) == (0, 47, 4, 1, 36e6)
+    s = ecp5_pll(25e6, 45e6)
+    assert (s.clki_div, s.clkfb_div, s.clkop_div, s.hz) == (5, 9, 13, 45e6)
+
+
+@pytest.mark.parametrize("fin", [10e6, 12e6, 25e6, 48e6, 100e6])
+@pytest.mark.parametrize("target", [20e6, 33.3e6, 45e6, 60e6, 100e6])
+def test_settings_are_in_range_and_the_best_below_the_target(fin, target):
+    s = ice40_pll(fin, target)
+    pfd = fin / (s.divr + 1)
+    vco = pfd * (s.divf + 1)
+    assert 10e6 <= pfd <= 133e6 and 533e6 <= vco <= 1066e6 and 1 <= s.divq <= 6
+    assert s.hz == vco / 2 ** s.divq <= target and s.hz > 0.9 * target
+    e = ecp5_pll(fin, target)
+    assert fin / e.clki_div >= 3.125e6 and 400e6 <= e.hz * e.clkop_div <= 800e6
+    assert e.hz == fin / e.clki_div * e.clkfb_div <= target and e.hz >= 0.9 * target
+
+
+def test_unreachable_clocks_are_one_clear_error():
+    with pytest.raises(PllError, match="no iCE40 PLL setting from 1 MHz"):
+        ice40_pll(1e6, 36e6)
+    with pytest.raises(BoardError, match="icebreaker: no iCE40 PLL setting"):
+        resolve("icebreaker", clk_hz=10_000_000)
+
+
+def _netlist(board):
+    plan = board.make_platform().build(BoardTop(board), name="top", do_build=False,
+                                       do_program=False, synth_opts=board.synth_opts)
+    return plan.files["top.il"]
+
+
+def test_other_boards_get_a_pll_or_say_why_not():
+    stick = resolve("amaranth_boards.icestick:ICEStickPlatform")
+    assert (stick.pll, stick.pll_pad, stick.clk_hz) == ("ice40", False, 36_000_000)
+    assert "SB_PLL40_CORE" in _netlist(stick)
+    fast = resolve("amaranth_boards.icestick:ICEStickPlatform", clk_hz=50_000_000)
+    assert 45e6 < fast.clk_hz <= 50e6 and not fast.clock_note
+    ecp5 = resolve("amaranth_boards.versa_ecp5:VersaECP5Platform")
+    assert ecp5.pll == "ecp5" and ecp5.clk_hz == 45_000_000 and "EHXPLLL" in _netlist(ecp5)
+    arty = resolve("amaranth_boards.arty_a7:ArtyA7_35Platform")
+    assert arty.pll is None and arty.clk_hz == 100_000_000
+    assert "no PLL for its FPGA" in arty.clock_note and "\n" not in arty.clock_note
+    with pytest.raises(BoardError, match="--clk cannot change"):
+        resolve("amaranth_boards.arty_a7:ArtyA7_35Platform", clk_hz=50_000_000)
+
+
+def test_a_known_board_at_another_clock():
+    b = resolve("ulx3s-85f", clk_hz=40_000_000)
+    assert b.clk_hz == 40_000_000 and b.sdram == BOARDS["ulx3s-85f"].sdram
