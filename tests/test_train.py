@@ -84,11 +84,11 @@ def test_every_scheme_runs_and_learns_something(digits, scheme):
 
 
 def test_digits_mlp_learns_in_4_bits(digits):
-    """The 4-bit emulation trains the digits MLP far above chance (0.1), fast."""
+    """The 4-bit emulation trains the digits MLP far above chance (0.1). (How fast is
+    make bench-numerics' business, not a test's.)"""
     cfg = TrainConfig(scheme="ibm4", epochs=15, sizes=DEFAULT_MODELS["digits"])
     r = train(digits, cfg, progress=False)
     assert r["test_accuracy"] > 0.90
-    assert r["seconds"] < 60
     assert r["history"][-1]["loss"] < r["history"][0]["loss"]
 
 
