@@ -4,7 +4,7 @@ import json
 import re
 from pathlib import Path
 
-__all__ = ["markdown_table", "plot_curves", "update_doc_section", "write_json"]
+__all__ = ["markdown_table", "plot_curves", "publish", "update_doc_section", "write_json"]
 
 
 def write_json(path, obj):
@@ -12,6 +12,15 @@ def write_json(path, obj):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2) + "\n")
     return path
+
+
+def publish(out_dir, stem, data, md, docs=None, section=None):
+    """A benchmark's results: ``<stem>.json`` and ``<stem>.md`` under ``out_dir`` and, with
+    ``docs``, its ``section`` of that markdown file (default: ``bench-<stem>``)."""
+    write_json(Path(out_dir) / f"{stem}.json", data)
+    (Path(out_dir) / f"{stem}.md").write_text(md)
+    if docs:
+        update_doc_section(docs, section or f"bench-{stem}", md)
 
 
 def markdown_table(rows, columns):

@@ -51,13 +51,18 @@ def _leading_one(m, value, name):
     return pos
 
 
-def _stage(m, values, sync, name):
-    """Signals holding ``values`` (a dict of Values): registered when ``sync``, else wires."""
+def _stage(m, values, name, en=None):
+    """Signals holding ``values`` (a dict of Values): wires, or with ``en`` registers that
+    load while it is high."""
     out = {}
     for key, v in values.items():
         v = Value.cast(v)
         sig = Signal(v.shape(), name=f"{name}_{key}")
-        (m.d.sync if sync else m.d.comb).__iadd__(sig.eq(v))
+        if en is None:
+            m.d.comb += sig.eq(v)
+        else:
+            with m.If(en):
+                m.d.sync += sig.eq(v)
         out[key] = sig
     return out
 
@@ -96,7 +101,7 @@ def product_pack(m, r):
 
 def half_product(m, a, b):
     """The FP32 bit pattern of ``a * b`` (half bit patterns), exact; combinational."""
-    return product_pack(m, _stage(m, product_raw(a, b), False, "hp"))
+    return product_pack(m, _stage(m, product_raw(a, b), "hp"))
 
 
 def add_align(m, x, y):
@@ -171,8 +176,7 @@ def add_round(m, r):
 def fp32_add(m, x, y):
     """The FP32 bit pattern of ``x + y`` rounded to nearest even (see the module for the
     operands it is exact on); combinational: the adder's three stages as wires."""
-    return add_round(m, _stage(m, add_sum(m, _stage(m, add_align(m, x, y), False, "a1")),
-                               False, "a2"))
+    return add_round(m, _stage(m, add_sum(m, _stage(m, add_align(m, x, y), "a1")), "a2"))
 
 
 #: Sums in flight in the accumulator's pipeline (its three stages): the PE interleaves
@@ -218,27 +222,16 @@ class Fp16MacPE(wiring.Component):
         m.d.comb += [self.a_out.eq(a), self.b_out.eq(b), self.last_out.eq(last)]
         with m.If(en):
             m.d.sync += [a.eq(self.a_in), b.eq(self.b_in), last.eq(self.last_in)]
-        raw = _enabled(m, product_raw(a, b), en, "p1")
-        l1 = _enabled(m, {"last": last}, en, "l1")
-        p = _enabled(m, {"p": product_pack(m, raw), "last": l1["last"]}, en, "p2")
+        raw = _stage(m, product_raw(a, b), "p1", en)
+        l1 = _stage(m, {"last": last}, "l1", en)
+        p = _stage(m, {"p": product_pack(m, raw), "last": l1["last"]}, "p2", en)
         # the accumulator's feedback: the sum leaving the adder, or 0 after a sum's last beat
         done, done_last = Signal(32), Signal()
         acc = Mux(done_last, 0, done)
-        s1 = _enabled(m, {**add_align(m, acc, p["p"]), "last": p["last"]}, en, "s1")
-        s2 = _enabled(m, {**add_sum(m, s1), "last": s1["last"]}, en, "s2")
+        s1 = _stage(m, {**add_align(m, acc, p["p"]), "last": p["last"]}, "s1", en)
+        s2 = _stage(m, {**add_sum(m, s1), "last": s1["last"]}, "s2", en)
         with m.If(en):
             m.d.sync += [done.eq(add_round(m, s2)), done_last.eq(s2["last"])]
         m.d.comb += [self.result.eq(Mux(done_last, done, 0)), self.result_valid.eq(done_last)]
         return m
 
-
-def _enabled(m, values, en, name):
-    """Registers of ``values`` that load while ``en`` is high."""
-    out = {}
-    for key, v in values.items():
-        v = Value.cast(v)
-        sig = Signal(v.shape(), name=f"{name}_{key}")
-        with m.If(en):
-            m.d.sync += sig.eq(v)
-        out[key] = sig
-    return out

@@ -29,7 +29,7 @@ from amaranth.lib.wiring import Out
 from tqdm.auto import tqdm
 
 from nibble.gateware.synth import DEVICES, SynthTop, _count, _ecp5_luts, _run
-from nibble.host.report import markdown_table, update_doc_section, write_json
+from nibble.host.report import markdown_table, publish
 from nibble.rtl.array import PE
 from nibble.rtl.fp16 import Fp16MacPE
 
@@ -99,12 +99,7 @@ def bench_density(out_dir="build/bench", devices=("ecp5-85f", "ice40-up5k"), doc
                                  for d in devices},
            "ratio_vs_fp16_dsp": {d: by[d, "fp16-dsp"]["nibble_density_ratio"]
                                  for d in devices}}
-    out = Path(out_dir)
-    write_json(out / "density.json", res)
-    md = render(res)
-    (out / "density.md").write_text(md)
-    if docs:
-        update_doc_section(docs, "bench-density", md)
+    publish(out_dir, "density", res, render(res), docs)
     return res
 
 

@@ -24,7 +24,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
-from nibble.host.report import markdown_table, plot_curves, update_doc_section, write_json
+from nibble.host.report import markdown_table, plot_curves, publish
 from nibble.host.training import datasets
 from nibble.host.training.model import ABLATIONS, DEFAULT_SCHEME, TENSORS
 from nibble.host.training.train import DEFAULT_MODELS, TrainConfig, train
@@ -168,14 +168,9 @@ def _bench(out_dir, names, schemes, models, epochs, seeds, ablation, docs, progr
                 f"{row['non_4bit_mac_share']:.2%}, {row['step_ms']:.3f} ms/step")
         if table == "schemes":
             panels[f"{dataset} {model_name(dataset, model)} (mean of {seeds} seeds)"] = curves
-    out = Path(out_dir)
-    write_json(out / "numerics.json", rows)
     if panels:
-        plot_curves(out / "numerics.png", panels)
-    text = render(rows, seeds, jobs)
-    (out / "numerics.md").write_text(text)
-    if docs:
-        update_doc_section(docs, "bench-numerics", text)
+        plot_curves(Path(out_dir) / "numerics.png", panels)
+    publish(out_dir, "numerics", rows, render(rows, seeds, jobs), docs)
     return rows
 
 

@@ -20,7 +20,6 @@ Everything is measured on the Verilator system model through the driver, over it
 
 import itertools
 import time
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -28,7 +27,7 @@ from tqdm import tqdm
 from nibble.host.device.commands import lane_cfg, plan_gemm
 from nibble.host.device.driver import Device
 from nibble.host.golden.tiling import Gemm
-from nibble.host.report import markdown_table, update_doc_section, write_json
+from nibble.host.report import markdown_table, publish
 from nibble.host.training.train import DEFAULT_MODELS
 from nibble.rtl.dma import words_per_burst
 from nibble.rtl.formats import MaskMode, Operand, OutputPath
@@ -190,11 +189,7 @@ def bench_system(out_dir="build/bench", docs=None, progress=True, seed=0):
                 link["write"]["efficiency"], link["read"]["efficiency"]) / 1e6, 3)
             for name, baud in (("icebreaker", 12_000_000), ("ulx3s-85f", 3_000_000))},
     }
-    md = system_markdown(result)
-    write_json(f"{out_dir}/system.json", result)
-    Path(out_dir, "system.md").write_text(md)
-    if docs:
-        update_doc_section(docs, "system", md)
+    publish(out_dir, "system", result, system_markdown(result), docs, section="system")
     return result
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from threadpoolctl import threadpool_limits
 
 from nibble.host.device.driver import Device
-from nibble.host.report import markdown_table, update_doc_section, write_json
+from nibble.host.report import markdown_table, publish
 from nibble.host.training import datasets
 from nibble.host.training.device import DeviceTrainConfig, memory_words, plan_memory
 from nibble.host.training.session import Session, batch_bytes, train_on_device
@@ -317,11 +317,7 @@ def _bench(out_dir, epochs, sim_seconds, docs, progress, log):
                "steps_per_second": 1 / t, "images_per_second": HYPER["batch_size"] / t})
     res["ulx3s"] = ux
     res["ulx3s_state_fits"] = bool(fits["device"] and ux["state_in_sdram"])
-    write_json(out / "train.json", res)
-    md = render(res)
-    (out / "train.md").write_text(md)
-    if docs:
-        update_doc_section(docs, "bench-train", md)
+    publish(out, "train", res, render(res), docs)
     return res
 
 
