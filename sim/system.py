@@ -13,6 +13,7 @@ it, and the harness reports the model's violation flags when it stops (``serve.l
 ``sdram flags 0x0 violations 0`` on a clean run).
 """
 
+import ast
 import hashlib
 import os
 import platform
@@ -55,15 +56,45 @@ def emu_url(config):
     return "emu://?" + "&".join(f"{k}={config[k]}" for k in ("rows", "cols", "words", "sdram"))
 
 
+def design_sources(start=("gateware/device.py", "sim/sdram_model.py")):
+    """The ``rtl/`` and ``gateware/`` files the model is built from: every one that
+    ``start`` imports, directly or through others (read from their import statements,
+    anywhere in a file, without importing anything). A file outside that closure (the FP16
+    reference PE, the board tops) cannot change the model."""
+    seen, todo = set(), list(start)
+    while todo:
+        rel = todo.pop()
+        if rel in seen:
+            continue
+        seen.add(rel)
+        folder = rel.split("/")[0]
+        for node in ast.walk(ast.parse((ROOT / rel).read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom):
+                base = (f"nibble.{folder}" if node.level == 1 else "") if node.level \
+                    else node.module or ""
+                mod = f"{base}.{node.module}" if node.level and node.module else base
+                names = [mod] + [f"{mod}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            for name in names:
+                parts = name.split(".")
+                if len(parts) == 3 and parts[0] == "nibble" and parts[1] in ("rtl", "gateware"):
+                    path = f"{parts[1]}/{parts[2]}.py"
+                    if (ROOT / path).exists():
+                        todo.append(path)
+    return sorted(p for p in seen if p.split("/")[0] in ("rtl", "gateware"))
+
+
 def model_key(rows, cols, words, clk_hz, flags, sdram=""):
     """The cache key of a system model: a hash of everything it is built from (the design's
-    sources, the harness, the parameters, the build flags and the tools' versions), known
-    before anything is elaborated, so a cached model starts at once."""
+    sources, :func:`design_sources`; the harness, the parameters, the build flags and the
+    tools' versions), known before anything is elaborated, so a cached model starts at
+    once."""
     from importlib.metadata import version
     h = hashlib.sha256()
-    for folder in ("rtl", "gateware"):
-        for path in sorted((ROOT / folder).glob("*.py")):
-            h.update(f"{folder}/{path.name}\0".encode() + path.read_bytes())
+    for rel in design_sources():
+        h.update(f"{rel}\0".encode() + (ROOT / rel).read_bytes())
     h.update(HARNESS.read_bytes())
     for path in (ROOT / "sim" / "sdram_model.py", ARRAY_VERILOG):
         h.update(path.read_bytes())

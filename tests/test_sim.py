@@ -6,6 +6,9 @@ smoke of two suites (the device top through its UART pins, and every PE code pai
 ``make test-all`` runs every suite at full volume (at least 100,000 vectors each).
 """
 
+import subprocess
+import sys
+
 import pytest
 
 from nibble.sim import runner
@@ -35,3 +38,23 @@ def test_cocotb_suite(unit):
     assert failed == 0 and passed > 0, f"{failed} cocotb test(s) of {unit} failed"
     least = runner.MIN_VECTORS.get(unit, 100_000)
     assert totals([unit])[unit] >= least, f"fewer than {least:,} vectors checked"
+
+
+def test_model_key_covers_every_module_the_model_is_built_from():
+    """The system model's cache key hashes design_sources(), read from import statements:
+    every rtl/ and gateware/ module loaded while elaborating the model must be among them
+    (else an edit would not rebuild it); the FP16 reference PE and the board tops are not."""
+    code = ("import sys\n"
+            "from amaranth.back import rtlil\n"
+            "from nibble.sim.system import _top, design_sources\n"
+            "m, ports = _top(1, 4, 1024, 36_000_000, 'is42s16160')\n"
+            "rtlil.convert(m, ports=ports)\n"
+            "loaded = {n[len('nibble.'):].replace('.', '/') + '.py' for n in sys.modules\n"
+            "          if n.startswith(('nibble.rtl.', 'nibble.gateware.'))}\n"
+            "print(sorted(loaded - set(design_sources())))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
+    from nibble.sim.system import design_sources
+    assert "rtl/fp16.py" not in design_sources() and "gateware/boards.py" not in \
+        design_sources()
