@@ -251,7 +251,7 @@ def cmd_bench_train(args):
     from nibble.host.bench.train import bench_train
 
     r = bench_train(out_dir=args.out, epochs=args.epochs, sim_seconds=args.sim_seconds,
-                    docs=args.docs, progress=not args.quiet)
+                    docs=args.docs, progress=not args.quiet, board_only=args.board_only)
     print(f"\nfp32_test_accuracy  {r['fp32_test_accuracy']:.4f}\n"
           f"ibm4_test_accuracy  {r['ibm4_test_accuracy']:.4f}\n"
           f"sim_matches_emu     {r['sim_matches_emu']} ({r['sim_steps']} steps)\n"
@@ -476,6 +476,9 @@ def build_parser():
     bt_.add_argument("--epochs", type=_positive, default=10)
     bt_.add_argument("--sim-seconds", type=float, default=600,
                      help="time budget of the simulated device's steps (default 600)")
+    bt_.add_argument("--board-only", action="store_true",
+                     help="measure only the ULX3S configuration again, keeping the rest of "
+                     "the last run's train.json (minutes instead of half an hour)")
     bt_.add_argument("--out", default="build/bench")
     bt_.add_argument("--docs", help="also update the generated section in this markdown file")
     bt_.add_argument("--quiet", action="store_true")

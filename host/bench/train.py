@@ -169,12 +169,13 @@ def board_run(name, data, cfg, steps=3, images=4096, log=print):
             mlp.dev.measure = where == "sim"
             before = _board_counters(session)
             t0 = time.perf_counter()
-            session.run(progress=False, max_steps=steps)
+            session.run(progress=False, max_steps=steps - 1)
             seconds = time.perf_counter() - t0
             after = _board_counters(session)
+            measured = after["steps"] - before["steps"]
             w, v = mlp.masters()
             runs.append({"losses": list(session.losses), "state": [*w, *v, *mlp.weight_codes()],
-                         "per_step": {k: (after[k] - before[k]) / (steps - 1) for k in after},
+                         "per_step": {k: (after[k] - before[k]) / measured for k in after},
                          "paged": mlp.paged, "seconds": seconds, "plan_words": mlp.plan.end,
                          "upload": session.uploaded, "resident": mlp.resident.describe(),
                          "row_bytes": mlp.resident.row_bursts * 16})
@@ -205,12 +206,22 @@ def _board_counters(session):
     c, paged = session.mlp.counters, getattr(session.mlp.dev, "counters", {})
     return {"cycles": paged.get("cycles", 0), "gemm": c["gemm_cycles"], "vec": c["vec_cycles"],
             "dma_bytes": paged.get("dma_bytes", 0),
-            "link": session.dev.wire_sent + session.dev.wire_received}
+            "link": session.dev.wire_sent + session.dev.wire_received, "steps": session.step}
 
 
 def bench_train(out_dir="build/bench", epochs=10, sim_seconds=600, docs=None,
-                progress=True, log=print):
+                progress=True, log=print, board_only=False):
+    """The benchmark (see the module); ``board_only`` measures the ULX3S row again and keeps
+    the rest of an earlier run's ``train.json``."""
     with threadpool_limits(limits=1, user_api="blas"):
+        if board_only:
+            path = Path(out_dir) / "train.json"
+            if not path.exists():
+                raise FileNotFoundError(f"--board-only needs an earlier run's {path}")
+            res = json.loads(path.read_text())
+            return _board_section(res, datasets.load("fashion-mnist"),
+                                  DeviceTrainConfig(sizes=SIZES, **HYPER), Path(out_dir), docs,
+                                  log)
         return _bench(out_dir, epochs, sim_seconds, docs, progress, log)
 
 
@@ -303,9 +314,15 @@ def _bench(out_dir, epochs, sim_seconds, docs, progress, log):
         proj[name] = p
     res["projections"] = proj
 
+    return _board_section(res, data, cfg, out, docs, log)
+
+
+def _board_section(res, data, cfg, out, docs, log):
+    """The ULX3S row: measured on the simulated device, projected with the measured fmax,
+    the link and the host time of ``res`` (the rest of the benchmark); written with it."""
     log("the ULX3S configuration on the simulated device: the state in the SDRAM ...")
     ux = board_run("ulx3s-85f", data, cfg)
-    name, br, bc, baud, hz, src, mem_bytes, fits = next(r for r in _board_rows()
+    _, _, _, baud, hz, src, _, fits = next(r for r in _board_rows()
                                                        if r[0] == "ulx3s-85f")
     t = ux["device_cycles_per_step"] / hz + ux["link_bytes_per_step"] * 10 / baud \
         + res["host_seconds_per_step"]
