@@ -22,7 +22,8 @@ with that much block RAM. Per GEMM or VECTOR command:
    sums, cycles and beats: the total). Parts that fit half the scratchpad each run in its
    two halves in turn, the next part's loads and the last part's stores beside each part
    (double buffering): on the ULX3S configuration a Fashion-MNIST step takes 2.53 M
-   device cycles instead of 3.51 M, for 30 % more DMA frames on the link.
+   device cycles (``make bench-train``), about a million fewer than one part after the
+   other, for more (smaller) parts and so more DMA frames on the link.
 
 WRITE and READ from the host go to the SDRAM through a staging area (the driver's
 ``ext_write``/``ext_read``). Whole commands are not overlapped with one another (each waits
