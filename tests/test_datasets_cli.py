@@ -128,3 +128,17 @@ def test_bench_numerics_jobs_do_not_change_results(tmp_path, tiny_fashion):
 def test_cli_formats(capsys):
     assert main(["formats"]) == 0
     assert "accumulator 20 bits" in capsys.readouterr().out
+
+
+def test_cli_train_makes_the_set_resident_or_streams(tmp_path, tiny_fashion, capsys):
+    """Fashion-MNIST on a device with an SDRAM: uploaded once and said so; --stream sends
+    the images every step instead."""
+    args = ["train", "--device", "emu://", "--dataset", "fashion-mnist", "--epochs", "1",
+            "--quiet", "--no-fp32"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "training set was resident in the device's SDRAM (30 images" in out
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert metrics["config"]["resident"]["images"] == 30 and not metrics["upload"]["kept"]
+    assert main([*args, "--stream", "--out", str(tmp_path / "b")]) == 0
+    assert "resident" not in capsys.readouterr().out
