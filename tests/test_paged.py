@@ -84,3 +84,20 @@ def test_split_commands_equal_whole_ones(pair, path, overlap):
     assert got[0] == got[1]
     assert paged.counters["split_commands"] == 2
     assert paged.counters["overlapped_commands"] == (2 if overlap else 0)
+
+
+def test_overlapped_parts_never_share_a_written_burst(pair):
+    """A REQUANT whose codes rows are half a burst apart: split at an odd row, two parts
+    would write one burst, and overlapped the later part's load would bring back the earlier
+    part's stale half. The split keeps neighbours' written bursts apart, and the result is
+    the whole command's."""
+    paged, big = pair
+    cfg = vector_args(VecOp.REQUANT, 32, 10, (6556, 36), (6400, 2), m=46189, s=36)
+    data = np.random.default_rng(0).integers(0, 256, 8000 * paged.word_bytes,
+                                             dtype=np.uint8).tobytes()
+    for dev in (paged, big):
+        dev.write(0, data)
+        dev.vector(cfg)
+    assert paged.read(0, 8000) == big.read(0, 8000)
+    parts, overlap = paged._parts("vector", cfg)
+    assert overlap and len(parts) > 1 and paged._apart("vector", parts)

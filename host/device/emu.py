@@ -53,8 +53,11 @@ __all__ = ["EmuTransport", "Emulator", "dma_apply", "dma_check", "gemm_apply", "
 
 
 def _region(mem, nib, addr, rows, stride):
+    """``rows`` rows of ``stride`` words from ``addr``; a last row that runs past the end of
+    memory (its words beyond the buffer's own, as interleaved buffers have) reads zeros."""
     wb = nib // 2
-    return mem[addr * wb:(addr + rows * stride) * wb]
+    raw = mem[addr * wb:(addr + rows * stride) * wb]
+    return bytes(raw) + bytes(rows * stride * wb - len(raw))
 
 
 def _kind(fp4, is_signed):
@@ -143,8 +146,9 @@ def write_elements(mem, nib, addr, stride, values, elem_nibbles):
     """Write ``values`` (rows x elems) into a buffer, touching only their own nibbles."""
     rows = values.shape[0]
     wb = nib // 2
-    mem[addr * wb:(addr + rows * stride) * wb] = pack(
-        values, elem_nibbles, nib, stride, base=_region(mem, nib, addr, rows, stride))
+    data = pack(values, elem_nibbles, nib, stride, base=_region(mem, nib, addr, rows, stride))
+    end = min(len(mem), (addr + rows * stride) * wb)
+    mem[addr * wb:end] = data[:end - addr * wb]
 
 
 def code_sums(mem, nib, addr, count):

@@ -32,6 +32,7 @@ streams a layer's GEMMs at the array's rate is :mod:`nibble.host.bench.streaming
 (``make bench-system``). ``counters`` says what the paging moved.
 """
 
+import itertools
 import time
 
 from nibble.host.device.driver import DeviceError
@@ -166,26 +167,43 @@ class PagedDevice:
         split = self._gemm_parts if kind == "gemm" else self._vec_parts
         if self.overlap:
             try:
-                return split(cfg, self.scratch // 2 // self.wpb * self.wpb), True
+                return split(cfg, self.scratch // 2 // self.wpb * self.wpb, True), True
             except DeviceError:
                 pass
         return split(cfg, self.scratch), False
 
-    def _gemm_parts(self, cfg, room):
-        """The GEMM as parts along N that each fit ``room`` words."""
+    def _written(self, kind, cfg):
+        """The bursts a command writes, as (first, end) spans."""
+        wpb = self.wpb
+        return [(addr // wpb, -(-(addr + (n - 1) * stride + words) // wpb))
+                for addr, stride, n, words, written, _, _ in self._regions(kind, cfg)
+                if written]
+
+    def _apart(self, kind, parts):
+        """True when no two neighbouring parts write into one burst: overlapped, a part's
+        loads come before its neighbour's stores, and a shared burst would be stored stale."""
+        spans = [self._written(kind, p) for p in parts]
+        return not any(a0 < b1 and b0 < a1 for s, t in itertools.pairwise(spans)
+                       for a0, a1 in s for b0, b1 in t)
+
+    def _gemm_parts(self, cfg, room, apart=False):
+        """The GEMM as parts along N that each fit ``room`` words (and with ``apart``, write
+        no burst in common with their neighbours)."""
         step = self.word_nibbles                      # B columns: whole words of codes
         n = cfg["n"]
         for parts in range(2, _ceil(n, step) + 1):
             width = _ceil(_ceil(n, parts), step) * step
             cut = [replace_cfg(cfg, n0, min(n0 + width, n), self.word_nibbles)
                    for n0 in range(0, n, width)]
-            if all(self._fits("gemm", c, room) for c in cut):
+            if all(self._fits("gemm", c, room) for c in cut) and (
+                    not apart or self._apart("gemm", cut)):
                 return cut
         raise DeviceError(f"a GEMM of {cfg['m']}x{cfg['l']}x{cfg['n']} does not fit "
                           f"{room:,} words of scratchpad even one word of B wide")
 
-    def _vec_parts(self, cfg, room):
-        """The VECTOR operation as parts along its rows (UPDATE, REQUANT) that each fit."""
+    def _vec_parts(self, cfg, room, apart=False):
+        """The VECTOR operation as parts along its rows (UPDATE, REQUANT) that each fit
+        (and with ``apart``, write no burst in common with their neighbours)."""
         if cfg["op"] == VecOp.TRANSPOSE:
             raise DeviceError(f"a {cfg['rows']}x{cfg['cols']} TRANSPOSE does not fit "
                               f"{self.scratch:,} words of scratchpad")
@@ -193,7 +211,8 @@ class PagedDevice:
         for parts in range(2, rows + 1):
             height = _ceil(rows, parts)
             cut = [_vec_rows(cfg, r0, min(r0 + height, rows)) for r0 in range(0, rows, height)]
-            if all(self._fits("vector", c, room) for c in cut):
+            if all(self._fits("vector", c, room) for c in cut) and (
+                    not apart or self._apart("vector", cut)):
                 return cut
         raise DeviceError(f"a VECTOR row of {cfg['cols']} elements does not fit the scratchpad")
 
