@@ -131,15 +131,6 @@ class _Arena:
         return buf
 
 
-    def interleave(self, rows, elems, e, count):
-        """``count`` buffers of the same shape with their rows interleaved (row r of each,
-        then row r + 1 of each): what UPDATE reads and writes together is one span, so a
-        paged part of it is one DMA each way instead of one per buffer."""
-        one = row_words(-(-elems // self.pad) * self.pad, e, self.nib)
-        base, self.end = self.end, self.end + rows * count * one
-        return [Buffer(base + j * one, rows, elems, e, count * one) for j in range(count)]
-
-
 @dataclass
 class LayerBuffers:
     """One layer's tensors in device memory (layer ``y = x @ w.T``, x: B x K, w: N x K)."""
@@ -148,7 +139,7 @@ class LayerBuffers:
     wr: Buffer | None     # W codes, N rows of K: backward-data's B (not for layer 0)
     g: Buffer             # dW^T accumulators, K rows of N RAW elements: UPDATE's G
     wm: Buffer | None     # master weights, as dW^T (device masters only)
-    vm: Buffer | None     # momenta, as dW^T (device masters only); g, wm, vm interleaved
+    vm: Buffer | None     # momenta, as dW^T (device masters only)
     xc: Buffer = None     # X^T codes, K rows of B: forward's A, the layer below's mask
     xr: Buffer = None     # X codes, B rows of K: backward-weight's B
     dc: Buffer = None     # dY^T FP4 pairs, N rows of B: backward-data's A
@@ -174,11 +165,10 @@ def plan_memory(sizes, batch, nib, pad, masters, terms=1, align=1):
     for i, (k, n) in enumerate(itertools.pairwise(sizes)):
         wc = arena.alloc(k, n, 1)
         wr = arena.alloc(n * (terms if i == top else 1), k, 1) if i > 0 else None
+        g = arena.alloc(k, n, RAW_NIBBLES)
         wm = vm = None
         if masters == "device":
-            g, wm, vm = arena.interleave(k, n, RAW_NIBBLES, 3)
-        else:
-            g = arena.alloc(k, n, RAW_NIBBLES)
+            wm, vm = arena.alloc(k, n, RAW_NIBBLES), arena.alloc(k, n, RAW_NIBBLES)
         layers.append(LayerBuffers(wc, wr, g, wm, vm))
     for i, (layer, k, n) in enumerate(zip(layers, sizes[:-1], sizes[1:], strict=True)):
         t = terms if i == top else 1
@@ -264,13 +254,9 @@ class DeviceMLP:
             self.host_w = [np.array(x, np.int64) for x in w]
             self.host_v = [np.array(x, np.int64) for x in v]
         for i in range(self.layers):
-            if self.cfg.masters == "device":      # g (zeros), wm, vm: their rows interleaved
-                g = self.bufs[i].g
-                one = g.stride // 3
-                rows = [np.frombuffer(pack(x & 0xFFFFFFFF, RAW_NIBBLES, nib, one),
-                                      np.uint8).reshape(g.rows, -1)
-                        for x in (np.zeros_like(w[i]), w[i], v[i])]
-                dev.write(g.addr, np.hstack(rows).tobytes())
+            if self.cfg.masters == "device":
+                for buf, x in ((self.bufs[i].wm, w[i]), (self.bufs[i].vm, v[i])):
+                    dev.write(buf.addr, pack(x & 0xFFFFFFFF, RAW_NIBBLES, nib, buf.stride))
             if codes is not None:
                 self.w_step[i] = w_step[i]
                 self._put_codes(i, codes[i])
@@ -536,12 +522,9 @@ class DeviceMLP:
         w, v = [], []
         for i in range(self.layers):
             k, n = self.sizes[i], self.sizes[i + 1]
-            g = self.bufs[i].g
-            raw = self.dev.read(g.addr, g.words)            # g, wm, vm interleaved
-            one = g.stride // 3 * self.dev.word_bytes
-            for j, dst in ((1, w), (2, v)):
-                dst.append(unpack(raw[j * one:] + bytes(j * one), k, n, RAW_NIBBLES,
-                                  self.dev.word_nibbles, g.stride, 32))
+            for buf, dst in ((self.bufs[i].wm, w), (self.bufs[i].vm, v)):
+                dst.append(unpack(self.dev.read(buf.addr, buf.words), k, n, RAW_NIBBLES,
+                                  self.dev.word_nibbles, buf.stride, 32))
         return w, v
 
     def predict(self, x_codes, batch=2048):
