@@ -180,3 +180,18 @@ def test_output_gradient_policies_are_costed(small):
     assert host["device_cycles_per_step"] < one["device_cycles_per_step"]
     assert host["non_4bit_mac_share"] == 3 * 8 * 8 * 4 / one["macs_per_step"]
     assert one["non_4bit_mac_share"] == two["non_4bit_mac_share"] == 0.0
+
+
+def test_projection_rescales_gemms_and_names_the_bound():
+    """bench-train's projection: a GEMM's beats rescaled to the board's array (its fill and
+    drain kept), the element-wise cycles as measured, and the bound is the resource that is
+    busy longest."""
+    from nibble.host.bench.train import project
+    gemms = [(64, 784, 128, 1_000_050, 1_000_000)]     # 50 cycles of fill and drain
+    p = project(gemms, 10_000, 1, 1_000, 0.001, 8, 16, 3_000_000, 50e6, 64)
+    assert p["device_cycles_per_step"] == 8 * 8 * 784 + 50 + 10_000
+    assert p["link_s"] == 1_000 * 10 / 3_000_000 and p["bound"] == "link"
+    assert project(gemms, 10_000, 1, 10, 0.0, 8, 16, 3_000_000, 50e6, 64)["bound"] == "array"
+    assert project(gemms, 10**6, 1, 10, 0.0, 8, 16, 3_000_000, 50e6, 64)["bound"] \
+        == "element-wise"
+    assert project(gemms, 0, 1, 10, 1.0, 8, 16, 3_000_000, 50e6, 64)["bound"] == "host"

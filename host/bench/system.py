@@ -13,6 +13,8 @@ Everything is measured on the Verilator system model through the driver, over it
 * ``sdram_efficiency``: bytes a DMA moved per cycle (STATS ``dma_cycles``) over the SDRAM's
   peak of 2 bytes a cycle (16 bits at the system clock), for long LOADs and STOREs and for
   tiles whose rows each open a new SDRAM row, with the data checked by reading it back;
+* ``update_cycles_per_weight``: STATS ``vec_cycles`` of an UPDATE over the Fashion-MNIST
+  layer-1 weights (784 x 128) over their number, beside REQUANT and a batch's TRANSPOSE;
 * ``sdram_array_utilization``: the Fashion-MNIST layer-1 forward and backward-weight GEMMs
   with every operand streamed from the SDRAM, on a second model in the ULX3S configuration
   (:mod:`nibble.host.bench.streaming`), checked bit for bit against ``emu://``.
@@ -24,13 +26,14 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from nibble.host.device.commands import lane_cfg, plan_gemm
+from nibble.host.device.commands import lane_cfg, plan_gemm, vector_args
 from nibble.host.device.driver import Device
+from nibble.host.device.layout import row_words
 from nibble.host.golden.tiling import Gemm
 from nibble.host.report import markdown_table, publish
 from nibble.host.training.train import DEFAULT_MODELS
 from nibble.rtl.dma import words_per_burst
-from nibble.rtl.formats import MaskMode, Operand, OutputPath
+from nibble.rtl.formats import MaskMode, Operand, OutputPath, VecOp
 
 __all__ = ["bench_system"]
 
@@ -126,6 +129,34 @@ def measure_sdram(dev, rng, bursts=2048):
     return runs
 
 
+def measure_vector(dev, k=784, n=128, batch=BATCH):
+    """The element-wise unit on the Fashion-MNIST MLP's layer 1 (``k`` x ``n`` weights):
+    UPDATE of the masters and momenta, REQUANT of the masters into codes, TRANSPOSE of a
+    batch of input codes; STATS ``vec_cycles`` per element. The cycles do not depend on
+    the values (tests/test_vector.py checks those), so the memory keeps what it holds."""
+    nib = dev.word_nibbles
+    rw = row_words(n, 8, nib)
+    g, w_, v = ((i * k * rw, rw) for i in range(3))
+    q = (3 * k * rw, row_words(n, 1, nib))
+    x = (q[0] + k * q[1], row_words(k, 1, nib))
+    xt = (x[0] + batch * x[1], row_words(batch, 1, nib))
+    if xt[0] + k * xt[1] > dev.mem_words:
+        return None
+    runs = []
+    for label, cfg in (
+            ("UPDATE (masters, momenta)", vector_args(VecOp.UPDATE, k, n, g, w_, v[0],
+                                                      mu=58982, m=40000, s=30)),
+            ("REQUANT (masters into codes)", vector_args(VecOp.REQUANT, k, n, w_, q,
+                                                         m=40000, s=30)),
+            ("TRANSPOSE (input codes)", vector_args(VecOp.TRANSPOSE, batch, k, x, xt))):
+        cycles = dev.vector(cfg)["vec_cycles"]
+        elements = cfg["rows"] * cfg["cols"]
+        runs.append({"operation": label, "rows": cfg["rows"], "cols": cfg["cols"],
+                     "elements": elements, "cycles": cycles,
+                     "cycles_per_element": round(cycles / elements, 4)})
+    return runs
+
+
 def measure_link(dev, rng, nbytes=256 * 1024):
     data = rng.integers(0, 256, nbytes, dtype=np.uint8).tobytes()
     out = {}
@@ -161,6 +192,7 @@ def bench_system(out_dir="build/bench", docs=None, progress=True, seed=0):
         speed = measure_speed(dev, rng)
         link = measure_link(dev, rng)
         sdram = measure_sdram(dev, rng)
+        vector = measure_vector(dev)
         util = measure_utilization(dev, rng, DEFAULT_MODELS, progress)
     from nibble.host.bench.streaming import CONFIG, measure_streaming
     with serve(**CONFIG) as url:
@@ -183,6 +215,8 @@ def bench_system(out_dir="build/bench", docs=None, progress=True, seed=0):
         "sdram": sdram,
         "sdram_efficiency": sdram and min(r["efficiency"] for r in sdram[:2]),
         "sdram_array_utilization": streaming["sdram_array_utilization"],
+        "vector": vector,
+        "update_cycles_per_weight": vector and vector[0]["cycles_per_element"],
         "streaming": streaming,
         "projected_link_mbytes_per_s": {
             f"{name} ({baud / 1e6:g} Mbaud)": round(baud / 10 * min(
@@ -196,6 +230,12 @@ def bench_system(out_dir="build/bench", docs=None, progress=True, seed=0):
 SDRAM_COLUMNS = [("transfer", "transfer", "{}"), ("bytes", "bytes", "{:,}"),
                  ("cycles", "cycles", "{:,}"), ("bytes / cycle", "bytes_per_cycle", "{:.3f}"),
                  ("of peak", "efficiency", "{:.3f}")]
+
+
+VECTOR_COLUMNS = [("operation", "operation", "{}"), ("rows", "rows", "{}"),
+                  ("cols", "cols", "{}"), ("elements", "elements", "{:,}"),
+                  ("cycles", "cycles", "{:,}"),
+                  ("cycles / element", "cycles_per_element", "{:.3f}")]
 
 
 def system_markdown(r):
@@ -221,6 +261,11 @@ def system_markdown(r):
             f"{SDRAM_PEAK_BYTES_PER_CYCLE} bytes a cycle), DMA transfers measured with STATS "
             "`dma_cycles`, data read back and checked:", "",
             markdown_table(r["sdram"], SDRAM_COLUMNS), ""]
+    if r.get("vector"):
+        lines += [
+            "The element-wise unit on the Fashion-MNIST MLP's layer 1 (STATS `vec_cycles`; "
+            f"update_cycles_per_weight {r['update_cycles_per_weight']}, target <= 2):", "",
+            markdown_table(r["vector"], VECTOR_COLUMNS), ""]
     st = r.get("streaming")
     if st:
         lines += [

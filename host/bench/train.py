@@ -26,6 +26,7 @@ from pathlib import Path
 
 from threadpoolctl import threadpool_limits
 
+from nibble.host.bench.system import SDRAM_PEAK_BYTES_PER_CYCLE
 from nibble.host.device.driver import Device
 from nibble.host.report import markdown_table, publish
 from nibble.host.training import datasets
@@ -128,14 +129,23 @@ def _costs(session):
 def project(gemms, vec_cycles_per_step, steps, link_bytes, host_s, rows, cols, baud, hz, batch):
     """Steps/s and images/s on an ``rows`` x ``cols`` array at ``hz`` with a ``baud`` link.
     ``gemms``: (m, l, n, cycles, beats) of every GEMM in ``steps`` steps (measured)."""
-    cycles = 0
+    array = 0
     for m, l, n, cyc, beats in gemms:
-        cycles += math.ceil(m / rows) * math.ceil(n / cols) * l + (cyc - beats)
-    cycles = cycles / steps + vec_cycles_per_step
+        array += math.ceil(m / rows) * math.ceil(n / cols) * l + (cyc - beats)
+    array /= steps
+    cycles = array + vec_cycles_per_step
     t = cycles / hz + link_bytes * 10 / baud + host_s
     return {"device_cycles_per_step": cycles, "compute_s": cycles / hz,
             "link_s": link_bytes * 10 / baud, "host_s": host_s, "step_s": t,
-            "steps_per_second": 1 / t, "images_per_second": batch / t}
+            "steps_per_second": 1 / t, "images_per_second": batch / t,
+            "bound": bound({"array": array / hz, "element-wise": vec_cycles_per_step / hz,
+                            "link": link_bytes * 10 / baud, "host": host_s})}
+
+
+def bound(seconds):
+    """What bounds a step: the resource (``seconds``: its busy time a step) that is busy
+    longest. For the SDRAM that is its bytes at the peak rate, a lower bound."""
+    return max(seconds, key=seconds.get)
 
 
 def head(data, images):
@@ -331,7 +341,11 @@ def _board_section(res, data, cfg, out, docs, log):
                "compute_s": ux["device_cycles_per_step"] / hz,
                "link_s": ux["link_bytes_per_step"] * 10 / baud,
                "host_s": res["host_seconds_per_step"], "step_s": t,
-               "steps_per_second": 1 / t, "images_per_second": HYPER["batch_size"] / t})
+               "steps_per_second": 1 / t, "images_per_second": HYPER["batch_size"] / t,
+               "sdram_s": ux["sdram_bytes_per_step"] / SDRAM_PEAK_BYTES_PER_CYCLE / hz})
+    ux["bound"] = bound({"array": ux["gemm_cycles_per_step"] / hz,
+                         "element-wise": ux["vec_cycles_per_step"] / hz,
+                         "SDRAM": ux["sdram_s"], "link": ux["link_s"], "host": ux["host_s"]})
     res["ulx3s"] = ux
     res["ulx3s_state_fits"] = bool(fits["device"] and ux["state_in_sdram"])
     publish(out, "train", res, render(res), docs)
@@ -392,7 +406,7 @@ def render(r):
         ("compute ms", "compute_ms", "{:.1f}"), ("link ms", "link_ms", "{:.1f}"),
         ("host ms", "host_ms", "{:.1f}"), ("host share", "host_share", "{:.2f}"),
         ("steps/s", "steps_per_second", "{:.2f}"),
-        ("images/s", "images_per_second", "{:.0f}"),
+        ("images/s", "images_per_second", "{:.0f}"), ("bound", "bound", "{}"),
         ("tensor memory bytes", "memory_bytes", "{:,}"),
         ("model state fits (device / host masters)", "fits", "{}")])
     ux = r.get("ulx3s")
@@ -402,7 +416,7 @@ def render(r):
                "SDRAM, each step gathering its batch by index)\n\n") + \
             markdown_table([dict(ux, match="yes" if ux["sim_matches_emu"] else "**NO**",
                                  compute_ms=1e3 * ux["compute_s"], link_ms=1e3 * ux["link_s"],
-                                 host_ms=1e3 * ux["host_s"])], [
+                                 host_ms=1e3 * ux["host_s"], sdram_ms=1e3 * ux["sdram_s"])], [
                 ("array", "array", "{}"), ("scratchpad words", "scratch_words", "{:,}"),
                 ("state words (in the SDRAM)", "state_words", "{:,}"),
                 ("bit-identical to emu://", "match", "{}"), ("steps", "steps", "{}"),
@@ -414,9 +428,10 @@ def render(r):
                 ("link / batch bytes", "link_bytes_ratio", "{:.3f}"),
                 ("training set upload (once) s", "upload_s", "{:.0f}"),
                 ("clock MHz", "clock_mhz", "{:g}"), ("clock", "clock", "{}"),
-                ("compute ms", "compute_ms", "{:.1f}"), ("link ms", "link_ms", "{:.1f}"),
+                ("compute ms", "compute_ms", "{:.1f}"),
+                ("SDRAM ms at its peak", "sdram_ms", "{:.1f}"), ("link ms", "link_ms", "{:.1f}"),
                 ("host ms", "host_ms", "{:.1f}"), ("steps/s", "steps_per_second", "{:.2f}"),
-                ("images/s", "images_per_second", "{:.0f}")])
+                ("images/s", "images_per_second", "{:.0f}"), ("bound", "bound", "{}")])
     return (f"Accuracy\n\n{acc}\nThe output layer's gradient, per step (device cycles on "
             f"the simulated {r['sim_array']} device, link bytes on emu://)\n\n{pol}\n"
             f"Per step (batch {r['batch_size']})\n\n{step}\n"
