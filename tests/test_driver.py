@@ -141,3 +141,16 @@ def test_long_frames_on_a_noisy_link_are_halved_until_they_pass(monkeypatch):
         with pytest.raises(LinkTimeout) as e:
             dev.write(0, bytes(1024))
         assert not e.value.heard and dev.frames_sent - frames == dev.retries + 1
+
+
+def test_wire_bytes_by_command():
+    """``wire_by_op`` splits the link's bytes (requests and replies) by command, and adds
+    up to the totals."""
+    with Device.open("emu://") as dev:
+        start = dict(dev.wire_by_op)
+        dev.write(0, bytes(dev.word_bytes * 4))
+        dev.ping(b"xy")
+        dev.stats()
+        new = {k: v - start.get(k, 0) for k, v in dev.wire_by_op.items()}
+        assert new["WRITE"] > 4 * dev.word_bytes and new["PING"] > 2 and new["STATS"] > 0
+        assert sum(dev.wire_by_op.values()) == dev.wire_sent + dev.wire_received

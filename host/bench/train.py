@@ -182,6 +182,7 @@ def board_run(name, data, cfg, steps=3, images=4096, log=print):
             session.run(progress=False, max_steps=steps - 1)
             seconds = time.perf_counter() - t0
             after = _board_counters(session)
+            before = {k: before.get(k, 0) for k in after}
             measured = after["steps"] - before["steps"]
             w, v = mlp.masters()
             runs.append({"losses": list(session.losses), "state": [*w, *v, *mlp.weight_codes()],
@@ -206,6 +207,8 @@ def board_run(name, data, cfg, steps=3, images=4096, log=print):
             "vec_cycles_per_step": sim["per_step"]["vec"],
             "sdram_bytes_per_step": sim["per_step"]["dma_bytes"],
             "link_bytes_per_step": emu["per_step"]["link"], "batch_bytes_per_step": batch,
+            "link_bytes_by_command": {k[5:]: v for k, v in sorted(
+                emu["per_step"].items(), key=lambda kv: -kv[1]) if k.startswith("link_")},
             "link_bytes_ratio": emu["per_step"]["link"] / batch,
             "dataset_resident": True, "resident_images": emu["resident"]["images"],
             "resident_set_bytes": full_set,
@@ -216,7 +219,8 @@ def _board_counters(session):
     c, paged = session.mlp.counters, getattr(session.mlp.dev, "counters", {})
     return {"cycles": paged.get("cycles", 0), "gemm": c["gemm_cycles"], "vec": c["vec_cycles"],
             "dma_bytes": paged.get("dma_bytes", 0),
-            "link": session.dev.wire_sent + session.dev.wire_received, "steps": session.step}
+            "link": session.dev.wire_sent + session.dev.wire_received, "steps": session.step,
+            **{f"link_{op}": n for op, n in session.dev.wire_by_op.items()}}
 
 
 def bench_train(out_dir="build/bench", epochs=10, sim_seconds=600, docs=None,
@@ -432,6 +436,9 @@ def render(r):
                 ("SDRAM ms at its peak", "sdram_ms", "{:.1f}"), ("link ms", "link_ms", "{:.1f}"),
                 ("host ms", "host_ms", "{:.1f}"), ("steps/s", "steps_per_second", "{:.2f}"),
                 ("images/s", "images_per_second", "{:.0f}"), ("bound", "bound", "{}")])
+        ulx += ("\nIts link bytes a step by command (emu://, wire bytes both ways): "
+                + ", ".join(f"{op} {n:,.0f}" for op, n in ux["link_bytes_by_command"].items()
+                            if n) + "\n")
     return (f"Accuracy\n\n{acc}\nThe output layer's gradient, per step (device cycles on "
             f"the simulated {r['sim_array']} device, link bytes on emu://)\n\n{pol}\n"
             f"Per step (batch {r['batch_size']})\n\n{step}\n"

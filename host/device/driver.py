@@ -22,6 +22,7 @@ again as two halves (a rejected frame changes nothing), down to :data:`MIN_SPLIT
 import select
 import time
 import urllib.parse
+from collections import Counter
 
 import numpy as np
 from amaranth.hdl import Shape
@@ -152,7 +153,8 @@ class Device:
     ``clk_hz``, ``ext_bursts`` (16-byte bursts of SDRAM, 0 without); link counters
     ``wire_sent``, ``wire_received`` (bytes on the wire),
     ``payload_sent``, ``payload_received`` (frame payload bytes), ``frames_sent``,
-    ``resends``.
+    ``resends``; ``wire_by_op``: wire bytes both ways by request opcode name (what each
+    kind of command costs the link).
     """
 
     def __init__(self, transport, url="?", timeout=2.0, retries=10, poll=0.0005):
@@ -167,6 +169,7 @@ class Device:
         self.payload_sent = self.payload_received = 0
         self.resends = 0
         self.frames_sent = 0
+        self.wire_by_op = Counter()
         #: Seconds spent writing to the transport and waiting for replies (the link and
         #: the device; for ``emu://`` also the emulator's own work).
         self.io_seconds = 0.0
@@ -231,7 +234,13 @@ class Device:
 
     def request(self, op, payload=b"", wait_busy=True):
         """Send one request; returns the reply payload or raises."""
-        payload = bytes(payload)
+        wire0 = self.wire_sent + self.wire_received
+        try:
+            return self._request(op, bytes(payload), wait_busy)
+        finally:
+            self.wire_by_op[_op_name(op)] += self.wire_sent + self.wire_received - wire0
+
+    def _request(self, op, payload, wait_busy):
         seq = self._next_seq()
         wire = encode_frame(Frame(seq, op, payload))
         bad_crc = 0

@@ -69,7 +69,7 @@ class PagedDevice:
     # the driver's link counters, for link-byte accounting
     def __getattr__(self, name):
         if name in ("wire_sent", "wire_received", "io_seconds", "frames_sent",
-                    "payload_sent", "payload_received", "word_bytes"):
+                    "payload_sent", "payload_received", "word_bytes", "wire_by_op"):
             return getattr(self.dev, name)
         raise AttributeError(name)
 
