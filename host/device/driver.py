@@ -15,8 +15,10 @@ GEMM without redoing it), waits out BUSY, and raises a :class:`DeviceError` subc
 clear message for every other error reply. A reply is accepted only with a good CRC, so a
 result is either exact or an exception. On a noisy link a long WRITE or READ frame can fail
 every retry (at 1e-3 damaged bytes, a 1 KB frame and its reply get through only a third of
-the time); when the device is heard but the frame never gets through, the driver sends it
-again as two halves (a rejected frame changes nothing), down to :data:`MIN_SPLIT_WORDS`.
+the time); when the device is heard but the frame never gets through (every try answered
+BAD_CRC, BAD_LENGTH, which a lost flag byte gives a frame the driver built in range, or
+nothing valid), the driver sends it again as two halves (a rejected frame changes nothing),
+down to :data:`MIN_SPLIT_WORDS`.
 """
 
 import select
@@ -334,7 +336,7 @@ class Device:
         halves of ``data`` (whole words) one after the other. Returns the replies, joined."""
         try:
             return send(addr, data)
-        except (BadCrcError, LinkTimeout) as e:
+        except (BadCrcError, BadLengthError, LinkTimeout) as e:
             words = len(data) // self.word_bytes
             if words < 2 * MIN_SPLIT_WORDS or not getattr(e, "heard", True):
                 raise
