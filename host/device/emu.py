@@ -53,8 +53,8 @@ __all__ = ["EmuTransport", "Emulator", "dma_apply", "dma_check", "gemm_apply", "
 
 
 def _region(mem, nib, addr, rows, stride):
-    """``rows`` rows of ``stride`` words from ``addr``; a last row that runs past the end of
-    memory (its words beyond the buffer's own, as interleaved buffers have) reads zeros."""
+    """``rows`` rows of ``stride`` words from ``addr``; where the last row's stride runs past
+    the end of memory (the words beyond the buffer's own), it reads zeros."""
     wb = nib // 2
     raw = mem[addr * wb:(addr + rows * stride) * wb]
     return bytes(raw) + bytes(rows * stride * wb - len(raw))
