@@ -11,7 +11,7 @@ from nibble.host.device.driver import BusyError, Device, OutOfRangeError, Unknow
 from nibble.host.device.packing import pack_fields
 from nibble.rtl.formats import VecOp
 
-WORDS = 2048
+WORDS = 4096
 URLS = (f"emu://?sdram=tiny&words={WORDS}", f"pysim://?sdram=tiny&words={WORDS}")
 
 
@@ -26,13 +26,14 @@ def script(dev, rng):
              "ext_addr": 7, "ext_stride": 11})
     dev.dma({"store": 1, "rows": 4, "bursts": 2, "mem_addr": 100, "mem_stride": 5,
              "ext_addr": 200, "ext_stride": 3})
-    # a TRANSPOSE of words 0..287 into 1600..1887, and while it runs a long load (320
-    # bursts) into words 300..1579; then a TRANSPOSE of what the load brought, queued
-    dev.vector(vector_args(VecOp.TRANSPOSE, 48, 48, (0, 6), (1600, 6)), wait=False)
-    dev.dma({"store": 0, "rows": 8, "bursts": 40, "mem_addr": 300, "ext_addr": 0,
+    # a TRANSPOSE of words 0..1151 into 2900..4051 (9,216 elements, a cycle each), and
+    # while it runs a long load (320 bursts) into words 1200..2479; then a TRANSPOSE of
+    # what the load brought, queued
+    dev.vector(vector_args(VecOp.TRANSPOSE, 96, 96, (0, 12), (2900, 12)), wait=False)
+    dev.dma({"store": 0, "rows": 8, "bursts": 40, "mem_addr": 1200, "ext_addr": 0,
              "ext_stride": 40}, wait=False)
     overlapped = dev.stats()["busy"] == 3
-    dev.vector(vector_args(VecOp.TRANSPOSE, 16, 16, (300, 2), (1900, 2)), wait=False)
+    dev.vector(vector_args(VecOp.TRANSPOSE, 16, 16, (1200, 2), (2500, 2)), wait=False)
     dev.wait()
     return dev.read(0, WORDS), dev.ext_read(0, 320, (1536, 512)), overlapped
 
@@ -48,7 +49,7 @@ def test_dma_on_the_device_matches_the_emulator():
     assert rtl_mem == emu_mem and rtl_ext == emu_ext
 
 
-@pytest.mark.parametrize("url", [u.replace("2048", "4096") for u in URLS])
+@pytest.mark.parametrize("url", URLS)
 def test_dma_busy_rules_and_range(url):
     """While a DMA runs, a WRITE is BUSY and another DMA waits for it; while a VECTOR runs,
     a DMA starts (its arguments have their own register), a WRITE is BUSY and a second
@@ -75,7 +76,7 @@ def test_dma_busy_rules_and_range(url):
         st = dev.stats()
         assert st["busy"] == 2 and st["dma_cycles"] < st["cycles"] - c0
         dev.wait()
-        vec = vector_args(VecOp.TRANSPOSE, 64, 64, (0, 8), (1024, 8))
+        vec = vector_args(VecOp.TRANSPOSE, 128, 64, (0, 8), (1024, 16))  # 8,192 cycles
         dev.vector(vec, wait=False)
         other = {**long, "rows": 8, "mem_addr": 2048}
         dev.request(Op.DMA, pack_fields(DMA_ARGS, other), wait_busy=False)
