@@ -51,6 +51,7 @@ from amaranth.lib.wiring import In, Out
 from nibble.rtl.formats import word_nibbles
 from nibble.rtl.sdram import CHIPS, SdramPins
 
+from .budget import budget
 from .device import Device
 from .pll import Ecp5Pll, Ice40Pll, PllError, ecp5_pll, ice40_pll
 from .synth import find_tool, tool_path
@@ -342,6 +343,7 @@ def build(board, out_root="build", seed=1, progress=False):
                       "rams": cells.get("rams"), "fmax_mhz": None,
                       "target_mhz": board.clk_hz / 1e6, "timing_met": False,
                       "seconds": round(time.monotonic() - t0, 1), "bitstream": None}
+            result["blocks"] = _budget(board, platform, out, result, progress)
             (out / "report.json").write_text(json.dumps(result, indent=2) + "\n")
             raise BoardError(
                 f"{board.name}: the {board.rows}x{board.cols} design does not fit: {used:,} "
@@ -388,8 +390,33 @@ def build(board, out_root="build", seed=1, progress=False):
     result["timing_met"] = result["fmax_mhz"] >= result["target_mhz"]
     bitstream = next((p for p in (out / "top.bin", out / "top.bit") if p.exists()), None)
     result["bitstream"] = str(bitstream) if bitstream else None
+    result["blocks"] = _budget(board, platform, out, result, progress)
     (out / "report.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _budget(board, platform, out, total, progress):
+    """The build's LCs/LUTs, DSPs and RAMs by block (:mod:`gateware.budget`), or None on a
+    family it does not know."""
+    family = _family(platform)
+    if family is None:
+        return None
+    chip = CHIPS[board.sdram] if board.sdram else None
+
+    def core():
+        return UartTop(board.rows, board.cols, board.mem_words, board.clk_hz,
+                       divisor_for(board.clk_hz, board.baud), sdram=chip)
+
+    def show(path):
+        if progress:
+            sys.stderr.write(f"\r  budget: {path:<24}")
+            sys.stderr.flush()
+
+    ffs = total["ffs"] if family == "ecp5" else None
+    blocks = budget(core, family, out / "blocks", dict(total, ffs=ffs), show)
+    if progress:
+        sys.stderr.write("\n")
+    return blocks
 
 
 def _yosys_cells(out):

@@ -70,7 +70,7 @@ class SynthTop(wiring.Component):
             (ins if member.flow == In else outs).append(Value.cast(value))
         in_bits = sum(len(v) for v in ins)
         out_bits = sum(len(v) for v in outs)
-        self.boundary_ffs = in_bits + out_bits
+        self.boundary_ffs, self.out_bits = in_bits + out_bits, out_bits
         chain_in = Signal(in_bits)
         m.d.sync += chain_in.eq(Cat(self.scan_in, chain_in[:-1]))
         pos = 0
@@ -183,10 +183,7 @@ def pe_cost(family):
               "tee -q -o stat.txt stat"], work / "yosys.stdout", work)
         stat = (work / "stat.txt").read_text()
         luts = _count(stat, r"SB_LUT4") if family == "ice40" else _ecp5_luts(stat)
-        # the boundary's output chain costs one LUT per captured bit
-        out_bits = sum(len(Value.cast(v)) for _, member, v in top.dut.signature.flatten(
-            top.dut) if member.flow == Out)
-        out[key] = luts - out_bits
+        out[key] = luts - top.out_bits    # the output chain: a LUT per captured bit
     out["fp4_path_luts"] = out["pe_luts"] - out["pe_luts_int_only"]
     return out
 

@@ -314,7 +314,8 @@ def cmd_bitstream(args):
     finally:     # the table also records a board that does not fit
         if args.docs:
             from nibble.host.report import update_doc_section
-            update_doc_section(args.docs, "boards", boards_table(args.out))
+            update_doc_section(args.docs, "boards", boards_table(args.out) + "\n"
+                               + budget_table(args.out))
     verdict = "meets" if r["timing_met"] else "MISSES"
     print(f"  {r['luts']:,} of {r['lut_capacity']:,} LUTs, {r['ffs']:,} FFs, {r['dsps']} DSPs, "
           f"{r['rams']} of {r['ram_capacity']} RAMs, {r['fmax_mhz']:.1f} MHz ({verdict} "
@@ -354,6 +355,38 @@ def boards_table(out_root):
                 row[key] = f"{row[key]:,}" if isinstance(row.get(key), int) else "-"
             rows.append(row)
     return markdown_table(rows, BOARD_COLUMNS) if rows else ""
+
+
+def budget_table(out_root):
+    """Each board's logic by block (report.json ``blocks``, :mod:`gateware.budget`), the
+    boards side by side."""
+    import json
+
+    from nibble.gateware.boards import BOARDS
+    from nibble.host.report import markdown_table
+    reports = [json.loads(p.read_text()) for p in
+               (Path(out_root) / name / "report.json" for name in BOARDS) if p.exists()]
+    reports = [r for r in reports if r.get("blocks")]
+    if not reports:
+        return ""
+    columns = [("block", "block", "{}")]
+    rows = {}
+    for r in reports:
+        b, unit = r["board"], "LCs" if r["board"] == "icebreaker" else "LUTs"
+        columns += [(f"{b} {unit}", f"{b}.luts", "{}"), ("%", f"{b}.pct", "{}"),
+                    ("DSPs", f"{b}.dsps", "{}"), ("RAMs", f"{b}.rams", "{}")]
+        for block, cost in r["blocks"].items():
+            row = rows.setdefault(block, {"block": block})
+            row[f"{b}.luts"] = f"{cost['luts']:,}"
+            row[f"{b}.pct"] = f"{100 * cost['luts'] / r['luts']:.0f}"
+            row[f"{b}.dsps"], row[f"{b}.rams"] = cost["dsps"], cost["rams"]
+    for row in rows.values():
+        for _, key, _ in columns:
+            row.setdefault(key, "-")
+    return ("Where the logic goes (`gateware/budget.py`: each block synthesized and packed "
+            "on its own; `rest` is the build's total less the blocks, negative where blocks "
+            "alone keep logic that the whole design shares or drops):\n\n"
+            + markdown_table(list(rows.values()), columns))
 
 
 def cmd_flash(args):
