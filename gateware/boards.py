@@ -11,7 +11,9 @@ ulx3s-85f     ECP5 LFE5U-85F      8x16   16384  45 MHz PLL   3 Mbaud     EBR, 12
                                                                          SDRAM 32 MB
 ============  ==================  =====  =====  ===========  ==========  ===============
 
-On the ULX3S the device has its SDRAM (``Board.sdram``, a part of
+On the iCEBreaker the element-wise unit has TRANSPOSE only (``Board.vec_ops``): UPDATE and
+REQUANT, with the master weights, are the host driver's (INFO tells it), which leaves the
+UP5K's DSPs to the lanes. On the ULX3S the device has its SDRAM (``Board.sdram``, a part of
 :data:`nibble.rtl.sdram.CHIPS`) behind the DMA: the controller's registered commands and
 write data go out through the pins' buffers, and the SDRAM's clock is a second PLL output at
 the system frequency, 90 degrees behind it (as LiteX runs it), so that the chip samples
@@ -48,7 +50,7 @@ from amaranth.hdl import (
 from amaranth.lib import io, wiring
 from amaranth.lib.wiring import In, Out
 
-from nibble.rtl.formats import word_nibbles
+from nibble.rtl.formats import VEC_OPS_ALL, VecOp, word_nibbles
 from nibble.rtl.sdram import CHIPS, SdramPins
 
 from .budget import budget
@@ -77,6 +79,7 @@ class Board:
     pll: str | None = None    # "ice40" or "ecp5": derive clk_hz from the board clock
     pll_pad: bool = True      # iCE40: the oscillator is on a PLL pad (else SB_PLL40_CORE)
     sdram: str | None = None  # a part of rtl.sdram.CHIPS on the board's `sdram` resource
+    vec_ops: int = VEC_OPS_ALL  # the element-wise unit's operations (the rest on the host)
     nextpnr_opts: tuple = ()
     synth_opts: str = ""
     cable: tuple = field(default=())   # openFPGALoader arguments
@@ -91,7 +94,8 @@ class Board:
 BOARDS = {
     "icebreaker": Board("icebreaker", "amaranth_boards.icebreaker:ICEBreakerPlatform",
                         rows=1, cols=4, mem_words=1024, baud=12_000_000, clk_hz=36_000_000,
-                        pll="ice40", synth_opts="-dsp", cable=("-b", "ice40_generic")),
+                        pll="ice40", synth_opts="-dsp", cable=("-b", "ice40_generic"),
+                        vec_ops=1 << VecOp.TRANSPOSE),
     "ulx3s-85f": Board("ulx3s-85f", "amaranth_boards.ulx3s:ULX3S_85F_Platform",
                        rows=8, cols=16, mem_words=16384, baud=3_000_000, clk_hz=45_000_000,
                        pll="ecp5", sdram="is42s16160", nextpnr_opts=("--router", "router2"),
@@ -161,8 +165,9 @@ class UartTop(wiring.Component):
     SDRAM chip.
     """
 
-    def __init__(self, rows, cols, mem_words, clk_hz, divisor, sdram=None):
-        self.rows, self.cols, self.mem_words = rows, cols, mem_words
+    def __init__(self, rows, cols, mem_words, clk_hz, divisor, sdram=None,
+                 vec_ops=VEC_OPS_ALL):
+        self.rows, self.cols, self.mem_words, self.vec_ops = rows, cols, mem_words, vec_ops
         self.clk_hz, self.divisor, self.chip = clk_hz, divisor, sdram
         pins = {"sdram": Out(SdramPins.Signature(sdram))} if sdram else {}
         super().__init__({"rx": In(1, init=1), "tx": Out(1, init=1), "idle": Out(1), **pins})
@@ -172,7 +177,8 @@ class UartTop(wiring.Component):
         m.submodules.rx = rx = UARTRx(self.divisor)
         m.submodules.tx = tx = UARTTx(self.divisor)
         m.submodules.device = dev = Device(self.rows, self.cols, self.mem_words,
-                                           clk_hz=self.clk_hz, sdram=self.chip)
+                                           clk_hz=self.clk_hz, sdram=self.chip,
+                                           vec_ops=self.vec_ops)
         if self.chip:
             wiring.connect(m, dev.sdram, wiring.flipped(self.sdram))
         m.d.comb += [rx.rx.eq(self.rx), self.tx.eq(tx.tx), self.idle.eq(dev.idle)]
@@ -219,7 +225,7 @@ class BoardTop(Elaboratable):
         m.submodules.uart_tx = uart_tx = io.Buffer("o", uart.tx)
         chip = CHIPS[b.sdram] if b.sdram else None
         m.submodules.top = top = UartTop(b.rows, b.cols, b.mem_words, b.clk_hz, self.divisor,
-                                         sdram=chip)
+                                         sdram=chip, vec_ops=b.vec_ops)
         m.d.comb += [top.rx.eq(uart_rx.i), uart_tx.o.eq(top.tx)]
         if chip:
             self._sdram(m, platform, top.sdram, clk90)
@@ -405,7 +411,7 @@ def _budget(board, platform, out, total, progress):
 
     def core():
         return UartTop(board.rows, board.cols, board.mem_words, board.clk_hz,
-                       divisor_for(board.clk_hz, board.baud), sdram=chip)
+                       divisor_for(board.clk_hz, board.baud), sdram=chip, vec_ops=board.vec_ops)
 
     def show(path):
         if progress:

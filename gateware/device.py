@@ -29,7 +29,7 @@ from amaranth.lib.wiring import In, Out
 
 from nibble.rtl.dma import Dma
 from nibble.rtl.engine import GEMM_CFG, GemmEngine
-from nibble.rtl.formats import word_nibbles
+from nibble.rtl.formats import VEC_OPS_ALL, word_nibbles
 from nibble.rtl.memory import BlockRAM, TensorArbiter, TensorBus
 from nibble.rtl.sdram import BURST_BITS, SdramController, SdramPins
 from nibble.rtl.vector import VEC_CFG, VectorUnit
@@ -46,7 +46,7 @@ __all__ = ["SIM_DEVICE", "Device"]
 #: simulate, and a memory that holds the Fashion-MNIST MLP's training state with its master
 #: weights (2 MiB).
 SIM_DEVICE = {"rows": 2, "cols": 4, "words": 1 << 19, "clk_hz": 36_000_000,
-              "sdram": "is42s16160"}
+              "sdram": "is42s16160", "vec_ops": VEC_OPS_ALL}
 
 
 class Device(wiring.Component):
@@ -64,6 +64,8 @@ class Device(wiring.Component):
         Watchdog: cycles without a byte after which a half-received frame is dropped.
     sdram : SdramChip or None
         An SDRAM behind a DMA (its controller runs at ``clk_hz``), or none.
+    vec_ops : int
+        The element-wise unit's operations (a mask, bit ``VecOp``; INFO reports it).
 
     Ports
     -----
@@ -79,8 +81,10 @@ class Device(wiring.Component):
         With an SDRAM only.
     """
 
-    def __init__(self, rows, cols, mem_words, clk_hz=0, timeout=None, sdram=None):
+    def __init__(self, rows, cols, mem_words, clk_hz=0, timeout=None, sdram=None,
+                 vec_ops=VEC_OPS_ALL):
         self.rows, self.cols, self.mem_words, self.clk_hz = rows, cols, mem_words, clk_hz
+        self.vec_ops = vec_ops
         self.nib = word_nibbles(rows, cols)
         self.timeout = timeout or max(1 << 16, clk_hz // 100)    # 10 ms at clk_hz
         self.chip = sdram
@@ -100,7 +104,7 @@ class Device(wiring.Component):
         m.submodules.transfer = xfer = Transfer(aw, nib)
         m.submodules.reply = reply = Reply()
         m.submodules.engine = engine = GemmEngine(self.rows, self.cols, words)
-        m.submodules.vec = vec = VectorUnit(self.rows, self.cols, words)
+        m.submodules.vec = vec = VectorUnit(self.rows, self.cols, words, self.vec_ops)
         units = [engine, vec, xfer]                    # the decoder's transfer last
         if self.chip:
             m.submodules.dma = dma = Dma(aw, nib, words, self.chip)
@@ -149,6 +153,7 @@ class Device(wiring.Component):
             info.word_nibbles.eq(nib), info.mem_words.eq(words),
             info.max_payload.eq(MAX_PAYLOAD), info.clk_hz.eq(self.clk_hz),
             info.ext_bursts.eq(self.chip.bytes // (BURST_BITS // 8) if self.chip else 0),
+            info.vec_ops.eq(self.vec_ops),
             stats.busy.eq(busy | (dma_busy << 1)), stats.absmax.eq(engine.absmax),
             stats.gemm_cycles.eq(engine.cycles), stats.beats.eq(engine.beats),
             stats.cycles.eq(cycles_at), stats.sum_abs.eq(xfer.sum_abs),

@@ -35,7 +35,7 @@ ESC = 0x7D
 ESC_XOR = 0x20
 #: Largest payload of one frame.
 MAX_PAYLOAD = 1024
-VERSION = 5
+VERSION = 6
 
 
 class Op(enum.IntEnum, shape=8):
@@ -92,6 +92,7 @@ INFO_LAYOUT = data.StructLayout({
     "max_payload": 16,
     "clk_hz": 32,
     "ext_bursts": 32,       # SDRAM size in 16-byte bursts (0: no SDRAM, no DMA)
+    "vec_ops": 8,           # the element-wise unit's operations, bit VecOp (VEC_OPS_ALL)
 })
 
 

@@ -56,7 +56,7 @@ def open_device(url, baud=None, quiet=False):
 def cmd_train(args):
     from nibble.host.report import plot_curves, write_json
     from nibble.host.training import datasets
-    from nibble.host.training.device import DeviceTrainConfig
+    from nibble.host.training.device import DeviceTrainConfig, masters_for
     from nibble.host.training.session import CHECKPOINT, load_checkpoint, train_on_device
 
     if args.resume:
@@ -87,10 +87,11 @@ def cmd_train(args):
                          f"({data.features} inputs, {data.classes} classes)")
     model = "-".join(map(str, sizes))
     where = "the simulated device" if args.device == "sim" else args.device
-    print(f"training the {dataset} MLP {model} in 4 bits on {where}, {epochs} epochs, batch "
-          f"{cfg.batch_size}, master weights on the {cfg.masters}"
-          + (f" (resuming {ckpt})" if ckpt else ""), flush=True)
     with open_device(args.device, args.baud, quiet=args.quiet) as dev:
+        masters = masters_for(dev) if cfg.masters == "auto" else cfg.masters
+        print(f"training the {dataset} MLP {model} in 4 bits on {where}, {epochs} epochs, "
+              f"batch {cfg.batch_size}, master weights on the {masters}"
+              + (f" (resuming {ckpt})" if ckpt else ""), flush=True)
         r = train_on_device(dev, data, cfg, epochs, out=out, resume=ckpt,
                             progress=not args.quiet, resident=None if args.resident else False)
     if r["interrupted"]:
@@ -440,8 +441,9 @@ def build_parser():
                    help="the top activation code stands for this fraction of the previous "
                         "step's absmax (absmax), or of the first batch's (PACT's initial "
                         "clip); default 0.5")
-    t.add_argument("--masters", choices=["device", "host"], default="device",
-                   help="where the fixed-point master weights live (default: device)")
+    t.add_argument("--masters", choices=["device", "host", "auto"], default="auto",
+                   help="where the fixed-point master weights live (default: on the device "
+                        "when its element-wise unit can update them, else on the host)")
     t.add_argument("--stream", dest="resident", action="store_false",
                    help="send every batch's images over the link, even when the device's "
                         "SDRAM could hold the training set (by default it is uploaded once "

@@ -46,6 +46,7 @@ __all__ = [
     "UINT4",
     "UINT4_MAX",
     "UINT4_MIN",
+    "VEC_OPS_ALL",
     "WEIGHT_MAX",
     "WEIGHT_MIN",
     "GemmMode",
@@ -253,6 +254,11 @@ class VecOp(hdl_enum.IntEnum, shape=2):
     TRANSPOSE = 0   # B[c][r] = A[r][c], 1- or 2-nibble elements
     UPDATE = 1      # momentum SGD on master weights W, V with gradient accumulators G
     REQUANT = 2     # INT4 weight codes of master weights: rescale to -7..7
+
+
+#: The element-wise unit's operations as a bit mask (bit ``op``), as INFO's ``vec_ops``
+#: reports them: a unit built with fewer leaves the rest to the host (``Device.vector``).
+VEC_OPS_ALL = (1 << len(VecOp)) - 1
 
 
 class OutputPath(hdl_enum.IntEnum, shape=2):

@@ -35,9 +35,9 @@ the write port drains through a register. Elements are written in the order they
 so the write side keeps its own :class:`VectorWalk`, stepped as each element leaves the
 queue, and neither the stages nor the queue carry addresses: on the UP5K that took the unit
 from 3,884 to 3,491 LCs; on the ECP5 it trades 130 flip-flops for 104 LUTs
-(``gateware/budget.py``'s measurement of the unit alone). TRANSPOSE and REQUANT write one element a cycle,
-UPDATE two (V, then W): the one write port is the bound, and the unit meets it. With a
-memory that grants every request an operation of ``n`` elements takes ``n + 4``
+(``gateware/budget.py``'s measurement of the unit alone). TRANSPOSE and REQUANT write one
+element a cycle, UPDATE two (V, then W): the one write port is the bound, and the unit meets
+it. With a memory that grants every request an operation of ``n`` elements takes ``n + 4``
 (TRANSPOSE), ``n + 6`` (REQUANT) or ``2n + 8`` (UPDATE) cycles: the stage where the element
 enters the queue, plus the queue and the write register. (The sequential machine this
 replaced took 2, 5 and 8 cycles per element; on the ULX3S configuration the element-wise
@@ -45,6 +45,10 @@ unit was 59 % of a Fashion-MNIST step.) The unit reads an element only while few
 QUEUE are pending, so a write port that stalls stops the reads, never the pipeline, and the
 queue cannot overflow. UPDATE reads and writes the same words, but each element's nibbles
 are read once, before its own writes, so the pipeline needs no hazard check.
+
+A unit may be built with only some operations (``ops``; INFO's ``vec_ops`` tells the host,
+whose driver runs the others itself, bit for bit, on buffers it reads back): the UP5K's has
+TRANSPOSE alone, 1,367 LCs and no DSP against 3,491 LCs and all 8 DSPs with the arithmetic.
 
 Buffers are checked by the same :class:`~rtl.bounds.BoundsCheck` as a GEMM's
 (``OUT_OF_RANGE`` when any lies outside the memory, a dimension is 0, or a written row
@@ -70,6 +74,7 @@ from .formats import (
     SAWB_SQ_BITS,
     SAWB_SUM_BITS,
     SAWB_T_BITS,
+    VEC_OPS_ALL,
     WEIGHT_MAX,
     WEIGHT_MIN,
     VecOp,
@@ -171,21 +176,34 @@ class VectorUnit(wiring.Component):
     ``ok``, ``busy``, ``cycles`` (of the last operation), ``sum_abs``/``sum_sq`` (SAWB
     statistics of the last UPDATE) and ``bus`` (``rd0`` A or G, ``rd1`` W, ``rd2`` V,
     ``wr``).
+
+    ``ops`` (a :data:`~rtl.formats.VEC_OPS_ALL`-style mask) are the operations it is built
+    with; any other fails its check, like an unknown one. Without UPDATE and REQUANT there
+    is no arithmetic, only the walks, the nibble select and a queue of bytes (the UP5K's
+    configuration: its master weights stay on the host).
     """
 
-    def __init__(self, rows, cols, mem_words):
+    def __init__(self, rows, cols, mem_words, ops=VEC_OPS_ALL):
+        self.ops = ops
         self.mem_words = mem_words
         self.nib = word_nibbles(rows, cols)
         self.aw = (mem_words - 1).bit_length()
         #: A queue entry: one element's values (UPDATE: v', then w'; else one value). Where
         #: they go is the write side's own walk (elements are written in the order read).
-        self.entry = data.StructLayout({"val": MASTER_BITS, "val2": MASTER_BITS})
+        arith = self.has(VecOp.UPDATE) or self.has(VecOp.REQUANT)
+        self.entry = data.StructLayout({"val": MASTER_BITS if arith else 8,
+                                        **({"val2": MASTER_BITS} if self.has(VecOp.UPDATE)
+                                           else {})})
         super().__init__({
             "cfg": In(VEC_CFG), "start": In(1), "checked": Out(1), "ok": Out(1),
             "busy": Out(1), "cycles": Out(32),
             "sum_abs": Out(SAWB_SUM_BITS), "sum_sq": Out(SAWB_SQ_BITS),
             "bus": Out(TensorBus.Signature(addr_width=self.aw, nibbles=self.nib)),
         })
+
+    def has(self, op):
+        """Whether the unit is built with ``op``."""
+        return bool(self.ops >> op & 1)
 
     def _buffers(self, m, check):
         """The check's view of A (or G), B (W, or the codes) and V."""
@@ -215,7 +233,8 @@ class VectorUnit(wiring.Component):
         m.submodules.queue = queue = SyncFIFO(width=self.entry.size, depth=QUEUE)
 
         launch, go, cyc = Signal(), Signal(), Signal(32)
-        dims_ok = (cfg.rows != 0) & (cfg.cols != 0) & (Value.cast(cfg.op) <= VecOp.REQUANT)
+        built = (Const(self.ops, len(VecOp) + 1) >> Value.cast(cfg.op))[0]
+        dims_ok = (cfg.rows != 0) & (cfg.cols != 0) & built
         m.d.sync += go.eq(self.start & ~self.busy)
         m.d.comb += [check.start.eq(go), self.checked.eq(check.done),
                      self.ok.eq(check.ok & dims_ok), launch.eq(self.checked & self.ok),
@@ -298,16 +317,21 @@ class VectorUnit(wiring.Component):
                      w_new.eq(_sat(w5 - v_new)), v_out.eq(v_new)]
 
         entry = Signal(self.entry)
-        with m.Switch(op):
-            with m.Case(VecOp.TRANSPOSE):
-                m.d.comb += [queue.w_stream.valid.eq(valid[2]), entry.val.eq(pair)]
-            with m.Case(VecOp.UPDATE):
-                m.d.comb += [queue.w_stream.valid.eq(valid[6]),
-                             entry.val.eq(v_out.as_unsigned()),
-                             entry.val2.eq(w_new.as_unsigned())]
-            with m.Default():
-                m.d.comb += [queue.w_stream.valid.eq(valid[4]), entry.val.eq(code[:4])]
+        with m.Switch(op):          # only the operations it is built with (the rest go)
+            if self.has(VecOp.TRANSPOSE):
+                with m.Case(VecOp.TRANSPOSE):
+                    m.d.comb += [queue.w_stream.valid.eq(valid[2]), entry.val.eq(pair)]
+            if self.has(VecOp.UPDATE):
+                with m.Case(VecOp.UPDATE):
+                    m.d.comb += [queue.w_stream.valid.eq(valid[6]),
+                                 entry.val.eq(v_out.as_unsigned()),
+                                 entry.val2.eq(w_new.as_unsigned())]
+            if self.has(VecOp.REQUANT):
+                with m.Case(VecOp.REQUANT):
+                    m.d.comb += [queue.w_stream.valid.eq(valid[4]), entry.val.eq(code[:4])]
         m.d.comb += queue.w_stream.payload.eq(entry)
+        if not self.has(VecOp.UPDATE):
+            return Const(0)
         return self._sums(m, valid[6] & (op == VecOp.UPDATE), w_new)
 
     def _sums(self, m, new, w_new):
@@ -348,7 +372,8 @@ class VectorUnit(wiring.Component):
             m.d.sync += wvalid.eq(0)
         with m.If(take):
             m.d.sync += [wreq.addr.eq(Mux(second, walk.w_at, at)),
-                         wreq.data.eq(Mux(second, head.val2, head.val) << (woff << 2)),
+                         wreq.data.eq((Mux(second, head.val2, head.val)
+                                       if self.has(VecOp.UPDATE) else head.val) << (woff << 2)),
                          wreq.en.eq(nibbles << woff), wvalid.eq(1),
                          second.eq(~popped)]
         return popped, free

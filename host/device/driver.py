@@ -49,7 +49,7 @@ from nibble.host.device.link import Frame, FrameDecoder, encode_frame
 from nibble.host.device.packing import pack_fields, unpack_fields
 from nibble.host.golden.tiling import Gemm
 from nibble.rtl.dma import words_per_burst
-from nibble.rtl.formats import Operand, OutputPath
+from nibble.rtl.formats import VEC_OPS_ALL, Operand, OutputPath
 
 __all__ = ["BadCrcError", "BadLengthError", "BusyError", "Device", "DeviceError",
            "LinkTimeout", "OutOfRangeError", "UnknownOpError", "open_transport"]
@@ -172,6 +172,9 @@ class Device:
         self.resends = 0
         self.frames_sent = 0
         self.wire_by_op = Counter()
+        #: VECTOR operations run on the host (the device's unit is built without them)
+        self.host_vectors = 0
+        self.vec_ops = VEC_OPS_ALL
         #: Seconds spent writing to the transport and waiting for replies (the link and
         #: the device; for ``emu://`` also the emulator's own work).
         self.io_seconds = 0.0
@@ -198,6 +201,7 @@ class Device:
         dev.mem_words = dev.info["mem_words"]
         dev.clk_hz = dev.info["clk_hz"]
         dev.ext_bursts = dev.info["ext_bursts"]
+        dev.vec_ops = dev.info["vec_ops"]
         return dev
 
     def close(self):
@@ -358,9 +362,42 @@ class Device:
 
     def vector(self, cfg, wait=True):
         """Start an element-wise operation (VEC_ARGS values, see :mod:`rtl.vector`); with
-        ``wait``, return the STATS when it is done."""
+        ``wait``, return the STATS when it is done. An operation the device's unit is built
+        without (INFO ``vec_ops``) runs here instead (:meth:`host_vector`; it waits)."""
+        if not self.vec_ops >> cfg["op"] & 1:
+            stats = self.host_vector(cfg)
+            return stats if wait else None
         self.request(Op.VECTOR, pack_fields(VEC_ARGS, cfg))
         return self.wait() if wait else None
+
+    def host_vector(self, cfg):
+        """Run a VECTOR operation on the host, bit for bit as the element-wise unit would:
+        once every unit is idle, read its buffers back, apply it (the emulator's
+        ``vector_apply``: the golden fixed-point update and rescale) and write back the
+        buffers it writes, whole spans with the words between their rows as read. Returns
+        the STATS, with an UPDATE's SAWB sums in ``w_sum_abs``/``w_sum_sq`` and
+        ``vec_cycles`` 0 (no device cycles)."""
+        from .emu import vec_regions, vector_apply, vector_check
+        if not vector_check(cfg, self.rows, self.cols, self.mem_words):
+            raise OutOfRangeError(_MESSAGES[Status.OUT_OF_RANGE].format(
+                op="VECTOR", words=self.mem_words))
+        self.wait()
+        wb = self.word_bytes
+        spans = [(addr, (rows - 1) * stride + words, written)
+                 for addr, stride, rows, words, written in vec_regions(cfg, self.word_nibbles)]
+        mem = bytearray(self.mem_words * wb)        # the buffers as read, zeros elsewhere
+        for addr, words, _ in spans:
+            mem[addr * wb:(addr + words) * wb] = self.read(addr, words)
+        sums = vector_apply(mem, cfg, self.rows, self.cols)
+        for addr, words, written in spans:
+            if written:
+                self.write(addr, mem[addr * wb:(addr + words) * wb])
+        self.host_vectors += 1
+        stats = self.stats()
+        stats["vec_cycles"] = 0
+        if sums is not None:
+            stats["w_sum_abs"], stats["w_sum_sq"] = sums
+        return stats
 
     def dma(self, cfg, wait=True):
         """Start a tile transfer between tensor memory and the SDRAM (DMA_ARGS values, see

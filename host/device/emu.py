@@ -39,6 +39,7 @@ from nibble.rtl.formats import (
     MAX_REDUCTION,
     SAWB_SQ_BITS,
     SAWB_SUM_BITS,
+    VEC_OPS_ALL,
     MaskMode,
     Operand,
     OutputPath,
@@ -174,11 +175,11 @@ def vec_regions(cfg, nib):
             (cfg["b_addr"], cfg["b_stride"], rows, row_words(cols, 1, nib), True)]
 
 
-def vector_check(cfg, rows, cols, mem_words):
+def vector_check(cfg, rows, cols, mem_words, vec_ops=VEC_OPS_ALL):
     """True when the VECTOR command ``cfg`` (VEC_ARGS values) is in range, as the unit's
-    check decides."""
+    check decides (for a unit built with the operations ``vec_ops``)."""
     nib = word_nibbles(rows, cols)
-    if not (cfg["rows"] and cfg["cols"] and cfg["op"] <= VecOp.REQUANT):
+    if not (cfg["rows"] and cfg["cols"] and vec_ops >> cfg["op"] & 1):
         return False
     return all(addr + (n - 1) * stride + words <= mem_words and not (wr and stride < words)
                for addr, stride, n, words, wr in vec_regions(cfg, nib))
@@ -247,8 +248,10 @@ def dma_apply(mem, ext, cfg, nib):
 class Emulator:
     """The device, byte stream in and out, on the golden model (GEMMs finish instantly)."""
 
-    def __init__(self, rows=2, cols=4, mem_words=1 << 16, clk_hz=0, sdram=""):
+    def __init__(self, rows=2, cols=4, mem_words=1 << 16, clk_hz=0, sdram="",
+                 vec_ops=VEC_OPS_ALL):
         self.rows, self.cols, self.mem_words, self.clk_hz = rows, cols, mem_words, clk_hz
+        self.vec_ops = vec_ops
         self.nib = word_nibbles(rows, cols)
         self.mem = bytearray(mem_words * self.nib // 2)
         #: The SDRAM's bytes (empty without one); DMA moves 16-byte bursts.
@@ -316,7 +319,7 @@ class Emulator:
                 "version": VERSION, "rows": self.rows, "cols": self.cols,
                 "word_nibbles": self.nib, "mem_words": self.mem_words,
                 "max_payload": MAX_PAYLOAD, "clk_hz": self.clk_hz,
-                "ext_bursts": self.ext_bursts})
+                "ext_bursts": self.ext_bursts, "vec_ops": self.vec_ops})
         if op == Op.WRITE:
             hb = layout_bytes(WRITE_HEADER)
             data = payload[hb:]
@@ -348,7 +351,7 @@ class Emulator:
             if len(payload) != layout_bytes(VEC_ARGS):
                 return Status.BAD_LENGTH, b""
             cfg = unpack_fields(VEC_ARGS, payload)
-            if not vector_check(cfg, self.rows, self.cols, self.mem_words):
+            if not vector_check(cfg, self.rows, self.cols, self.mem_words, self.vec_ops):
                 return Status.OUT_OF_RANGE, b""
             sums = vector_apply(self.mem, cfg, self.rows, self.cols)
             if sums is not None:
@@ -382,8 +385,9 @@ class Emulator:
 class EmuTransport:
     """pyserial-style ``write``/``read`` over an in-process :class:`Emulator`."""
 
-    def __init__(self, emulator=None, rows=2, cols=4, words=1 << 16, clk_hz=0, sdram=""):
-        self.emu = emulator or Emulator(rows, cols, words, clk_hz, sdram)
+    def __init__(self, emulator=None, rows=2, cols=4, words=1 << 16, clk_hz=0, sdram="",
+                 vec_ops=VEC_OPS_ALL):
+        self.emu = emulator or Emulator(rows, cols, words, clk_hz, sdram, vec_ops)
         self.timeout = 0
         #: Replies are complete as soon as ``write`` returns: nothing more will arrive.
         self.instant = True

@@ -20,7 +20,9 @@ devices that compute bit-exactly train bit-identically. On a device with an SDRA
 scratchpad cannot hold the state, the state lives in the SDRAM and every command pages its
 buffers through the scratchpad (:class:`~nibble.host.device.paged.PagedDevice`; the same
 numbers, bit for bit). ``masters="host"`` keeps the master weights on the host instead (for
-models whose masters do not fit a board's memory): the host downloads dW, runs the same
+models whose masters do not fit a board's memory, and by default on a device whose
+element-wise unit is built without UPDATE and REQUANT, such as the iCEBreaker's: INFO's
+``vec_ops``): the host downloads dW, runs the same
 fixed-point update
 (:func:`~nibble.host.golden.numerics.master_update`) and uploads the codes; the numbers are
 identical, only the link cost differs.
@@ -88,7 +90,9 @@ class DeviceTrainConfig:
     lr: float = 0.01
     momentum: float = 0.9
     seed: int = 0
-    masters: str = "device"          # "device" or "host"
+    #: "device", "host", or "auto": on the device when its element-wise unit has UPDATE
+    #: and REQUANT (INFO ``vec_ops``), else on the host.
+    masters: str = "auto"
     #: The output layer's gradient: "fp4x2" (two FP4 terms, summed exactly by doubling its
     #: GEMMs' reduction) or "fp4" (one FP4 pair: the pure 4-bit scheme).
     out_grad: str = "fp4x2"
@@ -101,8 +105,9 @@ class DeviceTrainConfig:
     act_clip: float = 0.5
 
     def __post_init__(self):
-        if self.masters not in ("device", "host"):
-            raise ValueError(f"masters must be 'device' or 'host', got {self.masters!r}")
+        if self.masters not in ("device", "host", "auto"):
+            raise ValueError(f"masters must be 'device', 'host' or 'auto', got "
+                             f"{self.masters!r}")
         if self.out_grad not in ("fp4", "fp4x2"):
             raise ValueError(f"out_grad must be 'fp4' or 'fp4x2', got {self.out_grad!r}")
         if self.act not in ("pact", "absmax"):
@@ -188,10 +193,19 @@ def _rows(buf, first, rows):
     return replace(buf, addr=buf.addr + first * buf.stride, rows=rows)
 
 
+def masters_for(dev):
+    """Where ``masters="auto"`` keeps a model's master weights on ``dev``: on the device
+    when its element-wise unit can UPDATE and REQUANT them, else on the host."""
+    both = (1 << VecOp.UPDATE) | (1 << VecOp.REQUANT)
+    return "device" if getattr(dev, "vec_ops", both) & both == both else "host"
+
+
 class DeviceMLP:
     """An MLP training on ``dev`` (a :class:`nibble.host.device.driver.Device`)."""
 
     def __init__(self, dev, cfg):
+        if cfg.masters == "auto":
+            cfg = replace(cfg, masters=masters_for(dev))
         self.dev, self.cfg = dev, cfg
         self.sizes = list(cfg.sizes)
         self.layers = len(self.sizes) - 1
