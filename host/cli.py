@@ -40,16 +40,18 @@ def _parse_model(text, dataset):
 @contextmanager
 def open_device(url, baud=None, quiet=False):
     """A connected device for ``url``; ``sim`` builds (once) and serves the simulated
-    device for the duration."""
+    device for the duration, ``sim:BOARD`` the simulated device in a board's configuration
+    (its array, memory, SDRAM and element-wise unit)."""
     from nibble.host.device.driver import Device
 
-    if url != "sim":
+    if url != "sim" and not url.startswith("sim:"):
         with Device.open(url, baudrate=baud) as dev:
             yield dev
         return
-    from nibble.sim.system import DEFAULTS, build, serve
-    build(**DEFAULTS, quiet=quiet)
-    with serve(**DEFAULTS) as sock, Device.open(sock) as dev:
+    from nibble.sim.system import DEFAULTS, board_config, build, serve
+    config = board_config(url[4:]) if url.startswith("sim:") else DEFAULTS
+    build(**config, quiet=quiet)
+    with serve(**config) as sock, Device.open(sock) as dev:
         yield dev
 
 
@@ -267,10 +269,14 @@ def cmd_sim_serve(args):
 
     sdram = "" if args.sdram == "none" else args.sdram
     config = {"rows": args.rows, "cols": args.cols, "words": args.words, "sdram": sdram}
+    if args.board:
+        from nibble.sim.system import board_config
+        config = board_config(args.board)
     build(**config, quiet=False)
     with serve(port=args.port, **config) as url:
-        print(f"simulated nibble device ({args.rows}x{args.cols}, {args.words:,} words, "
-              f"SDRAM {sdram or 'none'}) at "
+        print(f"simulated nibble device ({config['rows']}x{config['cols']}, "
+              f"{config['words']:,} words, SDRAM {config['sdram'] or 'none'}"
+              + (f", the {args.board}'s configuration" if args.board else "") + ") at "
               f"{url}\n  e.g. nibble device info --device {url}\n  Ctrl-C stops it",
               flush=True)
         try:
@@ -294,6 +300,11 @@ def cmd_device_info(args):
           f"clock {info['clk_hz'] / 1e6:g} MHz, "
           + (f"SDRAM {info['ext_bursts'] * 16 / 2**20:g} MiB" if info["ext_bursts"]
              else "no SDRAM"))
+    from nibble.rtl.formats import VecOp
+    has = [op.name for op in VecOp if info["vec_ops"] >> op & 1]
+    lacks = [op.name for op in VecOp if not info["vec_ops"] >> op & 1]
+    print(f"  element-wise unit: {', '.join(has) or 'none'}"
+          + (f" ({' and '.join(lacks)} run on the host)" if lacks else ""))
     print(f"  busy {stats['busy']}, cycles {stats['cycles']:,}, last GEMM "
           f"{stats['gemm_cycles']:,} cycles / {stats['beats']:,} beats, "
           f"frames dropped {stats['rx_errors']}")
@@ -408,6 +419,7 @@ def cmd_docs(args):
 
 
 def build_parser():
+    from nibble.gateware.boards import BOARDS
     from nibble.gateware.device import SIM_DEVICE
     from nibble.rtl.sdram import CHIPS
 
@@ -418,8 +430,10 @@ def build_parser():
     t = sub.add_parser("train", help="train an MLP in 4 bits on a device (default: the "
                        "simulated device) beside an fp32 baseline")
     t.add_argument("--device", default="sim",
-                   help="sim (the simulated device, built on first use; default), emu://, "
-                        "socket://HOST:PORT, or a board's serial port such as /dev/ttyUSB1")
+                   help="sim (the simulated device, built on first use; default), "
+                        "sim:BOARD (it in a board's configuration, e.g. sim:icebreaker), "
+                        "emu://, socket://HOST:PORT, or a board's serial port such as "
+                        "/dev/ttyUSB1")
     t.add_argument("--dataset", choices=list(DATASETS), default="digits")
     t.add_argument("--model", help="layer sizes, e.g. 784-128-10 (default: the dataset's MLP)")
     t.add_argument("--epochs", type=_positive, help="default: 10")
@@ -529,6 +543,9 @@ def build_parser():
     sv.add_argument("--sdram", choices=[*CHIPS, "none"], default=SIM_DEVICE["sdram"],
                     help="the SDRAM part on the simulated board (default %(default)s; "
                          "its chip model checks every timing)")
+    sv.add_argument("--board", choices=list(BOARDS),
+                    help="a board's configuration instead: its array, memory, SDRAM and "
+                         "element-wise unit (the other options are then ignored)")
     sv.set_defaults(func=cmd_sim_serve)
 
     dv = sub.add_parser("device", help="talk to a device")

@@ -62,6 +62,9 @@ def test_device_errors_are_one_clear_line():
     assert proc.stderr.strip().startswith("nibble: error: cannot open /dev/nibble-missing")
     proc = run_cli("device", "info", "--device", "emu://")
     assert proc.returncode == 0 and "2x4 array" in proc.stdout
+    assert "element-wise unit: TRANSPOSE, UPDATE, REQUANT\n" in proc.stdout
+    proc = run_cli("device", "info", "--device", "emu://?vec_ops=1")
+    assert "element-wise unit: TRANSPOSE (UPDATE and REQUANT run on the host)" in proc.stdout
 
 
 class _Flops(wiring.Component):

@@ -75,6 +75,26 @@ def test_the_rtl_trains_bit_identically_to_the_emulator(small):
         assert all((x == y).all() for x, y in zip(a, b, strict=True))
 
 
+def test_a_unit_without_update_keeps_the_masters_on_the_host(small):
+    """The iCEBreaker's element-wise unit (TRANSPOSE alone, INFO vec_ops 1) through the
+    RTL: masters='auto' keeps the master weights on the host, and two steps of a 16-8-4
+    MLP are bit-identical to emu:// running UPDATE and REQUANT on its element-wise unit."""
+    d = Dataset("tiny", small.x_train[:16, :16], small.y_train[:16] % 4,
+                small.x_test[:8, :16], small.y_test[:8] % 4, classes=4)
+    cfg = DeviceTrainConfig(sizes=[16, 8, 4], batch_size=8, lr=0.1)
+    runs, masters = [], []
+    for url in ("pysim://?rows=1&cols=4&vec_ops=1", "emu://?rows=1&cols=4"):
+        with Device.open(url) as dev:
+            r = train_on_device(dev, d, cfg, 1, progress=False)
+            masters.append(r["model"].cfg.masters)
+            runs.append((r["losses"], *r["model"].masters(), r["model"].weight_codes()))
+    assert masters == ["host", "device"]
+    (sim_loss, *sim), (emu_loss, *emu) = runs
+    assert sim_loss == emu_loss and len(sim_loss) == 2
+    for a, b in zip(sim, emu, strict=True):
+        assert all((x == y).all() for x, y in zip(a, b, strict=True))
+
+
 @pytest.mark.long
 def test_simulated_device_trains_bit_identically_to_the_emulator(small, simdev):
     """Through the Verilator model of the RTL (socket://), several steps: same losses, same

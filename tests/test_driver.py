@@ -154,3 +154,27 @@ def test_wire_bytes_by_command():
         new = {k: v - start.get(k, 0) for k, v in dev.wire_by_op.items()}
         assert new["WRITE"] > 4 * dev.word_bytes and new["PING"] > 2 and new["STATS"] > 0
         assert sum(dev.wire_by_op.values()) == dev.wire_sent + dev.wire_received
+
+
+def test_an_operation_the_unit_lacks_runs_on_the_host_bit_for_bit():
+    """On a device whose element-wise unit has TRANSPOSE alone (INFO vec_ops 1), UPDATE and
+    REQUANT run in the driver (read back, the unit's arithmetic, written back): the same
+    memory and SAWB sums as a device that runs them; TRANSPOSE still goes to the device."""
+    from nibble.host.device.driver import Device
+    from nibble.rtl.formats import VecOp
+    from tests.support import random_memory
+    from tests.test_vector import random_cfgs
+    rng = np.random.default_rng(3)
+    words, mem = 256, random_memory(rng, 256, 2, 4)
+    cfgs = random_cfgs(rng, 2, 4, words)
+    runs = []
+    for url in (f"emu://?words={words}", f"emu://?words={words}&vec_ops=1"):
+        with Device.open(url) as dev:
+            dev.write(0, mem)
+            sums = [(s["w_sum_abs"], s["w_sum_sq"]) for s, c in
+                    ((dev.vector(c), c) for c in cfgs) if c["op"] == VecOp.UPDATE]
+            runs.append((dev.read(0, words), sums, dev.host_vectors, dev.vec_ops))
+    (mem0, sums0, host0, ops0), (mem1, sums1, host1, ops1) = runs
+    assert mem0 == mem1 and mem0 != bytes(mem) and sums0 == sums1
+    assert (ops0, ops1) == (7, 1)
+    assert host0 == 0 and host1 == sum(c["op"] != VecOp.TRANSPOSE for c in cfgs) == 4

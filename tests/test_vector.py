@@ -8,14 +8,14 @@ from nibble.host.device.commands import vector_args
 from nibble.host.device.emu import vector_apply, vector_check
 from nibble.host.device.layout import pack, row_words, unpack
 from nibble.host.golden.numerics import master_update, requantize, sawb_sums
-from nibble.rtl.formats import MASTER_MAX, MASTER_MIN, VecOp, word_nibbles
+from nibble.rtl.formats import MASTER_MAX, MASTER_MIN, VEC_OPS_ALL, VecOp, word_nibbles
 from nibble.rtl.vector import VEC_CFG, VectorUnit
 from tests.support import random_memory, run_commands
 
 
-def run_unit(rows, cols, words, mem_bytes, cfgs, flaky=None):
+def run_unit(rows, cols, words, mem_bytes, cfgs, flaky=None, ops=VEC_OPS_ALL):
     """Run VECTOR commands on the RTL; returns (memory after, [(ok, sums, cycles)])."""
-    unit = VectorUnit(rows, cols, words)
+    unit = VectorUnit(rows, cols, words, ops)
 
     def outcome(ctx, ok):
         return ok, (ctx.get(unit.sum_abs), ctx.get(unit.sum_sq)), ctx.get(unit.cycles)
@@ -74,6 +74,24 @@ def test_vector_matches_emulator(rows, cols, seed):
         per, fill = {VecOp.TRANSPOSE: (1, 4), VecOp.UPDATE: (2, 8),
                      VecOp.REQUANT: (1, 6)}[cfg["op"]]
         assert cycles == per * cfg["rows"] * cfg["cols"] + fill, (cycles, cfg)
+
+
+def test_a_unit_built_without_an_operation_refuses_it():
+    """A unit with TRANSPOSE alone (the iCEBreaker's): its transposes are the full unit's;
+    UPDATE and REQUANT fail its check, as an unknown operation does, and change nothing."""
+    rows, cols, words, ops = 1, 4, 256, 1 << VecOp.TRANSPOSE
+    rng = np.random.default_rng(5)
+    mem = random_memory(rng, words, rows, cols)
+    cfgs = random_cfgs(rng, rows, cols, words)
+    want = bytearray(mem)
+    for cfg in cfgs:
+        transpose = cfg["op"] == VecOp.TRANSPOSE
+        assert vector_check(cfg, rows, cols, words, ops) == transpose
+        if transpose:
+            vector_apply(want, cfg, rows, cols)
+    got, results = run_unit(rows, cols, words, bytes(mem), cfgs, ops=ops)
+    assert got == bytes(want)
+    assert [ok for ok, _, _ in results] == [c["op"] == VecOp.TRANSPOSE for c in cfgs]
 
 
 def test_vector_waits_for_grants():
