@@ -19,7 +19,7 @@ from nibble.gateware.protocol import (
     WRITE_HEADER,
     Op,
 )
-from nibble.host.device.commands import lane_cfg, plan_gemm
+from nibble.host.device.commands import lane_cfg, plan_gemm, vector_args
 from nibble.host.device.driver import (
     BadCrcError,
     BadLengthError,
@@ -31,11 +31,12 @@ from nibble.host.device.driver import (
 from nibble.host.device.driver import Device as Driver
 from nibble.host.device.emu import Emulator
 from nibble.host.device.faults import FaultyTransport
+from nibble.host.device.layout import row_words
 from nibble.host.device.link import Frame, FrameDecoder, encode_frame
 from nibble.host.device.packing import pack_fields, to_int, unpack_fields
 from nibble.host.golden.lanes import golden_acc
 from nibble.host.golden.tiling import Gemm, assemble, beats, lane_streams
-from nibble.rtl.formats import GemmMode, MaskMode, Operand, OutputPath, word_nibbles
+from nibble.rtl.formats import GemmMode, MaskMode, Operand, OutputPath, VecOp, word_nibbles
 from nibble.rtl.memory import BlockRAM, TensorBus, read_ports
 from nibble.sim.stimuli import MODE_KINDS, lane_value, random_gemm
 
@@ -514,3 +515,29 @@ def every_error_reply(url, big_gemm):
         dev.t = Corrupt(dev.t, 0)
         with pytest.raises(BadCrcError, match="corrupted"):
             dev.ping(b"x")
+
+
+def random_vector_cfgs(rng, rows, cols, words):
+    """In-range commands of every operation, laid out one after another in memory."""
+    nib = word_nibbles(rows, cols)
+    cfgs = []
+    for op in (VecOp.TRANSPOSE, VecOp.TRANSPOSE, VecOp.UPDATE, VecOp.REQUANT, VecOp.UPDATE,
+               VecOp.REQUANT):
+        r, c = int(rng.integers(1, 7)), int(rng.integers(1, 9))
+        pair = int(rng.integers(2))
+        e = (2 if pair else 1) if op == VecOp.TRANSPOSE else 8
+        sa = row_words(c, e, nib) + int(rng.integers(0, 2))
+        if op == VecOp.TRANSPOSE:
+            sb = row_words(r, e, nib) + int(rng.integers(0, 2))
+            nb = c
+        else:
+            sb = row_words(c, 8 if op == VecOp.UPDATE else 1, nib) + int(rng.integers(0, 2))
+            nb = r
+        a = int(rng.integers(0, words // 4))
+        b = a + r * sa + int(rng.integers(0, 3))
+        cc = b + nb * sb + int(rng.integers(0, 3))
+        cfgs.append(vector_args(op, r, c, (a, sa), (b, sb), cc, pair=pair,
+                            mu=int(rng.integers(0, 1 << 16)),
+                            m=int(rng.integers(1 << 15, 1 << 16)),
+                            s=int(rng.choice([0, 1, 5, 17, 30, 46, 62, 63]))))
+    return cfgs

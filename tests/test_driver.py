@@ -162,11 +162,10 @@ def test_an_operation_the_unit_lacks_runs_on_the_host_bit_for_bit():
     memory and SAWB sums as a device that runs them; TRANSPOSE still goes to the device."""
     from nibble.host.device.driver import Device
     from nibble.rtl.formats import VecOp
-    from tests.support import random_memory
-    from tests.test_vector import random_cfgs
+    from tests.support import random_memory, random_vector_cfgs
     rng = np.random.default_rng(3)
     words, mem = 256, random_memory(rng, 256, 2, 4)
-    cfgs = random_cfgs(rng, 2, 4, words)
+    cfgs = random_vector_cfgs(rng, 2, 4, words)
     runs = []
     for url in (f"emu://?words={words}", f"emu://?words={words}&vec_ops=1"):
         with Device.open(url) as dev:

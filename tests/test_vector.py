@@ -6,11 +6,11 @@ import pytest
 
 from nibble.host.device.commands import vector_args
 from nibble.host.device.emu import vector_apply, vector_check
-from nibble.host.device.layout import pack, row_words, unpack
+from nibble.host.device.layout import pack, unpack
 from nibble.host.golden.numerics import master_update, requantize, sawb_sums
 from nibble.rtl.formats import MASTER_MAX, MASTER_MIN, VEC_OPS_ALL, VecOp, word_nibbles
 from nibble.rtl.vector import VEC_CFG, VectorUnit
-from tests.support import random_memory, run_commands
+from tests.support import random_memory, random_vector_cfgs, run_commands
 
 
 def run_unit(rows, cols, words, mem_bytes, cfgs, flaky=None, ops=VEC_OPS_ALL):
@@ -23,32 +23,6 @@ def run_unit(rows, cols, words, mem_bytes, cfgs, flaky=None, ops=VEC_OPS_ALL):
     return run_commands(unit, VEC_CFG, words, mem_bytes, cfgs, outcome, flaky)
 
 
-def random_cfgs(rng, rows, cols, words):
-    """In-range commands of every operation, laid out one after another in memory."""
-    nib = word_nibbles(rows, cols)
-    cfgs = []
-    for op in (VecOp.TRANSPOSE, VecOp.TRANSPOSE, VecOp.UPDATE, VecOp.REQUANT, VecOp.UPDATE,
-               VecOp.REQUANT):
-        r, c = int(rng.integers(1, 7)), int(rng.integers(1, 9))
-        pair = int(rng.integers(2))
-        e = (2 if pair else 1) if op == VecOp.TRANSPOSE else 8
-        sa = row_words(c, e, nib) + int(rng.integers(0, 2))
-        if op == VecOp.TRANSPOSE:
-            sb = row_words(r, e, nib) + int(rng.integers(0, 2))
-            nb = c
-        else:
-            sb = row_words(c, 8 if op == VecOp.UPDATE else 1, nib) + int(rng.integers(0, 2))
-            nb = r
-        a = int(rng.integers(0, words // 4))
-        b = a + r * sa + int(rng.integers(0, 3))
-        cc = b + nb * sb + int(rng.integers(0, 3))
-        cfgs.append(vector_args(op, r, c, (a, sa), (b, sb), cc, pair=pair,
-                            mu=int(rng.integers(0, 1 << 16)),
-                            m=int(rng.integers(1 << 15, 1 << 16)),
-                            s=int(rng.choice([0, 1, 5, 17, 30, 46, 62, 63]))))
-    return cfgs
-
-
 @pytest.mark.parametrize("rows,cols,seed", [(2, 4, 1), (1, 4, 2), (4, 16, 3)])
 def test_vector_matches_emulator(rows, cols, seed):
     """Random memory, random in-range commands (including wide and saturating masters):
@@ -56,7 +30,7 @@ def test_vector_matches_emulator(rows, cols, seed):
     words = 256
     rng = np.random.default_rng(seed)
     mem = random_memory(rng, words, rows, cols)
-    cfgs = random_cfgs(rng, rows, cols, words)
+    cfgs = random_vector_cfgs(rng, rows, cols, words)
     want = bytearray(mem)
     want_sums = []
     for cfg in cfgs:
@@ -82,7 +56,7 @@ def test_a_unit_built_without_an_operation_refuses_it():
     rows, cols, words, ops = 1, 4, 256, 1 << VecOp.TRANSPOSE
     rng = np.random.default_rng(5)
     mem = random_memory(rng, words, rows, cols)
-    cfgs = random_cfgs(rng, rows, cols, words)
+    cfgs = random_vector_cfgs(rng, rows, cols, words)
     want = bytearray(mem)
     for cfg in cfgs:
         transpose = cfg["op"] == VecOp.TRANSPOSE
@@ -100,7 +74,7 @@ def test_vector_waits_for_grants():
     rows, cols, words = 2, 4, 256
     rng = np.random.default_rng(7)
     mem = random_memory(rng, words, rows, cols)
-    cfgs = random_cfgs(rng, rows, cols, words)
+    cfgs = random_vector_cfgs(rng, rows, cols, words)
     want = bytearray(mem)
     for cfg in cfgs:
         vector_apply(want, cfg, rows, cols)
