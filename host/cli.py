@@ -312,10 +312,19 @@ def cmd_device_info(args):
 
 
 def cmd_bitstream(args):
-    from nibble.gateware.boards import build, resolve
+    from nibble.gateware.boards import build, rebudget, resolve
 
     board = resolve(args.board, rows=args.rows, cols=args.cols, baud=args.baud,
                     mem_words=args.words, clk_hz=args.clk and round(args.clk * 1e6))
+    if args.budget_only:
+        print(f"{board.name}: measuring the last build's blocks again ...", flush=True)
+        rebudget(board, out_root=args.out, progress=sys.stderr.isatty())
+        if args.docs:
+            from nibble.host.report import update_doc_section
+            update_doc_section(args.docs, "boards", boards_table(args.out) + "\n"
+                               + budget_table(args.out))
+            print(f"updated {args.docs}")
+        return 0
     if board.clock_note:
         print(board.clock_note)
     print(f"{board.name}: building the bitstream ({board.rows}x{board.cols} array, "
@@ -569,6 +578,9 @@ def build_parser():
     bt.add_argument("--seed", type=int, default=1, help="nextpnr placement seed")
     bt.add_argument("--out", default="build")
     bt.add_argument("--docs", help="also update the boards table in this markdown file")
+    bt.add_argument("--budget-only", action="store_true",
+                    help="measure the logic by block again for the last build's report "
+                         "(no place and route)")
     bt.set_defaults(func=cmd_bitstream)
 
     fl = sub.add_parser("flash", help="program a board with openFPGALoader")

@@ -119,6 +119,20 @@ def test_budget_blocks_add_and_subtract(monkeypatch, tmp_path):
         gc.collect()
     assert "DMA and SDRAM controller" not in out and "SystolicArray" in seen
     assert out["array"]["luts"] == 40 and out["output lanes"]["luts"] == 30 - 40
-    assert out["engine control"] == {"luts": 20 - 30, "ffs": None, "dsps": 0, "rams": 0}
+    assert out["engine: walkers, fetch, writers"] == {"luts": 20 - 30 - 30, "ffs": None,
+                                                      "dsps": 1 - 1 - 1, "rams": 0}
+    assert out["reply (INFO, STATS)"]["luts"] == 20
     assert out["UART"]["luts"] == 20 and out["framing (CRC-32 both ways)"]["dsps"] == 2
     assert out["rest"]["luts"] == 500 - sum(v["luts"] for k, v in out.items() if k != "rest")
+
+
+def test_budget_only_needs_the_builds_report(tmp_path):
+    """`nibble bitstream --budget-only` measures the blocks of an earlier build: without its
+    report.json, or with another configuration's, it says so in one line."""
+    proc = run_cli("bitstream", "--board", "icebreaker", "--budget-only", "--out", str(tmp_path))
+    assert proc.returncode == 2 and "build icebreaker's bitstream first" in proc.stderr
+    (tmp_path / "icebreaker").mkdir()
+    (tmp_path / "icebreaker" / "report.json").write_text(
+        '{"rows": 2, "cols": 4, "mem_words": 1024}')
+    proc = run_cli("bitstream", "--board", "icebreaker", "--budget-only", "--out", str(tmp_path))
+    assert proc.returncode == 2 and "of another configuration (2x4" in proc.stderr
