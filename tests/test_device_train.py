@@ -215,3 +215,9 @@ def test_projection_rescales_gemms_and_names_the_bound():
     assert project(gemms, 10**6, 1, 10, 0.0, 8, 16, 3_000_000, 50e6, 64)["bound"] \
         == "element-wise"
     assert project(gemms, 0, 1, 10, 1.0, 8, 16, 3_000_000, 50e6, 64)["bound"] == "host"
+    # a projection carries its cycles: --board-only applies a new clock to it
+    from nibble.host.bench.train import retime
+    slow = project(gemms, 10_000, 1, 1_000, 0.001, 8, 16, 3_000_000, 5e6, 64)
+    again = retime(dict(p, baud=3_000_000), 5e6, "measured fmax")
+    assert {k: again[k] for k in slow} == slow and again["clock_mhz"] == 5.0
+    assert slow["bound"] == "array" and retime({"baud": 1}, 5e6, "x") is None

@@ -132,14 +132,33 @@ def project(gemms, vec_cycles_per_step, steps, link_bytes, host_s, rows, cols, b
     array = 0
     for m, l, n, cyc, beats in gemms:
         array += math.ceil(m / rows) * math.ceil(n / cols) * l + (cyc - beats)
-    array /= steps
-    cycles = array + vec_cycles_per_step
+    return timed(array / steps, vec_cycles_per_step, link_bytes, host_s, baud, hz, batch)
+
+
+def timed(array, vec, link_bytes, host_s, baud, hz, batch):
+    """A projected step at ``hz``: ``array`` and ``vec`` device cycles, ``link_bytes`` at
+    ``baud``, ``host_s`` on the host (kept in the result, so a new clock can be applied to
+    it again: :func:`retime`)."""
+    cycles = array + vec
     t = cycles / hz + link_bytes * 10 / baud + host_s
-    return {"device_cycles_per_step": cycles, "compute_s": cycles / hz,
-            "link_s": link_bytes * 10 / baud, "host_s": host_s, "step_s": t,
-            "steps_per_second": 1 / t, "images_per_second": batch / t,
-            "bound": bound({"array": array / hz, "element-wise": vec_cycles_per_step / hz,
+    return {"device_cycles_per_step": cycles, "array_cycles_per_step": array,
+            "vec_cycles_per_step": vec, "link_bytes_per_step": link_bytes,
+            "compute_s": cycles / hz, "link_s": link_bytes * 10 / baud, "host_s": host_s,
+            "step_s": t, "steps_per_second": 1 / t, "images_per_second": batch / t,
+            "bound": bound({"array": array / hz, "element-wise": vec / hz,
                             "link": link_bytes * 10 / baud, "host": host_s})}
+
+
+def retime(p, hz, clock):
+    """Projection ``p`` (from :func:`timed`) at another clock ``hz`` (``clock`` says where
+    it comes from); None for a projection stored without its cycles (an older train.json)."""
+    if "array_cycles_per_step" not in p:
+        return None
+    q = dict(p, **timed(p["array_cycles_per_step"], p["vec_cycles_per_step"],
+                        p["link_bytes_per_step"], p["host_s"], p["baud"], hz,
+                        HYPER["batch_size"]))
+    q.update({"clock_mhz": hz / 1e6, "clock": clock})
+    return q
 
 
 def bound(seconds):
@@ -225,14 +244,19 @@ def _board_counters(session):
 
 def bench_train(out_dir="build/bench", epochs=10, sim_seconds=600, docs=None,
                 progress=True, log=print, board_only=False):
-    """The benchmark (see the module); ``board_only`` measures the ULX3S row again and keeps
-    the rest of an earlier run's ``train.json``."""
+    """The benchmark (see the module); ``board_only`` measures the ULX3S row again, projects
+    the boards at the clocks their reports give now, and keeps the rest of an earlier
+    run's ``train.json``."""
     with threadpool_limits(limits=1, user_api="blas"):
         if board_only:
             path = Path(out_dir) / "train.json"
             if not path.exists():
                 raise FileNotFoundError(f"--board-only needs an earlier run's {path}")
             res = json.loads(path.read_text())
+            for name, *_, hz, clock, _, _ in _board_rows():   # the clocks as built now
+                new = retime(res["projections"].get(name, {}), hz, clock)
+                if new:
+                    res["projections"][name] = new
             return _board_section(res, datasets.load("fashion-mnist"),
                                   DeviceTrainConfig(sizes=SIZES, **HYPER), Path(out_dir), docs,
                                   log)
