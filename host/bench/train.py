@@ -30,7 +30,12 @@ from nibble.host.bench.system import SDRAM_PEAK_BYTES_PER_CYCLE
 from nibble.host.device.driver import Device
 from nibble.host.report import markdown_table, publish
 from nibble.host.training import datasets
-from nibble.host.training.device import DeviceTrainConfig, memory_words, plan_memory
+from nibble.host.training.device import (
+    DeviceTrainConfig,
+    masters_for,
+    memory_words,
+    plan_memory,
+)
 from nibble.host.training.session import Session, batch_bytes, train_on_device
 from nibble.host.training.train import TrainConfig, train
 
@@ -300,7 +305,8 @@ def _bench(out_dir, epochs, sim_seconds, docs, progress, log):
         h = train_on_device(dev, data, DeviceTrainConfig(sizes=SIZES, masters="host", **HYPER),
                             1, progress=False, max_steps=20)
     res["host_masters"] = {"link_bytes_per_step": h["partial"]["link_bytes_per_step"],
-                           "link_bytes_ratio": h["partial"]["link_bytes_ratio"]}
+                           "link_bytes_ratio": h["partial"]["link_bytes_ratio"],
+                           "host_seconds_per_step": h["partial"]["host_seconds_per_step"]}
 
     log(f"the simulated device (built on first use), {sim_seconds} s of steps ...")
     build(**DEFAULTS, quiet=not progress)
@@ -341,12 +347,19 @@ def _bench(out_dir, epochs, sim_seconds, docs, progress, log):
         / (sp["host_seconds_per_step"] + sp["io_seconds_per_step"]),
         "sim_steps_per_second": steps / sim_wall,
     })
+    from nibble.gateware.boards import BOARDS
     proj = {}
     for name, br, bc, baud, hz, src, mem_bytes, fits in _board_rows():
-        p = project(counters["gemms"], counters["vec_cycles"] / steps, steps,
-                    res["link_bytes_per_step"], res["host_seconds_per_step"], br, bc, baud,
-                    hz, HYPER["batch_size"])
+        # a board whose element-wise unit cannot update keeps the masters on the host
+        # (masters="auto"): its link and host figures are that mode's, its element-wise
+        # cycles the transposes'
+        host = masters_for(BOARDS[name]) == "host"
+        mode = res["host_masters"] if host else res
+        vec = counters["transpose_cycles" if host else "vec_cycles"] / steps
+        p = project(counters["gemms"], vec, steps, mode["link_bytes_per_step"],
+                    mode["host_seconds_per_step"], br, bc, baud, hz, HYPER["batch_size"])
         p.update({"array": f"{br}x{bc}", "baud": baud, "clock_mhz": hz / 1e6, "clock": src,
+                  "masters": "host" if host else "device",
                   "memory_bytes": mem_bytes, "fits_device_masters": fits["device"],
                   "fits_host_masters": fits["host"]})
         proj[name] = p
@@ -424,12 +437,12 @@ def render(r):
         p["host_share"] = p["host_s"] / p["step_s"]
     yes = {True: "yes", False: "no"}
     rows = [dict(p, board=name, compute_ms=1e3 * p["compute_s"], link_ms=1e3 * p["link_s"],
-                 host_ms=1e3 * p["host_s"],
+                 host_ms=1e3 * p["host_s"], masters=p.get("masters", "device"),
                  fits=f"{yes[p['fits_device_masters']]} / {yes[p['fits_host_masters']]}")
             for name, p in r["projections"].items()]
     proj = markdown_table(rows, [
         ("board", "board", "{}"), ("array", "array", "{}"), ("clock MHz", "clock_mhz", "{:g}"),
-        ("clock", "clock", "{}"),
+        ("clock", "clock", "{}"), ("masters", "masters", "{}"),
         ("link baud", "baud", "{:,}"), ("cycles / step", "device_cycles_per_step", "{:,.0f}"),
         ("compute ms", "compute_ms", "{:.1f}"), ("link ms", "link_ms", "{:.1f}"),
         ("host ms", "host_ms", "{:.1f}"), ("host share", "host_share", "{:.2f}"),

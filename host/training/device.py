@@ -249,7 +249,7 @@ class DeviceMLP:
         self.host_w = self.host_v = None            # masters="host": the masters
         self.codes = [None] * self.layers           # last codes (host mode, checkpoints)
         #: device cycles: of GEMMs, of VECTOR operations, per layer; every GEMM's shape
-        self.counters = {"gemm_cycles": 0, "vec_cycles": 0, "gemms": [],
+        self.counters = {"gemm_cycles": 0, "vec_cycles": 0, "transpose_cycles": 0, "gemms": [],
                          "layer_cycles": [0] * self.layers}
 
     # -- set-up -------------------------------------------------------------------------------
@@ -308,6 +308,8 @@ class DeviceMLP:
         """Run a VECTOR operation of layer ``i``; returns the STATS."""
         stats = self.dev.vector(cfg)
         self.counters["vec_cycles"] += stats["vec_cycles"]
+        if cfg["op"] == VecOp.TRANSPOSE:
+            self.counters["transpose_cycles"] += stats["vec_cycles"]
         self.counters["layer_cycles"][i] += stats["vec_cycles"]
         return stats
 
