@@ -44,8 +44,9 @@ from amaranth.lib.wiring import In, Out
 
 from .formats import CODE_BITS
 
-__all__ = ["ADDR_BITS", "STRIDE_BITS", "BlockRAM", "ReadPort", "Reader", "StreamArbiter",
-           "TensorArbiter", "TensorBus", "WritePort", "Writer", "read_ports", "write_request"]
+__all__ = ["ADDR_BITS", "STRIDE_BITS", "BlockRAM", "ReadPort", "Reader", "RegisterSlice",
+           "StreamArbiter", "TensorArbiter", "TensorBus", "WritePort", "Writer", "read_ports",
+           "write_request"]
 
 #: Tensor memory addresses in commands are ADDR_BITS wide (in words), row strides STRIDE_BITS.
 ADDR_BITS = 24
@@ -234,6 +235,31 @@ class Writer(wiring.Component):
             self.port.en.eq(Mux(self.i.valid, self.i.payload.en, 0)),
             self.i.ready.eq(self.port.ready),
         ]
+        return m
+
+
+class RegisterSlice(wiring.Component):
+    """A stream through registers both ways, at one transfer a cycle: ``o``'s valid and
+    payload come from a register, and so does ``i.ready`` (a second, skid register takes
+    the transfer that arrives in the cycle ``o`` stalls). It cuts a combinational path
+    between producer and consumer for one cycle of latency."""
+
+    def __init__(self, payload_shape):
+        super().__init__({"i": In(stream.Signature(payload_shape)),
+                          "o": Out(stream.Signature(payload_shape))})
+
+    def elaborate(self, platform):
+        m = Module()
+        skid = Signal.like(self.i.payload)
+        skid_valid = Signal()
+        m.d.comb += self.i.ready.eq(~skid_valid)
+        with m.If(self.o.ready | ~self.o.valid):        # the output register is free
+            with m.If(skid_valid):
+                m.d.sync += [self.o.payload.eq(skid), self.o.valid.eq(1), skid_valid.eq(0)]
+            with m.Else():
+                m.d.sync += [self.o.payload.eq(self.i.payload), self.o.valid.eq(self.i.valid)]
+        with m.Elif(self.i.valid & ~skid_valid):        # it stalls: keep the arrival
+            m.d.sync += [skid.eq(self.i.payload), skid_valid.eq(1)]
         return m
 
 

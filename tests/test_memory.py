@@ -7,7 +7,7 @@ from amaranth.lib import wiring
 from amaranth.sim import Simulator
 
 from nibble.rtl.bounds import BUFFER, DIM_BITS, BoundsCheck
-from nibble.rtl.memory import BlockRAM, TensorArbiter, TensorBus, read_ports
+from nibble.rtl.memory import BlockRAM, RegisterSlice, TensorArbiter, TensorBus, read_ports
 
 
 class Shared(wiring.Component):
@@ -142,3 +142,38 @@ def test_bounds_check_is_the_rule(mem_words):
     sim.add_clock(1e-6)
     sim.add_testbench(tb)
     sim.run()
+
+
+@pytest.mark.parametrize("p_in, p_out", [(1.0, 1.0), (0.7, 0.5), (0.3, 0.9)])
+def test_register_slice_passes_every_transfer_in_order(p_in, p_out):
+    """A producer and a consumer that each stall at random: everything offered comes out,
+    once, in order; with neither stalling, one transfer a cycle after one of latency."""
+    rng = np.random.default_rng(int(10 * p_in + p_out))
+    dut = RegisterSlice(16)
+    sent, got, n = [], [], 400
+    cycles = []
+
+    async def tb(ctx):
+        k = t = 0
+        while len(got) < n:
+            offer = k < n and rng.random() < p_in
+            ctx.set(dut.i.valid, offer)
+            ctx.set(dut.i.payload, (k * 7919) & 0xFFFF)
+            ctx.set(dut.o.ready, rng.random() < p_out)
+            await ctx.delay(1e-7)
+            if offer and ctx.get(dut.i.ready):
+                sent.append((k * 7919) & 0xFFFF)
+                k += 1
+            if ctx.get(dut.o.valid) and ctx.get(dut.o.ready):
+                got.append(ctx.get(dut.o.payload))
+                cycles.append(t)
+            await ctx.tick()
+            t += 1
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-6)
+    sim.add_testbench(tb)
+    sim.run()
+    assert got == sent == [(k * 7919) & 0xFFFF for k in range(n)]
+    if p_in == p_out == 1.0:
+        assert cycles == list(range(1, n + 1))

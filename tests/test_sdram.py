@@ -202,14 +202,15 @@ def test_streams_run_at_one_beat_per_cycle():
 ])
 def test_the_model_flags_a_controller_that_cuts_a_timing_short(timing, flag):
     """A controller that believes ``timing`` is a third of what the part needs is caught
-    under traffic that exercises it (at 125 MHz, where each timing is several cycles)."""
+    under traffic that exercises it (at 125 MHz, where each timing is several cycles; with
+    400 requests the cut tRAS went unexercised once requests passed a register slice)."""
     rng = np.random.default_rng(3)
     # one request at a time spaces ACTIVATEs beyond the tiny part's tRC and tRRD: give
     # it longer ones to cut
     longer = {"tRC": 160, "tRRD": 60}
     chip = dataclasses.replace(TINY, **{timing: longer[timing]}) if timing in longer else TINY
     believed = dataclasses.replace(chip, **{timing: getattr(chip, timing) / 3})
-    requests = traffic(chip, 400, rng)
+    requests = traffic(chip, 800, rng)
     bench = Bench(chip, believed=believed, clk_hz=FAST)
     _, (flags, violations, _) = run(bench, requests, rng, settle=20, clk_hz=FAST)
     assert flags >> flag & 1, flag_names(flags)
