@@ -224,3 +224,13 @@ def test_projection_rescales_gemms_and_names_the_bound():
     again = retime(dict(p, baud=3_000_000), 5e6, "measured fmax")
     assert {k: again[k] for k in slow} == slow and again["clock_mhz"] == 5.0
     assert slow["bound"] == "array" and retime({"baud": 1}, 5e6, "x") is None
+
+
+def test_a_model_the_device_cannot_hold_says_what_it_needs():
+    """The iCEBreaker's configuration (1,024 words, TRANSPOSE alone): the digits MLP does not
+    fit even with its master weights on the host, and the error says so with the numbers."""
+    from nibble.host.training.device import DeviceMemoryError, DeviceMLP
+    with Device.open("emu://?rows=1&cols=4&words=1024&vec_ops=1&sdram=") as dev, \
+            pytest.raises(DeviceMemoryError, match=r"needs 3,352 words of tensor memory with "
+                          r"its master weights on the host; .* has 1,024"):
+        DeviceMLP(dev, DeviceTrainConfig(sizes=SIZES, batch_size=8))

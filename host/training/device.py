@@ -227,7 +227,7 @@ class DeviceMLP:
             need = self.plan.end
             msg = (f"the {'-'.join(map(str, self.sizes))} model at batch {cfg.batch_size} "
                    f"needs {need:,} words of tensor memory with its master weights on the "
-                   f"device; {dev.url} has {dev.mem_words:,}"
+                   f"{cfg.masters}; {dev.url} has {dev.mem_words:,}"
                    + (" (its SDRAM)" if self.paged else ""))
             if cfg.masters == "device":
                 host_need = memory_words(self.sizes, cfg.batch_size, dev.word_nibbles, pad,
