@@ -317,9 +317,10 @@ class _Progress:
         self.thread.join()
 
 
-def build(board, out_root="build", seed=1, progress=False):
+def build(board, out_root="build", seed=1, progress=False, budget=True):
     """Build the bitstream; writes ``<out_root>/<board>/report.json`` and returns it.
-    ``progress`` shows the stage and the elapsed time meanwhile."""
+    ``progress`` shows the stage and the elapsed time meanwhile; ``budget`` measures the
+    logic by block (:func:`rebudget` can do it later)."""
     platform = board.make_platform()
     out = Path(out_root) / board.name
     out.mkdir(parents=True, exist_ok=True)
@@ -349,7 +350,8 @@ def build(board, out_root="build", seed=1, progress=False):
                       "rams": cells.get("rams"), "fmax_mhz": None,
                       "target_mhz": board.clk_hz / 1e6, "timing_met": False,
                       "seconds": round(time.monotonic() - t0, 1), "bitstream": None}
-            result["blocks"] = _budget(board, platform, out, result, progress)
+            result["blocks"] = _budget(board, platform, out, result, progress) \
+                if budget else None
             (out / "report.json").write_text(json.dumps(result, indent=2) + "\n")
             raise BoardError(
                 f"{board.name}: the {board.rows}x{board.cols} design does not fit: {used:,} "
@@ -396,7 +398,7 @@ def build(board, out_root="build", seed=1, progress=False):
     result["timing_met"] = result["fmax_mhz"] >= result["target_mhz"]
     bitstream = next((p for p in (out / "top.bin", out / "top.bit") if p.exists()), None)
     result["bitstream"] = str(bitstream) if bitstream else None
-    result["blocks"] = _budget(board, platform, out, result, progress)
+    result["blocks"] = _budget(board, platform, out, result, progress) if budget else None
     (out / "report.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 

@@ -331,7 +331,8 @@ def cmd_bitstream(args):
           f"{board.mem_words:,} words, {board.clk_hz / 1e6:g} MHz, {board.baud:,} baud) with "
           "YoWASP; this takes minutes ...", flush=True)
     try:
-        r = build(board, out_root=args.out, seed=args.seed, progress=sys.stderr.isatty())
+        r = build(board, out_root=args.out, seed=args.seed, progress=sys.stderr.isatty(),
+                  budget=not args.no_budget)
     finally:     # the table also records a board that does not fit
         if args.docs:
             from nibble.host.report import update_doc_section
@@ -578,6 +579,9 @@ def build_parser():
     bt.add_argument("--seed", type=int, default=1, help="nextpnr placement seed")
     bt.add_argument("--out", default="build")
     bt.add_argument("--docs", help="also update the boards table in this markdown file")
+    bt.add_argument("--no-budget", action="store_true",
+                    help="skip the logic budget by block (minutes on the ULX3S; "
+                         "--budget-only adds it later)")
     bt.add_argument("--budget-only", action="store_true",
                     help="measure the logic by block again for the last build's report "
                          "(no place and route)")
