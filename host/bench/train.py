@@ -259,7 +259,13 @@ def bench_train(out_dir="build/bench", epochs=10, sim_seconds=600, docs=None,
                 raise FileNotFoundError(f"--board-only needs an earlier run's {path}")
             res = json.loads(path.read_text())
             for name, *_, hz, clock, _, _ in _board_rows():   # the clocks as built now
-                new = retime(res["projections"].get(name, {}), hz, clock)
+                old = res["projections"].get(name, {})
+                if old and "array_cycles_per_step" not in old:  # from before they were kept:
+                    old = dict(old, vec_cycles_per_step=res["vec_cycles_per_step"],  # as
+                               link_bytes_per_step=res["link_bytes_per_step"],      # project()
+                               array_cycles_per_step=old["device_cycles_per_step"]  # had them
+                               - res["vec_cycles_per_step"])
+                new = retime(old, hz, clock)
                 if new:
                     res["projections"][name] = new
             return _board_section(res, datasets.load("fashion-mnist"),
