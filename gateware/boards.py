@@ -80,6 +80,7 @@ class Board:
     pll_pad: bool = True      # iCE40: the oscillator is on a PLL pad (else SB_PLL40_CORE)
     sdram: str | None = None  # a part of rtl.sdram.CHIPS on the board's `sdram` resource
     vec_ops: int = VEC_OPS_ALL  # the element-wise unit's operations (the rest on the host)
+    seed: int = 1             # nextpnr's placement seed (the one docs/results.md was built with)
     nextpnr_opts: tuple = ()
     synth_opts: str = ""
     cable: tuple = field(default=())   # openFPGALoader arguments
@@ -99,7 +100,7 @@ BOARDS = {
     "ulx3s-85f": Board("ulx3s-85f", "amaranth_boards.ulx3s:ULX3S_85F_Platform",
                        rows=8, cols=16, mem_words=16384, baud=3_000_000, clk_hz=45_000_000,
                        pll="ecp5", sdram="is42s16160", nextpnr_opts=("--router", "router2"),
-                       cable=("-b", "ulx3s")),
+                       cable=("-b", "ulx3s"), seed=2),
 }
 
 
@@ -391,6 +392,7 @@ def build(board, out_root="build", seed=1, progress=False, budget=True):
         "rams": used("ICESTORM_RAM", "ICESTORM_SPRAM", "DP16KD"),
         "fmax_mhz": round(fmax, 2),
         "target_mhz": board.clk_hz / 1e6,
+        "seed": seed,
         "seconds": round(seconds, 1),
     }
     result["tensor_memory_bytes"] = result["scratchpad_bytes"] + result["sdram_bytes"]

@@ -331,7 +331,8 @@ def cmd_bitstream(args):
           f"{board.mem_words:,} words, {board.clk_hz / 1e6:g} MHz, {board.baud:,} baud) with "
           "YoWASP; this takes minutes ...", flush=True)
     try:
-        r = build(board, out_root=args.out, seed=args.seed, progress=sys.stderr.isatty(),
+        r = build(board, out_root=args.out, seed=args.seed or board.seed,
+                  progress=sys.stderr.isatty(),
                   budget=not args.no_budget)
     finally:     # the table also records a board that does not fit
         if args.docs:
@@ -576,7 +577,8 @@ def build_parser():
                     help="design clock: the nearest the board's PLL makes at or below it "
                     "(default: the board's, or on another iCE40 / ECP5 board "
                     "36 / 45 MHz)")
-    bt.add_argument("--seed", type=int, default=1, help="nextpnr placement seed")
+    bt.add_argument("--seed", type=int,
+                    help="nextpnr placement seed (default: the board's, else 1)")
     bt.add_argument("--out", default="build")
     bt.add_argument("--docs", help="also update the boards table in this markdown file")
     bt.add_argument("--no-budget", action="store_true",
