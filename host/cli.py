@@ -320,9 +320,7 @@ def cmd_bitstream(args):
         print(f"{board.name}: measuring the last build's blocks again ...", flush=True)
         rebudget(board, out_root=args.out, progress=sys.stderr.isatty())
         if args.docs:
-            from nibble.host.report import update_doc_section
-            update_doc_section(args.docs, "boards", boards_table(args.out) + "\n"
-                               + budget_table(args.out))
+            _boards_doc(args.docs, args.out)
             print(f"updated {args.docs}")
         return 0
     if board.clock_note:
@@ -336,9 +334,7 @@ def cmd_bitstream(args):
                   budget=not args.no_budget)
     finally:     # the table also records a board that does not fit
         if args.docs:
-            from nibble.host.report import update_doc_section
-            update_doc_section(args.docs, "boards", boards_table(args.out) + "\n"
-                               + budget_table(args.out))
+            _boards_doc(args.docs, args.out)
     verdict = "meets" if r["timing_met"] else "MISSES"
     print(f"  {r['luts']:,} of {r['lut_capacity']:,} LUTs, {r['ffs']:,} FFs, {r['dsps']} DSPs, "
           f"{r['rams']} of {r['ram_capacity']} RAMs, {r['fmax_mhz']:.1f} MHz ({verdict} "
@@ -378,6 +374,12 @@ def boards_table(out_root):
                 row[key] = f"{row[key]:,}" if isinstance(row.get(key), int) else "-"
             rows.append(row)
     return markdown_table(rows, BOARD_COLUMNS) if rows else ""
+
+
+def _boards_doc(docs, out_root):
+    """The boards section of ``docs``: the builds' table and their logic by block."""
+    from nibble.host.report import update_doc_section
+    update_doc_section(docs, "boards", boards_table(out_root) + "\n" + budget_table(out_root))
 
 
 def budget_table(out_root):
