@@ -44,6 +44,7 @@ from .memory import (
     ADDR_BITS,
     STRIDE_BITS,
     Reader,
+    RegisterSlice,
     StreamArbiter,
     TensorBus,
     Writer,
@@ -170,16 +171,24 @@ class GemmEngine(wiring.Component):
         wiring.connect(m, fetch.rd_b, wiring.flipped(self.bus.rd1))
 
         # -- results out, mask codes in: per lane, sharing a port each -----------------------
+        # Both arbiters' outputs pass a register slice before the memory: R lanes' priority
+        # logic and an address adder in front of the tensor-memory arbiter were the ULX3S's
+        # critical paths (into the far block RAMs' addresses, and on through the arbiter's
+        # grants into the other units).
         m.submodules.write_arbiter = warb = StreamArbiter(write_request(aw, NIB), R)
+        m.submodules.write_slice = wslice = RegisterSlice(write_request(aw, NIB))
         m.submodules.writer = writer = Writer(aw, NIB)
         m.submodules.mask_arbiter = marb = StreamArbiter(aw, R)
         m.submodules.mask_read = mread = Reader(aw, NIB, range(max(R, 2)))
+        m.submodules.mask_slice = mslice = RegisterSlice(mread.request)
         m.d.comb += [
-            writer.i.valid.eq(warb.o.valid), writer.i.payload.eq(warb.o.payload.payload),
-            warb.o.ready.eq(writer.i.ready),
-            mread.i.valid.eq(marb.o.valid), mread.i.payload.addr.eq(marb.o.payload.payload),
-            mread.i.payload.tag.eq(marb.o.payload.index), marb.o.ready.eq(mread.i.ready),
+            wslice.i.valid.eq(warb.o.valid), wslice.i.payload.eq(warb.o.payload.payload),
+            warb.o.ready.eq(wslice.i.ready),
+            mslice.i.valid.eq(marb.o.valid), mslice.i.payload.addr.eq(marb.o.payload.payload),
+            mslice.i.payload.tag.eq(marb.o.payload.index), marb.o.ready.eq(mslice.i.ready),
         ]
+        wiring.connect(m, wslice.o, writer.i)
+        wiring.connect(m, mslice.o, mread.i)
         wiring.connect(m, writer.port, wiring.flipped(self.bus.wr))
         wiring.connect(m, mread.port, wiring.flipped(self.bus.rd2))
         lane_writers = []
@@ -212,7 +221,8 @@ class GemmEngine(wiring.Component):
         started = Signal()
         finishing = (self.busy & ~walker.o.valid & fetch.idle
                      & Cat(*[lw.done for lw in lane_writers]).all()
-                     & ~Cat(*[lw.o.valid for lw in lane_writers]).any())
+                     & ~Cat(*[lw.o.valid for lw in lane_writers]).any()
+                     & ~wslice.o.valid & wslice.i.ready & ~mslice.o.valid & mslice.i.ready)
         with m.If(launch):
             m.d.sync += started.eq(1)
         with m.Elif(finishing & started):
