@@ -6,14 +6,17 @@ A board top is :class:`gateware.device.Device` behind an 8N1 UART on the board's
 ============  ==================  =====  =====  ===========  ==========  ===============
 board         FPGA                array  words  clock        link        memory
 ============  ==================  =====  =====  ===========  ==========  ===============
-icebreaker    iCE40UP5K-SG48      1x4    1024   36 MHz PLL   12 Mbaud    EBR, 4 KB
+icebreaker    iCE40UP5K-SG48      1x4    32768  36 MHz PLL   12 Mbaud    SPRAM, 128 KB
 ulx3s-85f     ECP5 LFE5U-85F      8x16   16384  45 MHz PLL   3 Mbaud     EBR, 128 KB;
                                                                          SDRAM 32 MB
 ============  ==================  =====  =====  ===========  ==========  ===============
 
-On the iCEBreaker the element-wise unit has TRANSPOSE only (``Board.vec_ops``): UPDATE and
-REQUANT, with the master weights, are the host driver's (INFO tells it), which leaves the
-UP5K's DSPs to the lanes. On the ULX3S the device has its SDRAM (``Board.sdram``, a part of
+On the iCEBreaker tensor memory is the UP5K's four SPRAMs (``Board.memory``,
+:class:`nibble.rtl.spram.SpramMemory`: two banks of 16K 32-bit words), and the element-wise
+unit has TRANSPOSE only (``Board.vec_ops``): UPDATE and REQUANT, with the master weights, are
+the host driver's (INFO tells it), which leaves the UP5K's DSPs to the lanes.
+
+On the ULX3S the device has its SDRAM (``Board.sdram``, a part of
 :data:`nibble.rtl.sdram.CHIPS`) behind the DMA: the controller's registered commands and
 write data go out through the pins' buffers, and the SDRAM's clock is a second PLL output at
 the system frequency, 90 degrees behind it (as LiteX runs it), so that the chip samples
@@ -80,6 +83,7 @@ class Board:
     pll_pad: bool = True      # iCE40: the oscillator is on a PLL pad (else SB_PLL40_CORE)
     sdram: str | None = None  # a part of rtl.sdram.CHIPS on the board's `sdram` resource
     vec_ops: int = VEC_OPS_ALL  # the element-wise unit's operations (the rest on the host)
+    memory: str = "bram"      # tensor memory: block RAM, or "spram" (the UP5K's SPRAM)
     seed: int = 1             # nextpnr's placement seed (the one docs/results.md was built with)
     nextpnr_opts: tuple = ()
     synth_opts: str = ""
@@ -94,9 +98,9 @@ class Board:
 
 BOARDS = {
     "icebreaker": Board("icebreaker", "amaranth_boards.icebreaker:ICEBreakerPlatform",
-                        rows=1, cols=4, mem_words=1024, baud=12_000_000, clk_hz=36_000_000,
+                        rows=1, cols=4, mem_words=32768, baud=12_000_000, clk_hz=36_000_000,
                         pll="ice40", synth_opts="-dsp", cable=("-b", "ice40_generic"),
-                        vec_ops=1 << VecOp.TRANSPOSE),
+                        vec_ops=1 << VecOp.TRANSPOSE, memory="spram"),
     "ulx3s-85f": Board("ulx3s-85f", "amaranth_boards.ulx3s:ULX3S_85F_Platform",
                        rows=8, cols=16, mem_words=16384, baud=3_000_000, clk_hz=45_000_000,
                        pll="ecp5", sdram="is42s16160", nextpnr_opts=("--router", "router2"),
@@ -167,8 +171,9 @@ class UartTop(wiring.Component):
     """
 
     def __init__(self, rows, cols, mem_words, clk_hz, divisor, sdram=None,
-                 vec_ops=VEC_OPS_ALL):
+                 vec_ops=VEC_OPS_ALL, memory="bram"):
         self.rows, self.cols, self.mem_words, self.vec_ops = rows, cols, mem_words, vec_ops
+        self.memory = memory
         self.clk_hz, self.divisor, self.chip = clk_hz, divisor, sdram
         pins = {"sdram": Out(SdramPins.Signature(sdram))} if sdram else {}
         super().__init__({"rx": In(1, init=1), "tx": Out(1, init=1), "idle": Out(1), **pins})
@@ -179,7 +184,7 @@ class UartTop(wiring.Component):
         m.submodules.tx = tx = UARTTx(self.divisor)
         m.submodules.device = dev = Device(self.rows, self.cols, self.mem_words,
                                            clk_hz=self.clk_hz, sdram=self.chip,
-                                           vec_ops=self.vec_ops)
+                                           vec_ops=self.vec_ops, memory=self.memory)
         if self.chip:
             wiring.connect(m, dev.sdram, wiring.flipped(self.sdram))
         m.d.comb += [rx.rx.eq(self.rx), self.tx.eq(tx.tx), self.idle.eq(dev.idle)]
@@ -226,7 +231,7 @@ class BoardTop(Elaboratable):
         m.submodules.uart_tx = uart_tx = io.Buffer("o", uart.tx)
         chip = CHIPS[b.sdram] if b.sdram else None
         m.submodules.top = top = UartTop(b.rows, b.cols, b.mem_words, b.clk_hz, self.divisor,
-                                         sdram=chip, vec_ops=b.vec_ops)
+                                         sdram=chip, vec_ops=b.vec_ops, memory=b.memory)
         m.d.comb += [top.rx.eq(uart_rx.i), uart_tx.o.eq(top.tx)]
         if chip:
             self._sdram(m, platform, top.sdram, clk90)
@@ -389,7 +394,8 @@ def build(board, out_root="build", seed=1, progress=False, budget=True):
         "ram_capacity": sum(util[n]["available"] for n in ("ICESTORM_RAM", "DP16KD")
                             if n in util),
         "dsps": used("ICESTORM_DSP", "MULT18X18D"),
-        "rams": used("ICESTORM_RAM", "ICESTORM_SPRAM", "DP16KD"),
+        "rams": used("ICESTORM_RAM", "DP16KD"),
+        "sprams": used("ICESTORM_SPRAM"),
         "fmax_mhz": round(fmax, 2),
         "target_mhz": board.clk_hz / 1e6,
         "seed": seed,
@@ -432,7 +438,8 @@ def _budget(board, platform, out, total, progress):
 
     def core():
         return UartTop(board.rows, board.cols, board.mem_words, board.clk_hz,
-                       divisor_for(board.clk_hz, board.baud), sdram=chip, vec_ops=board.vec_ops)
+                       divisor_for(board.clk_hz, board.baud), sdram=chip, vec_ops=board.vec_ops,
+                       memory=board.memory)
 
     def show(path):
         if progress:

@@ -9,7 +9,7 @@ it, and the Verilator system model drives its streams from a TCP socket. Inside:
                                                                             |
                                   TensorArbiter (engine, unit, DMA, decoder) <--+
                                         |                                      |
-                                  BlockRAM (tensor memory)                     |
+                      BlockRAM or SpramMemory (tensor memory)                  |
                                                        (with SDRAM) Dma -- bus +
                                                                      | burst streams
                                                               SdramController -> sdram pins
@@ -32,6 +32,7 @@ from nibble.rtl.engine import GEMM_CFG, GemmEngine
 from nibble.rtl.formats import VEC_OPS_ALL, word_nibbles
 from nibble.rtl.memory import BlockRAM, TensorArbiter, TensorBus
 from nibble.rtl.sdram import BURST_BITS, SdramController, SdramPins
+from nibble.rtl.spram import SpramMemory, spram_words
 from nibble.rtl.vector import VEC_CFG, VectorUnit
 
 from .decoder import CommandDecoder, Phase
@@ -66,6 +67,10 @@ class Device(wiring.Component):
         An SDRAM behind a DMA (its controller runs at ``clk_hz``), or none.
     vec_ops : int
         The element-wise unit's operations (a mask, bit ``VecOp``; INFO reports it).
+    memory : str
+        Tensor memory: ``"bram"`` (:class:`~nibble.rtl.memory.BlockRAM`) or ``"spram"``
+        (:class:`~nibble.rtl.spram.SpramMemory`, the UP5K's SPRAM: ``mem_words`` must be
+        its size).
 
     Ports
     -----
@@ -82,10 +87,15 @@ class Device(wiring.Component):
     """
 
     def __init__(self, rows, cols, mem_words, clk_hz=0, timeout=None, sdram=None,
-                 vec_ops=VEC_OPS_ALL):
+                 vec_ops=VEC_OPS_ALL, memory="bram"):
         self.rows, self.cols, self.mem_words, self.clk_hz = rows, cols, mem_words, clk_hz
-        self.vec_ops = vec_ops
+        self.vec_ops, self.memory = vec_ops, memory
         self.nib = word_nibbles(rows, cols)
+        if memory not in ("bram", "spram"):
+            raise ValueError(f"memory: 'bram' or 'spram', not {memory!r}")
+        if memory == "spram" and spram_words(self.nib) != mem_words:
+            raise ValueError(f"SPRAM tensor memory of {self.nib}-nibble words holds "
+                             f"{spram_words(self.nib)} words, not {mem_words}")
         self.timeout = timeout or max(1 << 16, clk_hz // 100)    # 10 ms at clk_hz
         self.chip = sdram
         pins = {"sdram": Out(SdramPins.Signature(sdram))} if sdram else {}
@@ -117,7 +127,8 @@ class Device(wiring.Component):
         m.submodules.arbiter = arb = TensorArbiter(
             TensorBus.Signature(addr_width=aw, nibbles=nib), len(units),
             write_first=units.index(dma) if self.chip else None)
-        m.submodules.mem = mem = BlockRAM(words, nib)
+        m.submodules.mem = mem = (SpramMemory(nib) if self.memory == "spram"
+                                  else BlockRAM(words, nib))
         wiring.connect(m, wiring.flipped(self.i), rx.i)
         wiring.connect(m, reply.tx, tx.i)
         wiring.connect(m, tx.o, wiring.flipped(self.o))
