@@ -76,14 +76,16 @@ def test_the_rtl_trains_bit_identically_to_the_emulator(small):
 
 
 def test_a_unit_without_update_keeps_the_masters_on_the_host(small):
-    """The iCEBreaker's element-wise unit (TRANSPOSE alone, INFO vec_ops 1) through the
-    RTL: masters='auto' keeps the master weights on the host, and two steps of a 16-8-4
-    MLP are bit-identical to emu:// running UPDATE and REQUANT on its element-wise unit."""
+    """The iCEBreaker's configuration through the RTL (a 1x4 array, tensor memory in SPRAM
+    banks, the element-wise unit with TRANSPOSE alone: INFO vec_ops 1): masters='auto' keeps
+    the master weights on the host, and two steps of a 16-8-4 MLP are bit-identical to
+    emu:// running UPDATE and REQUANT on its element-wise unit."""
     d = Dataset("tiny", small.x_train[:16, :16], small.y_train[:16] % 4,
                 small.x_test[:8, :16], small.y_test[:8] % 4, classes=4)
     cfg = DeviceTrainConfig(sizes=[16, 8, 4], batch_size=8, lr=0.1)
     runs, masters = [], []
-    for url in ("pysim://?rows=1&cols=4&vec_ops=1", "emu://?rows=1&cols=4"):
+    for url in ("pysim://?rows=1&cols=4&vec_ops=1&memory=spram&words=32768",
+                "emu://?rows=1&cols=4"):
         with Device.open(url) as dev:
             r = train_on_device(dev, d, cfg, 1, progress=False)
             masters.append(r["model"].cfg.masters)
@@ -227,10 +229,24 @@ def test_projection_rescales_gemms_and_names_the_bound():
 
 
 def test_a_model_the_device_cannot_hold_says_what_it_needs():
-    """The iCEBreaker's configuration (1,024 words, TRANSPOSE alone): the digits MLP does not
-    fit even with its master weights on the host, and the error says so with the numbers."""
+    """A 1x4 device with 1,024 words (the iCEBreaker's block RAM alone) and TRANSPOSE alone:
+    the digits MLP does not fit even with its master weights on the host, and the error
+    says so with the numbers."""
     from nibble.host.training.device import DeviceMemoryError, DeviceMLP
     with Device.open("emu://?rows=1&cols=4&words=1024&vec_ops=1&sdram=") as dev, \
             pytest.raises(DeviceMemoryError, match=r"needs 3,352 words of tensor memory with "
                           r"its master weights on the host; .* has 1,024"):
         DeviceMLP(dev, DeviceTrainConfig(sizes=SIZES, batch_size=8))
+
+
+@pytest.mark.long
+def test_the_simulated_icebreaker_trains_digits_within_a_point_of_fp32():
+    """The digits MLP 64-32-10 for 10 epochs on the Verilator model in the iCEBreaker's
+    configuration (1x4 array, SPRAM tensor memory, the master weights on the host, since its
+    element-wise unit only transposes): bit-identical to emu:// in that configuration, and
+    within a point of fp32 on the host (``make bench-train`` reports the same run)."""
+    from nibble.host.bench.train import icebreaker_digits
+    r = icebreaker_digits(log=lambda *_: None)
+    assert (r["memory"], r["masters"], r["words"]) == ("spram", "host", 32768)
+    assert r["sim_matches_emu"] and r["steps"] > 200
+    assert r["delta_points"] >= -1.0, r

@@ -239,6 +239,51 @@ def board_run(name, data, cfg, steps=3, images=4096, log=print):
             "upload_link_bytes": full_set * up["link_bytes"] / up["set_bytes"]}
 
 
+def icebreaker_digits(epochs=10, log=print):
+    """The digits MLP 64-32-10 trained in the iCEBreaker's configuration (its array, SPRAM
+    tensor memory, TRANSPOSE-only element-wise unit, so the master weights on the host) on
+    the simulated device and on ``emu://``, with ``nibble train``'s defaults for digits,
+    beside fp32 on the host: accuracies, whether the two devices agree bit for bit (every
+    loss, master weight and code), and the simulated device's cycles and link bytes a
+    step."""
+    from nibble.sim.system import board_config, build, emu_url, serve
+    data = datasets.load("digits")
+    sizes, hyper = [64, 32, 10], {"batch_size": 64, "lr": 0.1, "momentum": 0.9, "seed": 0}
+    cfg = DeviceTrainConfig(sizes=sizes, **hyper)
+    conf = board_config("icebreaker")
+    build(**conf)
+    runs = []
+    for where in ("sim", emu_url(conf)):
+        log(f"digits {'-'.join(map(str, sizes))} on "
+            f"{'the simulated iCEBreaker' if where == 'sim' else where}, {epochs} epochs ...")
+        with (serve(**conf) if where == "sim" else nullcontext(where)) as url, \
+                Device.open(url, timeout=30) as dev:
+            t0 = time.perf_counter()
+            r = train_on_device(dev, data, cfg, epochs, progress=False)
+            r["seconds"] = time.perf_counter() - t0
+            w, v = r["model"].masters()
+            r["state"] = [*w, *v, *r["model"].weight_codes()]
+            runs.append(r)
+    sim, emu = runs
+    log("digits: fp32 on the host ...")
+    f = train(data, TrainConfig(scheme="fp32", epochs=epochs, sizes=sizes, **hyper),
+              progress=False)
+    same = sim["losses"] == emu["losses"] and all(
+        (a == b).all() for a, b in zip(sim["state"], emu["state"], strict=True))
+    last = sim["history"][-1]
+    return {"model": "mlp-64-32-10", "dataset": "digits", "epochs": epochs, **hyper,
+            "array": f"{conf['rows']}x{conf['cols']}", "words": conf["words"],
+            "memory": conf["memory"], "vec_ops": conf["vec_ops"],
+            "masters": sim["model"].cfg.masters, "steps": sim["steps"],
+            "sim_matches_emu": bool(same), "sim_seconds": sim["seconds"],
+            "test_accuracy": sim["test_accuracy"], "emu_test_accuracy": emu["test_accuracy"],
+            "fp32_test_accuracy": f["test_accuracy"],
+            "delta_points": 100 * (sim["test_accuracy"] - f["test_accuracy"]),
+            "device_cycles_per_step": last["device_cycles_per_step"],
+            "link_bytes_per_step": last["link_bytes_per_step"],
+            "link_bytes_ratio": last["link_bytes_ratio"]}
+
+
 def _board_counters(session):
     c, paged = session.mlp.counters, getattr(session.mlp.dev, "counters", {})
     return {"cycles": paged.get("cycles", 0), "gemm": c["gemm_cycles"], "vec": c["vec_cycles"],
@@ -395,6 +440,7 @@ def _board_section(res, data, cfg, out, docs, log):
                          "SDRAM": ux["sdram_s"], "link": ux["link_s"], "host": ux["host_s"]})
     res["ulx3s"] = ux
     res["ulx3s_state_fits"] = bool(fits["device"] and ux["state_in_sdram"])
+    res["icebreaker_digits"] = icebreaker_digits(log=log)
     publish(out, "train", res, render(res), docs)
     return res
 
@@ -482,6 +528,19 @@ def render(r):
         ulx += ("\nIts link bytes a step by command (emu://, wire bytes both ways): "
                 + ", ".join(f"{op} {n:,.0f}" for op, n in ux["link_bytes_by_command"].items()
                             if n) + "\n")
+    ice = r.get("icebreaker_digits")
+    if ice:
+        ulx += ("\nThe iCEBreaker configuration (simulated: a {array} array, {words:,} words of "
+                "SPRAM, the master weights on the {masters}): the {dataset} MLP 64-32-10, "
+                "{epochs} epochs, batch {batch_size}\n\n").format(**ice) + markdown_table(
+            [dict(ice, match="yes" if ice["sim_matches_emu"] else "**NO**")], [
+                ("fp32 (host) test acc.", "fp32_test_accuracy", "{:.4f}"),
+                ("ibm4 (simulated iCEBreaker) test acc.", "test_accuracy", "{:.4f}"),
+                ("Δ (points)", "delta_points", "{:+.2f}"),
+                ("bit-identical to emu://", "match", "{}"), ("steps", "steps", "{}"),
+                ("device cycles / step", "device_cycles_per_step", "{:,.0f}"),
+                ("link bytes / step", "link_bytes_per_step", "{:,.0f}"),
+                ("link / batch bytes", "link_bytes_ratio", "{:.2f}")])
     return (f"Accuracy\n\n{acc}\nThe output layer's gradient, per step (device cycles on "
             f"the simulated {r['sim_array']} device, link bytes on emu://)\n\n{pol}\n"
             f"Per step (batch {r['batch_size']})\n\n{step}\n"
