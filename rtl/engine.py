@@ -43,6 +43,7 @@ from .lane import LANE_CFG
 from .memory import (
     ADDR_BITS,
     STRIDE_BITS,
+    ForwardRegister,
     Reader,
     RegisterSlice,
     StreamArbiter,
@@ -171,16 +172,19 @@ class GemmEngine(wiring.Component):
         wiring.connect(m, fetch.rd_b, wiring.flipped(self.bus.rd1))
 
         # -- results out, mask codes in: per lane, sharing a port each -----------------------
-        # Both arbiters' outputs pass a register slice before the memory: R lanes' priority
-        # logic and an address adder in front of the tensor-memory arbiter were the ULX3S's
+        # Both arbiters' outputs pass a register before the memory: R lanes' priority logic
+        # and an address adder in front of the tensor-memory arbiter were the ULX3S's
         # critical paths (into the far block RAMs' addresses, and on through the arbiter's
-        # grants into the other units).
+        # grants into the other units). The writes take a whole slice (their grant waits on
+        # the DMA's writes); the mask reads only a forward register (the engine is first on
+        # their port. A slice there, too, made yosys 0.70's abc9 fail an assertion on the
+        # ULX3S build).
         m.submodules.write_arbiter = warb = StreamArbiter(write_request(aw, NIB), R)
         m.submodules.write_slice = wslice = RegisterSlice(write_request(aw, NIB))
         m.submodules.writer = writer = Writer(aw, NIB)
         m.submodules.mask_arbiter = marb = StreamArbiter(aw, R)
         m.submodules.mask_read = mread = Reader(aw, NIB, range(max(R, 2)))
-        m.submodules.mask_slice = mslice = RegisterSlice(mread.request)
+        m.submodules.mask_slice = mslice = ForwardRegister(mread.request)
         m.d.comb += [
             wslice.i.valid.eq(warb.o.valid), wslice.i.payload.eq(warb.o.payload.payload),
             warb.o.ready.eq(wslice.i.ready),
@@ -222,7 +226,7 @@ class GemmEngine(wiring.Component):
         finishing = (self.busy & ~walker.o.valid & fetch.idle
                      & Cat(*[lw.done for lw in lane_writers]).all()
                      & ~Cat(*[lw.o.valid for lw in lane_writers]).any()
-                     & ~wslice.o.valid & wslice.i.ready & ~mslice.o.valid & mslice.i.ready)
+                     & ~wslice.o.valid & wslice.i.ready & ~mslice.o.valid)
         with m.If(launch):
             m.d.sync += started.eq(1)
         with m.Elif(finishing & started):

@@ -35,7 +35,9 @@ Stream adapters
     :class:`Reader` turns a stream of read requests into a stream of words through one read
     port (a request's tag travels with its word); :class:`Writer` puts a stream of write
     requests on a write port; :class:`StreamArbiter` merges streams by fixed priority (the
-    engine's lane writers share the write port through it, its mask readers a read port).
+    engine's lane writers share the write port through it, its mask readers a read port);
+    :class:`RegisterSlice` and :class:`ForwardRegister` cut a stream's combinational paths
+    for a cycle of latency (both ways, or the forward one).
 """
 
 from amaranth.hdl import Const, Module, Mux, Signal, unsigned
@@ -44,7 +46,8 @@ from amaranth.lib.wiring import In, Out
 
 from .formats import CODE_BITS
 
-__all__ = ["ADDR_BITS", "STRIDE_BITS", "BlockRAM", "ReadPort", "Reader", "RegisterSlice",
+__all__ = ["ADDR_BITS", "STRIDE_BITS", "BlockRAM", "ForwardRegister", "ReadPort", "Reader",
+           "RegisterSlice",
            "StreamArbiter", "TensorArbiter", "TensorBus", "WritePort", "Writer", "read_ports",
            "write_request"]
 
@@ -260,6 +263,24 @@ class RegisterSlice(wiring.Component):
                 m.d.sync += [self.o.payload.eq(self.i.payload), self.o.valid.eq(self.i.valid)]
         with m.Elif(self.i.valid & ~skid_valid):        # it stalls: keep the arrival
             m.d.sync += [skid.eq(self.i.payload), skid_valid.eq(1)]
+        return m
+
+
+class ForwardRegister(wiring.Component):
+    """A stream's valid and payload through a register, at one transfer a cycle; ``i.ready``
+    is ``o``'s, passed through (the register takes a transfer while it is empty or being
+    emptied). Half a :class:`RegisterSlice`, for a consumer whose ``ready`` is cheap: it cuts
+    the forward path only, with no skid register."""
+
+    def __init__(self, payload_shape):
+        super().__init__({"i": In(stream.Signature(payload_shape)),
+                          "o": Out(stream.Signature(payload_shape))})
+
+    def elaborate(self, platform):
+        m = Module()
+        m.d.comb += self.i.ready.eq(self.o.ready | ~self.o.valid)
+        with m.If(self.i.ready):
+            m.d.sync += [self.o.valid.eq(self.i.valid), self.o.payload.eq(self.i.payload)]
         return m
 
 

@@ -7,7 +7,14 @@ from amaranth.lib import wiring
 from amaranth.sim import Simulator
 
 from nibble.rtl.bounds import BUFFER, DIM_BITS, BoundsCheck
-from nibble.rtl.memory import BlockRAM, RegisterSlice, TensorArbiter, TensorBus, read_ports
+from nibble.rtl.memory import (
+    BlockRAM,
+    ForwardRegister,
+    RegisterSlice,
+    TensorArbiter,
+    TensorBus,
+    read_ports,
+)
 
 
 class Shared(wiring.Component):
@@ -144,12 +151,13 @@ def test_bounds_check_is_the_rule(mem_words):
     sim.run()
 
 
+@pytest.mark.parametrize("kind", [RegisterSlice, ForwardRegister])
 @pytest.mark.parametrize("p_in, p_out", [(1.0, 1.0), (0.7, 0.5), (0.3, 0.9)])
-def test_register_slice_passes_every_transfer_in_order(p_in, p_out):
+def test_register_stages_pass_every_transfer_in_order(kind, p_in, p_out):
     """A producer and a consumer that each stall at random: everything offered comes out,
     once, in order; with neither stalling, one transfer a cycle after one of latency."""
     rng = np.random.default_rng(int(10 * p_in + p_out))
-    dut = RegisterSlice(16)
+    dut = kind(16)
     sent, got, n = [], [], 400
     cycles = []
 
