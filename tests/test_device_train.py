@@ -75,24 +75,27 @@ def test_the_rtl_trains_bit_identically_to_the_emulator(small):
         assert all((x == y).all() for x, y in zip(a, b, strict=True))
 
 
-def test_a_unit_without_update_keeps_the_masters_on_the_host(small):
+@pytest.mark.parametrize("vec_ops", [1, 0])
+def test_a_unit_without_update_keeps_the_masters_on_the_host(small, vec_ops):
     """The iCEBreaker's configuration through the RTL (a 1x4 array, tensor memory in SPRAM
-    banks, the element-wise unit with TRANSPOSE alone: INFO vec_ops 1): masters='auto' keeps
-    the master weights on the host, and two steps of a 16-8-4 MLP are bit-identical to
-    emu:// running UPDATE and REQUANT on its element-wise unit."""
+    banks, the element-wise unit with TRANSPOSE alone, INFO vec_ops 1, or none at all):
+    masters='auto' keeps the master weights on the host, and two steps of a 16-8-4 MLP are
+    bit-identical to emu:// running UPDATE and REQUANT on its element-wise unit."""
     d = Dataset("tiny", small.x_train[:16, :16], small.y_train[:16] % 4,
                 small.x_test[:8, :16], small.y_test[:8] % 4, classes=4)
     cfg = DeviceTrainConfig(sizes=[16, 8, 4], batch_size=8, lr=0.1)
     runs, masters = [], []
-    for url in ("pysim://?rows=1&cols=4&vec_ops=1&memory=spram&words=32768",
+    for url in (f"pysim://?rows=1&cols=4&vec_ops={vec_ops}&memory=spram&words=32768",
                 "emu://?rows=1&cols=4"):
         with Device.open(url) as dev:
             r = train_on_device(dev, d, cfg, 1, progress=False)
             masters.append(r["model"].cfg.masters)
             runs.append((r["losses"], *r["model"].masters(), r["model"].weight_codes()))
-            if url.startswith("pysim"):     # only its transposes ran on the device
+            if url.startswith("pysim"):     # only its transposes ran on the device, if any
                 c = r["model"].counters
-                assert c["vec_cycles"] == c["transpose_cycles"] > 0
+                assert c["vec_cycles"] == c["transpose_cycles"]
+                assert (c["vec_cycles"] > 0) == bool(vec_ops)
+                assert (dev.host_vectors > 0) == (not vec_ops)   # the transposes
     assert masters == ["host", "device"]
     (sim_loss, *sim), (emu_loss, *emu) = runs
     assert sim_loss == emu_loss and len(sim_loss) == 2
@@ -250,3 +253,28 @@ def test_the_simulated_icebreaker_trains_digits_within_a_point_of_fp32():
     assert (r["memory"], r["masters"], r["words"]) == ("spram", "host", 32768)
     assert r["sim_matches_emu"] and r["steps"] > 200
     assert r["delta_points"] >= -1.0, r
+
+
+def test_a_device_without_an_element_wise_unit_refuses_vector():
+    """Built with no operations (vec_ops 0) the device has no element-wise unit: INFO says
+    so, a VECTOR that reaches it anyway is refused as out of range (nothing written), and the
+    driver's own vector() runs the operation on the host, as the unit would."""
+    from nibble.host.device.commands import vector_args
+    from nibble.host.device.driver import OutOfRangeError
+    from nibble.rtl.formats import VEC_OPS_ALL, VecOp
+    cfg = vector_args(VecOp.TRANSPOSE, 3, 4, (40, 1), (60, 1))
+    with Device.open("pysim://?rows=1&cols=4&vec_ops=0") as dev:
+        assert dev.info["vec_ops"] == 0
+        dev.write(40, bytes(range(1, 17)))
+        dev.vector(cfg)                                   # on the host
+        assert dev.host_vectors == 1
+        want = dev.read(60, 4)
+        dev.write(60, bytes(16))
+        dev.vec_ops = VEC_OPS_ALL                         # as if the unit were there
+        with pytest.raises(OutOfRangeError):
+            dev.vector(cfg)
+        assert dev.read(60, 4) == bytes(16)
+    with Device.open("emu://?rows=1&cols=4") as emu:      # the unit's own transpose
+        emu.write(40, bytes(range(1, 17)))
+        emu.vector(cfg)
+        assert emu.read(60, 4) == want != bytes(16)
