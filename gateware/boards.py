@@ -349,9 +349,8 @@ def build(board, out_root="build", seed=1, progress=False, budget=True):
         if over:                # placement refused a design larger than the FPGA
             kind, used, avail = over
             cells = _yosys_cells(out)
-            result = {"board": board.name, "rows": board.rows, "cols": board.cols,
-                      "mem_words": board.mem_words, "baud": board.baud, "fits": False,
-                      "luts": used, "lut_capacity": avail, "lut4s": cells.get("lut4s"),
+            result = {**_configuration(board), "fits": False, "luts": used,
+                      "lut_capacity": avail, "lut4s": cells.get("lut4s"),
                       "ffs": cells.get("ffs"), "dsps": cells.get("dsps"),
                       "rams": cells.get("rams"), "sprams": cells.get("sprams"),
                       "fmax_mhz": None,
@@ -378,17 +377,7 @@ def build(board, out_root="build", seed=1, progress=False, budget=True):
     fmax = _sync_fmax(report)
     luts = used("ICESTORM_LC", "TRELLIS_COMB")
     result = {
-        "board": board.name,
-        "rows": board.rows,
-        "cols": board.cols,
-        "mem_words": board.mem_words,
-        "word_nibbles": word_nibbles(board.rows, board.cols),
-        # what a model's training state can occupy: the block-RAM scratchpad the engine
-        # streams from, and the SDRAM behind it (DMA)
-        "scratchpad_bytes": board.mem_words * word_nibbles(board.rows, board.cols) // 2,
-        "sdram": board.sdram,
-        "sdram_bytes": CHIPS[board.sdram].bytes if board.sdram else 0,
-        "baud": board.baud,
+        **_configuration(board),
         "luts": luts,
         "lut_capacity": util.get("ICESTORM_LC", util.get("TRELLIS_COMB", {})).get("available"),
         "ffs": used("TRELLIS_FF") or _ice40_ffs(out),
@@ -402,7 +391,6 @@ def build(board, out_root="build", seed=1, progress=False, budget=True):
         "seed": seed,
         "seconds": round(seconds, 1),
     }
-    result["tensor_memory_bytes"] = result["scratchpad_bytes"] + result["sdram_bytes"]
     result["fits"] = True
     result["timing_met"] = result["fmax_mhz"] >= result["target_mhz"]
     bitstream = next((p for p in (out / "top.bin", out / "top.bit") if p.exists()), None)
@@ -410,6 +398,21 @@ def build(board, out_root="build", seed=1, progress=False, budget=True):
     result["blocks"] = _budget(board, platform, out, result, progress) if budget else None
     (out / "report.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _configuration(board):
+    """A report's description of what was built (the rest is measured): the array and its
+    int4 MACs a cycle, the memories, the link."""
+    nib = word_nibbles(board.rows, board.cols)
+    scratch = board.mem_words * nib // 2
+    sdram = CHIPS[board.sdram].bytes if board.sdram else 0
+    return {"board": board.name, "rows": board.rows, "cols": board.cols,
+            "macs_per_cycle": board.rows * board.cols, "mem_words": board.mem_words,
+            "word_nibbles": nib, "memory": board.memory,
+            # what a model's training state can occupy: the on-chip memory the engine
+            # streams from, and the SDRAM behind it (DMA)
+            "scratchpad_bytes": scratch, "sdram": board.sdram, "sdram_bytes": sdram,
+            "tensor_memory_bytes": scratch + sdram, "baud": board.baud}
 
 
 def rebudget(board, out_root="build", progress=False):
@@ -424,6 +427,7 @@ def rebudget(board, out_root="build", progress=False):
                                                                board.mem_words):
         raise BoardError(f"{path} is of another configuration "
                          f"({result['rows']}x{result['cols']}, {result['mem_words']} words)")
+    result.update(_configuration(board))     # fields added since the build
     result["blocks"] = _budget(board, board.make_platform(), path.parent, result, progress)
     path.write_text(json.dumps(result, indent=2) + "\n")
     return result

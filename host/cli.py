@@ -539,8 +539,9 @@ def build_parser():
     bt_.add_argument("--sim-seconds", type=float, default=600,
                      help="time budget of the simulated device's steps (default 600)")
     bt_.add_argument("--board-only", action="store_true",
-                     help="measure only the ULX3S configuration again, keeping the rest of "
-                     "the last run's train.json (minutes instead of half an hour)")
+                     help="measure only the boards' configurations again (the ULX3S's, the "
+                     "iCEBreaker's digits run), keeping the rest of the last run's train.json "
+                     "(minutes instead of an hour)")
     bt_.add_argument("--out", default="build/bench")
     bt_.add_argument("--docs", help="also update the generated section in this markdown file")
     bt_.add_argument("--quiet", action="store_true")

@@ -139,3 +139,15 @@ def test_budget_only_needs_the_builds_report(tmp_path):
         '{"rows": 2, "cols": 4, "mem_words": 1024}')
     proc = run_cli("bitstream", "--board", "icebreaker", "--budget-only", "--out", str(tmp_path))
     assert proc.returncode == 2 and "of another configuration (2x4" in proc.stderr
+
+
+def test_a_report_describes_the_configuration_it_measured():
+    """report.json's configuration fields (both when the design fits and when it does not,
+    and refreshed by --budget-only): the array's int4 MACs a cycle and the tensor memory a
+    model can use, on-chip and in the SDRAM."""
+    from nibble.gateware.boards import _configuration
+    ice, ulx = _configuration(BOARDS["icebreaker"]), _configuration(BOARDS["ulx3s-85f"])
+    assert (ice["macs_per_cycle"], ice["memory"], ice["tensor_memory_bytes"]) == \
+        (4, "spram", 32768 * 4)
+    assert (ulx["macs_per_cycle"], ulx["memory"], ulx["sdram_bytes"]) == (128, "bram", 32 << 20)
+    assert ulx["tensor_memory_bytes"] == 16384 * 8 + (32 << 20)

@@ -294,8 +294,9 @@ def _board_counters(session):
 
 def bench_train(out_dir="build/bench", epochs=10, sim_seconds=600, docs=None,
                 progress=True, log=print, board_only=False):
-    """The benchmark (see the module); ``board_only`` measures the ULX3S row again, projects
-    the boards at the clocks their reports give now, and keeps the rest of an earlier
+    """The benchmark (see the module); ``board_only`` measures the boards' own rows again
+    (the ULX3S and iCEBreaker configurations), projects the boards at the clocks their
+    reports give now and with the memory they have now, and keeps the rest of an earlier
     run's ``train.json``."""
     with threadpool_limits(limits=1, user_api="blas"):
         if board_only:
@@ -303,7 +304,7 @@ def bench_train(out_dir="build/bench", epochs=10, sim_seconds=600, docs=None,
             if not path.exists():
                 raise FileNotFoundError(f"--board-only needs an earlier run's {path}")
             res = json.loads(path.read_text())
-            for name, *_, hz, clock, _, _ in _board_rows():   # the clocks as built now
+            for name, *_, hz, clock, mem_bytes, fits in _board_rows():  # the boards now
                 old = res["projections"].get(name, {})
                 if old and "array_cycles_per_step" not in old:  # from before they were kept:
                     old = dict(old, vec_cycles_per_step=res["vec_cycles_per_step"],  # as
@@ -312,6 +313,8 @@ def bench_train(out_dir="build/bench", epochs=10, sim_seconds=600, docs=None,
                                - res["vec_cycles_per_step"])
                 new = retime(old, hz, clock)
                 if new:
+                    new.update({"memory_bytes": mem_bytes, "fits_device_masters":
+                                fits["device"], "fits_host_masters": fits["host"]})
                     res["projections"][name] = new
             return _board_section(res, datasets.load("fashion-mnist"),
                                   DeviceTrainConfig(sizes=SIZES, **HYPER), Path(out_dir), docs,
