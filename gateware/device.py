@@ -131,8 +131,8 @@ class Device(wiring.Component):
         m.submodules.arbiter = arb = TensorArbiter(
             TensorBus.Signature(addr_width=aw, nibbles=nib), len(units),
             write_first=units.index(dma) if self.chip else None)
-        m.submodules.mem = mem = (SpramMemory(nib) if self.memory == "spram"
-                                  else BlockRAM(words, nib))
+        m.submodules.mem = mem = (SpramMemory(nib, hold=False)   # the arbiter holds words
+                                  if self.memory == "spram" else BlockRAM(words, nib))
         wiring.connect(m, wiring.flipped(self.i), rx.i)
         wiring.connect(m, reply.tx, tx.i)
         wiring.connect(m, tx.o, wiring.flipped(self.o))

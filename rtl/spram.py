@@ -24,7 +24,9 @@ goes to the first port asking for it in the order ``wr``, ``rd0``, ``rd1``, ``rd
 others see ``ready`` low and wait (the units all do: :mod:`nibble.rtl.memory`). Operands in
 different banks stream at one word a cycle each; in one bank they share its cycles. Each
 read port keeps its own word in a register (another port's read replaces the bank's
-output), which the port contract needs: the word holds until the port's next read.
+output), which the port contract needs: the word holds until the port's next read. Behind
+a :class:`~nibble.rtl.memory.TensorArbiter`, which keeps each unit's word itself, the
+device builds it without them (``hold=False``: 185 LCs less on the UP5K).
 """
 
 from amaranth.hdl import Array, Cat, ClockSignal, Const, Instance, Module, Mux, Signal
@@ -118,9 +120,16 @@ class SpramMemory(wiring.Component):
 
     ``primitive`` is passed to each :class:`Spram`; ``banks`` are the SPRAMs, bank by bank
     (testbenches preload and dump them through :attr:`Spram.model`).
+
+    ``hold=False`` drops the read ports' registers: a read's word is then there only in the
+    cycle after it was taken (until the bank's next access), which is all a
+    :class:`~nibble.rtl.memory.TensorArbiter` in front reads (it keeps each unit's word
+    itself). The device builds it so: on the UP5K the three 32-bit registers and their muxes
+    are LCs it does not have.
     """
 
-    def __init__(self, nibbles, blocks=BLOCKS, reads=3, primitive=None):
+    def __init__(self, nibbles, blocks=BLOCKS, reads=3, primitive=None, hold=True):
+        self.hold = hold
         self.words = spram_words(nibbles, blocks)
         self.nibbles, self.per_bank = nibbles, CODE_BITS * nibbles // WIDTH
         self.n_banks = blocks // self.per_bank
@@ -161,9 +170,14 @@ class SpramMemory(wiring.Component):
             for q in ports[:k]:
                 ahead = ahead | ((q.en != 0) & (bank_of(q) == bank_of(p)))
             m.d.comb += p.ready.eq(~ahead)
-            arrived = Signal(name=f"arrived{k}")
             bank = Signal(range(max(self.n_banks, 2)), name=f"bank{k}")
+            with m.If(grants[k].any()):
+                m.d.sync += bank.eq(bank_of(p))
+            if not self.hold:
+                m.d.comb += p.data.eq(words[bank])
+                continue
+            arrived = Signal(name=f"arrived{k}")
             held = Signal.like(p.data, name=f"held{k}")
-            m.d.sync += [arrived.eq(grants[k].any()), bank.eq(bank_of(p)), held.eq(p.data)]
+            m.d.sync += [arrived.eq(grants[k].any()), held.eq(p.data)]
             m.d.comb += p.data.eq(Mux(arrived, words[bank], held))
         return m
