@@ -347,8 +347,9 @@ def expected(gemm, lane, mask):
     return np.asarray(values, np.int64), absmax
 
 
-def run_random_gemms(dev, rng, count, max_dim):
-    """``count`` random GEMMs of every mode and path through ``dev``, bit for bit."""
+def run_random_gemms(dev, rng, count, max_dim, base=0):
+    """``count`` random GEMMs of every mode and path through ``dev``, bit for bit (their
+    buffers laid out from word ``base``)."""
     for case in range(count):
         mode = list(GemmMode)[case % 3]
         path = list(OutputPath)[(case // 3) % 3]
@@ -361,7 +362,7 @@ def run_random_gemms(dev, rng, count, max_dim):
         top = int(np.abs(golden_acc(gemm, phase)).max())
         lane = random_lane(rng, path, phase, top)
         mask = rng.integers(0, 16, (shape[0], shape[2]))
-        got, stats = dev.matmul(gemm, lane, mask=mask)
+        got, stats = dev.matmul(gemm, lane, mask=mask, base=base)
         want, absmax = expected(gemm, lane, mask)
         if path is OutputPath.LOG4:
             np.testing.assert_array_equal(got[0], want[0])

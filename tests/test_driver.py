@@ -35,6 +35,15 @@ def test_random_gemms_on_the_rtl():
         run_random_gemms(dev, np.random.default_rng(13), 9, 12)
 
 
+def test_random_gemms_on_the_rtl_in_spram():
+    """The iCEBreaker's configuration behind the driver (a 1x4 array, tensor memory in two
+    SPRAM banks): every mode and path bit for bit, the buffers laid out from just below
+    the banks' boundary, so that streams collide in either bank and some buffers straddle
+    it."""
+    with Device.open("pysim://?rows=1&cols=4&memory=spram&words=32768&vec_ops=1") as dev:
+        run_random_gemms(dev, np.random.default_rng(14), 9, 12, base=16384 - 24)
+
+
 @pytest.mark.parametrize("url", ["emu://", PYSIM])
 def test_the_three_training_gemms(url):
     """forward, backward_data and backward_weight against host.gemm's golden GEMMs."""
