@@ -144,20 +144,24 @@ class Device(wiring.Component):
 
         if self.vec_ops:
             busy = engine.busy | vec.busy
+        else:
+            busy = engine.busy
+        dma_busy = dma.busy if self.chip else 0
+        if self.vec_ops:
             checked, ok = engine.checked | vec.checked, Mux(engine.checked, engine.ok, vec.ok)
-            m.d.comb += [vec.cfg.eq(dec.args[:VEC_CFG.size]), vec.start.eq(dec.vec_start)]
         else:                                          # VECTOR: refused a cycle later
             refused = Signal()
             m.d.sync += refused.eq(dec.vec_start)
-            busy = engine.busy
             checked, ok = engine.checked | refused, engine.checked & engine.ok
-        dma_busy = dma.busy if self.chip else 0
         if self.chip:
             checked, ok = checked | dma.checked, Mux(dma.checked, dma.ok, ok)
         m.d.comb += [
             dec.frame.eq(rx.frame), dec.rx_status.eq(rx.status), dec.length.eq(rx.length),
             rx.ack.eq(dec.ack), dec.busy.eq(busy), dec.dma_busy.eq(dma_busy),
-            engine.cfg.eq(dec.args[:GEMM_CFG.size]), engine.start.eq(dec.gemm_start),
+            engine.cfg.eq(dec.args[:GEMM_CFG.size]),
+            *([vec.cfg.eq(dec.args[:VEC_CFG.size])] if self.vec_ops else []),
+            engine.start.eq(dec.gemm_start),
+            *([vec.start.eq(dec.vec_start)] if self.vec_ops else []),
             dec.checked.eq(checked), dec.ok.eq(ok),
             self.listening.eq(dec.waiting & ~rx.in_frame & ~rx.frame & ~tx.busy),
             self.idle.eq(self.listening & ~busy & ~dma_busy),
@@ -179,12 +183,11 @@ class Device(wiring.Component):
             stats.gemm_cycles.eq(engine.cycles), stats.beats.eq(engine.beats),
             stats.cycles.eq(cycles_at), stats.sum_abs.eq(xfer.sum_abs),
             stats.sum_sq.eq(xfer.sum_sq), stats.rx_errors.eq(rx.errors),
+            *([stats.vec_cycles.eq(vec.cycles), stats.w_sum_abs.eq(vec.sum_abs),
+               stats.w_sum_sq.eq(vec.sum_sq)] if self.vec_ops else []),
             stats.clip_sum.eq(engine.clip_sum),
             stats.dma_cycles.eq(dma.cycles if self.chip else 0),
         ]
-        if self.vec_ops:
-            m.d.comb += [stats.vec_cycles.eq(vec.cycles), stats.w_sum_abs.eq(vec.sum_abs),
-                         stats.w_sum_sq.eq(vec.sum_sq)]
         assert len(info.as_value()) == INFO_LAYOUT.size
         assert len(stats.as_value()) == STATS_LAYOUT.size
         return m

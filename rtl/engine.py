@@ -23,7 +23,7 @@ restarts its accumulators on ``last``), so there is nothing to double-buffer: th
 array cycles are a GEMM's fill and drain (about 20 cycles) and tiles shorter than C beats.
 """
 
-from amaranth.hdl import Cat, Module, Mux, Signal, Value, signed
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, Value, signed
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -241,8 +241,8 @@ class GemmEngine(wiring.Component):
         finishing = (self.busy & ~walker.o.valid & fetch.idle
                      & Cat(*[lw.done for lw in lane_writers]).all()
                      & ~Cat(*[lw.o.valid for lw in lane_writers]).any()
-                     & ~wslice.o.valid & ~mslice.o.valid
-                     & (wslice.i.ready if R > 1 else 1))      # the slice's skid is empty
+                     & ~wslice.o.valid & (wslice.i.ready if R > 1 else Const(1))  # no skid
+                     & ~mslice.o.valid)
         with m.If(launch):
             m.d.sync += started.eq(1)
         with m.Elif(finishing & started):
