@@ -37,32 +37,44 @@ touch it).
 ``phase`` tells the device which component owns the frame buffer.
 """
 
-from amaranth.hdl import Cat, Module, Mux, Signal
+from amaranth.hdl import Cat, Const, Module, Mux, Signal
 from amaranth.lib import data, enum, memory, wiring
 from amaranth.lib.wiring import In, Out
 
-from nibble.rtl.dma import DMA_CFG
+from nibble.rtl.dma import DMA_CFG, words_per_burst
 from nibble.rtl.engine import GEMM_CFG
 from nibble.rtl.vector import VEC_CFG
 
 from .framing import BUFFER_BYTES, RxStatus
 from .protocol import (
     CRC_BYTES,
+    GATHER_ADDR_BYTES,
+    GATHER_HEADER,
     HEADER_BYTES,
     INFO_LAYOUT,
     MAX_PAYLOAD,
+    PARAM_BITS,
+    PARAMS_FROM,
+    PROGRAM_OPS,
     READ_ARGS,
+    RUN_ARGS,
     STATS_ARGS,
     STATS_LAYOUT,
     WRITE_HEADER,
     Op,
     Status,
+    entry_bytes,
     layout_bytes,
 )
 from .reply import Fill, ReplyControl
 from .transfer import FB_ADDR, TransferControl, TransferOp
 
 __all__ = ["ARGS_BYTES", "CommandDecoder", "Phase"]
+
+def _entry_words(op, nib):
+    """Words of a program entry of ``op`` (opcode byte, arguments, padding)."""
+    return -(-entry_bytes(op) // (nib // 2))
+
 
 #: The argument register: the longest fixed payload (GEMM's).
 ARGS_BYTES = max(layout_bytes(GEMM_CFG), layout_bytes(VEC_CFG), layout_bytes(DMA_CFG))
@@ -99,6 +111,9 @@ class CommandDecoder(wiring.Component):
         Start a unit; its check's verdict (from whichever runs).
     stats_snapshot : Out(1)
         A STATS is being answered: freeze the cycle counter it reports.
+    program, program_begin : Out(1); settled : In(1)
+        (A device with SDRAM.) A RUN's program runs; it begins (the statistics start
+        over); the statistics have taken in every unit that has ended.
     transfer, reply : Out(TransferControl / ReplyControl)
     """
 
@@ -113,6 +128,7 @@ class CommandDecoder(wiring.Component):
             "gemm_start": Out(1), "vec_start": Out(1), "dma_start": Out(1),
             "checked": In(1), "ok": In(1),
             "stats_snapshot": Out(1),
+            **({"program": Out(1), "program_begin": Out(1), "settled": In(1)} if dma else {}),
             "transfer": Out(TransferControl.Signature(addr_width)),
             "reply": Out(ReplyControl.Signature()),
         })
@@ -149,6 +165,34 @@ class CommandDecoder(wiring.Component):
             answer(status, length, fill)
             m.next = "TRANSFER"
 
+        # a RUN's program (only a device with SDRAM): it runs; the next entry's word; the
+        # entries left; the settings its GEMMs or VECTORs take
+        most = max(_entry_words(code, nib) for code in PROGRAM_OPS)
+        running = Signal() if self.dma else Const(0)
+        pc = Signal(RUN_ARGS["addr"].width + 1)
+        left = Signal(RUN_ARGS["entries"].width)
+        params = Signal(PARAM_BITS)
+        entry_len = Signal(range(most + 1))
+        run = data.View(RUN_ARGS, args[:RUN_ARGS.size])
+        # a GATHER: the addresses left, the next row's word, the address being read and
+        # its bytes read (only a device with SDRAM)
+        gather = data.View(GATHER_HEADER, args[:GATHER_HEADER.size])
+        g_left, g_mem = Signal(16), Signal(RUN_ARGS["addr"].width)
+        g_ext, g_byte = Signal(8 * GATHER_ADDR_BYTES), Signal(range(GATHER_ADDR_BYTES))
+        if self.dma:
+            with m.Switch(op):
+                for code in PROGRAM_OPS:
+                    with m.Case(code):
+                        m.d.comb += entry_len.eq(_entry_words(code, nib))
+
+        def merged(x):
+            """Argument bits ``x`` of a GEMM or VECTOR with the RUN's settings in place."""
+            out = x
+            for code, at in PARAMS_FROM.items():
+                size = PROGRAM_OPS[code].size
+                out = Mux(op == code, Cat(x[:at], params[:size - at], x[size:]), out)
+            return out
+
         # the units a command starts (only a device with SDRAM knows DMA)
         units = [(Op.GEMM, GEMM_CFG, self.gemm_start), (Op.VECTOR, VEC_CFG, self.vec_start)]
         if self.dma:
@@ -184,17 +228,32 @@ class CommandDecoder(wiring.Component):
                                     m.d.sync += raw.word_select(i, 8).eq(self.buf.data)
                 with m.If(p == HEADER_BYTES + ARGS_BYTES):
                     m.next = "DISPATCH"
+                    if self.dma:                   # a program's GEMM or VECTOR: the RUN's
+                        with m.If(running & have & ~self.busy):   # settings in its own
+                            m.d.sync += args.eq(merged(Cat(args[8:], self.buf.data)))
 
             with m.State("DISPATCH"):
                 compute = (op == Op.GEMM) | (op == Op.VECTOR)
                 is_dma = (op == Op.DMA) if self.dma else 0
                 once = (op == Op.WRITE) | compute | is_dma
-                retry = last_valid & (last.seq == seq) & (last.op == op) & once
+                # a RUN, GATHER or FENCE waits for every unit, as a GEMM does
+                whole = compute
+                if self.dma:
+                    once |= (op == Op.RUN) | (op == Op.GATHER)
+                    whole |= (op == Op.RUN) | (op == Op.GATHER) | (op == Op.FENCE)
+                retry = last_valid & (last.seq == seq) & (last.op == op) & once & ~running
                 uses_mem = (op == Op.WRITE) | compute | (op == Op.READ) | \
                     ((op == Op.STATS) & (plen != 0))
-                with m.If(retry):
-                    answer(last.status)
-                with m.Elif(compute & (self.busy | stale | self.dma_busy) |
+                with m.If(retry):                   # a RUN's reply is its STATS again
+                    with m.If(op == Op.RUN):
+                        m.d.comb += self.stats_snapshot.eq(1)
+                        answer(last.status, HEADER_BYTES + layout_bytes(STATS_LAYOUT),
+                               Fill.STATS)
+                    with m.Else():
+                        answer(last.status)
+                with m.Elif(running & ~(compute | is_dma | (op == Op.FENCE))):
+                    answer(Status.UNKNOWN_OP)       # a program holds only these
+                with m.Elif(whole & (self.busy | stale | self.dma_busy) |
                             is_dma & self.dma_busy):
                     m.next = "HOLD"                 # started when its units are free
                 with m.Elif(uses_mem & (self.busy | stale)):   # stale: args half-read
@@ -228,7 +287,7 @@ class CommandDecoder(wiring.Component):
                                  HEADER_BYTES + read.words * wb)
                 for code, layout, start in units:     # the unit answers after its check
                     with m.Elif(op == code):
-                        with m.If(plen != layout_bytes(layout)):
+                        with m.If((plen != layout_bytes(layout)) & ~running):
                             answer(Status.BAD_LENGTH)
                         with m.Else():
                             m.d.comb += start.eq(1)
@@ -245,6 +304,32 @@ class CommandDecoder(wiring.Component):
                     with m.Else():         # a plain STATS sums nothing
                         transfer(TransferOp.SUMS, stats.addr, Mux(plen == 0, 0, stats.count),
                                  0, op, n, Fill.STATS)
+                if self.dma:
+                    with m.Elif(op == Op.FENCE):     # every unit is idle (HOLD before)
+                        with m.If((plen != 0) & ~running):
+                            answer(Status.BAD_LENGTH)
+                        with m.Else():
+                            answer(op)
+                    with m.Elif(op == Op.RUN):
+                        with m.If(plen != layout_bytes(RUN_ARGS)):
+                            answer(Status.BAD_LENGTH)
+                        with m.Elif(run.entries == 0):
+                            answer(Status.OUT_OF_RANGE)
+                        with m.Else():
+                            m.d.comb += self.program_begin.eq(1)
+                            m.d.sync += [running.eq(1), pc.eq(run.addr),
+                                         left.eq(run.entries), params.eq(run.params)]
+                            m.next = "FETCH"
+                    with m.Elif(op == Op.GATHER):
+                        hb = layout_bytes(GATHER_HEADER)
+                        with m.If((plen < hb) | (plen != hb + gather.count * GATHER_ADDR_BYTES)):
+                            answer(Status.BAD_LENGTH)
+                        with m.Elif(gather.count == 0):
+                            answer(Status.OUT_OF_RANGE)
+                        with m.Else():
+                            m.d.sync += [g_left.eq(gather.count), g_mem.eq(gather.mem_addr),
+                                         g_byte.eq(0), p.eq(HEADER_BYTES + hb), have.eq(0)]
+                            m.next = "GREAD"
                 with m.Else():
                     answer(Status.UNKNOWN_OP)
 
@@ -262,20 +347,100 @@ class CommandDecoder(wiring.Component):
                     answer(Mux(self.ok, op, Status.OUT_OF_RANGE))
 
             with m.State("REPLY"):
-                m.d.comb += reply.start.eq(1)
-                with m.If(record):           # only a success may be retried
-                    m.d.sync += [last.seq.eq(seq), last.op.eq(op),
-                                 last.status.eq(reply.status), last_valid.eq(~reply.status[7])]
-                m.next = "SENDING"
+                if self.dma:
+                    with m.If(running & ~reply.status[7]):   # a program's entry went: on
+                        m.d.sync += [pc.eq(pc + entry_len), left.eq(left - 1)]
+                        with m.If(left == 1):
+                            m.next = "DRAIN"
+                        with m.Else():
+                            m.next = "FETCH"
+                with m.If(~running | reply.status[7]):   # (a failing entry ends the RUN)
+                    if self.dma:
+                        m.d.sync += running.eq(0)
+                    m.d.comb += reply.start.eq(1)
+                    with m.If(record):           # only a success may be retried
+                        m.d.sync += [last.seq.eq(seq), last.op.eq(op),
+                                     last.status.eq(reply.status),
+                                     last_valid.eq(~reply.status[7])]
+                    m.next = "SENDING"
             with m.State("SENDING"):
                 with m.If(reply.done):
                     m.d.comb += self.ack.eq(1)
                     m.next = "IDLE"
 
+            if self.dma:
+                self._program_states(m, {
+                    "running": running, "pc": pc, "p": p, "have": have, "stale": stale,
+                    "op": op, "answer": answer, "most": most, "gather": gather,
+                    "g_left": g_left, "g_mem": g_mem, "g_ext": g_ext, "g_byte": g_byte})
+        if self.dma:
+            m.d.comb += self.program.eq(running)
+        return self._phases(m, fsm)
+
+    def _program_states(self, m, c):
+        """(A device with SDRAM.) The states of RUN and GATHER; ``c``: the decoder's
+        registers and helpers."""
+        names = ("running", "pc", "p", "have", "stale", "op", "answer", "most", "gather",
+                 "g_left", "g_mem", "g_ext", "g_byte")
+        (running, pc, p, have, stale, op, answer, most, gather, g_left, g_mem, g_ext,
+         g_byte) = (c[k] for k in names)
+        xfer, words, nib = self.transfer, self.mem_words, self.nib
+        # -- RUN: each entry read into the frame buffer after the seq, then parsed and
+        # carried out as if it had arrived (its answer goes on to the next entry) -------
+        with m.State("FETCH"):
+            with m.If(pc + most > words):
+                answer(Status.OUT_OF_RANGE)
+            with m.Else():
+                m.d.comb += [xfer.start.eq(1), xfer.op.eq(TransferOp.READ),
+                             xfer.addr.eq(pc), xfer.count.eq(most), xfer.pos.eq(1)]
+                m.next = "FETCHING"
+        with m.State("FETCHING"):
+            with m.If(xfer.done):
+                m.d.sync += [p.eq(0), have.eq(0), stale.eq(0)]
+                m.next = "PARSE"
+        with m.State("DRAIN"):        # the last entry went: its units end, the
+            with m.If(~self.busy & ~self.dma_busy & self.settled):   # statistics settle
+                m.d.comb += self.stats_snapshot.eq(1)
+                m.d.sync += [running.eq(0), op.eq(Op.RUN)]
+                answer(Op.RUN, HEADER_BYTES + layout_bytes(STATS_LAYOUT), Fill.STATS)
+
+        # -- GATHER: each address's bytes read, then a DMA LOAD of its row ---------------
+        with m.State("GREAD"):
+            m.d.sync += [p.eq(p + 1), have.eq(1)]
+            with m.If(have):
+                m.d.sync += [g_ext.eq(Cat(g_ext[8:], self.buf.data)), g_byte.eq(g_byte + 1)]
+                with m.If(g_byte == GATHER_ADDR_BYTES - 1):
+                    m.d.sync += [p.eq(p), have.eq(0), g_byte.eq(0)]
+                    m.next = "GSTART"
+        with m.State("GSTART"):
+            with m.If(~self.dma_busy):
+                cfg = self.dma_args
+                m.d.sync += [cfg.store.eq(0), cfg.rows.eq(1), cfg.bursts.eq(gather.bursts),
+                             cfg.mem_addr.eq(g_mem),
+                             cfg.mem_stride.eq(gather.bursts * words_per_burst(nib)),
+                             cfg.ext_addr.eq(g_ext), cfg.ext_stride.eq(gather.bursts)]
+                m.next = "GGO"
+        with m.State("GGO"):
+            m.d.comb += self.dma_start.eq(1)
+            m.next = "GCHECK"
+        with m.State("GCHECK"):
+            with m.If(self.checked):
+                with m.If(~self.ok):
+                    answer(Status.OUT_OF_RANGE)
+                with m.Elif(g_left == 1):
+                    answer(Op.GATHER)
+                with m.Else():
+                    m.d.sync += [g_left.eq(g_left - 1),
+                                 g_mem.eq(g_mem + gather.mem_stride)]
+                    m.next = "GREAD"
+
+    def _phases(self, m, fsm):
+        """Who owns the frame buffer, and whether the decoder waits for a frame."""
+        dma = self.dma
         m.d.comb += self.waiting.eq(fsm.ongoing("IDLE"))
-        with m.If(fsm.ongoing("PARSE")):
+        with m.If(fsm.ongoing("PARSE") | (fsm.ongoing("GREAD") if dma else 0)):
             m.d.comb += self.phase.eq(Phase.PARSE)
-        with m.Elif(fsm.ongoing("TRANSFER")):
+        with m.Elif(fsm.ongoing("TRANSFER") | (fsm.ongoing("FETCHING") if dma else 0)):
             m.d.comb += self.phase.eq(Phase.TRANSFER)
         with m.Elif(fsm.ongoing("REPLY") | fsm.ongoing("SENDING")):
             m.d.comb += self.phase.eq(Phase.REPLY)

@@ -29,7 +29,7 @@ from amaranth.lib.wiring import In, Out
 
 from nibble.rtl.dma import Dma
 from nibble.rtl.engine import GEMM_CFG, GemmEngine
-from nibble.rtl.formats import VEC_OPS_ALL, word_nibbles
+from nibble.rtl.formats import VEC_OPS_ALL, VecOp, word_nibbles
 from nibble.rtl.memory import BlockRAM, TensorArbiter, TensorBus
 from nibble.rtl.sdram import BURST_BITS, SdramController, SdramPins
 from nibble.rtl.spram import SpramMemory, spram_words
@@ -39,6 +39,7 @@ from .decoder import CommandDecoder, Phase
 from .framing import BUFFER_BYTES, FrameRx, FrameTx
 from .protocol import INFO_LAYOUT, MAX_PAYLOAD, STATS_LAYOUT, VERSION
 from .reply import Reply
+from .stats import CommandStats
 from .transfer import Transfer
 
 __all__ = ["SIM_DEVICE", "Device"]
@@ -179,15 +180,29 @@ class Device(wiring.Component):
             info.max_payload.eq(MAX_PAYLOAD), info.clk_hz.eq(self.clk_hz),
             info.ext_bursts.eq(self.chip.bytes // (BURST_BITS // 8) if self.chip else 0),
             info.vec_ops.eq(self.vec_ops),
-            stats.busy.eq(busy | (dma_busy << 1)), stats.absmax.eq(engine.absmax),
-            stats.gemm_cycles.eq(engine.cycles), stats.beats.eq(engine.beats),
+            stats.busy.eq(busy | (dma_busy << 1)),
             stats.cycles.eq(cycles_at), stats.sum_abs.eq(xfer.sum_abs),
             stats.sum_sq.eq(xfer.sum_sq), stats.rx_errors.eq(rx.errors),
-            *([stats.vec_cycles.eq(vec.cycles), stats.w_sum_abs.eq(vec.sum_abs),
-               stats.w_sum_sq.eq(vec.sum_sq)] if self.vec_ops else []),
-            stats.clip_sum.eq(engine.clip_sum),
             stats.dma_cycles.eq(dma.cycles if self.chip else 0),
         ]
+        units = {"absmax": engine.absmax, "clip_sum": engine.clip_sum,
+                 "gemm_cycles": engine.cycles, "beats": engine.beats,
+                 **({"vec_cycles": vec.cycles, "w_sum_abs": vec.sum_abs,
+                     "w_sum_sq": vec.sum_sq} if self.vec_ops else {})}
+        if self.chip:             # RUN: a program's statistics combined (gateware.stats)
+            m.submodules.stats = st = CommandStats()
+            m.d.comb += [st.gemm_busy.eq(engine.busy), st.program.eq(dec.program),
+                         st.begin.eq(dec.program_begin), dec.settled.eq(st.settled)]
+            if self.vec_ops:
+                m.d.comb += [st.vec_busy.eq(vec.busy),
+                             st.update.eq(vec.cfg.op == VecOp.UPDATE)]
+            for name, value in units.items():
+                m.d.comb += getattr(st, name).eq(value)
+            units = {name: getattr(st, f"o_{name}") for name in units}
+            # busy until the statistics have taken in the unit that ended
+            m.d.comb += stats.busy.eq((busy | ~st.settled) | (dma_busy << 1))
+        for name, value in units.items():
+            m.d.comb += getattr(stats, name).eq(value)
         assert len(info.as_value()) == INFO_LAYOUT.size
         assert len(stats.as_value()) == STATS_LAYOUT.size
         return m

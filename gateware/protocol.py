@@ -22,9 +22,11 @@ from nibble.rtl.engine import GEMM_CFG
 from nibble.rtl.memory import ADDR_BITS
 from nibble.rtl.vector import VEC_CFG
 
-__all__ = ["CRC", "CRC_BYTES", "DMA_ARGS", "ESC", "ESC_XOR", "FLAG", "GEMM_ARGS", "HEADER_BYTES",
-           "INFO_LAYOUT", "MAX_PAYLOAD", "READ_ARGS", "STATS_ARGS", "STATS_LAYOUT", "VEC_ARGS",
-           "VERSION", "WRITE_HEADER", "Op", "Status", "max_encoded_size"]
+__all__ = ["CRC", "CRC_BYTES", "DMA_ARGS", "ESC", "ESC_XOR", "FLAG", "GATHER_ADDR_BYTES",
+           "GATHER_HEADER", "GEMM_ARGS", "HEADER_BYTES", "INFO_LAYOUT", "MAX_PAYLOAD",
+           "PARAMS_FROM", "PARAM_BITS", "PROGRAM_OPS", "READ_ARGS", "RUN_ARGS", "STATS_ARGS",
+           "STATS_LAYOUT", "VEC_ARGS", "VERSION", "WRITE_HEADER", "Op", "Status", "entry_bytes",
+           "max_encoded_size"]
 
 #: The frame CRC; ``CRC().compute(data)`` on the host, ``crc.Processor`` in the gateware.
 CRC = crc.catalog.CRC32_ISO_HDLC(data_width=8)
@@ -35,7 +37,7 @@ ESC = 0x7D
 ESC_XOR = 0x20
 #: Largest payload of one frame.
 MAX_PAYLOAD = 1024
-VERSION = 6
+VERSION = 7
 
 
 class Op(enum.IntEnum, shape=8):
@@ -49,6 +51,10 @@ class Op(enum.IntEnum, shape=8):
     STATS = 0x21      # optional STATS_ARGS; the reply is STATS_LAYOUT
     VECTOR = 0x22     # VEC_ARGS; starts the element-wise unit and replies at once
     DMA = 0x23        # DMA_ARGS; starts a tile transfer to or from the SDRAM, replies at once
+    RUN = 0x24        # RUN_ARGS; runs a program of GEMM, VECTOR and DMA entries stored in
+                      # tensor memory, replies when it has ended with its STATS_LAYOUT
+    GATHER = 0x25     # GATHER_HEADER, then 3-byte SDRAM burst addresses: one DMA LOAD each
+    FENCE = 0x26      # no payload; answers once every unit (GEMM, VECTOR, DMA) is idle
 
 
 class Status(enum.IntEnum, shape=8):
@@ -102,6 +108,29 @@ GEMM_ARGS = GEMM_CFG
 VEC_ARGS = VEC_CFG
 #: The DMA command's payload: the DMA's settings layout.
 DMA_ARGS = DMA_CFG
+
+
+#: A program entry (RUN) in tensor memory: the entry's opcode in byte 0, its arguments
+#: from byte 1 (the layout of its command), padded to whole words; entries follow one
+#: another. A FENCE entry waits for every unit (a part's result is stored after it). GEMM
+#: and VECTOR entries take their settings from ``PARAMS_FROM`` on (the output lane's; the
+#: update's and requantization's factors) from the RUN's ``params``, so a program stored
+#: once runs with the scales of every step.
+PROGRAM_OPS = {Op.GEMM: GEMM_ARGS, Op.VECTOR: VEC_ARGS, Op.DMA: DMA_ARGS,
+               Op.FENCE: data.StructLayout({})}
+PARAMS_FROM = {Op.GEMM: GEMM_ARGS["lane"].offset, Op.VECTOR: VEC_ARGS["mu"].offset}
+PARAM_BITS = max(PROGRAM_OPS[op].size - at for op, at in PARAMS_FROM.items())
+RUN_ARGS = data.StructLayout({"addr": ADDR_BITS, "entries": 16, "params": PARAM_BITS})
+#: GATHER: ``count`` 3-byte SDRAM burst addresses follow; the k-th is loaded into
+#: ``bursts`` bursts of tensor memory from word ``mem_addr + k * mem_stride``.
+GATHER_HEADER = data.StructLayout({"mem_addr": ADDR_BITS, "mem_stride": 16, "bursts": 16,
+                                   "count": 16})
+GATHER_ADDR_BYTES = 3
+
+
+def entry_bytes(op):
+    """Bytes of a program entry of ``op`` before padding to whole words."""
+    return 1 + layout_bytes(PROGRAM_OPS[op])
 
 
 def max_encoded_size(payload_len):

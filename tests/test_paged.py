@@ -36,10 +36,14 @@ def test_a_model_in_the_sdram_trains_bit_identically():
     assert counters["dma_stores"] > 0
 
 
-@pytest.fixture
-def pair():
-    with Device.open(SMALL) as small, Device.open("emu://?words=65536&sdram=") as big:
-        yield PagedDevice(small), big
+@pytest.fixture(params=[(SMALL, 0), (SMALL.replace("1024", "2048"), 1024)],
+                ids=["host-driven", "programs"])
+def pair(request):
+    """A paged small device, 1,024 words of scratchpad (the host sending every part, or
+    RUNs of stored programs from a program area of 1,024 words more), and a big one."""
+    url, program_words = request.param
+    with Device.open(url) as small, Device.open("emu://?words=65536&sdram=") as big:
+        yield PagedDevice(small, program_words=program_words), big
 
 
 def test_host_writes_and_reads_at_any_word(pair):
@@ -82,6 +86,7 @@ def test_split_commands_equal_whole_ones(pair, path, overlap):
         got.append((dev.read(0, words), st["absmax"], st["clip_sum"], upd["w_sum_abs"],
                     upd["w_sum_sq"]))
     assert got[0] == got[1]
+    assert paged.counters["runs"] == (2 if paged.scratch < paged.dev.mem_words else 0)
     assert paged.counters["split_commands"] == 2
     assert paged.counters["overlapped_commands"] == (2 if overlap else 0)
 

@@ -120,11 +120,15 @@ def test_resume_keeps_or_uploads_the_set(small, tmp_path):
 
 
 def test_digits_stream_a_set_that_does_not_fit_says_why(small):
-    """Auto: a digits image (32 bytes of codes) costs no more to stream than its DMA, so
-    it streams; a set that does not fit streams (or, required, fails) with the reason."""
+    """Auto: a digits image (32 bytes of codes) costs ten times its address in a GATHER,
+    so it is gathered; an image of 5 bytes would not be; a set that does not fit streams
+    (or, required, fails) with the reason."""
     cfg = DeviceTrainConfig(sizes=SIZES, batch_size=64)
     with Device.open("emu://") as dev:
         s = Session(dev, small, cfg, 1)
+        assert s.mlp.resident is not None and s.streamed_because is None
+        tiny = replace(small, x_train=small.x_train[:, :10], x_test=small.x_test[:, :10])
+        s = Session(dev, tiny, DeviceTrainConfig(sizes=[10, 8, 10], batch_size=64), 1)
         assert s.mlp.resident is None and "saves no link bytes" in s.streamed_because
     with Device.open("emu://?words=65536&sdram=is42s16160") as dev:
         with pytest.raises(ResidentError, match="does not fit"):

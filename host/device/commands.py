@@ -4,7 +4,9 @@
 * :func:`gemm_args`: a GEMM command on buffers already in device memory (``GEMM_ARGS``), and
   :func:`plan_gemm`, which also places a GEMM's operands in memory (the driver's one-off
   GEMMs and the tests' random commands);
-* :func:`vector_args`: a VECTOR command (``VEC_ARGS``).
+* :func:`vector_args`: a VECTOR command (``VEC_ARGS``);
+* :func:`program_entry` and :func:`program_params`: a command as an entry of a stored
+  program, and the settings a RUN gives all of a program's GEMM or VECTOR entries.
 
 The layouts are those of :mod:`nibble.rtl.engine`: A stored as A^T (L rows of M codes), B
 as itself, the result as out^T (N rows of M elements), the LOG4 mask codes as act^T.
@@ -14,11 +16,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from nibble.gateware.protocol import PARAMS_FROM, PROGRAM_OPS, entry_bytes
 from nibble.host.device.layout import Buffer, pack, row_words
+from nibble.host.device.packing import pack_fields
 from nibble.host.golden.tiling import code_bits
 from nibble.rtl.formats import MaskMode, OutputPath, VecOp, element_nibbles, operand_cfg
 
-__all__ = ["GemmPlan", "gemm_args", "lane_cfg", "plan_gemm", "vector_args"]
+__all__ = ["GemmPlan", "gemm_args", "lane_cfg", "plan_gemm", "program_entry", "program_params",
+           "vector_args"]
 
 
 def lane_cfg(path=OutputPath.RAW, phase=0, m=1 << 15, s=0, relu=0, out_signed=0, exp=0,
@@ -110,3 +115,20 @@ def vector_args(op, rows, cols, a, b, c=None, pair=0, mu=0, m=0, s=0):
             "rows": rows, "cols": cols, "a_addr": a_addr, "a_stride": a_stride,
             "b_addr": b_addr, "b_stride": b_stride, "c_addr": c_addr, "mu": mu, "m": m,
             "s": s}
+
+
+def program_entry(op, cfg, nib):
+    """The bytes of a program entry (protocol ``PROGRAM_OPS``): the opcode, the command's
+    arguments, zeros to a whole ``nib``-nibble word."""
+    raw = bytes([int(op)]) + pack_fields(PROGRAM_OPS[op], cfg)
+    wb = nib // 2
+    return raw + bytes(-len(raw) % wb)
+
+
+def program_params(op, cfg):
+    """A GEMM's or VECTOR's settings (``PARAMS_FROM`` on) as a RUN's ``params``."""
+    bits = int.from_bytes(pack_fields(PROGRAM_OPS[op], cfg), "little")
+    return bits >> PARAMS_FROM[op]
+
+
+assert all(entry_bytes(op) == 1 + (layout.size + 7) // 8 for op, layout in PROGRAM_OPS.items())

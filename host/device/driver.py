@@ -31,10 +31,13 @@ from amaranth.hdl import Shape
 
 from nibble.gateware.protocol import (
     DMA_ARGS,
+    GATHER_ADDR_BYTES,
+    GATHER_HEADER,
     GEMM_ARGS,
     INFO_LAYOUT,
     MAX_PAYLOAD,
     READ_ARGS,
+    RUN_ARGS,
     STATS_ARGS,
     STATS_LAYOUT,
     VEC_ARGS,
@@ -163,6 +166,8 @@ class Device:
         self.t = transport
         self.url = url
         self.timeout = timeout
+        #: Seconds to wait for a RUN's reply, which comes when its program has ended
+        self.run_timeout = 120.0
         self.retries = retries
         self.poll = poll
         self._seq = int(time.monotonic_ns()) & 0xFF
@@ -238,15 +243,16 @@ class Device:
             if fileno is not None:
                 select.select([fileno()], [], [], min(left, 0.05))
 
-    def request(self, op, payload=b"", wait_busy=True):
-        """Send one request; returns the reply payload or raises."""
+    def request(self, op, payload=b"", wait_busy=True, timeout=None):
+        """Send one request; returns the reply payload or raises. ``timeout``: seconds to
+        wait for each try's reply (default: the device's ``timeout``)."""
         wire0 = self.wire_sent + self.wire_received
         try:
-            return self._request(op, bytes(payload), wait_busy)
+            return self._request(op, bytes(payload), wait_busy, timeout or self.timeout)
         finally:
             self.wire_by_op[_op_name(op)] += self.wire_sent + self.wire_received - wire0
 
-    def _request(self, op, payload, wait_busy):
+    def _request(self, op, payload, wait_busy, timeout):
         seq = self._next_seq()
         wire = encode_frame(Frame(seq, op, payload))
         bad_crc = 0
@@ -256,7 +262,7 @@ class Device:
             tries += 1
             if tries > self.retries + 1:
                 e = LinkTimeout(f"no valid reply to {Op(op).name} from {self.url} after "
-                                f"{tries - 1} tries of {self.timeout:g} s")
+                                f"{tries - 1} tries of {timeout:g} s")
                 e.heard = self.wire_received > heard_from
                 raise e
             if tries > 1:
@@ -265,7 +271,7 @@ class Device:
             self.t.write(wire)
             self.wire_sent += len(wire)
             self.frames_sent += 1
-            reply = self._await(seq, time.monotonic() + self.timeout)
+            reply = self._await(seq, time.monotonic() + timeout)
             self.io_seconds += time.perf_counter() - t0
             if reply is None:
                 continue
@@ -409,6 +415,37 @@ class Device:
         cfg = {"mem_stride": cfg["bursts"] * wpb, "ext_stride": cfg["bursts"], **cfg}
         self.request(Op.DMA, pack_fields(DMA_ARGS, cfg))
         return self.wait() if wait else None
+
+    def run(self, addr, entries, params=0):
+        """Run the program of ``entries`` entries stored from word ``addr`` (protocol
+        ``RUN``; :func:`~nibble.host.device.commands.program_entry` builds them), its GEMM
+        and VECTOR entries with the settings ``params``
+        (:func:`~nibble.host.device.commands.program_params`). The device answers when
+        the program has ended: returns that STATS, the statistics combined over the
+        program's GEMMs and UPDATEs (absmax: the largest; the sums: the total)."""
+        if not self.ext_bursts:
+            raise DeviceError(f"{self.url} has no SDRAM, and no RUN (INFO ext_bursts is 0)")
+        payload = pack_fields(RUN_ARGS, {"addr": addr, "entries": entries, "params": params})
+        return unpack_fields(STATS_LAYOUT, self.request(
+            Op.RUN, payload, timeout=max(self.timeout, self.run_timeout)))
+
+    def gather(self, mem_addr, mem_stride, bursts, ext_addrs):
+        """DMA LOAD ``bursts`` bursts from each SDRAM burst address of ``ext_addrs`` into
+        tensor memory rows ``mem_stride`` words apart from word ``mem_addr`` (protocol
+        ``GATHER``, as many addresses a frame as fit); does not wait for the loads (a GEMM
+        or VECTOR sent next waits for them)."""
+        if not self.ext_bursts:
+            raise DeviceError(f"{self.url} has no SDRAM (INFO ext_bursts is 0)")
+        hb = layout_bytes(GATHER_HEADER)
+        most = (MAX_PAYLOAD - hb) // GATHER_ADDR_BYTES
+        ext_addrs = [int(a) for a in ext_addrs]
+        for k in range(0, len(ext_addrs), most):
+            part = ext_addrs[k:k + most]
+            head = pack_fields(GATHER_HEADER, {
+                "mem_addr": mem_addr + k * mem_stride, "mem_stride": mem_stride,
+                "bursts": bursts, "count": len(part)})
+            self.request(Op.GATHER, head + b"".join(a.to_bytes(GATHER_ADDR_BYTES, "little")
+                                                    for a in part))
 
     @property
     def dma_row_bursts(self):

@@ -10,22 +10,25 @@ import numpy as np
 
 from nibble.gateware.protocol import (
     CRC_BYTES,
-    DMA_ARGS,
     ESC,
     ESC_XOR,
     FLAG,
-    GEMM_ARGS,
+    GATHER_ADDR_BYTES,
+    GATHER_HEADER,
     HEADER_BYTES,
     INFO_LAYOUT,
     MAX_PAYLOAD,
+    PARAMS_FROM,
+    PROGRAM_OPS,
     READ_ARGS,
+    RUN_ARGS,
     STATS_ARGS,
     STATS_LAYOUT,
-    VEC_ARGS,
     VERSION,
     WRITE_HEADER,
     Op,
     Status,
+    entry_bytes,
     layout_bytes,
 )
 from nibble.host.device.layout import pack, row_words, unpack
@@ -36,6 +39,7 @@ from nibble.host.golden.numerics import master_update, requantize, sawb_sums
 from nibble.host.golden.tiling import Gemm
 from nibble.rtl.dma import words_per_burst
 from nibble.rtl.formats import (
+    CLIP_SUM_BITS,
     MAX_REDUCTION,
     SAWB_SQ_BITS,
     SAWB_SUM_BITS,
@@ -49,8 +53,8 @@ from nibble.rtl.formats import (
 )
 from nibble.rtl.sdram import BURST_BITS, CHIPS
 
-__all__ = ["EmuTransport", "Emulator", "dma_apply", "dma_check", "gemm_apply", "gemm_regions",
-           "vec_regions", "vector_apply", "vector_check"]
+__all__ = ["EmuTransport", "Emulator", "dma_apply", "dma_check", "entry_words", "gemm_apply",
+           "gemm_regions", "merge_params", "vec_regions", "vector_apply", "vector_check"]
 
 
 def _region(mem, nib, addr, rows, stride):
@@ -245,6 +249,23 @@ def dma_apply(mem, ext, cfg, nib):
             mem[m0:m0 + n] = ext[e0:e0 + n]
 
 
+def entry_words(op, nib):
+    """Words of a program entry of ``op`` in tensor memory of ``nib``-nibble words."""
+    return -(-entry_bytes(op) // (nib // 2))
+
+
+def merge_params(op, args, params):
+    """A program entry's argument bytes with the RUN's ``params`` in place of its settings
+    (:data:`~nibble.gateware.protocol.PARAMS_FROM` on)."""
+    layout = PROGRAM_OPS[op]
+    if op not in PARAMS_FROM:
+        return args
+    at = PARAMS_FROM[op]
+    bits = int.from_bytes(args, "little") & ((1 << at) - 1)
+    bits |= (params & ((1 << (layout.size - at)) - 1)) << at
+    return bits.to_bytes(layout_bytes(layout), "little")
+
+
 class Emulator:
     """The device, byte stream in and out, on the golden model (GEMMs finish instantly)."""
 
@@ -301,9 +322,10 @@ class Emulator:
             self._error()
             return self._reply(body[0], Status.BAD_CRC)
         seq, op, payload = body[0], body[1], body[HEADER_BYTES:-CRC_BYTES]
-        if (op in (Op.WRITE, Op.GEMM, Op.VECTOR, Op.DMA) and self._last is not None
-                and self._last[:2] == (seq, op)):
-            return self._reply(seq, self._last[2])        # a retry: answer, do not redo
+        if (op in (Op.WRITE, Op.GEMM, Op.VECTOR, Op.DMA, Op.RUN, Op.GATHER)
+                and self._last is not None and self._last[:2] == (seq, op)):
+            # a retry: answer, do not redo (a RUN with its STATS, which nothing has changed)
+            return self._reply(seq, self._last[2], self._stats() if op == Op.RUN else b"")
         status, reply = self._execute(op, payload)
         self._last = (seq, op, status) if status < 0x80 else None
         return self._reply(seq, status, reply)
@@ -339,32 +361,25 @@ class Emulator:
             if args["addr"] + args["words"] > self.mem_words:
                 return Status.OUT_OF_RANGE, b""
             return op, bytes(self.mem[args["addr"] * wb:(args["addr"] + args["words"]) * wb])
-        if op == Op.GEMM:
-            if len(payload) != layout_bytes(GEMM_ARGS):
+        if op in PROGRAM_OPS and (op in (Op.GEMM, Op.VECTOR) or self.ext):
+            if len(payload) != layout_bytes(PROGRAM_OPS[op]):
                 return Status.BAD_LENGTH, b""
-            cfg = unpack_fields(GEMM_ARGS, payload)
-            if not gemm_check(cfg, self.rows, self.cols, self.mem_words):
-                return Status.OUT_OF_RANGE, b""
-            self.absmax, self.clip_sum = gemm_apply(self.mem, cfg, self.rows, self.cols)
-            return op, b""
-        if op == Op.VECTOR:
-            if len(payload) != layout_bytes(VEC_ARGS):
+            return self._unit(op, payload), b""
+        if op == Op.RUN and self.ext:
+            if len(payload) != layout_bytes(RUN_ARGS):
                 return Status.BAD_LENGTH, b""
-            cfg = unpack_fields(VEC_ARGS, payload)
-            if not vector_check(cfg, self.rows, self.cols, self.mem_words, self.vec_ops):
-                return Status.OUT_OF_RANGE, b""
-            sums = vector_apply(self.mem, cfg, self.rows, self.cols)
-            if sums is not None:
-                self.w_sums = sums
-            return op, b""
-        if op == Op.DMA and self.ext:
-            if len(payload) != layout_bytes(DMA_ARGS):
+            status = self._run(unpack_fields(RUN_ARGS, payload))
+            return status, self._stats() if status == op else b""
+        if op == Op.GATHER and self.ext:
+            hb = layout_bytes(GATHER_HEADER)
+            if len(payload) < hb:
                 return Status.BAD_LENGTH, b""
-            cfg = unpack_fields(DMA_ARGS, payload)
-            if not dma_check(cfg, self.nib, self.mem_words, self.ext_bursts):
+            head = unpack_fields(GATHER_HEADER, payload[:hb])
+            if len(payload) != hb + head["count"] * GATHER_ADDR_BYTES:
+                return Status.BAD_LENGTH, b""
+            if not head["count"]:
                 return Status.OUT_OF_RANGE, b""
-            dma_apply(self.mem, self.ext, cfg, self.nib)
-            return op, b""
+            return self._gather(head, payload[hb:]), b""
         if op == Op.STATS:
             sums = (0, 0)
             if payload:
@@ -374,12 +389,90 @@ class Emulator:
                 if args["addr"] + -(-args["count"] // self.nib) > self.mem_words:
                     return Status.OUT_OF_RANGE, b""
                 sums = code_sums(self.mem, self.nib, args["addr"], args["count"])
-            return op, pack_fields(STATS_LAYOUT, {
-                "busy": 0, "absmax": self.absmax, "gemm_cycles": 0, "beats": 0, "cycles": 0,
-                "sum_abs": sums[0], "sum_sq": sums[1], "rx_errors": self.rx_errors,
-                "vec_cycles": 0, "w_sum_abs": self.w_sums[0], "w_sum_sq": self.w_sums[1],
-                "clip_sum": self.clip_sum, "dma_cycles": 0})
+            return op, self._stats(sums)
         return Status.UNKNOWN_OP, b""
+
+    def _stats(self, sums=(0, 0)):
+        return pack_fields(STATS_LAYOUT, {
+            "busy": 0, "absmax": self.absmax, "gemm_cycles": 0, "beats": 0, "cycles": 0,
+            "sum_abs": sums[0], "sum_sq": sums[1], "rx_errors": self.rx_errors,
+            "vec_cycles": 0, "w_sum_abs": self.w_sums[0], "w_sum_sq": self.w_sums[1],
+            "clip_sum": self.clip_sum, "dma_cycles": 0})
+
+    def _unit(self, op, payload, fold=None):
+        """Check and run a GEMM, VECTOR or DMA (its argument bytes); returns the status.
+        ``fold``: inside a RUN, the units that have run before in it (``gemm``,
+        ``update``): their statistics combine with this one's (absmax: the largest; the
+        sums: the total, wrapping as the device's registers do)."""
+        cfg = unpack_fields(PROGRAM_OPS[op], payload)
+        if op == Op.FENCE:              # every unit has ended: nothing to wait for here
+            return op
+        if op == Op.GEMM:
+            if not gemm_check(cfg, self.rows, self.cols, self.mem_words):
+                return Status.OUT_OF_RANGE
+            absmax, clip = gemm_apply(self.mem, cfg, self.rows, self.cols)
+            if fold is not None and "gemm" in fold:
+                absmax = max(absmax, self.absmax)
+                clip = _wrap_signed(clip + self.clip_sum, CLIP_SUM_BITS)
+            self.absmax, self.clip_sum = absmax, clip
+            if fold is not None:
+                fold.add("gemm")
+        elif op == Op.VECTOR:
+            if not vector_check(cfg, self.rows, self.cols, self.mem_words, self.vec_ops):
+                return Status.OUT_OF_RANGE
+            sums = vector_apply(self.mem, cfg, self.rows, self.cols)
+            if sums is not None:
+                if fold is not None and "update" in fold:
+                    sums = ((sums[0] + self.w_sums[0]) % (1 << SAWB_SUM_BITS),
+                            (sums[1] + self.w_sums[1]) % (1 << SAWB_SQ_BITS))
+                self.w_sums = sums
+                if fold is not None:
+                    fold.add("update")
+        else:
+            if not dma_check(cfg, self.nib, self.mem_words, self.ext_bursts):
+                return Status.OUT_OF_RANGE
+            dma_apply(self.mem, self.ext, cfg, self.nib)
+        return op
+
+    def _run(self, args):
+        """RUN: the program's entries in turn, from word ``addr``; the first that fails
+        ends it (the ones before have run) and its status is the RUN's."""
+        wb, pc, fold = self.nib // 2, args["addr"], set()
+        most = max(entry_words(op, self.nib) for op in PROGRAM_OPS)
+        if not args["entries"]:
+            return Status.OUT_OF_RANGE
+        for _ in range(args["entries"]):
+            if pc + most > self.mem_words:          # the device fetches the longest entry
+                return Status.OUT_OF_RANGE
+            op = self.mem[pc * wb]
+            if op not in PROGRAM_OPS:
+                return Status.UNKNOWN_OP
+            raw = bytes(self.mem[pc * wb + 1:pc * wb + entry_bytes(op)])
+            status = self._unit(op, merge_params(op, raw, args["params"]), fold)
+            if status != op:
+                return status
+            pc += entry_words(op, self.nib)
+        return Op.RUN
+
+    def _gather(self, head, addrs):
+        """GATHER: one DMA LOAD a burst address, into rows ``mem_stride`` words apart."""
+        wpb = words_per_burst(self.nib)
+        for k in range(len(addrs) // GATHER_ADDR_BYTES):
+            ext = int.from_bytes(addrs[k * GATHER_ADDR_BYTES:(k + 1) * GATHER_ADDR_BYTES],
+                                 "little")
+            cfg = {"store": 0, "rows": 1, "bursts": head["bursts"],
+                   "mem_addr": head["mem_addr"] + k * head["mem_stride"],
+                   "mem_stride": head["bursts"] * wpb, "ext_addr": ext,
+                   "ext_stride": head["bursts"]}
+            if not dma_check(cfg, self.nib, self.mem_words, self.ext_bursts):
+                return Status.OUT_OF_RANGE
+            dma_apply(self.mem, self.ext, cfg, self.nib)
+        return Op.GATHER
+
+
+def _wrap_signed(x, bits):
+    x &= (1 << bits) - 1
+    return x - (1 << bits) if x >> (bits - 1) else x
 
 
 class EmuTransport:

@@ -35,20 +35,30 @@ streams a layer's GEMMs at the array's rate is :mod:`nibble.host.bench.streaming
 import itertools
 import time
 
+from nibble.gateware.protocol import PARAMS_FROM, PROGRAM_OPS, RUN_ARGS, Op
+from nibble.host.device.commands import program_entry, program_params
 from nibble.host.device.driver import DeviceError
-from nibble.host.device.emu import gemm_regions, vec_regions
+from nibble.host.device.emu import entry_words, gemm_regions, vec_regions
+from nibble.host.device.packing import pack_fields, unpack_fields
 from nibble.rtl.dma import words_per_burst
 from nibble.rtl.formats import VecOp
 
 __all__ = ["PagedDevice"]
 
+#: Scratchpad words kept for programs by default: a 16th of the ULX3S's 16,384 (a
+#: Fashion-MNIST step's 17 programs take 614 words of 16 nibbles)
+PROGRAM_WORDS = 1024
+
 _SUMMED = ("clip_sum", "gemm_cycles", "beats", "vec_cycles", "w_sum_abs", "w_sum_sq")
 
 
 class PagedDevice:
-    """``dev`` (with an SDRAM) with the SDRAM as its tensor memory (see the module)."""
+    """``dev`` (with an SDRAM) with the SDRAM as its tensor memory (see the module).
+    ``program_words``: scratchpad words kept for stored programs (0: the host sends every
+    transfer and part itself; default ``PROGRAM_WORDS`` on a scratchpad of 16 times that
+    or more, else 0)."""
 
-    def __init__(self, dev):
+    def __init__(self, dev, program_words=None):
         if not dev.ext_bursts:
             raise DeviceError(f"{dev.url} has no SDRAM to page through")
         self.dev = dev
@@ -56,12 +66,21 @@ class PagedDevice:
         self.word_nibbles, self.info = dev.word_nibbles, dev.info
         self.wpb = words_per_burst(dev.word_nibbles)
         self.mem_words = dev.ext_bursts * self.wpb
-        self.scratch = dev.mem_words
+        if program_words is None:             # by default a small scratchpad keeps it all
+            program_words = PROGRAM_WORDS if dev.mem_words >= 16 * PROGRAM_WORDS else 0
+        program_words = program_words // self.wpb * self.wpb
+        self.scratch = dev.mem_words - program_words
+        #: the program area (from ``scratch`` to the end) and what it holds now: program
+        #: bytes (the settings zeroed) -> (word, entries)
+        self.programs, self.program_end = {}, self.scratch
+        # the device fetches the longest entry's words whatever the entry: keep them there
+        self._slack = max(entry_words(op, dev.word_nibbles) for op in PROGRAM_OPS)
         #: what the paging did; ``cycles``: device cycles from each command's first load to
         #: its last store (STATS ``cycles``; 0 on emu://), transfers and compute together,
         #: counted only with ``measure`` (it costs two STATS polls a command)
         self.counters = {"dma_loads": 0, "dma_stores": 0, "dma_bytes": 0, "cycles": 0,
-                         "split_commands": 0, "overlapped_commands": 0}
+                         "split_commands": 0, "overlapped_commands": 0, "runs": 0,
+                         "programs_stored": 0, "program_bytes": 0}
         self.measure = False
         #: split commands run in the scratchpad's two halves, transfers beside compute
         self.overlap = True
@@ -268,6 +287,10 @@ class PagedDevice:
             self.counters["overlapped_commands"] += overlap
         placed = [self._place(kind, p, (i % 2) * half if overlap else 0)
                   for i, p in enumerate(parts)]
+        if self.scratch < self.dev.mem_words:
+            stats = self._run_program(kind, placed, overlap)
+            if stats is not None:
+                return stats
         c0 = dev.stats()["cycles"] if self.measure else None
         self._copy(placed[0], store=0)
         self._start(kind, placed[0][2])
@@ -296,21 +319,106 @@ class PagedDevice:
             self.counters["cycles"] += dev.wait()["cycles"] - c0
         return total
 
-    def _dma(self, store, burst, rows, per, ext_stride, mem):
-        """Move ``rows`` rows of ``per`` bursts (``ext_stride`` apart in the SDRAM, packed
-        from word ``mem`` in the scratchpad), in DMAs of at most a DMA row's bursts."""
+    def _run_program(self, kind, placed, overlap):
+        """``_run`` as one stored program: the same loads, parts and stores in the same
+        order, with a FENCE where the host would wait for a part to end before storing it
+        (a part's GEMM or VECTOR itself waits for every unit); stored in the program area
+        the first time (the settings zeroed: the RUN gives them), then RUN."""
+        op = Op.GEMM if kind == "gemm" else Op.VECTOR
+        entries = []
+
+        def copy(pl, store):
+            blocks, places, _ = pl
+            for (lo, rows, per, ext_stride, written, _), at in zip(blocks, places, strict=True):
+                if written or not store:
+                    entries.extend((Op.DMA, c) for c in
+                                   self._dma_cfgs(store, lo, rows, per, ext_stride, at))
+
+        copy(placed[0], 0)
+        entries.append((op, placed[0][2]))
+        for i in range(len(placed)):
+            more = i + 1 < len(placed)
+            if more and overlap:
+                copy(placed[i + 1], 0)
+                entries.append((op, placed[i + 1][2]))
+            else:
+                entries.append((Op.FENCE, {}))
+            copy(placed[i], 1)
+            if more and not overlap:
+                copy(placed[i + 1], 0)
+                entries.append((op, placed[i + 1][2]))
+        params = program_params(op, placed[0][2])
+        addr = self._store(b"".join(program_entry(o, _settings_zeroed(o, c), self.word_nibbles)
+                                    for o, c in entries), len(entries))
+        if addr is None:
+            return None
+        c0 = self.dev.stats()["cycles"] if self.measure else None
+        stats = self.dev.run(addr, len(entries), params)
+        self.counters["runs"] += 1
+        for o, c in entries:
+            if o == Op.DMA:
+                self._moved(c)
+        if self.measure:
+            self.counters["cycles"] += stats["cycles"] - c0
+        return stats
+
+    def _store(self, program, entries):
+        """The program's word in the program area: where it is already, or written after
+        the last one (the area starts over when it is full: every RUN has ended); None
+        when it is longer than the area or has more entries than a RUN runs."""
+        if program in self.programs:
+            return self.programs[program][0]
+        if entries >= 1 << RUN_ARGS["entries"].width:
+            return None
+        wb = self.dev.word_bytes
+        words = len(program) // wb
+        if self.program_end + words > self.dev.mem_words - self._slack:
+            self.programs.clear()
+            self.program_end = self.scratch
+            if self.program_end + words > self.dev.mem_words - self._slack:
+                return None
+        addr = self.program_end
+        self.dev.write(addr, program)
+        self.programs[program] = (addr, entries)
+        self.program_end += words
+        self.counters["programs_stored"] += 1
+        self.counters["program_bytes"] += len(program)
+        return addr
+
+    def _dma_cfgs(self, store, burst, rows, per, ext_stride, mem):
+        """DMA_ARGS that move ``rows`` rows of ``per`` bursts (``ext_stride`` apart in the
+        SDRAM, packed from word ``mem`` in the scratchpad), at most a DMA row's bursts
+        each."""
         most = self.dev.dma_row_bursts
         if rows > 1:
             chunks = [(0, rows, per)]
         else:
             chunks = [(off, 1, min(most, per - off)) for off in range(0, per, most)]
         for off, r, k in chunks:
-            self.dev.dma({"store": store, "rows": r, "bursts": k,
-                          "mem_addr": mem + off * self.wpb, "mem_stride": k * self.wpb,
-                          "ext_addr": burst + off, "ext_stride": ext_stride if r > 1 else k},
-                         wait=False)
-            self.counters["dma_stores" if store else "dma_loads"] += 1
-            self.counters["dma_bytes"] += 16 * r * k
+            yield {"store": store, "rows": r, "bursts": k,
+                   "mem_addr": mem + off * self.wpb, "mem_stride": k * self.wpb,
+                   "ext_addr": burst + off, "ext_stride": ext_stride if r > 1 else k}
+
+    def _dma(self, store, burst, rows, per, ext_stride, mem):
+        """Send the DMAs of :meth:`_dma_cfgs`."""
+        for cfg in self._dma_cfgs(store, burst, rows, per, ext_stride, mem):
+            self.dev.dma(cfg, wait=False)
+            self._moved(cfg)
+
+    def _moved(self, cfg):
+        self.counters["dma_stores" if cfg["store"] else "dma_loads"] += 1
+        self.counters["dma_bytes"] += 16 * cfg["rows"] * cfg["bursts"]
+
+
+
+
+def _settings_zeroed(op, cfg):
+    """``cfg`` with the settings a RUN gives (``PARAMS_FROM`` on) zeroed."""
+    if op not in PARAMS_FROM:
+        return cfg
+    layout = PROGRAM_OPS[op]
+    bits = int.from_bytes(pack_fields(layout, cfg), "little") & ((1 << PARAMS_FROM[op]) - 1)
+    return unpack_fields(layout, bits.to_bytes(len(pack_fields(layout, cfg)), "little"))
 
 
 def replace_cfg(cfg, n0, n1, nib):

@@ -380,8 +380,11 @@ class DeviceMLP:
 
     def staging(self):
         """The scratchpad words no buffer holds between commands ``(addr, words)``: all of
-        it when the state is paged, else what the state leaves free."""
-        return staging_area(self.raw_dev, 0 if self.paged else self.plan.end)
+        it but the stored programs' area when the state is paged, else what the state
+        leaves free."""
+        if self.paged:
+            return staging_area(self.raw_dev, 0, self.dev.scratch)
+        return staging_area(self.raw_dev, self.plan.end)
 
     def _gather(self, idx):
         """Layer 0's X (B rows of K codes) from the resident set: DMAs straight into it, or

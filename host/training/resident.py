@@ -16,12 +16,13 @@ a step sends only the batch's indices, one DMA LOAD per image:
   frames carry their own CRC-32; :attr:`ResidentSet.crc` (of the packed codes) names the
   set in checkpoints, so a resumed run checks the device still holds *this* set (a board
   that was power-cycled holds noise) and uploads it again if not;
-* **gather** (:meth:`ResidentSet.gather`): one DMA LOAD per image into the rows of a
-  burst-aligned buffer; DMAs queue on the device, and the GEMM or VECTOR sent next starts
-  only when they have ended (protocol v5), so no poll is needed.
+* **gather** (:meth:`ResidentSet.gather`): one GATHER frame carries the batch's burst
+  addresses (3 bytes an image); the device DMA-loads each image into a row of a
+  burst-aligned buffer, and the GEMM or VECTOR sent next starts only when the loads have
+  ended, so no poll is needed.
 
-A DMA frame and its reply are 30 bytes on the wire: a batch of 64 costs 1.9 KB of link
-instead of 25 KB.
+A batch of 64 costs 218 bytes of link (the frame and its reply) instead of 25 KB; with a
+DMA frame an image (protocol v6) it cost 1.9 KB.
 """
 
 import zlib
@@ -29,16 +30,16 @@ import zlib
 import numpy as np
 from tqdm.auto import tqdm
 
-from nibble.gateware.protocol import CRC_BYTES, DMA_ARGS, HEADER_BYTES, layout_bytes
+from nibble.gateware.protocol import GATHER_ADDR_BYTES
 from nibble.host.device.driver import DeviceError
 from nibble.host.device.layout import pack, row_words
 from nibble.rtl.dma import words_per_burst
 
-__all__ = ["DMA_WIRE_BYTES", "ResidentError", "ResidentSet", "staging_area"]
+__all__ = ["GATHER_WIRE_BYTES", "ResidentError", "ResidentSet", "staging_area"]
 
-#: A DMA request and its reply on the wire (flags, seq, op, CRC; before any stuffing).
-DMA_WIRE_BYTES = (2 + HEADER_BYTES + layout_bytes(DMA_ARGS) + CRC_BYTES) + (2 + HEADER_BYTES
-                                                                            + CRC_BYTES)
+#: What gathering an image costs the link: its burst address in a GATHER frame (the frame's
+#: own 18 bytes and its reply are shared by the batch).
+GATHER_WIRE_BYTES = GATHER_ADDR_BYTES
 #: Most codes one STATS sum covers (its count field is 24 bits).
 _MAX_COUNT = (1 << 24) - 1
 
@@ -47,12 +48,12 @@ class ResidentError(DeviceError):
     """The training set does not fit the device's SDRAM, or its copy there is not intact."""
 
 
-def staging_area(dev, first_free):
+def staging_area(dev, first_free, end=None):
     """The scratchpad words ``(addr, words)`` from ``first_free`` (rounded up to a burst)
-    to the end: where uploads and checks stage their chunks."""
+    to ``end`` (default: the end of it): where uploads and checks stage their chunks."""
     wpb = words_per_burst(dev.word_nibbles)
     addr = -(-first_free // wpb) * wpb
-    words = (dev.mem_words - addr) // wpb * wpb
+    words = ((dev.mem_words if end is None else end) - addr) // wpb * wpb
     if words < wpb:
         raise ResidentError(f"{dev.url} has no free scratchpad burst to stage the training "
                             "set through")
@@ -95,9 +96,9 @@ class ResidentSet:
 
     @property
     def worth_it(self):
-        """True when gathering saves link bytes: an image's codes are at least twice the
-        DMA frame and reply that fetch it."""
-        return self.image_bytes >= 2 * DMA_WIRE_BYTES
+        """True when gathering saves link bytes: an image's codes are at least twice what
+        fetching it costs."""
+        return self.image_bytes >= 2 * GATHER_WIRE_BYTES
 
     @property
     def bytes(self):
@@ -176,8 +177,6 @@ class ResidentSet:
         if addr % self.wpb:
             raise ValueError(f"gather destination {addr} is not burst-aligned")
         rb = self.row_bursts
-        for j, i in enumerate(np.asarray(idx, np.int64)):
-            self.dev.dma({"store": 0, "rows": 1, "bursts": rb,
-                          "mem_addr": addr + j * self.row_words,
-                          "ext_addr": self.base + int(i) * rb}, wait=False)
+        self.dev.gather(addr, self.row_words, rb,
+                        [self.base + int(i) * rb for i in np.asarray(idx, np.int64)])
         self.counters["gathers"] += len(idx)

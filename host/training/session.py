@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from nibble.host.golden.numerics import quantize_int
 from nibble.host.report import write_json
 from nibble.host.training.device import DeviceMLP
-from nibble.host.training.resident import DMA_WIRE_BYTES, ResidentError
+from nibble.host.training.resident import GATHER_WIRE_BYTES, ResidentError
 from nibble.host.training.train import lr_at
 from nibble.rtl.formats import UINT4_MAX, UINT4_MIN
 
@@ -137,7 +137,7 @@ class Session:
                     self.mlp.resident = None
                     self.streamed_because = (
                         f"an image's {rs.image_bytes} bytes of codes cost about as much link "
-                        f"as the DMA that would fetch it ({DMA_WIRE_BYTES} bytes): resident, "
+                        f"as gathering it ({GATHER_WIRE_BYTES} bytes): resident, "
                         "the set saves no link bytes")
         self.rng = np.random.default_rng(cfg.seed + 1)
         # the loop's state: what a checkpoint keeps
