@@ -14,10 +14,12 @@ from amaranth.lib import data
 
 from nibble.gateware.protocol import (
     DMA_ARGS,
+    GATHER_HEADER,
     GEMM_ARGS,
     INFO_LAYOUT,
     MAX_PAYLOAD,
     READ_ARGS,
+    RUN_ARGS,
     STATS_ARGS,
     STATS_LAYOUT,
     VEC_ARGS,
@@ -32,7 +34,8 @@ __all__ = ["LAYOUTS", "layout_table", "protocol_sections", "update_protocol_doc"
 #: Every payload layout, by the name the docs and the code use.
 LAYOUTS = {"INFO_LAYOUT": INFO_LAYOUT, "WRITE_HEADER": WRITE_HEADER, "READ_ARGS": READ_ARGS,
            "STATS_ARGS": STATS_ARGS, "STATS_LAYOUT": STATS_LAYOUT, "GEMM_ARGS": GEMM_ARGS,
-           "VEC_ARGS": VEC_ARGS, "DMA_ARGS": DMA_ARGS}
+           "VEC_ARGS": VEC_ARGS, "DMA_ARGS": DMA_ARGS, "RUN_ARGS": RUN_ARGS,
+           "GATHER_HEADER": GATHER_HEADER}
 
 
 def _size(name):
@@ -52,6 +55,12 @@ REQUESTS = [
     (Op.DMA, _size("DMA_ARGS"),
      "none: the DMA has checked both regions and runs on (a device with SDRAM only; "
      "UNKNOWN_OP without)"),
+    (Op.RUN, _size("RUN_ARGS"),
+     f"{_size('STATS_LAYOUT')} once the program has ended: its GEMMs' and UPDATEs' "
+     "statistics combined (a device with SDRAM only)"),
+    (Op.GATHER, f"{_size('GATHER_HEADER')}, then `count` burst addresses of 3 bytes",
+     "none: the last row's DMA LOAD has been checked and runs on (a device with SDRAM only)"),
+    (Op.FENCE, "none", "none, once every unit has ended (a device with SDRAM only)"),
 ]
 
 

@@ -1,0 +1,245 @@
+"""Stored programs (RUN), GATHER and FENCE (protocol v7) on ``emu://`` and on the RTL
+(``pysim://`` with the SDRAM controller on the chip model): the same driver calls give the
+same memory, SDRAM and statistics; a program's settings come from the RUN; its statistics
+combine over its GEMMs and UPDATEs; a failing entry, a resent RUN and bad lengths behave
+as the protocol says. ``gateware/stats.py`` alone at the end."""
+
+import numpy as np
+import pytest
+from amaranth.sim import Simulator
+
+from nibble.gateware.protocol import GATHER_HEADER, RUN_ARGS, Op
+from nibble.gateware.stats import SETTLE, CommandStats
+from nibble.host.device.commands import (
+    lane_cfg,
+    plan_gemm,
+    program_entry,
+    program_params,
+    vector_args,
+)
+from nibble.host.device.driver import (
+    BadLengthError,
+    Device,
+    OutOfRangeError,
+    UnknownOpError,
+)
+from nibble.host.device.emu import entry_words
+from nibble.host.device.packing import pack_fields
+from nibble.host.golden.tiling import Gemm
+from nibble.rtl.formats import MaskMode, Operand, OutputPath, VecOp
+
+WORDS = 2048
+URLS = (f"emu://?sdram=tiny&words={WORDS}", f"pysim://?sdram=tiny&words={WORDS}")
+PROGRAM = 1600                          # where the tests store their programs
+
+
+def store(dev, entries, at=PROGRAM):
+    dev.write(at, b"".join(program_entry(op, cfg, dev.word_nibbles) for op, cfg in entries))
+    return at
+
+
+def zeroed(cfg):
+    """A GEMM's arguments with its lane settings zeroed (the RUN gives them)."""
+    return dict(cfg, lane=lane_cfg(OutputPath.RAW, m=0))
+
+
+def script(dev, rng):
+    """Two LOG4 GEMMs (masked, PACT) as one program between a DMA load of their operands
+    and a DMA store of their results, their lane from the RUN; an UPDATE program of two
+    parts; returns what they left and their combined STATS."""
+    nib = dev.word_nibbles
+    m, red, n = 8, 24, 16
+    gemm = Gemm(rng.integers(-8, 8, (m, red)), rng.integers(-8, 8, (red, n)), Operand.INT4,
+                Operand.INT4)
+    lane = lane_cfg(OutputPath.LOG4, exp=1, mask=MaskMode.PACT)
+    plan = plan_gemm(gemm, lane, nib, dev.rows, dev.cols, base=0,
+                     mask_codes=rng.integers(0, 16, (m, n)))
+    for buf, raw in plan.uploads:
+        dev.write(buf.addr, raw)
+    end = max(b.end for b in (plan.a, plan.b, plan.out, plan.mask))
+    assert end <= 256
+    dev.dma({"store": 1, "rows": 1, "bursts": 64, "mem_addr": 0, "ext_addr": 100})
+    dev.write(0, bytes(256 * dev.word_bytes))          # the operands only in the SDRAM now
+    second = dict(plan.cfg, out_addr=300)
+    load = {"store": 0, "rows": 1, "bursts": 64, "mem_addr": 0, "mem_stride": 256,
+            "ext_addr": 100, "ext_stride": 64}
+    keep = {"store": 1, "rows": 1, "bursts": 64, "mem_addr": 256, "mem_stride": 256,
+            "ext_addr": 400, "ext_stride": 64}
+    at = store(dev, [(Op.DMA, load), (Op.GEMM, zeroed(plan.cfg)), (Op.GEMM, zeroed(second)),
+                     (Op.FENCE, {}), (Op.DMA, keep)])
+    gemms = dev.run(at, 5, program_params(Op.GEMM, plan.cfg))
+    update = vector_args(VecOp.UPDATE, 8, 4, (600, 4), (700, 4), 800, mu=900, m=20000, s=18)
+    dev.write(600, rng.integers(0, 256, 300 * dev.word_bytes, dtype=np.uint8).tobytes())
+    halves = [dict(update, rows=4), dict(update, rows=4, a_addr=616, b_addr=716, c_addr=816)]
+    at = store(dev, [(Op.VECTOR, dict(h, mu=0, m=0, s=0)) for h in halves])
+    updates = dev.run(at, 2, program_params(Op.VECTOR, update))
+    return (dev.read(0, 1000), dev.ext_read(400, 64, (1024, 512)), gemms["absmax"],
+            gemms["clip_sum"], updates["w_sum_abs"], updates["w_sum_sq"])
+
+
+def test_programs_on_the_device_match_the_emulator_and_the_commands_one_by_one():
+    runs = []
+    for url in URLS:
+        with Device.open(url) as dev:
+            runs.append(script(dev, np.random.default_rng(5)))
+    assert runs[0][2:] == runs[1][2:]
+    assert runs[0][0] == runs[1][0] and runs[0][1] == runs[1][1]
+    # the same commands one by one on a device that holds them: the same results, and the
+    # program's statistics are the two GEMMs' and the two UPDATE halves' combined
+    rng = np.random.default_rng(5)
+    with Device.open(URLS[0]) as dev:
+        nib = dev.word_nibbles
+        gemm = Gemm(rng.integers(-8, 8, (8, 24)), rng.integers(-8, 8, (24, 16)),
+                    Operand.INT4, Operand.INT4)
+        plan = plan_gemm(gemm, lane_cfg(OutputPath.LOG4, exp=1, mask=MaskMode.PACT), nib,
+                         dev.rows, dev.cols, base=0, mask_codes=rng.integers(0, 16, (8, 16)))
+        for buf, raw in plan.uploads:
+            dev.write(buf.addr, raw)
+        one, two = dev.gemm(plan.cfg), dev.gemm(dict(plan.cfg, out_addr=300))
+        assert runs[0][2] == max(one["absmax"], two["absmax"])
+        assert runs[0][3] == one["clip_sum"] + two["clip_sum"]
+        assert dev.read(256, 64) == runs[0][1][:64 * dev.word_bytes]
+
+
+@pytest.mark.parametrize("url", URLS)
+def test_failing_entries_end_the_run(url):
+    with Device.open(url) as dev:
+        nib = dev.word_nibbles
+        dev.write(PROGRAM, bytes([0x11]) + bytes(63))          # READ: not a program's
+        with pytest.raises(UnknownOpError):
+            dev.run(PROGRAM, 1)
+        dev.write(PROGRAM, bytes([Op.RUN]) + bytes(63))        # nested
+        with pytest.raises(UnknownOpError):
+            dev.run(PROGRAM, 1)
+        with pytest.raises(OutOfRangeError):                   # no entries
+            dev.run(PROGRAM, 0)
+        most = max(entry_words(op, nib) for op in (Op.GEMM, Op.VECTOR, Op.DMA, Op.FENCE))
+        store(dev, [(Op.FENCE, {})], WORDS - most)
+        assert not dev.run(WORDS - most, 1)["busy"]           # the longest entry fits
+        store(dev, [(Op.FENCE, {})], WORDS - most + 1)
+        with pytest.raises(OutOfRangeError):                   # ... and does not
+            dev.run(WORDS - most + 1, 1)
+        bad = {"store": 0, "rows": 1, "bursts": 4, "mem_addr": WORDS - 2, "mem_stride": 16,
+               "ext_addr": 0, "ext_stride": 4}
+        ok = dict(bad, mem_addr=0)
+        dev.write(0, bytes(16 * dev.word_bytes))
+        dev.ext_write(0, bytes(range(64)), (512, 256))
+        store(dev, [(Op.DMA, ok), (Op.DMA, bad), (Op.DMA, dict(ok, mem_addr=32))])
+        with pytest.raises(OutOfRangeError):                   # the second fails: the first
+            dev.run(PROGRAM, 3)                                # has run, the third not
+        dev.wait()
+        assert dev.read(0, 16) == bytes(range(64))
+        assert dev.read(32, 16) == bytes(64)
+        with pytest.raises(BadLengthError):
+            dev.request(Op.RUN, pack_fields(RUN_ARGS, {"addr": 0, "entries": 1}) + b"\0")
+        with pytest.raises(BadLengthError):
+            dev.request(Op.FENCE, b"\0")
+        assert dev.request(Op.FENCE) == b""
+
+
+@pytest.mark.parametrize("url", URLS)
+def test_a_resent_run_answers_its_stats_and_runs_once(url):
+    """An UPDATE program sent twice with one seq (a host retry after a lost reply): the
+    second gets the same STATS and the masters are updated once (as by one RUN on
+    ``emu://``)."""
+    after = []
+    for where in (url, URLS[0]):
+        with Device.open(where) as dev:
+            rng = np.random.default_rng(2)
+            dev.write(0, rng.integers(0, 256, 200 * dev.word_bytes, dtype=np.uint8).tobytes())
+            cfg = vector_args(VecOp.UPDATE, 4, 4, (0, 4), (50, 4), 100, mu=900, m=20000, s=18)
+            at = store(dev, [(Op.VECTOR, cfg)])
+            first = dev.run(at, 1, program_params(Op.VECTOR, cfg))
+            if where == url:
+                dev._seq = (dev._seq - 1) & 0xFF                   # the same seq again
+                again = dev.run(at, 1, program_params(Op.VECTOR, cfg))
+                assert (again["w_sum_abs"], again["w_sum_sq"]) == (first["w_sum_abs"],
+                                                                   first["w_sum_sq"])
+            after.append(dev.read(50, 40))
+    assert after[0] == after[1]
+
+
+@pytest.mark.parametrize("url", URLS)
+def test_gather_loads_rows_from_scattered_bursts(url):
+    with Device.open(url) as dev:
+        wb = dev.word_bytes
+        rng = np.random.default_rng(3)
+        sdram = rng.integers(0, 256, 256 * 16, dtype=np.uint8).tobytes()
+        dev.ext_write(0, sdram, (1024, 512))
+        dev.write(0, bytes(400 * wb))
+        rows = [17, 3, 250, 3, 100]
+        dev.gather(40, 24, 2, rows)                            # 2 bursts a row, 24 words apart
+        dev.wait()
+        got = dev.read(0, 400)
+        wpb = 16 // wb
+        for k, r in enumerate(rows):
+            at = (40 + 24 * k) * wb
+            assert got[at:at + 32] == sdram[r * 16:r * 16 + 32]
+        assert got[:40 * wb] == bytes(40 * wb)
+        head = pack_fields(GATHER_HEADER, {"mem_addr": 0, "mem_stride": 8, "bursts": 2,
+                                           "count": 2})
+        with pytest.raises(BadLengthError):
+            dev.request(Op.GATHER, head + bytes(5))
+        with pytest.raises(OutOfRangeError):                   # past the SDRAM's end
+            dev.gather(0, 8, 2, [2047])
+        with pytest.raises(OutOfRangeError):
+            dev.gather(WORDS - wpb, 8, 2, [0])                 # past the scratchpad's
+        dev.wait()
+
+
+def test_programs_need_an_sdram():
+    with Device.open("emu://?words=4096&sdram=") as dev:
+        for op in (Op.RUN, Op.GATHER, Op.FENCE):
+            with pytest.raises(UnknownOpError):
+                dev.request(op, b"")
+
+
+def test_command_stats_replace_or_combine():
+    """gateware/stats.py: outside a program each unit's statistics replace the last's;
+    inside one they combine (absmax the largest, the sums added) from the first unit
+    that ends in it; an UPDATE's sums only from UPDATEs; ``settled`` low meanwhile."""
+    dut = CommandStats()
+    seen = []
+
+    async def bench(ctx):
+        async def end_gemm(absmax, clip):
+            ctx.set(dut.gemm_busy, 1)
+            await ctx.tick()
+            ctx.set(dut.absmax, absmax)
+            ctx.set(dut.clip_sum, clip)
+            ctx.set(dut.gemm_busy, 0)
+            await ctx.tick()
+            assert not ctx.get(dut.settled)
+            await ctx.tick().repeat(SETTLE + 1)
+            assert ctx.get(dut.settled)
+            return ctx.get(dut.o_absmax), ctx.get(dut.o_clip_sum)
+
+        async def end_vec(update, s):
+            ctx.set(dut.update, update)
+            ctx.set(dut.vec_busy, 1)
+            await ctx.tick()
+            ctx.set(dut.w_sum_abs, s)
+            ctx.set(dut.vec_busy, 0)
+            await ctx.tick().repeat(SETTLE + 2)
+            return ctx.get(dut.o_w_sum_abs)
+
+        seen.append(await end_gemm(5, -3))
+        seen.append(await end_gemm(2, 7))                  # replaces
+        ctx.set(dut.begin, 1)
+        ctx.set(dut.program, 1)
+        await ctx.tick()
+        ctx.set(dut.begin, 0)
+        seen.append(await end_gemm(4, 10))                 # the program's first
+        seen.append(await end_gemm(9, -1))                 # combines
+        seen.append(await end_gemm(1, 100))
+        seen.append(await end_vec(0, 77))                  # not an UPDATE: kept
+        seen.append(await end_vec(1, 11))
+        seen.append(await end_vec(1, 30))
+        ctx.set(dut.program, 0)
+        seen.append(await end_vec(1, 6))
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-6)
+    sim.add_testbench(bench)
+    sim.run()
+    assert seen == [(5, -3), (2, 7), (4, 10), (9, 9), (9, 109), 0, 11, 41, 6]
