@@ -159,6 +159,13 @@ class CommandDecoder(wiring.Component):
                          reply.fill.eq(fill), record.eq(remember)]
             m.next = "REPLY"
 
+        def send():
+            m.d.comb += reply.start.eq(1)
+            with m.If(record):           # only a success may be retried
+                m.d.sync += [last.seq.eq(seq), last.op.eq(op), last.status.eq(reply.status),
+                             last_valid.eq(~reply.status[7])]
+            m.next = "SENDING"
+
         def transfer(op_, addr, count, pos, status, length=HEADER_BYTES, fill=Fill.NONE):
             m.d.comb += [xfer.start.eq(1), xfer.op.eq(op_), xfer.addr.eq(addr),
                          xfer.count.eq(count), xfer.pos.eq(pos)]
@@ -241,18 +248,24 @@ class CommandDecoder(wiring.Component):
                 if self.dma:
                     once |= (op == Op.RUN) | (op == Op.GATHER)
                     whole |= (op == Op.RUN) | (op == Op.GATHER) | (op == Op.FENCE)
-                retry = last_valid & (last.seq == seq) & (last.op == op) & once & ~running
+                retry = last_valid & (last.seq == seq) & (last.op == op) & once
+                if self.dma:
+                    retry &= ~running
                 uses_mem = (op == Op.WRITE) | compute | (op == Op.READ) | \
                     ((op == Op.STATS) & (plen != 0))
                 with m.If(retry):                   # a RUN's reply is its STATS again
-                    with m.If(op == Op.RUN):
-                        m.d.comb += self.stats_snapshot.eq(1)
-                        answer(last.status, HEADER_BYTES + layout_bytes(STATS_LAYOUT),
-                               Fill.STATS)
-                    with m.Else():
+                    if self.dma:
+                        with m.If(op == Op.RUN):
+                            m.d.comb += self.stats_snapshot.eq(1)
+                            answer(last.status, HEADER_BYTES + layout_bytes(STATS_LAYOUT),
+                                   Fill.STATS)
+                        with m.Else():
+                            answer(last.status)
+                    else:
                         answer(last.status)
-                with m.Elif(running & ~(compute | is_dma | (op == Op.FENCE))):
-                    answer(Status.UNKNOWN_OP)       # a program holds only these
+                if self.dma:
+                    with m.Elif(running & ~(compute | is_dma | (op == Op.FENCE))):
+                        answer(Status.UNKNOWN_OP)   # a program holds only these
                 with m.Elif(whole & (self.busy | stale | self.dma_busy) |
                             is_dma & self.dma_busy):
                     m.next = "HOLD"                 # started when its units are free
@@ -287,7 +300,10 @@ class CommandDecoder(wiring.Component):
                                  HEADER_BYTES + read.words * wb)
                 for code, layout, start in units:     # the unit answers after its check
                     with m.Elif(op == code):
-                        with m.If((plen != layout_bytes(layout)) & ~running):
+                        bad_length = plen != layout_bytes(layout)
+                        if self.dma:
+                            bad_length &= ~running
+                        with m.If(bad_length):
                             answer(Status.BAD_LENGTH)
                         with m.Else():
                             m.d.comb += start.eq(1)
@@ -354,15 +370,11 @@ class CommandDecoder(wiring.Component):
                             m.next = "DRAIN"
                         with m.Else():
                             m.next = "FETCH"
-                with m.If(~running | reply.status[7]):   # (a failing entry ends the RUN)
-                    if self.dma:
+                    with m.If(~running | reply.status[7]):   # (a failing entry ends it)
                         m.d.sync += running.eq(0)
-                    m.d.comb += reply.start.eq(1)
-                    with m.If(record):           # only a success may be retried
-                        m.d.sync += [last.seq.eq(seq), last.op.eq(op),
-                                     last.status.eq(reply.status),
-                                     last_valid.eq(~reply.status[7])]
-                    m.next = "SENDING"
+                        send()
+                else:
+                    send()
             with m.State("SENDING"):
                 with m.If(reply.done):
                     m.d.comb += self.ack.eq(1)
@@ -436,11 +448,13 @@ class CommandDecoder(wiring.Component):
 
     def _phases(self, m, fsm):
         """Who owns the frame buffer, and whether the decoder waits for a frame."""
-        dma = self.dma
+        parse, transfer = fsm.ongoing("PARSE"), fsm.ongoing("TRANSFER")
+        if self.dma:
+            parse, transfer = parse | fsm.ongoing("GREAD"), transfer | fsm.ongoing("FETCHING")
         m.d.comb += self.waiting.eq(fsm.ongoing("IDLE"))
-        with m.If(fsm.ongoing("PARSE") | (fsm.ongoing("GREAD") if dma else 0)):
+        with m.If(parse):
             m.d.comb += self.phase.eq(Phase.PARSE)
-        with m.Elif(fsm.ongoing("TRANSFER") | (fsm.ongoing("FETCHING") if dma else 0)):
+        with m.Elif(transfer):
             m.d.comb += self.phase.eq(Phase.TRANSFER)
         with m.Elif(fsm.ongoing("REPLY") | fsm.ongoing("SENDING")):
             m.d.comb += self.phase.eq(Phase.REPLY)
