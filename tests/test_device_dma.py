@@ -7,7 +7,13 @@ import pytest
 
 from nibble.gateware.protocol import DMA_ARGS, Op
 from nibble.host.device.commands import vector_args
-from nibble.host.device.driver import BusyError, Device, OutOfRangeError, UnknownOpError
+from nibble.host.device.driver import (
+    BusyError,
+    Device,
+    DeviceError,
+    OutOfRangeError,
+    UnknownOpError,
+)
 from nibble.host.device.packing import pack_fields
 from nibble.rtl.formats import VecOp
 
@@ -94,3 +100,10 @@ def test_a_device_without_sdram_knows_no_dma(url):
         assert dev.ext_bursts == 0
         with pytest.raises(UnknownOpError):
             dev.request(Op.DMA, pack_fields(DMA_ARGS, {"rows": 1, "bursts": 1}))
+
+
+def test_pysim_refuses_an_sdram_it_cannot_hold():
+    """The large parts' storage is a Verilog array (the Verilator model's): in Amaranth's
+    simulator it would hold nothing, so pysim says so instead of losing every write."""
+    with pytest.raises(DeviceError, match="only small SDRAMs"):
+        Device.open("pysim://?sdram=is42s16160&words=1024")

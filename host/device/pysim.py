@@ -62,7 +62,12 @@ class PysimTransport:
                           vec_ops=vec_ops, memory=memory)
         top = self.dut
         if chip:                     # the chip model on the device's SDRAM pins
-            top = _WithSdram(self.dut, SdramChipModel(chip, clk_hz))
+            model = SdramChipModel(chip, clk_hz)
+            if model.storage != "memory":
+                raise ValueError(f"sdram={sdram}: the simulator holds only small SDRAMs "
+                                 "(sdram=tiny); the large parts' storage is Verilog, for "
+                                 "the Verilator model (sim:)")
+            top = _WithSdram(self.dut, model)
         self.model = top.model if chip else None
         self.max_cycles, self.idle_cycles = max_cycles, idle_cycles
         self.cycles = 0                        # clock cycles simulated
