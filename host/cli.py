@@ -18,6 +18,11 @@ TRAIN_LR = {"digits": 0.1, "fashion-mnist": 0.02}
 __all__ = ["main"]
 
 
+def _amount(n):
+    """Bytes as KB or MiB, whichever reads."""
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1000:.1f} KB"
+
+
 def _positive(text):
     value = int(text)
     if value < 1:
@@ -104,7 +109,7 @@ def cmd_train(args):
     if up:
         res = r["config"]["resident"]
         print(f"the training set was resident in the device's SDRAM ({res['images']:,} images, "
-              f"{up['set_bytes'] / 2**20:.1f} MiB of 4-bit codes, "
+              f"{_amount(up['set_bytes'])} of 4-bit codes, "
               + ("kept from the checkpoint: the device's sums of it matched" if up["kept"] else
                  f"uploaded and checked in {up['seconds']:.1f} s")
               + "); each step sent the batch's indices, not its images")
