@@ -63,18 +63,14 @@ from .protocol import (
     WRITE_HEADER,
     Op,
     Status,
-    entry_bytes,
+    entry_words,
     layout_bytes,
+    longest_entry_words,
 )
 from .reply import Fill, ReplyControl
 from .transfer import FB_ADDR, TransferControl, TransferOp
 
 __all__ = ["ARGS_BYTES", "CommandDecoder", "Phase"]
-
-def _entry_words(op, nib):
-    """Words of a program entry of ``op`` (opcode byte, arguments, padding)."""
-    return -(-entry_bytes(op) // (nib // 2))
-
 
 #: The argument register: the longest fixed payload (GEMM's).
 ARGS_BYTES = max(layout_bytes(GEMM_CFG), layout_bytes(VEC_CFG), layout_bytes(DMA_CFG))
@@ -174,7 +170,7 @@ class CommandDecoder(wiring.Component):
 
         # a RUN's program (only a device with SDRAM): it runs; the next entry's word; the
         # entries left; the settings its GEMMs or VECTORs take
-        most = max(_entry_words(code, nib) for code in PROGRAM_OPS)
+        most = longest_entry_words(nib)
         running = Signal() if self.dma else Const(0)
         pc = Signal(RUN_ARGS["addr"].width + 1)
         left = Signal(RUN_ARGS["entries"].width)
@@ -184,13 +180,13 @@ class CommandDecoder(wiring.Component):
         # a GATHER: the addresses left, the next row's word, the address being read and
         # its bytes read (only a device with SDRAM)
         gather = data.View(GATHER_HEADER, args[:GATHER_HEADER.size])
-        g_left, g_mem = Signal(16), Signal(RUN_ARGS["addr"].width)
+        g_left, g_mem = Signal(16), Signal(GATHER_HEADER["mem_addr"].width)
         g_ext, g_byte = Signal(8 * GATHER_ADDR_BYTES), Signal(range(GATHER_ADDR_BYTES))
         if self.dma:
             with m.Switch(op):
                 for code in PROGRAM_OPS:
                     with m.Case(code):
-                        m.d.comb += entry_len.eq(_entry_words(code, nib))
+                        m.d.comb += entry_len.eq(entry_words(code, nib))
 
         def merged(x):
             """Argument bits ``x`` of a GEMM or VECTOR with the RUN's settings in place."""
@@ -381,21 +377,17 @@ class CommandDecoder(wiring.Component):
                     m.next = "IDLE"
 
             if self.dma:
-                self._program_states(m, {
-                    "running": running, "pc": pc, "p": p, "have": have, "stale": stale,
-                    "op": op, "answer": answer, "most": most, "gather": gather,
-                    "g_left": g_left, "g_mem": g_mem, "g_ext": g_ext, "g_byte": g_byte})
+                self._program_states(m, running=running, pc=pc, p=p, have=have, stale=stale,
+                                     op=op, answer=answer, most=most, gather=gather,
+                                     g_left=g_left, g_mem=g_mem, g_ext=g_ext, g_byte=g_byte)
         if self.dma:
             m.d.comb += self.program.eq(running)
         return self._phases(m, fsm)
 
-    def _program_states(self, m, c):
-        """(A device with SDRAM.) The states of RUN and GATHER; ``c``: the decoder's
-        registers and helpers."""
-        names = ("running", "pc", "p", "have", "stale", "op", "answer", "most", "gather",
-                 "g_left", "g_mem", "g_ext", "g_byte")
-        (running, pc, p, have, stale, op, answer, most, gather, g_left, g_mem, g_ext,
-         g_byte) = (c[k] for k in names)
+    def _program_states(self, m, *, running, pc, p, have, stale, op, answer, most, gather,
+                        g_left, g_mem, g_ext, g_byte):
+        """(A device with SDRAM.) The states of RUN and GATHER, on the decoder's registers
+        (see ``elaborate``) and its ``answer``."""
         xfer, words, nib = self.transfer, self.mem_words, self.nib
         # -- RUN: each entry read into the frame buffer after the seq, then parsed and
         # carried out as if it had arrived (its answer goes on to the next entry) -------

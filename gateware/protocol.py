@@ -26,7 +26,7 @@ __all__ = ["CRC", "CRC_BYTES", "DMA_ARGS", "ESC", "ESC_XOR", "FLAG", "GATHER_ADD
            "GATHER_HEADER", "GEMM_ARGS", "HEADER_BYTES", "INFO_LAYOUT", "MAX_PAYLOAD",
            "PARAMS_FROM", "PARAM_BITS", "PROGRAM_OPS", "READ_ARGS", "RUN_ARGS", "STATS_ARGS",
            "STATS_LAYOUT", "VEC_ARGS", "VERSION", "WRITE_HEADER", "Op", "Status", "entry_bytes",
-           "max_encoded_size"]
+           "entry_words", "longest_entry_words", "max_encoded_size"]
 
 #: The frame CRC; ``CRC().compute(data)`` on the host, ``crc.Processor`` in the gateware.
 CRC = crc.catalog.CRC32_ISO_HDLC(data_width=8)
@@ -131,6 +131,16 @@ GATHER_ADDR_BYTES = 3
 def entry_bytes(op):
     """Bytes of a program entry of ``op`` before padding to whole words."""
     return 1 + layout_bytes(PROGRAM_OPS[op])
+
+
+def entry_words(op, nib):
+    """Words of a program entry of ``op`` in tensor memory of ``nib``-nibble words."""
+    return -(-entry_bytes(op) // (nib // 2))
+
+
+def longest_entry_words(nib):
+    """Words the device reads for every entry (the longest entry's), whatever it is."""
+    return max(entry_words(op, nib) for op in PROGRAM_OPS)
 
 
 def max_encoded_size(payload_len):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from amaranth.sim import Simulator
 
-from nibble.gateware.protocol import GATHER_HEADER, RUN_ARGS, Op
+from nibble.gateware.protocol import GATHER_HEADER, RUN_ARGS, Op, longest_entry_words
 from nibble.gateware.stats import SETTLE, CommandStats
 from nibble.host.device.commands import (
     lane_cfg,
@@ -23,7 +23,6 @@ from nibble.host.device.driver import (
     OutOfRangeError,
     UnknownOpError,
 )
-from nibble.host.device.emu import entry_words
 from nibble.host.device.packing import pack_fields
 from nibble.host.golden.tiling import Gemm
 from nibble.rtl.formats import MaskMode, Operand, OutputPath, VecOp
@@ -113,7 +112,7 @@ def test_failing_entries_end_the_run(url):
             dev.run(PROGRAM, 1)
         with pytest.raises(OutOfRangeError):                   # no entries
             dev.run(PROGRAM, 0)
-        most = max(entry_words(op, nib) for op in (Op.GEMM, Op.VECTOR, Op.DMA, Op.FENCE))
+        most = longest_entry_words(nib)
         store(dev, [(Op.FENCE, {})], WORDS - most)
         assert not dev.run(WORDS - most, 1)["busy"]           # the longest entry fits
         store(dev, [(Op.FENCE, {})], WORDS - most + 1)

@@ -16,14 +16,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nibble.gateware.protocol import PARAMS_FROM, PROGRAM_OPS, entry_bytes
+from nibble.gateware.protocol import PARAMS_FROM, PROGRAM_OPS, layout_bytes
 from nibble.host.device.layout import Buffer, pack, row_words
-from nibble.host.device.packing import pack_fields
+from nibble.host.device.packing import pack_fields, unpack_fields
 from nibble.host.golden.tiling import code_bits
 from nibble.rtl.formats import MaskMode, OutputPath, VecOp, element_nibbles, operand_cfg
 
 __all__ = ["GemmPlan", "gemm_args", "lane_cfg", "plan_gemm", "program_entry", "program_params",
-           "vector_args"]
+           "settings_zeroed", "vector_args"]
 
 
 def lane_cfg(path=OutputPath.RAW, phase=0, m=1 << 15, s=0, relu=0, out_signed=0, exp=0,
@@ -131,4 +131,11 @@ def program_params(op, cfg):
     return bits >> PARAMS_FROM[op]
 
 
-assert all(entry_bytes(op) == 1 + (layout.size + 7) // 8 for op, layout in PROGRAM_OPS.items())
+def settings_zeroed(op, cfg):
+    """``cfg`` with the settings a RUN gives (``PARAMS_FROM`` on) zeroed: what a stored
+    program holds."""
+    if op not in PARAMS_FROM:
+        return cfg
+    layout = PROGRAM_OPS[op]
+    bits = int.from_bytes(pack_fields(layout, cfg), "little") & ((1 << PARAMS_FROM[op]) - 1)
+    return unpack_fields(layout, bits.to_bytes(layout_bytes(layout), "little"))

@@ -29,7 +29,9 @@ from nibble.gateware.protocol import (
     Op,
     Status,
     entry_bytes,
+    entry_words,
     layout_bytes,
+    longest_entry_words,
 )
 from nibble.host.device.layout import pack, row_words, unpack
 from nibble.host.device.link import Frame, crc32, encode_frame
@@ -53,8 +55,8 @@ from nibble.rtl.formats import (
 )
 from nibble.rtl.sdram import BURST_BITS, CHIPS
 
-__all__ = ["EmuTransport", "Emulator", "dma_apply", "dma_check", "entry_words", "gemm_apply",
-           "gemm_regions", "merge_params", "vec_regions", "vector_apply", "vector_check"]
+__all__ = ["EmuTransport", "Emulator", "dma_apply", "dma_check", "gemm_apply", "gemm_regions",
+           "merge_params", "vec_regions", "vector_apply", "vector_check"]
 
 
 def _region(mem, nib, addr, rows, stride):
@@ -249,11 +251,6 @@ def dma_apply(mem, ext, cfg, nib):
             mem[m0:m0 + n] = ext[e0:e0 + n]
 
 
-def entry_words(op, nib):
-    """Words of a program entry of ``op`` in tensor memory of ``nib``-nibble words."""
-    return -(-entry_bytes(op) // (nib // 2))
-
-
 def merge_params(op, args, params):
     """A program entry's argument bytes with the RUN's ``params`` in place of its settings
     (:data:`~nibble.gateware.protocol.PARAMS_FROM` on)."""
@@ -438,7 +435,7 @@ class Emulator:
         """RUN: the program's entries in turn, from word ``addr``; the first that fails
         ends it (the ones before have run) and its status is the RUN's."""
         wb, pc, fold = self.nib // 2, args["addr"], set()
-        most = max(entry_words(op, self.nib) for op in PROGRAM_OPS)
+        most = longest_entry_words(self.nib)
         if not args["entries"]:
             return Status.OUT_OF_RANGE
         for _ in range(args["entries"]):

@@ -43,11 +43,10 @@ streams a layer's GEMMs at the array's rate is :mod:`nibble.host.bench.streaming
 import itertools
 import time
 
-from nibble.gateware.protocol import PARAMS_FROM, PROGRAM_OPS, RUN_ARGS, Op
-from nibble.host.device.commands import program_entry, program_params
+from nibble.gateware.protocol import RUN_ARGS, Op, longest_entry_words
+from nibble.host.device.commands import program_entry, program_params, settings_zeroed
 from nibble.host.device.driver import DeviceError
-from nibble.host.device.emu import entry_words, gemm_regions, vec_regions
-from nibble.host.device.packing import pack_fields, unpack_fields
+from nibble.host.device.emu import gemm_regions, vec_regions
 from nibble.rtl.dma import words_per_burst
 from nibble.rtl.formats import VecOp
 
@@ -81,8 +80,8 @@ class PagedDevice:
         #: the program area (from ``scratch`` to the end) and what it holds now: program
         #: bytes (the settings zeroed) -> (word, entries)
         self.programs, self.program_end = {}, self.scratch
-        # the device fetches the longest entry's words whatever the entry: keep them there
-        self._slack = max(entry_words(op, dev.word_nibbles) for op in PROGRAM_OPS)
+        # the device reads the longest entry's words whatever the entry: keep them there
+        self._slack = longest_entry_words(dev.word_nibbles)
         #: what the paging did; ``cycles``: device cycles from each command's first load to
         #: its last store (STATS ``cycles``; 0 on emu://), transfers and compute together,
         #: counted only with ``measure`` (it costs two STATS polls a command)
@@ -264,10 +263,9 @@ class PagedDevice:
 
     def _copy(self, placed, store):
         """DMA a placed command's blocks in (every one) or out (the ones it wrote)."""
-        blocks, places, _ = placed
-        for (lo, rows, per, ext_stride, written, _), at in zip(blocks, places, strict=True):
-            if written or not store:
-                self._dma(store, lo, rows, per, ext_stride, at)
+        for cfg in self._dma_list(placed, store):
+            self.dev.dma(cfg, wait=False)
+            self._moved(cfg)
 
     def _start(self, kind, cfg):
         (self.dev.gemm if kind == "gemm" else self.dev.vector)(cfg, wait=False)
@@ -287,8 +285,9 @@ class PagedDevice:
         run and stored; with ``overlap`` in the two halves of the scratchpad in turn, part
         i+1's loads and part i-1's stores beside part i (a GEMM or VECTOR starts only when
         every DMA sent before it has ended, and the DMA runs its commands in order, so a
-        half is stored before it is loaded again). The host reads a part's STATS before it
-        starts the next."""
+        half is stored before it is loaded again). With a program area the parts run as a
+        stored program (:meth:`_run_program`); without (or for a program that does not fit
+        it) the host sends every step and reads a part's STATS before it starts the next."""
         dev, half = self.dev, self.scratch // 2 // self.wpb * self.wpb
         if len(parts) > 1:
             self.counters["split_commands"] += 1
@@ -300,63 +299,44 @@ class PagedDevice:
             if stats is not None:
                 return stats
         c0 = dev.stats()["cycles"] if self.measure else None
-        self._copy(placed[0], store=0)
-        self._start(kind, placed[0][2])
         total = None
-        for i in range(len(placed)):
-            more = i + 1 < len(placed)
-            if more and overlap:
-                self._copy(placed[i + 1], store=0)
-            stats = self._computed()
-            if more and overlap:
-                self._start(kind, placed[i + 1][2])
-            self._copy(placed[i], store=1)
-            if more and not overlap:
-                self._copy(placed[i + 1], store=0)
-                self._start(kind, placed[i + 1][2])
-            if total is None:
-                total = dict(stats)
+        for step, i in _schedule(len(placed), overlap):
+            if step == "load" or step == "store":
+                self._copy(placed[i], store=step == "store")
+            elif step == "start":
+                self._start(kind, placed[i][2])
             else:
-                for key in _SUMMED:
-                    if key in stats:
-                        total[key] += stats[key]
-                total["absmax"] = max(total["absmax"], stats["absmax"])
-                total["cycles"] = stats["cycles"]
+                stats = self._computed()
+                if total is None:
+                    total = dict(stats)
+                else:
+                    for key in _SUMMED:
+                        if key in stats:
+                            total[key] += stats[key]
+                    total["absmax"] = max(total["absmax"], stats["absmax"])
+                    total["cycles"] = stats["cycles"]
         if self.measure:      # else the stores run on: the next DMA queues behind them, and
             # a GEMM or VECTOR waits for every unit, a WRITE or READ is BUSY until then
             self.counters["cycles"] += dev.wait()["cycles"] - c0
         return total
 
     def _run_program(self, kind, placed, overlap):
-        """``_run`` as one stored program: the same loads, parts and stores in the same
-        order, with a FENCE where the host would wait for a part to end before storing it
-        (a part's GEMM or VECTOR itself waits for every unit); stored in the program area
-        the first time (the settings zeroed: the RUN gives them), then RUN."""
+        """``_run`` as one stored program: its schedule's loads, parts and stores in the
+        same order, a wait for a part's end a FENCE unless a GEMM or VECTOR follows (it
+        waits for every unit itself); stored in the program area the first time (the
+        settings zeroed: the RUN gives them), then RUN."""
         op = Op.GEMM if kind == "gemm" else Op.VECTOR
+        steps = list(_schedule(len(placed), overlap))
         entries = []
-
-        def copy(pl, store):
-            blocks, places, _ = pl
-            for (lo, rows, per, ext_stride, written, _), at in zip(blocks, places, strict=True):
-                if written or not store:
-                    entries.extend((Op.DMA, c) for c in
-                                   self._dma_cfgs(store, lo, rows, per, ext_stride, at))
-
-        copy(placed[0], 0)
-        entries.append((op, placed[0][2]))
-        for i in range(len(placed)):
-            more = i + 1 < len(placed)
-            if more and overlap:
-                copy(placed[i + 1], 0)
-                entries.append((op, placed[i + 1][2]))
-            else:
+        for k, (step, i) in enumerate(steps):
+            if step == "load" or step == "store":
+                entries.extend((Op.DMA, c) for c in self._dma_list(placed[i], step == "store"))
+            elif step == "start":
+                entries.append((op, placed[i][2]))
+            elif k + 1 == len(steps) or steps[k + 1][0] != "start":
                 entries.append((Op.FENCE, {}))
-            copy(placed[i], 1)
-            if more and not overlap:
-                copy(placed[i + 1], 0)
-                entries.append((op, placed[i + 1][2]))
         params = program_params(op, placed[0][2])
-        addr = self._store(b"".join(program_entry(o, _settings_zeroed(o, c), self.word_nibbles)
+        addr = self._store(b"".join(program_entry(o, settings_zeroed(o, c), self.word_nibbles)
                                     for o, c in entries), len(entries))
         if addr is None:
             return None
@@ -393,6 +373,14 @@ class PagedDevice:
         self.counters["program_bytes"] += len(program)
         return addr
 
+    def _dma_list(self, placed, store):
+        """The DMA_ARGS that load a placed command's blocks (every one) or store them (the
+        ones it writes)."""
+        blocks, places, _ = placed
+        for (lo, rows, per, ext_stride, written, _), at in zip(blocks, places, strict=True):
+            if written or not store:
+                yield from self._dma_cfgs(store, lo, rows, per, ext_stride, at)
+
     def _dma_cfgs(self, store, burst, rows, per, ext_stride, mem):
         """DMA_ARGS that move ``rows`` rows of ``per`` bursts (``ext_stride`` apart in the
         SDRAM, packed from word ``mem`` in the scratchpad), at most a DMA row's bursts
@@ -407,26 +395,29 @@ class PagedDevice:
                    "mem_addr": mem + off * self.wpb, "mem_stride": k * self.wpb,
                    "ext_addr": burst + off, "ext_stride": ext_stride if r > 1 else k}
 
-    def _dma(self, store, burst, rows, per, ext_stride, mem):
-        """Send the DMAs of :meth:`_dma_cfgs`."""
-        for cfg in self._dma_cfgs(store, burst, rows, per, ext_stride, mem):
-            self.dev.dma(cfg, wait=False)
-            self._moved(cfg)
-
     def _moved(self, cfg):
         self.counters["dma_stores" if cfg["store"] else "dma_loads"] += 1
         self.counters["dma_bytes"] += 16 * cfg["rows"] * cfg["bursts"]
 
 
-
-
-def _settings_zeroed(op, cfg):
-    """``cfg`` with the settings a RUN gives (``PARAMS_FROM`` on) zeroed."""
-    if op not in PARAMS_FROM:
-        return cfg
-    layout = PROGRAM_OPS[op]
-    bits = int.from_bytes(pack_fields(layout, cfg), "little") & ((1 << PARAMS_FROM[op]) - 1)
-    return unpack_fields(layout, bits.to_bytes(len(pack_fields(layout, cfg)), "little"))
+def _schedule(parts, overlap):
+    """The steps of ``parts`` parts through the scratchpad, ``(step, part)`` with step
+    "load", "start", "wait" (for the part's end) or "store": each part loaded, started,
+    waited for and stored; with ``overlap`` the next part's loads go before the wait and
+    it starts before the stores (the two halves of the scratchpad), else after them."""
+    yield "load", 0
+    yield "start", 0
+    for i in range(parts):
+        more = i + 1 < parts
+        if more and overlap:
+            yield "load", i + 1
+        yield "wait", i
+        if more and overlap:
+            yield "start", i + 1
+        yield "store", i
+        if more and not overlap:
+            yield "load", i + 1
+            yield "start", i + 1
 
 
 def replace_cfg(cfg, n0, n1, nib):

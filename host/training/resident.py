@@ -3,7 +3,8 @@
 Streaming a Fashion-MNIST batch costs 25 KB of link every step (784 UINT4 codes an image):
 at the ULX3S's 3 Mbaud that is most of a step. The SDRAM (32 MB) holds the whole training
 set as the same codes (60,000 images in 24 MB), so :class:`ResidentSet` uploads it once and
-a step sends only the batch's indices, one DMA LOAD per image:
+a step sends only the batch's indices, one GATHER frame (a DMA LOAD per image on the
+device):
 
 * **layout**: image ``i`` is one row of ``row_bursts`` whole 16-byte bursts from burst
   ``base + i * row_bursts`` (784 codes: 392 bytes, 25 bursts with the last half empty), so
@@ -38,7 +39,7 @@ from nibble.rtl.dma import words_per_burst
 __all__ = ["GATHER_WIRE_BYTES", "ResidentError", "ResidentSet", "staging_area"]
 
 #: What gathering an image costs the link: its burst address in a GATHER frame (the frame's
-#: own 18 bytes and its reply are shared by the batch).
+#: header, CRC and reply are shared by the batch).
 GATHER_WIRE_BYTES = GATHER_ADDR_BYTES
 #: Most codes one STATS sum covers (its count field is 24 bits).
 _MAX_COUNT = (1 << 24) - 1
