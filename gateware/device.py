@@ -23,7 +23,7 @@ reports the SDRAM's size (``ext_bursts``, 0 without). The commands are those of
 :mod:`nibble.gateware.protocol`; :mod:`nibble.gateware.decoder` has the rules.
 """
 
-from amaranth.hdl import Module, Mux, Signal
+from amaranth.hdl import Const, Module, Mux, Signal
 from amaranth.lib import memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -36,7 +36,7 @@ from nibble.rtl.spram import SpramMemory, spram_words
 from nibble.rtl.vector import VEC_CFG, VectorUnit
 
 from .decoder import CommandDecoder, Phase
-from .framing import BUFFER_BYTES, FrameRx, FrameTx
+from .framing import BUFFER_BYTES, FrameRx, FrameTx, SharedCrc
 from .protocol import INFO_LAYOUT, MAX_PAYLOAD, STATS_LAYOUT, VERSION
 from .reply import Reply
 from .stats import CommandStats
@@ -113,6 +113,9 @@ class Device(wiring.Component):
         aw = (words - 1).bit_length()
         m.submodules.rx = rx = FrameRx(self.timeout)
         m.submodules.tx = tx = FrameTx()
+        m.submodules.crc = crc = SharedCrc()
+        wiring.connect(m, rx.crc, crc.rx)
+        wiring.connect(m, tx.crc, crc.tx)
         m.submodules.decoder = dec = CommandDecoder(aw, nib, words, dma=self.chip is not None)
         m.submodules.transfer = xfer = Transfer(aw, nib)
         m.submodules.reply = reply = Reply()
@@ -143,14 +146,19 @@ class Device(wiring.Component):
             wiring.connect(m, unit.bus, arb.units[k])
         wiring.connect(m, arb.mem, mem.bus)
 
-        if self.vec_ops:
-            busy = engine.busy | vec.busy
-        else:
-            busy = engine.busy
+        # The receiver holds its frame until the reply has left whole (the decoder's ack
+        # comes with the body's last byte, before the CRC's): the two share one CRC unit.
+        release = Signal()
+        with m.If(dec.ack):
+            m.d.sync += release.eq(1)
+        with m.Elif(rx.ack):
+            m.d.sync += release.eq(0)
         dma_busy = dma.busy if self.chip else 0
         if self.vec_ops:
+            busy = engine.busy | vec.busy
             checked, ok = engine.checked | vec.checked, Mux(engine.checked, engine.ok, vec.ok)
         else:                                          # VECTOR: refused a cycle later
+            busy = engine.busy
             refused = Signal()
             m.d.sync += refused.eq(dec.vec_start)
             checked, ok = engine.checked | refused, engine.checked & engine.ok
@@ -158,7 +166,8 @@ class Device(wiring.Component):
             checked, ok = checked | dma.checked, Mux(dma.checked, dma.ok, ok)
         m.d.comb += [
             dec.frame.eq(rx.frame), dec.rx_status.eq(rx.status), dec.length.eq(rx.length),
-            rx.ack.eq(dec.ack), dec.busy.eq(busy), dec.dma_busy.eq(dma_busy),
+            rx.ack.eq(release & ~tx.busy), crc.tx_turn.eq(rx.held),
+            dec.busy.eq(busy), dec.dma_busy.eq(dma_busy),
             engine.cfg.eq(dec.args[:GEMM_CFG.size]),
             *([vec.cfg.eq(dec.args[:VEC_CFG.size])] if self.vec_ops else []),
             engine.start.eq(dec.gemm_start),
@@ -180,7 +189,6 @@ class Device(wiring.Component):
             info.max_payload.eq(MAX_PAYLOAD), info.clk_hz.eq(self.clk_hz),
             info.ext_bursts.eq(self.chip.bytes // (BURST_BITS // 8) if self.chip else 0),
             info.vec_ops.eq(self.vec_ops),
-            stats.busy.eq(busy | (dma_busy << 1)),
             stats.cycles.eq(cycles_at), stats.sum_abs.eq(xfer.sum_abs),
             stats.sum_sq.eq(xfer.sum_sq), stats.rx_errors.eq(rx.errors),
             stats.dma_cycles.eq(dma.cycles if self.chip else 0),
@@ -189,6 +197,7 @@ class Device(wiring.Component):
                  "gemm_cycles": engine.cycles, "beats": engine.beats,
                  **({"vec_cycles": vec.cycles, "w_sum_abs": vec.sum_abs,
                      "w_sum_sq": vec.sum_sq} if self.vec_ops else {})}
+        settled = Const(1)
         if self.chip:             # RUN: a program's statistics combined (gateware.stats)
             m.submodules.stats = st = CommandStats()
             m.d.comb += [st.gemm_busy.eq(engine.busy), st.program.eq(dec.program),
@@ -199,8 +208,8 @@ class Device(wiring.Component):
             for name, value in units.items():
                 m.d.comb += getattr(st, name).eq(value)
             units = {name: getattr(st, f"o_{name}") for name in units}
-            # busy until the statistics have taken in the unit that ended
-            m.d.comb += stats.busy.eq((busy | ~st.settled) | (dma_busy << 1))
+            settled = st.settled      # busy until they have taken in the unit that ended
+        m.d.comb += stats.busy.eq((busy | ~settled) | (dma_busy << 1))
         for name, value in units.items():
             m.d.comb += getattr(stats, name).eq(value)
         assert len(info.as_value()) == INFO_LAYOUT.size

@@ -2,11 +2,18 @@
 
 :class:`FrameRx` unstuffs received bytes into the frame buffer while computing the CRC, and
 reports each frame once its closing ``FLAG`` arrives: good, bad CRC, or too long. It then
-holds its input (``i.ready`` low) until the command decoder has answered, so a frame is
-never overwritten while it is being executed. A frame that stops arriving for ``timeout``
-cycles is dropped (the watchdog), and so is a body shorter than a header and a CRC.
+holds its input (``i.ready`` low, ``held`` high) until the command decoder has answered, so
+a frame is never overwritten while it is being executed. A frame that stops arriving for
+``timeout`` cycles is dropped (the watchdog), and so is a body shorter than a header and a
+CRC.
 
 :class:`FrameTx` sends a reply body as ``FLAG stuffed(body | crc32) FLAG``.
+
+The two take turns at one CRC-32 unit (:class:`SharedCrc`): the device only answers a
+frame it has received, and holds the receiver until the whole reply, CRC and closing flag
+included, has left, so the receiver never needs the CRC while the transmitter has it. A
+byte-wide CRC-32 is 32 flip-flops and a few hundred XOR inputs; the UP5K saves its second
+copy (``gateware/budget.py``'s framing block).
 """
 
 from amaranth.hdl import Module, Mux, Signal
@@ -15,7 +22,7 @@ from amaranth.lib.wiring import In, Out
 
 from .protocol import CRC, CRC_BYTES, ESC, ESC_XOR, FLAG, HEADER_BYTES, MAX_PAYLOAD
 
-__all__ = ["BUFFER_BYTES", "TX_BYTE", "FrameRx", "FrameTx", "RxStatus"]
+__all__ = ["BUFFER_BYTES", "TX_BYTE", "CrcPort", "FrameRx", "FrameTx", "RxStatus", "SharedCrc"]
 
 #: Largest frame body (header, payload, CRC): the frame buffer's size.
 BUFFER_BYTES = HEADER_BYTES + MAX_PAYLOAD + CRC_BYTES
@@ -29,6 +36,36 @@ class RxStatus(enum.IntEnum, shape=2):
     OK = 0
     BAD_CRC = 1
     TOO_LONG = 2
+
+
+class CrcPort:
+    class Signature(wiring.Signature):
+        """A user's side of a byte-wide CRC-32 (``amaranth.lib.crc.Processor``'s ports):
+        ``start``, ``data`` and ``valid`` out, the ``crc`` and ``match_detected`` in."""
+
+        def __init__(self):
+            super().__init__({"start": Out(1), "data": Out(8), "valid": Out(1),
+                              "crc": In(32), "match_detected": In(1)})
+
+
+class SharedCrc(wiring.Component):
+    """One CRC unit for the receiver and the transmitter: ``tx`` has it while ``tx_turn``
+    is high (the receiver holds a frame), ``rx`` otherwise."""
+
+    def __init__(self):
+        super().__init__({"rx": In(CrcPort.Signature()), "tx": In(CrcPort.Signature()),
+                          "tx_turn": In(1)})
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.unit = crc = CRC.create()
+        for user in (self.rx, self.tx):
+            m.d.comb += [user.crc.eq(crc.crc), user.match_detected.eq(crc.match_detected)]
+        user = {name: Mux(self.tx_turn, getattr(self.tx, name), getattr(self.rx, name))
+                for name in ("start", "data", "valid")}
+        m.d.comb += [crc.start.eq(user["start"]), crc.data.eq(user["data"]),
+                     crc.valid.eq(user["valid"])]
+        return m
 
 
 class FrameRx(wiring.Component):
@@ -46,6 +83,11 @@ class FrameRx(wiring.Component):
         The decoder is done with the frame in the buffer.
     errors : Out(16)
         Frames dropped: bad CRC, too long, too short, or timed out (saturating).
+    in_frame : Out(1)
+        Part of a frame has arrived.
+    held : Out(1)
+        A frame is reported and not yet acknowledged (the CRC unit is free meanwhile).
+    crc : Out(CrcPort.Signature())
     """
 
     def __init__(self, timeout):
@@ -56,16 +98,17 @@ class FrameRx(wiring.Component):
             "frame": Out(1), "status": Out(RxStatus), "length": Out(range(BUFFER_BYTES + 1)),
             "ack": In(1),
             "errors": Out(16),
-            "in_frame": Out(1),
+            "in_frame": Out(1), "held": Out(1),
+            "crc": Out(CrcPort.Signature()),
         })
 
     def elaborate(self, platform):
         m = Module()
-        m.submodules.crc_unit = crc = CRC.create()
+        crc = self.crc
         length = Signal(range(BUFFER_BYTES + 1))
         esc = Signal()
         overflow = Signal()
-        held = Signal()
+        held = self.held
         timer = Signal(range(self.timeout + 1))
         byte = self.i.payload
         take = Signal()
@@ -127,15 +170,16 @@ class FrameTx(wiring.Component):
     o : Out(stream.Signature(8))
     busy : Out(1)
         A frame is being sent.
+    crc : Out(CrcPort.Signature())
     """
 
     def __init__(self):
         super().__init__({"i": In(stream.Signature(TX_BYTE)), "o": Out(stream.Signature(8)),
-                          "busy": Out(1)})
+                          "busy": Out(1), "crc": Out(CrcPort.Signature())})
 
     def elaborate(self, platform):
         m = Module()
-        m.submodules.crc_unit = crc = CRC.create()
+        crc = self.crc
         cur = Signal(8)
         escaped = Signal()           # the ESC of the current byte has been sent
         k = Signal(range(CRC_BYTES))

@@ -126,7 +126,8 @@ def test_vector_through_the_device():
                                                           (WORDS - 2, 1)))),
         frame(8, Op.VECTOR, b"short"),
         frame(9, Op.READ, pack_fields(READ_ARGS, {"addr": 0, "words": 48})),
-        frame(10, Op.VECTOR, upd),
+        frame(10, Op.VECTOR, pack_fields(VEC_ARGS, vector_args(VecOp.TRANSPOSE, 16, 8,
+                                                           (100, 1), (120, 2)))),
         frame(11, Op.WRITE, pack_fields(WRITE_HEADER, {"addr": 60}) + bytes(4)),  # BUSY
         2000,
         frame(12, Op.STATS),

@@ -106,7 +106,7 @@ def in_range(buf, mem_words):
 def random_buffers(rng, mem_words, n):
     out = []
     for _ in range(n):
-        rows = int(rng.choice([1, 2, 3, int(rng.integers(1, 1 << 16))]))
+        rows = int(rng.choice([0, 1, 2, 3, int(rng.integers(1, 1 << 16))]))
         stride = int(rng.choice([0, 1, int(rng.integers(0, 1 << 16))]))
         words = int(rng.integers(1, 1 << 17))
         span = (rows - 1) * stride + words
@@ -117,13 +117,24 @@ def random_buffers(rng, mem_words, n):
     return out
 
 
-@pytest.mark.parametrize("mem_words", [512, 1 << 19])
+@pytest.mark.parametrize("mem_words", [512, 1 << 14, 1 << 19, 1 << 24])
 def test_bounds_check_is_the_rule(mem_words):
     """Random buffers placed at, just past and far beyond the end of memory, strides shorter
     than rows, unused buffers: the verdict is the rule's, in at most 19 cycles a buffer."""
     rng = np.random.default_rng(mem_words)
     dut = BoundsCheck(3, mem_words)
     cases = [random_buffers(rng, mem_words, 3) for _ in range(60)]
+    # at the edge of each term's saturation: a stride or a product just under, at and
+    # just over the memory, and a sum of in-range terms that passes its end
+    for stride, rows, words, addr in ((mem_words // 2, 3, 1, 0), (mem_words // 2, 2, 1, 0),
+                                      (mem_words - 1, 2, 1, 0), (mem_words, 2, 1, 0),
+                                      (mem_words, 3, 1, 0), (2 * mem_words + 1, 2, 1, 0),
+                                      (3, mem_words // 3 + 1, 1, 0), (0, 1, mem_words, 0),
+                                      (0, 1, mem_words, 1), (0, 1, 1, mem_words - 1),
+                                      (mem_words // 4, 3, mem_words // 4, mem_words // 4)):
+        cases.append([{"addr": addr, "stride": min(stride, (1 << 16) - 1),
+                       "rows": min(rows, (1 << 16) - 1), "words": min(words, (1 << 17) - 1),
+                       "written": 0, "used": 1}] * 3)
     cases.append([{"addr": 0, "stride": 0, "rows": 1, "words": 1, "written": 1, "used": 1},
                   {"addr": mem_words - 1, "stride": 9, "rows": 1, "words": 1, "written": 0,
                    "used": 1},
