@@ -6,7 +6,7 @@ A board top is :class:`gateware.device.Device` behind an 8N1 UART on the board's
 ============  ==================  =====  =====  ===========  ==========  ===============
 board         FPGA                array  words  clock        link        memory
 ============  ==================  =====  =====  ===========  ==========  ===============
-icebreaker    iCE40UP5K-SG48      1x4    32768  36 MHz PLL   12 Mbaud    SPRAM, 128 KB
+icebreaker    iCE40UP5K-SG48      1x8    32768  36 MHz PLL   12 Mbaud    SPRAM, 128 KB
 ulx3s-85f     ECP5 LFE5U-85F      8x16   16384  45 MHz PLL   3 Mbaud     EBR, 128 KB;
                                                                          SDRAM 32 MB
 ============  ==================  =====  =====  ===========  ==========  ===============
@@ -14,7 +14,9 @@ ulx3s-85f     ECP5 LFE5U-85F      8x16   16384  45 MHz PLL   3 Mbaud     EBR, 12
 On the iCEBreaker tensor memory is the UP5K's four SPRAMs (``Board.memory``,
 :class:`nibble.rtl.spram.SpramMemory`: two banks of 16K 32-bit words), and the element-wise
 unit has TRANSPOSE only (``Board.vec_ops``): UPDATE and REQUANT, with the master weights, are
-the host driver's (INFO tells it), which leaves the UP5K's DSPs to the lanes.
+the host driver's (INFO tells it), which leaves the UP5K's eight DSPs to the datapath: the
+lane's rescale takes two, and six of the row's eight PEs are DSP blocks (``Board.dsp_pes``,
+:class:`nibble.rtl.array.BroadcastRow`).
 
 On the ULX3S the device has its SDRAM (``Board.sdram``, a part of
 :data:`nibble.rtl.sdram.CHIPS`) behind the DMA: the controller's registered commands and
@@ -84,6 +86,7 @@ class Board:
     sdram: str | None = None  # a part of rtl.sdram.CHIPS on the board's `sdram` resource
     vec_ops: int = VEC_OPS_ALL  # the element-wise unit's operations (the rest on the host)
     memory: str = "bram"      # tensor memory: block RAM, or "spram" (the UP5K's SPRAM)
+    dsp_pes: int = 0          # PEs multiplying in a DSP (one-row arrays: rtl.array.BroadcastRow)
     seed: int = 1             # nextpnr's placement seed (the one docs/results.md was built with)
     nextpnr_opts: tuple = ()
     synth_opts: str = ""
@@ -98,9 +101,9 @@ class Board:
 
 BOARDS = {
     "icebreaker": Board("icebreaker", "amaranth_boards.icebreaker:ICEBreakerPlatform",
-                        rows=1, cols=4, mem_words=32768, baud=12_000_000, clk_hz=36_000_000,
+                        rows=1, cols=8, mem_words=32768, baud=12_000_000, clk_hz=36_000_000,
                         pll="ice40", synth_opts="-dsp", cable=("-b", "ice40_generic"),
-                        vec_ops=1 << VecOp.TRANSPOSE, memory="spram"),
+                        vec_ops=1 << VecOp.TRANSPOSE, memory="spram", dsp_pes=6),
     "ulx3s-85f": Board("ulx3s-85f", "amaranth_boards.ulx3s:ULX3S_85F_Platform",
                        rows=8, cols=16, mem_words=16384, baud=3_000_000, clk_hz=45_000_000,
                        pll="ecp5", sdram="is42s16160", nextpnr_opts=("--router", "router2"),
@@ -154,6 +157,9 @@ def resolve(name, rows=None, cols=None, baud=None, mem_words=None, clk_hz=None):
     changes = {k: v for k, v in (("rows", rows), ("cols", cols), ("baud", baud),
                                  ("mem_words", mem_words), ("clk_hz", clk_hz)) if v}
     board = dataclasses.replace(board, **changes)
+    # DSP PEs are a one-row array's; another shape keeps the board's DSPs for what fits
+    board = dataclasses.replace(board, dsp_pes=min(board.dsp_pes, board.cols)
+                                if board.rows == 1 else 0)
     if board.pll:                 # the clock the PLL makes, nearest at or below the target
         fin = board.make_platform().default_clk_frequency
         try:
@@ -171,9 +177,9 @@ class UartTop(wiring.Component):
     """
 
     def __init__(self, rows, cols, mem_words, clk_hz, divisor, sdram=None,
-                 vec_ops=VEC_OPS_ALL, memory="bram"):
+                 vec_ops=VEC_OPS_ALL, memory="bram", dsp_pes=0):
         self.rows, self.cols, self.mem_words, self.vec_ops = rows, cols, mem_words, vec_ops
-        self.memory = memory
+        self.memory, self.dsp_pes = memory, dsp_pes
         self.clk_hz, self.divisor, self.chip = clk_hz, divisor, sdram
         pins = {"sdram": Out(SdramPins.Signature(sdram))} if sdram else {}
         super().__init__({"rx": In(1, init=1), "tx": Out(1, init=1), "idle": Out(1), **pins})
@@ -184,7 +190,8 @@ class UartTop(wiring.Component):
         m.submodules.tx = tx = UARTTx(self.divisor)
         m.submodules.device = dev = Device(self.rows, self.cols, self.mem_words,
                                            clk_hz=self.clk_hz, sdram=self.chip,
-                                           vec_ops=self.vec_ops, memory=self.memory)
+                                           vec_ops=self.vec_ops, memory=self.memory,
+                                           dsp_pes=self.dsp_pes)
         if self.chip:
             wiring.connect(m, dev.sdram, wiring.flipped(self.sdram))
         m.d.comb += [rx.rx.eq(self.rx), self.tx.eq(tx.tx), self.idle.eq(dev.idle)]
@@ -231,7 +238,8 @@ class BoardTop(Elaboratable):
         m.submodules.uart_tx = uart_tx = io.Buffer("o", uart.tx)
         chip = CHIPS[b.sdram] if b.sdram else None
         m.submodules.top = top = UartTop(b.rows, b.cols, b.mem_words, b.clk_hz, self.divisor,
-                                         sdram=chip, vec_ops=b.vec_ops, memory=b.memory)
+                                         sdram=chip, vec_ops=b.vec_ops, memory=b.memory,
+                                         dsp_pes=b.dsp_pes)
         m.d.comb += [top.rx.eq(uart_rx.i), uart_tx.o.eq(top.tx)]
         if chip:
             self._sdram(m, platform, top.sdram, clk90)
@@ -407,7 +415,8 @@ def _configuration(board):
     scratch = board.mem_words * nib // 2
     sdram = CHIPS[board.sdram].bytes if board.sdram else 0
     return {"board": board.name, "rows": board.rows, "cols": board.cols,
-            "macs_per_cycle": board.rows * board.cols, "mem_words": board.mem_words,
+            "macs_per_cycle": board.rows * board.cols, "dsp_pes": board.dsp_pes,
+            "mem_words": board.mem_words,
             "word_nibbles": nib, "memory": board.memory,
             # what a model's training state can occupy: the on-chip memory the engine
             # streams from, and the SDRAM behind it (DMA)
@@ -444,7 +453,7 @@ def _budget(board, platform, out, total, progress):
     def core():
         return UartTop(board.rows, board.cols, board.mem_words, board.clk_hz,
                        divisor_for(board.clk_hz, board.baud), sdram=chip, vec_ops=board.vec_ops,
-                       memory=board.memory)
+                       memory=board.memory, dsp_pes=board.dsp_pes)
 
     def show(path):
         if progress:

@@ -52,7 +52,7 @@ BLOCKS = {
     "decoder": ["+device.decoder"],
     "transfer (WRITE, READ, STATS sums)": ["+device.transfer"],
     "reply (INFO, STATS)": ["+device.reply"],
-    "framing (CRC-32 both ways)": ["+device.rx", "+device.tx"],
+    "framing (CRC-32 both ways)": ["+device.rx", "+device.tx", "+device.crc_unit"],
     "UART": ["+rx", "+tx"],
 }
 

@@ -74,6 +74,9 @@ class Device(wiring.Component):
         Tensor memory: ``"bram"`` (:class:`~nibble.rtl.memory.BlockRAM`) or ``"spram"``
         (:class:`~nibble.rtl.spram.SpramMemory`, the UP5K's SPRAM: ``mem_words`` must be
         its size).
+    dsp_pes : int
+        PEs whose product is a hardware multiplier (a one-row array's, the UP5K's
+        SB_MAC16s: :class:`~nibble.rtl.array.BroadcastRow`); results are the same.
 
     Ports
     -----
@@ -90,8 +93,9 @@ class Device(wiring.Component):
     """
 
     def __init__(self, rows, cols, mem_words, clk_hz=0, timeout=None, sdram=None,
-                 vec_ops=VEC_OPS_ALL, memory="bram"):
+                 vec_ops=VEC_OPS_ALL, memory="bram", dsp_pes=0):
         self.rows, self.cols, self.mem_words, self.clk_hz = rows, cols, mem_words, clk_hz
+        self.dsp_pes = dsp_pes
         self.vec_ops, self.memory = vec_ops, memory
         self.nib = word_nibbles(rows, cols)
         if memory not in ("bram", "spram"):
@@ -113,13 +117,13 @@ class Device(wiring.Component):
         aw = (words - 1).bit_length()
         m.submodules.rx = rx = FrameRx(self.timeout)
         m.submodules.tx = tx = FrameTx()
-        m.submodules.crc = crc = SharedCrc()
+        m.submodules.crc_unit = crc = SharedCrc()
         wiring.connect(m, rx.crc, crc.rx)
         wiring.connect(m, tx.crc, crc.tx)
         m.submodules.decoder = dec = CommandDecoder(aw, nib, words, dma=self.chip is not None)
         m.submodules.transfer = xfer = Transfer(aw, nib)
         m.submodules.reply = reply = Reply()
-        m.submodules.engine = engine = GemmEngine(self.rows, self.cols, words)
+        m.submodules.engine = engine = GemmEngine(self.rows, self.cols, words, self.dsp_pes)
         units = [engine, xfer]                         # the decoder's transfer last
         if self.vec_ops:
             m.submodules.vec = vec = VectorUnit(self.rows, self.cols, words, self.vec_ops)

@@ -25,9 +25,11 @@ from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
+from .dsp import MulAdd
 from .formats import CODE_BITS, OPERAND_CFG, PE_ACC_BITS, PE_FP4_SHIFT_MAX, PE_PRODUCT_BITS
 
-__all__ = ["A_OPERAND", "B_OPERAND", "PE", "SystolicArray", "array_beat_layout", "lane_order"]
+__all__ = ["A_OPERAND", "B_OPERAND", "PE", "BroadcastRow", "SystolicArray", "array_beat_layout",
+           "lane_order", "make_array"]
 
 
 def _as_int5(code, is_signed):
@@ -270,6 +272,122 @@ class SystolicArray(wiring.Component):
                 self.lane_valid[g].eq(_or_tree(col_valid[g::R])),
             ]
         return m
+
+
+class BroadcastRow(wiring.Component):
+    """A 1 x C array: the :class:`SystolicArray`'s ports and lane order, without the skew.
+
+    With one row nothing needs to travel between PEs: each step's A code goes to all C PEs
+    in the same cycle (a fan-out of C) and is decoded once for the row instead of in every
+    PE. There is no skew of B (``C (C - 1) / 2`` code registers), no A passed along, no
+    column buses: the PEs finish a tile together, and a shift register of C sums, loaded
+    when they do, hands them to the lane one a cycle (tiles are at least C beats apart, as
+    in the systolic array, so it has emptied by the next load).
+
+    The first ``dsp_pes`` PEs multiply and accumulate in a DSP block (:class:`~nibble.rtl.
+    dsp.MulAdd`: ``o <- c + a * b``; A is the row's operand, an INT4/UINT4 value or an FP4
+    code's ``+-4^(eee-1)``, B the PE's code; ``c`` is ``o`` fed back, or 0 on the step after
+    a tile's last, which restarts the sum). The others are LUT PEs: the 5 x 5 product or
+    the FP4 sign and shift of :class:`PE`, and an accumulator in LUTs. Both are exact, so
+    a PE's kind changes no result.
+
+    Pipeline (both kinds): input register; the row's operand and the PEs' B values; the
+    product; the sum, loaded into the shift register in the cycle it holds a tile's total.
+
+    Parameters
+    ----------
+    cols : int
+    dsp_pes : int
+        How many PEs are DSP blocks (0 .. cols).
+    primitive : bool or None
+        Passed to each :class:`~nibble.rtl.dsp.MulAdd` (None: the SB_MAC16 on an iCE40).
+    """
+
+    def __init__(self, cols, dsp_pes=0, primitive=None):
+        if cols < 1 or not 0 <= dsp_pes <= cols:
+            raise ValueError(f"need cols >= 1 and 0 <= dsp_pes <= cols, got {cols}, {dsp_pes}")
+        self.rows, self.cols, self.dsp_pes, self.primitive = 1, cols, dsp_pes, primitive
+        self.latency = 5
+        super().__init__({
+            "en": In(1),
+            "cfg": In(OPERAND_CFG),
+            "beat": In(stream.Signature(array_beat_layout(1, cols))),
+            "lane_valid": Out(1),
+            "lane_data": Out(data.ArrayLayout(signed(PE_ACC_BITS), 1)),
+        })
+
+    max_in_flight = SystolicArray.max_in_flight
+
+    def elaborate(self, platform):
+        m = Module()
+        C, cfg = self.cols, self.cfg
+        # -- input: a beat or a bubble (zero codes), a last held until C beats have passed
+        since = Signal(range(C + 1), init=C)
+        take = Signal()
+        m.d.comb += [
+            self.beat.ready.eq(self.en & ~(self.beat.payload.last & (since < C - 1))),
+            take.eq(self.beat.valid & self.beat.ready),
+        ]
+        a_code = Signal(CODE_BITS)
+        b_code = [Signal(CODE_BITS, name=f"b{j}") for j in range(C)]
+        last = [Signal(name=f"last{k}") for k in range(4)]     # with the pipeline's stages
+        m.d.sync += [a_code.eq(Mux(take, self.beat.payload.a[0], 0)),
+                     *[b_code[j].eq(Mux(take, self.beat.payload.b[j], 0)) for j in range(C)],
+                     last[0].eq(take & self.beat.payload.last),
+                     *[last[k + 1].eq(last[k]) for k in range(3)]]
+        with m.If(take & self.beat.payload.last):
+            m.d.sync += since.eq(0)
+        with m.Elif(since < C):
+            m.d.sync += since.eq(since + 1)
+
+        # -- the row's A operand, decoded once
+        av = _as_int5(a_code, cfg.a_signed)
+        exp, sign = a_code[:3], a_code[3]
+        shamt = Mux(cfg.a_fp4 & (exp != 0), Cat(Const(0, 1), (exp - 1)[:3]), 0)
+        r_av, r_shamt = Signal(signed(5)), Signal(range(PE_FP4_SHIFT_MAX + 1))
+        r_fp, r_zero, r_sign = Signal(), Signal(), Signal()
+        x = Signal(signed(16))                  # DSP PEs: the value, +-4^(eee-1) for FP4
+        m.d.sync += [r_av.eq(av), r_shamt.eq(shamt), r_fp.eq(cfg.a_fp4),
+                     r_zero.eq(exp == 0), r_sign.eq(sign),
+                     x.eq(Mux(cfg.a_fp4, Mux(exp == 0, 0, Mux(sign, -(1 << shamt),
+                                                                1 << shamt)), av))]
+
+        # -- the PEs: the sum of each in the cycle after last[3] holds a tile's total
+        sums = []
+        for j in range(C):
+            bv = _as_int5(b_code[j], cfg.b_signed)
+            total = Signal(signed(PE_ACC_BITS), name=f"total{j}")
+            if j < self.dsp_pes:
+                mac = m.submodules[f"mac{j}"] = MulAdd(self.primitive)
+                m.d.comb += [mac.a.eq(x), mac.b.eq(bv), total.eq(mac.o),
+                             mac.c.eq(Mux(last[3], 0, mac.o))]
+            else:
+                r_bv = Signal(signed(5), name=f"bv{j}")
+                prod = Signal(signed(PE_PRODUCT_BITS), name=f"prod{j}")
+                base = Mux(r_fp, Mux(r_zero, 0, Mux(r_sign, -r_bv, r_bv)), _mul5(r_av, r_bv))
+                m.d.sync += [r_bv.eq(bv), prod.eq(base << r_shamt),
+                             total.eq(Mux(last[3], 0, total) + prod)]
+            sums.append(total)
+
+        # -- the tile's C sums, one a cycle to the lane
+        out = [Signal(signed(PE_ACC_BITS), name=f"out{j}") for j in range(C)]
+        left = Signal(range(C + 1))
+        with m.If(last[3]):
+            m.d.sync += [*[out[j].eq(sums[j]) for j in range(C)], left.eq(C)]
+        with m.Elif(left != 0):
+            m.d.sync += [*[out[j].eq(out[j + 1]) for j in range(C - 1)], left.eq(left - 1)]
+        m.d.comb += [self.lane_data[0].eq(out[0]), self.lane_valid.eq(left != 0)]
+        return m
+
+
+def make_array(rows, cols, dsp_pes=0, primitive=None):
+    """The array of an R x C datapath: a :class:`BroadcastRow` for one row, else the
+    :class:`SystolicArray` (whose PEs are all LUT PEs: ``dsp_pes`` must be 0)."""
+    if rows == 1:
+        return BroadcastRow(cols, dsp_pes, primitive)
+    if dsp_pes:
+        raise ValueError("DSP PEs are built in one-row arrays only")
+    return SystolicArray(rows, cols)
 
 
 def balanced(op, values):

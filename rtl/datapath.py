@@ -13,7 +13,7 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
-from .array import SystolicArray, array_beat_layout, balanced, lane_order
+from .array import array_beat_layout, balanced, lane_order, make_array
 from .formats import CLIP_SUM_BITS, LANE_BITS, OPERAND_CFG, PE_ACC_BITS, UINT4
 from .lane import LANE_CFG, LANE_OUT, OutputLane
 
@@ -25,6 +25,14 @@ DATAPATH_CFG = data.StructLayout({"operands": OPERAND_CFG, "lane": LANE_CFG})
 
 class Datapath(wiring.Component):
     """R x C array plus R output lanes.
+
+    Parameters
+    ----------
+    rows, cols : int
+    dsp_pes : int
+        PEs that are DSP blocks (one-row arrays only, see :func:`~rtl.array.make_array`).
+    primitive : bool or None
+        Their SB_MAC16 instantiated (True), modelled (False), or by the platform (None).
 
     Ports
     -----
@@ -44,8 +52,8 @@ class Datapath(wiring.Component):
         Sum of the lanes' clip statistic, as many cycles behind them.
     """
 
-    def __init__(self, rows, cols):
-        self.rows, self.cols = rows, cols
+    def __init__(self, rows, cols, dsp_pes=0, primitive=None):
+        self.rows, self.cols, self.dsp_pes, self.primitive = rows, cols, dsp_pes, primitive
         super().__init__({
             "cfg": In(DATAPATH_CFG),
             "beat": In(stream.Signature(array_beat_layout(rows, cols))),
@@ -59,7 +67,8 @@ class Datapath(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         R = self.rows
-        m.submodules.array = array = SystolicArray(self.rows, self.cols)
+        m.submodules.array = array = make_array(self.rows, self.cols, self.dsp_pes,
+                                                   self.primitive)
         lanes = [OutputLane() for _ in range(R)]
         m.d.comb += array.cfg.eq(self.cfg.operands)
         wiring.connect(m, wiring.flipped(self.beat), array.beat)

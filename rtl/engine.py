@@ -112,11 +112,11 @@ class GemmEngine(wiring.Component):
         Tensor memory: ``rd0`` A, ``rd1`` B, ``rd2`` mask codes, ``wr`` results.
     """
 
-    def __init__(self, rows, cols, mem_words):
+    def __init__(self, rows, cols, mem_words, dsp_pes=0):
         for x in (rows, cols, mem_words):
             if not _pow2(x):
                 raise ValueError(f"rows, cols and mem_words must be powers of two, got {x}")
-        self.rows, self.cols, self.mem_words = rows, cols, mem_words
+        self.rows, self.cols, self.mem_words, self.dsp_pes = rows, cols, mem_words, dsp_pes
         self.nib = nibbles = word_nibbles(rows, cols)
         self.aw = (mem_words - 1).bit_length()
         super().__init__({
@@ -174,7 +174,7 @@ class GemmEngine(wiring.Component):
         # -- operands into the datapath ------------------------------------------------------
         m.submodules.walker = walker = OperandWalker(R, C, aw, NIB, GEMM_CFG)
         m.submodules.fetch = fetch = OperandFetch(R, C, aw, NIB)
-        m.submodules.dp = dp = Datapath(R, C)
+        m.submodules.dp = dp = Datapath(R, C, self.dsp_pes)
         m.d.comb += [walker.cfg.eq(cfg), walker.launch.eq(launch), fetch.a_pair.eq(cfg.a_pair),
                      fetch.a_sel.eq(cfg.a_sel), dp.cfg.operands.eq(cfg.operands),
                      dp.cfg.lane.eq(cfg.lane), dp.clear.eq(launch), self.absmax.eq(dp.absmax),

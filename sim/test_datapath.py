@@ -1,6 +1,8 @@
 """cocotb: the datapath (array + output lanes) on whole GEMMs, bit-exact with the golden
 GEMMs, rescale and log4 quantizer, in all three modes (>= 100k output elements)."""
 
+import os
+
 import cocotb
 import numpy as np
 from cocotb.triggers import RisingEdge
@@ -28,6 +30,7 @@ from nibble.sim.vectors import record
 
 P = params()
 R, C = P["rows"], P["cols"]
+UNIT = os.environ.get("NIBBLE_UNIT", "datapath")     # the datapath's, or the row's
 BEAT = array_beat_layout(R, C)
 
 
@@ -96,7 +99,7 @@ async def raw_gemms_all_modes(dut):
                 gemm = random_gemm(rng, kinds, *random_shape(rng))
                 lane = lane_cfg(OutputPath.RAW, phase=phase_of(mode))
                 total += (await run_gemm(dut, rng, gemm, lane))[0]
-    record("datapath", "raw_gemms_all_modes", total)
+    record(UNIT, "raw_gemms_all_modes", total)
 
 
 @cocotb.test()
@@ -114,7 +117,7 @@ async def forward_rescale_path(dut):
             lane = lane_cfg(OutputPath.RESCALE, m=int(rng.integers(1 << 15, 1 << 16)), s=s,
                             relu=int(rng.integers(2)), out_signed=int(rng.integers(2)))
             total += (await run_gemm(dut, rng, gemm, lane))[0]
-    record("datapath", "forward_rescale_path", total)
+    record(UNIT, "forward_rescale_path", total)
 
 
 @cocotb.test()
@@ -134,7 +137,7 @@ async def backward_data_log4_path(dut):
             codes = rng.integers(0, 16, acc.shape)
             lane = lane_cfg(OutputPath.LOG4, exp=exp, mask=mask)
             total += (await run_gemm(dut, rng, gemm, lane, mask_matrix=codes))[0]
-    record("datapath", "backward_data_log4_path", total)
+    record(UNIT, "backward_data_log4_path", total)
 
 
 @cocotb.test()
@@ -160,7 +163,7 @@ async def volume(dut):
             lane = lane_cfg(OutputPath.RAW, phase=1)
             codes = None
         total += (await run_gemm(dut, rng, gemm, lane, codes, p_bubble=0.05, p_stall=0.1))[0]
-    record("datapath", "volume", total)
+    record(UNIT, "volume", total)
 
 
 @cocotb.test()
@@ -196,4 +199,4 @@ async def worst_case_accumulators(dut):
         gemm = Gemm(np.full((R, MAX_REDUCTION), a), np.full((MAX_REDUCTION, C), b), ak, bk)
         lane = lane_cfg(OutputPath.RAW, phase=phase_of(mode))
         total += (await run_gemm(dut, rng, gemm, lane, p_bubble=0, p_stall=0))[0]
-    record("datapath", "worst_case_accumulators", total)
+    record(UNIT, "worst_case_accumulators", total)

@@ -120,12 +120,12 @@ def test_budget_blocks_add_and_subtract(monkeypatch, tmp_path):
                                        4), "ice40", tmp_path,
                        total={"luts": 500, "ffs": None, "dsps": 9, "rams": 1})
         gc.collect()
-    assert "DMA and SDRAM controller" not in out and "SystolicArray" in seen
+    assert "DMA and SDRAM controller" not in out and "BroadcastRow" in seen
     assert out["array"]["luts"] == 40 and out["output lanes"]["luts"] == 30 - 40
     assert out["engine: walkers, fetch, writers"] == {"luts": 20 - 30 - 30, "ffs": None,
                                                       "dsps": 1 - 1 - 1, "rams": 0}
     assert out["reply (INFO, STATS)"]["luts"] == 20
-    assert out["UART"]["luts"] == 20 and out["framing (CRC-32 both ways)"]["dsps"] == 2
+    assert out["UART"]["luts"] == 20 and out["framing (CRC-32 both ways)"]["dsps"] == 3
     assert out["rest"]["luts"] == 500 - sum(v["luts"] for k, v in out.items() if k != "rest")
 
 
@@ -147,7 +147,7 @@ def test_a_report_describes_the_configuration_it_measured():
     model can use, on-chip and in the SDRAM."""
     from nibble.gateware.boards import _configuration
     ice, ulx = _configuration(BOARDS["icebreaker"]), _configuration(BOARDS["ulx3s-85f"])
-    assert (ice["macs_per_cycle"], ice["memory"], ice["tensor_memory_bytes"]) == \
-        (4, "spram", 32768 * 4)
+    assert (ice["macs_per_cycle"], ice["dsp_pes"], ice["memory"], ice["tensor_memory_bytes"]) \
+        == (8, 6, "spram", 32768 * 4)
     assert (ulx["macs_per_cycle"], ulx["memory"], ulx["sdram_bytes"]) == (128, "bram", 32 << 20)
     assert ulx["tensor_memory_bytes"] == 16384 * 8 + (32 << 20)

@@ -96,6 +96,41 @@ def test_datapath_raw_gemm(mode, shape):
         assert absmax == np.abs(want).max() and clip == 0
 
 
+@pytest.mark.parametrize("cols,dsp_pes", [(4, 0), (4, 4), (8, 6)])
+@pytest.mark.parametrize("mode", list(GemmMode))
+def test_broadcast_row_raw_gemm(mode, cols, dsp_pes):
+    """The one-row array (rtl.array.BroadcastRow) with LUT and DSP PEs side by side: whole
+    GEMMs (partial tiles, tiles shorter than C, bubbles and stalls) in RAW, exact."""
+    rng = np.random.default_rng([int(mode.value), cols, dsp_pes])
+    for kinds in MODE_KINDS[mode]:
+        gemm = random_gemm(rng, kinds, 3, 9, 11)
+        phase = 1 if mode is GemmMode.BACKWARD_WEIGHT else 0
+        got, (absmax, _), _ = run_datapath(Datapath(1, cols, dsp_pes), gemm,
+                                           lane_cfg(OutputPath.RAW, phase=phase),
+                                           seed=int(rng.integers(1 << 30)))
+        want = golden_acc(gemm, phase)
+        np.testing.assert_array_equal(got, want)
+        assert absmax == np.abs(want).max()
+
+
+@pytest.mark.parametrize("dsp_pes", [0, 4])
+def test_broadcast_row_every_code_pair(dsp_pes):
+    """Every A code against every B code in every operand kind, tiles of one step (the
+    product alone), on LUT and DSP PEs."""
+    from nibble.host.golden.tiling import Gemm
+    for a_kind, b_kind in [(Operand.UINT4, Operand.INT4), (Operand.INT4, Operand.UINT4),
+                           (Operand.FP4, Operand.INT4), (Operand.FP4, Operand.UINT4)]:
+        a = np.array([[_value(a_kind, c) if a_kind is not Operand.FP4 else c
+                       for c in range(16)]])                       # 1 x 16: one step each
+        a = a.T.reshape(16, 1)                                     # M = 16, L = 1
+        b = np.array([[_value(b_kind, c) for c in (0, 5, 8 + 7 * (b_kind is Operand.UINT4),
+                                                   15 if b_kind is Operand.UINT4 else 7)]])
+        gemm = Gemm(a, b, a_kind, b_kind)
+        got, _, _ = run_datapath(Datapath(1, 4, dsp_pes), gemm, lane_cfg(OutputPath.RAW),
+                                 p_bubble=0, p_stall=0)
+        np.testing.assert_array_equal(got, golden_acc(gemm, 0))
+
+
 def test_datapath_worst_case_accumulators():
     """Extreme operands at full length saturate nothing: +-2^27 * 2 in backward modes."""
     # FP4 top code (eee = 7) times -8 for MAX_REDUCTION steps, phase 1: the extreme the

@@ -27,7 +27,8 @@ __all__ = ["PYSIM_DEVICE", "PysimTransport"]
 #: The pysim device by default: the simulated device's array with a smaller memory (the
 #: simulator keeps every word as a Python integer) and a short watchdog.
 PYSIM_DEVICE = {"rows": 2, "cols": 4, "words": 1 << 14, "clk_hz": 36_000_000,
-                "timeout": 4096, "sdram": "", "vec_ops": VEC_OPS_ALL, "memory": "bram"}
+                "timeout": 4096, "sdram": "", "vec_ops": VEC_OPS_ALL, "memory": "bram",
+                "dsp_pes": 0}
 
 
 class _WithSdram(wiring.Component):
@@ -56,10 +57,10 @@ class PysimTransport:
 
     def __init__(self, rows=2, cols=4, words=1 << 14, clk_hz=36_000_000, timeout=4096,
                  max_cycles=2_000_000, idle_cycles=2048, sdram="", vec_ops=VEC_OPS_ALL,
-                 memory="bram"):
+                 memory="bram", dsp_pes=0):
         chip = CHIPS[sdram] if sdram else None
         self.dut = Device(rows, cols, words, clk_hz=clk_hz, timeout=timeout, sdram=chip,
-                          vec_ops=vec_ops, memory=memory)
+                          vec_ops=vec_ops, memory=memory, dsp_pes=dsp_pes)
         top = self.dut
         if chip:                     # the chip model on the device's SDRAM pins
             model = SdramChipModel(chip, clk_hz)

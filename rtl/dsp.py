@@ -1,0 +1,87 @@
+"""A multiply-add on the iCE40UP5K's DSP block (SB_MAC16), and its simulation model.
+
+:class:`MulAdd` computes ``o <- c + a * b`` through two pipeline registers: ``b`` and the
+product are registered inside the block, the sum is its output register. A one-row array's
+PE (:class:`~nibble.rtl.array.BroadcastRow`) is one of these and the LUTs that feed the sum
+back: ``c`` is the PE's own ``o`` while a tile runs and 0 on the step after its last, so the
+accumulator, its restart and the product register all live in the block, and the PE costs
+the 29 LUTs of that gate (an accumulator in LUTs and a registered product cost ~80 LCs).
+
+yosys's ``synth_ice40 -dsp`` maps a ``*`` to an SB_MAC16 but packs neither the product's
+register nor the adder into it, so the block is instantiated directly when the component is
+elaborated for an iCE40 platform (as :class:`~nibble.rtl.spram.Spram` is), and elsewhere
+(the Amaranth simulator, the Verilator system model, another FPGA) the same behaviour is
+built from Amaranth arithmetic. The primitive's configuration (``SB_MAC16_PARAMS``) is
+checked against yosys's own model of the block (``share/ice40/cells_sim.v``) on Verilator by
+the ``row_ice40`` cocotb unit (``sim/runner.py``), which runs the datapath suite on the
+one-row array built with the primitive.
+
+Configuration: a signed 16 x 16 multiply, the product registered (``PIPELINE_16x16_MULT_
+REG2``); the upper 16-bit adder sums the product's top half and ``C``, the lower one its
+bottom half and ``D``, the lower's carry into the upper (a 32-bit add); both outputs
+registered. ``B`` is registered at the block's input (``B_REG``), ``A`` is not (a one-row
+array shares one registered ``A`` among its PEs).
+"""
+
+from amaranth.hdl import ClockSignal, Const, Instance, Module, Signal, signed
+from amaranth.lib import wiring
+from amaranth.lib.wiring import In, Out
+
+__all__ = ["SB_MAC16_PARAMS", "MulAdd", "is_ice40"]
+
+#: The SB_MAC16's parameters for :class:`MulAdd` (names as in yosys's cells_sim.v).
+SB_MAC16_PARAMS = {
+    "A_SIGNED": 1, "B_SIGNED": 1, "MODE_8x8": 0,
+    "A_REG": 0, "B_REG": 1, "C_REG": 0, "D_REG": 0,
+    "TOP_8x8_MULT_REG": 0, "BOT_8x8_MULT_REG": 0,
+    "PIPELINE_16x16_MULT_REG1": 0, "PIPELINE_16x16_MULT_REG2": 1,
+    "TOPADDSUB_LOWERINPUT": 2, "TOPADDSUB_UPPERINPUT": 1, "TOPADDSUB_CARRYSELECT": 2,
+    "BOTADDSUB_LOWERINPUT": 2, "BOTADDSUB_UPPERINPUT": 1, "BOTADDSUB_CARRYSELECT": 0,
+    "TOPOUTPUT_SELECT": 1, "BOTOUTPUT_SELECT": 1, "NEG_TRIGGER": 0,
+}
+_WIDTHS = {"TOPADDSUB_LOWERINPUT": 2, "TOPADDSUB_CARRYSELECT": 2, "BOTADDSUB_LOWERINPUT": 2,
+           "BOTADDSUB_CARRYSELECT": 2, "TOPOUTPUT_SELECT": 2, "BOTOUTPUT_SELECT": 2}
+
+
+def is_ice40(platform):
+    """Whether ``platform`` is an iCE40's (its primitives can be instantiated)."""
+    return "iCE40" in str(getattr(platform, "device", ""))
+
+
+class MulAdd(wiring.Component):
+    """``o <- c + a * b`` (modulo 2^32), two cycles after ``b`` and one after ``a`` and
+    ``c``: ``b`` is sampled at a clock edge, ``a`` (held) and that ``b`` multiply at the
+    next, and ``c`` adds to the product at the one after.
+
+    ``primitive``: instantiate SB_MAC16 (True), build the model (False), or decide by the
+    platform (None: the primitive on an iCE40).
+
+    Ports
+    -----
+    a, b : In(signed(16))
+    c : In(signed(32))
+    o : Out(signed(32))
+    """
+
+    def __init__(self, primitive=None):
+        self.primitive = primitive
+        super().__init__({"a": In(signed(16)), "b": In(signed(16)), "c": In(signed(32)),
+                          "o": Out(signed(32))})
+
+    def elaborate(self, platform):
+        m = Module()
+        prim = is_ice40(platform) if self.primitive is None else self.primitive
+        if prim:
+            params = {f"p_{k}": Const(v, _WIDTHS.get(k, 1)) for k, v in SB_MAC16_PARAMS.items()}
+            zero = {f"i_{k}": 0 for k in (
+                "AHOLD", "BHOLD", "CHOLD", "DHOLD", "IRSTTOP", "IRSTBOT", "ORSTTOP", "ORSTBOT",
+                "OLOADTOP", "OLOADBOT", "ADDSUBTOP", "ADDSUBBOT", "OHOLDTOP", "OHOLDBOT", "CI",
+                "ACCUMCI", "SIGNEXTIN")}
+            m.submodules.mac = Instance(
+                "SB_MAC16", **params, **zero, i_CLK=ClockSignal("sync"), i_CE=1,
+                i_A=self.a, i_B=self.b, i_C=self.c[16:], i_D=self.c[:16], o_O=self.o,
+                o_CO=Signal(), o_ACCUMCO=Signal(), o_SIGNEXTOUT=Signal())     # (unused)
+            return m
+        b, product = Signal(signed(16)), Signal(signed(32))
+        m.d.sync += [b.eq(self.b), product.eq(self.a * b), self.o.eq(self.c + product)]
+        return m
