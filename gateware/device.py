@@ -33,6 +33,7 @@ from nibble.rtl.formats import VEC_OPS_ALL, VecOp, word_nibbles
 from nibble.rtl.memory import BlockRAM, TensorArbiter, TensorBus
 from nibble.rtl.sdram import BURST_BITS, SdramController, SdramPins
 from nibble.rtl.spram import SpramMemory, spram_words
+from nibble.rtl.transpose import Transposer
 from nibble.rtl.vector import VEC_CFG, VectorUnit
 
 from .decoder import CommandDecoder, Phase
@@ -69,7 +70,8 @@ class Device(wiring.Component):
     vec_ops : int
         The element-wise unit's operations (a mask, bit ``VecOp``; INFO reports it). With
         none the device has no element-wise unit and refuses every VECTOR command (its
-        range check fails, as for an operation a unit lacks); the host runs them.
+        range check fails, as for an operation a unit lacks); the host runs them. With
+        TRANSPOSE alone the unit is the lean :class:`~nibble.rtl.transpose.Transposer`.
     memory : str
         Tensor memory: ``"bram"`` (:class:`~nibble.rtl.memory.BlockRAM`) or ``"spram"``
         (:class:`~nibble.rtl.spram.SpramMemory`, the UP5K's SPRAM: ``mem_words`` must be
@@ -126,7 +128,9 @@ class Device(wiring.Component):
         m.submodules.engine = engine = GemmEngine(self.rows, self.cols, words, self.dsp_pes)
         units = [engine, xfer]                         # the decoder's transfer last
         if self.vec_ops:
-            m.submodules.vec = vec = VectorUnit(self.rows, self.cols, words, self.vec_ops)
+            m.submodules.vec = vec = (
+                Transposer(self.rows, self.cols, words) if self.vec_ops == 1 << VecOp.TRANSPOSE
+                else VectorUnit(self.rows, self.cols, words, self.vec_ops))
             units.insert(1, vec)
         if self.chip:
             m.submodules.dma = dma = Dma(aw, nib, words, self.chip)

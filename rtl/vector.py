@@ -47,8 +47,10 @@ queue cannot overflow. UPDATE reads and writes the same words, but each element'
 are read once, before its own writes, so the pipeline needs no hazard check.
 
 A unit may be built with only some operations (``ops``; INFO's ``vec_ops`` tells the host,
-whose driver runs the others itself, bit for bit, on buffers it reads back): the UP5K's has
-TRANSPOSE alone, 1,367 LCs and no DSP against 3,491 LCs and all 8 DSPs with the arithmetic.
+whose driver runs the others itself, bit for bit, on buffers it reads back): with TRANSPOSE
+alone it is 1,367 UP5K LCs and no DSP against 3,491 LCs and all 8 DSPs with the arithmetic.
+A device with TRANSPOSE alone (the UP5K's) builds :class:`~nibble.rtl.transpose.Transposer`
+instead, which does only that in 903 LCs with its range check.
 
 Buffers are checked by the same :class:`~rtl.bounds.BoundsCheck` as a GEMM's
 (``OUT_OF_RANGE`` when any lies outside the memory, a dimension is 0, or a written row

@@ -9,6 +9,7 @@ from nibble.host.device.emu import vector_apply, vector_check
 from nibble.host.device.layout import pack, unpack
 from nibble.host.golden.numerics import master_update, requantize, sawb_sums
 from nibble.rtl.formats import MASTER_MAX, MASTER_MIN, VEC_OPS_ALL, VecOp, word_nibbles
+from nibble.rtl.transpose import Transposer
 from nibble.rtl.vector import VEC_CFG, VectorUnit
 from tests.support import random_memory, random_vector_cfgs, run_commands
 
@@ -142,3 +143,53 @@ def test_update_roundtrip_pack():
     w = np.array([[MASTER_MIN, -1, 0, MASTER_MAX]])
     raw = pack(w & 0xFFFFFFFF, 8, nib)
     assert (unpack(raw, 1, 4, 8, nib, None, 32) == w).all()
+
+
+def run_transposer(rows, cols, words, mem_bytes, cfgs, flaky=None):
+    """Run VECTOR commands on the TRANSPOSE-only unit; returns (memory, [(ok, cycles)])."""
+    unit = Transposer(rows, cols, words)
+    return run_commands(unit, VEC_CFG, words, mem_bytes, cfgs,
+                        lambda ctx, ok: (ok, ctx.get(unit.cycles)), flaky)
+
+
+@pytest.mark.parametrize("rows,cols,flaky", [(1, 8, None), (2, 4, None), (1, 8, 3),
+                                             (4, 16, 4)])
+def test_transposer_is_the_units_transpose(rows, cols, flaky):
+    """The lean TRANSPOSE-only unit (rtl/transpose.py) against the emulator: random
+    transposes of codes and FP4 pairs at random places, and the other operations refused
+    (unchanged memory), on a memory that grants every request or only some; n + 3 cycles
+    for n elements when it grants them all."""
+    words = 256
+    rng = np.random.default_rng([rows, cols, flaky or 0])
+    mem = random_memory(rng, words, rows, cols)
+    cfgs = random_vector_cfgs(rng, rows, cols, words)
+    cfgs += [c for c in random_vector_cfgs(rng, rows, cols, words)
+             if c["op"] == VecOp.TRANSPOSE]
+    want = bytearray(mem)
+    ops = 1 << VecOp.TRANSPOSE
+    for cfg in cfgs:
+        if vector_check(cfg, rows, cols, words, ops):
+            vector_apply(want, cfg, rows, cols)
+    got, results = run_transposer(rows, cols, words, bytes(mem), cfgs, flaky)
+    assert got == bytes(want)
+    assert [ok for ok, _ in results] == [c["op"] == VecOp.TRANSPOSE for c in cfgs]
+    for (ok, cycles), cfg in zip(results, cfgs, strict=True):
+        if ok and flaky is None:
+            assert cycles == cfg["rows"] * cfg["cols"] + 3, (cycles, cfg)
+
+
+def test_transposer_rejects_out_of_range():
+    """Buffers past the memory's end, overlapping rows of B, zero dimensions: refused, as
+    the emulator's check refuses them, and nothing written."""
+    rows, cols, words = 1, 8, 256
+    rng = np.random.default_rng(11)
+    mem = random_memory(rng, words, rows, cols)
+    base = vector_args(VecOp.TRANSPOSE, 4, 9, (0, 2), (64, 1))
+    cfgs = [dict(base, b_addr=words - 8), dict(base, b_stride=0), dict(base, rows=0),
+            dict(base, a_addr=words - 1), dict(base, pair=1, rows=5, b_stride=1), base]
+    got, results = run_transposer(rows, cols, words, bytes(mem), cfgs)
+    want = bytearray(mem)
+    verdicts = [vector_check(c, rows, cols, words) for c in cfgs]
+    assert verdicts == [False, False, False, False, False, True]
+    vector_apply(want, base, rows, cols)
+    assert [ok for ok, _ in results] == verdicts and got == bytes(want)
