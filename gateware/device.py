@@ -142,7 +142,8 @@ class Device(wiring.Component):
             m.d.comb += [dma.cfg.eq(dec.dma_args), dma.start.eq(dec.dma_start)]
         m.submodules.arbiter = arb = TensorArbiter(
             TensorBus.Signature(addr_width=aw, nibbles=nib), len(units),
-            write_first=units.index(dma) if self.chip else None)
+            write_first=units.index(dma) if self.chip else None,
+            held=[unit.held_reads for unit in units])
         m.submodules.mem = mem = (SpramMemory(nib, hold=False)   # the arbiter holds words
                                   if self.memory == "spram" else BlockRAM(words, nib))
         wiring.connect(m, wiring.flipped(self.i), rx.i)

@@ -64,6 +64,7 @@ class Transfer(wiring.Component):
 
     def __init__(self, addr_width, nibbles):
         self.nib = nibbles
+        self.held_reads = ("rd0",)  # a READ word's bytes go out one a cycle
         super().__init__({
             "ctl": In(TransferControl.Signature(addr_width)),
             "sum_abs": Out(32), "sum_sq": Out(32),

@@ -119,6 +119,7 @@ class Dma(wiring.Component):
         self.aw, self.nib, self.mem_words, self.chip = addr_width, nibbles, mem_words, chip
         self.wpb = words_per_burst(nibbles)
         self.ext_bursts = chip.bytes // (BURST_BITS // 8)
+        self.held_reads = ("rd0",)  # a STORE's words wait in its reader for the burst
         super().__init__({
             "cfg": In(DMA_CFG), "start": In(1), "busy": Out(1), "checked": Out(1),
             "ok": Out(1), "cycles": Out(32),

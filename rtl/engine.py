@@ -90,6 +90,9 @@ def _pow2(x):
 class GemmEngine(wiring.Component):
     """Runs one GEMM at a time from tensor memory into tensor memory.
 
+    ``held_reads``: its A and B words wait in their readers for each other and for the
+    array, so the memory's arbiter holds them; its mask words are taken as they arrive.
+
     Ports
     -----
     cfg : In(GEMM_CFG)
@@ -119,6 +122,7 @@ class GemmEngine(wiring.Component):
         self.rows, self.cols, self.mem_words, self.dsp_pes = rows, cols, mem_words, dsp_pes
         self.nib = nibbles = word_nibbles(rows, cols)
         self.aw = (mem_words - 1).bit_length()
+        self.held_reads = ("rd0", "rd1")
         super().__init__({
             "cfg": In(GEMM_CFG), "start": In(1), "checked": Out(1), "ok": Out(1),
             "busy": Out(1), "cycles": Out(32), "beats": Out(32), "absmax": Out(LANE_BITS),

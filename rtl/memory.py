@@ -150,10 +150,16 @@ class TensorArbiter(wiring.Component):
     ``write_first`` names a unit that goes before the others on the write port (the DMA:
     its loads arrive at the SDRAM's pace, a quarter of the port, and a unit that only gets
     the cycles a backward-weight GEMM's lanes leave, none, would hold up the next tile; the
-    lanes' writes wait in their streams instead, for as many cycles as the load takes)."""
+    lanes' writes wait in their streams instead, for as many cycles as the load takes).
 
-    def __init__(self, signature, n, write_first=None):
+    ``held`` lists, per unit, the read ports (``"rd0"`` ...) whose words it reads after the
+    cycle they arrive (its ``held_reads``; default: every port). A unit that takes each word
+    in the cycle it arrives needs no register: its port shows the memory's output, which is
+    its word in that cycle (on the UP5K a held 32-bit word is about 64 LCs)."""
+
+    def __init__(self, signature, n, write_first=None, held=None):
         self.n, self.write_first = n, write_first
+        self.held = held if held is not None else [("rd0", "rd1", "rd2")] * n
         super().__init__({"units": In(signature).array(n), "mem": Out(signature)})
 
     def elaborate(self, platform):
@@ -180,6 +186,9 @@ class TensorArbiter(wiring.Component):
                 with m.If(~taken & q.en):
                     m.d.comb += [p.addr.eq(q.addr), p.en.eq(1)]
                 taken = taken | q.en
+                if f"rd{j}" not in self.held[k]:
+                    m.d.comb += q.data.eq(p.data)
+                    continue
                 arrived = Signal(name=f"arrived{k}_rd{j}")
                 held = Signal.like(q.data, name=f"held{k}_rd{j}")
                 m.d.sync += [arrived.eq(grant), held.eq(q.data)]

@@ -43,6 +43,7 @@ class Transposer(wiring.Component):
         self.mem_words = mem_words
         self.nib = word_nibbles(rows, cols)
         self.aw = (mem_words - 1).bit_length()
+        self.held_reads = ()        # a word's element enters the queue as it arrives
         self.entry = data.StructLayout({"val": 8, "addr": self.aw,
                                         "off": range(self.nib)})
         super().__init__({

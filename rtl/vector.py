@@ -190,6 +190,7 @@ class VectorUnit(wiring.Component):
         self.mem_words = mem_words
         self.nib = word_nibbles(rows, cols)
         self.aw = (mem_words - 1).bit_length()
+        self.held_reads = ()        # stage 1 takes the words in the cycle they arrive
         #: A queue entry: one element's values (UPDATE: v', then w'; else one value). Where
         #: they go is the write side's own walk (elements are written in the order read).
         arith = self.has(VecOp.UPDATE) or self.has(VecOp.REQUANT)

@@ -77,16 +77,17 @@ def test_the_rtl_trains_bit_identically_to_the_emulator(small):
 
 @pytest.mark.parametrize("vec_ops", [1, 0])
 def test_a_unit_without_update_keeps_the_masters_on_the_host(small, vec_ops):
-    """The iCEBreaker's configuration through the RTL (a 1x4 array, tensor memory in SPRAM
-    banks, the element-wise unit with TRANSPOSE alone, INFO vec_ops 1, or none at all):
+    """The iCEBreaker's configuration through the RTL (a 1x8 array with six DSP PEs, tensor
+    memory in SPRAM banks, the element-wise unit with TRANSPOSE alone, INFO vec_ops 1, or
+    none at all):
     masters='auto' keeps the master weights on the host, and two steps of a 16-8-4 MLP are
     bit-identical to emu:// running UPDATE and REQUANT on its element-wise unit."""
     d = Dataset("tiny", small.x_train[:16, :16], small.y_train[:16] % 4,
                 small.x_test[:8, :16], small.y_test[:8] % 4, classes=4)
     cfg = DeviceTrainConfig(sizes=[16, 8, 4], batch_size=8, lr=0.1)
     runs, masters = [], []
-    for url in (f"pysim://?rows=1&cols=4&vec_ops={vec_ops}&memory=spram&words=32768",
-                "emu://?rows=1&cols=4"):
+    for url in (f"pysim://?rows=1&cols=8&dsp_pes=6&vec_ops={vec_ops}&memory=spram"
+                "&words=32768", "emu://?rows=1&cols=8"):
         with Device.open(url) as dev:
             r = train_on_device(dev, d, cfg, 1, progress=False)
             masters.append(r["model"].cfg.masters)
@@ -245,7 +246,7 @@ def test_a_model_the_device_cannot_hold_says_what_it_needs():
 @pytest.mark.long
 def test_the_simulated_icebreaker_trains_digits_within_a_point_of_fp32():
     """The digits MLP 64-32-10 for 10 epochs on the Verilator model in the iCEBreaker's
-    configuration (1x4 array, SPRAM tensor memory, the master weights on the host, since its
+    configuration (1x8 array, SPRAM tensor memory, the master weights on the host, since its
     element-wise unit only transposes): bit-identical to emu:// in that configuration, and
     within a point of fp32 on the host (``make bench-train`` reports the same run)."""
     from nibble.host.bench.train import icebreaker_digits

@@ -36,11 +36,12 @@ def test_random_gemms_on_the_rtl():
 
 
 def test_random_gemms_on_the_rtl_in_spram():
-    """The iCEBreaker's configuration behind the driver (a 1x4 array, tensor memory in two
-    SPRAM banks): every mode and path bit for bit, the buffers laid out from just below
-    the banks' boundary, so that streams collide in either bank and some buffers straddle
-    it."""
-    with Device.open("pysim://?rows=1&cols=4&memory=spram&words=32768&vec_ops=1") as dev:
+    """The iCEBreaker's configuration behind the driver (a 1x8 array, six of its PEs DSP
+    blocks, tensor memory in two SPRAM banks): every mode and path bit for bit, the
+    buffers laid out from just below the banks' boundary, so that streams collide in either
+    bank and some buffers straddle it."""
+    with Device.open("pysim://?rows=1&cols=8&dsp_pes=6&memory=spram&words=32768"
+                     "&vec_ops=1") as dev:
         run_random_gemms(dev, np.random.default_rng(14), 9, 12, base=16384 - 24)
 
 

@@ -20,9 +20,9 @@ from nibble.rtl.memory import (
 class Shared(wiring.Component):
     """Three buses through the arbiter onto block RAM."""
 
-    def __init__(self, words=16, nibbles=8, n=3, write_first=None):
+    def __init__(self, words=16, nibbles=8, n=3, write_first=None, held=None):
         sig = TensorBus.Signature(addr_width=(words - 1).bit_length(), nibbles=nibbles)
-        self.arbiter = TensorArbiter(sig, n, write_first)
+        self.arbiter = TensorArbiter(sig, n, write_first, held)
         self.ram = BlockRAM(words, nibbles)
         super().__init__({"units": wiring.In(sig).array(n)})
 
@@ -35,15 +35,18 @@ class Shared(wiring.Component):
         return m
 
 
-@pytest.mark.parametrize("write_first", [None, 2])
-def test_ports_go_to_the_first_asker_and_each_unit_keeps_its_words(write_first):
+@pytest.mark.parametrize("write_first,held", [(None, None), (2, None),
+                                               (None, [("rd0", "rd1"), (), ("rd2",)])])
+def test_ports_go_to_the_first_asker_and_each_unit_keeps_its_words(write_first, held):
     """Three units ask for random ports at random: each cycle every port goes to the first
     unit asking for it (on the write port ``write_first`` before the others; the others see
     ``ready`` low and change nothing), writes land with their nibble enables, and each
     unit's read port shows the word of its own last granted read, however many reads of
-    other units came since."""
+    other units came since; a port not in the unit's ``held`` shows the word in the cycle
+    it arrives."""
     words, nib, n = 16, 8, 3
-    dut = Shared(words, nib, n, write_first)
+    dut = Shared(words, nib, n, write_first, held)
+    held = held or [("rd0", "rd1", "rd2")] * n
     w_order = list(range(n))
     if write_first is not None:
         w_order.insert(0, w_order.pop(write_first))
@@ -80,6 +83,10 @@ def test_ports_go_to_the_first_asker_and_each_unit_keeps_its_words(write_first):
                 addr, data, en = reqs[w_owner][0]
                 mask = sum(0xF << (4 * i) for i in range(nib) if en >> i & 1)
                 mem[addr] = (mem[addr] & ~mask) | (data & mask)
+            for k in range(n):
+                for j in range(3):
+                    if f"rd{j}" not in held[k]:
+                        last[k][j] = None               # only the cycle it arrives
             for j, k in enumerate(r_owner):
                 if k is not None:
                     last[k][j] = before[reqs[k][1][j][0]]
