@@ -303,6 +303,11 @@ class BroadcastRow(wiring.Component):
         Passed to each :class:`~nibble.rtl.dsp.MulAdd` (None: the SB_MAC16 on an iCE40).
     """
 
+    #: A DSP PE's A operand: an integer code's value or +-4^(eee-1), 16 bits signed; the
+    #: block adds modulo 2^32, and a tile's sum fits PE_ACC_BITS (rtl/formats.py), so its
+    #: low PE_ACC_BITS bits are the sum.
+    assert 1 << PE_FP4_SHIFT_MAX < 1 << 15 and PE_ACC_BITS <= 32
+
     def __init__(self, cols, dsp_pes=0, primitive=None):
         if cols < 1 or not 0 <= dsp_pes <= cols:
             raise ValueError(f"need cols >= 1 and 0 <= dsp_pes <= cols, got {cols}, {dsp_pes}")

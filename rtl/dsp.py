@@ -5,10 +5,11 @@ product are registered inside the block, the sum is its output register. A one-r
 PE (:class:`~nibble.rtl.array.BroadcastRow`) is one of these and the LUTs that feed the sum
 back: ``c`` is the PE's own ``o`` while a tile runs and 0 on the step after its last, so the
 accumulator, its restart and the product register all live in the block, and the PE costs
-the 29 LUTs of that gate (an accumulator in LUTs and a registered product cost ~80 LCs).
+little more than the LUTs of that gate: on the UP5K a 1 x 4 row is 948 LCs with LUT PEs and
+206 with four of these (``gateware/budget.py``'s packing of the row alone).
 
 yosys's ``synth_ice40 -dsp`` maps a ``*`` to an SB_MAC16 but packs neither the product's
-register nor the adder into it, so the block is instantiated directly when the component is
+register nor the adder into it (that PE was ~80 LCs more), so the block is instantiated directly when the component is
 elaborated for an iCE40 platform (as :class:`~nibble.rtl.spram.Spram` is), and elsewhere
 (the Amaranth simulator, the Verilator system model, another FPGA) the same behaviour is
 built from Amaranth arithmetic. The primitive's configuration (``SB_MAC16_PARAMS``) is
