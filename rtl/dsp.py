@@ -9,10 +9,11 @@ little more than the LUTs of that gate: on the UP5K a 1 x 4 row is 948 LCs with 
 206 with four of these (``gateware/budget.py``'s packing of the row alone).
 
 yosys's ``synth_ice40 -dsp`` maps a ``*`` to an SB_MAC16 but packs neither the product's
-register nor the adder into it (that PE was ~80 LCs more), so the block is instantiated directly when the component is
-elaborated for an iCE40 platform (as :class:`~nibble.rtl.spram.Spram` is), and elsewhere
-(the Amaranth simulator, the Verilator system model, another FPGA) the same behaviour is
-built from Amaranth arithmetic. The primitive's configuration (``SB_MAC16_PARAMS``) is
+register nor the adder into it (that PE was ~80 LCs more), so the block is instantiated
+directly when the component is elaborated for an iCE40 platform (as
+:class:`~nibble.rtl.spram.Spram` is), and elsewhere (the Amaranth simulator, the Verilator
+system model, another FPGA) the same behaviour is built from Amaranth arithmetic.
+The primitive's configuration (``SB_MAC16_PARAMS``) is
 checked against yosys's own model of the block (``share/ice40/cells_sim.v``) on Verilator by
 the ``row_ice40`` cocotb unit (``sim/runner.py``), which runs the datapath suite on the
 one-row array built with the primitive.
