@@ -349,13 +349,14 @@ class BroadcastRow(wiring.Component):
         av = _as_int5(a_code, cfg.a_signed)
         exp, sign = a_code[:3], a_code[3]
         shamt = Mux(cfg.a_fp4 & (exp != 0), Cat(Const(0, 1), (exp - 1)[:3]), 0)
-        r_av, r_shamt = Signal(signed(5)), Signal(range(PE_FP4_SHIFT_MAX + 1))
-        r_fp, r_zero, r_sign = Signal(), Signal(), Signal()
+        r_shamt = Signal(range(PE_FP4_SHIFT_MAX + 1))
         x = Signal(signed(16))                  # DSP PEs: the value, +-4^(eee-1) for FP4
-        m.d.sync += [r_av.eq(av), r_shamt.eq(shamt), r_fp.eq(cfg.a_fp4),
-                     r_zero.eq(exp == 0), r_sign.eq(sign),
-                     x.eq(Mux(cfg.a_fp4, Mux(exp == 0, 0, Mux(sign, -(1 << shamt),
-                                                                1 << shamt)), av))]
+        m.d.sync += [r_shamt.eq(shamt),
+                     # -4^k as all ones shifted, not a negation's carry chain (that one
+                     # held the row to 36.9 MHz on the UP5K)
+                     x.eq(Mux(cfg.a_fp4, Mux(exp == 0, 0, Mux(sign, Const(-1, signed(16))
+                                                                << shamt, Const(1, 16) << shamt)),
+                              av))]
 
         # -- the PEs: the sum of each in the cycle after last[3] holds a tile's total
         sums = []
@@ -366,11 +367,12 @@ class BroadcastRow(wiring.Component):
                 mac = m.submodules[f"mac{j}"] = MulAdd(self.primitive)
                 m.d.comb += [mac.a.eq(x), mac.b.eq(bv), total.eq(mac.o),
                              mac.c.eq(Mux(last[3], 0, mac.o))]
-            else:
-                r_bv = Signal(signed(5), name=f"bv{j}")
+            else:                   # as PE: the product or the signed B, then the shift
+                base = Signal(signed(10), name=f"base{j}")
                 prod = Signal(signed(PE_PRODUCT_BITS), name=f"prod{j}")
-                base = Mux(r_fp, Mux(r_zero, 0, Mux(r_sign, -r_bv, r_bv)), _mul5(r_av, r_bv))
-                m.d.sync += [r_bv.eq(bv), prod.eq(base << r_shamt),
+                m.d.sync += [base.eq(Mux(cfg.a_fp4, Mux(exp == 0, 0, Mux(sign, -bv, bv)),
+                                         _mul5(av, bv))),
+                             prod.eq(base << r_shamt),
                              total.eq(Mux(last[3], 0, total) + prod)]
             sums.append(total)
 
