@@ -68,7 +68,7 @@ class Transposer(wiring.Component):
             m.d.comb += [b.addr.eq(addr), b.stride.eq(stride), b.rows.eq(rows),
                          b.words.eq(((elems << cfg.pair) + nib - 1) >> lnib),
                          b.written.eq(written), b.used.eq(1)]
-        go, launch, cyc = Signal(), Signal(), Signal(32)
+        go, launch = Signal(), Signal()
         m.d.sync += go.eq(self.start & ~self.busy)
         checking = Signal()                       # the shared check's verdict is ours
         with m.If(go):
@@ -83,16 +83,11 @@ class Transposer(wiring.Component):
             m.d.sync += self.busy.eq(1)
         with m.If(self.checked & ~self.ok):
             m.d.sync += self.busy.eq(0)
-        with m.If(launch):
-            m.d.sync += cyc.eq(0)
-        with m.Elif(self.busy & ~go):
-            m.d.sync += cyc.eq(cyc + 1)
 
         # -- the walk: element (r, c), its word in A and its place in B
         r, c = Signal(DIM_BITS), Signal(DIM_BITS)
         a_row, t_col = Signal(aw), Signal(aw)        # a_addr + r * a_stride; b_addr + c * ...
-        cnib, rnib = Signal(DIM_BITS + 1), Signal(DIM_BITS + 1)   # c, r in nibbles
-        step = Mux(cfg.pair, 2, 1)
+        cnib, rnib = c << cfg.pair, r << cfg.pair          # c, r in nibbles
         running, reading, inflight = Signal(), Signal(), Signal()
         m.submodules.queue = queue = SyncFIFO(width=self.entry.size, depth=3)
         m.d.comb += [rd.addr.eq(a_row + (cnib >> lnib)),
@@ -100,16 +95,18 @@ class Transposer(wiring.Component):
         taken = rd.en & rd.ready
         m.d.sync += inflight.eq(taken)
         with m.If(launch):
-            m.d.sync += [r.eq(0), c.eq(0), cnib.eq(0), rnib.eq(0), a_row.eq(cfg.a_addr),
-                         t_col.eq(cfg.b_addr), running.eq(1), reading.eq(1)]
-        with m.Elif(taken):
+            m.d.sync += [r.eq(0), c.eq(0), a_row.eq(cfg.a_addr), t_col.eq(cfg.b_addr),
+                         running.eq(1), reading.eq(1), self.cycles.eq(0)]
+        with m.Elif(running):                     # the cycles of the last operation
+            m.d.sync += self.cycles.eq(self.cycles + 1)
+        with m.If(~launch & taken):
             with m.If(c == cfg.cols - 1):
-                m.d.sync += [c.eq(0), cnib.eq(0), r.eq(r + 1), rnib.eq(rnib + step),
-                             a_row.eq(a_row + cfg.a_stride), t_col.eq(cfg.b_addr)]
+                m.d.sync += [c.eq(0), r.eq(r + 1), a_row.eq(a_row + cfg.a_stride),
+                             t_col.eq(cfg.b_addr)]
                 with m.If(r == cfg.rows - 1):
                     m.d.sync += reading.eq(0)
             with m.Else():
-                m.d.sync += [c.eq(c + 1), cnib.eq(cnib + step), t_col.eq(t_col + cfg.b_stride)]
+                m.d.sync += [c.eq(c + 1), t_col.eq(t_col + cfg.b_stride)]
 
         # -- a cycle later the element enters the queue; the queue's head is the write
         roff, waddr, woff = Signal(range(nib)), Signal(aw), Signal(range(nib))
@@ -123,5 +120,5 @@ class Transposer(wiring.Component):
                      wr.en.eq(Mux(queue.r_rdy, Mux(cfg.pair, 0b11, 0b1) << head.off, 0)),
                      queue.r_en.eq(wr.ready)]
         with m.If(running & ~reading & ~inflight & ~queue.r_rdy):
-            m.d.sync += [running.eq(0), self.busy.eq(0), self.cycles.eq(cyc + 1)]
+            m.d.sync += [running.eq(0), self.busy.eq(0)]
         return m
