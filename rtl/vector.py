@@ -106,9 +106,10 @@ _E_LOG = RAW_NIBBLES.bit_length() - 1       # log2 of a master's nibbles
 _PROD = MASTER_BITS + RESCALE_M_BITS + 1
 
 
-def _round_shift(p, s):
-    """``(p + 2^(s-1)) >> s`` (plain ``p`` for s = 0), arithmetic, for ``s`` in 0..63."""
-    return (p + Mux(s == 0, 0, (Const(1, 64) << (s - 1)[:6])[:64])) >> s
+def _half(s):
+    """The rounding term of ``round(p >> s)``: ``2^(s-1)``, 0 for s = 0 (s in 0..63);
+    ``(p + _half(s)) >> s`` is the rounded arithmetic shift."""
+    return Mux(s == 0, 0, (Const(1, 64) << (s - 1)[:6])[:64])
 
 
 def _sat(x):
@@ -311,16 +312,23 @@ class VectorUnit(wiring.Component):
         pair = Signal(8)
         m.d.sync += [g.eq(elems[0]), w.eq(elems[1]), v.eq(elems[2]),
                      pair.eq(self.bus.rd0.data.bit_select(roff << 2, 8))]
+        # The settings the arithmetic uses, registered beside it: constant during an
+        # operation (set before its start, many cycles before its first element), and from
+        # the decoder's argument register across the chip the rounding term was the ULX3S's
+        # critical path (7.2 ns of routing into its adder, placement seed 3).
+        mu, mul = Signal.like(cfg.mu), Signal.like(cfg.m)
+        shift, half = Signal.like(cfg.s), Signal(64)
+        m.d.sync += [mu.eq(cfg.mu), mul.eq(cfg.m), shift.eq(cfg.s), half.eq(_half(cfg.s))]
         # stage 2: the products (REQUANT's weight is in g: it reads A)
         pv = Signal(signed(MASTER_BITS + MOMENTUM_BITS + 1))
         pg = Signal(signed(_PROD))
         w3 = Signal(signed(MASTER_BITS))
-        m.d.sync += [pv.eq(v * cfg.mu), pg.eq(g * cfg.m), w3.eq(w)]
+        m.d.sync += [pv.eq(v * mu), pg.eq(g * mul), w3.eq(w)]
         # stage 3: rounding shifts
         a_part, b_part = Signal(signed(MASTER_BITS + 1)), Signal(signed(_PROD))
         w4 = Signal(signed(MASTER_BITS))
         m.d.sync += [a_part.eq((pv + (1 << (MOMENTUM_BITS - 1))) >> MOMENTUM_BITS),
-                     b_part.eq(_round_shift(pg, cfg.s)), w4.eq(w3)]
+                     b_part.eq((pg + half) >> shift), w4.eq(w3)]
         code = Mux(b_part > WEIGHT_MAX, WEIGHT_MAX, Mux(b_part < WEIGHT_MIN, WEIGHT_MIN, b_part))
         # stage 4, 5: v' = sat(a + b), w' = sat(w - v')
         v_new, v_out = Signal(signed(MASTER_BITS)), Signal(signed(MASTER_BITS))
