@@ -16,13 +16,13 @@ it, and the Verilator system model drives its streams from a TCP socket. Inside:
                                                               SdramController -> sdram pins
 
 The receiver, the decoder, the transfer and the reply take turns at the frame buffer (the
-decoder's ``phase`` says whose turn it is), and the receiver and the transmitter at one
-CRC unit; the three units reach tensor memory through one
-:class:`~nibble.rtl.memory.TensorBus` each and the arbiter, and the engine and the
-element-wise unit have their buffers checked by one
-:class:`~nibble.rtl.bounds.BoundsCheck`. A device built with an SDRAM chip also has a :class:`~nibble.rtl.dma.Dma` (a fourth unit on the arbiter) and the
-:class:`~nibble.rtl.sdram.SdramController` behind it, and its ``sdram`` pins; INFO
-reports the SDRAM's size (``ext_bursts``, 0 without). The commands are those of
+decoder's ``phase`` says whose turn it is), and the receiver and the transmitter at one CRC
+unit; the three units reach tensor memory through one :class:`~nibble.rtl.memory.TensorBus`
+each and the arbiter, and the engine and the element-wise unit have their buffers checked by
+one :class:`~nibble.rtl.bounds.BoundsCheck`. A device built with an SDRAM chip also has a
+:class:`~nibble.rtl.dma.Dma` (a fourth unit on the arbiter) and the
+:class:`~nibble.rtl.sdram.SdramController` behind it, and its ``sdram`` pins; INFO reports
+the SDRAM's size (``ext_bursts``, 0 without). The commands are those of
 :mod:`nibble.gateware.protocol`; :mod:`nibble.gateware.decoder` has the rules.
 """
 
