@@ -11,7 +11,8 @@ the boundary's: on the iCE40 every boundary bit is one LC (an input-chain flip-f
 output's capture LUT and its flip-flop), on the ECP5 every output bit one LUT; the packer's
 constants add a few cells whatever the block (4 LCs, 1 LUT: ``tests/test_boards.py``).
 Blocks that contain others are measured whole and the inner ones subtracted (the lanes are
-the datapath less the array; the engine's control is the engine less its datapath).
+the datapath less the array; the engine's control is the engine less its datapath and its
+range check).
 
 The blocks do not add up to the build's total exactly: synthesized alone, a block keeps
 logic that the whole design shares or drops (a constant or unused input), and the frame
@@ -40,9 +41,11 @@ __all__ = ["BLOCKS", "budget", "component"]
 BLOCKS = {
     "array": ["+device.engine.dp.array"],
     "output lanes": ["+device.engine.dp", "-device.engine.dp.array"],
-    "range check (GEMM and VECTOR)": ["+device.check"],
-    "engine: walkers, fetch, writers": ["+device.engine", "-device.engine.dp"],
-    "element-wise unit": ["+device.vec"],
+    "engine: range check": ["+device.engine.check"],
+    "engine: walkers, fetch, writers": ["+device.engine", "-device.engine.dp",
+                                        "-device.engine.check"],
+    "element-wise unit: range check": ["+device.vec.check"],
+    "element-wise unit: the rest": ["+device.vec", "-device.vec.check"],
     "memory glue (arbiter)": ["+device.arbiter"],
     "tensor memory": ["+device.mem"],
     "DMA and SDRAM controller": ["+device.dma", "+device.sdram"],

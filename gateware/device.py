@@ -30,7 +30,6 @@ from amaranth.hdl import Const, Module, Mux, Signal
 from amaranth.lib import memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from nibble.rtl.bounds import BoundsCheck
 from nibble.rtl.dma import Dma
 from nibble.rtl.engine import GEMM_CFG, GemmEngine
 from nibble.rtl.formats import VEC_OPS_ALL, VecOp, word_nibbles
@@ -158,7 +157,6 @@ class Device(wiring.Component):
         for k, unit in enumerate(units):
             wiring.connect(m, unit.bus, arb.units[k])
         wiring.connect(m, arb.mem, mem.bus)
-        self._range_check(m, engine, vec if self.vec_ops else None)
 
         # The receiver holds its frame until the reply has left whole (the decoder's ack
         # comes with the body's last byte, before the CRC's): the two share one CRC unit.
@@ -229,37 +227,6 @@ class Device(wiring.Component):
         assert len(info.as_value()) == INFO_LAYOUT.size
         assert len(stats.as_value()) == STATS_LAYOUT.size
         return m
-
-    def _range_check(self, m, engine, vec):
-        """One :class:`~nibble.rtl.bounds.BoundsCheck` for the GEMM engine and the
-        element-wise unit: they never check at once, and the element-wise unit's buffers
-        sit at the bits of the GEMM's A, B and out buffers in the decoder's arguments, so
-        their addresses and strides need no multiplexer (yosys folds a mux of a signal with
-        itself); only the rows, the row lengths and the flags are chosen by ``sel``."""
-        m.submodules.check = check = BoundsCheck(4, self.mem_words)
-        m.d.comb += [engine.check.done.eq(check.done), engine.check.ok.eq(check.ok)]
-        if vec is None:
-            m.d.comb += [check.buffers.eq(engine.check.buffers),
-                         check.start.eq(engine.check.start)]
-            return
-        for gemm, vector in (("a_addr", "a_addr"), ("a_stride", "a_stride"),
-                             ("b_addr", "b_addr"), ("b_stride", "b_stride"),
-                             ("out_addr", "c_addr")):
-            assert GEMM_CFG[gemm].offset == VEC_CFG[vector].offset, (gemm, vector)
-        sel = Signal()                                  # the element-wise unit's check
-        with m.If(vec.check.start):
-            m.d.sync += sel.eq(1)
-        with m.Elif(engine.check.start):
-            m.d.sync += sel.eq(0)
-        m.d.comb += [check.start.eq(engine.check.start | vec.check.start),
-                     vec.check.done.eq(check.done), vec.check.ok.eq(check.ok)]
-        for i, mine in enumerate(engine.check.buffers):
-            if i < vec.check.signature.n:
-                m.d.comb += check.buffers[i].eq(Mux(sel, vec.check.buffers[i].as_value(),
-                                                    mine.as_value()))
-            else:                                       # a slot it does not use
-                m.d.comb += [check.buffers[i].eq(mine), check.buffers[i].used.eq(mine.used
-                                                                                   & ~sel)]
 
     @staticmethod
     def _frame_buffer(m, rx, dec, xfer, reply):

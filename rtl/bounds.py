@@ -27,7 +27,7 @@ from amaranth.lib.wiring import In, Out
 
 from .memory import ADDR_BITS, STRIDE_BITS
 
-__all__ = ["BUFFER", "DIM_BITS", "WORDS_BITS", "BoundsCheck", "CheckPort"]
+__all__ = ["BUFFER", "DIM_BITS", "WORDS_BITS", "BoundsCheck"]
 
 #: GEMM dimensions and element counts in commands are DIM_BITS wide.
 DIM_BITS = 16
@@ -40,20 +40,6 @@ BUFFER = data.StructLayout({
     "written": 1,       # the command writes it: its rows must not overlap
     "used": 1,          # the command touches it at all
 })
-
-
-class CheckPort:
-    class Signature(wiring.Signature):
-        """A unit's side of the check: its ``n`` ``buffers`` (held from ``start`` until
-        ``done``) and ``start`` out; ``done`` and ``ok`` in. The device has one
-        :class:`BoundsCheck` for its GEMM engine and element-wise unit, which never check at
-        once (the decoder starts a GEMM or VECTOR only while both are idle); each unit takes
-        ``done`` as its own only after its ``start``."""
-
-        def __init__(self, n):
-            self.n = n
-            super().__init__({"buffers": Out(data.ArrayLayout(BUFFER, n)), "start": Out(1),
-                              "done": In(1), "ok": In(1)})
 
 
 class BoundsCheck(wiring.Component):

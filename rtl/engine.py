@@ -27,7 +27,7 @@ from amaranth.hdl import Cat, Const, Module, Mux, Signal, Value, signed
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from .bounds import DIM_BITS, CheckPort
+from .bounds import DIM_BITS, BoundsCheck
 from .datapath import Datapath
 from .formats import (
     CLIP_SUM_BITS,
@@ -128,7 +128,6 @@ class GemmEngine(wiring.Component):
             "busy": Out(1), "cycles": Out(32), "beats": Out(32), "absmax": Out(LANE_BITS),
             "clip_sum": Out(signed(CLIP_SUM_BITS)),
             "bus": Out(TensorBus.Signature(addr_width=self.aw, nibbles=nibbles)),
-            "check": Out(CheckPort.Signature(4)),
         })
 
     def _buffers(self, m, check, n_pad, m_pad, mask_on):
@@ -159,7 +158,7 @@ class GemmEngine(wiring.Component):
                      mask_on.eq((path == OutputPath.LOG4) & (cfg.lane.log4.mask != MaskMode.NONE))]
 
         # -- the check, then the launch ------------------------------------------------------
-        check = self.check
+        m.submodules.check = check = BoundsCheck(4, self.mem_words)
         self._buffers(m, check, n_pad, m_pad, mask_on)
         go = Signal()
         # RESCALE takes forward accumulators (RESCALE_IN_BITS): not an FP4 GEMM's
@@ -169,12 +168,7 @@ class GemmEngine(wiring.Component):
                    & ~((path == OutputPath.RESCALE) & cfg.operands.a_fp4))
         launch = Signal()
         m.d.sync += go.eq(self.start & ~self.busy)
-        checking = Signal()                       # the shared check's verdict is ours
-        with m.If(go):
-            m.d.sync += checking.eq(1)
-        with m.If(check.done):
-            m.d.sync += checking.eq(0)
-        m.d.comb += [check.start.eq(go), self.checked.eq(check.done & checking),
+        m.d.comb += [check.start.eq(go), self.checked.eq(check.done),
                      self.ok.eq(check.ok & dims_ok), launch.eq(self.checked & self.ok)]
         with m.If(self.start & ~self.busy):
             m.d.sync += self.busy.eq(1)

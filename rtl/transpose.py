@@ -27,7 +27,7 @@ from amaranth.lib import data, wiring
 from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.wiring import In, Out
 
-from .bounds import DIM_BITS, CheckPort
+from .bounds import DIM_BITS, BoundsCheck
 from .formats import SAWB_SQ_BITS, SAWB_SUM_BITS, VecOp, word_nibbles
 from .memory import TensorBus
 from .vector import VEC_CFG
@@ -51,7 +51,6 @@ class Transposer(wiring.Component):
             "busy": Out(1), "cycles": Out(32),
             "sum_abs": Out(SAWB_SUM_BITS), "sum_sq": Out(SAWB_SQ_BITS),
             "bus": Out(TensorBus.Signature(addr_width=self.aw, nibbles=self.nib)),
-            "check": Out(CheckPort.Signature(2)),
         })
 
     def elaborate(self, platform):
@@ -61,7 +60,7 @@ class Transposer(wiring.Component):
         rd, wr = self.bus.rd0, self.bus.wr
 
         # -- the check, then the launch (as VectorUnit's)
-        check = self.check
+        m.submodules.check = check = BoundsCheck(2, self.mem_words)
         for b, (addr, stride, rows, elems, written) in zip(check.buffers, (
                 (cfg.a_addr, cfg.a_stride, cfg.rows, cfg.cols, 0),
                 (cfg.b_addr, cfg.b_stride, cfg.cols, cfg.rows, 1)), strict=True):
@@ -70,12 +69,7 @@ class Transposer(wiring.Component):
                          b.written.eq(written), b.used.eq(1)]
         go, launch = Signal(), Signal()
         m.d.sync += go.eq(self.start & ~self.busy)
-        checking = Signal()                       # the shared check's verdict is ours
-        with m.If(go):
-            m.d.sync += checking.eq(1)
-        with m.If(check.done):
-            m.d.sync += checking.eq(0)
-        m.d.comb += [check.start.eq(go), self.checked.eq(check.done & checking),
+        m.d.comb += [check.start.eq(go), self.checked.eq(check.done),
                      self.ok.eq(check.ok & (cfg.rows != 0) & (cfg.cols != 0)
                                 & (cfg.op == VecOp.TRANSPOSE)),
                      launch.eq(self.checked & self.ok)]

@@ -62,7 +62,7 @@ from amaranth.lib import data, wiring
 from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.wiring import In, Out
 
-from .bounds import DIM_BITS, CheckPort
+from .bounds import DIM_BITS, BoundsCheck
 from .formats import (
     MASTER_BITS,
     MASTER_MAX,
@@ -87,16 +87,13 @@ from .memory import ADDR_BITS, STRIDE_BITS, TensorBus, read_ports, write_request
 __all__ = ["QUEUE", "VEC_CFG", "VectorUnit", "VectorWalk"]
 
 #: The VECTOR command's payload.
-#: The buffers' fields come first, at the bits of the GEMM's A, B and out buffers
-#: (``rtl.engine.GEMM_CFG``): the device's one range check then reads either command's
-#: addresses and strides from the same bits of the decoder's arguments, with no multiplexer.
 VEC_CFG = data.StructLayout({
-    "a_addr": ADDR_BITS, "a_stride": STRIDE_BITS,
-    "b_addr": ADDR_BITS, "b_stride": STRIDE_BITS,
-    "c_addr": ADDR_BITS,
     "op": VecOp,
     "pair": 1,            # TRANSPOSE: 2-nibble elements (LOG4 pairs)
     "rows": DIM_BITS, "cols": DIM_BITS,
+    "a_addr": ADDR_BITS, "a_stride": STRIDE_BITS,
+    "b_addr": ADDR_BITS, "b_stride": STRIDE_BITS,
+    "c_addr": ADDR_BITS,
     "mu": MOMENTUM_BITS,  # UPDATE: momentum mu / 2^16
     "m": RESCALE_M_BITS,  # UPDATE: gradient factor; REQUANT: weight factor (M / 2^s)
     "s": range(RESCALE_SHIFT_MAX + 1),
@@ -206,7 +203,6 @@ class VectorUnit(wiring.Component):
             "busy": Out(1), "cycles": Out(32),
             "sum_abs": Out(SAWB_SUM_BITS), "sum_sq": Out(SAWB_SQ_BITS),
             "bus": Out(TensorBus.Signature(addr_width=self.aw, nibbles=self.nib)),
-            "check": Out(CheckPort.Signature(3)),
         })
 
     def has(self, op):
@@ -234,7 +230,7 @@ class VectorUnit(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         cfg = self.cfg
-        check = self.check
+        m.submodules.check = check = BoundsCheck(3, self.mem_words)
         self._buffers(m, check)
         m.submodules.walk = walk = VectorWalk(self.aw, self.nib)
         m.submodules.wwalk = wwalk = VectorWalk(self.aw, self.nib)
@@ -244,12 +240,7 @@ class VectorUnit(wiring.Component):
         built = (Const(self.ops, len(VecOp) + 1) >> Value.cast(cfg.op))[0]
         dims_ok = (cfg.rows != 0) & (cfg.cols != 0) & built
         m.d.sync += go.eq(self.start & ~self.busy)
-        checking = Signal()                       # the shared check's verdict is ours
-        with m.If(go):
-            m.d.sync += checking.eq(1)
-        with m.If(check.done):
-            m.d.sync += checking.eq(0)
-        m.d.comb += [check.start.eq(go), self.checked.eq(check.done & checking),
+        m.d.comb += [check.start.eq(go), self.checked.eq(check.done),
                      self.ok.eq(check.ok & dims_ok), launch.eq(self.checked & self.ok),
                      walk.cfg.eq(cfg), walk.launch.eq(launch),
                      wwalk.cfg.eq(cfg), wwalk.launch.eq(launch)]

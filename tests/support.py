@@ -36,7 +36,6 @@ from nibble.host.device.link import Frame, FrameDecoder, encode_frame
 from nibble.host.device.packing import pack_fields, to_int, unpack_fields
 from nibble.host.golden.lanes import golden_acc
 from nibble.host.golden.tiling import Gemm, assemble, beats, lane_streams
-from nibble.rtl.bounds import BoundsCheck
 from nibble.rtl.formats import GemmMode, MaskMode, Operand, OutputPath, VecOp, word_nibbles
 from nibble.rtl.memory import BlockRAM, TensorBus, read_ports
 from nibble.sim.stimuli import MODE_KINDS, lane_value, random_gemm
@@ -176,7 +175,7 @@ class MemoryBench(wiring.Component):
     """A unit (with a ``bus``) on block RAM, optionally through :class:`FlakyGrants`."""
 
     def __init__(self, unit, words, flaky=None):
-        self.unit, self.flaky, self.words = unit, flaky, words
+        self.unit, self.flaky = unit, flaky
         self.mem = BlockRAM(words, unit.nib)
         super().__init__({})
 
@@ -184,9 +183,6 @@ class MemoryBench(wiring.Component):
         m = Module()
         m.submodules.unit = self.unit
         m.submodules.mem = self.mem
-        if hasattr(self.unit, "check"):           # the device's range check, its own here
-            m.submodules.check = check = BoundsCheck(self.unit.check.signature.n, self.words)
-            wiring.connect(m, self.unit.check, check)
         if self.flaky is None:
             wiring.connect(m, self.unit.bus, self.mem.bus)
         else:
