@@ -6,8 +6,8 @@ it, and the Verilator system model drives its streams from a TCP socket. Inside:
     bytes -> FrameRx --> frame buffer --> CommandDecoder --> Transfer ------+ bus
        (one CRC unit)     (EBR, 1030 B)    |  args, start  \\-> GemmEngine --+ bus
     bytes <- FrameTx <---- Reply <---------+                \\-> VectorUnit -+ bus
-                                                  BoundsCheck <-'  or Transposer
-                                                  (one for both)            |
+                                                                   or Transposer
+                                                                            |
                                   TensorArbiter (engine, unit, DMA, decoder) <--+
                                         |                                      |
                       BlockRAM or SpramMemory (tensor memory)                  |
@@ -18,8 +18,7 @@ it, and the Verilator system model drives its streams from a TCP socket. Inside:
 The receiver, the decoder, the transfer and the reply take turns at the frame buffer (the
 decoder's ``phase`` says whose turn it is), and the receiver and the transmitter at one CRC
 unit; the three units reach tensor memory through one :class:`~nibble.rtl.memory.TensorBus`
-each and the arbiter, and the engine and the element-wise unit have their buffers checked by
-one :class:`~nibble.rtl.bounds.BoundsCheck`. A device built with an SDRAM chip also has a
+each and the arbiter. A device built with an SDRAM chip also has a
 :class:`~nibble.rtl.dma.Dma` (a fourth unit on the arbiter) and the
 :class:`~nibble.rtl.sdram.SdramController` behind it, and its ``sdram`` pins; INFO reports
 the SDRAM's size (``ext_bursts``, 0 without). The commands are those of
