@@ -247,8 +247,9 @@ class CommandDecoder(wiring.Component):
                 retry = last_valid & (last.seq == seq) & (last.op == op) & once
                 if self.dma:
                     retry &= ~running
-                uses_mem = (op == Op.WRITE) | compute | (op == Op.READ) | \
-                    ((op == Op.STATS) & (plen != 0))
+                uses_mem = (op == Op.WRITE) | compute | (op == Op.READ)
+                if self.dma:                        # (STATS sums only with SDRAM)
+                    uses_mem |= (op == Op.STATS) & (plen != 0)
                 with m.If(retry):                   # a RUN's reply is its STATS again
                     if self.dma:
                         with m.If(op == Op.RUN):
@@ -307,15 +308,21 @@ class CommandDecoder(wiring.Component):
                 with m.Elif(op == Op.STATS):
                     m.d.comb += self.stats_snapshot.eq(1)
                     n = HEADER_BYTES + layout_bytes(STATS_LAYOUT)
-                    with m.If((plen != 0) & (plen != layout_bytes(STATS_ARGS))):
+                    # a region's sums only on a device with SDRAM (gateware.transfer)
+                    args_ok = plen == layout_bytes(STATS_ARGS) if self.dma else Const(0)
+                    with m.If((plen != 0) & ~args_ok):
                         answer(Status.BAD_LENGTH)
-                    with m.Elif((plen != 0) & (stats.addr + ((stats.count + nib - 1)
-                                                             >> (nib.bit_length() - 1))
-                                               > words)):
-                        answer(Status.OUT_OF_RANGE)
-                    with m.Else():         # a plain STATS sums nothing
-                        transfer(TransferOp.SUMS, stats.addr, Mux(plen == 0, 0, stats.count),
-                                 0, op, n, Fill.STATS)
+                    if not self.dma:
+                        with m.Else():
+                            answer(op, n, Fill.STATS)
+                    else:
+                        with m.Elif((plen != 0) & (stats.addr + ((stats.count + nib - 1)
+                                                                 >> (nib.bit_length() - 1))
+                                                   > words)):
+                            answer(Status.OUT_OF_RANGE)
+                        with m.Else():         # a plain STATS sums nothing
+                            transfer(TransferOp.SUMS, stats.addr, Mux(plen == 0, 0, stats.count),
+                                     0, op, n, Fill.STATS)
                 if self.dma:
                     with m.Elif(op == Op.FENCE):     # every unit is idle (HOLD before)
                         with m.If((plen != 0) & ~running):

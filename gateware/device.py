@@ -125,7 +125,7 @@ class Device(wiring.Component):
         wiring.connect(m, rx.crc, crc.rx)
         wiring.connect(m, tx.crc, crc.tx)
         m.submodules.decoder = dec = CommandDecoder(aw, nib, words, dma=self.chip is not None)
-        m.submodules.transfer = xfer = Transfer(aw, nib)
+        m.submodules.transfer = xfer = Transfer(aw, nib, sums=self.chip is not None)
         m.submodules.reply = reply = Reply()
         m.submodules.engine = engine = GemmEngine(self.rows, self.cols, words, self.dsp_pes)
         units = [engine, xfer]                         # the decoder's transfer last

@@ -10,6 +10,10 @@
   (SAWB's statistics of a weight tensor), one code per cycle: the code is registered, then
   its magnitude accumulated and its square looked up in a 9-entry table (no multiplier).
   The sums restart with every SUMS; a STATS without a region is a SUMS of 0 codes.
+  Only a device with SDRAM sums (``sums``): the sums check what a DMA loaded from SDRAM
+  (``host.training.resident``); without SDRAM the host holds every tensor it wrote, and
+  leaving them out saves the UP5K 216 of its 5,280 LCs (the adders, the code path and the
+  STATS bytes they fill).
 
 It moves one byte (WRITE, READ) or one code (SUMS) per cycle while the memory grants its
 requests, and waits when it does not. The decoder has checked every argument before.
@@ -56,14 +60,14 @@ class Transfer(wiring.Component):
     -----
     ctl : In(TransferControl.Signature)
     sum_abs, sum_sq : Out(32)
-        The last SUMS' statistics.
+        The last SUMS' statistics (0 without ``sums``).
     buf_rd, buf_wr : the frame buffer's ports (``amaranth.lib.memory`` signatures).
     bus : Out(TensorBus.Signature)
         Tensor memory: ``rd0`` and ``wr``.
     """
 
-    def __init__(self, addr_width, nibbles):
-        self.nib = nibbles
+    def __init__(self, addr_width, nibbles, sums=True):
+        self.nib, self.sums = nibbles, sums
         self.held_reads = ("rd0",)  # a READ word's bytes go out one a cycle
         super().__init__({
             "ctl": In(TransferControl.Signature(addr_width)),
@@ -80,7 +84,7 @@ class Transfer(wiring.Component):
         p = Signal(FB_ADDR + 1)                       # frame-buffer index
         q = Signal(range(max(wb, nib) + 1))           # byte or code within the word
         have = Signal()                               # buf_rd.data holds byte p - 1
-        count = Signal(24)
+        count = Signal(24 if self.sums else range(BUFFER_BYTES + 1))
         ended = Signal()                              # SUMS: count is 0 (registered: the
         ctl = self.ctl                                # read enable must not wait for a
                                                       # 24-bit compare; it was the ULX3S's
@@ -92,10 +96,11 @@ class Transfer(wiring.Component):
         m.d.comb += [mag.eq(Mux(code < 0, -code, code)),
                      bus.rd0.addr.eq(addr), bus.wr.addr.eq(addr), bus.wr.data.eq(word),
                      self.buf_rd.addr.eq(p), self.buf_wr.addr.eq(p)]
-        with m.If(code_valid):
-            m.d.sync += [self.sum_abs.eq(self.sum_abs + mag),
-                         self.sum_sq.eq(self.sum_sq + Array(Const(k * k, 7)
-                                                            for k in range(16))[mag])]
+        if self.sums:
+            with m.If(code_valid):
+                m.d.sync += [self.sum_abs.eq(self.sum_abs + mag),
+                             self.sum_sq.eq(self.sum_sq + Array(Const(k * k, 7)
+                                                                for k in range(16))[mag])]
         with m.FSM():
             with m.State("IDLE"):
                 with m.If(ctl.start):
@@ -107,9 +112,10 @@ class Transfer(wiring.Component):
                             m.next = "WRITE"
                         with m.Case(TransferOp.READ):
                             m.next = "READ"
-                        with m.Default():
-                            m.d.sync += [self.sum_abs.eq(0), self.sum_sq.eq(0)]
-                            m.next = "SUMS"
+                        if self.sums:
+                            with m.Case(TransferOp.SUMS):
+                                m.d.sync += [self.sum_abs.eq(0), self.sum_sq.eq(0)]
+                                m.next = "SUMS"
 
             with m.State("WRITE"):        # payload bytes -> words -> tensor memory
                 full = have & (q == wb - 1)               # this byte completes a word
@@ -143,18 +149,20 @@ class Transfer(wiring.Component):
                             m.d.comb += ctl.done.eq(1)
                             m.next = "IDLE"
 
-            with m.State("SUMS"):         # one code a cycle into the sums
-                with m.If(ended):                     # the last code is being added
-                    m.d.sync += code_valid.eq(0)
-                    m.d.comb += ctl.done.eq(1)
-                    m.next = "IDLE"
-                with m.Elif(q == 0):
-                    m.d.comb += bus.rd0.en.eq(1)
-                    m.d.sync += code_valid.eq(0)
-                    with m.If(bus.rd0.ready):
-                        m.d.sync += [q.eq(1), addr.eq(addr + 1)]
-                with m.Else():
-                    m.d.sync += [code.eq(bus.rd0.data.word_select((q - 1)[:len(q)], CODE_BITS)),
-                                 code_valid.eq(1), q.eq(Mux(q == nib, 0, q + 1)),
-                                 count.eq(count - 1), ended.eq(count == 1)]
+            if self.sums:
+                with m.State("SUMS"):         # one code a cycle into the sums
+                    with m.If(ended):                     # the last code is being added
+                        m.d.sync += code_valid.eq(0)
+                        m.d.comb += ctl.done.eq(1)
+                        m.next = "IDLE"
+                    with m.Elif(q == 0):
+                        m.d.comb += bus.rd0.en.eq(1)
+                        m.d.sync += code_valid.eq(0)
+                        with m.If(bus.rd0.ready):
+                            m.d.sync += [q.eq(1), addr.eq(addr + 1)]
+                    with m.Else():
+                        code_now = bus.rd0.data.word_select((q - 1)[:len(q)], CODE_BITS)
+                        m.d.sync += [code.eq(code_now), code_valid.eq(1),
+                                     q.eq(Mux(q == nib, 0, q + 1)), count.eq(count - 1),
+                                     ended.eq(count == 1)]
         return m

@@ -49,7 +49,8 @@ REQUESTS = [
     (Op.WRITE, f"{_size('WRITE_HEADER')}, then whole words", "none"),
     (Op.READ, f"{_size('READ_ARGS')}; at most {MAX_PAYLOAD} bytes of words", "the words"),
     (Op.GEMM, _size("GEMM_ARGS"), "none: the engine has checked the arguments and runs on"),
-    (Op.STATS, f"none, or {_size('STATS_ARGS')}", _size("STATS_LAYOUT")),
+    (Op.STATS, f"none, or {_size('STATS_ARGS')} (a device with SDRAM only: BAD_LENGTH "
+     "without)", _size("STATS_LAYOUT")),
     (Op.VECTOR, _size("VEC_ARGS"),
      "none: the element-wise unit has checked the arguments and runs on"),
     (Op.DMA, _size("DMA_ARGS"),

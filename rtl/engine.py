@@ -37,6 +37,7 @@ from .formats import (
     RAW_NIBBLES,
     MaskMode,
     OutputPath,
+    clip_sum_bits,
     word_nibbles,
 )
 from .lane import LANE_CFG
@@ -178,7 +179,10 @@ class GemmEngine(wiring.Component):
         # -- operands into the datapath ------------------------------------------------------
         m.submodules.walker = walker = OperandWalker(R, C, aw, NIB, GEMM_CFG)
         m.submodules.fetch = fetch = OperandFetch(R, C, aw, NIB)
-        m.submodules.dp = dp = Datapath(R, C, self.dsp_pes)
+        # The clip statistic sums the elements of one GEMM's output buffer, which the check
+        # keeps inside the memory: at most mem_words * NIB / 2 (LOG4's two nibbles each).
+        m.submodules.dp = dp = Datapath(R, C, self.dsp_pes,
+                                        clip_bits=clip_sum_bits(self.mem_words * NIB // 2))
         m.d.comb += [walker.cfg.eq(cfg), walker.launch.eq(launch), fetch.a_pair.eq(cfg.a_pair),
                      fetch.a_sel.eq(cfg.a_sel), dp.cfg.operands.eq(cfg.operands),
                      dp.cfg.lane.eq(cfg.lane), dp.clear.eq(launch), self.absmax.eq(dp.absmax),

@@ -55,6 +55,7 @@ __all__ = [
     "OutputPath",
     "VecOp",
     "acc_bits",
+    "clip_sum_bits",
     "element_nibbles",
     "fp4_mag_log2",
     "product_range",
@@ -231,9 +232,20 @@ PE_ACC_BITS = signed_bits(MAX_REDUCTION * pe_product_range()[0],
 #: An output-lane value, ``pe_acc << phase``: exactly the widest GEMM accumulator (30 bits).
 LANE_BITS = PE_ACC_BITS + max(FP4_PHASES)
 assert LANE_BITS == max(ACC_BITS.values())
+
+
+def clip_sum_bits(elements):
+    """Bits of an exact sum of up to ``elements`` lane values (LANE_BITS each)."""
+    top = 1 << (LANE_BITS - 1)
+    return signed_bits(-elements * top, elements * (top - 1))
+
+
 #: The PACT clip statistic of a GEMM (the sum of the lane values whose activation code is the
-#: top code): at most 2^(2 * 16) elements (M, N < 2^16) of LANE_BITS each.
-CLIP_SUM_BITS = LANE_BITS + 2 * 16
+#: top code) as STATS reports it: at most 2^(2 * 16) elements (M, N < 2^16) of LANE_BITS
+#: each. A device sums in fewer bits: its output buffer holds the elements
+#: (:func:`clip_sum_bits` of them, ``rtl.engine``).
+CLIP_SUM_BITS = clip_sum_bits(1 << (2 * 16))
+assert CLIP_SUM_BITS == LANE_BITS + 2 * 16
 #: The rescale unit serves forward GEMMs, whose accumulators fit ACC_BITS[FORWARD] bits.
 RESCALE_IN_BITS = ACC_BITS[GemmMode.FORWARD]
 #: Effective shift cap: for s >= RESCALE_SHIFT_CAP every result is 0, exactly as for larger s

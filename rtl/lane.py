@@ -56,13 +56,15 @@ class OutputLane(wiring.Component):
     absmax : Out(unsigned(LANE_BITS))
         RAW: ``max |value|``; RESCALE: ``max |acc|`` after ReLU; LOG4: ``max`` masked
         ``|value|``; over the elements since ``clear``.
-    clip_sum : Out(signed(CLIP_SUM_BITS))
+    clip_sum : Out(signed(clip_bits))
         LOG4 with a mask: the sum of the values whose activation code is the top code
         (``UINT4_MAX``, clipped at PACT's alpha), since ``clear``: what the gradient of
-        alpha needs (``docs/numerics.md`` §2). 0 on the other paths.
+        alpha needs (``docs/numerics.md`` §2). 0 on the other paths. ``clip_bits``
+        (``CLIP_SUM_BITS`` unless given) must hold the sum of every element the lane sees
+        until ``clear``: the engine derives it from its memory's size.
     """
 
-    def __init__(self):
+    def __init__(self, clip_bits=CLIP_SUM_BITS):
         super().__init__({
             "cfg": In(LANE_CFG),
             "i": In(stream.Signature(signed(PE_ACC_BITS))),
@@ -70,7 +72,7 @@ class OutputLane(wiring.Component):
             "o": Out(stream.Signature(LANE_OUT)),
             "clear": In(1),
             "absmax": Out(unsigned(LANE_BITS)),
-            "clip_sum": Out(signed(CLIP_SUM_BITS)),
+            "clip_sum": Out(signed(clip_bits)),
         })
 
     def elaborate(self, platform):

@@ -41,7 +41,12 @@ def script(dev, rng):
     overlapped = dev.stats()["busy"] == 3
     dev.vector(vector_args(VecOp.TRANSPOSE, 16, 16, (1200, 2), (2500, 2)), wait=False)
     dev.wait()
-    return dev.read(0, WORDS), dev.ext_read(0, 320, (1536, 512)), overlapped
+    # STATS sums over regions of what the load brought (a device with SDRAM sums them)
+    sums = [(st["sum_abs"], st["sum_sq"]) for st in
+            (dev.stats(addr, count) for addr, count in ((1200, 37), (1203, 1), (2470, 80)))]
+    with pytest.raises(OutOfRangeError):
+        dev.stats(WORDS - 2, 3 * dev.word_nibbles)
+    return dev.read(0, WORDS), dev.ext_read(0, 320, (1536, 512)), overlapped, sums
 
 
 def test_dma_on_the_device_matches_the_emulator():
@@ -50,9 +55,23 @@ def test_dma_on_the_device_matches_the_emulator():
         with Device.open(url) as dev:
             assert dev.ext_bursts == 2048
             got.append(script(dev, np.random.default_rng(7)))
-    (emu_mem, emu_ext, _), (rtl_mem, rtl_ext, overlapped) = got
+    (emu_mem, emu_ext, _, emu_sums), (rtl_mem, rtl_ext, overlapped, rtl_sums) = got
     assert overlapped                  # the RTL was still loading when the TRANSPOSE began
     assert rtl_mem == emu_mem and rtl_ext == emu_ext
+    nib, words = len(emu_mem) * 2 // WORDS, np.frombuffer(emu_mem, np.uint8)
+    codes = np.stack([words & 15, words >> 4], axis=1).ravel().astype(np.int64)
+    codes = np.where(codes >= 8, codes - 16, codes)
+    want = [(int(np.abs(c).sum()), int((c * c).sum())) for c in
+            (codes[a * nib:a * nib + n] for a, n in ((1200, 37), (1203, 1), (2470, 80)))]
+    assert rtl_sums == emu_sums == want
+
+
+def test_stats_sums_need_sdram():
+    """Without SDRAM the device sums no region: the driver says so before sending, and the
+    device answers such a STATS with BAD_LENGTH (tests/test_device.py)."""
+    with Device.open("emu://?sdram=") as dev:
+        with pytest.raises(DeviceError, match="no SDRAM"):
+            dev.stats(0, 8)
 
 
 @pytest.mark.parametrize("url", URLS)

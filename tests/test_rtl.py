@@ -15,6 +15,7 @@ from nibble.rtl.array import PE
 from nibble.rtl.datapath import Datapath
 from nibble.rtl.formats import (
     ACC_BITS,
+    CLIP_SUM_BITS,
     INT4_MAX,
     INT4_MIN,
     LANE_BITS,
@@ -28,6 +29,7 @@ from nibble.rtl.formats import (
     MaskMode,
     Operand,
     OutputPath,
+    clip_sum_bits,
     mask_pass,
     operand_cfg,
 )
@@ -148,6 +150,16 @@ def test_datapath_worst_case_accumulators():
     assert worst < 2 ** (PE_ACC_BITS - 1) and 2 * worst >= 2 ** (PE_ACC_BITS - 1)
 
 
+@pytest.mark.parametrize("k", [1, 2, 3, 42, 1 << 17, 1 << 18, 1 << 32])
+def test_clip_sum_bits_hold_k_lane_values_and_no_fewer(k):
+    top = 1 << (LANE_BITS - 1)
+    lo, hi = -k * top, k * (top - 1)                  # k extreme lane values
+    b = clip_sum_bits(k)
+    assert -(1 << (b - 1)) <= lo and hi < 1 << (b - 1)
+    assert lo < -(1 << (b - 2)) or hi >= 1 << (b - 2)
+    assert clip_sum_bits(1 << 32) == CLIP_SUM_BITS
+
+
 def test_datapath_back_to_back_tiles_keep_the_array_busy():
     """No bubbles, no stalls, tiles of length >= C: doubling the tiles adds exactly their
     beats in cycles, so the array takes one beat (one MAC per PE) every cycle."""
@@ -175,15 +187,18 @@ def test_datapath_rescale_path():
 
 
 @pytest.mark.parametrize("mask", list(MaskMode))
-def test_datapath_log4_path(mask):
+@pytest.mark.parametrize("shape", ["2x4", "1x8"])
+def test_datapath_log4_path(mask, shape):
+    """The 1x8 row (six DSP PEs, the UP5K's) sums the clip statistic in just the bits its
+    6 x 7 elements need, as the engine sizes it for its memory."""
     rng = np.random.default_rng(int(mask))
     gemm = random_gemm(rng, (Operand.FP4, Operand.INT4), 6, 5, 7)
+    dut = Datapath(2, 4) if shape == "2x4" else Datapath(1, 8, 6, clip_bits=clip_sum_bits(42))
     acc = golden_acc(gemm, 0)
     exp = int(np.ceil(np.log2(max(1, np.abs(acc).max()))))
     codes = rng.integers(0, 16, acc.shape)
     lane = lane_cfg(OutputPath.LOG4, exp=exp, mask=mask)
-    got, (absmax, clip), _ = run_datapath(Datapath(2, 4), gemm, lane, mask_matrix=codes,
-                                          seed=5)
+    got, (absmax, clip), _ = run_datapath(dut, gemm, lane, mask_matrix=codes, seed=5)
     want, want_absmax = golden_lane(acc, lane, codes)
     assert clip == golden_clip_sum(acc, lane, codes)
     assert (clip != 0) == (mask is not MaskMode.NONE and (codes == MASK_CLIPPED).any()

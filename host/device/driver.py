@@ -356,7 +356,11 @@ class Device:
 
     def stats(self, addr=None, count=None):
         """The device statistics (STATS_LAYOUT fields); with ``addr, count`` also the sums
-        of |c| and c^2 over that many INT4 codes."""
+        of |c| and c^2 over that many INT4 codes (a device with SDRAM only: they check what
+        its DMA loaded)."""
+        if addr is not None and self.info is not None and not self.info["ext_bursts"]:
+            raise DeviceError(f"{self.url} has no SDRAM, so STATS sums no region (INFO "
+                              "ext_bursts is 0): read the words back instead")
         payload = b"" if addr is None else pack_fields(STATS_ARGS, {"addr": addr,
                                                                     "count": count})
         return unpack_fields(STATS_LAYOUT, self.request(Op.STATS, payload))

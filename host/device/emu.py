@@ -379,8 +379,8 @@ class Emulator:
             return self._gather(head, payload[hb:]), b""
         if op == Op.STATS:
             sums = (0, 0)
-            if payload:
-                if len(payload) != layout_bytes(STATS_ARGS):
+            if payload:             # region sums: a device with SDRAM only
+                if len(payload) != layout_bytes(STATS_ARGS) or not self.ext:
                     return Status.BAD_LENGTH, b""
                 args = unpack_fields(STATS_ARGS, payload)
                 if args["addr"] + -(-args["count"] // self.nib) > self.mem_words:
