@@ -12,11 +12,13 @@ ulx3s-85f     ECP5 LFE5U-85F      8x16   16384  45 MHz PLL   3 Mbaud     EBR, 12
 ============  ==================  =====  =====  ===========  ==========  ===============
 
 On the iCEBreaker tensor memory is the UP5K's four SPRAMs (``Board.memory``,
-:class:`nibble.rtl.spram.SpramMemory`: two banks of 16K 32-bit words), and the element-wise
-unit has TRANSPOSE only (``Board.vec_ops``): UPDATE and REQUANT, with the master weights, are
-the host driver's (INFO tells it), which leaves the UP5K's eight DSPs to the datapath: the
-lane's rescale takes two, and six of the row's eight PEs are DSP blocks (``Board.dsp_pes``,
-:class:`nibble.rtl.array.BroadcastRow`).
+:class:`nibble.rtl.spram.SpramMemory`: two banks of 16K 32-bit words), and there is no
+element-wise unit (``Board.vec_ops`` 0): UPDATE, REQUANT and TRANSPOSE, with the master
+weights, are the host driver's (INFO tells it). That costs the link (the digits MLP moves
+about twice the bytes a step) and saves 964 of the UP5K's 5,280 LCs (the TRANSPOSE-only
+:class:`nibble.rtl.transpose.Transposer` with its range check and arbiter port). The UP5K's
+eight DSPs go to the datapath: the lane's rescale takes two, and six of the row's eight PEs
+are DSP blocks (``Board.dsp_pes``, :class:`nibble.rtl.array.BroadcastRow`).
 
 On the ULX3S the device has its SDRAM (``Board.sdram``, a part of
 :data:`nibble.rtl.sdram.CHIPS`) behind the DMA: the controller's registered commands and
@@ -55,7 +57,7 @@ from amaranth.hdl import (
 from amaranth.lib import io, wiring
 from amaranth.lib.wiring import In, Out
 
-from nibble.rtl.formats import VEC_OPS_ALL, VecOp, word_nibbles
+from nibble.rtl.formats import VEC_OPS_ALL, word_nibbles
 from nibble.rtl.sdram import CHIPS, SdramPins
 
 from .budget import budget
@@ -103,7 +105,7 @@ BOARDS = {
     "icebreaker": Board("icebreaker", "amaranth_boards.icebreaker:ICEBreakerPlatform",
                         rows=1, cols=8, mem_words=32768, baud=12_000_000, clk_hz=36_000_000,
                         pll="ice40", synth_opts="-dsp", cable=("-b", "ice40_generic"),
-                        vec_ops=1 << VecOp.TRANSPOSE, memory="spram", dsp_pes=6),
+                        vec_ops=0, memory="spram", dsp_pes=6),
     "ulx3s-85f": Board("ulx3s-85f", "amaranth_boards.ulx3s:ULX3S_85F_Platform",
                        rows=8, cols=16, mem_words=16384, baud=3_000_000, clk_hz=45_000_000,
                        pll="ecp5", sdram="is42s16160", nextpnr_opts=("--router", "router2"),

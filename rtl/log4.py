@@ -14,6 +14,12 @@ thresholds are ``2^(g-1)``, ``2^g`` and then ``5 * 2^(g-3+n)`` for ``n = 2..13``
 
 so the hardware is a leading-one detector, a power-of-two test and one compare. Phase 0
 takes exponent field ``(c + 1) >> 1``, phase 1 ``c >> 1``; a zero result has sign 0.
+
+The compare needs no adder: with ``a = 2^L + r``, ``4a > 5 * 2^L`` is ``r > 2^(L-2)``, that
+is bit ``L-1`` of ``a``, or bit ``L-2`` and any bit below it. The leading-one tree finds
+those bits beside ``L`` (each node keeps the two bits under its leading one and whether any
+lies lower, and its own top two bits for the node above), so ``a`` is not carried along
+the pipeline to a 32-bit compare with a decoded ``5 * 2^L``: 150 fewer LCs on the UP5K.
 """
 
 from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
@@ -32,7 +38,7 @@ from .formats import (
     MaskMode,
 )
 
-__all__ = ["LOG4_CFG", "LOG4_IN", "LOG4_OUT", "Log4Quantizer", "leading_one",
+__all__ = ["LOG4_CFG", "LOG4_IN", "LOG4_OUT", "SUMMARY", "Log4Quantizer", "leading_one",
            "leading_one_groups", "mask_passes"]
 
 #: Settings of the log4 quantizer, constant while a tensor streams through.
@@ -46,12 +52,23 @@ LOG4_IN = data.StructLayout({"value": signed(LANE_BITS), "code": UINT4})
 LOG4_OUT = data.ArrayLayout(FP4, 2)
 
 
+#: A leading-one summary of a node of ``2^k`` bits: whether any is set, the index of the
+#: highest (``ix``), the two bits under it and whether any bit lies lower (``d1``, ``d2``,
+#: ``rest``; 0 where the node ends first), and the node's own top two bits and whether any
+#: lies lower (``t1``, ``t2``, ``trest``: what a node above needs from it as its lower half).
+SUMMARY = ("nz", "ix", "d1", "d2", "rest", "t1", "t2", "trest")
+
+
 def _merge(lo, hi):
-    """Combine the leading-one summaries (nonzero, index, several) of two halves."""
-    lo_nz, lo_ix, lo_multi = lo
-    hi_nz, hi_ix, hi_multi = hi
-    return (lo_nz | hi_nz, Cat(Mux(hi_nz, hi_ix, lo_ix), hi_nz),
-            lo_multi | hi_multi | (lo_nz & hi_nz))
+    """The summary of two halves: ``lo`` the lower bits, ``hi`` the upper."""
+    lo, hi = dict(zip(SUMMARY, lo, strict=True)), dict(zip(SUMMARY, hi, strict=True))
+    at0, at1 = hi["ix"] == 0, hi["ix"] == 1       # hi's leading one at its bottom bits
+    d1 = Mux(at0, lo["t1"], hi["d1"])
+    d2 = Mux(at0, lo["t2"], Mux(at1, lo["t1"], hi["d2"]))
+    rest = Mux(at0, lo["trest"], Mux(at1, lo["t2"] | lo["trest"], hi["rest"] | lo["nz"]))
+    return (lo["nz"] | hi["nz"], Cat(Mux(hi["nz"], hi["ix"], lo["ix"]), hi["nz"]),
+            Mux(hi["nz"], d1, lo["d1"]), Mux(hi["nz"], d2, lo["d2"]),
+            Mux(hi["nz"], rest, lo["rest"]), hi["t1"], hi["t2"], hi["trest"] | lo["nz"])
 
 
 def _tree(nodes):
@@ -61,21 +78,22 @@ def _tree(nodes):
 
 
 def leading_one_groups(value, group=8):
-    """Leading-one summaries ``(nonzero, index, more than one bit set)`` of each ``group``
-    bits of ``value`` (zero-padded to a power-of-two number of groups): balanced trees of
-    2:1 choices, so the depth is log2(group)."""
+    """Leading-one summaries (:data:`SUMMARY`) of each ``group`` bits of ``value``
+    (zero-padded to a power-of-two number of groups): balanced trees of 2:1 choices, so the
+    depth is log2(group)."""
     n = 1 << max((len(value) + group - 1) // group - 1, 1).bit_length()
     bits = [value[k] if k < len(value) else Const(0, 1) for k in range(n * group)]
     out = []
     for g in range(n):
-        pairs = [(bits[k] | bits[k + 1], bits[k + 1], bits[k] & bits[k + 1])
-                 for k in range(g * group, (g + 1) * group, 2)]
+        pairs = [(lo | hi, hi, hi & lo, Const(0, 1), Const(0, 1), hi, lo, Const(0, 1))
+                 for lo, hi in zip(bits[g * group:(g + 1) * group:2],
+                                   bits[g * group + 1:(g + 1) * group:2], strict=True)]
         out.append(_tree(pairs))
     return out
 
 
 def leading_one(nodes):
-    """Combine group summaries into (nonzero, index of the highest set bit, several)."""
+    """Combine group summaries into the whole value's (:data:`SUMMARY`)."""
     return _tree(list(nodes))
 
 
@@ -127,17 +145,16 @@ class Log4Quantizer(wiring.Component):
         # Stages 3-4: leading one and the more-than-one-bit flag: per 8-bit group, then
         # across the groups (two short trees instead of one deep one).
         groups = leading_one_groups(a)
-        g_regs = [(Signal(name=f"g{k}_nz"), Signal(len(ix), name=f"g{k}_ix"),
-                   Signal(name=f"g{k}_multi")) for k, (_, ix, _) in enumerate(groups)]
-        a_g, neg_g, v_g = Signal.like(a, name="a_g"), Signal(name="neg_g"), Signal(name="v_g")
-        nz, lead, several = leading_one(g_regs)
-        a2 = Signal.like(a, name="a2")
-        nz2, lead2, lownz2, neg2, v2 = (Signal(name="nz2"), Signal(len(lead), name="lead2"),
-                                        Signal(name="lownz2"), Signal(name="neg2"),
-                                        Signal(name="v2"))
-        # Stage 5: the one compare, 4a > 5 * 2^L, and the four terms of the count from
-        # u = L - exp + 12 (exp - 12 depends only on the settings: decoded into a register).
-        five_l = Signal(unsigned(LANE_BITS + 2))     # 5 * 2^L, decoded in stage 4
+        g_regs = [tuple(Signal(len(v), name=f"g{k}_{f}") for f, v in zip(SUMMARY, node,
+                                                                            strict=True))
+                  for k, node in enumerate(groups)]
+        neg_g, v_g = Signal(name="neg_g"), Signal(name="v_g")
+        nz, lead, d1, d2, rest, *_ = leading_one(g_regs)
+        nz2, lead2, lownz2, above2, neg2, v2 = (
+            Signal(name="nz2"), Signal(len(lead), name="lead2"), Signal(name="lownz2"),
+            Signal(name="above2"), Signal(name="neg2"), Signal(name="v2"))
+        # Stage 5: the four terms of the count from u = L - exp + 12 (exp - 12 depends only
+        # on the settings: decoded into a register); 4a > 5 * 2^L is ``above2``.
         base = Signal(signed(LOG4_EXP_BITS + 1))
         m.d.sync += base.eq(cfg.exp - FP4_TOP_LOG2)
         u = Signal(signed(LOG4_EXP_BITS + 3))
@@ -146,7 +163,7 @@ class Log4Quantizer(wiring.Component):
         c1 = (u >= 0) | ((u == -1) & lownz2)
         c2 = (u >= 1) | ((u == 0) & lownz2)
         c3 = Mux(u < 1, 0, Mux(u > top + 1, top, u - 1))
-        c4 = (u >= 1) & (u <= top) & ((a2 << 2) > five_l)
+        c4 = (u >= 1) & (u <= top) & above2
         t1, t2, t4 = Signal(name="t1"), Signal(name="t2"), Signal(name="t4")
         t3 = Signal(range(top + 1))
         nz3, neg3, v3 = Signal(name="nz3"), Signal(name="neg3"), Signal(name="v3")
@@ -161,10 +178,9 @@ class Log4Quantizer(wiring.Component):
                 a.eq(mag_in), neg1.eq(xm < 0), v1.eq(v0),
                 *[r.eq(e) for reg, node in zip(g_regs, groups, strict=True)
                   for r, e in zip(reg, node, strict=True)],
-                a_g.eq(a), neg_g.eq(neg1), v_g.eq(v1),
-                a2.eq(a_g), nz2.eq(nz), lead2.eq(lead), lownz2.eq(several), neg2.eq(neg_g),
-                five_l.eq(Const(5, 3) << lead),
-                v2.eq(v_g),
+                neg_g.eq(neg1), v_g.eq(v1),
+                nz2.eq(nz), lead2.eq(lead), lownz2.eq(d1 | d2 | rest),
+                above2.eq(d1 | (d2 & rest)), neg2.eq(neg_g), v2.eq(v_g),
                 t1.eq(c1), t2.eq(c2), t3.eq(c3), t4.eq(c4), nz3.eq(nz2), neg3.eq(neg2),
                 v3.eq(v2),
                 self.o.payload[0].exp.eq(e0), self.o.payload[0].sign.eq(neg3 & (e0 != 0)),

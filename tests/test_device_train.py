@@ -246,8 +246,8 @@ def test_a_model_the_device_cannot_hold_says_what_it_needs():
 @pytest.mark.long
 def test_the_simulated_icebreaker_trains_digits_within_a_point_of_fp32():
     """The digits MLP 64-32-10 for 10 epochs on the Verilator model in the iCEBreaker's
-    configuration (1x8 array, SPRAM tensor memory, the master weights on the host, since its
-    element-wise unit only transposes): bit-identical to emu:// in that configuration, and
+    configuration (1x8 array, SPRAM tensor memory, the master weights on the host, since it
+    has no element-wise unit): bit-identical to emu:// in that configuration, and
     within a point of fp32 on the host (``make bench-train`` reports the same run)."""
     from nibble.host.bench.train import icebreaker_digits
     r = icebreaker_digits(log=lambda *_: None)

@@ -241,7 +241,7 @@ def board_run(name, data, cfg, steps=3, images=4096, log=print):
 
 def icebreaker_digits(epochs=10, log=print):
     """The digits MLP 64-32-10 trained in the iCEBreaker's configuration (its array, SPRAM
-    tensor memory, TRANSPOSE-only element-wise unit, so the master weights on the host) on
+    tensor memory, no element-wise unit, so the master weights on the host) on
     the simulated device and on ``emu://``, with ``nibble train``'s defaults for digits,
     beside fp32 on the host: accuracies, whether the two devices agree bit for bit (every
     loss, master weight and code), and the simulated device's cycles and link bytes a
