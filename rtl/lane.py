@@ -85,21 +85,16 @@ class OutputLane(wiring.Component):
         m.d.comb += value.eq(self.i.payload << cfg.phase)
         # The path decodes depend only on the settings: registered, off the handshake path
         # (the settings are stable from a cycle before the first element).
-        is_raw, is_rescale, is_log4, need_mask = (Signal(name=n) for n in (
-            "is_raw", "is_rescale", "is_log4", "need_mask"))
+        is_rescale, is_log4, need_mask = (Signal(name=n) for n in (
+            "is_rescale", "is_log4", "need_mask"))
         m.d.sync += [
-            is_raw.eq(cfg.path == OutputPath.RAW),
             is_rescale.eq(cfg.path == OutputPath.RESCALE),
             is_log4.eq(cfg.path == OutputPath.LOG4),
             need_mask.eq((cfg.path == OutputPath.LOG4) & (cfg.log4.mask != MaskMode.NONE)),
         ]
 
-        # RAW: one register stage.
-        raw = Signal(signed(LANE_BITS))
-        raw_valid = Signal()
-        raw_advance = ~raw_valid | (self.o.ready & is_raw)
-        with m.If(raw_advance):
-            m.d.sync += [raw.eq(value), raw_valid.eq(self.i.valid & is_raw)]
+        # RAW: the value as it comes (the FIFO in front of the lane has registered it; a
+        # second register cost the UP5K 30 LCs).
 
         # The statistic, on what the path sees: the value after ReLU (RESCALE) or after the
         # mask (LOG4). One magnitude and one compare per lane, whatever the path.
@@ -148,8 +143,8 @@ class OutputLane(wiring.Component):
             ]
         with m.Else():
             m.d.comb += [
-                self.i.ready.eq(raw_advance),
-                self.o.valid.eq(raw_valid),
-                self.o.payload.raw.eq(raw),
+                self.i.ready.eq(self.o.ready),
+                self.o.valid.eq(self.i.valid),
+                self.o.payload.raw.eq(value),
             ]
         return m

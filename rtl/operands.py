@@ -115,8 +115,10 @@ class OperandFetch(wiring.Component):
         m = Module()
         R, C, NIB = self.rows, self.cols, self.nib
         req = self.i.payload
-        a_tag = data.StructLayout({"off": range(NIB), "left": signed(DIM_BITS + 2), "last": 1})
-        b_tag = data.StructLayout({"off": range(NIB), "left": signed(DIM_BITS + 2)})
+        # The tags carry the real rows (columns) of the group, at most R (C), not the 18-bit
+        # rows left: the readers' slots hold them (94 fewer LCs in the UP5K's system).
+        a_tag = data.StructLayout({"off": range(NIB), "left": range(R + 1), "last": 1})
+        b_tag = data.StructLayout({"off": range(NIB), "left": range(C + 1)})
         m.submodules.read_a = ra = Reader(self.aw, NIB, a_tag)
         m.submodules.read_b = rb = Reader(self.aw, NIB, b_tag)
         wiring.connect(m, ra.port, wiring.flipped(self.rd_a))
@@ -126,9 +128,10 @@ class OperandFetch(wiring.Component):
         taken = Signal(2)
         m.d.comb += [
             ra.i.payload.addr.eq(req.a_addr), ra.i.payload.tag.off.eq(req.a_off),
-            ra.i.payload.tag.left.eq(req.m_left), ra.i.payload.tag.last.eq(req.last),
+            ra.i.payload.tag.left.eq(Mux(req.m_left >= R, R, req.m_left)),
+            ra.i.payload.tag.last.eq(req.last),
             rb.i.payload.addr.eq(req.b_addr), rb.i.payload.tag.off.eq(req.b_off),
-            rb.i.payload.tag.left.eq(req.n_left),
+            rb.i.payload.tag.left.eq(Mux(req.n_left >= C, C, req.n_left)),
             ra.i.valid.eq(self.i.valid & ~taken[0]), rb.i.valid.eq(self.i.valid & ~taken[1]),
             self.i.ready.eq((taken[0] | ra.i.ready) & (taken[1] | rb.i.ready)),
         ]
