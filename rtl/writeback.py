@@ -149,18 +149,23 @@ class LaneWriter(wiring.Component):
         first_row = Mux(raw, w.r0 + w.i - slot, w.r0)  # the request's first element's row
         nib = first_row << e_log                     # ... its nibble in the out^T row
         off = nib[:lnib]
-        unit = Signal(g4 * NIB)                   # the request's nibbles and enables, at 0
-        uen = Signal(NIB)
+        # The request's nibbles, its unit (R codes, R code pairs or pw RAW elements) repeated
+        # across the word: the unit starts at a multiple of its own size (``off``: the tile's
+        # first row times the element's nibbles), so every copy but the enabled one is
+        # ignored and the data needs no shifter; only the enables are shifted.
+        unit = Signal(g4 * NIB)
+        uen = Signal(NIB)                         # the enables, at 0
         with m.Switch(self.path):
             with m.Case(OutputPath.RAW):
-                m.d.comb += [unit.eq(new_raw),
+                m.d.comb += [unit.eq(new_raw.replicate(NIB // (RAW_NIBBLES * pw))),
                              uen.eq(Cat(*[v.replicate(RAW_NIBBLES) for v in new_rawvalid]))]
             with m.Case(OutputPath.RESCALE):
                 m.d.comb += [unit.eq(Cat(*[new_gather.word_select(x, 2 * g4)[:g4]
-                                           for x in range(R)])),
+                                           for x in range(R)]).replicate(NIB // R)),
                              uen.eq(new_valid)]
             with m.Default():
-                m.d.comb += [unit.eq(new_gather), uen.eq(Cat(*[Cat(v, v) for v in new_valid]))]
+                m.d.comb += [unit.eq(new_gather.replicate(NIB // (2 * R))),
+                             uen.eq(Cat(*[Cat(v, v) for v in new_valid]))]
         with m.If(take):
             m.d.sync += [gather.eq(new_gather), gvalid.eq(new_valid), rawbuf.eq(new_raw),
                          rawvalid.eq(new_rawvalid)]
@@ -169,7 +174,7 @@ class LaneWriter(wiring.Component):
                     gvalid.eq(0), rawvalid.eq(0),
                     self.o.valid.eq(col_ok & Mux(raw, new_rawvalid.any(), new_valid.any())),
                     self.o.payload.addr.eq(w.row_addr + (nib >> lnib)),
-                    self.o.payload.data.eq(unit << (off << 2)),
+                    self.o.payload.data.eq(unit),
                     self.o.payload.en.eq(uen << off),
                 ]
         return m
