@@ -77,10 +77,13 @@ def component(core, path):
     return obj
 
 
-def _measure(dut, family, work, platform=None):
+def _measure(dut, family, work, platform=None, synth_opts=None):
     """Packed cost of one component, less its boundary: ``{luts, ffs, dsps, rams}`` (on
-    the iCE40 ``luts`` are LCs, a LUT and its flip-flop together, and ``ffs`` is None)."""
+    the iCE40 ``luts`` are LCs, a LUT and its flip-flop together, and ``ffs`` is None);
+    ``synth_opts`` are the board's options for ``synth_<family>`` (default: the DSPs)."""
     synth, pack = _PACK[family]
+    if synth_opts is not None:
+        synth = f"synth_{family} {synth_opts}"
     work.mkdir(parents=True, exist_ok=True)
     top = SynthTop(dut=dut)
     (work / "top.v").write_text(verilog.convert(top, name="top", platform=platform, ports=[
@@ -107,13 +110,14 @@ def _measure(dut, family, work, platform=None):
             "rams": used("ICESTORM_RAM", "DP16KD")}
 
 
-def budget(make_core, family, work, total=None, progress=None, platform=None):
+def budget(make_core, family, work, total=None, progress=None, platform=None,
+           synth_opts=None):
     """``{block: {luts, ffs, dsps, rams}}`` of :data:`BLOCKS` in the core that
     ``make_core()`` makes (a :class:`~nibble.gateware.boards.UartTop`, one per block),
     measured under ``work``; with the build's ``total`` (the same keys) a ``rest`` block,
     the total less the blocks. ``progress(path)`` is called before each measurement;
     ``platform`` is the board's, for blocks that instantiate its primitives (the UP5K's
-    SPRAM) where they are built for it."""
+    SPRAM) where they are built for it; ``synth_opts`` the board's synthesis options."""
     cost = {}
     for path in sorted({e[1:] for entries in BLOCKS.values() for e in entries}):
         with warnings.catch_warnings():     # the blocks around it are made and dropped
@@ -124,7 +128,7 @@ def budget(make_core, family, work, total=None, progress=None, platform=None):
             continue
         if progress:
             progress(path)
-        cost[path] = _measure(dut, family, Path(work) / path, platform)
+        cost[path] = _measure(dut, family, Path(work) / path, platform, synth_opts)
     keys = ("luts", "ffs", "dsps", "rams")
     out = {}
     for block, entries in BLOCKS.items():

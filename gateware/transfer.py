@@ -68,7 +68,9 @@ class Transfer(wiring.Component):
 
     def __init__(self, addr_width, nibbles, sums=True):
         self.nib, self.sums = nibbles, sums
-        self.held_reads = ("rd0",)  # a READ word's bytes go out one a cycle
+        # A READ takes its word in the cycle it arrives (into ``word``, then shifted out a
+        # byte a cycle); SUMS reads its codes from the word held on the port.
+        self.held_reads = ("rd0",) if sums else ()
         super().__init__({
             "ctl": In(TransferControl.Signature(addr_width)),
             "sum_abs": Out(32), "sum_sq": Out(32),
@@ -139,10 +141,12 @@ class Transfer(wiring.Component):
                     m.d.comb += bus.rd0.en.eq(1)
                     with m.If(bus.rd0.ready):
                         m.d.sync += [q.eq(1), addr.eq(addr + 1)]
-                with m.Else():
-                    m.d.comb += [self.buf_wr.en.eq(1), self.buf_wr.data.eq(
-                        bus.rd0.data.word_select((q - 1)[:len(q)], 8))]
-                    m.d.sync += [p.eq(p + 1), q.eq(Mux(q == wb, 0, q + 1))]
+                with m.Else():            # byte 0 as the word arrives, the rest from `word`
+                    arrived = q == 1
+                    m.d.comb += [self.buf_wr.en.eq(1),
+                                 self.buf_wr.data.eq(Mux(arrived, bus.rd0.data, word)[:8])]
+                    m.d.sync += [p.eq(p + 1), q.eq(Mux(q == wb, 0, q + 1)),
+                                 word.eq(Mux(arrived, bus.rd0.data, word) >> 8)]
                     with m.If(q == wb):
                         m.d.sync += count.eq(count - 1)
                         with m.If(count == 1):
