@@ -104,7 +104,7 @@ class Board:
 BOARDS = {
     "icebreaker": Board("icebreaker", "amaranth_boards.icebreaker:ICEBreakerPlatform",
                         rows=1, cols=8, mem_words=32768, baud=12_000_000, clk_hz=36_000_000,
-                        pll="ice40", synth_opts="-dsp -dff", cable=("-b", "ice40_generic"),
+                        pll="ice40", synth_opts="-dsp", cable=("-b", "ice40_generic"),
                         vec_ops=0, memory="spram", dsp_pes=6),
     "ulx3s-85f": Board("ulx3s-85f", "amaranth_boards.ulx3s:ULX3S_85F_Platform",
                        rows=8, cols=16, mem_words=16384, baud=3_000_000, clk_hz=45_000_000,
