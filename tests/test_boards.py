@@ -107,7 +107,7 @@ def test_budget_blocks_add_and_subtract(monkeypatch, tmp_path):
     from nibble.gateware import budget as b
     seen = []
 
-    def fake(dut, family, work, platform=None):
+    def fake(dut, family, work, platform=None, synth_opts=None):
         seen.append(type(dut).__name__)
         return {"luts": 10 * len(Path(work).name.split(".")), "ffs": None, "dsps": 1,
                 "rams": 0}
