@@ -32,7 +32,8 @@ class Datapath(wiring.Component):
     dsp_pes : int
         PEs that are DSP blocks (one-row arrays only, see :func:`~rtl.array.make_array`).
     primitive : bool or None
-        Their SB_MAC16 instantiated (True), modelled (False), or by the platform (None).
+        Their SB_MAC16 (and the lanes' rescale multipliers') instantiated (True), modelled
+        (False), or by the platform (None).
     clip_bits : int
         Width of the clip statistic: enough for the sum of every element of a GEMM
         (:func:`~rtl.formats.clip_sum_bits`).
@@ -74,7 +75,7 @@ class Datapath(wiring.Component):
         R = self.rows
         m.submodules.array = array = make_array(self.rows, self.cols, self.dsp_pes,
                                                    self.primitive)
-        lanes = [OutputLane(self.clip_bits) for _ in range(R)]
+        lanes = [OutputLane(self.clip_bits, self.primitive) for _ in range(R)]
         m.d.comb += array.cfg.eq(self.cfg.operands)
         wiring.connect(m, wiring.flipped(self.beat), array.beat)
 

@@ -29,7 +29,7 @@ from amaranth.hdl import ClockSignal, Const, Instance, Module, Signal, signed
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-__all__ = ["SB_MAC16_PARAMS", "MulAdd", "is_ice40"]
+__all__ = ["SB_MAC16_PARAMS", "Mul16", "MulAdd", "is_ice40"]
 
 #: The SB_MAC16's parameters for :class:`MulAdd` (names as in yosys's cells_sim.v).
 SB_MAC16_PARAMS = {
@@ -43,6 +43,19 @@ SB_MAC16_PARAMS = {
 }
 _WIDTHS = {"TOPADDSUB_LOWERINPUT": 2, "TOPADDSUB_CARRYSELECT": 2, "BOTADDSUB_LOWERINPUT": 2,
            "BOTADDSUB_CARRYSELECT": 2, "TOPOUTPUT_SELECT": 2, "BOTOUTPUT_SELECT": 2}
+
+
+def _sb_mac16(m, params, **ports):
+    """An SB_MAC16 instance with ``params`` (names as in cells_sim.v) and the given ports;
+    the controls not given are 0, the carry and cascade outputs unused."""
+    params = {f"p_{k}": Const(v, _WIDTHS.get(k, 1)) for k, v in params.items()}
+    zero = {f"i_{k}": 0 for k in (
+        "AHOLD", "BHOLD", "CHOLD", "DHOLD", "IRSTTOP", "IRSTBOT", "ORSTTOP", "ORSTBOT",
+        "OLOADTOP", "OLOADBOT", "ADDSUBTOP", "ADDSUBBOT", "OHOLDTOP", "OHOLDBOT", "CI",
+        "ACCUMCI", "SIGNEXTIN")}
+    m.submodules.mac = Instance("SB_MAC16", **params, **zero, i_CLK=ClockSignal("sync"),
+                                **ports, o_CO=Signal(), o_ACCUMCO=Signal(),
+                                o_SIGNEXTOUT=Signal())
 
 
 def is_ice40(platform):
@@ -74,16 +87,46 @@ class MulAdd(wiring.Component):
         m = Module()
         prim = is_ice40(platform) if self.primitive is None else self.primitive
         if prim:
-            params = {f"p_{k}": Const(v, _WIDTHS.get(k, 1)) for k, v in SB_MAC16_PARAMS.items()}
-            zero = {f"i_{k}": 0 for k in (
-                "AHOLD", "BHOLD", "CHOLD", "DHOLD", "IRSTTOP", "IRSTBOT", "ORSTTOP", "ORSTBOT",
-                "OLOADTOP", "OLOADBOT", "ADDSUBTOP", "ADDSUBBOT", "OHOLDTOP", "OHOLDBOT", "CI",
-                "ACCUMCI", "SIGNEXTIN")}
-            m.submodules.mac = Instance(
-                "SB_MAC16", **params, **zero, i_CLK=ClockSignal("sync"), i_CE=1,
-                i_A=self.a, i_B=self.b, i_C=self.c[16:], i_D=self.c[:16], o_O=self.o,
-                o_CO=Signal(), o_ACCUMCO=Signal(), o_SIGNEXTOUT=Signal())     # (unused)
+            _sb_mac16(m, SB_MAC16_PARAMS, i_CE=1, i_A=self.a, i_B=self.b, i_C=self.c[16:],
+                      i_D=self.c[:16], o_O=self.o)
             return m
         b, product = Signal(signed(16)), Signal(signed(32))
         m.d.sync += [b.eq(self.b), product.eq(self.a * b), self.o.eq(self.c + product)]
+        return m
+
+
+class Mul16(wiring.Component):
+    """``o <- a * b``, a 16 x 16 product of ``a_signed`` / ``b_signed`` operands, two
+    cycles after ``b`` and one after ``a``: ``b`` is registered at the block's input and the
+    product inside it, both only while ``en`` is high (the block's clock enable), so a
+    stalling pipeline's registers are the block's own. :class:`~nibble.rtl.rescale.Rescale`
+    multiplies with two of these on the UP5K: with yosys's own mapping of its ``*`` the
+    enabled registers stayed in the fabric, 73 LCs of flip-flops.
+
+    Ports
+    -----
+    a, b : In(16)
+    en : In(1)
+    o : Out(32)
+        The product's bits (signed where either operand is).
+    """
+
+    def __init__(self, a_signed, b_signed, primitive=None):
+        self.a_signed, self.b_signed, self.primitive = a_signed, b_signed, primitive
+        super().__init__({"a": In(16), "b": In(16), "en": In(1), "o": Out(32)})
+
+    def elaborate(self, platform):
+        m = Module()
+        prim = is_ice40(platform) if self.primitive is None else self.primitive
+        if prim:
+            params = dict(SB_MAC16_PARAMS, A_SIGNED=int(self.a_signed),
+                          B_SIGNED=int(self.b_signed), TOPOUTPUT_SELECT=3,
+                          BOTOUTPUT_SELECT=3)          # the registered 16 x 16 product
+            _sb_mac16(m, params, i_CE=self.en, i_A=self.a, i_B=self.b, i_C=0, i_D=0,
+                      o_O=self.o)
+            return m
+        a = self.a.as_signed() if self.a_signed else self.a
+        b = Signal(signed(16) if self.b_signed else 16)
+        with m.If(self.en):
+            m.d.sync += [b.eq(self.b), self.o.eq(a * b)]
         return m

@@ -64,7 +64,8 @@ class OutputLane(wiring.Component):
         until ``clear``: the engine derives it from its memory's size.
     """
 
-    def __init__(self, clip_bits=CLIP_SUM_BITS):
+    def __init__(self, clip_bits=CLIP_SUM_BITS, primitive=None):
+        self.primitive = primitive          # the rescale's DSP blocks (rtl.rescale)
         super().__init__({
             "cfg": In(LANE_CFG),
             "i": In(stream.Signature(signed(PE_ACC_BITS))),
@@ -78,7 +79,7 @@ class OutputLane(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         cfg = self.cfg
-        m.submodules.rescale = rescale = Rescale()
+        m.submodules.rescale = rescale = Rescale(primitive=self.primitive)
         m.submodules.log4 = log4 = Log4Quantizer()
         m.d.comb += [rescale.cfg.eq(cfg.rescale), log4.cfg.eq(cfg.log4)]
         value = Signal(signed(LANE_BITS))

@@ -10,6 +10,7 @@ from amaranth.hdl import Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
+from .dsp import Mul16, is_ice40
 from .formats import (
     CODE_BITS,
     INT4_MAX,
@@ -43,12 +44,16 @@ class Rescale(wiring.Component):
         Accumulators. ``ready`` is ``~o.valid | o.ready`` (the pipeline moves as one).
     o : Out(stream.Signature(unsigned(4)))
         Codes: two's complement INT4 or UINT4.
+
+    ``primitive``: the two partial products on SB_MAC16 blocks (:class:`~rtl.dsp.Mul16`)
+    with the stage-1 and stage-2 registers inside them (True), in Amaranth arithmetic
+    (False), or by the platform (None: the blocks on an iCE40).
     """
 
     LATENCY = 6
 
-    def __init__(self, in_bits=RESCALE_IN_BITS):
-        self.in_bits = in_bits
+    def __init__(self, in_bits=RESCALE_IN_BITS, primitive=None):
+        self.in_bits, self.primitive = in_bits, primitive
         super().__init__({
             "cfg": In(RESCALE_CFG),
             "i": In(stream.Signature(signed(in_bits))),
@@ -102,10 +107,23 @@ class Rescale(wiring.Component):
         p_hi = Signal(signed(max(self.in_bits - lo_bits, 1) + RESCALE_M_BITS + 1))
         v_hi = v[lo_bits:].as_signed() if self.in_bits > lo_bits else Const(0, signed(1))
         v_ok2 = Signal()
+        prim = is_ice40(platform) if self.primitive is None else self.primitive
+        if prim:        # the UP5K: stages 1 and 2 are the DSP blocks' own registers
+            assert self.in_bits <= 2 * lo_bits
+            m.submodules.mul_lo = mul_lo = Mul16(a_signed=False, b_signed=False,
+                                                 primitive=True)
+            m.submodules.mul_hi = mul_hi = Mul16(a_signed=False, b_signed=True,
+                                                 primitive=True)
+            for mul, b in ((mul_lo, relu_x[:lo_bits]), (mul_hi, relu_x[lo_bits:].as_signed())):
+                m.d.comb += [mul.a.eq(cfg.m), mul.b.eq(b), mul.en.eq(advance)]
+            m.d.comb += [p_lo.eq(mul_lo.o), p_hi.eq(mul_hi.o.as_signed())]
         with m.If(advance):
+            if prim:
+                m.d.sync += [v_ok.eq(self.i.valid), v_ok2.eq(v_ok)]
+            else:
+                m.d.sync += [v.eq(relu_x), v_ok.eq(self.i.valid), v_ok2.eq(v_ok),
+                             p_lo.eq(v[:lo_bits] * cfg.m), p_hi.eq(v_hi * cfg.m)]
             m.d.sync += [
-                v.eq(relu_x), v_ok.eq(self.i.valid),
-                p_lo.eq(v[:lo_bits] * cfg.m), p_hi.eq(v_hi * cfg.m), v_ok2.eq(v_ok),
                 prod.eq((p_hi << lo_bits) + p_lo), valid[0].eq(v_ok2),
                 coarse.eq(prod >> (shift[3:] << 3)), valid[1].eq(valid[0]),
                 half.eq(coarse >> shift[:3]), valid[2].eq(valid[1]),

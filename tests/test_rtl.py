@@ -264,3 +264,37 @@ def test_synth_missing_tool_is_one_clear_error(tmp_path):
     from nibble.gateware.synth import SynthError, _run
     with pytest.raises(SynthError, match="install the synthesis extra"):
         _run(["no-such-yowasp-tool"], tmp_path / "log", tmp_path)
+
+
+@pytest.mark.parametrize("a_signed", [False, True])
+@pytest.mark.parametrize("b_signed", [False, True])
+def test_mul16_model_registers_b_and_the_product_while_enabled(a_signed, b_signed):
+    """Mul16's model (the SB_MAC16 configuration Rescale uses on the UP5K; the primitive
+    itself runs the datapath suite in the ``row_ice40`` cocotb unit): ``b`` and then the
+    product are registered only in cycles with ``en``, every signedness, the extremes."""
+    from nibble.rtl.dsp import Mul16
+    dut = Mul16(a_signed, b_signed, primitive=False)
+    rng = np.random.default_rng(2 * a_signed + b_signed)
+    ext = [0, 1, 0x7FFF, 0x8000, 0xFFFF]
+    steps = [(int(rng.choice(ext)) if k < 25 else int(rng.integers(0, 1 << 16)),
+              int(rng.choice(ext)) if k % 3 else int(rng.integers(0, 1 << 16)),
+              int(rng.random() < 0.7)) for k in range(400)]
+
+    def val(x, signed):
+        return x - (1 << 16) if signed and x >> 15 else x
+
+    async def bench(ctx):
+        b_reg, o_reg = 0, 0
+        for a, b, en in steps:
+            ctx.set(dut.a, a)
+            ctx.set(dut.b, b)
+            ctx.set(dut.en, en)
+            await ctx.tick()
+            if en:       # the product of the held a and the b registered a cycle before
+                b_reg, o_reg = b, (val(a, a_signed) * val(b_reg, b_signed)) % (1 << 32)
+            assert ctx.get(dut.o) == o_reg
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-6)
+    sim.add_testbench(bench)
+    sim.run()
