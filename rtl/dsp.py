@@ -1,4 +1,4 @@
-"""A multiply-add on the iCE40UP5K's DSP block (SB_MAC16), and its simulation model.
+"""A multiply-add and a multiply on the iCE40UP5K's DSP block (SB_MAC16), and their models.
 
 :class:`MulAdd` computes ``o <- c + a * b`` through two pipeline registers: ``b`` and the
 product are registered inside the block, the sum is its output register. A one-row array's
@@ -18,11 +18,14 @@ checked against yosys's own model of the block (``share/ice40/cells_sim.v``) on 
 the ``row_ice40`` cocotb unit (``sim/runner.py``), which runs the datapath suite on the
 one-row array built with the primitive.
 
-Configuration: a signed 16 x 16 multiply, the product registered (``PIPELINE_16x16_MULT_
-REG2``); the upper 16-bit adder sums the product's top half and ``C``, the lower one its
-bottom half and ``D``, the lower's carry into the upper (a 32-bit add); both outputs
-registered. ``B`` is registered at the block's input (``B_REG``), ``A`` is not (a one-row
-array shares one registered ``A`` among its PEs).
+:class:`Mul16` is the block as a registered 16 x 16 multiplier with a clock enable: the
+rescale unit's two partial products on the UP5K, with its first two pipeline stages inside.
+
+Configuration (:class:`MulAdd`): a signed 16 x 16 multiply, the product registered
+(``PIPELINE_16x16_MULT_REG2``); the upper 16-bit adder sums the product's top half and
+``C``, the lower one its bottom half and ``D``, the lower's carry into the upper (a 32-bit
+add); both outputs registered. ``B`` is registered at the block's input (``B_REG``), ``A``
+is not (a one-row array shares one registered ``A`` among its PEs).
 """
 
 from amaranth.hdl import ClockSignal, Const, Instance, Module, Signal, signed
