@@ -405,8 +405,11 @@ def build(board, out_root="build", seed=1, progress=False, budget=True):
     result["timing_met"] = result["fmax_mhz"] >= result["target_mhz"]
     bitstream = next((p for p in (out / "top.bin", out / "top.bit") if p.exists()), None)
     result["bitstream"] = str(bitstream) if bitstream else None
-    result["blocks"] = _budget(board, platform, out, result, progress) if budget else None
+    result["blocks"] = None                     # the build's report stands before the budget
     (out / "report.json").write_text(json.dumps(result, indent=2) + "\n")
+    if budget:
+        result["blocks"] = _budget(board, platform, out, result, progress)
+        (out / "report.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 

@@ -115,7 +115,10 @@ def budget(make_core, family, work, total=None, progress=None, platform=None,
     """``{block: {luts, ffs, dsps, rams}}`` of :data:`BLOCKS` in the core that
     ``make_core()`` makes (a :class:`~nibble.gateware.boards.UartTop`, one per block),
     measured under ``work``; with the build's ``total`` (the same keys) a ``rest`` block,
-    the total less the blocks. ``progress(path)`` is called before each measurement;
+    the total less the blocks. A block whose synthesis fails (yosys 0.70's abc9 stops
+    without a message on the ECP5 on some: the element-wise unit's range check alone) is
+    warned about and has None for its figures, as have the blocks and the ``rest`` that
+    depend on it. ``progress(path)`` is called before each measurement;
     ``platform`` is the board's, for blocks that instantiate its primitives (the UP5K's
     SPRAM) where they are built for it; ``synth_opts`` the board's synthesis options."""
     cost = {}
@@ -128,7 +131,11 @@ def budget(make_core, family, work, total=None, progress=None, platform=None,
             continue
         if progress:
             progress(path)
-        cost[path] = _measure(dut, family, Path(work) / path, platform, synth_opts)
+        try:
+            cost[path] = _measure(dut, family, Path(work) / path, platform, synth_opts)
+        except SynthError as e:     # one block's tool failure costs its figures, not the rest
+            warnings.warn(f"budget: {path} not measured: {e}", stacklevel=2)
+            cost[path] = dict.fromkeys(("luts", "ffs", "dsps", "rams"))
     keys = ("luts", "ffs", "dsps", "rams")
     out = {}
     for block, entries in BLOCKS.items():

@@ -407,6 +407,9 @@ def budget_table(out_root):
                     ("DSPs", f"{b}.dsps", "{}"), ("RAMs", f"{b}.rams", "{}")]
         for block, cost in r["blocks"].items():
             row = rows.setdefault(block, {"block": block})
+            if cost["luts"] is None:            # not measured (gateware.budget)
+                row[f"{b}.luts"] = "not measured"
+                continue
             row[f"{b}.luts"] = f"{cost['luts']:,}"
             row[f"{b}.pct"] = f"{100 * cost['luts'] / r['luts']:.0f}"
             row[f"{b}.dsps"], row[f"{b}.rams"] = cost["dsps"], cost["rams"]

