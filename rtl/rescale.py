@@ -118,12 +118,10 @@ class Rescale(wiring.Component):
                 m.d.comb += [mul.a.eq(cfg.m), mul.b.eq(b), mul.en.eq(advance)]
             m.d.comb += [p_lo.eq(mul_lo.o), p_hi.eq(mul_hi.o.as_signed())]
         with m.If(advance):
-            if prim:
-                m.d.sync += [v_ok.eq(self.i.valid), v_ok2.eq(v_ok)]
-            else:
-                m.d.sync += [v.eq(relu_x), v_ok.eq(self.i.valid), v_ok2.eq(v_ok),
-                             p_lo.eq(v[:lo_bits] * cfg.m), p_hi.eq(v_hi * cfg.m)]
             m.d.sync += [
+                *([v_ok.eq(self.i.valid), v_ok2.eq(v_ok)] if prim else
+                  [v.eq(relu_x), v_ok.eq(self.i.valid),
+                   p_lo.eq(v[:lo_bits] * cfg.m), p_hi.eq(v_hi * cfg.m), v_ok2.eq(v_ok)]),
                 prod.eq((p_hi << lo_bits) + p_lo), valid[0].eq(v_ok2),
                 coarse.eq(prod >> (shift[3:] << 3)), valid[1].eq(valid[0]),
                 half.eq(coarse >> shift[:3]), valid[2].eq(valid[1]),
