@@ -104,7 +104,7 @@ class Mul16(wiring.Component):
     product inside it, both only while ``en`` is high (the block's clock enable), so a
     stalling pipeline's registers are the block's own. :class:`~nibble.rtl.rescale.Rescale`
     multiplies with two of these on the UP5K: with yosys's own mapping of its ``*`` the
-    enabled registers stayed in the fabric, 73 LCs of flip-flops.
+    enabled registers stayed in the fabric (the UP5K build: 5,562 -> 5,528 LCs).
 
     Ports
     -----

@@ -95,7 +95,7 @@ class OutputLane(wiring.Component):
         ]
 
         # RAW: the value as it comes (the FIFO in front of the lane has registered it; a
-        # second register cost the UP5K 30 LCs).
+        # second one would be a copy).
 
         # The statistic, on what the path sees: the value after ReLU (RESCALE) or after the
         # mask (LOG4). One magnitude and one compare per lane, whatever the path.

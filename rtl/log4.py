@@ -19,7 +19,7 @@ The compare needs no adder: with ``a = 2^L + r``, ``4a > 5 * 2^L`` is ``r > 2^(L
 is bit ``L-1`` of ``a``, or bit ``L-2`` and any bit below it. The leading-one tree finds
 those bits beside ``L`` (each node keeps the two bits under its leading one and whether any
 lies lower, and its own top two bits for the node above), so ``a`` is not carried along
-the pipeline to a 32-bit compare with a decoded ``5 * 2^L``: 150 fewer LCs on the UP5K.
+the pipeline to a 32-bit compare with a decoded ``5 * 2^L``.
 """
 
 from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned

@@ -116,7 +116,7 @@ class OperandFetch(wiring.Component):
         R, C, NIB = self.rows, self.cols, self.nib
         req = self.i.payload
         # The tags carry the real rows (columns) of the group, at most R (C), not the 18-bit
-        # rows left: the readers' slots hold them (94 fewer LCs in the UP5K's system).
+        # rows left: the readers' slots hold them.
         a_tag = data.StructLayout({"off": range(NIB), "left": range(R + 1), "last": 1})
         b_tag = data.StructLayout({"off": range(NIB), "left": range(C + 1)})
         m.submodules.read_a = ra = Reader(self.aw, NIB, a_tag)
