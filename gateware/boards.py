@@ -57,13 +57,14 @@ from amaranth.hdl import (
 from amaranth.lib import io, wiring
 from amaranth.lib.wiring import In, Out
 
+from nibble.rtl.dsp import is_ice40
 from nibble.rtl.formats import VEC_OPS_ALL, word_nibbles
 from nibble.rtl.sdram import CHIPS, SdramPins
 
 from .budget import budget
 from .device import Device
 from .pll import Ecp5Pll, Ice40Pll, PllError, ecp5_pll, ice40_pll
-from .synth import find_tool, tool_path
+from .synth import ICE40_DSP_GUARD, find_tool, ice40_dsp_stub, tool_path
 from .uart import UARTRx, UARTTx, divisor_for
 
 __all__ = ["BOARDS", "FAMILY_CLOCK", "Board", "BoardError", "BoardTop", "UartTop", "build",
@@ -347,11 +348,15 @@ def build(board, out_root="build", seed=1, progress=False, budget=True):
     for stale in ("report-nextpnr.json", "report.json", "top.tim", "top.json", "top.rpt",
                   "top.il"):
         (out / stale).unlink(missing_ok=True)
+    guard = {}
+    if is_ice40(platform):     # synth_ice40 -dsp would rebuild the instantiated DSP blocks
+        platform.add_file("nibble_dsp_stub.v", ice40_dsp_stub())
+        guard = dict(script_after_read=ICE40_DSP_GUARD[0], script_after_synth=ICE40_DSP_GUARD[1])
     try:
         with _Progress(out, progress):
             platform.build(
                 BoardTop(board), name="top", build_dir=str(out), do_program=False,
-                synth_opts=board.synth_opts,
+                synth_opts=board.synth_opts, **guard,
                 nextpnr_opts=" ".join([*board.nextpnr_opts, "--seed", str(seed), "--report",
                                        "report-nextpnr.json", "--timing-allow-fail"]))
     except Exception as e:      # the toolchain's own error carries the log tail

@@ -27,7 +27,30 @@ from amaranth.lib.wiring import In, Out
 
 from nibble.rtl.datapath import Datapath
 
-__all__ = ["DEVICES", "SynthError", "SynthTop", "synthesize"]
+__all__ = ["DEVICES", "ICE40_DSP_GUARD", "SynthError", "SynthTop", "ice40_dsp_stub",
+           "synthesize"]
+
+#: yosys's ``synth_ice40 -dsp`` runs ``ice40_dsp``, which takes every SB_MAC16 in the design
+#: for one its own multiplier mapping made and rebuilds it: an instantiated block
+#: (:mod:`nibble.rtl.dsp`) comes out a bare combinational multiplier, its clock, registers,
+#: accumulator and adder configuration gone, and the LUTs feeding its C and D inputs
+#: optimised away with them (a wrong design that also looked 200 LCs smaller on the UP5K).
+#: The guard hides the instantiated blocks from the pass under another cell type
+#: (declared by :func:`ice40_dsp_stub`) and gives them their type back after synthesis;
+#: ``-dsp`` still maps the design's ``*``. Commands after reading the design, and after
+#: synthesis.
+ICE40_DSP_GUARD = ("chtype -set nibble_SB_MAC16 t:SB_MAC16",
+                   "chtype -set SB_MAC16 t:nibble_SB_MAC16")
+
+
+def ice40_dsp_stub():
+    """Verilog of the blackbox ``nibble_SB_MAC16`` (SB_MAC16's ports and parameters) that
+    :data:`ICE40_DSP_GUARD` renames the instantiated blocks to during synthesis."""
+    from nibble.rtl.dsp import SB_MAC16_PARAMS, SB_MAC16_PORTS
+    ports = ", ".join(f"{way} [{width - 1}:0] {name}"
+                      for name, (width, way) in SB_MAC16_PORTS.items())
+    params = " ".join(f"parameter {name} = 0;" for name in SB_MAC16_PARAMS)
+    return f"(* blackbox *)\nmodule nibble_SB_MAC16({ports});\n{params}\nendmodule\n"
 
 
 class SynthError(RuntimeError):

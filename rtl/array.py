@@ -185,6 +185,7 @@ class SystolicArray(wiring.Component):
         # beat register (1) + skew (i) + PE operand (1) + product (2) + column bus (1)
         # + lane bus (1); lane g's first element comes from PE(0, g).
         self.latency = 6
+        self.tile_gap = 0           # back-to-back tiles without a bubble
         super().__init__({
             "en": In(1),
             "cfg": In(OPERAND_CFG),
@@ -285,9 +286,10 @@ class BroadcastRow(wiring.Component):
     in the systolic array, so it has emptied by the next load).
 
     The first ``dsp_pes`` PEs multiply and accumulate in a DSP block (:class:`~nibble.rtl.
-    dsp.MulAdd`: ``o <- c + a * b``; A is the row's operand, an INT4/UINT4 value or an FP4
-    code's ``+-4^(eee-1)``, B the PE's code; ``c`` is ``o`` fed back, or 0 on the step after
-    a tile's last, which restarts the sum). The others are LUT PEs: the 5 x 5 product or
+    dsp.MulAdd`: ``o <- o + a * b``; A is the row's operand, an INT4/UINT4 value or an FP4
+    code's ``+-4^(eee-1)``, B the PE's code). The block restarts its sum by loading 0, which
+    drops that cycle's product, so the row lets one bubble in after every tile's last beat
+    (one cycle a tile) and restarts on it. The others are LUT PEs: the 5 x 5 product or
     the FP4 sign and shift of :class:`PE`, and an accumulator in LUTs. Both are exact, so
     a PE's kind changes no result.
 
@@ -313,6 +315,8 @@ class BroadcastRow(wiring.Component):
             raise ValueError(f"need cols >= 1 and 0 <= dsp_pes <= cols, got {cols}, {dsp_pes}")
         self.rows, self.cols, self.dsp_pes, self.primitive = 1, cols, dsp_pes, primitive
         self.latency = 5
+        #: Cycles without a beat after each tile's last (the DSP PEs' restart).
+        self.tile_gap = 1 if dsp_pes else 0
         super().__init__({
             "en": In(1),
             "cfg": In(OPERAND_CFG),
@@ -326,11 +330,13 @@ class BroadcastRow(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         C, cfg = self.cols, self.cfg
-        # -- input: a beat or a bubble (zero codes), a last held until C beats have passed
+        # -- input: a beat or a bubble (zero codes), a last held until C beats have passed,
+        # and a bubble after every last (the DSP PEs restart their sums on it)
         since = Signal(range(C + 1), init=C)
         take = Signal()
         m.d.comb += [
-            self.beat.ready.eq(self.en & ~(self.beat.payload.last & (since < C - 1))),
+            self.beat.ready.eq(self.en & ((since != 0) if self.tile_gap else 1)
+                               & ~(self.beat.payload.last & (since < C - 1))),
             take.eq(self.beat.valid & self.beat.ready),
         ]
         a_code = Signal(CODE_BITS)
@@ -365,8 +371,8 @@ class BroadcastRow(wiring.Component):
             total = Signal(signed(PE_ACC_BITS), name=f"total{j}")
             if j < self.dsp_pes:
                 mac = m.submodules[f"mac{j}"] = MulAdd(self.primitive)
-                m.d.comb += [mac.a.eq(x), mac.b.eq(bv), total.eq(mac.o),
-                             mac.c.eq(Mux(last[3], 0, mac.o))]
+                m.d.comb += [mac.a.eq(x), mac.b.eq(bv), mac.clear.eq(last[3]),
+                             total.eq(mac.o)]
             else:                   # as PE: the product or the signed B, then the shift
                 base = Signal(signed(10), name=f"base{j}")
                 prod = Signal(signed(PE_PRODUCT_BITS), name=f"prod{j}")

@@ -1,6 +1,8 @@
 """The range check of a command's buffers, shared by the GEMM engine and the element-wise unit.
 
-A buffer is ``rows`` rows of ``words`` words, ``stride`` words apart, from word ``addr``.
+A buffer is ``rows`` rows of ``words`` words, ``stride`` words apart, from word ``addr``
+(a unit gives a row's length in its own items, nibbles or words, and the check rounds it
+up to words).
 It is in range when its last word lies inside the memory::
 
     addr + (rows - 1) * stride + words <= mem_words
@@ -27,27 +29,39 @@ from amaranth.lib.wiring import In, Out
 
 from .memory import ADDR_BITS, STRIDE_BITS
 
-__all__ = ["BUFFER", "DIM_BITS", "WORDS_BITS", "BoundsCheck"]
+__all__ = ["BUFFER", "DIM_BITS", "WORDS_BITS", "BoundsCheck", "buffer_layout"]
 
 #: GEMM dimensions and element counts in commands are DIM_BITS wide.
 DIM_BITS = 16
 #: Words of one buffer row: up to 2^DIM_BITS elements of 8 nibbles in words of 8 or more.
 WORDS_BITS = DIM_BITS + 1
 
-#: One buffer of a command, as the check sees it.
-BUFFER = data.StructLayout({
-    "addr": ADDR_BITS, "stride": STRIDE_BITS, "rows": DIM_BITS, "words": WORDS_BITS,
-    "written": 1,       # the command writes it: its rows must not overlap
-    "used": 1,          # the command touches it at all
-})
+
+
+def buffer_layout(per_word=1):
+    """One buffer of a command, as the check sees it: a row is ``items`` items, of which
+    ``per_word`` fill a word (a GEMM's rows are counted in nibbles, a DMA's in words)."""
+    return data.StructLayout({
+        "addr": ADDR_BITS, "stride": STRIDE_BITS, "rows": DIM_BITS,
+        "items": WORDS_BITS + (per_word.bit_length() - 1),
+        "written": 1,       # the command writes it: its rows must not overlap
+        "used": 1,          # the command touches it at all
+    })
+
+
+#: A buffer whose rows are counted in words.
+BUFFER = buffer_layout()
 
 
 class BoundsCheck(wiring.Component):
-    """Checks ``n`` buffers against a memory of ``mem_words`` words.
+    """Checks ``n`` buffers against a memory of ``mem_words`` words, their rows counted in
+    items of which ``per_word`` (a power of two) fill a word: the check rounds a row up to
+    whole words itself, once, after it has picked the buffer (on the UP5K four roundings in
+    front of its multiplexer were 60 LCs more).
 
     Ports
     -----
-    buffers : In(ArrayLayout(BUFFER, n))
+    buffers : In(ArrayLayout(buffer_layout(per_word), n))
         Held from ``start`` until ``done``.
     start : In(1)
     done : Out(1)
@@ -55,9 +69,12 @@ class BoundsCheck(wiring.Component):
     ok : Out(1)
     """
 
-    def __init__(self, n, mem_words):
-        self.n, self.mem_words = n, mem_words
-        super().__init__({"buffers": In(data.ArrayLayout(BUFFER, n)), "start": In(1),
+    def __init__(self, n, mem_words, per_word=1):
+        if per_word & (per_word - 1):
+            raise ValueError(f"per_word must be a power of two, got {per_word}")
+        self.n, self.mem_words, self.per_word = n, mem_words, per_word
+        self.layout = buffer_layout(per_word)
+        super().__init__({"buffers": In(data.ArrayLayout(self.layout, n)), "start": In(1),
                           "done": Out(1), "ok": Out(1)})
 
     def elaborate(self, platform):
@@ -89,11 +106,14 @@ class BoundsCheck(wiring.Component):
                     m.next = "LOAD"
             with m.State("LOAD"):
                 b = self.buffers[idx]
-                m.d.sync += [addr.eq(b.addr), words.eq(b.words), k.eq(b.rows - 1),
+                row = Signal(WORDS_BITS)        # the row in whole words
+                m.d.comb += row.eq((b.items + self.per_word - 1)
+                                   >> (self.per_word.bit_length() - 1))
+                m.d.sync += [addr.eq(b.addr), words.eq(row), k.eq(b.rows - 1),
                              part.eq(b.stride), part_big.eq(b.stride[B:].any()), prod.eq(0),
-                             big.eq(b.addr[B:].any() | b.words[B:].any()),
+                             big.eq(b.addr[B:].any() | row[B:].any()),
                              written.eq(b.written), used.eq(b.used),
-                             overlap.eq(b.stride < b.words)]
+                             overlap.eq(b.stride < row)]
                 m.next = "MULTIPLY"
             with m.State("MULTIPLY"):
                 with m.If(k == 0):

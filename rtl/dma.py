@@ -148,7 +148,7 @@ class Dma(wiring.Component):
                 (ec, cfg.ext_addr, cfg.ext_stride, cfg.bursts, cfg.store)):
             b = check.buffers[0]
             m.d.comb += [check.start.eq(go), b.addr.eq(addr), b.stride.eq(stride),
-                         b.rows.eq(cfg.rows), b.words.eq(words), b.written.eq(written),
+                         b.rows.eq(cfg.rows), b.items.eq(words), b.written.eq(written),
                          b.used.eq(1)]
         launch = Signal()
         m.d.comb += [self.checked.eq(mc.done),

@@ -133,7 +133,7 @@ class GemmEngine(wiring.Component):
 
     def _buffers(self, m, check, n_pad, m_pad, mask_on):
         """The check's view of the four buffers: A^T, B, out^T and the mask codes."""
-        cfg, lnib = self.cfg, self.nib.bit_length() - 1
+        cfg = self.cfg
         path = cfg.lane.path
         out_nibbles = Mux(path == OutputPath.RAW, cfg.m << (RAW_NIBBLES.bit_length() - 1),
                           Mux(path == OutputPath.LOG4, cfg.m << 1, cfg.m))
@@ -146,7 +146,7 @@ class GemmEngine(wiring.Component):
         for b, (addr, stride, rows, nibbles, written, used) in zip(check.buffers, bufs,
                                                                     strict=True):
             m.d.comb += [b.addr.eq(addr), b.stride.eq(stride), b.rows.eq(rows),
-                         b.words.eq((nibbles + self.nib - 1) >> lnib), b.written.eq(written),
+                         b.items.eq(nibbles), b.written.eq(written),
                          b.used.eq(used)]
 
     def elaborate(self, platform):
@@ -159,7 +159,7 @@ class GemmEngine(wiring.Component):
                      mask_on.eq((path == OutputPath.LOG4) & (cfg.lane.log4.mask != MaskMode.NONE))]
 
         # -- the check, then the launch ------------------------------------------------------
-        m.submodules.check = check = BoundsCheck(4, self.mem_words)
+        m.submodules.check = check = BoundsCheck(4, self.mem_words, per_word=self.nib)
         self._buffers(m, check, n_pad, m_pad, mask_on)
         go = Signal()
         # RESCALE takes forward accumulators (RESCALE_IN_BITS): not an FP4 GEMM's

@@ -60,12 +60,12 @@ class Transposer(wiring.Component):
         rd, wr = self.bus.rd0, self.bus.wr
 
         # -- the check, then the launch (as VectorUnit's)
-        m.submodules.check = check = BoundsCheck(2, self.mem_words)
+        m.submodules.check = check = BoundsCheck(2, self.mem_words, per_word=nib)
         for b, (addr, stride, rows, elems, written) in zip(check.buffers, (
                 (cfg.a_addr, cfg.a_stride, cfg.rows, cfg.cols, 0),
                 (cfg.b_addr, cfg.b_stride, cfg.cols, cfg.rows, 1)), strict=True):
             m.d.comb += [b.addr.eq(addr), b.stride.eq(stride), b.rows.eq(rows),
-                         b.words.eq(((elems << cfg.pair) + nib - 1) >> lnib),
+                         b.items.eq(elems << cfg.pair),
                          b.written.eq(written), b.used.eq(1)]
         go, launch = Signal(), Signal()
         m.d.sync += go.eq(self.start & ~self.busy)

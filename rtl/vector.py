@@ -211,7 +211,7 @@ class VectorUnit(wiring.Component):
 
     def _buffers(self, m, check):
         """The check's view of A (or G), B (W, or the codes) and V."""
-        cfg, lnib = self.cfg, self.nib.bit_length() - 1
+        cfg = self.cfg
         op = cfg.op
         t, u = op == VecOp.TRANSPOSE, op == VecOp.UPDATE
         masters = cfg.cols << _E_LOG
@@ -224,13 +224,13 @@ class VectorUnit(wiring.Component):
         for b, (addr, stride, rows, nibbles, written, used) in zip(check.buffers, bufs,
                                                                     strict=True):
             m.d.comb += [b.addr.eq(addr), b.stride.eq(stride), b.rows.eq(rows),
-                         b.words.eq((nibbles + self.nib - 1) >> lnib), b.written.eq(written),
+                         b.items.eq(nibbles), b.written.eq(written),
                          b.used.eq(used)]
 
     def elaborate(self, platform):
         m = Module()
         cfg = self.cfg
-        m.submodules.check = check = BoundsCheck(3, self.mem_words)
+        m.submodules.check = check = BoundsCheck(3, self.mem_words, per_word=self.nib)
         self._buffers(m, check)
         m.submodules.walk = walk = VectorWalk(self.aw, self.nib)
         m.submodules.wwalk = wwalk = VectorWalk(self.aw, self.nib)

@@ -10,7 +10,7 @@ from cocotb.triggers import RisingEdge
 from nibble.host.device.commands import lane_cfg
 from nibble.host.golden.lanes import golden_acc, golden_clip_sum, golden_lane
 from nibble.host.golden.tiling import Gemm, beats, lane_streams
-from nibble.rtl.array import array_beat_layout
+from nibble.rtl.array import array_beat_layout, make_array
 from nibble.rtl.datapath import DATAPATH_CFG
 from nibble.rtl.formats import (
     FP4_EXP_MAX,
@@ -169,7 +169,8 @@ async def volume(dut):
 @cocotb.test()
 async def back_to_back_tiles_keep_the_array_busy(dut):
     """No bubbles, no stalls, tiles of length >= C: twice the tiles take exactly their extra
-    beats in extra cycles, so the array takes one beat (one MAC per PE) every cycle."""
+    beats in extra cycles, so the array takes one beat (one MAC per PE) every cycle, but for
+    the array's own gap after each tile (a one-row array with DSP PEs: one cycle)."""
     await start(dut)
     rng = rng_for("dp-b2b")
     for mode in GemmMode:
@@ -179,7 +180,10 @@ async def back_to_back_tiles_keep_the_array_busy(dut):
             lane = lane_cfg(OutputPath.RAW, phase=phase_of(mode))
             _, cycles[m], _ = await run_gemm(dut, rng, gemm, lane, p_bubble=0, p_stall=0)
         extra_beats = 4 * (4 * C // C) * 2 * C
-        assert cycles[8 * R] - cycles[4 * R] == extra_beats, (mode, cycles, extra_beats)
+        extra_tiles = 4 * (4 * C // C)         # 4 more tile rows of N / C tiles
+        gap = make_array(R, C, P.get("dsp_pes", 0)).tile_gap
+        assert cycles[8 * R] - cycles[4 * R] == extra_beats + gap * extra_tiles, \
+            (mode, cycles, extra_beats)
 
 
 @cocotb.test()

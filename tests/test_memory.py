@@ -6,7 +6,7 @@ from amaranth.hdl import Module
 from amaranth.lib import wiring
 from amaranth.sim import Simulator
 
-from nibble.rtl.bounds import BUFFER, DIM_BITS, BoundsCheck
+from nibble.rtl.bounds import DIM_BITS, BoundsCheck
 from nibble.rtl.memory import (
     BlockRAM,
     ForwardRegister,
@@ -124,12 +124,15 @@ def random_buffers(rng, mem_words, n):
     return out
 
 
-@pytest.mark.parametrize("mem_words", [512, 1 << 14, 1 << 19, 1 << 24])
-def test_bounds_check_is_the_rule(mem_words):
+@pytest.mark.parametrize("mem_words,per_word", [(512, 1), (1 << 14, 8), (1 << 19, 1),
+                                                (1 << 24, 4)])
+def test_bounds_check_is_the_rule(mem_words, per_word):
     """Random buffers placed at, just past and far beyond the end of memory, strides shorter
-    than rows, unused buffers: the verdict is the rule's, in at most 19 cycles a buffer."""
+    than rows, unused buffers, rows given in items ``per_word`` to a word (a row of ``w``
+    words as anything from ``(w - 1) per_word + 1`` to ``w per_word`` items): the verdict
+    is the rule's, in at most 19 cycles a buffer."""
     rng = np.random.default_rng(mem_words)
-    dut = BoundsCheck(3, mem_words)
+    dut = BoundsCheck(3, mem_words, per_word)
     cases = [random_buffers(rng, mem_words, 3) for _ in range(60)]
     # at the edge of each term's saturation: a stride or a product just under, at and
     # just over the memory, and a sum of in-range terms that passes its end
@@ -151,7 +154,9 @@ def test_bounds_check_is_the_rule(mem_words):
     async def tb(ctx):
         for bufs in cases:
             for k, b in enumerate(bufs):
-                ctx.set(dut.buffers[k], BUFFER.const(b))
+                items = b["words"] * per_word - int(rng.integers(per_word))
+                fields = {name: v for name, v in b.items() if name != "words"}
+                ctx.set(dut.buffers[k], dut.layout.const({**fields, "items": items}))
             ctx.set(dut.start, 1)
             await ctx.tick()
             ctx.set(dut.start, 0)
