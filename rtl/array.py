@@ -276,14 +276,23 @@ class SystolicArray(wiring.Component):
 
 
 class BroadcastRow(wiring.Component):
-    """A 1 x C array: the :class:`SystolicArray`'s ports and lane order, without the skew.
+    """A 1 x C array: the :class:`SystolicArray`'s lane order, without the skew, and a
+    stream out instead of a FIFO's worth of elements in flight.
 
     With one row nothing needs to travel between PEs: each step's A code goes to all C PEs
     in the same cycle (a fan-out of C) and is decoded once for the row instead of in every
     PE. There is no skew of B (``C (C - 1) / 2`` code registers), no A passed along, no
     column buses: the PEs finish a tile together, and a shift register of C sums, loaded
-    when they do, hands them to the lane one a cycle (tiles are at least C beats apart, as
-    in the systolic array, so it has emptied by the next load).
+    when they do, hands them to the lane one at a time through ``o``.
+
+    A row is small enough to stall: every register of its pipeline (the DSP blocks' through
+    their clock enable) holds while a tile's sums are due and the shift register still has
+    some of the last tile's (the lane waits for the write port or a mask code). So the lane
+    takes its elements straight from the row, and the datapath needs no FIFO and no margin
+    for elements in flight (on the UP5K that FIFO was two block RAMs and ~190 LCs). The
+    stall is decided from registers alone (``last[3]`` and the count left), off the lane's
+    handshake; tiles are at least C + 1 cycles apart, so a lane that keeps up never stalls
+    the row.
 
     The first ``dsp_pes`` PEs multiply and accumulate in a DSP block (:class:`~nibble.rtl.
     dsp.MulAdd`: ``o <- o + a * b``; A is the row's operand, an INT4/UINT4 value or an FP4
@@ -303,6 +312,13 @@ class BroadcastRow(wiring.Component):
         How many PEs are DSP blocks (0 .. cols).
     primitive : bool or None
         Passed to each :class:`~nibble.rtl.dsp.MulAdd` (None: the SB_MAC16 on an iCE40).
+
+    Ports
+    -----
+    cfg : In(OPERAND_CFG)
+    beat : In(stream.Signature(array_beat_layout(1, cols)))
+    o : Out(stream.Signature(signed(PE_ACC_BITS)))
+        The tiles' sums in :func:`lane_order`.
     """
 
     #: A DSP PE's A operand: an integer code's value or +-4^(eee-1), 16 bits signed; the
@@ -318,78 +334,82 @@ class BroadcastRow(wiring.Component):
         #: Cycles without a beat after each tile's last (the DSP PEs' restart).
         self.tile_gap = 1 if dsp_pes else 0
         super().__init__({
-            "en": In(1),
             "cfg": In(OPERAND_CFG),
             "beat": In(stream.Signature(array_beat_layout(1, cols))),
-            "lane_valid": Out(1),
-            "lane_data": Out(data.ArrayLayout(signed(PE_ACC_BITS), 1)),
+            "o": Out(stream.Signature(signed(PE_ACC_BITS))),
         })
-
-    max_in_flight = SystolicArray.max_in_flight
 
     def elaborate(self, platform):
         m = Module()
         C, cfg = self.cols, self.cfg
+        last = [Signal(name=f"last{k}") for k in range(4)]     # with the pipeline's stages
+        out = [Signal(signed(PE_ACC_BITS), name=f"out{j}") for j in range(C)]
+        left = Signal(range(C + 1))             # sums in the shift register
+        adv = Signal()                          # the pipeline moves
+        m.d.comb += adv.eq(~(last[3] & (left != 0)))
+        pipe = m.d.sync                         # the pipeline's registers, under ``adv``
+
         # -- input: a beat or a bubble (zero codes), a last held until C beats have passed,
         # and a bubble after every last (the DSP PEs restart their sums on it)
         since = Signal(range(C + 1), init=C)
         take = Signal()
         m.d.comb += [
-            self.beat.ready.eq(self.en & ((since != 0) if self.tile_gap else 1)
+            self.beat.ready.eq(adv & ((since != 0) if self.tile_gap else 1)
                                & ~(self.beat.payload.last & (since < C - 1))),
             take.eq(self.beat.valid & self.beat.ready),
         ]
         a_code = Signal(CODE_BITS)
         b_code = [Signal(CODE_BITS, name=f"b{j}") for j in range(C)]
-        last = [Signal(name=f"last{k}") for k in range(4)]     # with the pipeline's stages
-        m.d.sync += [a_code.eq(Mux(take, self.beat.payload.a[0], 0)),
-                     *[b_code[j].eq(Mux(take, self.beat.payload.b[j], 0)) for j in range(C)],
-                     last[0].eq(take & self.beat.payload.last),
-                     *[last[k + 1].eq(last[k]) for k in range(3)]]
-        with m.If(take & self.beat.payload.last):
-            m.d.sync += since.eq(0)
-        with m.Elif(since < C):
-            m.d.sync += since.eq(since + 1)
-
-        # -- the row's A operand, decoded once
+        r_shamt = Signal(range(PE_FP4_SHIFT_MAX + 1))
+        x = Signal(signed(16))                  # DSP PEs: the value, +-4^(eee-1) for FP4
         av = _as_int5(a_code, cfg.a_signed)
         exp, sign = a_code[:3], a_code[3]
         shamt = Mux(cfg.a_fp4 & (exp != 0), Cat(Const(0, 1), (exp - 1)[:3]), 0)
-        r_shamt = Signal(range(PE_FP4_SHIFT_MAX + 1))
-        x = Signal(signed(16))                  # DSP PEs: the value, +-4^(eee-1) for FP4
-        m.d.sync += [r_shamt.eq(shamt),
+        sums, macs = [], []
+        with m.If(adv):
+            pipe += [a_code.eq(Mux(take, self.beat.payload.a[0], 0)),
+                     *[b_code[j].eq(Mux(take, self.beat.payload.b[j], 0)) for j in range(C)],
+                     last[0].eq(take & self.beat.payload.last),
+                     *[last[k + 1].eq(last[k]) for k in range(3)]]
+            with m.If(take & self.beat.payload.last):
+                pipe += since.eq(0)
+            with m.Elif(since < C):
+                pipe += since.eq(since + 1)
+
+            # -- the row's A operand, decoded once
+            pipe += [r_shamt.eq(shamt),
                      # -4^k as all ones shifted, not a negation's carry chain (that one
                      # held the row to 36.9 MHz on the UP5K)
                      x.eq(Mux(cfg.a_fp4, Mux(exp == 0, 0, Mux(sign, Const(-1, signed(16))
-                                                                << shamt, Const(1, 16) << shamt)),
+                                                              << shamt, Const(1, 16) << shamt)),
                               av))]
 
-        # -- the PEs: the sum of each in the cycle after last[3] holds a tile's total
-        sums = []
-        for j in range(C):
-            bv = _as_int5(b_code[j], cfg.b_signed)
-            total = Signal(signed(PE_ACC_BITS), name=f"total{j}")
-            if j < self.dsp_pes:
-                mac = m.submodules[f"mac{j}"] = MulAdd(self.primitive)
-                m.d.comb += [mac.a.eq(x), mac.b.eq(bv), mac.clear.eq(last[3]),
-                             total.eq(mac.o)]
-            else:                   # as PE: the product or the signed B, then the shift
-                base = Signal(signed(10), name=f"base{j}")
-                prod = Signal(signed(PE_PRODUCT_BITS), name=f"prod{j}")
-                m.d.sync += [base.eq(Mux(cfg.a_fp4, Mux(exp == 0, 0, Mux(sign, -bv, bv)),
+            # -- the PEs: the sum of each in the cycle after last[3] holds a tile's total
+            for j in range(C):
+                bv = _as_int5(b_code[j], cfg.b_signed)
+                total = Signal(signed(PE_ACC_BITS), name=f"total{j}")
+                if j < self.dsp_pes:        # (its wiring below, outside ``adv``)
+                    mac = m.submodules[f"mac{j}"] = MulAdd(self.primitive)
+                    macs.append((mac, bv, total))
+                else:               # as PE: the product or the signed B, then the shift
+                    base = Signal(signed(10), name=f"base{j}")
+                    prod = Signal(signed(PE_PRODUCT_BITS), name=f"prod{j}")
+                    pipe += [base.eq(Mux(cfg.a_fp4, Mux(exp == 0, 0, Mux(sign, -bv, bv)),
                                          _mul5(av, bv))),
                              prod.eq(base << r_shamt),
                              total.eq(Mux(last[3], 0, total) + prod)]
-            sums.append(total)
+                sums.append(total)
 
-        # -- the tile's C sums, one a cycle to the lane
-        out = [Signal(signed(PE_ACC_BITS), name=f"out{j}") for j in range(C)]
-        left = Signal(range(C + 1))
-        with m.If(last[3]):
+        for mac, bv, total in macs:
+            m.d.comb += [mac.a.eq(x), mac.b.eq(bv), mac.clear.eq(last[3]), mac.en.eq(adv),
+                         total.eq(mac.o)]
+
+        # -- the tile's C sums, one at a time to the lane
+        m.d.comb += [self.o.payload.eq(out[0]), self.o.valid.eq(left != 0)]
+        with m.If(last[3] & adv):
             m.d.sync += [*[out[j].eq(sums[j]) for j in range(C)], left.eq(C)]
-        with m.Elif(left != 0):
+        with m.Elif(self.o.valid & self.o.ready):
             m.d.sync += [*[out[j].eq(out[j + 1]) for j in range(C - 1)], left.eq(left - 1)]
-        m.d.comb += [self.lane_data[0].eq(out[0]), self.lane_valid.eq(left != 0)]
         return m
 
 

@@ -2,8 +2,10 @@
 
 Operand beats go in (see :mod:`rtl.array`); each lane emits its elements in
 :func:`rtl.array.lane_order`. A stalled output stream (or a missing mask code) stops the
-array's input, never the array itself: a FIFO per lane (block RAM) holds everything still in
-flight, so nothing is lost or duplicated and no enable fans out to the array's flip-flops.
+systolic array's input, never the array itself: a FIFO per lane (block RAM) holds everything
+still in flight, so nothing is lost or duplicated and no enable fans out to the array's
+flip-flops. A one-row array (:class:`~rtl.array.BroadcastRow`) is small enough to stall
+whole, so its lane takes the sums from it directly, without a FIFO.
 """
 
 import operator
@@ -78,33 +80,15 @@ class Datapath(wiring.Component):
         lanes = [OutputLane(self.clip_bits, self.primitive) for _ in range(R)]
         m.d.comb += array.cfg.eq(self.cfg.operands)
         wiring.connect(m, wiring.flipped(self.beat), array.beat)
-
-        # No clock enable reaches the array: it always moves, and only its input is
-        # throttled. Each lane takes the array's elements through a FIFO (block RAM) with
-        # room for everything that can still arrive after the input stops
-        # (SystolicArray.max_in_flight); the input enable is a register, high while every
-        # FIFO has that much room. A lane that keeps up holds few elements, so a streaming
-        # array never stops.
-        margin = array.max_in_flight()
-        depth = 1 << (2 * margin - 1).bit_length()
-        en = Signal(init=1)
-        fits = []
         for g, lane in enumerate(lanes):
             m.submodules[f"lane{g}"] = lane
-            m.submodules[f"fifo{g}"] = fifo = SyncFIFOBuffered(width=PE_ACC_BITS, depth=depth)
             m.d.comb += [lane.cfg.eq(self.cfg.lane), lane.clear.eq(self.clear)]
             wiring.connect(m, wiring.flipped(self.mask[g]), lane.mask)
             wiring.connect(m, lane.o, wiring.flipped(self.out[g]))
-            m.d.comb += [
-                fifo.w_data.eq(array.lane_data[g]),
-                fifo.w_en.eq(array.lane_valid[g]),
-                lane.i.payload.eq(fifo.r_data),
-                lane.i.valid.eq(fifo.r_rdy),
-                fifo.r_en.eq(lane.i.ready),
-            ]
-            fits.append(fifo.level <= depth - margin)
-        m.d.sync += en.eq(balanced(operator.and_, fits))
-        m.d.comb += array.en.eq(en)
+        if R == 1:      # the row stalls itself and streams its sums to the lane
+            wiring.connect(m, array.o, lanes[0].i)
+        else:
+            self._fifos(m, array, lanes)
 
         # The statistics over the lanes: registered trees, one level per cycle (statistics
         # are read after the stream, so a latency of ceil(log2 R) + 1 cycles costs nothing).
@@ -119,6 +103,33 @@ class Datapath(wiring.Component):
                                        lambda a, b: a + b)),
             ]
         return m
+
+
+    @staticmethod
+    def _fifos(m, array, lanes):
+        """The systolic array's elements into the lanes through FIFOs."""
+        # No clock enable reaches the array: it always moves, and only its input is
+        # throttled. Each lane takes the array's elements through a FIFO (block RAM) with
+        # room for everything that can still arrive after the input stops
+        # (SystolicArray.max_in_flight); the input enable is a register, high while every
+        # FIFO has that much room. A lane that keeps up holds few elements, so a streaming
+        # array never stops.
+        margin = array.max_in_flight()
+        depth = 1 << (2 * margin - 1).bit_length()
+        en = Signal(init=1)
+        fits = []
+        for g, lane in enumerate(lanes):
+            m.submodules[f"fifo{g}"] = fifo = SyncFIFOBuffered(width=PE_ACC_BITS, depth=depth)
+            m.d.comb += [
+                fifo.w_data.eq(array.lane_data[g]),
+                fifo.w_en.eq(array.lane_valid[g]),
+                lane.i.payload.eq(fifo.r_data),
+                lane.i.valid.eq(fifo.r_rdy),
+                fifo.r_en.eq(lane.i.ready),
+            ]
+            fits.append(fifo.level <= depth - margin)
+        m.d.sync += en.eq(balanced(operator.and_, fits))
+        m.d.comb += array.en.eq(en)
 
 
 def _tree(m, level, name, op):

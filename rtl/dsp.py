@@ -94,24 +94,27 @@ class MulAdd(wiring.Component):
     -----
     a, b : In(signed(16))
     clear : In(1)
+    en : In(1)
+        The block's clock enable: every register holds while it is low (a stalled row).
     o : Out(signed(32))
     """
 
     def __init__(self, primitive=None):
         self.primitive = primitive
         super().__init__({"a": In(signed(16)), "b": In(signed(16)), "clear": In(1),
-                          "o": Out(signed(32))})
+                          "en": In(1, init=1), "o": Out(signed(32))})
 
     def elaborate(self, platform):
         m = Module()
         prim = is_ice40(platform) if self.primitive is None else self.primitive
         if prim:
-            _sb_mac16(m, SB_MAC16_PARAMS, i_CE=1, i_A=self.a, i_B=self.b, i_C=0, i_D=0,
-                      i_OLOADTOP=self.clear, i_OLOADBOT=self.clear, o_O=self.o)
+            _sb_mac16(m, SB_MAC16_PARAMS, i_CE=self.en, i_A=self.a, i_B=self.b, i_C=0,
+                      i_D=0, i_OLOADTOP=self.clear, i_OLOADBOT=self.clear, o_O=self.o)
             return m
         b, product = Signal(signed(16)), Signal(signed(32))
-        m.d.sync += [b.eq(self.b), product.eq(self.a * b),
-                     self.o.eq(Mux(self.clear, 0, self.o + product))]
+        with m.If(self.en):
+            m.d.sync += [b.eq(self.b), product.eq(self.a * b),
+                         self.o.eq(Mux(self.clear, 0, self.o + product))]
         return m
 
 

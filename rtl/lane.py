@@ -94,8 +94,8 @@ class OutputLane(wiring.Component):
             need_mask.eq((cfg.path == OutputPath.LOG4) & (cfg.log4.mask != MaskMode.NONE)),
         ]
 
-        # RAW: the value as it comes (the FIFO in front of the lane has registered it; a
-        # second one would be a copy).
+        # RAW: the value as it comes (the FIFO or the row in front of the lane has
+        # registered it; a second register would be a copy).
 
         # The statistic, on what the path sees: the value after ReLU (RESCALE) or after the
         # mask (LOG4). One magnitude and one compare per lane, whatever the path.
