@@ -6,7 +6,7 @@ A board top is :class:`gateware.device.Device` behind an 8N1 UART on the board's
 ============  ==================  =====  =====  ===========  ==========  ===============
 board         FPGA                array  words  clock        link        memory
 ============  ==================  =====  =====  ===========  ==========  ===============
-icebreaker    iCE40UP5K-SG48      1x8    32768  36 MHz PLL   12 Mbaud    SPRAM, 128 KB
+icebreaker    iCE40UP5K-SG48      1x8    32768  24 MHz PLL   12 Mbaud    SPRAM, 128 KB
 ulx3s-85f     ECP5 LFE5U-85F      8x16   16384  45 MHz PLL   3 Mbaud     EBR, 128 KB;
                                                                          SDRAM 32 MB
 ============  ==================  =====  =====  ===========  ==========  ===============
@@ -18,7 +18,12 @@ weights, are the host driver's (INFO tells it). That costs the link (the digits 
 about twice the bytes a step) and saves 964 of the UP5K's 5,280 LCs (the TRANSPOSE-only
 :class:`nibble.rtl.transpose.Transposer` with its range check and arbiter port). The UP5K's
 eight DSPs go to the datapath: the lane's rescale takes two, and six of the row's eight PEs
-are DSP blocks (``Board.dsp_pes``, :class:`nibble.rtl.array.BroadcastRow`).
+are DSP blocks (``Board.dsp_pes``, :class:`nibble.rtl.array.BroadcastRow`). The UART
+receiver samples the line twice a cycle through the pin's DDR input register
+(``Board.ddr_rx``), so 12 Mbaud needs 24 MHz, not the 36 MHz of three samples a bit. yosys
+maps its flip-flops with the logic around them (``synth_ice40 -dff``: about 100 LCs fewer
+on this design; yosys 0.70's abc9 has stopped on other netlists with it, and the build then
+reports yosys's error).
 
 On the ULX3S the device has its SDRAM (``Board.sdram``, a part of
 :data:`nibble.rtl.sdram.CHIPS`) behind the DMA: the controller's registered commands and
@@ -47,6 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from amaranth.hdl import (
+    Cat,
     ClockDomain,
     ClockSignal,
     Elaboratable,
@@ -90,6 +96,7 @@ class Board:
     vec_ops: int = VEC_OPS_ALL  # the element-wise unit's operations (the rest on the host)
     memory: str = "bram"      # tensor memory: block RAM, or "spram" (the UP5K's SPRAM)
     dsp_pes: int = 0          # PEs multiplying in a DSP (one-row arrays: rtl.array.BroadcastRow)
+    ddr_rx: bool = False      # the UART receiver samples twice a cycle (gateware.uart)
     seed: int = 1             # nextpnr's placement seed (the one docs/results.md was built with)
     nextpnr_opts: tuple = ()
     synth_opts: str = ""
@@ -104,9 +111,9 @@ class Board:
 
 BOARDS = {
     "icebreaker": Board("icebreaker", "amaranth_boards.icebreaker:ICEBreakerPlatform",
-                        rows=1, cols=8, mem_words=32768, baud=12_000_000, clk_hz=36_000_000,
-                        pll="ice40", synth_opts="-dsp", cable=("-b", "ice40_generic"),
-                        vec_ops=0, memory="spram", dsp_pes=6),
+                        rows=1, cols=8, mem_words=32768, baud=12_000_000, clk_hz=24_000_000,
+                        pll="ice40", synth_opts="-dsp -dff", cable=("-b", "ice40_generic"),
+                        vec_ops=0, memory="spram", dsp_pes=6, ddr_rx=True),
     "ulx3s-85f": Board("ulx3s-85f", "amaranth_boards.ulx3s:ULX3S_85F_Platform",
                        rows=8, cols=16, mem_words=16384, baud=3_000_000, clk_hz=45_000_000,
                        pll="ecp5", sdram="is42s16160", nextpnr_opts=("--router", "router2"),
@@ -180,16 +187,18 @@ class UartTop(wiring.Component):
     """
 
     def __init__(self, rows, cols, mem_words, clk_hz, divisor, sdram=None,
-                 vec_ops=VEC_OPS_ALL, memory="bram", dsp_pes=0):
+                 vec_ops=VEC_OPS_ALL, memory="bram", dsp_pes=0, ddr_rx=False):
         self.rows, self.cols, self.mem_words, self.vec_ops = rows, cols, mem_words, vec_ops
-        self.memory, self.dsp_pes = memory, dsp_pes
+        self.memory, self.dsp_pes, self.ddr_rx = memory, dsp_pes, ddr_rx
         self.clk_hz, self.divisor, self.chip = clk_hz, divisor, sdram
         pins = {"sdram": Out(SdramPins.Signature(sdram))} if sdram else {}
-        super().__init__({"rx": In(1, init=1), "tx": Out(1, init=1), "idle": Out(1), **pins})
+        rx = 2 if ddr_rx else 1           # line samples a cycle (gateware.uart)
+        super().__init__({"rx": In(rx, init=(1 << rx) - 1), "tx": Out(1, init=1),
+                          "idle": Out(1), **pins})
 
     def elaborate(self, platform):
         m = Module()
-        m.submodules.rx = rx = UARTRx(self.divisor)
+        m.submodules.rx = rx = UARTRx(self.divisor, ddr=self.ddr_rx)
         m.submodules.tx = tx = UARTTx(self.divisor)
         m.submodules.device = dev = Device(self.rows, self.cols, self.mem_words,
                                            clk_hz=self.clk_hz, sdram=self.chip,
@@ -208,7 +217,7 @@ class BoardTop(Elaboratable):
 
     def __init__(self, board):
         self.board = board
-        self.divisor = divisor_for(board.clk_hz, board.baud)
+        self.divisor = divisor_for(board.clk_hz, board.baud, board.ddr_rx)
 
     def elaborate(self, platform):
         b = self.board
@@ -237,13 +246,18 @@ class BoardTop(Elaboratable):
             m.d.comb += [ClockSignal("sync").eq(clk), ResetSignal("sync").eq(~lock)]
             platform.add_clock_constraint(clk, b.clk_hz)
         uart = platform.request("uart", 0, dir="-")
-        m.submodules.uart_rx = uart_rx = io.Buffer("i", uart.rx)
+        if b.ddr_rx:                      # a sample at each clock edge, rising one first
+            m.submodules.uart_rx = uart_rx = io.DDRBuffer("i", uart.rx)
+            rx_line = Cat(uart_rx.i[0], uart_rx.i[1])
+        else:
+            m.submodules.uart_rx = uart_rx = io.Buffer("i", uart.rx)
+            rx_line = uart_rx.i
         m.submodules.uart_tx = uart_tx = io.Buffer("o", uart.tx)
         chip = CHIPS[b.sdram] if b.sdram else None
         m.submodules.top = top = UartTop(b.rows, b.cols, b.mem_words, b.clk_hz, self.divisor,
                                          sdram=chip, vec_ops=b.vec_ops, memory=b.memory,
-                                         dsp_pes=b.dsp_pes)
-        m.d.comb += [top.rx.eq(uart_rx.i), uart_tx.o.eq(top.tx)]
+                                         dsp_pes=b.dsp_pes, ddr_rx=b.ddr_rx)
+        m.d.comb += [top.rx.eq(rx_line), uart_tx.o.eq(top.tx)]
         if chip:
             self._sdram(m, platform, top.sdram, clk90)
         if any(r[0] == "led" for r in platform.resources):
@@ -462,8 +476,9 @@ def _budget(board, platform, out, total, progress):
 
     def core():
         return UartTop(board.rows, board.cols, board.mem_words, board.clk_hz,
-                       divisor_for(board.clk_hz, board.baud), sdram=chip, vec_ops=board.vec_ops,
-                       memory=board.memory, dsp_pes=board.dsp_pes)
+                       divisor_for(board.clk_hz, board.baud, board.ddr_rx), sdram=chip,
+                       vec_ops=board.vec_ops, memory=board.memory, dsp_pes=board.dsp_pes,
+                       ddr_rx=board.ddr_rx)
 
     def show(path):
         if progress:

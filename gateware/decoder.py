@@ -143,10 +143,10 @@ class CommandDecoder(wiring.Component):
         reply = self.reply                              # the reply's settings, held
         record = Signal()                               # ... and whether to remember it
         xfer = self.transfer
-        m.d.comb += [plen.eq(self.length - HEADER_BYTES - CRC_BYTES), self.buf.addr.eq(p),
-                     self.buf.en.eq(1)]
+        m.d.comb += [self.buf.addr.eq(p), self.buf.en.eq(1)]
         write_addr = data.View(WRITE_HEADER, args[:WRITE_HEADER.size]).addr
         write_words = (plen - layout_bytes(WRITE_HEADER)) >> (wb.bit_length() - 1)
+        write_over, read_over = Signal(), Signal()      # past the memory's end
         read = data.View(READ_ARGS, args[:READ_ARGS.size])
         stats = data.View(STATS_ARGS, args[:STATS_ARGS.size])
 
@@ -203,8 +203,9 @@ class CommandDecoder(wiring.Component):
 
         with m.FSM() as fsm:
             with m.State("IDLE"):
-                with m.If(self.frame):
-                    m.d.sync += [p.eq(0), have.eq(0), stale.eq(0)]
+                with m.If(self.frame):      # (the receiver holds its length until ack)
+                    m.d.sync += [p.eq(0), have.eq(0), stale.eq(0),
+                                 plen.eq(self.length - HEADER_BYTES - CRC_BYTES)]
                     with m.If(self.rx_status == RxStatus.OK):
                         m.next = "PARSE"
                     with m.Elif(self.rx_status == RxStatus.BAD_CRC):
@@ -230,10 +231,15 @@ class CommandDecoder(wiring.Component):
                                 with m.Case(HEADER_BYTES + 1 + i):
                                     m.d.sync += raw.word_select(i, 8).eq(self.buf.data)
                 with m.If(p == HEADER_BYTES + ARGS_BYTES):
-                    m.next = "DISPATCH"
+                    m.next = "CHECK"
                     if self.dma:                   # a program's GEMM or VECTOR: the RUN's
                         with m.If(running & have & ~self.busy):   # settings in its own
                             m.d.sync += args.eq(merged(Cat(args[8:], self.buf.data)))
+
+            with m.State("CHECK"):        # the WRITE's and READ's ends, registered
+                m.d.sync += [write_over.eq(write_addr + write_words > words),
+                             read_over.eq(read.addr + read.words > words)]
+                m.next = "DISPATCH"
 
             with m.State("DISPATCH"):
                 compute = (op == Op.GEMM) | (op == Op.VECTOR)
@@ -281,7 +287,7 @@ class CommandDecoder(wiring.Component):
                     hb = layout_bytes(WRITE_HEADER)
                     with m.If((plen < hb + wb) | ((plen - hb)[:wb.bit_length() - 1] != 0)):
                         answer(Status.BAD_LENGTH)
-                    with m.Elif(write_addr + write_words > words):
+                    with m.Elif(write_over):
                         answer(Status.OUT_OF_RANGE)
                     with m.Else():
                         transfer(TransferOp.WRITE, write_addr, write_words,
@@ -290,7 +296,7 @@ class CommandDecoder(wiring.Component):
                     with m.If((plen != layout_bytes(READ_ARGS)) | (read.words == 0)
                               | (read.words > MAX_PAYLOAD // wb)):
                         answer(Status.BAD_LENGTH)
-                    with m.Elif(read.addr + read.words > words):
+                    with m.Elif(read_over):
                         answer(Status.OUT_OF_RANGE)
                     with m.Else():
                         transfer(TransferOp.READ, read.addr, read.words, HEADER_BYTES, op,

@@ -1,10 +1,10 @@
 """PLLs for the board tops: a design clock derived from any board's oscillator.
 
 A board's oscillator is rarely the clock the design meets (the ULX3S has 25 MHz, the
-iCEBreaker 12 MHz; an 8x16 array closes near 45 MHz on the ECP5, a 1x4 near 36 MHz on the
-UP5K). :func:`ice40_pll` and :func:`ecp5_pll` search the PLL's dividers for the highest
-output at or below a target, within the PLL's documented ranges, the way the vendors'
-``icepll`` and ``ecppll`` do:
+iCEBreaker 12 MHz; an 8x16 array closes near 45 MHz on the ECP5, a 1x4 row alone near
+36 MHz on the UP5K, the whole 1x8 system at 24). :func:`ice40_pll` and :func:`ecp5_pll`
+search the PLL's dividers for the highest output at or below a target, within the PLL's
+documented ranges, the way the vendors' ``icepll`` and ``ecppll`` do:
 
 * iCE40 (SB_PLL40, simple feedback): ``f = fin (DIVF+1) / ((DIVR+1) 2^DIVQ)``, phase
   detector ``fin / (DIVR+1)`` in 10..133 MHz, VCO ``fin (DIVF+1) / (DIVR+1)`` in
@@ -13,8 +13,8 @@ output at or below a target, within the PLL's documented ranges, the way the ven
   ``fin / CLKI_DIV`` >= 3.125 MHz, VCO ``f CLKOP_DIV`` in 400..800 MHz (the divider that
   puts it nearest 600 MHz); CLKOS is the same clock 90 degrees later (the SDRAM's).
 
-The parameters reproduce the hand-derived ones the iCEBreaker (12 -> 36 MHz) and ULX3S
-(25 -> 45 MHz) builds used, so their netlists are unchanged.
+The parameters reproduce the hand-derived ones the iCEBreaker (12 -> 36 MHz, now 24) and
+ULX3S (25 -> 45 MHz) builds used.
 """
 
 from dataclasses import dataclass

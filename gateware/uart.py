@@ -3,12 +3,20 @@
 ``divisor = round(clk_hz / baud)`` clock cycles per bit (at least 3): 12 Mbaud from a 36 MHz
 clock is 3, 3 Mbaud from 45 MHz is 15. At 3 the receiver samples each bit one cycle after
 its middle or at it, so both ends' clocks must be exact multiples of the baud rate (the
-FT2232H's 12 Mbaud is 120 MHz / 10; the iCEBreaker's 36 MHz is its 12 MHz crystal x 3).
+FT2232H's 12 Mbaud is 120 MHz / 10; the iCEBreaker's 24 MHz is its 12 MHz crystal x 2).
 
 The receiver samples the middle of each bit after a
 two-flop synchronizer, drops a byte whose stop bit is low (counted in ``framing_errors``),
 and never blocks: a byte that arrives while its output is full is dropped and counted in
 ``overruns``; the framing layer above retries.
+
+With ``ddr`` the receiver takes two samples of the line a cycle (the pin's DDR input
+register: one at the rising clock edge, one at the falling), so 2 cycles a bit are enough:
+12 Mbaud from 24 MHz is 4 samples a bit. It finds the start bit's edge to half a cycle
+(which of the two samples is the first low one) and from then on reads, every ``divisor``
+cycles, the sample ``divisor`` samples after that edge: at most half a sample (an eighth
+of a bit at 4 samples a bit) from the bit's middle. The iCEBreaker runs so at 24 MHz
+instead of 36, which its full UP5K does not reach.
 """
 
 from amaranth.hdl import Module, Signal
@@ -19,11 +27,14 @@ from amaranth.lib.wiring import In, Out
 __all__ = ["UARTRx", "UARTTx", "divisor_for"]
 
 
-def divisor_for(clk_hz, baud):
-    """Clock cycles per bit; raises if the rate error exceeds 2% or the divisor is < 3."""
+def divisor_for(clk_hz, baud, ddr=False):
+    """Clock cycles per bit; raises if the rate error exceeds 2% or the divisor is under
+    3 (2 with a ``ddr`` receiver)."""
     div = round(clk_hz / baud)
-    if div < 3:
-        raise ValueError(f"{baud} baud needs at least 3 clocks per bit at {clk_hz} Hz")
+    least = 2 if ddr else 3
+    if div < least:
+        raise ValueError(f"{baud} baud needs at least {least} clocks per bit at {clk_hz} Hz"
+                         + ("" if ddr else " (2 with a DDR receiver)"))
     err = abs(clk_hz / div - baud) / baud
     if err > 0.02:
         raise ValueError(f"{baud} baud from {clk_hz} Hz is off by {100 * err:.1f}%")
@@ -71,20 +82,22 @@ class UARTRx(wiring.Component):
 
     Ports
     -----
-    rx : In(1)
-        The serial line (asynchronous; synchronized inside).
+    rx : In(1), or In(2) with ``ddr``
+        The serial line (asynchronous; synchronized inside). With ``ddr``, two samples a
+        cycle: ``rx[0]`` taken before ``rx[1]``.
     o : Out(stream.Signature(8))
         Received bytes.
     framing_errors, overruns : Out(16)
         Saturating counters of dropped bytes.
     """
 
-    def __init__(self, divisor):
-        if divisor < 3:
-            raise ValueError("divisor must be at least 3")
-        self.divisor = divisor
+    def __init__(self, divisor, ddr=False):
+        if divisor < (2 if ddr else 3):
+            raise ValueError(f"divisor must be at least {2 if ddr else 3}")
+        self.divisor, self.ddr = divisor, ddr
+        width = 2 if ddr else 1
         super().__init__({
-            "rx": In(1, init=1),
+            "rx": In(width, init=(1 << width) - 1),
             "o": Out(stream.Signature(8)),
             "framing_errors": Out(16),
             "overruns": Out(16),
@@ -92,31 +105,43 @@ class UARTRx(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        rx = Signal(init=1)
-        m.submodules.sync = FFSynchronizer(self.rx, rx, init=1)
-        timer = Signal(range(self.divisor))
+        d = self.divisor
+        line = Signal.like(self.rx)
+        m.submodules.sync = FFSynchronizer(self.rx, line, init=self.rx.init)
+        timer = Signal(range(d))
         bit = Signal(range(10))
         data = Signal(8)
+        if self.ddr:
+            sel = Signal()                       # which sample is a bit's middle
+            rx = line.bit_select(sel, 1)
+            edge = ~line.all()
+            # the edge at sample p (0: the first of its cycle); the middle p + d samples on
+            after = line[0] + d
+            start = [timer.eq(after >> 1), sel.eq(after[0])]
+        else:
+            rx = line
+            edge = ~line
+            start = [timer.eq(d // 2)]
         with m.If(self.o.valid & self.o.ready):
             m.d.sync += self.o.valid.eq(0)
 
         with m.FSM():
             with m.State("IDLE"):
-                with m.If(~rx):
-                    m.d.sync += [timer.eq(self.divisor // 2), bit.eq(0)]
+                with m.If(edge):
+                    m.d.sync += [*start, bit.eq(0)]
                     m.next = "START"
             with m.State("START"):               # confirm the start bit at its middle
                 with m.If(timer == 1):
                     with m.If(rx):
                         m.next = "IDLE"          # a glitch, not a start bit
                     with m.Else():
-                        m.d.sync += timer.eq(self.divisor - 1)
+                        m.d.sync += timer.eq(d - 1)
                         m.next = "DATA"
                 with m.Else():
                     m.d.sync += timer.eq(timer - 1)
             with m.State("DATA"):
                 with m.If(timer == 0):
-                    m.d.sync += [timer.eq(self.divisor - 1), data.eq((rx << 7) | (data >> 1)),
+                    m.d.sync += [timer.eq(d - 1), data.eq((rx << 7) | (data >> 1)),
                                  bit.eq(bit + 1)]
                     with m.If(bit == 7):
                         m.next = "STOP"
@@ -138,6 +163,6 @@ class UARTRx(wiring.Component):
                 with m.Else():
                     m.d.sync += timer.eq(timer - 1)
             with m.State("BREAK"):               # wait for the line to return high
-                with m.If(rx):
+                with m.If(line.all()):
                     m.next = "IDLE"
         return m

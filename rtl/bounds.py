@@ -11,7 +11,9 @@ and, for a buffer the command writes, when its rows do not overlap (``stride >= 
 A unit lists its buffers (those it does not use this time have ``used`` low) and pulses
 ``start``; the check walks them one at a time with one adder: the product is a shift-and-add
 over the bits of ``rows - 1``, lowest first, that stops after the highest set bit, so a
-buffer takes ``3 + bits(rows - 1)`` cycles (at most ``DIM_BITS + 3``) and no multiplier
+buffer takes ``3 + bits(rows - 1)`` cycles (at most ``DIM_BITS + 3``), the verdict one
+more (the sum, the compare and the verdict are registered one after the other: the
+unregistered chain was the UP5K system's critical path), and no multiplier
 (the UP5K has eight). The GEMM engine used to add the stride once per row (up to 16,000
 cycles for a 4096-step GEMM) and the element-wise unit used a 16 x 16 multiplier: two
 circuits for one rule, now one.
@@ -65,7 +67,7 @@ class BoundsCheck(wiring.Component):
         Held from ``start`` until ``done``.
     start : In(1)
     done : Out(1)
-        One-cycle pulse; ``ok`` is the verdict in the same cycle.
+        One-cycle pulse (from a register); ``ok`` is the verdict, held until the next.
     ok : Out(1)
     """
 
@@ -93,12 +95,10 @@ class BoundsCheck(wiring.Component):
         addr, words = Signal(B), Signal(B)
         written, used, overlap = Signal(), Signal(), Signal()
         bad = Signal()
-        end = Signal(B + 2)
-        fail = Signal()
-        m.d.comb += [
-            end.eq(addr + prod + words),
-            fail.eq(used & (big | (end > self.mem_words) | (written & overlap))),
-        ]
+        end = Signal(B + 2)                     # the sum, registered: the compare and the
+        fail = Signal()                         # verdict each get a cycle of their own
+        m.d.comb += fail.eq(used & (big | (end > self.mem_words) | (written & overlap)))
+        m.d.sync += self.done.eq(0)
         with m.FSM():
             with m.State("IDLE"):
                 with m.If(self.start):
@@ -117,6 +117,7 @@ class BoundsCheck(wiring.Component):
                 m.next = "MULTIPLY"
             with m.State("MULTIPLY"):
                 with m.If(k == 0):
+                    m.d.sync += end.eq(addr + prod + words)
                     m.next = "COMPARE"
                 with m.Else():
                     total = prod + part               # B + 1 bits
@@ -127,7 +128,7 @@ class BoundsCheck(wiring.Component):
             with m.State("COMPARE"):
                 m.d.sync += [bad.eq(bad | fail), idx.eq(idx + 1)]
                 with m.If(idx == self.n - 1):
-                    m.d.comb += [self.done.eq(1), self.ok.eq(~bad & ~fail)]
+                    m.d.sync += [self.done.eq(1), self.ok.eq(~bad & ~fail)]
                     m.next = "IDLE"
                 with m.Else():
                     m.next = "LOAD"

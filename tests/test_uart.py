@@ -77,3 +77,50 @@ def test_divisor_for():
         divisor_for(12e6, 12e6)
     with pytest.raises(ValueError):
         divisor_for(48e6, 11e6)
+
+
+@pytest.mark.parametrize("divisor", [2, 3, 4, 8])
+def test_ddr_receiver_at_every_phase(divisor):
+    """Two samples a cycle (``2 * divisor`` a bit), bytes separated by idle gaps of a random
+    number of samples (0 included), so a start bit's edge falls on either sample of a cycle
+    and anywhere in it: every byte arrives. The samples just before and after each bit's
+    middle (``divisor`` samples from its edge) are the wrong value, so a receiver that
+    reads any other sample fails. At 2 cycles a bit this is 12 Mbaud from 24 MHz."""
+    rng = np.random.default_rng(divisor)
+    data = [0, 0xFF, 0x55, 0xAA, *(int(d) for d in rng.integers(0, 256, 80))]
+    spb, mid = 2 * divisor, divisor
+    samples = [1] * 5
+    for byte in data:
+        samples += [1] * int(rng.integers(0, 2 * spb))
+        for k, b in enumerate([0, *((byte >> k) & 1 for k in range(8)), 1]):
+            bit = [b] * spb
+            if mid - 1 > 0:                  # (the start bit's first sample is its edge)
+                bit[mid - 1] ^= 1
+            if 0 < k < 9:                    # (the stop bit stays high after its middle)
+                bit[mid + 1] ^= 1
+            samples += bit
+    samples += [1] * (4 * spb + 2)
+    samples += [1] * (len(samples) % 2)
+    rx = UARTRx(divisor, ddr=True)
+    got = []
+
+    async def bench(ctx):
+        ctx.set(rx.o.ready, 1)
+        for k in range(0, len(samples), 2):
+            ctx.set(rx.rx, samples[k] | samples[k + 1] << 1)
+            await ctx.tick()
+            if ctx.get(rx.o.valid):
+                got.append(ctx.get(rx.o.payload))
+        assert ctx.get(rx.framing_errors) == 0
+
+    sim = Simulator(rx)
+    sim.add_clock(1e-6)
+    sim.add_testbench(bench)
+    sim.run()
+    assert got == data
+
+
+def test_ddr_divisor_for():
+    assert divisor_for(24e6, 12e6, ddr=True) == 2
+    with pytest.raises(ValueError, match="2 with a DDR receiver"):
+        divisor_for(24e6, 12e6)
