@@ -409,7 +409,8 @@ def build(board, out_root="build", seed=1, progress=False, budget=True):
         **_configuration(board),
         "luts": luts,
         "lut_capacity": util.get("ICESTORM_LC", util.get("TRELLIS_COMB", {})).get("available"),
-        "ffs": used("TRELLIS_FF") or _ice40_ffs(out),
+        "lut4s": _yosys_cells(out).get("lut4s") if "ICESTORM_LC" in util else None,
+        "ffs": used("TRELLIS_FF") or _yosys_cells(out).get("ffs"),
         "ram_capacity": sum(util[n]["available"] for n in ("ICESTORM_RAM", "DP16KD")
                             if n in util),
         "dsps": used("ICESTORM_DSP", "MULT18X18D"),
@@ -503,7 +504,8 @@ def _yosys_cells(out):
         counts[mt.group(2)] = int(mt.group(1))     # the last (final) stat wins
     ffs = sum(v for k, v in counts.items() if re.fullmatch(r"SB_DFF\w*|TRELLIS_FF", k))
     return {"lut4s": counts.get("SB_LUT4", counts.get("LUT4")), "ffs": ffs,
-            "dsps": counts.get("SB_MAC16", counts.get("MULT18X18D", 0)),
+            "dsps": counts.get("SB_MAC16", 0) + counts.get("nibble_SB_MAC16", 0)
+            + counts.get("MULT18X18D", 0),      # (the guard's name, gateware.synth)
             "rams": counts.get("SB_RAM40_4K", 0) + counts.get("DP16KD", 0),
             "sprams": counts.get("SB_SPRAM256KA", 0)}
 
@@ -527,11 +529,6 @@ def _sync_fmax(report):
         return next(iter(fmax.values()))["achieved"]
     # several clocks: the one with the highest constraint is the PLL output
     return max(fmax.values(), key=lambda v: v["constraint"])["achieved"]
-
-
-def _ice40_ffs(out):
-    log = (out / "top.rpt").read_text() if (out / "top.rpt").exists() else ""
-    return sum(int(n) for n in re.findall(r"\s(\d+)\s+SB_DFF\w*", log)) or None
 
 
 def flash(board, bitstream=None, out_root="build"):
