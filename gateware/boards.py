@@ -405,12 +405,13 @@ def build(board, out_root="build", seed=1, progress=False, budget=True):
 
     fmax = _sync_fmax(report)
     luts = used("ICESTORM_LC", "TRELLIS_COMB")
+    cells = _yosys_cells(out)
     result = {
         **_configuration(board),
         "luts": luts,
         "lut_capacity": util.get("ICESTORM_LC", util.get("TRELLIS_COMB", {})).get("available"),
-        "lut4s": _yosys_cells(out).get("lut4s") if "ICESTORM_LC" in util else None,
-        "ffs": used("TRELLIS_FF") or _yosys_cells(out).get("ffs"),
+        "lut4s": cells.get("lut4s") if "ICESTORM_LC" in util else None,
+        "ffs": used("TRELLIS_FF") or cells.get("ffs"),
         "ram_capacity": sum(util[n]["available"] for n in ("ICESTORM_RAM", "DP16KD")
                             if n in util),
         "dsps": used("ICESTORM_DSP", "MULT18X18D"),

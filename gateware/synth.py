@@ -28,13 +28,13 @@ from amaranth.lib.wiring import In, Out
 from nibble.rtl.datapath import Datapath
 
 __all__ = ["DEVICES", "ICE40_DSP_GUARD", "SynthError", "SynthTop", "ice40_dsp_stub",
-           "synthesize"]
+           "synth_script", "synthesize"]
 
 #: yosys's ``synth_ice40 -dsp`` runs ``ice40_dsp``, which takes every SB_MAC16 in the design
 #: for one its own multiplier mapping made and rebuilds it: an instantiated block
 #: (:mod:`nibble.rtl.dsp`) comes out a bare combinational multiplier, its clock, registers,
 #: accumulator and adder configuration gone, and the LUTs feeding its C and D inputs
-#: optimised away with them (a wrong design that also looked 200 LCs smaller on the UP5K).
+#: optimised away with them (a wrong design, and 183 LCs too few for the UP5K system).
 #: The guard hides the instantiated blocks from the pass under another cell type
 #: (declared by :func:`ice40_dsp_stub`) and gives them their type back after synthesis;
 #: ``-dsp`` still maps the design's ``*``. Commands after reading the design, and after
@@ -51,6 +51,18 @@ def ice40_dsp_stub():
                       for name, (width, way) in SB_MAC16_PORTS.items())
     params = " ".join(f"parameter {name} = 0;" for name in SB_MAC16_PARAMS)
     return f"(* blackbox *)\nmodule nibble_SB_MAC16({ports});\n{params}\nendmodule\n"
+
+
+def synth_script(synth, work, guard):
+    """The yosys ``-p`` script that synthesizes ``top.v`` in ``work`` with ``synth`` into
+    ``top.json``; with ``guard`` (an iCE40) the instantiated DSP blocks are kept as they are
+    (:data:`ICE40_DSP_GUARD`; writes the stub into ``work``)."""
+    before = after = ""
+    if guard:
+        (work / "dsp_stub.v").write_text(ice40_dsp_stub())
+        before = f"read_verilog -lib dsp_stub.v; {ICE40_DSP_GUARD[0]}; "
+        after = f"{ICE40_DSP_GUARD[1]}; "
+    return f"read_verilog top.v; {before}{synth} -top top; {after}write_json top.json"
 
 
 class SynthError(RuntimeError):

@@ -24,14 +24,19 @@ from amaranth.lib import stream, wiring
 from amaranth.lib.cdc import FFSynchronizer
 from amaranth.lib.wiring import In, Out
 
-__all__ = ["UARTRx", "UARTTx", "divisor_for"]
+__all__ = ["UARTRx", "UARTTx", "divisor_for", "least_divisor"]
+
+
+def least_divisor(ddr=False):
+    """Clock cycles a bit the receiver needs: 3, or 2 with ``ddr`` (two samples a cycle)."""
+    return 2 if ddr else 3
 
 
 def divisor_for(clk_hz, baud, ddr=False):
     """Clock cycles per bit; raises if the rate error exceeds 2% or the divisor is under
-    3 (2 with a ``ddr`` receiver)."""
+    :func:`least_divisor`."""
     div = round(clk_hz / baud)
-    least = 2 if ddr else 3
+    least = least_divisor(ddr)
     if div < least:
         raise ValueError(f"{baud} baud needs at least {least} clocks per bit at {clk_hz} Hz"
                          + ("" if ddr else " (2 with a DDR receiver)"))
@@ -92,8 +97,8 @@ class UARTRx(wiring.Component):
     """
 
     def __init__(self, divisor, ddr=False):
-        if divisor < (2 if ddr else 3):
-            raise ValueError(f"divisor must be at least {2 if ddr else 3}")
+        if divisor < least_divisor(ddr):
+            raise ValueError(f"divisor must be at least {least_divisor(ddr)}")
         self.divisor, self.ddr = divisor, ddr
         width = 2 if ddr else 1
         super().__init__({

@@ -347,7 +347,6 @@ class BroadcastRow(wiring.Component):
         left = Signal(range(C + 1))             # sums in the shift register
         adv = Signal()                          # the pipeline moves
         m.d.comb += adv.eq(~(last[3] & (left != 0)))
-        pipe = m.d.sync                         # the pipeline's registers, under ``adv``
 
         # -- input: a beat or a bubble (zero codes), a last held until C beats have passed,
         # and a bubble after every last (the DSP PEs restart their sums on it)
@@ -366,23 +365,23 @@ class BroadcastRow(wiring.Component):
         exp, sign = a_code[:3], a_code[3]
         shamt = Mux(cfg.a_fp4 & (exp != 0), Cat(Const(0, 1), (exp - 1)[:3]), 0)
         sums, macs = [], []
-        with m.If(adv):
-            pipe += [a_code.eq(Mux(take, self.beat.payload.a[0], 0)),
-                     *[b_code[j].eq(Mux(take, self.beat.payload.b[j], 0)) for j in range(C)],
-                     last[0].eq(take & self.beat.payload.last),
-                     *[last[k + 1].eq(last[k]) for k in range(3)]]
+        with m.If(adv):               # the pipeline's registers
+            m.d.sync += [a_code.eq(Mux(take, self.beat.payload.a[0], 0)),
+                         *[b_code[j].eq(Mux(take, self.beat.payload.b[j], 0)) for j in range(C)],
+                         last[0].eq(take & self.beat.payload.last),
+                         *[last[k + 1].eq(last[k]) for k in range(3)]]
             with m.If(take & self.beat.payload.last):
-                pipe += since.eq(0)
+                m.d.sync += since.eq(0)
             with m.Elif(since < C):
-                pipe += since.eq(since + 1)
+                m.d.sync += since.eq(since + 1)
 
             # -- the row's A operand, decoded once
-            pipe += [r_shamt.eq(shamt),
-                     # -4^k as all ones shifted, not a negation's carry chain (that one
-                     # held the row to 36.9 MHz on the UP5K)
-                     x.eq(Mux(cfg.a_fp4, Mux(exp == 0, 0, Mux(sign, Const(-1, signed(16))
-                                                              << shamt, Const(1, 16) << shamt)),
-                              av))]
+            m.d.sync += [r_shamt.eq(shamt),
+                         # -4^k as all ones shifted, not a negation's carry chain (that one
+                         # held the row to 36.9 MHz on the UP5K)
+                         x.eq(Mux(cfg.a_fp4, Mux(exp == 0, 0, Mux(sign, Const(-1, signed(16))
+                                                                  << shamt, Const(1, 16) << shamt)),
+                                  av))]
 
             # -- the PEs: the sum of each in the cycle after last[3] holds a tile's total
             for j in range(C):
@@ -394,10 +393,10 @@ class BroadcastRow(wiring.Component):
                 else:               # as PE: the product or the signed B, then the shift
                     base = Signal(signed(10), name=f"base{j}")
                     prod = Signal(signed(PE_PRODUCT_BITS), name=f"prod{j}")
-                    pipe += [base.eq(Mux(cfg.a_fp4, Mux(exp == 0, 0, Mux(sign, -bv, bv)),
-                                         _mul5(av, bv))),
-                             prod.eq(base << r_shamt),
-                             total.eq(Mux(last[3], 0, total) + prod)]
+                    m.d.sync += [base.eq(Mux(cfg.a_fp4, Mux(exp == 0, 0, Mux(sign, -bv, bv)),
+                                             _mul5(av, bv))),
+                                 prod.eq(base << r_shamt),
+                                 total.eq(Mux(last[3], 0, total) + prod)]
                 sums.append(total)
 
         for mac, bv, total in macs:

