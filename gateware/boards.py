@@ -69,12 +69,13 @@ from nibble.rtl.sdram import CHIPS, SdramPins
 
 from .budget import budget
 from .device import Device
-from .pll import Ecp5Pll, Ice40Pll, PllError, ecp5_pll, ice40_pll
+from .pll import USB_HZ, USB_IO_HZ, Ecp5Pll, Ice40Pll, PllError, ecp5_pll, ice40_pll
 from .synth import ICE40_DSP_GUARD, find_tool, ice40_dsp_stub, tool_path
 from .uart import UARTRx, UARTTx, divisor_for
+from .usb import USBLink
 
-__all__ = ["BOARDS", "FAMILY_CLOCK", "Board", "BoardError", "BoardTop", "UartTop", "build",
-           "flash", "pll_setting", "rebudget", "resolve"]
+__all__ = ["BOARDS", "FAMILY_CLOCK", "Board", "BoardError", "BoardTop", "UartTop", "UsbTop",
+           "build", "flash", "pll_setting", "rebudget", "resolve"]
 
 
 class BoardError(RuntimeError):
@@ -97,6 +98,7 @@ class Board:
     memory: str = "bram"      # tensor memory: block RAM, or "spram" (the UP5K's SPRAM)
     dsp_pes: int = 0          # PEs multiplying in a DSP (one-row arrays: rtl.array.BroadcastRow)
     ddr_rx: bool = False      # the UART receiver samples twice a cycle (gateware.uart)
+    link: str = "uart"        # "uart" (the board's USB-serial chip) or "usb" (gateware.usb)
     seed: int = 1             # nextpnr's placement seed (the one docs/results.md was built with)
     nextpnr_opts: tuple = ()
     synth_opts: str = ""
@@ -117,7 +119,7 @@ BOARDS = {
     "ulx3s-85f": Board("ulx3s-85f", "amaranth_boards.ulx3s:ULX3S_85F_Platform",
                        rows=8, cols=16, mem_words=16384, baud=3_000_000, clk_hz=45_000_000,
                        pll="ecp5", sdram="is42s16160", nextpnr_opts=("--router", "router2"),
-                       cable=("-b", "ulx3s"), seed=3),
+                       cable=("-b", "ulx3s"), seed=3, link="usb"),
 }
 
 
@@ -133,13 +135,17 @@ def _family(platform):
 
 
 def pll_setting(board, fin):
-    """The board's PLL setting for its ``clk_hz`` from an oscillator of ``fin`` Hz."""
-    return (ice40_pll if board.pll == "ice40" else ecp5_pll)(fin, board.clk_hz)
+    """The board's PLL setting for its ``clk_hz`` from an oscillator of ``fin`` Hz (with
+    USB's two clocks beside it for a USB link)."""
+    if board.pll == "ice40":
+        return ice40_pll(fin, board.clk_hz)
+    return ecp5_pll(fin, board.clk_hz, usb=board.link == "usb")
 
 
-def resolve(name, rows=None, cols=None, baud=None, mem_words=None, clk_hz=None):
+def resolve(name, rows=None, cols=None, baud=None, mem_words=None, clk_hz=None, link=None):
     """A :class:`Board` for a known name or a ``module:Class`` amaranth-boards platform;
-    ``clk_hz`` asks for another design clock (the nearest a PLL makes at or below it)."""
+    ``clk_hz`` asks for another design clock (the nearest a PLL makes at or below it),
+    ``link`` another host link ("uart" or "usb")."""
     if name in BOARDS:
         board = BOARDS[name]
     elif ":" in name:
@@ -165,8 +171,21 @@ def resolve(name, rows=None, cols=None, baud=None, mem_words=None, clk_hz=None):
         raise BoardError(f"unknown board {name!r}: use one of {', '.join(BOARDS)} or an "
                          "amaranth-boards platform as module:Class")
     changes = {k: v for k, v in (("rows", rows), ("cols", cols), ("baud", baud),
-                                 ("mem_words", mem_words), ("clk_hz", clk_hz)) if v}
+                                 ("mem_words", mem_words), ("clk_hz", clk_hz),
+                                 ("link", link)) if v}
     board = dataclasses.replace(board, **changes)
+    if board.link not in ("uart", "usb"):
+        raise BoardError(f"link {board.link!r}: 'uart' or 'usb'")
+    if board.link == "usb":
+        platform = board.make_platform()
+        usb = platform.resources.get(("usb", 0))
+        if usb is None or not any(getattr(s, "name", "") == "d_p" for s in usb.ios):
+            raise BoardError(f"{board.name}: no `usb` resource with D+/D- pins for the "
+                             "native USB link (use --link uart)")
+        if board.pll != "ecp5":
+            raise BoardError(f"{board.name}: the native USB link needs 48 and 12 MHz beside "
+                             "the design clock, which only the ECP5 PLL makes here "
+                             "(use --link uart)")
     # DSP PEs are a one-row array's; another shape keeps the board's DSPs for what fits
     board = dataclasses.replace(board, dsp_pes=min(board.dsp_pes, board.cols)
                                 if board.rows == 1 else 0)
@@ -212,12 +231,44 @@ class UartTop(wiring.Component):
         return m
 
 
+class UsbTop(wiring.Component):
+    """The device behind native USB (:class:`gateware.usb.USBLink`, LUNA's CDC-ACM device
+    on ``bus``): the board tops' core on a USB port, and ``pysim://?link=usb``'s DUT (on a
+    UTMI bus, driven by :class:`nibble.sim.usb_host.UsbHost`).
+
+    Ports: ``idle`` (Out), ``listening`` (Out); ``sdram`` (Out(SdramPins)) with an SDRAM
+    chip. The ``usb`` domain (12 MHz) and, with LUNA's gateware PHY, ``usb_io`` (48 MHz)
+    come from the top above it.
+    """
+
+    def __init__(self, bus, rows, cols, mem_words, clk_hz, sdram=None, vec_ops=VEC_OPS_ALL,
+                 memory="bram", dsp_pes=0, timeout=None):
+        self.bus = bus
+        self.device = Device(rows, cols, mem_words, clk_hz=clk_hz, sdram=sdram,
+                             vec_ops=vec_ops, memory=memory, dsp_pes=dsp_pes,
+                             timeout=timeout)
+        pins = {"sdram": Out(SdramPins.Signature(sdram))} if sdram else {}
+        super().__init__({"idle": Out(1), "listening": Out(1), **pins})
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.link = link = USBLink(self.bus)
+        m.submodules.device = dev = self.device
+        if dev.chip:
+            wiring.connect(m, dev.sdram, wiring.flipped(self.sdram))
+        m.d.comb += [self.idle.eq(dev.idle), self.listening.eq(dev.listening)]
+        wiring.connect(m, link.o, dev.i)
+        wiring.connect(m, dev.o, link.i)
+        return m
+
+
 class BoardTop(Elaboratable):
     """The device behind the board's UART; LED 0 shows a running GEMM."""
 
     def __init__(self, board):
         self.board = board
-        self.divisor = divisor_for(board.clk_hz, board.baud, board.ddr_rx)
+        self.divisor = divisor_for(board.clk_hz, board.baud, board.ddr_rx) \
+            if board.link == "uart" else None
 
     def elaborate(self, platform):
         b = self.board
@@ -235,16 +286,41 @@ class BoardTop(Elaboratable):
                 raise BoardError(f"{b.name}: the PLL makes {setting.hz / 1e6:g} MHz, not "
                                  f"{b.clk_hz / 1e6:g} (use resolve() to make a Board)")
             pin = platform.request(platform.default_clk, dir="-")
+            usb_io, usb = Signal(), Signal()
             if b.pll == "ice40" and b.pll_pad:
                 m.submodules.pll = Ice40Pll(setting, pin.io, clk, lock)
             else:
                 m.submodules.clk_buf = clk_buf = io.Buffer("i", pin)
                 m.submodules.pll = (Ice40Pll(setting, clk_buf.i, clk, lock, pad=False)
                                     if b.pll == "ice40" else
-                                    Ecp5Pll(setting, fin, clk_buf.i, clk, lock, clk90))
+                                    Ecp5Pll(setting, fin, clk_buf.i, clk, lock, clk90,
+                                            usb_io=usb_io, usb=usb))
             # hold the design in reset until the PLL locks
             m.d.comb += [ClockSignal("sync").eq(clk), ResetSignal("sync").eq(~lock)]
             platform.add_clock_constraint(clk, b.clk_hz)
+            if b.link == "usb":
+                for name, sig, hz in (("usb_io", usb_io, USB_IO_HZ), ("usb", usb, USB_HZ)):
+                    m.domains += ClockDomain(name)
+                    m.d.comb += [ClockSignal(name).eq(sig), ResetSignal(name).eq(~lock)]
+                    platform.add_clock_constraint(sig, hz)
+        chip = CHIPS[b.sdram] if b.sdram else None
+        if b.link == "usb":
+            m.submodules.top = top = UsbTop(platform.request("usb", 0), b.rows, b.cols,
+                                            b.mem_words, b.clk_hz, sdram=chip,
+                                            vec_ops=b.vec_ops, memory=b.memory,
+                                            dsp_pes=b.dsp_pes)
+        else:
+            top = self._uart(m, platform, chip)
+        if chip:
+            self._sdram(m, platform, top.sdram, clk90)
+        if any(r[0] == "led" for r in platform.resources):
+            m.submodules.led = led = io.Buffer("o", platform.request("led", 0, dir="-"))
+            m.d.comb += led.o.eq(~top.idle)
+        return m
+
+    def _uart(self, m, platform, chip):
+        """The device behind the board's ``uart`` pins."""
+        b = self.board
         uart = platform.request("uart", 0, dir="-")
         if b.ddr_rx:                      # a sample at each clock edge, rising one first
             m.submodules.uart_rx = uart_rx = io.DDRBuffer("i", uart.rx)
@@ -253,17 +329,11 @@ class BoardTop(Elaboratable):
             m.submodules.uart_rx = uart_rx = io.Buffer("i", uart.rx)
             rx_line = uart_rx.i
         m.submodules.uart_tx = uart_tx = io.Buffer("o", uart.tx)
-        chip = CHIPS[b.sdram] if b.sdram else None
         m.submodules.top = top = UartTop(b.rows, b.cols, b.mem_words, b.clk_hz, self.divisor,
                                          sdram=chip, vec_ops=b.vec_ops, memory=b.memory,
                                          dsp_pes=b.dsp_pes, ddr_rx=b.ddr_rx)
         m.d.comb += [top.rx.eq(rx_line), uart_tx.o.eq(top.tx)]
-        if chip:
-            self._sdram(m, platform, top.sdram, clk90)
-        if any(r[0] == "led" for r in platform.resources):
-            m.submodules.led = led = io.Buffer("o", platform.request("led", 0, dir="-"))
-            m.d.comb += led.o.eq(~top.idle)
-        return m
+        return top
 
 
     @staticmethod
@@ -447,7 +517,8 @@ def _configuration(board):
             # what a model's training state can occupy: the on-chip memory the engine
             # streams from, and the SDRAM behind it (DMA)
             "scratchpad_bytes": scratch, "sdram": board.sdram, "sdram_bytes": sdram,
-            "tensor_memory_bytes": scratch + sdram, "baud": board.baud}
+            "tensor_memory_bytes": scratch + sdram, "link": board.link,
+            "baud": board.baud if board.link == "uart" else None}
 
 
 def rebudget(board, out_root="build", progress=False):

@@ -11,17 +11,25 @@ documented ranges, the way the vendors' ``icepll`` and ``ecppll`` do:
   533..1066 MHz, output 16..275 MHz;
 * ECP5 (EHXPLLL, CLKOP feedback): ``f = fin CLKFB_DIV / CLKI_DIV``, phase detector
   ``fin / CLKI_DIV`` >= 3.125 MHz, VCO ``f CLKOP_DIV`` in 400..800 MHz (the divider that
-  puts it nearest 600 MHz); CLKOS is the same clock 90 degrees later (the SDRAM's).
+  puts it nearest 600 MHz); CLKOS is the same clock 90 degrees later (the SDRAM's). With
+  ``usb``, the VCO must also divide to exactly 48 MHz (CLKOS2, LUNA's ``usb_io``) and
+  12 MHz (CLKOS3, its ``usb``): USB's bit rate allows 0.25 %, and one VCO keeps all four
+  outputs in step. From the ULX3S's 25 MHz that is 45 MHz at 720 MHz, or 60 MHz: no
+  design clock between has a VCO that 48 MHz divides (CLKOP feedback).
 
 The parameters reproduce the hand-derived ones the iCEBreaker (12 -> 36 MHz, now 24) and
 ULX3S (25 -> 45 MHz) builds used.
 """
 
 from dataclasses import dataclass
+from fractions import Fraction
 
 from amaranth.hdl import Elaboratable, Instance, Module, Signal
 
-__all__ = ["Ecp5Pll", "Ice40Pll", "PllError", "ecp5_pll", "ice40_pll"]
+__all__ = ["USB_HZ", "USB_IO_HZ", "Ecp5Pll", "Ice40Pll", "PllError", "ecp5_pll", "ice40_pll"]
+
+#: LUNA's full-speed USB clocks: its ``usb`` domain (the bit rate) and ``usb_io`` (4x).
+USB_HZ, USB_IO_HZ = 12_000_000, 48_000_000
 
 
 class PllError(ValueError):
@@ -43,6 +51,8 @@ class Ecp5Setting:
     clkfb_div: int
     clkop_div: int
     hz: float
+    usb_io_div: int | None = None   # CLKOS2: 48 MHz (with ``usb``)
+    usb_div: int | None = None      # CLKOS3: 12 MHz
 
 
 def ice40_pll(fin, target):
@@ -68,24 +78,33 @@ def ice40_pll(fin, target):
     return best
 
 
-def ecp5_pll(fin, target):
-    """The EHXPLLL setting with the highest output at or below ``target`` Hz."""
+def ecp5_pll(fin, target, usb=False):
+    """The EHXPLLL setting with the highest output at or below ``target`` Hz; with ``usb``
+    one whose VCO also makes 48 and 12 MHz exactly."""
     best = None
     for clki in range(1, 129):
-        pfd = fin / clki
-        if pfd < 3.125e6:
+        pfd = Fraction(int(fin), clki)
+        if pfd < Fraction(3_125_000):
             break
         for fb in range(1, 81):
             f = pfd * fb
-            if f > target or f < 3.125e6:
+            if f > target or f < 3_125_000:
                 continue
             divs = [d for d in range(1, 129) if 400e6 <= f * d <= 800e6]
+            if usb:
+                divs = [d for d in divs if (f * d / USB_IO_HZ).denominator == 1
+                        and f * d / USB_HZ <= 128]
             if divs and (best is None or f > best.hz):
-                op = min(divs, key=lambda d: abs(f * d - 600e6))
-                best = Ecp5Setting(clki, fb, op, f)
+                op = min(divs, key=lambda d: abs(f * d - 600_000_000))
+                extra = {}
+                if usb:
+                    extra = {"usb_io_div": int(f * op / USB_IO_HZ),
+                             "usb_div": int(f * op / USB_HZ)}
+                best = Ecp5Setting(clki, fb, op, float(f), **extra)
     if best is None:
         raise PllError(f"no ECP5 PLL setting from {fin / 1e6:g} MHz reaches a clock at or "
-                       f"below {target / 1e6:g} MHz")
+                       f"below {target / 1e6:g} MHz" + (" beside USB's 48 and 12 MHz"
+                                                         if usb else ""))
     return best
 
 
@@ -108,17 +127,27 @@ class Ice40Pll(Elaboratable):
 
 class Ecp5Pll(Elaboratable):
     """EHXPLLL: the design clock on CLKOP, the same clock 90 degrees later on CLKOS (a
-    quarter of CLKOP_DIV in VCO steps of whole and eighth cycles)."""
+    quarter of CLKOP_DIV in VCO steps of whole and eighth cycles); with a USB setting
+    48 MHz on CLKOS2 (``usb_io``) and 12 MHz on CLKOS3 (``usb``)."""
 
-    def __init__(self, setting, fin, clkin, clk, lock, clk90=None):
+    def __init__(self, setting, fin, clkin, clk, lock, clk90=None, usb_io=None, usb=None):
         self.s, self.fin, self.clkin, self.clk, self.lock = setting, fin, clkin, clk, lock
         self.clk90 = clk90 if clk90 is not None else Signal()
+        self.usb_io = usb_io if usb_io is not None else Signal()
+        self.usb = usb if usb is not None else Signal()
 
     def elaborate(self, platform):
         m = Module()
         s = self.s
         cphase = (s.clkop_div - 1) // 2
         quarter = 2 * s.clkop_div                     # a quarter cycle in eighth VCO steps
+        usb = {}
+        if s.usb_div:
+            usb = dict(p_CLKOS2_ENABLE="ENABLED", p_CLKOS2_DIV=s.usb_io_div,
+                       p_CLKOS2_CPHASE=s.usb_io_div - 1, p_CLKOS2_FPHASE=0,
+                       p_CLKOS3_ENABLE="ENABLED", p_CLKOS3_DIV=s.usb_div,
+                       p_CLKOS3_CPHASE=s.usb_div - 1, p_CLKOS3_FPHASE=0,
+                       o_CLKOS2=self.usb_io, o_CLKOS3=self.usb)
         m.submodules.pll = Instance(
             "EHXPLLL",
             a_FREQUENCY_PIN_CLKI=f"{self.fin / 1e6:g}", a_FREQUENCY_PIN_CLKOP=f"{s.hz / 1e6:g}",
@@ -133,6 +162,6 @@ class Ecp5Pll(Elaboratable):
             p_FEEDBK_PATH="CLKOP", p_CLKFB_DIV=s.clkfb_div,
             i_RST=0, i_STDBY=0, i_CLKI=self.clkin, i_CLKFB=self.clk,
             i_PHASESEL0=0, i_PHASESEL1=0, i_PHASEDIR=1, i_PHASESTEP=1, i_PHASELOADREG=1,
-            i_PLLWAKESYNC=0, i_ENCLKOP=0, i_ENCLKOS=0,
-            o_CLKOP=self.clk, o_CLKOS=self.clk90, o_LOCK=self.lock)
+            i_PLLWAKESYNC=0, i_ENCLKOP=0, i_ENCLKOS=0, i_ENCLKOS2=0, i_ENCLKOS3=0,
+            o_CLKOP=self.clk, o_CLKOS=self.clk90, o_LOCK=self.lock, **usb)
         return m

@@ -320,7 +320,8 @@ def cmd_bitstream(args):
     from nibble.gateware.boards import build, rebudget, resolve
 
     board = resolve(args.board, rows=args.rows, cols=args.cols, baud=args.baud,
-                    mem_words=args.words, clk_hz=args.clk and round(args.clk * 1e6))
+                    mem_words=args.words, clk_hz=args.clk and round(args.clk * 1e6),
+                    link=args.link)
     if args.budget_only:
         print(f"{board.name}: measuring the last build's blocks again ...", flush=True)
         rebudget(board, out_root=args.out, progress=sys.stderr.isatty())
@@ -330,8 +331,9 @@ def cmd_bitstream(args):
         return 0
     if board.clock_note:
         print(board.clock_note)
+    link = f"{board.baud:,} baud" if board.link == "uart" else "native USB"
     print(f"{board.name}: building the bitstream ({board.rows}x{board.cols} array, "
-          f"{board.mem_words:,} words, {board.clk_hz / 1e6:g} MHz, {board.baud:,} baud) with "
+          f"{board.mem_words:,} words, {board.clk_hz / 1e6:g} MHz, {link}) with "
           "YoWASP; this takes minutes ...", flush=True)
     try:
         r = build(board, out_root=args.out, seed=args.seed or board.seed,
@@ -353,7 +355,7 @@ def cmd_bitstream(args):
 BOARD_COLUMNS = [
     ("board", "board", "{}"), ("array", "array", "{}"), ("scratchpad words", "mem_words", "{:,}"),
     ("SDRAM", "sdram_mb", "{}"),
-    ("link baud", "baud", "{:,}"), ("fits", "fits", "{}"), ("LUTs/LCs", "luts", "{:,}"),
+    ("link", "link_text", "{}"), ("fits", "fits", "{}"), ("LUTs/LCs", "luts", "{:,}"),
     ("of", "lut_capacity", "{:,}"), ("FFs", "ffs", "{}"), ("DSPs", "dsps", "{}"),
     ("RAMs", "rams", "{}"), ("fmax MHz", "fmax", "{}"),
     ("target MHz", "target_mhz", "{:g}"), ("build s", "seconds", "{:.0f}"),
@@ -375,6 +377,8 @@ def boards_table(out_root):
             mib = row.get("sdram_bytes", 0) / 2**20
             row["sdram_mb"] = f"{mib:g} MiB ({row['sdram']})" if mib else "-"
             row["fmax"] = "-" if row.get("fmax_mhz") is None else f"{row['fmax_mhz']:.1f}"
+            row["link_text"] = "USB (CDC-ACM)" if row.get("link") == "usb" else \
+                f"UART {row['baud']:,} baud"
             for key in ("ffs", "dsps", "rams"):
                 row[key] = f"{row[key]:,}" if isinstance(row.get(key), int) else "-"
             rows.append(row)
@@ -574,7 +578,8 @@ def build_parser():
     dvsub = dv.add_subparsers(dest="device_cmd", required=True)
     di = dvsub.add_parser("info", help="print a device's INFO and STATS")
     di.add_argument("--device", required=True,
-                    help="emu://, socket://HOST:PORT or a serial port such as /dev/ttyUSB1")
+                    help="emu://, socket://HOST:PORT or a serial port: /dev/ttyUSB1 (a "
+                    "board's USB-serial chip), /dev/ttyACM0 (a board on native USB)")
     di.set_defaults(func=cmd_device_info)
 
     bt = sub.add_parser("bitstream", help="build a board's bitstream (YoWASP)")
@@ -582,7 +587,10 @@ def build_parser():
                     help="icebreaker, ulx3s-85f, or an amaranth-boards platform module:Class")
     bt.add_argument("--rows", type=_positive)
     bt.add_argument("--cols", type=_positive)
-    bt.add_argument("--baud", type=_positive)
+    bt.add_argument("--baud", type=_positive, help="the UART link's baud rate")
+    bt.add_argument("--link", choices=("uart", "usb"),
+                    help="the host link: the board's USB-serial chip (uart) or the FPGA as a "
+                    "USB device on the board's USB port (usb; the ULX3S's default)")
     bt.add_argument("--words", type=_positive, help="tensor memory words")
     bt.add_argument("--clk", type=float, metavar="MHZ",
                     help="design clock: the nearest the board's PLL makes at or below it "

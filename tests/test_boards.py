@@ -29,6 +29,31 @@ def test_board_tops_elaborate(name, tmp_path):
         placed = [line for line in files["top.lpf"].splitlines()
                   if line.startswith('LOCATE COMP "sdram_0__')]
         assert len(placed) == 39 and "CLKOS" in text
+    if board.link == "usb":     # D+, D- and the pull-up placed; 48 and 12 MHz from the PLL
+        usb = [line for line in files["top.lpf"].splitlines()
+               if line.startswith('LOCATE COMP "usb_0__')]
+        assert len(usb) == 3 and "CLKOS2" in text and "CLKOS3" in text
+        assert not any(line.startswith('LOCATE COMP "uart_0__')
+                       for line in files["top.lpf"].splitlines())
+
+
+def test_the_link_is_a_build_option():
+    """The ULX3S talks native USB by default, its FT231X UART on request; a board without
+    a USB port wired to the FPGA, or without the ECP5's PLL, says so in one line."""
+    from nibble.gateware.boards import _configuration
+    assert BOARDS["ulx3s-85f"].link == "usb"
+    assert _configuration(BOARDS["ulx3s-85f"])["link"] == "usb"
+    assert _configuration(BOARDS["ulx3s-85f"])["baud"] is None
+    uart = resolve("ulx3s-85f", link="uart")
+    assert uart.link == "uart" and _configuration(uart)["baud"] == 3_000_000
+    plan = uart.make_platform().prepare(BoardTop(uart), name="top")
+    assert 'LOCATE COMP "uart_0__' in plan.files["top.lpf"]
+    assert 'LOCATE COMP "usb_0__' not in plan.files["top.lpf"]
+    with pytest.raises(BoardError, match="icebreaker: no `usb` resource") as e:
+        resolve("icebreaker", link="usb")
+    assert "\n" not in str(e.value)
+    with pytest.raises(BoardError, match="'uart' or 'usb'"):
+        resolve("ulx3s-85f", link="ethernet")
 
 
 def test_any_platform_with_a_uart():

@@ -26,6 +26,19 @@ def test_settings_are_in_range_and_the_best_below_the_target(fin, target):
     assert e.hz == fin / e.clki_div * e.clkfb_div <= target and e.hz >= 0.9 * target
 
 
+@pytest.mark.parametrize("target", [30e6, 45e6, 50e6, 60e6, 75e6])
+def test_usb_settings_make_48_and_12_mhz_exactly(target):
+    """With USB beside the design clock, one VCO divides to all three: LUNA's 48 and 12 MHz
+    exactly (USB allows 0.25 %), the design clock the highest that allows at or below the
+    target (from the ULX3S's 25 MHz: 45 MHz, then 60)."""
+    s = ecp5_pll(25e6, target, usb=True)
+    vco = s.hz * s.clkop_div
+    assert 400e6 <= vco <= 800e6 and s.hz <= target
+    assert vco / s.usb_io_div == 48e6 and vco / s.usb_div == 12e6
+    assert s.usb_div <= 128 and 25e6 / s.clki_div >= 3.125e6
+    assert s.hz == {30e6: 30e6, 45e6: 45e6, 50e6: 45e6, 60e6: 60e6, 75e6: 60e6}[target]
+
+
 def test_unreachable_clocks_are_one_clear_error():
     with pytest.raises(PllError, match="no iCE40 PLL setting from 1 MHz"):
         ice40_pll(1e6, 36e6)

@@ -11,16 +11,29 @@ after a GEMM meets BUSY, and the driver's polls let simulated time pass.
 It is the fast way to run the driver's retries, BUSY and error paths against the real RTL
 (seconds, where the Verilator model takes minutes to build); the Verilator model
 (``socket://``) is the fast way to run long workloads.
+
+``link=usb`` puts the device behind the native USB link a board has on its USB port
+(:class:`~nibble.gateware.boards.UsbTop`: LUNA's CDC-ACM device and its clock crossings),
+and the bytes go through :class:`~nibble.sim.usb_host.UsbHost`, a full-speed host at the
+packet level: it enumerates the device, then sends what the driver writes in bulk OUT
+packets and polls bulk IN for the replies, in 1 ms frames at 12 Mbit/s, the device's
+``sync`` clock at ``clk_hz`` beside it. ``usb_stats`` are the host's counts (bit times,
+frames, transactions, NAKs, payload bytes each way): the link's time on the wire.
 """
+
+import warnings
 
 from amaranth.hdl import Module
 from amaranth.lib import wiring
 from amaranth.sim import Simulator
 
+from nibble.gateware.boards import UsbTop
 from nibble.gateware.device import Device
+from nibble.gateware.usb import DATA_ENDPOINT, PACKET_BYTES
 from nibble.rtl.formats import VEC_OPS_ALL
 from nibble.rtl.sdram import CHIPS
 from nibble.sim.sdram_model import SdramChipModel
+from nibble.sim.usb_host import UsbHost
 
 __all__ = ["PYSIM_DEVICE", "PysimTransport"]
 
@@ -28,11 +41,14 @@ __all__ = ["PYSIM_DEVICE", "PysimTransport"]
 #: simulator keeps every word as a Python integer) and a short watchdog.
 PYSIM_DEVICE = {"rows": 2, "cols": 4, "words": 1 << 14, "clk_hz": 36_000_000,
                 "timeout": 4096, "sdram": "", "vec_ops": VEC_OPS_ALL, "memory": "bram",
-                "dsp_pes": 0}
+                "dsp_pes": 0, "link": ""}
+
+#: The USB device's address after enumeration.
+USB_ADDRESS = 5
 
 
 class _WithSdram(wiring.Component):
-    """The device with the SDRAM chip model on its pins."""
+    """The device (or its USB top) with the SDRAM chip model on its pins."""
 
     def __init__(self, device, model):
         self.device, self.model = device, model
@@ -57,10 +73,24 @@ class PysimTransport:
 
     def __init__(self, rows=2, cols=4, words=1 << 14, clk_hz=36_000_000, timeout=4096,
                  max_cycles=2_000_000, idle_cycles=2048, sdram="", vec_ops=VEC_OPS_ALL,
-                 memory="bram", dsp_pes=0):
+                 memory="bram", dsp_pes=0, link=""):
+        if link not in ("", "usb"):
+            raise ValueError(f"link={link}: '' (the device's byte streams) or 'usb'")
         chip = CHIPS[sdram] if sdram else None
-        self.dut = Device(rows, cols, words, clk_hz=clk_hz, timeout=timeout, sdram=chip,
-                          vec_ops=vec_ops, memory=memory, dsp_pes=dsp_pes)
+        if link == "usb":
+            # a frame's bytes come in 64-byte packets, up to a 1 ms frame apart: the
+            # watchdog that ends a stalled frame waits as long as on a board (10 ms)
+            timeout = max(timeout, clk_hz // 100)
+            with warnings.catch_warnings():        # LUNA's Records
+                warnings.simplefilter("ignore", DeprecationWarning)
+                from luna.gateware.interface.utmi import UTMIInterface
+            self.utmi = UTMIInterface()
+            self.dut = UsbTop(self.utmi, rows, cols, words, clk_hz, sdram=chip,
+                              vec_ops=vec_ops, memory=memory, dsp_pes=dsp_pes, timeout=timeout)
+            self.host = UsbHost(self.utmi)
+        else:
+            self.dut = Device(rows, cols, words, clk_hz=clk_hz, timeout=timeout, sdram=chip,
+                              vec_ops=vec_ops, memory=memory, dsp_pes=dsp_pes)
         top = self.dut
         if chip:                     # the chip model on the device's SDRAM pins
             model = SdramChipModel(chip, clk_hz)
@@ -76,8 +106,14 @@ class PysimTransport:
         self._in, self._out = bytearray(), bytearray()
         self._listening = self._idle = False
         self._sim = Simulator(top)
-        self._sim.add_clock(1e-6)
-        self._sim.add_testbench(self._io, background=True)
+        self.period = 1e-6                     # simulated seconds a cycle (any, without USB)
+        if link == "usb":
+            self.period = 1 / clk_hz
+            self._sim.add_clock(1 / 12e6, domain="usb")
+            self._sim.add_testbench(self._usb_io, background=True)
+        else:
+            self._sim.add_testbench(self._io, background=True)
+        self._sim.add_clock(self.period)
         self.timeout = 0
 
     async def _io(self, ctx):
@@ -97,12 +133,39 @@ class PysimTransport:
                 self._out.append(byte)
             self._listening, self._idle = listening and not self._in, idle and not self._in
 
+    async def _usb_io(self, ctx):
+        """The host: enumerate, then OUT what the driver wrote, IN what the device sends.
+        The link is quiet (``_listening``) once every byte has gone out and two IN polls
+        in a row, each started while the device listened, found nothing to send."""
+        host, dut = self.host, self.dut
+        await host.enumerate(ctx, USB_ADDRESS)
+        empty = 0
+        while True:
+            sending = bool(self._in) or not ctx.get(dut.listening)
+            if self._in:
+                self._listening = self._idle = False
+                chunk = bytes(self._in[:PACKET_BYTES])
+                if await host.out(ctx, USB_ADDRESS, DATA_ENDPOINT, chunk):
+                    del self._in[:len(chunk)]
+            data = await host.in_(ctx, USB_ADDRESS, DATA_ENDPOINT)
+            self._out += data or b""
+            empty = 0 if data or sending else empty + 1
+            quiet = empty >= 2 and not self._in
+            self._listening = quiet and ctx.get(dut.listening)
+            self._idle = quiet and ctx.get(dut.idle)
+
+    @property
+    def usb_stats(self):
+        return dict(self.host.stats)
+
     def _run(self, cycles):
         self._steps += cycles
-        self._sim.run_until(self._steps * 1e-6)
+        self._sim.run_until(self._steps * self.period)
+        self.cycles = self._steps
 
     def write(self, data):
         self._in += data
+        self._listening = self._idle = False
         return len(data)
 
     def read(self, size=1):

@@ -1,0 +1,105 @@
+"""The host link over native USB: LUNA's full-speed CDC-ACM device as two byte streams.
+
+A board with a USB port wired to the FPGA (the ULX3S's US2) needs no USB-serial chip: the
+FPGA is the USB device. :class:`USBLink` is LUNA's :class:`~luna.usb2.USBSerialDevice`
+(the gateware PHY on the raw D+/D- pins on a board, a UTMI bus in simulation) with a clock
+domain crossing on each side, so the device sees the same two byte streams a UART gives
+it (:class:`~nibble.gateware.uart.UARTRx`'s ``o``, :class:`~nibble.gateware.uart.UARTTx`'s
+``i``)::
+
+    D+/D- -- GatewarePHY (usb_io, 48 MHz) -- USB device, control EP 0,       (usb, 12 MHz)
+                                            bulk OUT 4 -> AsyncFIFO --> o   (sync)
+                                            bulk IN 4  <- AsyncFIFO <-- i   (sync)
+
+The host sees ``/dev/ttyACM*`` (Linux's cdc-acm driver; macOS and Windows have theirs), and
+the driver opens it as it opens a UART: the protocol's frames are a byte stream either way.
+
+Why the two FIFOs: LUNA's device runs in the 12 MHz ``usb`` domain, the design in ``sync``.
+Flow control is USB's own: when the receive FIFO and the OUT endpoint's packet buffer are
+full the endpoint answers NAK and the host sends the packet again later; the IN endpoint
+answers NAK while it has no packet ready. (LUNA's issue #161, open, reports an OUT packet
+ACKed and dropped when its buffer fills on the packet's last byte; the host model has not
+met it: 3,000 bytes to a consumer slower than the bus, 162 NAKs, every byte delivered in
+order, ``tests/test_usb.py`` the same with 700.) A packet goes to the host when 64 bytes are
+waiting or when the transmit FIFO runs empty (``last`` on the byte that empties it): a
+reply the device writes faster than USB carries it (every reply: ``sync`` is faster than
+12 MHz) leaves in full packets and one short one.
+
+Full-speed bulk carries at most 19 packets of 64 bytes in a 1 ms frame; what the link
+carries for the protocol's frames is measured by ``sim.usb_host``'s host model
+(``tests/test_usb.py``, ``nibble bench link``).
+
+LUNA builds on Amaranth's ``Record`` (deprecated in Amaranth 0.5): its warnings are
+LUNA's.
+"""
+
+import warnings
+
+from amaranth.hdl import Module
+from amaranth.lib import stream, wiring
+from amaranth.lib.fifo import AsyncFIFO
+from amaranth.lib.wiring import In, Out
+
+__all__ = ["DATA_ENDPOINT", "PACKET_BYTES", "STATUS_ENDPOINT", "USB_PID", "USB_VID",
+           "USBLink", "usb_serial_device"]
+
+#: pid.codes' vendor ID, and its test product ID (for devices not distributed).
+USB_VID, USB_PID = 0x1209, 0x0001
+#: The bulk endpoints' packet size (the largest at full speed).
+PACKET_BYTES = 64
+#: The bulk endpoints' numbers (as LUNA's ``USBSerialDevice`` and its descriptors have
+#: them: data on 4, the serial status on 3).
+DATA_ENDPOINT, STATUS_ENDPOINT = 4, 3
+
+
+def usb_serial_device(bus):
+    """LUNA's CDC-ACM device on ``bus`` (a UTMI record or the board's ``usb`` pins)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from luna.gateware.usb.devices.acm import USBSerialDevice
+    return USBSerialDevice(bus=bus, idVendor=USB_VID, idProduct=USB_PID,
+                           manufacturer_string="nibble",
+                           product_string="nibble 4-bit training accelerator",
+                           max_packet_size=PACKET_BYTES)
+
+
+class USBLink(wiring.Component):
+    """Byte streams to and from a USB host, in the ``sync`` domain.
+
+    Ports
+    -----
+    o : Out(stream.Signature(8))
+        Bytes from the host (bulk OUT).
+    i : In(stream.Signature(8))
+        Bytes to the host (bulk IN).
+
+    Parameters
+    ----------
+    bus : the UTMI record (simulation) or the platform's ``usb`` resource (d_p, d_n,
+        pullup) for LUNA's gateware PHY, which also needs a 48 MHz ``usb_io`` domain.
+    depth : each clock-crossing FIFO's bytes.
+    """
+
+    def __init__(self, bus, depth=64):
+        self.bus, self.depth = bus, depth
+        super().__init__({"o": Out(stream.Signature(8)), "i": In(stream.Signature(8))})
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.serial = serial = usb_serial_device(self.bus)
+        m.submodules.rx_fifo = rx = AsyncFIFO(width=8, depth=self.depth,
+                                              w_domain="usb", r_domain="sync")
+        m.submodules.tx_fifo = tx = AsyncFIFO(width=8, depth=self.depth,
+                                              w_domain="sync", r_domain="usb")
+        m.d.comb += [
+            serial.connect.eq(1),
+            # host -> device: the OUT endpoint NAKs while its buffer is full
+            rx.w_data.eq(serial.rx.payload), rx.w_en.eq(serial.rx.valid),
+            serial.rx.ready.eq(rx.w_rdy),
+            self.o.payload.eq(rx.r_data), self.o.valid.eq(rx.r_rdy), rx.r_en.eq(self.o.ready),
+            # device -> host: a short packet whenever the FIFO runs empty
+            tx.w_data.eq(self.i.payload), tx.w_en.eq(self.i.valid), self.i.ready.eq(tx.w_rdy),
+            serial.tx.payload.eq(tx.r_data), serial.tx.valid.eq(tx.r_rdy),
+            serial.tx.last.eq(tx.r_level == 1), tx.r_en.eq(serial.tx.ready),
+        ]
+        return m
