@@ -8,7 +8,7 @@ SYNTH_STAMP := $(VENV)/.installed-synth
 
 .DEFAULT_GOAL := help
 .PHONY: help train test test-all lint sim serve synth bitstream flash bench-numerics \
-	bench-system bench-train bench-density clean
+	bench-system bench-train bench-density bench-link clean
 
 help:
 	@echo "nibble: 4-bit neural-network training on open FPGAs"
@@ -26,6 +26,7 @@ help:
 	@echo "  make bench-system     simulated device: speed, array utilization, link efficiency"
 	@echo "  make bench-train      Fashion-MNIST on the device: accuracy, link bytes, projections"
 	@echo "  make bench-density    nibble's PE against an FP16 PE on both FPGAs (the paper's 7.3x)"
+	@echo "  make bench-link       the native USB link on the RTL: stream rate, round trip"
 	@echo "  make clean            remove build/ (keeps .venv)"
 
 $(STAMP): pyproject.toml
@@ -82,6 +83,9 @@ bench-numerics: $(STAMP)
 
 bench-train: $(STAMP)
 	$(VENV)/bin/nibble bench train --docs docs/results.md $(ARGS)
+
+bench-link: $(STAMP)
+	$(VENV)/bin/nibble bench link --docs docs/results.md $(ARGS)
 
 bench-density: $(SYNTH_STAMP)
 	$(VENV)/bin/nibble bench density --docs docs/results.md $(ARGS)

@@ -255,6 +255,18 @@ def cmd_bench_density(args):
     return 0
 
 
+def cmd_bench_link(args):
+    from nibble.host.bench.link import bench_link
+
+    r = bench_link(out_dir=args.out, docs=args.docs,
+                   log=(lambda *a: None) if args.quiet else print)["usb"]
+    print(f"native USB: {r['stream_wire_bytes_per_second'] / 1e3:,.0f} KB/s of protocol bytes, "
+          f"a command's round trip {1e6 * r['ping_round_trip_s']:,.0f} us")
+    print(f"wrote {args.out}/link.json, link.md"
+          + (f"; updated {args.docs}" if args.docs else ""))
+    return 0
+
+
 def cmd_bench_train(args):
     from nibble.host.bench.train import bench_train
 
@@ -544,6 +556,13 @@ def build_parser():
     bd.add_argument("--docs", help="also update the generated section in this markdown file")
     bd.add_argument("--quiet", action="store_true")
     bd.set_defaults(func=cmd_bench_density)
+
+    bl = bsub.add_parser("link", help="the native USB link on the device's RTL behind a "
+                         "packet-level USB host: stream rate, a command's round trip")
+    bl.add_argument("--out", default="build/bench")
+    bl.add_argument("--docs", help="also update the generated section in this markdown file")
+    bl.add_argument("--quiet", action="store_true")
+    bl.set_defaults(func=cmd_bench_link)
 
     bt_ = bsub.add_parser("train", help="Fashion-MNIST training on the device: fp32 vs ibm4, "
                           "the simulated device vs emu://, link bytes, board projections")

@@ -216,20 +216,35 @@ def test_projection_rescales_gemms_and_names_the_bound():
     drain kept), the element-wise cycles as measured, and the bound is the resource that is
     busy longest."""
     from nibble.host.bench.train import project
+    uart = {"kind": "uart", "baud": 3_000_000}
     gemms = [(64, 784, 128, 1_000_050, 1_000_000)]     # 50 cycles of fill and drain
-    p = project(gemms, 10_000, 1, 1_000, 0.001, 8, 16, 3_000_000, 50e6, 64)
+    p = project(gemms, 10_000, 1, 1_000, 5, 0.001, 8, 16, uart, 50e6, 64)
     assert p["device_cycles_per_step"] == 8 * 8 * 784 + 50 + 10_000
     assert p["link_s"] == 1_000 * 10 / 3_000_000 and p["bound"] == "link"
-    assert project(gemms, 10_000, 1, 10, 0.0, 8, 16, 3_000_000, 50e6, 64)["bound"] == "array"
-    assert project(gemms, 10**6, 1, 10, 0.0, 8, 16, 3_000_000, 50e6, 64)["bound"] \
+    assert project(gemms, 10_000, 1, 10, 5, 0.0, 8, 16, uart, 50e6, 64)["bound"] == "array"
+    assert project(gemms, 10**6, 1, 10, 5, 0.0, 8, 16, uart, 50e6, 64)["bound"] \
         == "element-wise"
-    assert project(gemms, 0, 1, 10, 1.0, 8, 16, 3_000_000, 50e6, 64)["bound"] == "host"
-    # a projection carries its cycles: --board-only applies a new clock to it
+    assert project(gemms, 0, 1, 10, 5, 1.0, 8, 16, uart, 50e6, 64)["bound"] == "host"
+    # a projection carries its cycles: --board-only applies a new clock and link to it
     from nibble.host.bench.train import retime
-    slow = project(gemms, 10_000, 1, 1_000, 0.001, 8, 16, 3_000_000, 5e6, 64)
-    again = retime(dict(p, baud=3_000_000), 5e6, "measured fmax")
+    slow = project(gemms, 10_000, 1, 1_000, 5, 0.001, 8, 16, uart, 5e6, 64)
+    again = retime(p, 5e6, "measured fmax", uart, 0)
     assert {k: again[k] for k in slow} == slow and again["clock_mhz"] == 5.0
-    assert slow["bound"] == "array" and retime({"baud": 1}, 5e6, "x") is None
+    assert slow["bound"] == "array" and retime({"baud": 1}, 5e6, "x", uart, 0) is None
+
+
+def test_usb_link_time_is_bytes_at_the_measured_rate_and_a_round_trip_a_command():
+    """The ULX3S's USB link in a projection: wire bytes at the stream rate bench-link
+    measured, plus each command's round trip less its own bytes' time."""
+    from nibble.host.bench.train import link_seconds, link_text, project
+    usb = {"kind": "usb", "stream_wire_bytes_per_second": 1e6, "ping_round_trip_s": 50e-6,
+           "ping_wire_bytes": 16}
+    assert link_seconds(usb, 10_000, 0) == 0.01
+    assert abs(link_seconds(usb, 10_000, 20) - (0.01 + 20 * 34e-6)) < 1e-12
+    assert link_text(usb) == "USB, 1,000 KB/s measured"
+    gemms = [(64, 784, 128, 1_000_050, 1_000_000)]
+    p = project(gemms, 0, 1, 100_000, 40, 0.0, 8, 16, usb, 50e6, 64)
+    assert p["link_s"] == link_seconds(usb, 100_000, 40) and p["bound"] == "link"
 
 
 def test_a_model_the_device_cannot_hold_says_what_it_needs():

@@ -9,8 +9,12 @@
   host's share of the step time; the host-master mode's link cost;
 * projections for the boards from those measured cycles and bytes: GEMM cycles rescaled to
   each board's array (its beats from the GEMM shapes, plus the fill and drain measured on
-  the simulated device), element-wise cycles as measured, the link at the board's baud rate
-  (10 bits a byte), plus the measured host time.
+  the simulated device), element-wise cycles as measured, the link at the board's rate,
+  plus the measured host time. A UART link carries 10 bits a byte at its baud rate; the
+  ULX3S's native USB link its bytes at the rate ``nibble bench link`` measured on the
+  RTL behind a packet-level USB host, plus a round trip for each command
+  (:func:`nibble.host.bench.link.usb_link_seconds`). Each projection names its bound: the
+  resource busy longest a step (array, element-wise unit, SDRAM at its peak, link, host).
 
 Writes ``train.json`` and ``train.md`` under the output folder and, with ``docs``, the
 ``bench-train`` section of that markdown file.
@@ -26,6 +30,7 @@ from pathlib import Path
 
 from threadpoolctl import threadpool_limits
 
+from nibble.host.bench.link import usb_link_seconds
 from nibble.host.bench.system import SDRAM_PEAK_BYTES_PER_CYCLE
 from nibble.host.device.driver import Device
 from nibble.host.report import markdown_table, publish
@@ -45,10 +50,32 @@ SIZES = [784, 128, 10]
 HYPER = {"batch_size": 64, "lr": 0.02, "momentum": 0.9, "seed": 0}
 
 
-def _board_rows():
-    """(name, rows, cols, baud, clock Hz, clock note, memory bytes) per board: the clock is
+def _link(board, usb):
+    """How a projection times a board's link: a UART at its baud rate, or native USB with
+    the measured figures ``usb`` (:func:`nibble.host.bench.link.measure_usb`)."""
+    if board.link == "usb":
+        return {"kind": "usb", **{k: usb[k] for k in (
+            "stream_wire_bytes_per_second", "ping_round_trip_s", "ping_wire_bytes")}}
+    return {"kind": "uart", "baud": board.baud}
+
+
+def link_seconds(link, link_bytes, commands):
+    """A step's link time: ``link_bytes`` wire bytes and ``commands`` requests."""
+    if link["kind"] == "usb":
+        return usb_link_seconds(link, link_bytes, commands)
+    return link_bytes * 10 / link["baud"]
+
+
+def link_text(link):
+    if link["kind"] == "usb":
+        return f"USB, {link['stream_wire_bytes_per_second'] / 1e3:,.0f} KB/s measured"
+    return f"UART, {link['baud']:,} baud"
+
+
+def _board_rows(usb):
+    """(name, rows, cols, link, clock Hz, clock note, memory bytes) per board: the clock is
     the measured fmax from ``build/<board>/report.json`` (``make bitstream``) where the
-    design fits, else the board's target clock."""
+    design fits, else the board's target clock; ``link`` is :func:`_link`'s."""
     from nibble.gateware.boards import BOARDS
     from nibble.rtl.formats import word_nibbles
     from nibble.rtl.sdram import CHIPS
@@ -67,7 +94,7 @@ def _board_rows():
         room = b.mem_words + (CHIPS[b.sdram].bytes * 2 // nib if b.sdram else 0)
         fits = {m: memory_words(SIZES, HYPER["batch_size"], nib, max(b.rows, b.cols), m, 2)
                 <= room for m in ("device", "host")}
-        out.append((name, b.rows, b.cols, b.baud, hz, note, room * nib // 2, fits))
+        out.append((name, b.rows, b.cols, _link(b, usb), hz, note, room * nib // 2, fits))
     return out
 
 
@@ -123,6 +150,16 @@ def policy_costs(sim, data, sizes=SIZES, hyper=HYPER, steps=6):
     return out
 
 
+def commands_per_step(data, cfg, steps=8):
+    """The requests a training step sends (on ``emu://``, after the first step)."""
+    with Device.open("emu://") as dev:
+        session = Session(dev, head(data, 1024), cfg, 1)
+        session.run(progress=False, max_steps=1)
+        n0, s0 = dev.frames_sent, session.step
+        session.run(progress=False, max_steps=steps)
+        return (dev.frames_sent - n0) / (session.step - s0)
+
+
 def _costs(session):
     """A session's totals so far: device cycles, the output layer's, MACs, link bytes."""
     c, dev = session.mlp.counters, session.dev
@@ -131,37 +168,43 @@ def _costs(session):
             "bytes": dev.wire_sent + dev.wire_received, "steps": session.step}
 
 
-def project(gemms, vec_cycles_per_step, steps, link_bytes, host_s, rows, cols, baud, hz, batch):
-    """Steps/s and images/s on an ``rows`` x ``cols`` array at ``hz`` with a ``baud`` link.
-    ``gemms``: (m, l, n, cycles, beats) of every GEMM in ``steps`` steps (measured)."""
+def project(gemms, vec_cycles_per_step, steps, link_bytes, commands, host_s, rows, cols,
+            link, hz, batch):
+    """Steps/s and images/s on an ``rows`` x ``cols`` array at ``hz`` with ``link``
+    (:func:`_link`). ``gemms``: (m, l, n, cycles, beats) of every GEMM in ``steps`` steps
+    (measured)."""
     array = 0
     for m, l, n, cyc, beats in gemms:
         array += math.ceil(m / rows) * math.ceil(n / cols) * l + (cyc - beats)
-    return timed(array / steps, vec_cycles_per_step, link_bytes, host_s, baud, hz, batch)
+    return timed(array / steps, vec_cycles_per_step, link_bytes, commands, host_s, link, hz,
+                 batch)
 
 
-def timed(array, vec, link_bytes, host_s, baud, hz, batch):
-    """A projected step at ``hz``: ``array`` and ``vec`` device cycles, ``link_bytes`` at
-    ``baud``, ``host_s`` on the host (kept in the result, so a new clock can be applied to
-    it again: :func:`retime`)."""
+def timed(array, vec, link_bytes, commands, host_s, link, hz, batch):
+    """A projected step at ``hz``: ``array`` and ``vec`` device cycles, ``link_bytes`` and
+    ``commands`` over ``link``, ``host_s`` on the host (kept in the result, so a new clock
+    or link can be applied to it again: :func:`retime`)."""
     cycles = array + vec
-    t = cycles / hz + link_bytes * 10 / baud + host_s
+    link_s = link_seconds(link, link_bytes, commands)
+    t = cycles / hz + link_s + host_s
     return {"device_cycles_per_step": cycles, "array_cycles_per_step": array,
             "vec_cycles_per_step": vec, "link_bytes_per_step": link_bytes,
-            "compute_s": cycles / hz, "link_s": link_bytes * 10 / baud, "host_s": host_s,
+            "link_commands_per_step": commands, "link": link, "link_text": link_text(link),
+            "compute_s": cycles / hz, "link_s": link_s, "host_s": host_s,
             "step_s": t, "steps_per_second": 1 / t, "images_per_second": batch / t,
             "bound": bound({"array": array / hz, "element-wise": vec / hz,
-                            "link": link_bytes * 10 / baud, "host": host_s})}
+                            "link": link_s, "host": host_s})}
 
 
-def retime(p, hz, clock):
+def retime(p, hz, clock, link, commands):
     """Projection ``p`` (from :func:`timed`) at another clock ``hz`` (``clock`` says where
-    it comes from); None for a projection stored without its cycles (an older train.json)."""
+    it comes from) and ``link`` (``commands`` a step where ``p`` has none); None for a
+    projection stored without its cycles (an older train.json)."""
     if "array_cycles_per_step" not in p:
         return None
     q = dict(p, **timed(p["array_cycles_per_step"], p["vec_cycles_per_step"],
-                        p["link_bytes_per_step"], p["host_s"], p["baud"], hz,
-                        HYPER["batch_size"]))
+                        p["link_bytes_per_step"], p.get("link_commands_per_step", commands),
+                        p["host_s"], link, hz, HYPER["batch_size"]))
     q.update({"clock_mhz": hz / 1e6, "clock": clock})
     return q
 
@@ -231,6 +274,7 @@ def board_run(name, data, cfg, steps=3, images=4096, log=print):
             "vec_cycles_per_step": sim["per_step"]["vec"],
             "sdram_bytes_per_step": sim["per_step"]["dma_bytes"],
             "link_bytes_per_step": emu["per_step"]["link"], "batch_bytes_per_step": batch,
+            "link_commands_per_step": emu["per_step"]["commands"],
             "link_bytes_by_command": {k[5:]: v for k, v in sorted(
                 emu["per_step"].items(), key=lambda kv: -kv[1]) if k.startswith("link_")},
             "link_bytes_ratio": emu["per_step"]["link"] / batch,
@@ -287,7 +331,7 @@ def icebreaker_digits(epochs=10, log=print):
 def _board_counters(session):
     c, paged = session.mlp.counters, getattr(session.mlp.dev, "counters", {})
     return {"cycles": paged.get("cycles", 0), "gemm": c["gemm_cycles"], "vec": c["vec_cycles"],
-            "dma_bytes": paged.get("dma_bytes", 0),
+            "dma_bytes": paged.get("dma_bytes", 0), "commands": session.dev.frames_sent,
             "link": session.dev.wire_sent + session.dev.wire_received, "steps": session.step,
             **{f"link_{op}": n for op, n in session.dev.wire_by_op.items()}}
 
@@ -298,31 +342,36 @@ def bench_train(out_dir="build/bench", epochs=10, sim_seconds=600, docs=None,
     (the ULX3S and iCEBreaker configurations), projects the boards at the clocks their
     reports give now and with the memory they have now, and keeps the rest of an earlier
     run's ``train.json``."""
+    from nibble.host.bench.link import load_or_measure
+    usb = load_or_measure(out_dir, log=log)
     with threadpool_limits(limits=1, user_api="blas"):
         if board_only:
             path = Path(out_dir) / "train.json"
             if not path.exists():
                 raise FileNotFoundError(f"--board-only needs an earlier run's {path}")
             res = json.loads(path.read_text())
-            for name, *_, hz, clock, mem_bytes, fits in _board_rows():  # the boards now
+            res["link_commands_per_step"] = commands_per_step(datasets.load("fashion-mnist"),
+                                                              DeviceTrainConfig(sizes=SIZES,
+                                                                                **HYPER))
+            for name, _, _, link, hz, clock, mem_bytes, fits in _board_rows(usb):  # now
                 old = res["projections"].get(name, {})
                 if old and "array_cycles_per_step" not in old:  # from before they were kept:
                     old = dict(old, vec_cycles_per_step=res["vec_cycles_per_step"],  # as
                                link_bytes_per_step=res["link_bytes_per_step"],      # project()
                                array_cycles_per_step=old["device_cycles_per_step"]  # had them
                                - res["vec_cycles_per_step"])
-                new = retime(old, hz, clock)
+                new = retime(old, hz, clock, link, res["link_commands_per_step"])
                 if new:
                     new.update({"memory_bytes": mem_bytes, "fits_device_masters":
                                 fits["device"], "fits_host_masters": fits["host"]})
                     res["projections"][name] = new
             return _board_section(res, datasets.load("fashion-mnist"),
                                   DeviceTrainConfig(sizes=SIZES, **HYPER), Path(out_dir), docs,
-                                  log)
-        return _bench(out_dir, epochs, sim_seconds, docs, progress, log)
+                                  log, usb)
+        return _bench(out_dir, epochs, sim_seconds, docs, progress, log, usb)
 
 
-def _bench(out_dir, epochs, sim_seconds, docs, progress, log):
+def _bench(out_dir, epochs, sim_seconds, docs, progress, log, usb):
     from nibble.sim.system import DEFAULTS, build, serve
 
     data = datasets.load("fashion-mnist")
@@ -343,6 +392,7 @@ def _bench(out_dir, epochs, sim_seconds, docs, progress, log):
     with Device.open("emu://") as dev:
         e = train_on_device(dev, data, cfg, epochs, progress=progress)
     res["ibm4_test_accuracy"] = e["test_accuracy"]
+    res["link_commands_per_step"] = commands_per_step(data, cfg)
     res["ibm4_history"] = e["history"]
     log(f"the pure 4-bit scheme (one FP4 output gradient) on emu://, {epochs} epochs ...")
     pure = DeviceTrainConfig(sizes=SIZES, out_grad="fp4", **HYPER)
@@ -403,7 +453,7 @@ def _bench(out_dir, epochs, sim_seconds, docs, progress, log):
     })
     from nibble.gateware.boards import BOARDS
     proj = {}
-    for name, br, bc, baud, hz, src, mem_bytes, fits in _board_rows():
+    for name, br, bc, link, hz, src, mem_bytes, fits in _board_rows(usb):
         # a board whose element-wise unit cannot update keeps the masters on the host
         # (masters="auto"): its link and host figures are that mode's, its element-wise
         # cycles the transposes'
@@ -411,37 +461,42 @@ def _bench(out_dir, epochs, sim_seconds, docs, progress, log):
         mode = res["host_masters"] if host else res
         vec = counters["transpose_cycles" if host else "vec_cycles"] / steps
         p = project(counters["gemms"], vec, steps, mode["link_bytes_per_step"],
-                    mode["host_seconds_per_step"], br, bc, baud, hz, HYPER["batch_size"])
-        p.update({"array": f"{br}x{bc}", "baud": baud, "clock_mhz": hz / 1e6, "clock": src,
+                    res["link_commands_per_step"], mode["host_seconds_per_step"], br, bc,
+                    link, hz, HYPER["batch_size"])
+        p.update({"array": f"{br}x{bc}", "clock_mhz": hz / 1e6, "clock": src,
                   "masters": "host" if host else "device",
                   "memory_bytes": mem_bytes, "fits_device_masters": fits["device"],
                   "fits_host_masters": fits["host"]})
         proj[name] = p
     res["projections"] = proj
 
-    return _board_section(res, data, cfg, out, docs, log)
+    return _board_section(res, data, cfg, out, docs, log, usb)
 
 
-def _board_section(res, data, cfg, out, docs, log):
+def _board_section(res, data, cfg, out, docs, log, usb):
     """The ULX3S row: measured on the simulated device, projected with the measured fmax,
     the link and the host time of ``res`` (the rest of the benchmark); written with it."""
     log("the ULX3S configuration on the simulated device: the state in the SDRAM ...")
     ux = board_run("ulx3s-85f", data, cfg)
-    _, _, _, baud, hz, src, _, fits = next(r for r in _board_rows()
-                                                       if r[0] == "ulx3s-85f")
-    t = ux["device_cycles_per_step"] / hz + ux["link_bytes_per_step"] * 10 / baud \
-        + res["host_seconds_per_step"]
-    ux.update({"clock_mhz": hz / 1e6, "clock": src, "baud": baud,
-               "upload_s": ux["upload_link_bytes"] * 10 / baud,
-               "compute_s": ux["device_cycles_per_step"] / hz,
-               "link_s": ux["link_bytes_per_step"] * 10 / baud,
+    _, _, _, link, hz, src, _, fits = next(r for r in _board_rows(usb)
+                                           if r[0] == "ulx3s-85f")
+    link_s = link_seconds(link, ux["link_bytes_per_step"], ux["link_commands_per_step"])
+    t = ux["device_cycles_per_step"] / hz + link_s + res["host_seconds_per_step"]
+    ux.update({"clock_mhz": hz / 1e6, "clock": src, "link": link, "link_text": link_text(link),
+               "upload_s": link_seconds(link, ux["upload_link_bytes"], 0),
+               "compute_s": ux["device_cycles_per_step"] / hz, "link_s": link_s,
                "host_s": res["host_seconds_per_step"], "step_s": t,
                "steps_per_second": 1 / t, "images_per_second": HYPER["batch_size"] / t,
                "sdram_s": ux["sdram_bytes_per_step"] / SDRAM_PEAK_BYTES_PER_CYCLE / hz})
     ux["bound"] = bound({"array": ux["gemm_cycles_per_step"] / hz,
                          "element-wise": ux["vec_cycles_per_step"] / hz,
                          "SDRAM": ux["sdram_s"], "link": ux["link_s"], "host": ux["host_s"]})
+    # the fastest the step could be with the link and the host hidden: the SDRAM's bytes
+    # at its peak, or the device's cycles, whichever is longer
+    ux["floor_images_per_second"] = HYPER["batch_size"] / max(ux["sdram_s"], 0) \
+        if ux["sdram_s"] else None
     res["ulx3s"] = ux
+    res["ulx3s_images_per_second"] = ux["images_per_second"]
     res["ulx3s_state_fits"] = bool(fits["device"] and ux["state_in_sdram"])
     res["icebreaker_digits"] = icebreaker_digits(log=log)
     publish(out, "train", res, render(res), docs)
@@ -498,7 +553,7 @@ def render(r):
     proj = markdown_table(rows, [
         ("board", "board", "{}"), ("array", "array", "{}"), ("clock MHz", "clock_mhz", "{:g}"),
         ("clock", "clock", "{}"), ("masters", "masters", "{}"),
-        ("link baud", "baud", "{:,}"), ("cycles / step", "device_cycles_per_step", "{:,.0f}"),
+        ("link", "link_text", "{}"), ("cycles / step", "device_cycles_per_step", "{:,.0f}"),
         ("compute ms", "compute_ms", "{:.1f}"), ("link ms", "link_ms", "{:.1f}"),
         ("host ms", "host_ms", "{:.1f}"), ("host share", "host_share", "{:.2f}"),
         ("steps/s", "steps_per_second", "{:.2f}"),
@@ -524,10 +579,12 @@ def render(r):
                 ("link / batch bytes", "link_bytes_ratio", "{:.3f}"),
                 ("training set upload (once) s", "upload_s", "{:.0f}"),
                 ("clock MHz", "clock_mhz", "{:g}"), ("clock", "clock", "{}"),
-                ("compute ms", "compute_ms", "{:.1f}"),
+                ("link", "link_text", "{}"), ("compute ms", "compute_ms", "{:.1f}"),
                 ("SDRAM ms at its peak", "sdram_ms", "{:.1f}"), ("link ms", "link_ms", "{:.1f}"),
                 ("host ms", "host_ms", "{:.1f}"), ("steps/s", "steps_per_second", "{:.2f}"),
-                ("images/s", "images_per_second", "{:.0f}"), ("bound", "bound", "{}")])
+                ("images/s", "images_per_second", "{:.0f}"), ("bound", "bound", "{}"),
+                ("images/s with only the SDRAM (its peak)", "floor_images_per_second",
+                 "{:.0f}")])
         ulx += ("\nIts link bytes a step by command (emu://, wire bytes both ways): "
                 + ", ".join(f"{op} {n:,.0f}" for op, n in ux["link_bytes_by_command"].items()
                             if n) + "\n")
