@@ -75,7 +75,7 @@ from .uart import UARTRx, UARTTx, divisor_for
 from .usb import USBLink
 
 __all__ = ["BOARDS", "FAMILY_CLOCK", "Board", "BoardError", "BoardTop", "UartTop", "UsbTop",
-           "build", "flash", "pll_setting", "rebudget", "resolve"]
+           "build", "flash", "pll_setting", "rebudget", "rereport", "resolve"]
 
 
 class BoardError(RuntimeError):
@@ -466,14 +466,25 @@ def build(board, out_root="build", seed=1, progress=False, budget=True):
     finally:
         os.environ.clear()
         os.environ.update(saved)
-    seconds = time.monotonic() - t0
+    result = _placed(board, out, seed, round(time.monotonic() - t0, 1))
+    result["blocks"] = None                     # the build's report stands before the budget
+    (out / "report.json").write_text(json.dumps(result, indent=2) + "\n")
+    if budget:
+        result["blocks"] = _budget(board, platform, out, result, progress)
+        (out / "report.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _placed(board, out, seed, seconds):
+    """A placed and routed build's report (without ``blocks``): nextpnr's utilization and
+    every clock's fmax, yosys's cell counts, the bitstream."""
     report = json.loads((out / "report-nextpnr.json").read_text())
     util = report["utilization"]
 
     def used(*names):
         return sum(util[n]["used"] for n in names if n in util)
 
-    fmax = _sync_fmax(report)
+    clocks = _clocks(report, board.clk_hz / 1e6)
     luts = used("ICESTORM_LC", "TRELLIS_COMB")
     cells = _yosys_cells(out)
     result = {
@@ -487,20 +498,31 @@ def build(board, out_root="build", seed=1, progress=False, budget=True):
         "dsps": used("ICESTORM_DSP", "MULT18X18D"),
         "rams": used("ICESTORM_RAM", "DP16KD"),
         "sprams": used("ICESTORM_SPRAM"),
-        "fmax_mhz": round(fmax, 2),
+        "fmax_mhz": clocks["sync"]["fmax_mhz"],
         "target_mhz": board.clk_hz / 1e6,
+        "clocks": clocks,
         "seed": seed,
-        "seconds": round(seconds, 1),
+        "seconds": seconds,
     }
     result["fits"] = True
-    result["timing_met"] = result["fmax_mhz"] >= result["target_mhz"]
+    # every clock meets its constraint (the design's, and USB's 48 and 12 MHz)
+    result["timing_met"] = all(c["fmax_mhz"] >= c["target_mhz"] for c in clocks.values())
     bitstream = next((p for p in (out / "top.bin", out / "top.bit") if p.exists()), None)
     result["bitstream"] = str(bitstream) if bitstream else None
-    result["blocks"] = None                     # the build's report stands before the budget
-    (out / "report.json").write_text(json.dumps(result, indent=2) + "\n")
-    if budget:
-        result["blocks"] = _budget(board, platform, out, result, progress)
-        (out / "report.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def rereport(board, out_root="build"):
+    """The last build's report.json computed again from its toolchain reports (no place
+    and route), keeping its seed, build time and blocks."""
+    out = Path(out_root) / board.name
+    path = out / "report.json"
+    if not path.exists() or not (out / "report-nextpnr.json").exists():
+        raise BoardError(f"no finished build in {out}: build {board.name}'s bitstream first")
+    old = json.loads(path.read_text())
+    result = _placed(board, out, old["seed"], old["seconds"])
+    result["blocks"] = old.get("blocks")
+    path.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -594,13 +616,19 @@ def _overfull(out):
     return None
 
 
-def _sync_fmax(report):
-    """The achieved fmax of the design clock (the PLL output where there is one)."""
-    fmax = report["fmax"]
-    if len(fmax) == 1:
-        return next(iter(fmax.values()))["achieved"]
-    # several clocks: the one with the highest constraint is the PLL output
-    return max(fmax.values(), key=lambda v: v["constraint"])["achieved"]
+def _clocks(report, sync_mhz):
+    """Each constrained clock's fmax and target (MHz) from nextpnr's report: ``sync`` (the
+    design clock: the one constrained nearest ``sync_mhz``) and, on a USB board, ``usb_io``
+    (48 MHz) and ``usb`` (12 MHz), named by their constraints."""
+    nets = report["fmax"]
+    sync = min(nets, key=lambda n: abs(nets[n]["constraint"] - sync_mhz))
+    names = {sync: "sync"}
+    for net, v in nets.items():
+        if net != sync:
+            names[net] = next((name for name, hz in (("usb_io", USB_IO_HZ), ("usb", USB_HZ))
+                               if abs(v["constraint"] - hz / 1e6) < 0.01), net)
+    return {names[n]: {"fmax_mhz": round(v["achieved"], 2),
+                       "target_mhz": round(v["constraint"], 3)} for n, v in nets.items()}
 
 
 def flash(board, bitstream=None, out_root="build"):

@@ -334,6 +334,15 @@ def cmd_bitstream(args):
     board = resolve(args.board, rows=args.rows, cols=args.cols, baud=args.baud,
                     mem_words=args.words, clk_hz=args.clk and round(args.clk * 1e6),
                     link=args.link)
+    if args.report_only:
+        from nibble.gateware.boards import rereport
+        r = rereport(board, out_root=args.out)
+        if args.docs:
+            _boards_doc(args.docs, args.out)
+        print(f"{board.name}: the last build's report again: {r['luts']:,} LUTs, "
+              + ", ".join(f"{n} {c['fmax_mhz']:.2f} MHz (target {c['target_mhz']:g})"
+                          for n, c in r["clocks"].items()))
+        return 0
     if args.budget_only:
         print(f"{board.name}: measuring the last build's blocks again ...", flush=True)
         rebudget(board, out_root=args.out, progress=sys.stderr.isatty())
@@ -622,6 +631,9 @@ def build_parser():
     bt.add_argument("--no-budget", action="store_true",
                     help="skip the logic budget by block (minutes on the ULX3S; "
                          "--budget-only adds it later)")
+    bt.add_argument("--report-only", action="store_true",
+                    help="compute the last build's report.json again from its toolchain "
+                    "reports (no synthesis or place and route)")
     bt.add_argument("--budget-only", action="store_true",
                     help="measure the logic by block again for the last build's report "
                          "(no place and route)")

@@ -202,3 +202,18 @@ def test_a_block_the_tools_fail_on_costs_only_its_figures(tmp_path, monkeypatch)
     assert out["engine: range check"]["luts"] is None
     assert out["engine: walkers, fetch, writers"]["luts"] is None   # less the check
     assert out["rest"]["luts"] is None and out["array"]["luts"] == 10
+
+
+def test_every_clock_is_reported_and_must_meet_its_target():
+    """report.json's clocks: the design clock by its constraint, USB's 48 and 12 MHz by
+    theirs; a build meets timing only when every one does."""
+    from nibble.gateware.boards import _clocks
+    nets = {"fmax": {"$glbnet$clk": {"achieved": 47.61, "constraint": 45.0004},
+                     "$glbnet$usb_io": {"achieved": 61.2, "constraint": 48.0007},
+                     "$glbnet$usb": {"achieved": 110.0, "constraint": 12.0}}}
+    clocks = _clocks(nets, 45.0)
+    assert clocks == {"sync": {"fmax_mhz": 47.61, "target_mhz": 45.0},
+                      "usb_io": {"fmax_mhz": 61.2, "target_mhz": 48.001},
+                      "usb": {"fmax_mhz": 110.0, "target_mhz": 12.0}}
+    assert _clocks({"fmax": {"clk": {"achieved": 24.02, "constraint": 24.0004}}}, 24) \
+        == {"sync": {"fmax_mhz": 24.02, "target_mhz": 24.0}}

@@ -151,3 +151,15 @@ def test_driver_through_usb():
         assert stats["out_bytes"] == dev.wire_sent
         assert stats["in_bytes"] == dev.wire_received
         assert stats["frames"] >= 3
+
+
+def test_bench_link_measures_the_bus():
+    """bench-link's figures on a short run: the stream rate under the bus's 1.5 MB/s (12
+    Mbit/s carrying packets, tokens and handshakes both ways) and a command's round trip of
+    a few transactions' bit times."""
+    from nibble.host.bench.link import measure_usb
+    u = measure_usb(stream_bytes=256, pings=2, log=lambda *a: None)
+    assert 0.3e6 < u["stream_wire_bytes_per_second"] < 1.5e6
+    assert 20e-6 < u["ping_round_trip_s"] < 1e-3
+    assert u["transfers"]["read"]["payload_bytes"] == 256
+    assert u["max_response_bits"] < 16
