@@ -49,7 +49,6 @@ def measure_usb(stream_bytes=2048, pings=8, clk_hz=45_000_000, log=print):
         wb = dev.word_bytes
         data = np.random.default_rng(0).integers(0, 256, stream_bytes // wb * wb,
                                                  dtype=np.uint8).tobytes()
-        t0, w0 = _bus_seconds(dev), dev.wire_sent + dev.wire_received
         dev.ping()                              # settle the first request's polls
         t0, w0 = _bus_seconds(dev), dev.wire_sent + dev.wire_received
         for _ in range(pings):
