@@ -263,7 +263,8 @@ class UsbTop(wiring.Component):
 
 
 class BoardTop(Elaboratable):
-    """The device behind the board's UART; LED 0 shows a running GEMM."""
+    """The device behind the board's UART or its native USB port (``Board.link``), clocked
+    by the board's PLL; LED 0 shows a running GEMM."""
 
     def __init__(self, board):
         self.board = board

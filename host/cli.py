@@ -464,6 +464,13 @@ def cmd_docs(args):
     return 0
 
 
+def _bench_outputs(parser):
+    """A benchmark's output options: its folder, the doc it updates, no progress."""
+    parser.add_argument("--out", default="build/bench")
+    parser.add_argument("--docs", help="also update the generated section in this markdown file")
+    parser.add_argument("--quiet", action="store_true")
+
+
 def build_parser():
     from nibble.gateware.boards import BOARDS
     from nibble.gateware.device import SIM_DEVICE
@@ -533,9 +540,7 @@ def build_parser():
     n.add_argument("--jobs", type=_positive, default=1,
                    help="training runs at once, in worker processes (default 1; the results "
                    "do not depend on it, the step times do)")
-    n.add_argument("--out", default="build/bench")
-    n.add_argument("--docs", help="also update the generated table in this markdown file")
-    n.add_argument("--quiet", action="store_true")
+    _bench_outputs(n)
     n.set_defaults(func=cmd_bench_numerics)
 
     y = sub.add_parser("synth", help="synthesize the datapath for the FPGAs (YoWASP)")
@@ -552,25 +557,19 @@ def build_parser():
 
     bs = bsub.add_parser("system", help="full-system model: sim speed, array utilization, "
                          "link efficiency")
-    bs.add_argument("--out", default="build/bench")
-    bs.add_argument("--docs", help="also update the generated table in this markdown file")
-    bs.add_argument("--quiet", action="store_true")
+    _bench_outputs(bs)
     bs.set_defaults(func=cmd_bench_system)
 
     bd = bsub.add_parser("density", help="nibble's INT4 x FP4 PE against an FP16 PE on both "
                          "FPGAs: LUTs, DSPs, fmax, MAC/s per LUT (the paper's 7.3x)")
     bd.add_argument("--device", action="append", choices=["ecp5-85f", "ice40-up5k"],
                     help="repeatable; default: both")
-    bd.add_argument("--out", default="build/bench")
-    bd.add_argument("--docs", help="also update the generated section in this markdown file")
-    bd.add_argument("--quiet", action="store_true")
+    _bench_outputs(bd)
     bd.set_defaults(func=cmd_bench_density)
 
     bl = bsub.add_parser("link", help="the native USB link on the device's RTL behind a "
                          "packet-level USB host: stream rate, a command's round trip")
-    bl.add_argument("--out", default="build/bench")
-    bl.add_argument("--docs", help="also update the generated section in this markdown file")
-    bl.add_argument("--quiet", action="store_true")
+    _bench_outputs(bl)
     bl.set_defaults(func=cmd_bench_link)
 
     bt_ = bsub.add_parser("train", help="Fashion-MNIST training on the device: fp32 vs ibm4, "
@@ -582,9 +581,7 @@ def build_parser():
                      help="measure only the boards' configurations again (the ULX3S's, the "
                      "iCEBreaker's digits run), keeping the rest of the last run's train.json "
                      "(minutes instead of an hour)")
-    bt_.add_argument("--out", default="build/bench")
-    bt_.add_argument("--docs", help="also update the generated section in this markdown file")
-    bt_.add_argument("--quiet", action="store_true")
+    _bench_outputs(bt_)
     bt_.set_defaults(func=cmd_bench_train)
 
     sm = sub.add_parser("sim", help="the Verilator system model")

@@ -29,16 +29,15 @@ from pathlib import Path
 
 import numpy as np
 
+from nibble.gateware.pll import USB_HZ
 from nibble.host.device.driver import Device
 from nibble.host.report import markdown_table, publish
 
 __all__ = ["bench_link", "load_or_measure", "usb_link_seconds"]
 
-BUS_HZ = 12e6         # full-speed bit rate: the host model's clock
-
-
 def _bus_seconds(dev):
-    return dev.t.usb_stats["bits"] / BUS_HZ
+    """Bus time so far: the host model's clock is the full-speed bit rate."""
+    return dev.t.usb_stats["bits"] / USB_HZ
 
 
 def measure_usb(stream_bytes=2048, pings=8, clk_hz=45_000_000, log=print):
@@ -71,7 +70,7 @@ def measure_usb(stream_bytes=2048, pings=8, clk_hz=45_000_000, log=print):
         stats = dev.t.usb_stats
     wire = res["write"]["wire_bytes"] + res["read"]["wire_bytes"]
     seconds = res["write"]["seconds"] + res["read"]["seconds"]
-    return {"bus_bits_per_second": BUS_HZ, "device_clk_hz": clk_hz,
+    return {"bus_bits_per_second": USB_HZ, "device_clk_hz": clk_hz,
             "enumeration_s": enum_s, "ping_round_trip_s": ping_s,
             "ping_wire_bytes": ping_bytes, "stream_wire_bytes_per_second": wire / seconds,
             "transfers": res, "frames": stats["frames"],
