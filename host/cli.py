@@ -185,6 +185,7 @@ SYNTH_COLUMNS = [
     ("DSPs", "dsps", "{}"), ("RAMs", "rams", "{}"), ("fmax MHz", "fmax_mhz", "{:.1f}"),
     ("target MHz", "target_mhz", "{:.0f}"), ("all LUTs / PEs", "luts_per_pe", "{:.0f}"),
     ("one PE's LUTs", "pe_luts", "{}"), ("of which FP4 path", "fp4_path_luts", "{}"),
+    ("PE pair's LUTs", "pe_pair_luts", "{}"), ("its DSPs", "pe_pair_dsps", "{}"),
     ("build s", "seconds", "{:.0f}"),
 ]
 

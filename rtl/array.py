@@ -21,7 +21,7 @@ ranges and :data:`~rtl.formats.MAX_REDUCTION`.
 
 import operator
 
-from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -136,6 +136,104 @@ class PE(wiring.Component):
         return m
 
 
+#: What a PE pair's DSP multiply packs: the two rows' values ``x`` sit ``PAIR_SHIFT`` bits
+#: apart in one operand, so one product carries both rows' products, each exact in
+#: ``PAIR_SHIFT`` bits (|x * b| <= 16 * 15 < 2^8: see :func:`decode_a`).
+PAIR_SHIFT = 9
+#: The A operand of a PE pair, as it travels along the pair of rows: both rows' values packed
+#: into one multiplicand (``x0 + x1 * 2^PAIR_SHIFT``, 15 bits signed) and both shifts.
+A_PAIR = data.StructLayout({"x": signed(6 + PAIR_SHIFT), "h": data.ArrayLayout(unsigned(2), 2)})
+
+
+def decode_a(code, fp4, is_signed):
+    """An A code as ``(x, h)``, its value ``x * 64^h``: the form the PE pairs multiply.
+
+    An integer code is its value (h = 0). An FP4 code ``s eee`` is ``+-4^k``, k = eee - 1 in
+    0..6 (0 for eee = 0): ``x = +-4^(k mod 3)``, ``h = k // 3``. So |x| <= 16, and with
+    |b| <= 15 every DSP product fits :data:`PAIR_SHIFT` bits, two to a multiplier; the
+    ``64^h`` is a shift by 0, 6 or 12 after it.
+    """
+    exp, sign = code[:3], code[3]
+    mag = Array(Const(v, 5) for v in (0, 1, 4, 16, 1, 4, 16, 1))[exp]   # by eee
+    h = Array(Const(v, 2) for v in (0, 0, 0, 0, 1, 1, 1, 2))[exp]       # (eee - 1) // 3
+    return (Mux(fp4, Mux(sign, -mag, mag), _as_int5(code, is_signed)),
+            Mux(fp4, h, 0))
+
+
+class PEPair(wiring.Component):
+    """Two PEs of one column (rows 2r and 2r + 1) that share one DSP multiplier.
+
+    Both rows' A operands reach the pair in the same cycle (the array skews a row pair
+    together), packed into one multiplicand ``X = x0 + x1 * 2^9`` (:data:`A_PAIR`), so
+    ``b * X`` is both products: the low 9 bits row 2r's, the rest row 2r + 1's plus the
+    borrow of the low one (added back). An ECP5 MULT18X18D takes B's 5 bits and X's 15.
+    A PE's product is then shifted by ``6 h`` (FP4's ``64^h``: a 3-way select) into its
+    exact accumulator.
+
+    Row 2r + 1 keeps the timing of a :class:`PE` one row lower: its operands arrive a cycle
+    early, and its product waits a cycle in a register. So the array's results leave it
+    exactly as from single PEs, and the lanes see no difference.
+
+    Ports
+    -----
+    a_in : In(A_PAIR)
+        From the left: both rows' operand.
+    b_in : In(signed(5))
+        From above: the column's B value (an INT4 or UINT4 code's integer).
+    last_in : In(1)
+        With A: the last step of a tile.
+    a_out, last_out : Out
+        Registered, to the pair on the right.
+    b_out : Out(signed(5))
+        Two cycles later (the next pair is two rows down).
+    result : Out(ArrayLayout(signed(PE_ACC_BITS), 2))
+        Each row's finished tile sum in the cycle after its last product; 0 otherwise.
+    result_valid : Out(2)
+    """
+
+    def __init__(self):
+        super().__init__({
+            "a_in": In(A_PAIR), "b_in": In(signed(5)), "last_in": In(1),
+            "a_out": Out(A_PAIR), "b_out": Out(signed(5)), "last_out": Out(1),
+            "result": Out(data.ArrayLayout(signed(PE_ACC_BITS), 2)),
+            "result_valid": Out(2),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        S = PAIR_SHIFT
+        a_op, b_op, b_d, last = Signal(A_PAIR), Signal(signed(5)), Signal(signed(5)), Signal()
+        m.d.sync += [a_op.eq(self.a_in), b_op.eq(self.b_in), b_d.eq(b_op),
+                     last.eq(self.last_in)]
+        m.d.comb += [self.a_out.eq(a_op), self.b_out.eq(b_d), self.last_out.eq(last)]
+
+        # Stage 2: the multiply (a DSP block), the shifts and last beside it.
+        both = Signal(signed(5 + 6 + S))
+        h = [Signal(2, name=f"h{r}") for r in range(2)]
+        last_b = Signal()
+        m.d.sync += [both.eq(b_op * a_op.x), h[0].eq(a_op.h[0]), h[1].eq(a_op.h[1]),
+                     last_b.eq(last)]
+        # Stage 3: each row's product, unpacked and shifted by 6 h.
+        lo = both[:S].as_signed()
+        hi = both[S:].as_signed() + both[S - 1]     # floor division's borrow, given back
+        prod = [Signal(signed(PE_PRODUCT_BITS), name=f"prod{r}") for r in range(2)]
+        last_p = Signal()
+        for r, p in enumerate((lo, hi)):
+            m.d.sync += prod[r].eq(Mux(h[r][1], p << 12, Mux(h[r][0], p << 6, p)))
+        m.d.sync += last_p.eq(last_b)
+        # Row 2r + 1: one more cycle, to finish a cycle after row 2r as in the array's skew.
+        prod1, last_q = Signal.like(prod[1]), Signal()
+        m.d.sync += [prod1.eq(prod[1]), last_q.eq(last_p)]
+
+        for r, (p, lst) in enumerate(((prod[0], last_p), (prod1, last_q))):
+            acc = Signal(signed(PE_ACC_BITS), name=f"acc{r}")
+            total = Signal(signed(PE_ACC_BITS), name=f"total{r}")
+            m.d.comb += total.eq(acc + p)
+            m.d.sync += acc.eq(Mux(lst, 0, total))
+            m.d.comb += [self.result[r].eq(Mux(lst, total, 0)), self.result_valid[r].eq(lst)]
+        return m
+
+
 def array_beat_layout(rows, cols):
     """Payload of one input beat: one reduction step of a tile."""
     return data.StructLayout({
@@ -182,9 +280,9 @@ class SystolicArray(wiring.Component):
         if rows < 1 or cols < 1 or cols % rows:
             raise ValueError(f"need rows >= 1 and cols a multiple of rows, got {rows}x{cols}")
         self.rows, self.cols = rows, cols
-        # beat register (1) + skew (i) + PE operand (1) + product (2) + column bus (1)
-        # + lane bus (1); lane g's first element comes from PE(0, g).
-        self.latency = 6
+        # beat register (1) + decode (1) + skew (2 * (i // 2)) + PE operand (1) + product (2)
+        # + column bus (1) + lane bus (1); lane g's first element comes from PE(0, g).
+        self.latency = 7
         self.tile_gap = 0           # back-to-back tiles without a bubble
         super().__init__({
             "en": In(1),
@@ -214,22 +312,36 @@ class SystolicArray(wiring.Component):
             self.beat.ready.eq(en & ~early),
             take.eq(self.beat.valid & self.beat.ready),
         ]
-        a_in = Signal(data.ArrayLayout(A_OPERAND, R))
-        b_in = Signal(data.ArrayLayout(B_OPERAND, C))
+        # The input stage always moves: a beat's codes or a bubble's zeros (which decode to
+        # zero operands in every mode).
+        a_code = Signal(data.ArrayLayout(CODE_BITS, R))
+        b_code = Signal(data.ArrayLayout(CODE_BITS, C))
         last_in = Signal()
-        # The input stage always moves: a beat or a bubble.
         m.d.sync += [
-            *[a_in[i].code.eq(Mux(take, self.beat.payload.a[i], 0)) for i in range(R)],
-            *[a_in[i].fp4.eq(self.cfg.a_fp4) for i in range(R)],
-            *[a_in[i].signed.eq(self.cfg.a_signed) for i in range(R)],
-            *[b_in[j].code.eq(Mux(take, self.beat.payload.b[j], 0)) for j in range(C)],
-            *[b_in[j].signed.eq(self.cfg.b_signed) for j in range(C)],
+            *[a_code[i].eq(Mux(take, self.beat.payload.a[i], 0)) for i in range(R)],
+            *[b_code[j].eq(Mux(take, self.beat.payload.b[j], 0)) for j in range(C)],
             last_in.eq(take & self.beat.payload.last),
         ]
         with m.If(take & self.beat.payload.last):
             m.d.sync += since.eq(0)
         with m.Elif(since < C):
             m.d.sync += since.eq(since + 1)
+
+        # Decode once at the edge: each row pair's packed A operand (an odd R's last pair has
+        # a row of zeros), each column's B value.
+        P = (R + 1) // 2
+        cfg = self.cfg
+        a_pair = Signal(data.ArrayLayout(A_PAIR, P))
+        b_val = Signal(data.ArrayLayout(signed(5), C))
+        last_dec = Signal()
+        for r in range(P):
+            (x0, h0), (x1, h1) = [decode_a(a_code[i], cfg.a_fp4, cfg.a_signed) if i < R
+                                  else (Const(0, signed(6)), Const(0, 2))
+                                  for i in (2 * r, 2 * r + 1)]
+            m.d.sync += [a_pair[r].x.eq(x0 + (x1 << PAIR_SHIFT)),
+                         a_pair[r].h[0].eq(h0), a_pair[r].h[1].eq(h1)]
+        m.d.sync += [*[b_val[j].eq(_as_int5(b_code[j], cfg.b_signed)) for j in range(C)],
+                     last_dec.eq(last_in)]
 
         def delay(sig, n, name):
             for k in range(n):
@@ -238,24 +350,25 @@ class SystolicArray(wiring.Component):
                 sig = nxt
             return sig
 
-        pes = [[PE() for _ in range(C)] for _ in range(R)]
-        for i in range(R):
+        # Pair r sees step k in cycle k + 2r + j: row 2r on time, row 2r + 1 a cycle early
+        # (the pair delays its product a cycle instead).
+        pairs = [[PEPair() for _ in range(C)] for _ in range(P)]
+        for r in range(P):
             for j in range(C):
-                pe = pes[i][j]
-                m.submodules[f"pe_{i}_{j}"] = pe
-                m.d.comb += pe.en.eq(1)
+                pe = pairs[r][j]
+                m.submodules[f"pe_{2 * r}_{j}"] = pe
                 if j == 0:
-                    m.d.comb += [
-                        pe.a_in.eq(delay(a_in[i], i, f"a{i}")),
-                        pe.last_in.eq(delay(last_in, i, f"last{i}")),
-                    ]
+                    m.d.comb += [pe.a_in.eq(delay(a_pair[r], 2 * r, f"a{r}")),
+                                 pe.last_in.eq(delay(last_dec, 2 * r, f"last{r}"))]
                 else:
-                    m.d.comb += [pe.a_in.eq(pes[i][j - 1].a_out),
-                                 pe.last_in.eq(pes[i][j - 1].last_out)]
-                if i == 0:
-                    m.d.comb += pe.b_in.eq(delay(b_in[j], j, f"b{j}"))
+                    m.d.comb += [pe.a_in.eq(pairs[r][j - 1].a_out),
+                                 pe.last_in.eq(pairs[r][j - 1].last_out)]
+                if r == 0:
+                    m.d.comb += pe.b_in.eq(delay(b_val[j], j, f"b{j}"))
                 else:
-                    m.d.comb += pe.b_in.eq(pes[i - 1][j].b_out)
+                    m.d.comb += pe.b_in.eq(pairs[r - 1][j].b_out)
+        results = [[pairs[i // 2][j].result[i % 2] for j in range(C)] for i in range(R)]
+        valids = [[pairs[i // 2][j].result_valid[i % 2] for j in range(C)] for i in range(R)]
 
         # Column buses (registered), then lane buses (registered): plain ORs, because at
         # most one PE on a bus publishes a nonzero result in any cycle.
@@ -264,8 +377,8 @@ class SystolicArray(wiring.Component):
         # The buses always move.
         for j in range(C):
             m.d.sync += [
-                col_data[j].eq(_or_tree([pes[i][j].result for i in range(R)])),
-                col_valid[j].eq(_or_tree([pes[i][j].result_valid for i in range(R)])),
+                col_data[j].eq(_or_tree([results[i][j] for i in range(R)])),
+                col_valid[j].eq(_or_tree([valids[i][j] for i in range(R)])),
             ]
         for g in range(R):
             m.d.sync += [

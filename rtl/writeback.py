@@ -23,7 +23,7 @@ request per column group (R codes in one word), one word in flight and one prefe
 mask readers share one read port the same way.
 """
 
-from amaranth.hdl import Cat, Module, Mux, Signal
+from amaranth.hdl import Cat, Const, Module, Mux, Signal
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -60,7 +60,10 @@ class LaneWalker(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         R, g, cfg = self.rows, self.lane, self.cfg
-        first = cfg.base + cfg.stride * g
+        # stride * g as shifts and adds: a constant factor still becomes a DSP block in
+        # yosys' ECP5 flow, and the array's PE pairs need those.
+        first = cfg.base + sum((cfg.stride << k for k in range(g.bit_length()) if g >> k & 1),
+                               Const(0, 1))
         with m.If(self.launch):
             m.d.sync += [self.col.eq(g), self.r0.eq(0), self.i.eq(0), self.active.eq(1),
                          self.row_addr.eq(first)]
