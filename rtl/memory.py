@@ -40,7 +40,7 @@ Stream adapters
     for a cycle of latency (both ways, or the forward one).
 """
 
-from amaranth.hdl import Const, Module, Mux, Signal, unsigned
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, unsigned
 from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -199,10 +199,14 @@ class TensorArbiter(wiring.Component):
 class Reader(wiring.Component):
     """Read requests in (``addr`` and a ``tag``), words out (``data`` and the same ``tag``).
 
-    One request is in flight at a time per output slot: a request is issued when the output
-    slot is free or being emptied, so at full speed (the consumer always ready) the reader
-    takes one request per cycle, and its words come out one cycle later, as from the port
-    itself.
+    A word is out one cycle after its request was taken, as from the port itself, and at
+    full speed (the consumer always ready) the reader takes one request a cycle. Whether it
+    may issue a request is decided from its own registers, never from the consumer's
+    ``ready`` of the same cycle: when the consumer stalls, the word on the port moves into
+    a skid register as the next read is taken, and no request goes out while that register
+    is full. (Issuing on ``o.ready`` put the whole consumer, the systolic array's input
+    handshake for the engine's operand reads, in front of every block RAM's address: the
+    ULX3S's critical path at 45.6 MHz.)
     """
 
     def __init__(self, addr_width, nibbles, tag_shape):
@@ -216,18 +220,31 @@ class Reader(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        free = Signal()
+        held = Signal()                  # port.data is a word not yet handed out
+        held_tag = Signal.like(self.i.payload.tag)
+        skid = Signal(self.word)
+        skid_valid = Signal()
+        take = Signal()
+        out = Signal()
         m.d.comb += [
-            free.eq(~self.o.valid | self.o.ready),
             self.port.addr.eq(self.i.payload.addr),
-            self.port.en.eq(self.i.valid & free),
-            self.i.ready.eq(self.port.ready & free),
-            self.o.payload.data.eq(self.port.data),
+            self.port.en.eq(self.i.valid & ~skid_valid),
+            self.i.ready.eq(self.port.ready & ~skid_valid),
+            take.eq(self.i.valid & self.i.ready),
+            self.o.valid.eq(skid_valid | held),
+            self.o.payload.eq(Mux(skid_valid, skid, Cat(self.port.data, held_tag))),
+            out.eq(self.o.valid & self.o.ready),
         ]
-        with m.If(self.i.valid & self.i.ready):
-            m.d.sync += [self.o.valid.eq(1), self.o.payload.tag.eq(self.i.payload.tag)]
-        with m.Elif(self.o.ready):
-            m.d.sync += self.o.valid.eq(0)
+        with m.If(take):
+            m.d.sync += [held.eq(1), held_tag.eq(self.i.payload.tag)]
+            with m.If(held & ~(out & ~skid_valid)):   # the word on the port is not taken
+                m.d.sync += [skid.data.eq(self.port.data), skid.tag.eq(held_tag),
+                             skid_valid.eq(1)]
+        with m.Elif(out):
+            with m.If(skid_valid):
+                m.d.sync += skid_valid.eq(0)
+            with m.Else():
+                m.d.sync += held.eq(0)
         return m
 
 

@@ -208,3 +208,77 @@ def test_register_stages_pass_every_transfer_in_order(kind, p_in, p_out):
     assert got == sent == [(k * 7919) & 0xFFFF for k in range(n)]
     if p_in == p_out == 1.0:
         assert cycles == list(range(1, n + 1))
+
+
+class _ReaderOnRam(wiring.Component):
+    """A Reader on a block RAM read port that grants only when ``grant`` is high."""
+
+    def __init__(self, contents, nibbles=4):
+        from nibble.rtl.memory import Reader
+        self.contents = contents
+        self.reader = Reader((len(contents) - 1).bit_length(), nibbles, 8)
+        from amaranth.lib import stream
+        super().__init__({"i": wiring.In(stream.Signature(self.reader.request)),
+                          "o": wiring.Out(stream.Signature(self.reader.word)),
+                          "grant": wiring.In(1)})
+
+    def elaborate(self, platform):
+        from amaranth.hdl import unsigned
+        from amaranth.lib import memory
+        m = Module()
+        m.submodules.reader = r = self.reader
+        m.submodules.mem = mem = memory.Memory(shape=unsigned(16), depth=len(self.contents),
+                                               init=[int(v) for v in self.contents])
+        rd = mem.read_port()
+        wiring.connect(m, wiring.flipped(self.i), r.i)
+        wiring.connect(m, r.o, wiring.flipped(self.o))
+        m.d.comb += [r.port.ready.eq(self.grant), rd.addr.eq(r.port.addr),
+                     rd.en.eq(r.port.en & self.grant), r.port.data.eq(rd.data)]
+        return m
+
+
+@pytest.mark.parametrize("p_in, p_out, p_grant", [(1.0, 1.0, 1.0), (0.8, 0.4, 0.7),
+                                                  (0.5, 0.9, 1.0), (1.0, 0.2, 0.5)])
+def test_reader_hands_out_every_word_in_order_and_never_waits_on_its_consumer(
+        p_in, p_out, p_grant):
+    """Random requests, grants and consumer stalls: every word once, in order, with its tag.
+    The reader issues from its own state: with the consumer stalled it takes at most one
+    read beyond the word it holds (into its skid register), and at full speed one a cycle,
+    each word a cycle after its request."""
+    rng = np.random.default_rng(int(100 * p_in + 10 * p_out + p_grant))
+    contents = rng.integers(0, 1 << 16, 32)
+    dut = _ReaderOnRam(contents)
+    reqs = [(int(a), k & 0xFF) for k, a in enumerate(rng.integers(0, 32, 300))]
+    got, taken_while_stalled, cycles = [], [], []
+
+    async def tb(ctx):
+        k = t = 0
+        stall_run = 0
+        while len(got) < len(reqs):
+            offer = k < len(reqs) and rng.random() < p_in
+            ready = rng.random() < p_out
+            ctx.set(dut.i.valid, offer)
+            if k < len(reqs):
+                ctx.set(dut.i.payload, {"addr": reqs[k][0], "tag": reqs[k][1]})
+            ctx.set(dut.o.ready, ready)
+            ctx.set(dut.grant, rng.random() < p_grant)
+            await ctx.delay(1e-7)
+            if offer and ctx.get(dut.i.ready):
+                k += 1
+                stall_run += 1
+            if ctx.get(dut.o.valid) and ready:
+                got.append((ctx.get(dut.o.payload.data), ctx.get(dut.o.payload.tag)))
+                cycles.append(t)
+                stall_run = 0
+            taken_while_stalled.append(stall_run)
+            await ctx.tick()
+            t += 1
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-6)
+    sim.add_testbench(tb)
+    sim.run()
+    assert got == [(int(contents[a]), tag) for a, tag in reqs]
+    assert max(taken_while_stalled) <= 2 + (p_out == 1.0) * len(reqs)
+    if p_in == p_out == p_grant == 1.0:
+        assert cycles == list(range(1, len(reqs) + 1))
