@@ -7,7 +7,7 @@ A board top is :class:`gateware.device.Device` behind an 8N1 UART on the board's
 board         FPGA                array  words  clock        link        memory
 ============  ==================  =====  =====  ===========  ==========  ===============
 icebreaker    iCE40UP5K-SG48      1x8    32768  24 MHz PLL   12 Mbaud    SPRAM, 128 KB
-ulx3s-85f     ECP5 LFE5U-85F      8x16   16384  45 MHz PLL   3 Mbaud     EBR, 128 KB;
+ulx3s-85f     ECP5 LFE5U-85F      8x32   8192   48 MHz PLL   USB         EBR, 128 KB;
                                                                          SDRAM 32 MB
 ============  ==================  =====  =====  ===========  ==========  ===============
 
@@ -117,7 +117,7 @@ BOARDS = {
                         pll="ice40", synth_opts="-dsp -dff", cable=("-b", "ice40_generic"),
                         vec_ops=0, memory="spram", dsp_pes=6, ddr_rx=True),
     "ulx3s-85f": Board("ulx3s-85f", "amaranth_boards.ulx3s:ULX3S_85F_Platform",
-                       rows=8, cols=16, mem_words=16384, baud=3_000_000, clk_hz=45_000_000,
+                       rows=8, cols=32, mem_words=8192, baud=3_000_000, clk_hz=48_000_000,
                        pll="ecp5", sdram="is42s16160", nextpnr_opts=("--router", "router2"),
                        cable=("-b", "ulx3s"), seed=3, link="usb"),
 }
@@ -135,11 +135,28 @@ def _family(platform):
 
 
 def pll_setting(board, fin):
-    """The board's PLL setting for its ``clk_hz`` from an oscillator of ``fin`` Hz (with
-    USB's two clocks beside it for a USB link)."""
-    if board.pll == "ice40":
-        return ice40_pll(fin, board.clk_hz)
-    return ecp5_pll(fin, board.clk_hz, usb=board.link == "usb")
+    """The board's PLL setting for its ``clk_hz`` from an oscillator of ``fin`` Hz: with
+    USB's two clocks beside it for a USB link, at a clock that divides to the baud rate
+    for a UART within 1 % (the ULX3S's 48 MHz is 45 MHz on its UART: 46.875 and 45.83 MHz
+    make 3 Mbaud 2.3 and 1.9 % off)."""
+    def baud_ok(hz):             # a divisor within 1 % (divisor_for refuses beyond 2 %)
+        try:
+            div = divisor_for(float(hz), board.baud, board.ddr_rx)
+        except ValueError:
+            return False
+        return abs(hz / div - board.baud) <= 0.01 * board.baud
+    def search(accept):
+        if board.pll == "ice40":
+            return ice40_pll(fin, board.clk_hz, accept)
+        return ecp5_pll(fin, board.clk_hz, usb=board.link == "usb", accept=accept)
+    if board.link != "uart":
+        return search(None)
+    try:
+        return search(baud_ok)
+    except PllError:
+        search(None)                      # (no clock at all: that error)
+        raise PllError(f"no PLL clock at or below {board.clk_hz / 1e6:g} MHz divides to "
+                       f"{board.baud:,} baud within 1%") from None
 
 
 def resolve(name, rows=None, cols=None, baud=None, mem_words=None, clk_hz=None, link=None):
@@ -298,12 +315,16 @@ class BoardTop(Elaboratable):
                                             usb_io=usb_io, usb=usb))
             # hold the design in reset until the PLL locks
             m.d.comb += [ClockSignal("sync").eq(clk), ResetSignal("sync").eq(~lock)]
-            platform.add_clock_constraint(clk, b.clk_hz)
+            if not getattr(setting, "clk_on_usb_io", False):
+                platform.add_clock_constraint(clk, b.clk_hz)
+            # (else nextpnr derives 48 MHz from the oscillator's constraint through the
+            # PLL: the net the design clock and usb_io share takes neither signal's name)
             if b.link == "usb":
                 for name, sig, hz in (("usb_io", usb_io, USB_IO_HZ), ("usb", usb, USB_HZ)):
                     m.domains += ClockDomain(name)
                     m.d.comb += [ClockSignal(name).eq(sig), ResetSignal(name).eq(~lock)]
-                    platform.add_clock_constraint(sig, hz)
+                    if not (name == "usb_io" and setting.clk_on_usb_io):
+                        platform.add_clock_constraint(sig, hz)
         chip = CHIPS[b.sdram] if b.sdram else None
         if b.link == "usb":
             m.submodules.top = top = UsbTop(platform.request("usb", 0), b.rows, b.cols,
@@ -628,8 +649,11 @@ def _clocks(report, sync_mhz):
         if net != sync:
             names[net] = next((name for name, hz in (("usb_io", USB_IO_HZ), ("usb", USB_HZ))
                                if abs(v["constraint"] - hz / 1e6) < 0.01), net)
-    return {names[n]: {"fmax_mhz": round(v["achieved"], 2),
-                       "target_mhz": round(v["constraint"], 3)} for n, v in nets.items()}
+    clocks = {names[n]: {"fmax_mhz": round(v["achieved"], 2),
+                         "target_mhz": round(v["constraint"], 3)} for n, v in nets.items()}
+    if "usb" in clocks and "usb_io" not in clocks and abs(sync_mhz - USB_IO_HZ / 1e6) < 0.01:
+        clocks["usb_io"] = clocks["sync"]       # the design clock is usb_io's 48 MHz net
+    return clocks
 
 
 def flash(board, bitstream=None, out_root="build"):

@@ -15,12 +15,16 @@ documented ranges, the way the vendors' ``icepll`` and ``ecppll`` do:
   ``usb``, the VCO must also divide to exactly 48 MHz (CLKOS2, LUNA's ``usb_io``) and
   12 MHz (CLKOS3, its ``usb``): USB's bit rate allows 0.25 %, and one VCO keeps all four
   outputs in step. From the ULX3S's 25 MHz that is 45 MHz at 720 MHz, or 60 MHz: no
-  design clock between has a VCO that 48 MHz divides (CLKOP feedback).
+  design clock between has a VCO that 48 MHz divides (CLKOP feedback). So for a target
+  from 48 MHz to below 60 the design runs on the 48 MHz clock itself (``clk_on_usb_io``):
+  CLKOS2 drives both the design and ``usb_io``, CLKOS is it 90 degrees later, and CLKOP
+  (45 MHz at a 720 MHz VCO) only closes the loop.
 
 The parameters reproduce the hand-derived ones the iCEBreaker (12 -> 36 MHz, now 24) and
 ULX3S (25 -> 45 MHz) builds used.
 """
 
+import dataclasses
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -53,10 +57,12 @@ class Ecp5Setting:
     hz: float
     usb_io_div: int | None = None   # CLKOS2: 48 MHz (with ``usb``)
     usb_div: int | None = None      # CLKOS3: 12 MHz
+    clk_on_usb_io: bool = False     # the design clock is CLKOS2's 48 MHz; CLKOP only feeds back
 
 
-def ice40_pll(fin, target):
-    """The SB_PLL40 setting with the highest output at or below ``target`` Hz."""
+def ice40_pll(fin, target, accept=None):
+    """The SB_PLL40 setting with the highest output at or below ``target`` Hz (that
+    ``accept(hz)`` takes, if given)."""
     best = None
     for divr in range(16):
         pfd = fin / (divr + 1)
@@ -68,7 +74,8 @@ def ice40_pll(fin, target):
                 continue
             for divq in range(1, 7):
                 f = vco / (1 << divq)
-                if 16e6 <= f <= target and (best is None or f > best.hz):
+                if 16e6 <= f <= target and (best is None or f > best.hz) \
+                        and (accept is None or accept(f)):
                     rng = next(i for i, top in enumerate((17e6, 26e6, 44e6, 66e6, 101e6,
                                                           float("inf")), 1) if pfd < top)
                     best = Ice40Setting(divr, divf, divq, rng, f)
@@ -78,34 +85,52 @@ def ice40_pll(fin, target):
     return best
 
 
-def ecp5_pll(fin, target, usb=False):
-    """The EHXPLLL setting with the highest output at or below ``target`` Hz; with ``usb``
-    one whose VCO also makes 48 and 12 MHz exactly."""
+def ecp5_pll(fin, target, usb=False, accept=None):
+    """The EHXPLLL setting with the highest output at or below ``target`` Hz (that
+    ``accept(hz)`` takes, if given); with ``usb`` one whose VCO also makes 48 and 12 MHz
+    exactly (the design clock may be that 48 MHz)."""
     best = None
+    for clki, fb, f, divs in _ecp5_loops(fin, usb):
+        if f <= target and (best is None or f > best.hz) and (accept is None or accept(f)):
+            best = _ecp5_setting(clki, fb, f, divs, usb)
+    if usb and USB_IO_HZ <= target and (best is None or best.hz < USB_IO_HZ) \
+            and (accept is None or accept(USB_IO_HZ)):
+        # the design on CLKOS2's 48 MHz, CLKOP (any frequency) closing the loop
+        # (the VCO nearest 600 MHz, then the loop nearest 48 MHz)
+        clki, fb, f, divs = min(_ecp5_loops(fin, usb), key=lambda c: (
+            min(abs(c[2] * d - 600_000_000) for d in c[3]), abs(c[2] - USB_IO_HZ)))
+        best = dataclasses.replace(_ecp5_setting(clki, fb, f, divs, usb), hz=float(USB_IO_HZ),
+                                   clk_on_usb_io=True)
+    if best is None:
+        raise PllError(f"no ECP5 PLL setting from {fin / 1e6:g} MHz reaches a clock at or "
+                       f"below {target / 1e6:g} MHz" + (" beside USB's 48 and 12 MHz"
+                                                         if usb else ""))
+    return best
+
+
+def _ecp5_loops(fin, usb):
+    """Every (CLKI_DIV, CLKFB_DIV, CLKOP frequency, usable CLKOP_DIVs) of the CLKOP loop."""
     for clki in range(1, 129):
         pfd = Fraction(int(fin), clki)
         if pfd < Fraction(3_125_000):
             break
         for fb in range(1, 81):
             f = pfd * fb
-            if f > target or f < 3_125_000:
+            if f < 3_125_000:
                 continue
             divs = [d for d in range(1, 129) if 400e6 <= f * d <= 800e6]
             if usb:
                 divs = [d for d in divs if (f * d / USB_IO_HZ).denominator == 1
                         and f * d / USB_HZ <= 128]
-            if divs and (best is None or f > best.hz):
-                op = min(divs, key=lambda d: abs(f * d - 600_000_000))
-                extra = {}
-                if usb:
-                    extra = {"usb_io_div": int(f * op / USB_IO_HZ),
-                             "usb_div": int(f * op / USB_HZ)}
-                best = Ecp5Setting(clki, fb, op, float(f), **extra)
-    if best is None:
-        raise PllError(f"no ECP5 PLL setting from {fin / 1e6:g} MHz reaches a clock at or "
-                       f"below {target / 1e6:g} MHz" + (" beside USB's 48 and 12 MHz"
-                                                         if usb else ""))
-    return best
+            if divs:
+                yield clki, fb, f, divs
+
+
+def _ecp5_setting(clki, fb, f, divs, usb):
+    op = min(divs, key=lambda d: abs(f * d - 600_000_000))
+    extra = {"usb_io_div": int(f * op / USB_IO_HZ), "usb_div": int(f * op / USB_HZ)} \
+        if usb else {}
+    return Ecp5Setting(clki, fb, op, float(f), **extra)
 
 
 class Ice40Pll(Elaboratable):
@@ -139,29 +164,38 @@ class Ecp5Pll(Elaboratable):
     def elaborate(self, platform):
         m = Module()
         s = self.s
-        cphase = (s.clkop_div - 1) // 2
-        quarter = 2 * s.clkop_div                     # a quarter cycle in eighth VCO steps
+        # The design clock's output: CLKOP, or CLKOS2 (48 MHz, also ``usb_io``) with CLKOP
+        # left to feed the loop back.
+        div = s.usb_io_div if s.clk_on_usb_io else s.clkop_div
+        cphase = s.usb_io_div - 1 if s.clk_on_usb_io else (s.clkop_div - 1) // 2
+        quarter = 2 * div                             # a quarter cycle in eighth VCO steps
+        feedback = Signal() if s.clk_on_usb_io else self.clk
         usb = {}
         if s.usb_div:
             usb = dict(p_CLKOS2_ENABLE="ENABLED", p_CLKOS2_DIV=s.usb_io_div,
                        p_CLKOS2_CPHASE=s.usb_io_div - 1, p_CLKOS2_FPHASE=0,
                        p_CLKOS3_ENABLE="ENABLED", p_CLKOS3_DIV=s.usb_div,
                        p_CLKOS3_CPHASE=s.usb_div - 1, p_CLKOS3_FPHASE=0,
-                       o_CLKOS2=self.usb_io, o_CLKOS3=self.usb)
+                       o_CLKOS2=self.clk if s.clk_on_usb_io else self.usb_io,
+                       o_CLKOS3=self.usb)
+        if s.clk_on_usb_io:
+            m.d.comb += self.usb_io.eq(self.clk)
         m.submodules.pll = Instance(
             "EHXPLLL",
-            a_FREQUENCY_PIN_CLKI=f"{self.fin / 1e6:g}", a_FREQUENCY_PIN_CLKOP=f"{s.hz / 1e6:g}",
+            a_FREQUENCY_PIN_CLKI=f"{self.fin / 1e6:g}",
+            a_FREQUENCY_PIN_CLKOP=f"{self.fin * s.clkfb_div / s.clki_div / 1e6:g}",
             a_ICP_CURRENT="12",
             a_LPF_RESISTOR="8", a_MFG_ENABLE_FILTEROPAMP="1", a_MFG_GMCREF_SEL="2",
             p_PLLRST_ENA="DISABLED", p_INTFB_WAKE="DISABLED", p_STDBY_ENABLE="DISABLED",
             p_DPHASE_SOURCE="DISABLED", p_OUTDIVIDER_MUXA="DIVA", p_OUTDIVIDER_MUXB="DIVB",
             p_OUTDIVIDER_MUXC="DIVC", p_OUTDIVIDER_MUXD="DIVD", p_CLKI_DIV=s.clki_div,
-            p_CLKOP_ENABLE="ENABLED", p_CLKOP_DIV=s.clkop_div, p_CLKOP_CPHASE=cphase,
-            p_CLKOP_FPHASE=0, p_CLKOS_ENABLE="ENABLED", p_CLKOS_DIV=s.clkop_div,
+            p_CLKOP_ENABLE="ENABLED", p_CLKOP_DIV=s.clkop_div,
+            p_CLKOP_CPHASE=(s.clkop_div - 1) // 2,
+            p_CLKOP_FPHASE=0, p_CLKOS_ENABLE="ENABLED", p_CLKOS_DIV=div,
             p_CLKOS_CPHASE=cphase + quarter // 8, p_CLKOS_FPHASE=quarter % 8,
             p_FEEDBK_PATH="CLKOP", p_CLKFB_DIV=s.clkfb_div,
-            i_RST=0, i_STDBY=0, i_CLKI=self.clkin, i_CLKFB=self.clk,
+            i_RST=0, i_STDBY=0, i_CLKI=self.clkin, i_CLKFB=feedback,
             i_PHASESEL0=0, i_PHASESEL1=0, i_PHASEDIR=1, i_PHASESTEP=1, i_PHASELOADREG=1,
             i_PLLWAKESYNC=0, i_ENCLKOP=0, i_ENCLKOS=0, i_ENCLKOS2=0, i_ENCLKOS3=0,
-            o_CLKOP=self.clk, o_CLKOS=self.clk90, o_LOCK=self.lock, **usb)
+            o_CLKOP=feedback, o_CLKOS=self.clk90, o_LOCK=self.lock, **usb)
         return m

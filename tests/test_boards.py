@@ -46,6 +46,11 @@ def test_the_link_is_a_build_option():
     assert _configuration(BOARDS["ulx3s-85f"])["baud"] is None
     uart = resolve("ulx3s-85f", link="uart")
     assert uart.link == "uart" and _configuration(uart)["baud"] == 3_000_000
+    # the UART's clock divides to its baud rate: 45 MHz, not the 46.875 or 45.83 nearer 48
+    assert (BOARDS["ulx3s-85f"].clk_hz, uart.clk_hz) == (48_000_000, 45_000_000)
+    with pytest.raises(BoardError, match="no PLL clock at or below 24 MHz divides to "
+                                         "13,000,000 baud within 1%"):
+        resolve("icebreaker", baud=13_000_000)
     plan = uart.make_platform().prepare(BoardTop(uart), name="top")
     assert 'LOCATE COMP "uart_0__' in plan.files["top.lpf"]
     assert 'LOCATE COMP "usb_0__' not in plan.files["top.lpf"]
@@ -174,7 +179,7 @@ def test_a_report_describes_the_configuration_it_measured():
     ice, ulx = _configuration(BOARDS["icebreaker"]), _configuration(BOARDS["ulx3s-85f"])
     assert (ice["macs_per_cycle"], ice["dsp_pes"], ice["memory"], ice["tensor_memory_bytes"]) \
         == (8, 6, "spram", 32768 * 4)
-    assert (ulx["macs_per_cycle"], ulx["memory"], ulx["sdram_bytes"]) == (128, "bram", 32 << 20)
+    assert (ulx["macs_per_cycle"], ulx["memory"], ulx["sdram_bytes"]) == (256, "bram", 32 << 20)
     assert ulx["tensor_memory_bytes"] == 16384 * 8 + (32 << 20)
 
 
@@ -217,3 +222,8 @@ def test_every_clock_is_reported_and_must_meet_its_target():
                       "usb": {"fmax_mhz": 110.0, "target_mhz": 12.0}}
     assert _clocks({"fmax": {"clk": {"achieved": 24.02, "constraint": 24.0004}}}, 24) \
         == {"sync": {"fmax_mhz": 24.02, "target_mhz": 24.0}}
+    # a design on usb_io's 48 MHz net: one constraint, reported for both
+    one = {"fmax": {"$glbnet$clk": {"achieved": 49.1, "constraint": 48.0007},
+                    "$glbnet$usb": {"achieved": 110.0, "constraint": 12.0}}}
+    clocks = _clocks(one, 48.0)
+    assert clocks["sync"] == clocks["usb_io"] == {"fmax_mhz": 49.1, "target_mhz": 48.001}

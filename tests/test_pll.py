@@ -26,17 +26,22 @@ def test_settings_are_in_range_and_the_best_below_the_target(fin, target):
     assert e.hz == fin / e.clki_div * e.clkfb_div <= target and e.hz >= 0.9 * target
 
 
-@pytest.mark.parametrize("target", [30e6, 45e6, 50e6, 60e6, 75e6])
+@pytest.mark.parametrize("target", [30e6, 45e6, 47e6, 48e6, 50e6, 60e6, 75e6])
 def test_usb_settings_make_48_and_12_mhz_exactly(target):
     """With USB beside the design clock, one VCO divides to all three: LUNA's 48 and 12 MHz
     exactly (USB allows 0.25 %), the design clock the highest that allows at or below the
-    target (from the ULX3S's 25 MHz: 45 MHz, then 60)."""
+    target. From the ULX3S's 25 MHz the CLKOP loop gives 45 MHz, then 60; from 48 to below
+    60 the design runs on the 48 MHz output itself and CLKOP only closes the loop."""
     s = ecp5_pll(25e6, target, usb=True)
-    vco = s.hz * s.clkop_div
+    loop = 25e6 / s.clki_div * s.clkfb_div           # CLKOP
+    vco = loop * s.clkop_div
     assert 400e6 <= vco <= 800e6 and s.hz <= target
     assert vco / s.usb_io_div == 48e6 and vco / s.usb_div == 12e6
     assert s.usb_div <= 128 and 25e6 / s.clki_div >= 3.125e6
-    assert s.hz == {30e6: 30e6, 45e6: 45e6, 50e6: 45e6, 60e6: 60e6, 75e6: 60e6}[target]
+    assert s.hz == {30e6: 30e6, 45e6: 45e6, 47e6: 45e6, 48e6: 48e6, 50e6: 48e6, 60e6: 60e6,
+                    75e6: 60e6}[target]
+    assert s.clk_on_usb_io == (s.hz == 48e6)
+    assert s.clk_on_usb_io or loop == s.hz
 
 
 def test_unreachable_clocks_are_one_clear_error():
