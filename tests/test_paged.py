@@ -106,3 +106,27 @@ def test_overlapped_parts_never_share_a_written_burst(pair):
     assert paged.read(0, 8000) == big.read(0, 8000)
     parts, overlap = paged._parts("vector", cfg)
     assert overlap and len(parts) > 1 and paged._apart("vector", parts)
+
+
+@pytest.mark.parametrize("m", [16, 5])
+def test_an_output_written_whole_is_stored_not_loaded(pair, m):
+    """A GEMM's output rows that fill whole words (16 INT4 codes: two words of 8 nibbles)
+    are only written: the paging stores them and does not load them first. Rows that end
+    inside a word (5 codes) keep the rest of that word, so they are loaded as before; either
+    way the memory ends as on the big device (the split-command and training tests)."""
+    paged, _ = pair
+    rng = np.random.default_rng(m)
+    gemm = Gemm(rng.integers(-8, 8, (m, 12)), rng.integers(-8, 8, (12, 8)), Operand.INT4,
+                Operand.INT4)
+    plan = plan_gemm(gemm, lane_cfg(OutputPath.RESCALE, m=40000, s=20), paged.word_nibbles,
+                     paged.rows, paged.cols, base=40)
+    placed = paged._place("gemm", plan.cfg, 0)
+    loads = list(paged._dma_list(placed, False))
+    stores = list(paged._dma_list(placed, True))
+    out = plan.out.addr // paged.wpb, -(-plan.out.end // paged.wpb)
+
+    def covers(cfgs):
+        return any(c["ext_addr"] < out[1] and c["ext_addr"] + c["bursts"] * c["rows"] > out[0]
+                   for c in cfgs)
+    assert covers(stores)
+    assert covers(loads) == (m % paged.word_nibbles != 0)

@@ -282,6 +282,8 @@ def board_run(name, data, cfg, steps=3, images=4096, log=print):
             "link_commands_per_step": emu["per_step"]["commands"],
             "link_bytes_by_command": {k[5:]: v for k, v in sorted(
                 emu["per_step"].items(), key=lambda kv: -kv[1]) if k.startswith("link_")},
+            "sdram_bytes_by_command": {k[6:]: v for k, v in sorted(
+                sim["per_step"].items(), key=lambda kv: -kv[1]) if k.startswith("sdram_")},
             "link_bytes_ratio": emu["per_step"]["link"] / batch,
             "dataset_resident": True, "resident_images": emu["resident"]["images"],
             "resident_set_bytes": full_set,
@@ -338,7 +340,8 @@ def _board_counters(session):
     return {"cycles": paged.get("cycles", 0), "gemm": c["gemm_cycles"], "vec": c["vec_cycles"],
             "dma_bytes": paged.get("dma_bytes", 0), "commands": session.dev.frames_sent,
             "link": session.dev.wire_sent + session.dev.wire_received, "steps": session.step,
-            **{f"link_{op}": n for op, n in session.dev.wire_by_op.items()}}
+            **{f"link_{op}": n for op, n in session.dev.wire_by_op.items()},
+            **{f"sdram_{op}": n for op, n in getattr(session.mlp.dev, "by_op", {}).items()}}
 
 
 def bench_train(out_dir="build/bench", epochs=10, sim_seconds=600, docs=None,
@@ -499,6 +502,16 @@ def _board_section(res, data, cfg, out, docs, log, usb):
         if ux["sdram_s"] else None
     res["ulx3s"] = ux
     res["ulx3s_images_per_second"] = ux["images_per_second"]
+    old = res["projections"].get("ulx3s-85f")
+    if old and "array_cycles_per_step" in old and old["array"] != ux["array"]:
+        # the board's array is not the one the projection's GEMM cycles were counted for
+        # (a --board-only run after it changed): take the GEMM cycles measured on the
+        # board's own configuration just now
+        res["projections"]["ulx3s-85f"] = dict(old, **timed(
+            ux["gemm_cycles_per_step"], old["vec_cycles_per_step"],
+            old["link_bytes_per_step"], old["link_commands_per_step"], old["host_s"], link,
+            hz, HYPER["batch_size"]), array=ux["array"], clock_mhz=hz / 1e6, clock=src,
+            array_cycles_from="the board's configuration on the simulated device")
     res["ulx3s_state_fits"] = bool(fits["device"] and ux["state_in_sdram"])
     res["icebreaker_digits"] = icebreaker_digits(log=log)
     publish(out, "train", res, render(res), docs)

@@ -12,8 +12,11 @@ with that much block RAM. Per GEMM or VECTOR command:
    that share a burst merge into one block, so a store never writes a burst that another
    copy of it holds;
 2. every block is loaded into the scratchpad by DMA (LOADs are sent back to back: the DMA
-   queues them), the command runs on the copies with its addresses moved, and the blocks it
-   wrote are stored back once it has ended (its STATS poll says so); the host does not wait
+   queues them), but one the command only writes, every nibble of whole bursts (a GEMM's
+   output, a REQUANT's codes, a TRANSPOSE's result whose rows fill whole words: on the
+   ULX3S configuration 0.5 of a Fashion-MNIST step's 3.8 MB); the command runs on the
+   copies with its addresses moved, and the blocks it wrote are stored back once it has
+   ended (its STATS poll says so); the host does not wait
    for the stores: the next command's loads queue behind them on the DMA, and a WRITE or
    READ is answered BUSY until every unit is idle;
 3. a command whose blocks do not fit the scratchpad is split first: a GEMM along N (its
@@ -24,10 +27,10 @@ with that much block RAM. Per GEMM or VECTOR command:
    (double buffering): on the ULX3S configuration a Fashion-MNIST step takes 2.23 M
    device cycles (``make bench-train``); one part after the other took about a million
    more (measured with the sequential element-wise unit);
-4. on a scratchpad of 16,384 words or more (the ULX3S's) all of this is a **program**
+4. on a scratchpad of 128 KB or more (the ULX3S's) all of this is a **program**
    (protocol RUN): the same loads, parts and stores as entries, with a FENCE where the
    host would wait for a part to end before storing it, stored once in the program area at
-   the top of the scratchpad (``PROGRAM_WORDS``) with the command's settings zeroed, and
+   the top of the scratchpad (``PROGRAM_NIBBLES``) with the command's settings zeroed, and
    run with one RUN that gives them and answers with the parts' STATS combined by the
    device. The link then carries one RUN and its reply a command instead of every DMA,
    part and poll (a Fashion-MNIST step on the ULX3S configuration: 5.8 KB instead of
@@ -48,13 +51,16 @@ from nibble.host.device.commands import program_entry, program_params, settings_
 from nibble.host.device.driver import DeviceError
 from nibble.host.device.emu import gemm_regions, vec_regions
 from nibble.rtl.dma import words_per_burst
-from nibble.rtl.formats import VecOp
+from nibble.rtl.formats import VecOp, element_nibbles
 
 __all__ = ["PagedDevice"]
 
-#: Scratchpad words kept for programs by default: a 16th of the ULX3S's 16,384 (a
-#: Fashion-MNIST step's 17 programs take 614 words of 16 nibbles)
-PROGRAM_WORDS = 1024
+#: Scratchpad kept for programs by default, in nibbles (8 KB): a 16th of the ULX3S's 128 KB
+#: (a Fashion-MNIST step's 17 programs took 614 words of 16 nibbles)
+PROGRAM_NIBBLES = 16384
+
+#: A region (block) the command writes whole and does not read: stored, never loaded.
+WHOLE = "whole"
 
 _SUMMED = ("clip_sum", "gemm_cycles", "beats", "vec_cycles", "w_sum_abs", "w_sum_sq")
 
@@ -62,8 +68,8 @@ _SUMMED = ("clip_sum", "gemm_cycles", "beats", "vec_cycles", "w_sum_abs", "w_sum
 class PagedDevice:
     """``dev`` (with an SDRAM) with the SDRAM as its tensor memory (see the module).
     ``program_words``: scratchpad words kept for stored programs (0: the host sends every
-    transfer and part itself; default ``PROGRAM_WORDS`` on a scratchpad of 16 times that
-    or more, else 0)."""
+    transfer and part itself; default ``PROGRAM_NIBBLES`` worth on a scratchpad of 16
+    times that or more, else 0)."""
 
     def __init__(self, dev, program_words=None):
         if not dev.ext_bursts:
@@ -74,7 +80,9 @@ class PagedDevice:
         self.wpb = words_per_burst(dev.word_nibbles)
         self.mem_words = dev.ext_bursts * self.wpb
         if program_words is None:             # by default a small scratchpad keeps it all
-            program_words = PROGRAM_WORDS if dev.mem_words >= 16 * PROGRAM_WORDS else 0
+            nib = dev.word_nibbles
+            program_words = (PROGRAM_NIBBLES // nib
+                             if dev.mem_words * nib >= 8 * PROGRAM_NIBBLES else 0)
         program_words = program_words // self.wpb * self.wpb
         self.scratch = dev.mem_words - program_words
         #: the program area (from ``scratch`` to the end) and what it holds now: program
@@ -88,6 +96,8 @@ class PagedDevice:
         self.counters = {"dma_loads": 0, "dma_stores": 0, "dma_bytes": 0, "cycles": 0,
                          "split_commands": 0, "overlapped_commands": 0, "runs": 0,
                          "programs_stored": 0, "program_bytes": 0}
+        #: SDRAM bytes the paging moved, by command and direction ("UPDATE load": ...)
+        self.by_op, self._op = {}, "WRITE"
         self.measure = False
         #: split commands run in the scratchpad's two halves, transfers beside compute
         self.overlap = True
@@ -126,24 +136,36 @@ class PagedDevice:
 
     # -- commands ------------------------------------------------------------------------------
     def gemm(self, cfg, wait=True):
+        self._op = "GEMM"
         return self._run("gemm", *self._parts("gemm", cfg))
 
     def vector(self, cfg, wait=True):
+        self._op = VecOp(cfg["op"]).name
         return self._run("vector", *self._parts("vector", cfg))
 
     def wait(self):
         return self.dev.wait()
 
     def _regions(self, kind, cfg):
-        """(addr, stride, rows, row words, written, address field, stride field)."""
+        """(addr, stride, rows, row words, written, address field, stride field), where
+        ``written`` is ``WHOLE`` for a region the command only writes, every nibble of each
+        row's words (it need not be loaded before)."""
+        nib = self.word_nibbles
         if kind == "gemm":
             regions = gemm_regions(cfg, self.rows, self.cols)
             fields = [("a_addr", "a_stride"), ("b_addr", "b_stride"), ("out_addr", "out_stride"),
                       ("mask_addr", "mask_stride")]
+            row = cfg["m"] * element_nibbles(cfg["lane"]["path"])    # the output's nibbles
+            whole = {2} if row % nib == 0 else set()
         else:
-            regions = vec_regions(cfg, self.word_nibbles)
+            regions = vec_regions(cfg, nib)
             fields = [("a_addr", None), ("b_addr", None), ("c_addr", None)]
-        return [(*r, *f) for r, f in zip(regions, fields, strict=False)]
+            op = cfg["op"]
+            row = (cfg["rows"] * (2 if cfg["pair"] else 1) if op == VecOp.TRANSPOSE
+                   else cfg["cols"])                  # TRANSPOSE's or REQUANT's code rows
+            whole = {1} if op != VecOp.UPDATE and row % nib == 0 else set()
+        return [(*r[:4], WHOLE if i in whole else r[4], *f)
+                for i, (r, f) in enumerate(zip(regions, fields, strict=False))]
 
     def _blocks(self, kind, cfg):
         """How a command's regions are copied: a list of blocks ``[first burst, rows,
@@ -164,7 +186,7 @@ class PagedDevice:
             if merged and sp[0] < merged[-1][1]:
                 last = merged[-1]
                 last[1] = max(last[1], sp[1])
-                last[2] = last[2] or sp[2]
+                last[2] = bool(last[2] or sp[2])         # (merged: loaded whatever it is)
                 last[3] += sp[3]
                 last[4] = None                       # a merged span: copied whole
             else:
@@ -174,9 +196,15 @@ class PagedDevice:
             per = -(-(addr % wpb + words) // wpb) if addr is not None else 0
             if (addr is not None and fields[0][1] and stride % wpb == 0 and n > 1
                     and per * n < hi - lo):
-                blocks.append([lo, n, per, stride // wpb, written, fields])
+                packed, covered = [lo, n, per, stride // wpb], per * wpb == words
             else:
-                blocks.append([lo, 1, hi - lo, hi - lo, written, fields])
+                packed, covered = [lo, 1, hi - lo, hi - lo], stride == words or n == 1
+            # a write-only region is loaded unless its block is exactly its words, whole
+            # bursts of them (merged with another region it is a plain written block)
+            if written is WHOLE and not (addr is not None and addr % wpb == 0 and covered
+                                         and (words * (1 if packed[1] > 1 else n)) % wpb == 0):
+                written = True
+            blocks.append([*packed, written, fields])
         return blocks
 
     def _fits(self, kind, cfg, room):
@@ -374,11 +402,11 @@ class PagedDevice:
         return addr
 
     def _dma_list(self, placed, store):
-        """The DMA_ARGS that load a placed command's blocks (every one) or store them (the
-        ones it writes)."""
+        """The DMA_ARGS that load a placed command's blocks (every one but those it only
+        writes, whole) or store them (the ones it writes)."""
         blocks, places, _ = placed
         for (lo, rows, per, ext_stride, written, _), at in zip(blocks, places, strict=True):
-            if written or not store:
+            if (written if store else written is not WHOLE):
                 yield from self._dma_cfgs(store, lo, rows, per, ext_stride, at)
 
     def _dma_cfgs(self, store, burst, rows, per, ext_stride, mem):
@@ -397,7 +425,10 @@ class PagedDevice:
 
     def _moved(self, cfg):
         self.counters["dma_stores" if cfg["store"] else "dma_loads"] += 1
-        self.counters["dma_bytes"] += 16 * cfg["rows"] * cfg["bursts"]
+        n = 16 * cfg["rows"] * cfg["bursts"]
+        self.counters["dma_bytes"] += n
+        key = f"{self._op} {'store' if cfg['store'] else 'load'}"
+        self.by_op[key] = self.by_op.get(key, 0) + n
 
 
 def _schedule(parts, overlap):
