@@ -14,6 +14,11 @@ share one output lane without collisions: lane ``g`` emits, for every tile, the 
 ``(i, g + R*q)`` in the order ``q`` major, ``i`` minor. This holds while tiles are at least
 C beats long; the array pads shorter tiles with bubbles itself.
 
+The systolic array's PEs come in pairs (:class:`PEPair`): rows 2r and 2r + 1 of a column
+share one DSP multiply, their A codes decoded once at the array's edge and packed into one
+operand, and the pair keeps the single PEs' timing at its outputs. :class:`PE` is the
+all-LUT PE (the one-row array's LUT PEs are its logic; ``make synth`` measures both).
+
 Widths: a PE product is :data:`~rtl.formats.PE_PRODUCT_BITS` wide and its accumulator
 :data:`~rtl.formats.PE_ACC_BITS`, both derived in ``rtl/formats.py`` from the operand
 ranges and :data:`~rtl.formats.MAX_REDUCTION`.
