@@ -115,8 +115,15 @@ class BlockRAM(wiring.Component):
     """``words`` x ``nibbles`` codes in block RAM behind a :class:`TensorBus` (one copy per
     read port, written together); every request is granted.
 
-    ``copies`` are the :class:`amaranth.lib.memory.Memory` objects (testbenches preload and
-    dump them through their ``.data``).
+    A copy of 4,096 words or more is built as slices of :attr:`slice_bits` bits, each one
+    memory as deep as the copy (a 16 Kbit block RAM in its ``words x 16K/words``
+    configuration: 8K x 2 on the ECP5 for the ULX3S's 8K words). yosys left to itself
+    builds a deep, wide memory from blocks in their widest configuration (512 x 36), a
+    block's data bus carrying 36 bits of a word to every one of them and a read multiplexer
+    gathering them back; sliced, each block sees its own bits alone.
+
+    ``copies``: per copy, its slices' :class:`amaranth.lib.memory.Memory` objects;
+    :meth:`peek` and :meth:`poke` read and write a word from a testbench.
     """
 
     def __init__(self, words, nibbles, reads=3):
@@ -124,19 +131,42 @@ class BlockRAM(wiring.Component):
         aw = (words - 1).bit_length()
         super().__init__({"bus": In(TensorBus.Signature(addr_width=aw, nibbles=nibbles,
                                                           reads=reads))})
-        self.copies = [memory.Memory(shape=unsigned(CODE_BITS * nibbles), depth=words, init=[])
-                       for _ in range(reads)]
+        width = CODE_BITS * nibbles
+        #: bits of each slice (the whole word below 4,096 words); at most a nibble, so a
+        #: slice has one write enable
+        self.slice_bits = max(1, min(CODE_BITS, 16384 // words)) if words >= 4096 else width
+        self.copies = [[memory.Memory(shape=unsigned(self.slice_bits), depth=words, init=[])
+                        for _ in range(width // self.slice_bits)] for _ in range(reads)]
+
+    def peek(self, ctx, addr):
+        """The word at ``addr`` (of the first copy; the copies are written together)."""
+        b = self.slice_bits
+        return sum(ctx.get(mem.data[addr]) << (k * b) for k, mem in enumerate(self.copies[0]))
+
+    def poke(self, ctx, addr, word):
+        """Write ``word`` at ``addr`` in every copy."""
+        b = self.slice_bits
+        for copy in self.copies:
+            for k, mem in enumerate(copy):
+                ctx.set(mem.data[addr], word >> (k * b) & ((1 << b) - 1))
 
     def elaborate(self, platform):
         m = Module()
-        bus = self.bus
+        bus, b = self.bus, self.slice_bits
         m.d.comb += bus.wr.ready.eq(1)
-        for k, (mem, rd) in enumerate(zip(self.copies, read_ports(bus), strict=True)):
-            m.submodules[f"copy{k}"] = mem
-            w = mem.write_port(granularity=CODE_BITS)
-            r = mem.read_port()
-            m.d.comb += [w.addr.eq(bus.wr.addr), w.data.eq(bus.wr.data), w.en.eq(bus.wr.en),
-                         r.addr.eq(rd.addr), r.en.eq(rd.en), rd.data.eq(r.data), rd.ready.eq(1)]
+        for c, (copy, rd) in enumerate(zip(self.copies, read_ports(bus), strict=True)):
+            data = []
+            for k, mem in enumerate(copy):
+                m.submodules[f"copy{c}_{k}"] = mem
+                lo = k * b
+                w = mem.write_port(granularity=min(b, CODE_BITS))
+                r = mem.read_port()
+                en = (bus.wr.en[lo // CODE_BITS] if b <= CODE_BITS else
+                      bus.wr.en[lo // CODE_BITS:(lo + b) // CODE_BITS])
+                m.d.comb += [w.addr.eq(bus.wr.addr), w.data.eq(bus.wr.data[lo:lo + b]),
+                             w.en.eq(en), r.addr.eq(rd.addr), r.en.eq(rd.en)]
+                data.append(r.data)
+            m.d.comb += [rd.data.eq(Cat(*data)), rd.ready.eq(1)]
         return m
 
 

@@ -199,15 +199,13 @@ def preload(ctx, ram, mem_bytes):
     for addr in range(ram.words):
         word = int.from_bytes(mem_bytes[addr * wb:(addr + 1) * wb], "little")
         if word:
-            for copy in ram.copies:
-                ctx.set(copy.data[addr], word)
+            ram.poke(ctx, addr, word)
 
 
 def dump(ctx, ram):
     """The bytes of a BlockRAM (its first copy; the copies are written together)."""
     wb = ram.nibbles // 2
-    return b"".join(ctx.get(ram.copies[0].data[addr]).to_bytes(wb, "little")
-                    for addr in range(ram.words))
+    return b"".join(ram.peek(ctx, addr).to_bytes(wb, "little") for addr in range(ram.words))
 
 
 def run_commands(unit, layout, words, mem_bytes, cfgs, results, flaky=None):
