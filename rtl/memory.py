@@ -29,7 +29,8 @@ Bus
 Backend
     :class:`BlockRAM` is ``words`` words of ``nibbles`` codes in block RAM, one copy per read
     port, all copies written together: block RAM is plentiful next to the LUTs the
-    alternative (banks and stalls) costs on the ECP5.
+    alternative (banks and stalls) costs on the ECP5. A deep copy is built in slices of a
+    few bits, each as deep as the copy (see the class).
 
 Stream adapters
     :class:`Reader` turns a stream of read requests into a stream of words through one read
