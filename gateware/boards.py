@@ -7,7 +7,7 @@ A board top is :class:`gateware.device.Device` behind an 8N1 UART on the board's
 board         FPGA                array  words  clock        link        memory
 ============  ==================  =====  =====  ===========  ==========  ===============
 icebreaker    iCE40UP5K-SG48      1x8    32768  24 MHz PLL   12 Mbaud    SPRAM, 128 KB
-ulx3s-85f     ECP5 LFE5U-85F      8x32   8192   48 MHz PLL   USB         EBR, 128 KB;
+ulx3s-85f     ECP5 LFE5U-85F      8x16   16384  48 MHz PLL   USB         EBR, 128 KB;
                                                                          SDRAM 32 MB
 ============  ==================  =====  =====  ===========  ==========  ===============
 
@@ -117,7 +117,7 @@ BOARDS = {
                         pll="ice40", synth_opts="-dsp -dff", cable=("-b", "ice40_generic"),
                         vec_ops=0, memory="spram", dsp_pes=6, ddr_rx=True),
     "ulx3s-85f": Board("ulx3s-85f", "amaranth_boards.ulx3s:ULX3S_85F_Platform",
-                       rows=8, cols=32, mem_words=8192, baud=3_000_000, clk_hz=48_000_000,
+                       rows=8, cols=16, mem_words=16384, baud=3_000_000, clk_hz=48_000_000,
                        pll="ecp5", sdram="is42s16160", nextpnr_opts=("--router", "router2"),
                        cable=("-b", "ulx3s"), seed=3, link="usb"),
 }

@@ -179,7 +179,7 @@ def test_a_report_describes_the_configuration_it_measured():
     ice, ulx = _configuration(BOARDS["icebreaker"]), _configuration(BOARDS["ulx3s-85f"])
     assert (ice["macs_per_cycle"], ice["dsp_pes"], ice["memory"], ice["tensor_memory_bytes"]) \
         == (8, 6, "spram", 32768 * 4)
-    assert (ulx["macs_per_cycle"], ulx["memory"], ulx["sdram_bytes"]) == (256, "bram", 32 << 20)
+    assert (ulx["macs_per_cycle"], ulx["memory"], ulx["sdram_bytes"]) == (128, "bram", 32 << 20)
     assert ulx["tensor_memory_bytes"] == 16384 * 8 + (32 << 20)
 
 

@@ -2,9 +2,9 @@
 keep the array fed?
 
 The Fashion-MNIST MLP's layer 1 (784 -> 128) at batch 64, forward and backward-weight, for
-several batches in a row, on a device in the ULX3S's earlier configuration (8 x 16 array;
-see :data:`CONFIG`). Every operand lives in the SDRAM; the host plans the transfers
-(VTA-style: load, compute, store as commands) and the scratchpad holds
+several batches in a row, on a device in the ULX3S configuration (8 x 16 array). Every
+operand lives in the SDRAM; the host plans the transfers (VTA-style: load, compute, store
+as commands) and the scratchpad holds
 
 ====================  =========================================  ==========================
 buffer                what                                       words (8 x 16, batch 64)
@@ -54,11 +54,8 @@ from nibble.sim.system import board_config, emu_url
 
 __all__ = ["CONFIG", "layer1_program", "measure_streaming", "run_program"]
 
-#: The device configuration: the ULX3S's as this study was planned for (8 x 16 array,
-#: 16K words of 16 nibbles, its SDRAM and clock). The board is 8 x 32 now: twice the MACs
-#: a cycle from the same SDRAM, so the loads this schedule puts beside each forward tile
-#: no longer fit its compute time (the plan would need its tiles and buffers redrawn).
-CONFIG = {**board_config("ulx3s-85f"), "rows": 8, "cols": 16, "words": 16384}
+#: The device configuration: the ULX3S's (8 x 16 array, 16K-word scratchpad, its SDRAM).
+CONFIG = board_config("ulx3s-85f")
 K, N, BATCH = 784, 128, 64           # layer 1 of the Fashion-MNIST MLP
 FWD_TILE, BWW_TILE = 32, 64          # columns of W^T (forward) and X (backward-weight)
 
