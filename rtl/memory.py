@@ -45,6 +45,7 @@ from amaranth.hdl import Cat, Const, Module, Mux, Signal, unsigned
 from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
+from .dsp import is_ice40
 from .formats import CODE_BITS
 
 __all__ = ["ADDR_BITS", "STRIDE_BITS", "BlockRAM", "ForwardRegister", "ReadPort", "Reader",
@@ -118,7 +119,7 @@ class BlockRAM(wiring.Component):
 
     A copy of 4,096 words or more is built as slices of :attr:`slice_bits` bits, each one
     memory as deep as the copy (a 16 Kbit block RAM in its ``words x 16K/words``
-    configuration: 8K x 2 on the ECP5 for the ULX3S's 8K words). yosys left to itself
+    configuration: 16K x 1 on the ECP5 for the ULX3S's 16K words). yosys left to itself
     builds a deep, wide memory from blocks in their widest configuration (512 x 36), a
     block's data bus carrying 36 bits of a word to every one of them and a read multiplexer
     gathering them back; sliced, each block sees its own bits alone.
@@ -237,10 +238,15 @@ class Reader(wiring.Component):
     a skid register as the next read is taken, and no request goes out while that register
     is full. (Issuing on ``o.ready`` put the whole consumer, the systolic array's input
     handshake for the engine's operand reads, in front of every block RAM's address: the
-    ULX3S's critical path at 45.6 MHz.)
+    ULX3S's critical path at 45.6 MHz.) ``skid``: False builds the reader without that
+    register, issuing while its word slot is free or being emptied (the consumer's
+    ``ready`` in the same cycle); None (default) decides by the platform: not on an iCE40,
+    where the UP5K's clock does not need it and its LCs (about 100 for the iCEBreaker's
+    readers) are not there.
     """
 
-    def __init__(self, addr_width, nibbles, tag_shape):
+    def __init__(self, addr_width, nibbles, tag_shape, skid=None):
+        self.skid = skid
         self.request = data.StructLayout({"addr": addr_width, "tag": tag_shape})
         self.word = data.StructLayout({"data": CODE_BITS * nibbles, "tag": tag_shape})
         super().__init__({
@@ -251,6 +257,8 @@ class Reader(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
+        if not (not is_ice40(platform) if self.skid is None else self.skid):
+            return self._without_skid(m)
         held = Signal()                  # port.data is a word not yet handed out
         held_tag = Signal.like(self.i.payload.tag)
         skid = Signal(self.word)
@@ -276,6 +284,21 @@ class Reader(wiring.Component):
                 m.d.sync += skid_valid.eq(0)
             with m.Else():
                 m.d.sync += held.eq(0)
+        return m
+
+    def _without_skid(self, m):
+        free = Signal()
+        m.d.comb += [
+            free.eq(~self.o.valid | self.o.ready),
+            self.port.addr.eq(self.i.payload.addr),
+            self.port.en.eq(self.i.valid & free),
+            self.i.ready.eq(self.port.ready & free),
+            self.o.payload.data.eq(self.port.data),
+        ]
+        with m.If(self.i.valid & self.i.ready):
+            m.d.sync += [self.o.valid.eq(1), self.o.payload.tag.eq(self.i.payload.tag)]
+        with m.Elif(self.o.ready):
+            m.d.sync += self.o.valid.eq(0)
         return m
 
 
