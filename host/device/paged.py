@@ -15,9 +15,8 @@ with that much block RAM. Per GEMM or VECTOR command:
    queues them), but one the command only writes, every nibble of whole bursts (a GEMM's
    output, a REQUANT's codes, a TRANSPOSE's result whose rows fill whole words: a
    Fashion-MNIST step on the ULX3S configuration moves 3.23 MB instead of 3.74); the
-   command runs on the
-   copies with its addresses moved, and the blocks it wrote are stored back once it has
-   ended (its STATS poll says so); the host does not wait
+   command runs on the copies with its addresses moved, and the blocks it wrote are
+   stored back once it has ended (its STATS poll says so); the host does not wait
    for the stores: the next command's loads queue behind them on the DMA, and a WRITE or
    READ is answered BUSY until every unit is idle;
 3. a command whose blocks do not fit the scratchpad is split first: a GEMM along N (its
@@ -28,7 +27,7 @@ with that much block RAM. Per GEMM or VECTOR command:
    (double buffering): on the ULX3S configuration a Fashion-MNIST step takes 2.23 M
    device cycles (``make bench-train``); one part after the other took about a million
    more (measured with the sequential element-wise unit);
-4. on a scratchpad of 128 KB or more (the ULX3S's) all of this is a **program**
+4. on a scratchpad of 64 KB or more (the ULX3S's is 128 KB) all of this is a **program**
    (protocol RUN): the same loads, parts and stores as entries, with a FENCE where the
    host would wait for a part to end before storing it, stored once in the program area at
    the top of the scratchpad (``PROGRAM_NIBBLES``) with the command's settings zeroed, and
@@ -56,8 +55,9 @@ from nibble.rtl.formats import VecOp, element_nibbles
 
 __all__ = ["PagedDevice"]
 
-#: Scratchpad kept for programs by default, in nibbles (8 KB): a 16th of the ULX3S's 128 KB
-#: (a Fashion-MNIST step's 17 programs took 614 words of 16 nibbles)
+#: Scratchpad kept for programs by default, in nibbles (8 KB, a 16th of the ULX3S's 128 KB),
+#: on a scratchpad of 8 times that or more (a Fashion-MNIST step's 17 programs took 614
+#: words of 16 nibbles)
 PROGRAM_NIBBLES = 16384
 
 #: A region (block) the command writes whole and does not read: stored, never loaded.
@@ -69,7 +69,7 @@ _SUMMED = ("clip_sum", "gemm_cycles", "beats", "vec_cycles", "w_sum_abs", "w_sum
 class PagedDevice:
     """``dev`` (with an SDRAM) with the SDRAM as its tensor memory (see the module).
     ``program_words``: scratchpad words kept for stored programs (0: the host sends every
-    transfer and part itself; default ``PROGRAM_NIBBLES`` worth on a scratchpad of 16
+    transfer and part itself; default ``PROGRAM_NIBBLES`` worth on a scratchpad of 8
     times that or more, else 0)."""
 
     def __init__(self, dev, program_words=None):
