@@ -208,13 +208,13 @@ def pe_cost(family):
     """
     from nibble.rtl.array import PE, PEPair
 
-    synth = {"ice40": "synth_ice40", "ecp5": "synth_ecp5"}[family]
+    base = {"ice40": "synth_ice40", "ecp5": "synth_ecp5"}[family]
     out = {}
     for key, dut in (("pe_luts", lambda: PE(fp4=True)),
                      ("pe_luts_int_only", lambda: PE(fp4=False)),
                      ("pe_pair_luts", PEPair)):
-        if key == "pe_pair_luts" and family == "ice40":
-            synth += " -dsp"                  # (the pair's multiply is a DSP block)
+        # (the pair's multiply is a DSP block; the iCE40 flow maps one only with -dsp)
+        synth = base + " -dsp" if key == "pe_pair_luts" and family == "ice40" else base
         work = Path("build/synth") / f"pe-{family}-{key}"
         work.mkdir(parents=True, exist_ok=True)
         top = SynthTop(dut=dut())
