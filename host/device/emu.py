@@ -55,8 +55,8 @@ from nibble.rtl.formats import (
 )
 from nibble.rtl.sdram import BURST_BITS, CHIPS
 
-__all__ = ["EmuTransport", "Emulator", "dma_apply", "dma_check", "gemm_apply", "gemm_regions",
-           "merge_params", "vec_regions", "vector_apply", "vector_check"]
+__all__ = ["WHOLE", "EmuTransport", "Emulator", "dma_apply", "dma_check", "gemm_apply",
+           "gemm_regions", "merge_params", "vec_regions", "vector_apply", "vector_check"]
 
 
 def _region(mem, nib, addr, rows, stride):
@@ -97,19 +97,32 @@ def gemm_check(cfg, rows, cols, mem_words):
                for addr, stride, rows_, words, _ in gemm_regions(cfg, rows, cols))
 
 
+#: ``written`` of a region a command writes and does not read, every nibble of each row's
+#: words (truthy, as ``True``): it need not be read before (``host.device.paged`` stores
+#: such a block without loading it).
+WHOLE = "whole"
+
+
+def _written(row_nibbles, nib):
+    """A written region's ``written``: ``WHOLE`` when its rows are whole words."""
+    return WHOLE if row_nibbles % nib == 0 else True
+
+
 def gemm_regions(cfg, rows, cols):
     """(addr, stride, rows, row words, written) of each buffer the GEMM command ``cfg``
-    touches: A, B, the output and, for a masked LOG4 GEMM, the mask codes."""
+    touches: A, B, the output and, for a masked LOG4 GEMM, the mask codes. ``written`` is
+    False for a region read, True or :data:`WHOLE` for one written."""
     nib = word_nibbles(rows, cols)
     lane = cfg["lane"]
     path = lane["path"]
     ea = 2 if cfg["a_pair"] else 1
     m_pad = -(-cfg["m"] // rows) * rows
     n_pad = -(-cfg["n"] // cols) * cols
+    out_nibbles = cfg["m"] * element_nibbles(path)
     bufs = [(cfg["a_addr"], cfg["a_stride"], cfg["l"], row_words(m_pad, ea, nib), False),
             (cfg["b_addr"], cfg["b_stride"], cfg["l"], row_words(n_pad, 1, nib), False),
-            (cfg["out_addr"], cfg["out_stride"], cfg["n"],
-             row_words(cfg["m"], element_nibbles(path), nib), True)]
+            (cfg["out_addr"], cfg["out_stride"], cfg["n"], row_words(cfg["m"],
+             element_nibbles(path), nib), _written(out_nibbles, nib))]
     if path == OutputPath.LOG4 and lane["log4"]["mask"] != MaskMode.NONE:
         bufs.append((cfg["mask_addr"], cfg["mask_stride"], cfg["n"], row_words(m_pad, 1, nib),
                      False))
@@ -166,19 +179,22 @@ def code_sums(mem, nib, addr, count):
 
 
 def vec_regions(cfg, nib):
-    """(addr, stride, rows, row words, written) of each buffer a VECTOR command touches."""
+    """(addr, stride, rows, row words, written) of each buffer a VECTOR command touches
+    (``written`` as in :func:`gemm_regions`; an UPDATE reads the buffers it writes)."""
     op, rows, cols = cfg["op"], cfg["rows"], cfg["cols"]
     if op == VecOp.TRANSPOSE:
         e = 2 if cfg["pair"] else 1
         return [(cfg["a_addr"], cfg["a_stride"], rows, row_words(cols, e, nib), False),
-                (cfg["b_addr"], cfg["b_stride"], cols, row_words(rows, e, nib), True)]
+                (cfg["b_addr"], cfg["b_stride"], cols, row_words(rows, e, nib),
+                 _written(rows * e, nib))]
     w8 = row_words(cols, 8, nib)
     if op == VecOp.UPDATE:
         return [(cfg["a_addr"], cfg["a_stride"], rows, w8, False),
                 (cfg["b_addr"], cfg["b_stride"], rows, w8, True),
                 (cfg["c_addr"], cfg["b_stride"], rows, w8, True)]
-    return [(cfg["a_addr"], cfg["a_stride"], rows, w8, False),
-            (cfg["b_addr"], cfg["b_stride"], rows, row_words(cols, 1, nib), True)]
+    return [(cfg["a_addr"], cfg["a_stride"], rows, w8, False),           # REQUANT
+            (cfg["b_addr"], cfg["b_stride"], rows, row_words(cols, 1, nib),
+             _written(cols, nib))]
 
 
 def vector_check(cfg, rows, cols, mem_words, vec_ops=VEC_OPS_ALL):

@@ -49,9 +49,9 @@ import time
 from nibble.gateware.protocol import RUN_ARGS, Op, longest_entry_words
 from nibble.host.device.commands import program_entry, program_params, settings_zeroed
 from nibble.host.device.driver import DeviceError
-from nibble.host.device.emu import gemm_regions, vec_regions
+from nibble.host.device.emu import WHOLE, gemm_regions, vec_regions
 from nibble.rtl.dma import words_per_burst
-from nibble.rtl.formats import VecOp, element_nibbles
+from nibble.rtl.formats import VecOp
 
 __all__ = ["PagedDevice"]
 
@@ -59,9 +59,6 @@ __all__ = ["PagedDevice"]
 #: on a scratchpad of 8 times that or more (a Fashion-MNIST step's 17 programs took 614
 #: words of 16 nibbles)
 PROGRAM_NIBBLES = 16384
-
-#: A region (block) the command writes whole and does not read: stored, never loaded.
-WHOLE = "whole"
 
 _SUMMED = ("clip_sum", "gemm_cycles", "beats", "vec_cycles", "w_sum_abs", "w_sum_sq")
 
@@ -149,24 +146,16 @@ class PagedDevice:
 
     def _regions(self, kind, cfg):
         """(addr, stride, rows, row words, written, address field, stride field), where
-        ``written`` is ``WHOLE`` for a region the command only writes, every nibble of each
-        row's words (it need not be loaded before)."""
-        nib = self.word_nibbles
+        ``written`` is :data:`~nibble.host.device.emu.WHOLE` for a region the command only
+        writes, every nibble of each row's words (it need not be loaded before)."""
         if kind == "gemm":
             regions = gemm_regions(cfg, self.rows, self.cols)
             fields = [("a_addr", "a_stride"), ("b_addr", "b_stride"), ("out_addr", "out_stride"),
                       ("mask_addr", "mask_stride")]
-            row = cfg["m"] * element_nibbles(cfg["lane"]["path"])    # the output's nibbles
-            whole = {2} if row % nib == 0 else set()
         else:
-            regions = vec_regions(cfg, nib)
+            regions = vec_regions(cfg, self.word_nibbles)
             fields = [("a_addr", None), ("b_addr", None), ("c_addr", None)]
-            op = cfg["op"]
-            row = (cfg["rows"] * (2 if cfg["pair"] else 1) if op == VecOp.TRANSPOSE
-                   else cfg["cols"])                  # TRANSPOSE's or REQUANT's code rows
-            whole = {1} if op != VecOp.UPDATE and row % nib == 0 else set()
-        return [(*r[:4], WHOLE if i in whole else r[4], *f)
-                for i, (r, f) in enumerate(zip(regions, fields, strict=False))]
+        return [(*r, *f) for r, f in zip(regions, fields, strict=False)]
 
     def _blocks(self, kind, cfg):
         """How a command's regions are copied: a list of blocks ``[first burst, rows,
