@@ -147,6 +147,7 @@ class CommandDecoder(wiring.Component):
         write_addr = data.View(WRITE_HEADER, args[:WRITE_HEADER.size]).addr
         write_words = (plen - layout_bytes(WRITE_HEADER)) >> (wb.bit_length() - 1)
         write_over, read_over = Signal(), Signal()      # past the memory's end
+        stats_over, gather_bad = Signal(), Signal()     # ... and a GATHER's length wrong
         read = data.View(READ_ARGS, args[:READ_ARGS.size])
         stats = data.View(STATS_ARGS, args[:STATS_ARGS.size])
 
@@ -189,11 +190,14 @@ class CommandDecoder(wiring.Component):
                         m.d.comb += entry_len.eq(entry_words(code, nib))
 
         def merged(x):
-            """Argument bits ``x`` of a GEMM or VECTOR with the RUN's settings in place."""
+            """Argument bits ``x`` of a GEMM or VECTOR with the RUN's settings in place of
+            its own, when it has none (zero): a program's entries of the other kind keep
+            theirs."""
             out = x
             for code, at in PARAMS_FROM.items():
                 size = PROGRAM_OPS[code].size
-                out = Mux(op == code, Cat(x[:at], params[:size - at], x[size:]), out)
+                out = Mux((op == code) & (x[at:size] == 0),
+                          Cat(x[:at], params[:size - at], x[size:]), out)
             return out
 
         # the units a command starts (only a device with SDRAM knows DMA)
@@ -236,9 +240,19 @@ class CommandDecoder(wiring.Component):
                         with m.If(running & have & ~self.busy):   # settings in its own
                             m.d.sync += args.eq(merged(Cat(args[8:], self.buf.data)))
 
-            with m.State("CHECK"):        # the WRITE's and READ's ends, registered
+            with m.State("CHECK"):        # the sums the checks compare, registered (a
+                # GATHER's length through a multiplier into DISPATCH's choice was the
+                # ULX3S's critical path, 45.5 MHz)
                 m.d.sync += [write_over.eq(write_addr + write_words > words),
                              read_over.eq(read.addr + read.words > words)]
+                if self.dma:
+                    ghb, count = layout_bytes(GATHER_HEADER), gather.count
+                    m.d.sync += [
+                        stats_over.eq(stats.addr + ((stats.count + nib - 1)
+                                                    >> (nib.bit_length() - 1)) > words),
+                        gather_bad.eq((plen < ghb) | (plen != ghb + (count << 1) + count)),
+                    ]
+                    assert GATHER_ADDR_BYTES == 3
                 m.next = "DISPATCH"
 
             with m.State("DISPATCH"):
@@ -322,9 +336,7 @@ class CommandDecoder(wiring.Component):
                         with m.Else():
                             answer(op, n, Fill.STATS)
                     else:
-                        with m.Elif((plen != 0) & (stats.addr + ((stats.count + nib - 1)
-                                                                 >> (nib.bit_length() - 1))
-                                                   > words)):
+                        with m.Elif((plen != 0) & stats_over):
                             answer(Status.OUT_OF_RANGE)
                         with m.Else():         # a plain STATS sums nothing
                             transfer(TransferOp.SUMS, stats.addr, Mux(plen == 0, 0, stats.count),
@@ -346,14 +358,14 @@ class CommandDecoder(wiring.Component):
                                          left.eq(run.entries), params.eq(run.params)]
                             m.next = "FETCH"
                     with m.Elif(op == Op.GATHER):
-                        hb = layout_bytes(GATHER_HEADER)
-                        with m.If((plen < hb) | (plen != hb + gather.count * GATHER_ADDR_BYTES)):
+                        with m.If(gather_bad):
                             answer(Status.BAD_LENGTH)
                         with m.Elif(gather.count == 0):
                             answer(Status.OUT_OF_RANGE)
                         with m.Else():
                             m.d.sync += [g_left.eq(gather.count), g_mem.eq(gather.mem_addr),
-                                         g_byte.eq(0), p.eq(HEADER_BYTES + hb), have.eq(0)]
+                                         g_byte.eq(0), have.eq(0),
+                                         p.eq(HEADER_BYTES + layout_bytes(GATHER_HEADER))]
                             m.next = "GREAD"
                 with m.Else():
                     answer(Status.UNKNOWN_OP)

@@ -32,14 +32,14 @@ from amaranth.lib.wiring import In, Out
 from nibble.rtl.dma import Dma
 from nibble.rtl.engine import GEMM_CFG, GemmEngine
 from nibble.rtl.formats import VEC_OPS_ALL, VecOp, word_nibbles
-from nibble.rtl.memory import BlockRAM, TensorArbiter, TensorBus
+from nibble.rtl.memory import BlockRAM, ForwardRegister, TensorArbiter, TensorBus
 from nibble.rtl.sdram import BURST_BITS, SdramController, SdramPins
 from nibble.rtl.spram import SpramMemory, spram_words
 from nibble.rtl.transpose import Transposer
 from nibble.rtl.vector import VEC_CFG, VectorUnit
 
 from .decoder import CommandDecoder, Phase
-from .framing import BUFFER_BYTES, FrameRx, FrameTx, SharedCrc
+from .framing import BUFFER_BYTES, TX_BYTE, FrameRx, FrameTx, SharedCrc
 from .protocol import INFO_LAYOUT, MAX_PAYLOAD, STATS_LAYOUT, VERSION
 from .reply import Reply
 from .stats import CommandStats
@@ -149,7 +149,12 @@ class Device(wiring.Component):
         m.submodules.mem = mem = (SpramMemory(nib, hold=False)   # the arbiter holds words
                                   if self.memory == "spram" else BlockRAM(words, nib))
         wiring.connect(m, wiring.flipped(self.i), rx.i)
-        wiring.connect(m, reply.tx, tx.i)
+        # the frame buffer's read data (a block RAM's output, slow to leave it) reaches the
+        # framer's escape logic and, through its ready, the reply's and the decoder's state
+        # only after a register: that path was the ULX3S build's critical one (44.0 MHz)
+        m.submodules.tx_reg = tx_reg = ForwardRegister(TX_BYTE)
+        wiring.connect(m, reply.tx, tx_reg.i)
+        wiring.connect(m, tx_reg.o, tx.i)
         wiring.connect(m, tx.o, wiring.flipped(self.o))
         wiring.connect(m, dec.transfer, xfer.ctl)
         wiring.connect(m, dec.reply, reply.ctl)

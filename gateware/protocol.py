@@ -37,7 +37,7 @@ ESC = 0x7D
 ESC_XOR = 0x20
 #: Largest payload of one frame.
 MAX_PAYLOAD = 1024
-VERSION = 7
+VERSION = 8
 
 
 class Op(enum.IntEnum, shape=8):

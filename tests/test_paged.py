@@ -17,23 +17,31 @@ from nibble.rtl.formats import MaskMode, Operand, OutputPath, VecOp
 SMALL = "emu://?words=1024&sdram=is42s16160"        # 4 KB of scratchpad, 32 MB of SDRAM
 
 
-def test_a_model_in_the_sdram_trains_bit_identically():
+@pytest.mark.parametrize("small, hidden", [(SMALL, 32), ("emu://?words=16384&sdram=is42s16160",
+                                                          320)],
+                         ids=["host-driven", "programs"])
+def test_a_model_in_the_sdram_trains_bit_identically(small, hidden):
+    """Paged through 4 KB of scratchpad (every part sent by the host), or through 64 KB
+    with a program area (RUNs; each backward-weight GEMM fused with its UPDATE)."""
     data = datasets.load("digits")
-    cfg = DeviceTrainConfig(sizes=[64, 32, 10], batch_size=16, seed=3)
+    cfg = DeviceTrainConfig(sizes=[64, hidden, 10], batch_size=16, seed=3)
     runs = []
-    for url in ("emu://?words=65536", SMALL):
+    for url in ("emu://?words=524288", small):
         with Device.open(url) as dev:
             session = Session(dev, data, cfg, 1)
             session.run(progress=False, max_steps=12)
             runs.append((session.losses, session.mlp.masters(), session.mlp.weight_codes(),
-                         session.mlp.paged, getattr(session.mlp.dev, "counters", None)))
-    (l0, (w0, v0), c0, p0, _), (l1, (w1, v1), c1, p1, counters) = runs
+                         session.mlp.paged, getattr(session.mlp.dev, "counters", None),
+                         getattr(session.mlp.dev, "by_op", None)))
+    (l0, (w0, v0), c0, p0, _, _), (l1, (w1, v1), c1, p1, counters, by_op) = runs
     assert not p0 and p1
     assert l0 == l1 and len(l0) == 12
     for a, b in zip([*w0, *v0, *c0], [*w1, *v1, *c1], strict=True):
         assert np.array_equal(a, b)
     assert counters["split_commands"] >= counters["overlapped_commands"] > 0
     assert counters["dma_stores"] > 0
+    assert (counters["runs"] > 0) == (small != SMALL)
+    assert ("GEMM+UPDATE store" in by_op) == (small != SMALL)
 
 
 @pytest.fixture(params=[(SMALL, 0), (SMALL.replace("1024", "2048"), 1024)],
@@ -130,3 +138,54 @@ def test_an_output_written_whole_is_stored_not_loaded(pair, m):
                    for c in cfgs)
     assert covers(stores)
     assert covers(loads) == (m % paged.word_nibbles != 0)
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+def test_a_gemm_and_its_update_fused_equal_them_apart(pair, aligned):
+    """A GEMM into a RAW gradient and the UPDATE that takes it, fused (``gemm_update``),
+    split in parts (masters and momenta starting mid-burst: one part after the other; on
+    whole bursts: overlapped in the scratchpad's halves): every buffer but the gradient
+    ends as on the big device after the two commands, with the same SAWB sums, and no DMA
+    touches the gradient (its SDRAM copy keeps what it held). Without a program area the
+    paged device declines (None)."""
+    paged, big = pair
+    rng = np.random.default_rng(7)
+    m, red, n = 8, 24, 160
+    gemm = Gemm(rng.integers(-8, 8, (m, red)), rng.integers(0, 16, (red, n)), Operand.FP4,
+                Operand.UINT4)
+    plan = plan_gemm(gemm, lane_cfg(OutputPath.RAW, phase=1), paged.word_nibbles, paged.rows,
+                     paged.cols, base=100)
+    g = plan.out
+    wm = -(-g.end // paged.wpb) * paged.wpb + (0 if aligned else 2)
+    vm = wm + n * m + (8 if aligned else 10)
+    words = vm + n * m + 10
+    base = rng.integers(0, 256, words * paged.word_bytes, dtype=np.uint8).tobytes()
+    update = vector_args(VecOp.UPDATE, n, m, (g.addr, g.stride), (wm, m), vm, mu=900,
+                         m=20000, s=18)
+    for dev in (paged, big):
+        dev.write(0, base)
+        for buf, raw in plan.uploads:
+            dev.write(buf.addr, raw)
+    dmas = []
+    record = paged._moved
+    paged._moved = lambda cfg: (dmas.append(cfg), record(cfg))
+    fused = paged.gemm_update(plan.cfg, update)
+    if paged.scratch == paged.dev.mem_words:        # no program area: sent one by one
+        assert fused is None and not dmas
+        return
+    big.gemm(plan.cfg)
+    apart = big.vector(update)
+    assert (fused["w_sum_abs"], fused["w_sum_sq"]) == (apart["w_sum_abs"], apart["w_sum_sq"])
+    wb = paged.word_bytes
+    mine, theirs = paged.read(0, words), big.read(0, words)
+    grad = slice(g.addr * wb, g.end * wb)
+    assert mine[:grad.start] == theirs[:grad.start] and mine[grad.stop:] == theirs[grad.stop:]
+    assert mine[grad] == base[grad] != theirs[grad]
+    assert paged.counters["split_commands"] == 1 and paged.counters["runs"] == 1
+    assert paged.counters["overlapped_commands"] == aligned
+    lo, hi = g.addr // paged.wpb, -(-g.end // paged.wpb)
+    for c in dmas:
+        for r in range(c["rows"]):
+            first = c["ext_addr"] + r * c["ext_stride"]
+            assert first + c["bursts"] <= lo or first >= hi
+    assert {c["store"] for c in dmas} == {False, True}

@@ -1,8 +1,8 @@
 """Stored programs (RUN), GATHER and FENCE (protocol v7) on ``emu://`` and on the RTL
 (``pysim://`` with the SDRAM controller on the chip model): the same driver calls give the
-same memory, SDRAM and statistics; a program's settings come from the RUN; its statistics
-combine over its GEMMs and UPDATEs; a failing entry, a resent RUN and bad lengths behave
-as the protocol says. ``gateware/stats.py`` alone at the end."""
+same memory, SDRAM and statistics; a program's settings come from the RUN (v8: unless an
+entry has its own); its statistics combine over its GEMMs and UPDATEs; a failing entry, a
+resent RUN and bad lengths behave as the protocol says. ``gateware/stats.py`` alone at the end."""
 
 import numpy as np
 import pytest
@@ -98,6 +98,39 @@ def test_programs_on_the_device_match_the_emulator_and_the_commands_one_by_one()
         assert runs[0][2] == max(one["absmax"], two["absmax"])
         assert runs[0][3] == one["clip_sum"] + two["clip_sum"]
         assert dev.read(256, 64) == runs[0][1][:64 * dev.word_bytes]
+
+
+@pytest.mark.parametrize("url", URLS)
+def test_an_entry_with_settings_of_its_own_keeps_them(url):
+    """A program of two kinds (protocol v8): a RAW GEMM (phase 1) stored with its own lane
+    settings, then the UPDATE that takes its result, stored with its settings zeroed, run
+    with the UPDATE's as the RUN's params: the GEMM keeps its own, the UPDATE takes the
+    RUN's, and memory and SAWB sums equal the two commands sent one by one. (The params'
+    low bits, ``mu``'s, would make the GEMM's lane a RESCALE one.)"""
+    rng = np.random.default_rng(11)
+    gemm = Gemm(rng.integers(-8, 8, (8, 16)), rng.integers(0, 16, (16, 8)), Operand.FP4,
+                Operand.UINT4)
+    state = rng.integers(0, 256, 300 * 4, dtype=np.uint8).tobytes()
+    got = []
+    for target in (url, URLS[0]):
+        with Device.open(target) as dev:
+            plan = plan_gemm(gemm, lane_cfg(OutputPath.RAW, phase=1), dev.word_nibbles,
+                             dev.rows, dev.cols, base=0)
+            assert plan.out.end <= 600
+            for buf, raw in plan.uploads:
+                dev.write(buf.addr, raw)
+            dev.write(600, state[:300 * dev.word_bytes])
+            update = vector_args(VecOp.UPDATE, 8, 8, (plan.out.addr, plan.out.stride),
+                                 (600, 8), 700, mu=1001, m=20000, s=18)
+            if target == url:
+                at = store(dev, [(Op.GEMM, plan.cfg),
+                                 (Op.VECTOR, dict(update, mu=0, m=0, s=0))])
+                st = dev.run(at, 2, program_params(Op.VECTOR, update))
+            else:
+                dev.gemm(plan.cfg)
+                st = dev.vector(update)
+            got.append((dev.read(0, 900), st["w_sum_abs"], st["w_sum_sq"]))
+    assert got[0] == got[1]
 
 
 @pytest.mark.parametrize("url", URLS)

@@ -269,12 +269,15 @@ def dma_apply(mem, ext, cfg, nib):
 
 def merge_params(op, args, params):
     """A program entry's argument bytes with the RUN's ``params`` in place of its settings
-    (:data:`~nibble.gateware.protocol.PARAMS_FROM` on)."""
+    (:data:`~nibble.gateware.protocol.PARAMS_FROM` on) when it has none (all zero)."""
     layout = PROGRAM_OPS[op]
     if op not in PARAMS_FROM:
         return args
     at = PARAMS_FROM[op]
-    bits = int.from_bytes(args, "little") & ((1 << at) - 1)
+    bits = int.from_bytes(args, "little")
+    if bits >> at & ((1 << (layout.size - at)) - 1):
+        return args                     # its own settings (a program of two kinds)
+    bits &= (1 << at) - 1
     bits |= (params & ((1 << (layout.size - at)) - 1)) << at
     return bits.to_bytes(layout_bytes(layout), "little")
 

@@ -51,7 +51,7 @@ from nibble.host.device.commands import program_entry, program_params, settings_
 from nibble.host.device.driver import DeviceError
 from nibble.host.device.emu import WHOLE, gemm_regions, vec_regions
 from nibble.rtl.dma import words_per_burst
-from nibble.rtl.formats import VecOp
+from nibble.rtl.formats import OutputPath, VecOp
 
 __all__ = ["PagedDevice"]
 
@@ -59,6 +59,13 @@ __all__ = ["PagedDevice"]
 #: on a scratchpad of 8 times that or more (a Fashion-MNIST step's 17 programs took 614
 #: words of 16 nibbles)
 PROGRAM_NIBBLES = 16384
+
+#: A region a fused command writes and then reads itself, of no use after it (the
+#: gradient between a GEMM and its UPDATE): neither loaded nor stored.
+DEAD = "dead"
+
+_GEMM_FIELDS = [("a_addr", "a_stride"), ("b_addr", "b_stride"), ("out_addr", "out_stride"),
+                ("mask_addr", "mask_stride")]
 
 _SUMMED = ("clip_sum", "gemm_cycles", "beats", "vec_cycles", "w_sum_abs", "w_sum_sq")
 
@@ -141,21 +148,52 @@ class PagedDevice:
         self._op = VecOp(cfg["op"]).name
         return self._run("vector", *self._parts("vector", cfg))
 
+    def gemm_update(self, gemm, update):
+        """A GEMM into a RAW buffer and the UPDATE that takes it as its gradient (and is
+        the last to read it), as one program, part by part: each part's GEMM writes its
+        rows of the gradient into the scratchpad and the UPDATE of the same rows reads
+        them there, so the gradient is neither stored nor loaded (its SDRAM copy keeps
+        what it held). Returns the STATS of both combined (the RUN's), or None where they
+        cannot run so (no program area, a device before protocol 8, the UPDATE's
+        gradient not the GEMM's output, a GEMM without settings of its own: a program's
+        entries of that kind take the RUN's); the caller then sends them one by one."""
+        fits = (self.scratch < self.dev.mem_words and self.info.get("version", 0) >= 8
+                and update["op"] == VecOp.UPDATE
+                and gemm["lane"]["path"] == OutputPath.RAW
+                and (update["a_addr"], update["a_stride"], update["rows"], update["cols"])
+                == (gemm["out_addr"], gemm["out_stride"], gemm["n"], gemm["m"])
+                and program_params(Op.GEMM, gemm) != 0)
+        if not fits:
+            return None
+        self._op = "GEMM+UPDATE"
+        parts, overlap = self._parts("fused", _fused(gemm, update))
+        return self._run_program("fused", self._placed(parts, overlap), overlap)
+
     def wait(self):
         return self.dev.wait()
 
     def _regions(self, kind, cfg):
-        """(addr, stride, rows, row words, written, address field, stride field), where
-        ``written`` is :data:`~nibble.host.device.emu.WHOLE` for a region the command only
-        writes, every nibble of each row's words (it need not be loaded before)."""
+        """(addr, stride, rows, row words, written, [(address field, stride field)]),
+        where ``written`` is :data:`~nibble.host.device.emu.WHOLE` for a region the command
+        only writes, every nibble of each row's words (it need not be loaded before), and
+        ``DEAD`` for one a fused command writes and reads and leaves unused (neither loaded
+        nor stored)."""
+        if kind == "fused":           # the GEMM's output: the UPDATE's input, then dead
+            g, u = _unfused(cfg)
+            gemm = [(*r[:4], DEAD if i == 2 else r[4], [("g." + fa, "g." + fs)] + (
+                     [("u.a_addr", "u.a_stride")] if i == 2 else []))
+                    for i, (r, (fa, fs)) in enumerate(zip(gemm_regions(g, self.rows, self.cols),
+                                                          _GEMM_FIELDS, strict=False))]
+            return gemm + [(*r, [("u." + fa, None)]) for r, fa in
+                           zip(vec_regions(u, self.word_nibbles)[1:], ("b_addr", "c_addr"),
+                               strict=True)]
         if kind == "gemm":
             regions = gemm_regions(cfg, self.rows, self.cols)
-            fields = [("a_addr", "a_stride"), ("b_addr", "b_stride"), ("out_addr", "out_stride"),
-                      ("mask_addr", "mask_stride")]
+            fields = _GEMM_FIELDS
         else:
             regions = vec_regions(cfg, self.word_nibbles)
             fields = [("a_addr", None), ("b_addr", None), ("c_addr", None)]
-        return [(*r, *f) for r, f in zip(regions, fields, strict=False)]
+        return [(*r, [f]) for r, f in zip(regions, fields, strict=False)]
 
     def _blocks(self, kind, cfg):
         """How a command's regions are copied: a list of blocks ``[first burst, rows,
@@ -166,9 +204,9 @@ class PagedDevice:
         with."""
         wpb = self.wpb
         spans = []
-        for addr, stride, n, words, written, fa, fs in self._regions(kind, cfg):
+        for addr, stride, n, words, written, fields in self._regions(kind, cfg):
             end = addr + (n - 1) * stride + words
-            spans.append([addr // wpb, -(-end // wpb), written, [(fa, fs)], addr, stride, n,
+            spans.append([addr // wpb, -(-end // wpb), written, fields, addr, stride, n,
                           words])
         spans.sort(key=lambda x: x[:2])
         merged = []
@@ -208,7 +246,8 @@ class PagedDevice:
         whole scratchpad, one after the other."""
         if self._fits(kind, cfg, self.scratch):
             return [cfg], False
-        split = self._gemm_parts if kind == "gemm" else self._vec_parts
+        split = {"gemm": self._gemm_parts, "vector": self._vec_parts,
+                 "fused": self._fused_parts}[kind]
         if self.overlap:
             try:
                 return split(cfg, self.scratch // 2 // self.wpb * self.wpb, True), True
@@ -220,8 +259,8 @@ class PagedDevice:
         """The bursts a command writes, as (first, end) spans."""
         wpb = self.wpb
         return [(addr // wpb, -(-(addr + (n - 1) * stride + words) // wpb))
-                for addr, stride, n, words, written, _, _ in self._regions(kind, cfg)
-                if written]
+                for addr, stride, n, words, written, _ in self._regions(kind, cfg)
+                if written and written is not DEAD]
 
     def _apart(self, kind, parts):
         """True when no two neighbouring parts write into one burst: overlapped, a part's
@@ -259,6 +298,21 @@ class PagedDevice:
                     not apart or self._apart("vector", cut)):
                 return cut
         raise DeviceError(f"a VECTOR row of {cfg['cols']} elements does not fit the scratchpad")
+
+    def _fused_parts(self, cfg, room, apart=False):
+        """A fused GEMM and UPDATE as parts along the GEMM's N (the UPDATE's rows), in
+        whole words of B's codes, that each fit ``room`` words."""
+        g, u = _unfused(cfg)
+        step, n = self.word_nibbles, g["n"]
+        for parts in range(2, _ceil(n, step) + 1):
+            width = _ceil(_ceil(n, parts), step) * step
+            cut = [_fused(replace_cfg(g, n0, min(n0 + width, n), step),
+                          _vec_rows(u, n0, min(n0 + width, n))) for n0 in range(0, n, width)]
+            if all(self._fits("fused", c, room) for c in cut) and (
+                    not apart or self._apart("fused", cut)):
+                return cut
+        raise DeviceError(f"a GEMM of {g['m']}x{g['l']}x{n} and its UPDATE do not fit "
+                          f"{room:,} words of scratchpad even one word of B wide")
 
     def _place(self, kind, cfg, base):
         """(blocks, each block's scratchpad word from ``base``, the command with its
@@ -306,12 +360,8 @@ class PagedDevice:
         half is stored before it is loaded again). With a program area the parts run as a
         stored program (:meth:`_run_program`); without (or for a program that does not fit
         it) the host sends every step and reads a part's STATS before it starts the next."""
-        dev, half = self.dev, self.scratch // 2 // self.wpb * self.wpb
-        if len(parts) > 1:
-            self.counters["split_commands"] += 1
-            self.counters["overlapped_commands"] += overlap
-        placed = [self._place(kind, p, (i % 2) * half if overlap else 0)
-                  for i, p in enumerate(parts)]
+        dev = self.dev
+        placed = self._placed(parts, overlap, kind)
         if self.scratch < self.dev.mem_words:
             stats = self._run_program(kind, placed, overlap)
             if stats is not None:
@@ -338,30 +388,45 @@ class PagedDevice:
             self.counters["cycles"] += dev.wait()["cycles"] - c0
         return total
 
+    def _placed(self, parts, overlap, kind="fused"):
+        """Each part placed (:meth:`_place`): in the scratchpad's two halves in turn with
+        ``overlap``, else from its start."""
+        half = self.scratch // 2 // self.wpb * self.wpb
+        if len(parts) > 1:
+            self.counters["split_commands"] += 1
+            self.counters["overlapped_commands"] += overlap
+        return [self._place(kind, p, (i % 2) * half if overlap else 0)
+                for i, p in enumerate(parts)]
+
     def _run_program(self, kind, placed, overlap):
         """``_run`` as one stored program: its schedule's loads, parts and stores in the
         same order, a wait for a part's end a FENCE unless a GEMM or VECTOR follows (it
         waits for every unit itself); stored in the program area the first time (the
         settings zeroed: the RUN gives them), then RUN."""
-        op = Op.GEMM if kind == "gemm" else Op.VECTOR
         steps = list(_schedule(len(placed), overlap))
-        entries = []
+        entries = []                   # (opcode, arguments, settings from the RUN)
         for k, (step, i) in enumerate(steps):
             if step == "load" or step == "store":
-                entries.extend((Op.DMA, c) for c in self._dma_list(placed[i], step == "store"))
+                entries.extend((Op.DMA, c, False)
+                               for c in self._dma_list(placed[i], step == "store"))
+            elif step == "start" and kind == "fused":   # the GEMM keeps its settings
+                g, u = _unfused(placed[i][2])
+                entries += [(Op.GEMM, g, False), (Op.VECTOR, u, True)]
             elif step == "start":
-                entries.append((op, placed[i][2]))
+                entries.append((Op.GEMM if kind == "gemm" else Op.VECTOR, placed[i][2], True))
             elif k + 1 == len(steps) or steps[k + 1][0] != "start":
-                entries.append((Op.FENCE, {}))
-        params = program_params(op, placed[0][2])
-        addr = self._store(b"".join(program_entry(o, settings_zeroed(o, c), self.word_nibbles)
-                                    for o, c in entries), len(entries))
+                entries.append((Op.FENCE, {}, False))
+        op, first = next((o, c) for o, c, given in entries if given)
+        params = program_params(op, first)
+        addr = self._store(b"".join(program_entry(o, settings_zeroed(o, c) if given else c,
+                                                  self.word_nibbles)
+                                    for o, c, given in entries), len(entries))
         if addr is None:
             return None
         c0 = self.dev.stats()["cycles"] if self.measure else None
         stats = self.dev.run(addr, len(entries), params)
         self.counters["runs"] += 1
-        for o, c in entries:
+        for o, c, _ in entries:
             if o == Op.DMA:
                 self._moved(c)
         if self.measure:
@@ -396,7 +461,7 @@ class PagedDevice:
         writes, whole) or store them (the ones it writes)."""
         blocks, places, _ = placed
         for (lo, rows, per, ext_stride, written, _), at in zip(blocks, places, strict=True):
-            if (written if store else written is not WHOLE):
+            if written is not DEAD and (written if store else written is not WHOLE):
                 yield from self._dma_cfgs(store, lo, rows, per, ext_stride, at)
 
     def _dma_cfgs(self, store, burst, rows, per, ext_stride, mem):
@@ -449,6 +514,16 @@ def replace_cfg(cfg, n0, n1, nib):
     if cfg["mask_stride"] or cfg["mask_addr"]:
         out["mask_addr"] = cfg["mask_addr"] + n0 * cfg["mask_stride"]
     return out
+
+
+def _fused(gemm, update):
+    """A GEMM and an UPDATE as one flat argument dict (fields ``g.*`` and ``u.*``)."""
+    return {**{"g." + k: v for k, v in gemm.items()}, **{"u." + k: v for k, v in update.items()}}
+
+
+def _unfused(cfg):
+    """The GEMM's and the UPDATE's arguments of a :func:`_fused` dict."""
+    return tuple({k[2:]: v for k, v in cfg.items() if k.startswith(p)} for p in ("g.", "u."))
 
 
 def _vec_rows(cfg, r0, r1):

@@ -298,40 +298,72 @@ class DeviceMLP:
     def _gemm(self, i, cfg):
         """Run a GEMM of layer ``i``; returns the STATS."""
         stats = self.dev.gemm(cfg)
+        self._count_gemm(i, cfg, stats)
+        return stats
+
+    def _count_gemm(self, i, cfg, stats):
         self.counters["gemm_cycles"] += stats["gemm_cycles"]
         self.counters["layer_cycles"][i] += stats["gemm_cycles"]
         self.counters["gemms"].append((cfg["m"], cfg["l"], cfg["n"], stats["gemm_cycles"],
                                        stats["beats"]))
-        return stats
 
     def _vector(self, i, cfg):
         """Run a VECTOR operation of layer ``i``; returns the STATS."""
         stats = self.dev.vector(cfg)
+        self._count_vector(i, cfg, stats)
+        return stats
+
+    def _count_vector(self, i, cfg, stats):
         self.counters["vec_cycles"] += stats["vec_cycles"]
         if cfg["op"] == VecOp.TRANSPOSE:
             self.counters["transpose_cycles"] += stats["vec_cycles"]
         self.counters["layer_cycles"][i] += stats["vec_cycles"]
         return stats
 
+    def _update_params(self, i, ratio):
+        """(mu, M, s) of layer ``i``'s UPDATE with gradient factor ``ratio`` (lr x
+        accumulator unit, in master units); ``ratio=None`` only measures (no update)."""
+        if ratio is None or ratio == 0:
+            return (self.mu if ratio == 0 else 0), 0, 0
+        try:
+            gm, gs = rescale_params(ratio)
+        except NumericsError as e:
+            raise NumericsError(f"layer {i}: the update factor {ratio:.3g} is outside "
+                                f"the UPDATE unit's range ({e})") from None
+        return self.mu, gm, gs
+
+    def _update_args(self, i, ratio):
+        k, n = self.sizes[i], self.sizes[i + 1]
+        mu, gm, gs = self._update_params(i, ratio)
+        return vector_args(VecOp.UPDATE, k, n, self.bufs[i].g, self.bufs[i].wm,
+                           self.bufs[i].vm, mu=mu, m=gm, s=gs)
+
+    def _gemm_update(self, i, gemm, ratio):
+        """Layer ``i``'s backward-weight GEMM ``gemm`` into ``g``, then its UPDATE (as
+        :meth:`_update`): on a device that fuses the two (``gemm_update``: a paged device,
+        whose gradient then never leaves its scratchpad) as one request. Returns the SAWB
+        sums."""
+        fused = getattr(self.dev, "gemm_update", None)
+        if self.cfg.masters == "device" and fused is not None:
+            update = self._update_args(i, ratio)
+            stats = fused(gemm, update)
+            if stats is not None:              # (None: not fusable here; run them apart)
+                self._count_gemm(i, gemm, stats)
+                self._count_vector(i, update, stats)
+                return stats["w_sum_abs"], stats["w_sum_sq"]
+        self._gemm(i, gemm)
+        return self._update(i, ratio)
+
     def _update(self, i, ratio):
         """UPDATE layer ``i`` with gradient factor ``ratio`` (lr x accumulator unit, in
-        master units), then requantize. ``ratio=None`` only measures (no update)."""
+        master units); returns the new masters' SAWB sums. ``ratio=None`` only measures
+        (no update)."""
         k, n = self.sizes[i], self.sizes[i + 1]
-        if ratio is None or ratio == 0:
-            gm, gs, mu = 0, 0, (self.mu if ratio == 0 else 0)
-        else:
-            try:
-                gm, gs = rescale_params(ratio)
-            except NumericsError as e:
-                raise NumericsError(f"layer {i}: the update factor {ratio:.3g} is outside "
-                                    f"the UPDATE unit's range ({e})") from None
-            mu = self.mu
         if self.cfg.masters == "device":
-            stats = self._vector(i, vector_args(VecOp.UPDATE, k, n, self.bufs[i].g,
-                                          self.bufs[i].wm, self.bufs[i].vm, mu=mu,
-                                          m=gm, s=gs))
+            stats = self._vector(i, self._update_args(i, ratio))
             sums = stats["w_sum_abs"], stats["w_sum_sq"]
         else:
+            mu, gm, gs = self._update_params(i, ratio)
             if ratio is None:
                 g = np.zeros_like(self.host_w[i])
             else:
@@ -343,8 +375,11 @@ class DeviceMLP:
             sums = sawb_sums(self.host_w[i])
         return sums
 
-    def _requant(self, i, ratio):
-        sums = self._update(i, ratio)
+    def _requant(self, i, ratio, sums=None):
+        """Requantize layer ``i`` from the masters' SAWB ``sums`` (after an UPDATE with
+        ``ratio`` when not given)."""
+        if sums is None:
+            sums = self._update(i, ratio)
         k, n = self.sizes[i], self.sizes[i + 1]
         step = sawb_step_from_sums(*sums, k * n)            # master units
         qm, qs = rescale_params(1.0 / step)
@@ -482,12 +517,16 @@ class DeviceMLP:
             for t in range(c):
                 self._vector(i, vector_args(VecOp.TRANSPOSE, n, b, _rows(layer.dc, t * n, n),
                                          _rows(layer.dr, t * b, b), pair=1))
-            self._gemm(i, gemm_args(layer.dr, layer.xr, layer.g, (n, c * b, k), Operand.FP4,
-                                 Operand.UINT4, lane_cfg(OutputPath.RAW, phase=1), a_sel=1))
             unit_w = units[1] * x_step[i]
+            ratio = lr * unit_w * math.ldexp(1.0, MASTER_FRAC)
+            # the gradient goes to the UPDATE at once (backward-data reads neither it nor
+            # the masters), so a paged device keeps it in its scratchpad
+            sums = self._gemm_update(i, gemm_args(
+                layer.dr, layer.xr, layer.g, (n, c * b, k), Operand.FP4, Operand.UINT4,
+                lane_cfg(OutputPath.RAW, phase=1), a_sel=1), ratio)
             if i > 0:
                 units = self._backward_data(i, b, units[0] * self.w_step[i], lr)
-            self._requant(i, lr * unit_w * math.ldexp(1.0, MASTER_FRAC))
+            self._requant(i, ratio, sums)
 
     def _backward_data(self, i, b, unit, lr):
         """dX of layer ``i`` masked by layer i-1's activation and log-quantized on the
