@@ -145,9 +145,9 @@ def test_a_gemm_and_its_update_fused_equal_them_apart(pair, aligned):
     """A GEMM into a RAW gradient and the UPDATE that takes it, fused (``gemm_update``),
     split in parts (masters and momenta starting mid-burst: one part after the other; on
     whole bursts: overlapped in the scratchpad's halves): every buffer but the gradient
-    ends as on the big device after the two commands, with the same SAWB sums, and no DMA
-    touches the gradient (its SDRAM copy keeps what it held). Without a program area the
-    paged device declines (None)."""
+    ends as on the big device after the two commands, with the same SAWB sums, no DMA
+    touches the gradient (its SDRAM copy keeps what it held), and A, which every part
+    reads whole, is loaded once. Without a program area the paged device declines (None)."""
     paged, big = pair
     rng = np.random.default_rng(7)
     m, red, n = 8, 24, 160
@@ -183,9 +183,12 @@ def test_a_gemm_and_its_update_fused_equal_them_apart(pair, aligned):
     assert mine[grad] == base[grad] != theirs[grad]
     assert paged.counters["split_commands"] == 1 and paged.counters["runs"] == 1
     assert paged.counters["overlapped_commands"] == aligned
-    lo, hi = g.addr // paged.wpb, -(-g.end // paged.wpb)
-    for c in dmas:
-        for r in range(c["rows"]):
-            first = c["ext_addr"] + r * c["ext_stride"]
-            assert first + c["bursts"] <= lo or first >= hi
+
+    def touching(buf):
+        lo, hi = buf.addr // paged.wpb, -(-buf.end // paged.wpb)
+        return [c for c in dmas for r in range(c["rows"])
+                if c["ext_addr"] + r * c["ext_stride"] < hi
+                and c["ext_addr"] + r * c["ext_stride"] + c["bursts"] > lo]
+    assert not touching(g)
+    assert [c["store"] for c in touching(plan.a)] == [False]      # A: loaded once, for all
     assert {c["store"] for c in dmas} == {False, True}

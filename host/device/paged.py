@@ -67,6 +67,9 @@ DEAD = "dead"
 _GEMM_FIELDS = [("a_addr", "a_stride"), ("b_addr", "b_stride"), ("out_addr", "out_stride"),
                 ("mask_addr", "mask_stride")]
 
+#: The address field of a GEMM's A, by the kind of command it is in.
+_A_FIELD = {"gemm": "a_addr", "fused": "g.a_addr"}
+
 _SUMMED = ("clip_sum", "gemm_cycles", "beats", "vec_cycles", "w_sum_abs", "w_sum_sq")
 
 
@@ -235,9 +238,23 @@ class PagedDevice:
             blocks.append([*packed, written, fields])
         return blocks
 
-    def _fits(self, kind, cfg, room):
-        return sum(rows * per for _, rows, per, _, _, _ in self._blocks(kind, cfg)) * self.wpb \
-            <= room
+    def _fits(self, kind, cfg, room, shared=None):
+        """The command's blocks, but the ``shared`` one (:meth:`_shared`), fit ``room``."""
+        return sum(rows * per for *key, _, fields in self._blocks(kind, cfg)
+                   for rows, per in [key[1:3]]
+                   if not _is_shared(key, fields, shared)) * self.wpb <= room
+
+    def _shared(self, kind, cfg):
+        """``(key, words)`` of a GEMM's A block when it is a block of its own (every part of
+        a GEMM split along N reads all of A: it is loaded once, at the scratchpad's start,
+        for all of them); None for a VECTOR or an A that shares a burst with another
+        buffer."""
+        if kind == "vector":
+            return None
+        for *key, written, fields in self._blocks(kind, cfg):
+            if not written and [f for f, _ in fields] == [_A_FIELD[kind]]:
+                return (*key, _A_FIELD[kind]), key[1] * key[2] * self.wpb
+        return None
 
     def _parts(self, kind, cfg):
         """``(parts, overlap)``: the command whole when it fits the scratchpad; else in parts
@@ -248,12 +265,14 @@ class PagedDevice:
             return [cfg], False
         split = {"gemm": self._gemm_parts, "vector": self._vec_parts,
                  "fused": self._fused_parts}[kind]
+        key, sw = self._shared(kind, cfg) or (None, 0)
         if self.overlap:
             try:
-                return split(cfg, self.scratch // 2 // self.wpb * self.wpb, True), True
+                return split(cfg, (self.scratch - sw) // 2 // self.wpb * self.wpb, True,
+                             key), True
             except DeviceError:
                 pass
-        return split(cfg, self.scratch), False
+        return split(cfg, self.scratch - sw, False, key), False
 
     def _written(self, kind, cfg):
         """The bursts a command writes, as (first, end) spans."""
@@ -269,7 +288,7 @@ class PagedDevice:
         return not any(a0 < b1 and b0 < a1 for s, t in itertools.pairwise(spans)
                        for a0, a1 in s for b0, b1 in t)
 
-    def _gemm_parts(self, cfg, room, apart=False):
+    def _gemm_parts(self, cfg, room, apart=False, shared=None):
         """The GEMM as parts along N that each fit ``room`` words (and with ``apart``, write
         no burst in common with their neighbours)."""
         step = self.word_nibbles                      # B columns: whole words of codes
@@ -278,13 +297,13 @@ class PagedDevice:
             width = _ceil(_ceil(n, parts), step) * step
             cut = [replace_cfg(cfg, n0, min(n0 + width, n), self.word_nibbles)
                    for n0 in range(0, n, width)]
-            if all(self._fits("gemm", c, room) for c in cut) and (
+            if all(self._fits("gemm", c, room, shared) for c in cut) and (
                     not apart or self._apart("gemm", cut)):
                 return cut
         raise DeviceError(f"a GEMM of {cfg['m']}x{cfg['l']}x{cfg['n']} does not fit "
                           f"{room:,} words of scratchpad even one word of B wide")
 
-    def _vec_parts(self, cfg, room, apart=False):
+    def _vec_parts(self, cfg, room, apart=False, shared=None):
         """The VECTOR operation as parts along its rows (UPDATE, REQUANT) that each fit
         (and with ``apart``, write no burst in common with their neighbours)."""
         if cfg["op"] == VecOp.TRANSPOSE:
@@ -299,7 +318,7 @@ class PagedDevice:
                 return cut
         raise DeviceError(f"a VECTOR row of {cfg['cols']} elements does not fit the scratchpad")
 
-    def _fused_parts(self, cfg, room, apart=False):
+    def _fused_parts(self, cfg, room, apart=False, shared=None):
         """A fused GEMM and UPDATE as parts along the GEMM's N (the UPDATE's rows), in
         whole words of B's codes, that each fit ``room`` words."""
         g, u = _unfused(cfg)
@@ -308,21 +327,24 @@ class PagedDevice:
             width = _ceil(_ceil(n, parts), step) * step
             cut = [_fused(replace_cfg(g, n0, min(n0 + width, n), step),
                           _vec_rows(u, n0, min(n0 + width, n))) for n0 in range(0, n, width)]
-            if all(self._fits("fused", c, room) for c in cut) and (
+            if all(self._fits("fused", c, room, shared) for c in cut) and (
                     not apart or self._apart("fused", cut)):
                 return cut
         raise DeviceError(f"a GEMM of {g['m']}x{g['l']}x{n} and its UPDATE do not fit "
                           f"{room:,} words of scratchpad even one word of B wide")
 
-    def _place(self, kind, cfg, base):
-        """(blocks, each block's scratchpad word from ``base``, the command with its
-        addresses moved onto them)."""
+    def _place(self, kind, cfg, base, shared=None):
+        """(blocks, each block's scratchpad word from ``base``, the ``shared`` one at word
+        0, the command with its addresses moved onto them)."""
         wpb = self.wpb
         blocks = self._blocks(kind, cfg)
         places, at = [], base
-        for _, rows, per, _, _, _ in blocks:
-            places.append(at)
-            at += rows * per * wpb
+        for *key, _, fields in blocks:
+            if _is_shared(key, fields, shared):
+                places.append(0)
+            else:
+                places.append(at)
+                at += key[1] * key[2] * wpb
         moved = dict(cfg)
         for (lo, rows, per, _, _, fields), at in zip(blocks, places, strict=True):
             for fa, fs in fields:
@@ -390,13 +412,22 @@ class PagedDevice:
 
     def _placed(self, parts, overlap, kind="fused"):
         """Each part placed (:meth:`_place`): in the scratchpad's two halves in turn with
-        ``overlap``, else from its start."""
-        half = self.scratch // 2 // self.wpb * self.wpb
+        ``overlap``, else from its start; a split GEMM's A (:meth:`_shared`) before them,
+        loaded with the first part only."""
+        key, sw = (self._shared(kind, parts[0]) if len(parts) > 1 else None) or (None, 0)
+        half = (self.scratch - sw) // 2 // self.wpb * self.wpb
         if len(parts) > 1:
             self.counters["split_commands"] += 1
             self.counters["overlapped_commands"] += overlap
-        return [self._place(kind, p, (i % 2) * half if overlap else 0)
-                for i, p in enumerate(parts)]
+        placed = []
+        for i, p in enumerate(parts):
+            blocks, places, moved = self._place(kind, p, sw + ((i % 2) * half if overlap
+                                                               else 0), key)
+            if i:                               # A is in place: neither loaded nor stored
+                blocks = [[*b[:4], DEAD, b[5]] if _is_shared(b[:4], b[5], key) else b
+                          for b in blocks]
+            placed.append((blocks, places, moved))
+        return placed
 
     def _run_program(self, kind, placed, overlap):
         """``_run`` as one stored program: its schedule's loads, parts and stores in the
@@ -514,6 +545,12 @@ def replace_cfg(cfg, n0, n1, nib):
     if cfg["mask_stride"] or cfg["mask_addr"]:
         out["mask_addr"] = cfg["mask_addr"] + n0 * cfg["mask_stride"]
     return out
+
+
+def _is_shared(key, fields, shared):
+    """Block ``key`` (first burst, rows, bursts a row, SDRAM stride) with ``fields`` is the
+    ``shared`` one (:meth:`PagedDevice._shared`)."""
+    return shared is not None and (*key, fields[0][0]) == shared and len(fields) == 1
 
 
 def _fused(gemm, update):
