@@ -29,7 +29,9 @@ On the ULX3S the device has its SDRAM (``Board.sdram``, a part of
 :data:`nibble.rtl.sdram.CHIPS`) behind the DMA: the controller's registered commands and
 write data go out through the pins' buffers, and the SDRAM's clock is a second PLL output at
 the system frequency, 90 degrees behind it (as LiteX runs it), so that the chip samples
-commands and data in the middle of their cycle.
+commands and data in the middle of their cycle. Its 128 DSP PEs (``Board.dsp_pes``) are
+the 8 x 16 array's 64 PE pairs, one MULT18X18D each; a larger array (``--cols 32``) keeps
+128 on DSP blocks and multiplies its other pairs in LUTs (:class:`nibble.rtl.array.PEPair`).
 
 Any other amaranth-boards platform with a ``uart`` resource works through
 ``--board module:Class`` (for example ``amaranth_boards.icestick:ICEStickPlatform``): on an
@@ -96,7 +98,7 @@ class Board:
     sdram: str | None = None  # a part of rtl.sdram.CHIPS on the board's `sdram` resource
     vec_ops: int = VEC_OPS_ALL  # the element-wise unit's operations (the rest on the host)
     memory: str = "bram"      # tensor memory: block RAM, or "spram" (the UP5K's SPRAM)
-    dsp_pes: int = 0          # PEs multiplying in a DSP (one-row arrays: rtl.array.BroadcastRow)
+    dsp_pes: int = 0          # PEs multiplying in a DSP (rtl.array: BroadcastRow, PEPair)
     ddr_rx: bool = False      # the UART receiver samples twice a cycle (gateware.uart)
     link: str = "uart"        # "uart" (the board's USB-serial chip) or "usb" (gateware.usb)
     seed: int = 1             # nextpnr's placement seed (the one docs/results.md was built with)
@@ -119,7 +121,7 @@ BOARDS = {
     "ulx3s-85f": Board("ulx3s-85f", "amaranth_boards.ulx3s:ULX3S_85F_Platform",
                        rows=8, cols=16, mem_words=16384, baud=3_000_000, clk_hz=48_000_000,
                        pll="ecp5", sdram="is42s16160", nextpnr_opts=("--router", "router2"),
-                       cable=("-b", "ulx3s"), seed=3, link="usb"),
+                       cable=("-b", "ulx3s"), seed=3, link="usb", dsp_pes=128),
 }
 
 
@@ -203,9 +205,10 @@ def resolve(name, rows=None, cols=None, baud=None, mem_words=None, clk_hz=None, 
             raise BoardError(f"{board.name}: the native USB link needs 48 and 12 MHz beside "
                              "the design clock, which only the ECP5 PLL makes here "
                              "(use --link uart)")
-    # DSP PEs are a one-row array's; another shape keeps the board's DSPs for what fits
+    # no more DSP PEs than PEs (a PE pair's two, so an even number in a systolic array)
     board = dataclasses.replace(board, dsp_pes=min(board.dsp_pes, board.cols)
-                                if board.rows == 1 else 0)
+                                if board.rows == 1 else
+                                min(board.dsp_pes, board.rows * board.cols) // 2 * 2)
     if board.pll:                 # the clock the PLL makes, nearest at or below the target
         fin = board.make_platform().default_clk_frequency
         try:

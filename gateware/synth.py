@@ -91,10 +91,11 @@ DEVICES = {
 
 
 class SynthTop(wiring.Component):
-    """A component (by default the R x C datapath) between scan-chain boundary registers."""
+    """A component (by default the R x C datapath, every PE pair on a DSP block) between
+    scan-chain boundary registers."""
 
     def __init__(self, rows=None, cols=None, dut=None):
-        self.dut = dut if dut is not None else Datapath(rows, cols)
+        self.dut = dut if dut is not None else Datapath(rows, cols, rows * cols)
         super().__init__({"scan_in": In(1), "capture": In(1), "scan_out": Out(1)})
 
     def elaborate(self, platform):

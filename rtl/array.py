@@ -16,7 +16,9 @@ C beats long; the array pads shorter tiles with bubbles itself.
 
 The systolic array's PEs come in pairs (:class:`PEPair`): rows 2r and 2r + 1 of a column
 share one DSP multiply, their A codes decoded once at the array's edge and packed into one
-operand, and the pair keeps the single PEs' timing at its outputs. :class:`PE` is the
+operand, and the pair keeps the single PEs' timing at its outputs (the array's
+``dsp_pes`` say how many PEs do; the other pairs make their two products in LUTs, from the
+same operand). :class:`PE` is the
 all-LUT PE (the one-row array's LUT PEs are its logic; ``make synth`` measures both).
 
 Widths: a PE product is :data:`~rtl.formats.PE_PRODUCT_BITS` wide and its accumulator
@@ -194,9 +196,18 @@ class PEPair(wiring.Component):
     result : Out(ArrayLayout(signed(PE_ACC_BITS), 2))
         Each row's finished tile sum in the cycle after its last product; 0 otherwise.
     result_valid : Out(2)
+
+    Parameters
+    ----------
+    dsp : bool
+        The one multiply ``b * X`` (a DSP block on an FPGA that has them); else the two
+        products ``b * x0`` and ``b * x1`` as shift-and-add in LUTs (``X`` unpacked:
+        ``x0`` its low 9 bits, ``x1`` the rest plus their borrow), for an array that has
+        more pairs than the FPGA has DSP blocks to spare, or whose DSP rows crowd.
     """
 
-    def __init__(self):
+    def __init__(self, dsp=True):
+        self.dsp = dsp
         super().__init__({
             "a_in": In(A_PAIR), "b_in": In(signed(5)), "last_in": In(1),
             "a_out": Out(A_PAIR), "b_out": Out(signed(5)), "last_out": Out(1),
@@ -212,15 +223,21 @@ class PEPair(wiring.Component):
                      last.eq(self.last_in)]
         m.d.comb += [self.a_out.eq(a_op), self.b_out.eq(b_d), self.last_out.eq(last)]
 
-        # Stage 2: the multiply (a DSP block), the shifts and last beside it.
-        both = Signal(signed(5 + 6 + S))
+        # Stage 2: the multiply (a DSP block, or two in LUTs), h and last beside it.
         h = [Signal(2, name=f"h{r}") for r in range(2)]
         last_b = Signal()
-        m.d.sync += [both.eq(b_op * a_op.x), h[0].eq(a_op.h[0]), h[1].eq(a_op.h[1]),
-                     last_b.eq(last)]
-        # Stage 3: each row's product, unpacked and shifted by 6 h.
-        lo = both[:S].as_signed()
-        hi = both[S:].as_signed() + both[S - 1]     # floor division's borrow, given back
+        m.d.sync += [h[0].eq(a_op.h[0]), h[1].eq(a_op.h[1]), last_b.eq(last)]
+        if self.dsp:
+            both = Signal(signed(5 + 6 + S))
+            m.d.sync += both.eq(b_op * a_op.x)
+            lo = both[:S].as_signed()
+            hi = both[S:].as_signed() + both[S - 1]     # floor division's borrow, given back
+        else:                                           # |x * b| <= 240: 9 bits each
+            lo, hi = Signal(signed(S)), Signal(signed(S))
+            x0 = a_op.x[:S].as_signed()
+            x1 = a_op.x[S:].as_signed() + a_op.x[S - 1]
+            m.d.sync += [lo.eq(_mul5(b_op, x0)), hi.eq(_mul5(b_op, x1))]
+        # Stage 3: each row's product shifted by 6 h.
         prod = [Signal(signed(PE_PRODUCT_BITS), name=f"prod{r}") for r in range(2)]
         last_p = Signal()
         for r, p in enumerate((lo, hi)):
@@ -260,6 +277,9 @@ class SystolicArray(wiring.Component):
     ----------
     rows, cols : int
         R and C; ``cols`` must be a multiple of ``rows`` (lanes share columns modulo R).
+    dsp_pes : int
+        PEs that multiply in a DSP block, two to a :class:`PEPair` (the first pairs,
+        column by column); the other pairs multiply in LUTs. Results are the same.
 
     Ports
     -----
@@ -281,10 +301,10 @@ class SystolicArray(wiring.Component):
         Cycles from a tile's last beat to its first lane element.
     """
 
-    def __init__(self, rows, cols):
+    def __init__(self, rows, cols, dsp_pes=0):
         if rows < 1 or cols < 1 or cols % rows:
             raise ValueError(f"need rows >= 1 and cols a multiple of rows, got {rows}x{cols}")
-        self.rows, self.cols = rows, cols
+        self.rows, self.cols, self.dsp_pes = rows, cols, dsp_pes
         # beat register (1) + decode (1) + skew (2 * (i // 2)) + PE operand (1) + product (2)
         # + column bus (1) + lane bus (1); lane g's first element comes from PE(0, g).
         self.latency = 7
@@ -357,7 +377,9 @@ class SystolicArray(wiring.Component):
 
         # Pair r sees step k in cycle k + 2r + j: row 2r on time, row 2r + 1 a cycle early
         # (the pair delays its product a cycle instead).
-        pairs = [[PEPair() for _ in range(C)] for _ in range(P)]
+        # the first dsp_pes / 2 pairs, column by column, multiply in a DSP block
+        pairs = [[PEPair(dsp=j * P + r < self.dsp_pes // 2) for j in range(C)]
+                 for r in range(P)]
         for r in range(P):
             for j in range(C):
                 pe = pairs[r][j]
@@ -532,12 +554,10 @@ class BroadcastRow(wiring.Component):
 
 def make_array(rows, cols, dsp_pes=0, primitive=None):
     """The array of an R x C datapath: a :class:`BroadcastRow` for one row, else the
-    :class:`SystolicArray` (whose PEs are all LUT PEs: ``dsp_pes`` must be 0)."""
+    :class:`SystolicArray`; ``dsp_pes`` of its PEs multiply in DSP blocks."""
     if rows == 1:
         return BroadcastRow(cols, dsp_pes, primitive)
-    if dsp_pes:
-        raise ValueError("DSP PEs are built in one-row arrays only")
-    return SystolicArray(rows, cols)
+    return SystolicArray(rows, cols, dsp_pes)
 
 
 def balanced(op, values):

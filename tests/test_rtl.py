@@ -86,13 +86,15 @@ def test_pe_every_code_pair(a_kind, b_kind):
     (Operand.UINT4, Operand.INT4), (Operand.INT4, Operand.UINT4), (Operand.FP4, Operand.INT4),
     (Operand.FP4, Operand.UINT4),
 ])
-def test_pe_pair_every_code_triple(a_kind, b_kind):
-    """A PE pair (one DSP multiply for two rows) on all 4,096 (row 2r, row 2r+1, B) code
-    triples, with the array edge's decode in front: both rows' products exact, through the
-    packing's borrow and the FP4 shift by 0, 6 or 12."""
+@pytest.mark.parametrize("dsp", [True, False], ids=["dsp", "lut"])
+def test_pe_pair_every_code_triple(a_kind, b_kind, dsp):
+    """A PE pair (one DSP multiply for two rows, or two LUT multiplies from the same packed
+    operand) on all 4,096 (row 2r, row 2r+1, B) code triples, with the array edge's decode
+    in front: both rows' products exact, through the packing's borrow and the FP4 shift by
+    0, 6 or 12."""
     flags = operand_cfg(a_kind, b_kind)
     m = Module()
-    m.submodules.pair = pair = PEPair()
+    m.submodules.pair = pair = PEPair(dsp)
     a0, a1, b = Signal(4), Signal(4), Signal(4)
     (x0, h0), (x1, h1) = (decode_a(c, flags["a_fp4"], flags["a_signed"]) for c in (a0, a1))
     m.d.comb += [pair.a_in.x.eq(x0 + (x1 << PAIR_SHIFT)), pair.a_in.h[0].eq(h0),
@@ -120,15 +122,17 @@ def test_pe_pair_every_code_triple(a_kind, b_kind):
         assert seen[row][:len(want)] == want, row
 
 
+@pytest.mark.parametrize("dsp_pes", [0, 4, 8])
 @pytest.mark.parametrize("mode", list(GemmMode))
 @pytest.mark.parametrize("shape", [(5, 7, 9), (2, 1, 4), (4, 12, 8)])
-def test_datapath_raw_gemm(mode, shape):
-    """Whole GEMMs (partial tiles, tiles shorter than C, bubbles and stalls) in RAW."""
+def test_datapath_raw_gemm(mode, shape, dsp_pes):
+    """Whole GEMMs (partial tiles, tiles shorter than C, bubbles and stalls) in RAW, on PE
+    pairs in LUTs, on DSP blocks, and half and half."""
     rng = np.random.default_rng(hash((mode.value, shape)) % 2**32)
     for kinds in MODE_KINDS[mode]:
         gemm = random_gemm(rng, kinds, *shape)
         phase = 1 if mode is GemmMode.BACKWARD_WEIGHT else 0
-        dut = Datapath(2, 4)
+        dut = Datapath(2, 4, dsp_pes)
         got, (absmax, clip), _ = run_datapath(dut, gemm, lane_cfg(OutputPath.RAW, phase=phase),
                                       seed=int(rng.integers(1 << 30)))
         want = golden_acc(gemm, phase)

@@ -24,9 +24,9 @@ with that much block RAM. Per GEMM or VECTOR command:
    its rows; the parts' statistics combine exactly (absmax: the largest; clip and SAWB
    sums, cycles and beats: the total). Parts that fit half the scratchpad each run in its
    two halves in turn, the next part's loads and the last part's stores beside each part
-   (double buffering): on the ULX3S configuration a Fashion-MNIST step takes 2.23 M
-   device cycles (``make bench-train``); one part after the other took about a million
-   more (measured with the sequential element-wise unit);
+   (double buffering; one part after the other took about a million cycles more a
+   Fashion-MNIST step, measured with the sequential element-wise unit). A split GEMM's A,
+   which every part reads whole, is loaded once, before the halves, for all of them;
 4. on a scratchpad of 64 KB or more (the ULX3S's is 128 KB) all of this is a **program**
    (protocol RUN): the same loads, parts and stores as entries, with a FENCE where the
    host would wait for a part to end before storing it, stored once in the program area at
@@ -34,7 +34,15 @@ with that much block RAM. Per GEMM or VECTOR command:
    run with one RUN that gives them and answers with the parts' STATS combined by the
    device. The link then carries one RUN and its reply a command instead of every DMA,
    part and poll (a Fashion-MNIST step on the ULX3S configuration: 5.8 KB instead of
-   17.8 KB, ``make bench-train``); a program too long for the area is paged by the host.
+   17.8 KB, ``make bench-train``); a program too long for the area is paged by the host;
+5. a backward-weight GEMM and the UPDATE that takes its gradient run **fused**
+   (:meth:`PagedDevice.gemm_update`, which ``DeviceMLP`` calls where it exists): one
+   program whose parts each compute some rows of the gradient into the scratchpad and
+   update the same rows of the masters and momenta from there (the GEMM entries keep their
+   own settings, the UPDATEs take the RUN's: protocol v8), so the gradient, 4 bytes a
+   weight, is neither stored nor loaded. With A loaded once, a Fashion-MNIST step on the
+   ULX3S configuration moves 2.34 MB of SDRAM instead of 3.23 (``make bench-train``,
+   ``sdram_bytes_by_command``).
 
 WRITE and READ from the host go to the SDRAM through a staging area (the driver's
 ``ext_write``/``ext_read``). Whole commands are not overlapped with one another (each waits
