@@ -299,17 +299,8 @@ class PagedDevice:
     def _gemm_parts(self, cfg, room, apart=False, shared=None):
         """The GEMM as parts along N that each fit ``room`` words (and with ``apart``, write
         no burst in common with their neighbours)."""
-        step = self.word_nibbles                      # B columns: whole words of codes
-        n = cfg["n"]
-        for parts in range(2, _ceil(n, step) + 1):
-            width = _ceil(_ceil(n, parts), step) * step
-            cut = [replace_cfg(cfg, n0, min(n0 + width, n), self.word_nibbles)
-                   for n0 in range(0, n, width)]
-            if all(self._fits("gemm", c, room, shared) for c in cut) and (
-                    not apart or self._apart("gemm", cut)):
-                return cut
-        raise DeviceError(f"a GEMM of {cfg['m']}x{cfg['l']}x{cfg['n']} does not fit "
-                          f"{room:,} words of scratchpad even one word of B wide")
+        return self._along_n("gemm", cfg, cfg, room, apart, shared,
+                             lambda n0, n1: replace_cfg(cfg, n0, n1, self.word_nibbles))
 
     def _vec_parts(self, cfg, room, apart=False, shared=None):
         """The VECTOR operation as parts along its rows (UPDATE, REQUANT) that each fit
@@ -327,18 +318,24 @@ class PagedDevice:
         raise DeviceError(f"a VECTOR row of {cfg['cols']} elements does not fit the scratchpad")
 
     def _fused_parts(self, cfg, room, apart=False, shared=None):
-        """A fused GEMM and UPDATE as parts along the GEMM's N (the UPDATE's rows), in
-        whole words of B's codes, that each fit ``room`` words."""
+        """A fused GEMM and UPDATE as parts along the GEMM's N (the UPDATE's rows)."""
         g, u = _unfused(cfg)
-        step, n = self.word_nibbles, g["n"]
+        return self._along_n("fused", cfg, g, room, apart, shared, lambda n0, n1: _fused(
+            replace_cfg(g, n0, n1, self.word_nibbles), _vec_rows(u, n0, n1)))
+
+    def _along_n(self, kind, cfg, gemm, room, apart, shared, cut):
+        """``cut(n0, n1)`` for spans of the GEMM's N in whole words of B's codes, as few as
+        fit ``room`` words each (and with ``apart``, write no burst in common with their
+        neighbours)."""
+        step, n = self.word_nibbles, gemm["n"]
         for parts in range(2, _ceil(n, step) + 1):
             width = _ceil(_ceil(n, parts), step) * step
-            cut = [_fused(replace_cfg(g, n0, min(n0 + width, n), step),
-                          _vec_rows(u, n0, min(n0 + width, n))) for n0 in range(0, n, width)]
-            if all(self._fits("fused", c, room, shared) for c in cut) and (
-                    not apart or self._apart("fused", cut)):
-                return cut
-        raise DeviceError(f"a GEMM of {g['m']}x{g['l']}x{n} and its UPDATE do not fit "
+            cuts = [cut(n0, min(n0 + width, n)) for n0 in range(0, n, width)]
+            if all(self._fits(kind, c, room, shared) for c in cuts) and (
+                    not apart or self._apart(kind, cuts)):
+                return cuts
+        raise DeviceError(f"a GEMM of {gemm['m']}x{gemm['l']}x{n}"
+                          f"{' and its UPDATE' if kind == 'fused' else ''} does not fit "
                           f"{room:,} words of scratchpad even one word of B wide")
 
     def _place(self, kind, cfg, base, shared=None):
