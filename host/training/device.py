@@ -318,7 +318,6 @@ class DeviceMLP:
         if cfg["op"] == VecOp.TRANSPOSE:
             self.counters["transpose_cycles"] += stats["vec_cycles"]
         self.counters["layer_cycles"][i] += stats["vec_cycles"]
-        return stats
 
     def _update_params(self, i, ratio):
         """(mu, M, s) of layer ``i``'s UPDATE with gradient factor ``ratio`` (lr x
