@@ -72,7 +72,7 @@ from nibble.rtl.sdram import CHIPS, SdramPins
 from .budget import budget
 from .device import Device
 from .pll import USB_HZ, USB_IO_HZ, Ecp5Pll, Ice40Pll, PllError, ecp5_pll, ice40_pll
-from .synth import ICE40_DSP_GUARD, find_tool, ice40_dsp_stub, tool_path
+from .synth import ICE40_DSP_GUARD, abc_lut_map, find_tool, ice40_dsp_stub, tool_path
 from .uart import UARTRx, UARTTx, divisor_for
 from .usb import USBLink
 
@@ -104,6 +104,10 @@ class Board:
     seed: int = 1             # nextpnr's placement seed (the one docs/results.md was built with)
     nextpnr_opts: tuple = ()
     synth_opts: str = ""
+    #: how yosys maps the ECP5 logic to LUTs: "abc9" (synth_ecp5's own, timing-driven) or
+    #: "abc" (``abc -lut 4`` in its place: yosys 0.70's abc9 asserts in
+    #: ``abc9_ops -reintegrate`` on the 8x32 array with LUT PE pairs)
+    lut_map: str = "abc9"
     cable: tuple = field(default=())   # openFPGALoader arguments
     #: how the clock was chosen, where that needs saying (a board without a PLL here)
     clock_note: str = ""
@@ -161,10 +165,12 @@ def pll_setting(board, fin):
                        f"{board.baud:,} baud within 1%") from None
 
 
-def resolve(name, rows=None, cols=None, baud=None, mem_words=None, clk_hz=None, link=None):
+def resolve(name, rows=None, cols=None, baud=None, mem_words=None, clk_hz=None, link=None,
+            dsp_pes=None, lut_map=None):
     """A :class:`Board` for a known name or a ``module:Class`` amaranth-boards platform;
     ``clk_hz`` asks for another design clock (the nearest a PLL makes at or below it),
-    ``link`` another host link ("uart" or "usb")."""
+    ``link`` another host link ("uart" or "usb"), ``dsp_pes`` how many PEs multiply in DSP
+    blocks, ``lut_map`` how yosys maps an ECP5's LUTs (:attr:`Board.lut_map`)."""
     if name in BOARDS:
         board = BOARDS[name]
     elif ":" in name:
@@ -191,10 +197,16 @@ def resolve(name, rows=None, cols=None, baud=None, mem_words=None, clk_hz=None, 
                          "amaranth-boards platform as module:Class")
     changes = {k: v for k, v in (("rows", rows), ("cols", cols), ("baud", baud),
                                  ("mem_words", mem_words), ("clk_hz", clk_hz),
-                                 ("link", link)) if v}
+                                 ("link", link), ("lut_map", lut_map)) if v}
+    if dsp_pes is not None:
+        changes["dsp_pes"] = dsp_pes
     board = dataclasses.replace(board, **changes)
     if board.link not in ("uart", "usb"):
         raise BoardError(f"link {board.link!r}: 'uart' or 'usb'")
+    if board.lut_map not in ("abc9", "abc"):
+        raise BoardError(f"LUT mapping {board.lut_map!r}: 'abc9' or 'abc'")
+    if board.lut_map == "abc" and board.pll != "ecp5":
+        raise BoardError(f"{board.name}: --lut-map abc is for ECP5 boards (synth_ecp5)")
     if board.link == "usb":
         platform = board.make_platform()
         usb = platform.resources.get(("usb", 0))
@@ -457,15 +469,18 @@ def build(board, out_root="build", seed=1, progress=False, budget=True):
     for stale in ("report-nextpnr.json", "report.json", "top.tim", "top.json", "top.rpt",
                   "top.il"):
         (out / stale).unlink(missing_ok=True)
-    guard = {}
+    guard, synth_opts = {}, board.synth_opts
     if is_ice40(platform):     # synth_ice40 -dsp would rebuild the instantiated DSP blocks
         platform.add_file("nibble_dsp_stub.v", ice40_dsp_stub())
         guard = dict(script_after_read=ICE40_DSP_GUARD[0], script_after_synth=ICE40_DSP_GUARD[1])
+    elif board.lut_map == "abc":
+        synth_opts, after = abc_lut_map(board.synth_opts)
+        guard = dict(script_after_synth=after)
     try:
         with _Progress(out, progress):
             platform.build(
                 BoardTop(board), name="top", build_dir=str(out), do_program=False,
-                synth_opts=board.synth_opts, **guard,
+                synth_opts=synth_opts, **guard,
                 nextpnr_opts=" ".join([*board.nextpnr_opts, "--seed", str(seed), "--report",
                                        "report-nextpnr.json", "--timing-allow-fail"]))
     except Exception as e:      # the toolchain's own error carries the log tail
@@ -559,6 +574,7 @@ def _configuration(board):
     sdram = CHIPS[board.sdram].bytes if board.sdram else 0
     return {"board": board.name, "rows": board.rows, "cols": board.cols,
             "macs_per_cycle": board.rows * board.cols, "dsp_pes": board.dsp_pes,
+            "lut_map": board.lut_map,
             "mem_words": board.mem_words,
             "word_nibbles": nib, "memory": board.memory,
             # what a model's training state can occupy: the on-chip memory the engine
@@ -607,7 +623,7 @@ def _budget(board, platform, out, total, progress):
 
     ffs = total["ffs"] if family == "ecp5" else None
     blocks = budget(core, family, out / "blocks", dict(total, ffs=ffs), show, platform,
-                    board.synth_opts or None)
+                    board.synth_opts or None, board.lut_map)
     if progress:
         sys.stderr.write("\n")
     return blocks

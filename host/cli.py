@@ -334,7 +334,7 @@ def cmd_bitstream(args):
 
     board = resolve(args.board, rows=args.rows, cols=args.cols, baud=args.baud,
                     mem_words=args.words, clk_hz=args.clk and round(args.clk * 1e6),
-                    link=args.link)
+                    link=args.link, dsp_pes=args.dsp_pes, lut_map=args.lut_map)
     if args.report_only:
         from nibble.gateware.boards import rereport
         r = rereport(board, out_root=args.out)
@@ -622,6 +622,12 @@ def build_parser():
                     help="design clock: the nearest the board's PLL makes at or below it "
                     "(default: the board's, or on another iCE40 / ECP5 board "
                     "36 / 45 MHz)")
+    bt.add_argument("--dsp-pes", type=int, metavar="N",
+                    help="PEs that multiply in DSP blocks (default: the board's; the others "
+                    "in LUTs)")
+    bt.add_argument("--lut-map", choices=("abc9", "abc"),
+                    help="how yosys maps an ECP5 design's LUTs (default abc9; abc where "
+                    "yosys's abc9 stops on an assertion)")
     bt.add_argument("--seed", type=int,
                     help="nextpnr placement seed (default: the board's, else 1)")
     bt.add_argument("--out", default="build")

