@@ -86,8 +86,8 @@ def _measure(dut, family, work, platform=None, synth_opts=None, lut_map="abc9"):
     if synth_opts is not None:
         synth = f"synth_{family} {synth_opts}"
     after = ""
-    if lut_map == "abc":
-        opts, after = abc_lut_map(synth.split(None, 1)[1] if " " in synth else "")
+    if lut_map == "abc":         # an ECP5 board's (synth_ecp5 has no default options here)
+        opts, after = abc_lut_map(synth_opts or "")
         synth = f"synth_{family} {opts}"
     work.mkdir(parents=True, exist_ok=True)
     top = SynthTop(dut=dut)
