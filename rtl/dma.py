@@ -64,7 +64,9 @@ def words_per_burst(nibbles):
 class TileWalker(wiring.Component):
     """The addresses of a tile, one per ``step``: ``rows`` rows of ``cols`` consecutive
     addresses, row starts ``stride`` apart, from ``base`` (held from ``launch`` on).
-    ``valid`` from ``launch`` until the ``last`` address is stepped past."""
+    ``valid`` from ``launch`` until the ``last`` address is stepped past. ``addr`` is a
+    register (the next one is worked out beside it): the 8x16 ULX3S build's critical path
+    went through a row-start-plus-column adder into the tensor memory's arbiter."""
 
     def __init__(self, addr_width, cols_width):
         super().__init__({
@@ -78,16 +80,19 @@ class TileWalker(wiring.Component):
         row_at = Signal.like(self.addr)
         col, row = Signal.like(self.cols), Signal(DIM_BITS)
         end_col, end_row = col == self.cols - 1, row == self.rows - 1
-        m.d.comb += [self.addr.eq(row_at + col), self.last.eq(self.valid & end_col & end_row)]
+        m.d.comb += self.last.eq(self.valid & end_col & end_row)
         with m.If(self.launch):
-            m.d.sync += [self.valid.eq(1), row_at.eq(self.base), col.eq(0), row.eq(0)]
+            m.d.sync += [self.valid.eq(1), row_at.eq(self.base), self.addr.eq(self.base),
+                         col.eq(0), row.eq(0)]
         with m.Elif(self.step & self.valid):
             with m.If(end_col):
-                m.d.sync += [col.eq(0), row.eq(row + 1), row_at.eq(row_at + self.stride)]
+                next_row = row_at + self.stride
+                m.d.sync += [col.eq(0), row.eq(row + 1), row_at.eq(next_row),
+                             self.addr.eq(next_row)]
                 with m.If(end_row):
                     m.d.sync += self.valid.eq(0)
             with m.Else():
-                m.d.sync += col.eq(col + 1)
+                m.d.sync += [col.eq(col + 1), self.addr.eq(self.addr + 1)]
         return m
 
 
