@@ -22,11 +22,14 @@ Controller
     row goes straight to READ or WRITE: consecutive bursts of a row stream at one beat per
     cycle), and honours every timing: tRCD, tRP, tRAS, tRC, tRRD, tWR, tRFC, tMRD and the
     CAS latency, with a cycle of bus turnaround between a read burst and a write burst. Its
-    commands go out through a register, and read data come back through one: the IO
-    registers of a board (``read_latency`` = CL + 2 cycles after a READ is decided).
-    Requests come in through a register slice (:class:`~rtl.memory.RegisterSlice`, a cycle
-    of latency): the controller decides from registered addresses, and the requester sees a
-    registered ``ready``.
+    commands go out through two registers (the decision's, then the IO register of a
+    board), and read data come back through one (``read_latency`` = CL + 3 cycles after a
+    READ is decided). Requests come in through a register slice
+    (:class:`~rtl.memory.RegisterSlice`, a cycle of latency): the controller decides from
+    registered addresses, and takes a request the cycle after it decides a READ or WRITE
+    for it, so that the slice's ``ready`` and a write's data capture are flip-flops' fanout,
+    not the open-row compare's (the 8x32 ULX3S build's critical path, 22.5 ns of routing:
+    docs/results.md). A burst takes 8 cycles of the bus, so that cycle costs no bandwidth.
 
 The address of a beat is ``(row, bank, column)``, column lowest: linear streams stay in one
 row for ``2^col_bits`` beats, then move to the next bank.
@@ -154,17 +157,18 @@ class SdramController(wiring.Component):
     refreshes : Out(32)
         Auto refreshes issued.
 
-    Timing convention: a command decided in cycle T is on the pins in cycle T + 1 (the
-    command register), so the spacing the chip sees between two commands is the difference
-    of their decision cycles; a write's beat k is on the pins with the command + k cycles,
-    and a read's beat k reaches the controller's logic ``read_latency + k`` cycles after
-    the decision (the command register, CL, the input register).
+    Timing convention: a command decided in cycle T is on the pins in cycle T + 2 (the
+    decision's register and the IO register), so the spacing the chip sees between two
+    commands is the difference of their decision cycles; a write's beat k is on the pins
+    with the command + k cycles, and a read's beat k reaches the controller's logic
+    ``read_latency + k`` cycles after the decision (the two command registers, CL, the
+    input register).
     """
 
     def __init__(self, chip, clk_hz):
         self.chip, self.clk_hz = chip, clk_hz
         self.t = chip.cycles(clk_hz)
-        self.read_latency = chip.cl + 2
+        self.read_latency = chip.cl + 3
         super().__init__({
             "req": In(stream.Signature(burst_request(chip))),
             "rdata": Out(stream.Signature(BURST_BITS)),
@@ -177,10 +181,15 @@ class SdramController(wiring.Component):
         chip, t, pins = self.chip, self.t, self.pins
         nb, rl = chip.banks, self.read_latency
         # -- the command register -----------------------------------------------------------
-        cmd = Signal(3)                      # (ras, cas, we) this cycle; 0: no command
+        # A command is decided in cycle T, registered in T + 1 (``cmd_q``: the decision's
+        # logic reaches no IO register, and a WRITE's data are taken from the request in
+        # T + 1 by a flip-flop's enable), and on the pins in T + 2.
+        cmd = Signal(3)                      # (ras, cas, we) decided this cycle; 0: none
         ba, a = Signal(chip.bank_bits), Signal(len(pins.a))
-        m.d.sync += [pins.cs.eq(cmd != 0), Cat(pins.we, pins.cas, pins.ras).eq(cmd),
-                     pins.ba.eq(ba), pins.a.eq(a), pins.cke.eq(1)]
+        cmd_q, ba_q, a_q = Signal.like(cmd), Signal.like(ba), Signal.like(a)
+        m.d.sync += [cmd_q.eq(cmd), ba_q.eq(ba), a_q.eq(a),
+                     pins.cs.eq(cmd_q != 0), Cat(pins.we, pins.cas, pins.ras).eq(cmd_q),
+                     pins.ba.eq(ba_q), pins.a.eq(a_q), pins.cke.eq(1)]
 
         def issue(c, bank=0, addr=0):
             m.d.comb += [cmd.eq(Cat(Const(c[2], 1), Const(c[1], 1), Const(c[0], 1))),
@@ -261,6 +270,15 @@ class SdramController(wiring.Component):
         wiring.connect(m, wiring.flipped(self.req), req_slice.i)
         inp = req_slice.o
         req = inp.payload
+        # A READ or WRITE decided in T takes its request from the slice in T + 1 (a registered
+        # ``ready``: the open-row compare reaches no wide enable); T + 1 decides nothing for it.
+        taken, taken_write = Signal(), Signal()
+        m.d.comb += inp.ready.eq(taken)
+        m.d.sync += [taken.eq(0), taken_write.eq(0)]
+        with m.If(taken_write):                        # beat 0 on the pins with the WRITE
+            m.d.sync += [pins.dq_o.eq(req.data[:16]), pins.dqm.eq(req.mask[:2]),
+                         pins.dq_oe.eq(1), wshift.eq(req.data[16:]), wmask.eq(req.mask[2:]),
+                         wleft.eq(BEATS - 1)]
         cb, bb = chip.col_bits - 3, chip.bank_bits
         col = Cat(Const(0, 3), req.addr[:cb])
         bank = req.addr[cb:cb + bb]
@@ -269,7 +287,9 @@ class SdramController(wiring.Component):
         closable = Cat(*[~open_[b] | ((since_act[b] >= t["tRAS"])
                                       & (since_wr[b] >= BEATS - 1 + t["tWR"]))
                          for b in range(nb)]).all()
-        bus_idle = (wr_wait == 0) & (inflight == 0) & (wleft == 0)
+        # a write's data leave the pins a cycle after its decision's spacing says (wleft
+        # counts from T + 1): its last beat, wleft == 1, is the decision's T + 7
+        bus_idle = (wr_wait == 0) & (inflight == 0) & ~taken_write & (wleft <= 1)
 
         init_wait = Signal(range(t["t_init"] + 1), init=t["t_init"])
         init_refs = Signal(range(chip.init_refreshes + 1))
@@ -306,21 +326,19 @@ class SdramController(wiring.Component):
                         m.d.sync += [due.eq(0), ref_timer.eq(t["tREFI"]),
                                      hold.eq(t["tRFC"] - 1),
                                      self.refreshes.eq(self.refreshes + 1)]
-                with m.Elif(inp.valid & quiet):
+                with m.Elif(inp.valid & ~taken & quiet):
                     with m.If(open_.bit_select(bank, 1) & (row[bank] == r_row)):
                         ready_rw = since_act[bank] >= t["tRCD"]
                         with m.If(req.write & ready_rw & (wr_wait == 0)):
                             issue(WRITE, bank, col)
-                            m.d.comb += inp.ready.eq(1)
-                            m.d.sync += [pins.dq_o.eq(req.data[:16]), pins.dqm.eq(req.mask[:2]),
-                                         pins.dq_oe.eq(1), wshift.eq(req.data[16:]),
-                                         wmask.eq(req.mask[2:]), wleft.eq(BEATS - 1),
+                            m.d.sync += [taken.eq(1), taken_write.eq(1),
                                          wr_wait.eq(BEATS - 1), rd_wait.eq(BEATS - 1),
                                          since_wr[bank].eq(1)]
                         with m.Elif(~req.write & ready_rw & (rd_wait == 0)
                                     & (inflight + level < depth)):
                             issue(READ, bank, col)
-                            m.d.comb += [inp.ready.eq(1), read_go.eq(1)]
+                            m.d.comb += read_go.eq(1)
+                            m.d.sync += taken.eq(1)
                             m.d.sync += [starts.eq((starts << 1) | 1), rd_wait.eq(BEATS - 1),
                                          wr_wait.eq(chip.cl + BEATS)]
                     with m.Elif(open_.bit_select(bank, 1)):     # another row: close it
