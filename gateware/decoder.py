@@ -144,6 +144,8 @@ class CommandDecoder(wiring.Component):
         record = Signal()                               # ... and whether to remember it
         xfer = self.transfer
         m.d.comb += [self.buf.addr.eq(p), self.buf.en.eq(1)]
+        byte, have_q = Signal(8), Signal()              # PARSE: byte p - 2, if have_q
+        m.d.sync += byte.eq(self.buf.data)
         write_addr = data.View(WRITE_HEADER, args[:WRITE_HEADER.size]).addr
         write_words = (plen - layout_bytes(WRITE_HEADER)) >> (wb.bit_length() - 1)
         write_over, read_over = Signal(), Signal()      # past the memory's end
@@ -218,27 +220,30 @@ class CommandDecoder(wiring.Component):
                         answer(Status.BAD_LENGTH, remember=0)
 
             with m.State("PARSE"):        # bytes 0 .. 1 + ARGS_BYTES: seq, op, arguments
+                # byte p - 2 in `byte` (the frame buffer's output a cycle later, registered:
+                # from the block RAM's output into the arguments' shift and the RUN's
+                # settings merge was the 8x32 ULX3S build's critical path)
                 m.d.sync += [p.eq(p + 1), have.eq(1)]
-                with m.If(have):
-                    with m.If(p == 1):
-                        m.d.sync += seq.eq(self.buf.data)
-                    with m.Elif(p == 2):
-                        m.d.sync += op.eq(self.buf.data)
+                with m.If(have_q):
+                    with m.If(p == 2):
+                        m.d.sync += seq.eq(byte)
+                    with m.Elif(p == 3):
+                        m.d.sync += op.eq(byte)
                     with m.Elif(~self.busy):       # a running unit reads the arguments
-                        m.d.sync += args.eq(Cat(args[8:], self.buf.data))
+                        m.d.sync += args.eq(Cat(args[8:], byte))
                     with m.Else():
                         m.d.sync += stale.eq(1)
-                    if self.dma:                   # argument byte i arrives at p = i + 3
+                    if self.dma:                   # argument byte i arrives at p = i + 4
                         raw = self.dma_args.as_value()
                         with m.Switch(p):
                             for i in range(layout_bytes(DMA_CFG)):
-                                with m.Case(HEADER_BYTES + 1 + i):
-                                    m.d.sync += raw.word_select(i, 8).eq(self.buf.data)
-                with m.If(p == HEADER_BYTES + ARGS_BYTES):
+                                with m.Case(HEADER_BYTES + 2 + i):
+                                    m.d.sync += raw.word_select(i, 8).eq(byte)
+                with m.If(p == HEADER_BYTES + ARGS_BYTES + 1):
                     m.next = "CHECK"
                     if self.dma:                   # a program's GEMM or VECTOR: the RUN's
-                        with m.If(running & have & ~self.busy):   # settings in its own
-                            m.d.sync += args.eq(merged(Cat(args[8:], self.buf.data)))
+                        with m.If(running & have_q & ~self.busy):   # settings in its own
+                            m.d.sync += args.eq(merged(Cat(args[8:], byte)))
 
             with m.State("CHECK"):        # the sums the checks compare, registered (a
                 # GATHER's length through a multiplier into DISPATCH's choice was the
@@ -407,6 +412,7 @@ class CommandDecoder(wiring.Component):
                                      g_left=g_left, g_mem=g_mem, g_ext=g_ext, g_byte=g_byte)
         if self.dma:
             m.d.comb += self.program.eq(running)
+        m.d.sync += have_q.eq(have & fsm.ongoing("PARSE"))
         return self._phases(m, fsm)
 
     def _program_states(self, m, *, running, pc, p, have, stale, op, answer, most, gather,
