@@ -140,28 +140,38 @@ class VectorWalk(wiring.Component):
         e_log = Mux(cfg.op == VecOp.TRANSPOSE, cfg.pair, _E_LOG)
         r, c = Signal(DIM_BITS), Signal(DIM_BITS)
         a_row, b_row, c_row = Signal(self.aw), Signal(self.aw), Signal(self.aw)  # + r * stride
-        t_col = Signal(self.aw)           # TRANSPOSE: b_addr + c * b_stride
         cnib = Signal(DIM_BITS + 3)       # c * (read element nibbles)
         rnib = Signal(DIM_BITS + 1)       # TRANSPOSE: r * (element nibbles)
+        # The addresses are registers, each next one worked out beside it from the row
+        # starts and counters (the 8x16 ULX3S build on the DMA's and SDRAM's cuts missed
+        # 48 MHz on a row-start-plus-column adder between this walk and the arbiter).
         m.d.comb += [
             self.last.eq((c == cfg.cols - 1) & (r == cfg.rows - 1)),
-            self.off.eq(cnib[:lnib]),
-            self.a_at.eq(a_row + (cnib >> lnib)), self.w_at.eq(b_row + (cnib >> lnib)),
-            self.v_at.eq(c_row + (cnib >> lnib)), self.q_at.eq(b_row + (c >> lnib)),
-            self.q_off.eq(c[:lnib]),
-            self.t_at.eq(t_col + (rnib >> lnib)), self.t_off.eq(rnib[:lnib]),
+            self.off.eq(cnib[:lnib]), self.q_off.eq(c[:lnib]), self.t_off.eq(rnib[:lnib]),
         ]
         with m.If(self.launch):
             m.d.sync += [r.eq(0), c.eq(0), cnib.eq(0), rnib.eq(0), a_row.eq(cfg.a_addr),
-                         b_row.eq(cfg.b_addr), c_row.eq(cfg.c_addr), t_col.eq(cfg.b_addr)]
+                         b_row.eq(cfg.b_addr), c_row.eq(cfg.c_addr),
+                         self.a_at.eq(cfg.a_addr), self.w_at.eq(cfg.b_addr),
+                         self.v_at.eq(cfg.c_addr), self.q_at.eq(cfg.b_addr),
+                         self.t_at.eq(cfg.b_addr)]
         with m.Elif(self.step):
             with m.If(c == cfg.cols - 1):
-                m.d.sync += [c.eq(0), cnib.eq(0), r.eq(r + 1), rnib.eq(rnib + (1 << e_log)),
-                             a_row.eq(a_row + cfg.a_stride), b_row.eq(b_row + cfg.b_stride),
-                             c_row.eq(c_row + cfg.b_stride), t_col.eq(cfg.b_addr)]
+                next_rnib = rnib + (1 << e_log)
+                next_a, next_b = a_row + cfg.a_stride, b_row + cfg.b_stride
+                next_c = c_row + cfg.b_stride
+                m.d.sync += [c.eq(0), cnib.eq(0), r.eq(r + 1), rnib.eq(next_rnib),
+                             a_row.eq(next_a), b_row.eq(next_b), c_row.eq(next_c),
+                             self.a_at.eq(next_a), self.w_at.eq(next_b),
+                             self.v_at.eq(next_c), self.q_at.eq(next_b),
+                             self.t_at.eq(cfg.b_addr + (next_rnib >> lnib))]
             with m.Else():
-                m.d.sync += [c.eq(c + 1), cnib.eq(cnib + (1 << e_log)),
-                             t_col.eq(t_col + cfg.b_stride)]
+                next_cnib = cnib + (1 << e_log)
+                col = next_cnib >> lnib
+                m.d.sync += [c.eq(c + 1), cnib.eq(next_cnib),
+                             self.a_at.eq(a_row + col), self.w_at.eq(b_row + col),
+                             self.v_at.eq(c_row + col), self.q_at.eq(b_row + ((c + 1) >> lnib)),
+                             self.t_at.eq(self.t_at + cfg.b_stride)]
         return m
 
 
@@ -272,7 +282,10 @@ class VectorUnit(wiring.Component):
     def _read(self, m, walk, want):
         """Reads the walk's element (A, and for UPDATE W and V) when ``want``; returns
         whether the reads were taken this cycle."""
-        bus, u = self.bus, self.cfg.op == VecOp.UPDATE
+        # UPDATE's reads of W and V, registered beside the walk (the decoder's argument
+        # register is across the chip; the settings are held from before the start)
+        bus, u = self.bus, Signal()
+        m.d.sync += u.eq(self.cfg.op == VecOp.UPDATE)
         for rd, at, used in zip(read_ports(bus), (walk.a_at, walk.w_at, walk.v_at),
                                 (1, u, u), strict=True):
             m.d.comb += [rd.addr.eq(at), rd.en.eq(want & used)]
