@@ -199,6 +199,8 @@ def resolve(name, rows=None, cols=None, baud=None, mem_words=None, clk_hz=None, 
                                  ("mem_words", mem_words), ("clk_hz", clk_hz),
                                  ("link", link), ("lut_map", lut_map)) if v}
     if dsp_pes is not None:
+        if dsp_pes < 0:
+            raise BoardError(f"{dsp_pes} DSP PEs: 0 or more")
         changes["dsp_pes"] = dsp_pes
     board = dataclasses.replace(board, **changes)
     if board.link not in ("uart", "usb"):
@@ -596,6 +598,9 @@ def rebudget(board, out_root="build", progress=False):
                                                                board.mem_words):
         raise BoardError(f"{path} is of another configuration "
                          f"({result['rows']}x{result['cols']}, {result['mem_words']} words)")
+    # how the build mapped its logic is the build's (a budget of it measures the same)
+    board = dataclasses.replace(board, **{k: result[k] for k in ("lut_map", "dsp_pes")
+                                          if k in result})
     result.update(_configuration(board))     # fields added since the build
     result["blocks"] = _budget(board, board.make_platform(), path.parent, result, progress)
     path.write_text(json.dumps(result, indent=2) + "\n")

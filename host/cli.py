@@ -30,6 +30,13 @@ def _positive(text):
     return value
 
 
+def _count(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _parse_model(text, dataset):
     if text in (None, "mlp"):
         return list(DEFAULT_MODELS[dataset])
@@ -622,7 +629,7 @@ def build_parser():
                     help="design clock: the nearest the board's PLL makes at or below it "
                     "(default: the board's, or on another iCE40 / ECP5 board "
                     "36 / 45 MHz)")
-    bt.add_argument("--dsp-pes", type=int, metavar="N",
+    bt.add_argument("--dsp-pes", type=_count, metavar="N",
                     help="PEs that multiply in DSP blocks (default: the board's; the others "
                     "in LUTs)")
     bt.add_argument("--lut-map", choices=("abc9", "abc"),

