@@ -118,11 +118,11 @@ def gemm_regions(cfg, rows, cols):
     ea = 2 if cfg["a_pair"] else 1
     m_pad = -(-cfg["m"] // rows) * rows
     n_pad = -(-cfg["n"] // cols) * cols
-    out_nibbles = cfg["m"] * element_nibbles(path)
+    e_out = element_nibbles(path)
     bufs = [(cfg["a_addr"], cfg["a_stride"], cfg["l"], row_words(m_pad, ea, nib), False),
             (cfg["b_addr"], cfg["b_stride"], cfg["l"], row_words(n_pad, 1, nib), False),
-            (cfg["out_addr"], cfg["out_stride"], cfg["n"], row_words(cfg["m"],
-             element_nibbles(path), nib), _written(out_nibbles, nib))]
+            (cfg["out_addr"], cfg["out_stride"], cfg["n"], row_words(cfg["m"], e_out, nib),
+             _written(cfg["m"] * e_out, nib))]
     if path == OutputPath.LOG4 and lane["log4"]["mask"] != MaskMode.NONE:
         bufs.append((cfg["mask_addr"], cfg["mask_stride"], cfg["n"], row_words(m_pad, 1, nib),
                      False))
