@@ -2,10 +2,11 @@
 
 Operand beats go in (see :mod:`rtl.array`); each lane emits its elements in
 :func:`rtl.array.lane_order`. A stalled output stream (or a missing mask code) stops the
-systolic array's input, never the array itself: a FIFO per lane (block RAM) holds everything
-still in flight, so nothing is lost or duplicated and no enable fans out to the array's
-flip-flops. A one-row array (:class:`~rtl.array.BroadcastRow`) is small enough to stall
-whole, so its lane takes the sums from it directly, without a FIFO.
+systolic array's input, never the array itself: a FIFO per lane (block RAM, its output
+through a register) holds everything still in flight, so nothing is lost or duplicated and
+no enable fans out to the array's flip-flops. A one-row array
+(:class:`~rtl.array.BroadcastRow`) is small enough to stall whole, so its lane takes the sums
+from it directly, without a FIFO.
 """
 
 import operator
@@ -18,6 +19,7 @@ from amaranth.lib.wiring import In, Out
 from .array import array_beat_layout, balanced, lane_order, make_array
 from .formats import CLIP_SUM_BITS, LANE_BITS, OPERAND_CFG, PE_ACC_BITS, UINT4
 from .lane import LANE_CFG, LANE_OUT, OutputLane
+from .memory import ForwardRegister
 
 __all__ = ["DATAPATH_CFG", "Datapath", "lane_order"]
 
@@ -120,13 +122,18 @@ class Datapath(wiring.Component):
         fits = []
         for g, lane in enumerate(lanes):
             m.submodules[f"fifo{g}"] = fifo = SyncFIFOBuffered(width=PE_ACC_BITS, depth=depth)
+            # the FIFO's block RAM output through a register before the lane: from the
+            # RAM's clock-to-out (5.6 ns) through a RAW element's way to its writer's request
+            # register was the 8x32 ULX3S build's critical path (42.14 MHz)
+            m.submodules[f"hold{g}"] = hold = ForwardRegister(signed(PE_ACC_BITS))
             m.d.comb += [
                 fifo.w_data.eq(array.lane_data[g]),
                 fifo.w_en.eq(array.lane_valid[g]),
-                lane.i.payload.eq(fifo.r_data),
-                lane.i.valid.eq(fifo.r_rdy),
-                fifo.r_en.eq(lane.i.ready),
+                hold.i.payload.eq(fifo.r_data),
+                hold.i.valid.eq(fifo.r_rdy),
+                fifo.r_en.eq(hold.i.ready),
             ]
+            wiring.connect(m, hold.o, lane.i)
             fits.append(fifo.level <= depth - margin)
         m.d.sync += en.eq(balanced(operator.and_, fits))
         m.d.comb += array.en.eq(en)

@@ -127,11 +127,13 @@ class LaneWriter(wiring.Component):
         push = Signal()                            # this element completes a request
         m.d.comb += [
             push.eq(Mux(raw, slot == pw - 1, w.i == R - 1)),
-            # a completing element waits for the request register to be empty, not for
-            # it being emptied this cycle: the write arbiter's grant, through this ready,
-            # into the lane's stages and FIFO was the 8x16 ULX3S build's critical path
-            # (49.92 MHz on the SDRAM, walker, decoder and element-wise cuts)
-            self.i.ready.eq(w.active & (~push | ~self.o.valid)),
+            # With several lanes a completing element waits for the request register to be
+            # empty, not for it being emptied this cycle: the write arbiter's grant, through
+            # this ready, into the lane's stages and FIFO was the 8x16 ULX3S build's
+            # critical path (49.92 MHz). One lane has no arbiter, and every element of it
+            # completes a request: it keeps the grant's bypass, one element a cycle.
+            self.i.ready.eq(w.active & (~push | ~self.o.valid
+                                        | (self.o.ready if R == 1 else 0))),
             take.eq(self.i.valid & self.i.ready),
         ]
         with m.If(self.o.ready):
