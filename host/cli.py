@@ -23,18 +23,17 @@ def _amount(n):
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1000:.1f} KB"
 
 
-def _positive(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _at_least(low):
+    """An argparse type: an integer, ``low`` or more."""
+    def parse(text):
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return parse
 
 
-def _count(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+_positive, _count = _at_least(1), _at_least(0)
 
 
 def _parse_model(text, dataset):
