@@ -338,9 +338,8 @@ class SdramController(wiring.Component):
                                     & (inflight + level < depth)):
                             issue(READ, bank, col)
                             m.d.comb += read_go.eq(1)
-                            m.d.sync += taken.eq(1)
-                            m.d.sync += [starts.eq((starts << 1) | 1), rd_wait.eq(BEATS - 1),
-                                         wr_wait.eq(chip.cl + BEATS)]
+                            m.d.sync += [taken.eq(1), starts.eq((starts << 1) | 1),
+                                         rd_wait.eq(BEATS - 1), wr_wait.eq(chip.cl + BEATS)]
                     with m.Elif(open_.bit_select(bank, 1)):     # another row: close it
                         with m.If((since_act[bank] >= t["tRAS"]) & bus_idle
                                   & (since_wr[bank] >= BEATS - 1 + t["tWR"])):
