@@ -148,15 +148,21 @@ def test_paged_and_resident_on_the_simulated_device(small, simdev):
     """The Verilator model with only 1,024 words of its scratchpad in use: the state paged
     through it (the host not waiting for stores: DMA order, the held GEMMs and the BUSY
     WRITEs and READs keep it exact), the batches gathered from the resident set: the same
-    losses and weights as emu:// with everything in block RAM and streamed batches."""
+    losses and weights as emu:// with everything in block RAM and streamed batches. The
+    paging's device cycles, measured, add up by command."""
     small = replace(small, x_train=small.x_train[:192], y_train=small.y_train[:192])
     cfg = DeviceTrainConfig(sizes=SIZES, batch_size=64, lr=0.1)
     with Device.open(simdev, timeout=30) as dev:
         dev.mem_words = 1024
         s = Session(dev, small, cfg, 1, resident=True)
+        s.mlp.dev.measure = True                    # device cycles, by command
         s.run(progress=False)
         assert s.mlp.paged and s.mlp.resident is not None
-        assert s.mlp.dev.counters["overlapped_commands"] > 0
+        counters, by_op = s.mlp.dev.counters, s.mlp.dev.cycles_by_op
+        assert counters["overlapped_commands"] > 0
+        assert sum(by_op.values()) == counters["cycles"] > 0
+        assert {"GEMM", "REQUANT", "TRANSPOSE"} <= set(by_op) <= {
+            "GEMM", "GEMM+UPDATE", "UPDATE", "REQUANT", "TRANSPOSE"}
         sim = (s.losses, *s.mlp.masters(), s.mlp.weight_codes())
     with Device.open("emu://?words=65536&sdram=") as dev:
         s = Session(dev, small, cfg, 1)

@@ -284,6 +284,8 @@ def board_run(name, data, cfg, steps=3, images=4096, log=print):
                 emu["per_step"].items(), key=lambda kv: -kv[1]) if k.startswith("link_")},
             "sdram_bytes_by_command": {k[6:]: v for k, v in sorted(
                 sim["per_step"].items(), key=lambda kv: -kv[1]) if k.startswith("sdram_")},
+            "cycles_by_command": {k[7:]: v for k, v in sorted(
+                sim["per_step"].items(), key=lambda kv: -kv[1]) if k.startswith("cycles_")},
             "link_bytes_ratio": emu["per_step"]["link"] / batch,
             "dataset_resident": True, "resident_images": emu["resident"]["images"],
             "resident_set_bytes": full_set,
@@ -335,13 +337,27 @@ def icebreaker_digits(epochs=10, log=print):
             "link_bytes_ratio": last["link_bytes_ratio"]}
 
 
+def _by_command(ux):
+    """Rows of the ULX3S configuration's cycles and SDRAM bytes by command, longest first."""
+    moved = ux["sdram_bytes_by_command"]
+    rows = []
+    for op, cycles in ux["cycles_by_command"].items():
+        load, store = moved.get(f"{op} load", 0), moved.get(f"{op} store", 0)
+        rows.append({"op": op, "cycles": cycles, "load": load, "store": store,
+                     "share": (load + store) / SDRAM_PEAK_BYTES_PER_CYCLE / cycles
+                     if cycles else 0.0})
+    return rows
+
+
 def _board_counters(session):
     c, paged = session.mlp.counters, getattr(session.mlp.dev, "counters", {})
     return {"cycles": paged.get("cycles", 0), "gemm": c["gemm_cycles"], "vec": c["vec_cycles"],
             "dma_bytes": paged.get("dma_bytes", 0), "commands": session.dev.frames_sent,
             "link": session.dev.wire_sent + session.dev.wire_received, "steps": session.step,
             **{f"link_{op}": n for op, n in session.dev.wire_by_op.items()},
-            **{f"sdram_{op}": n for op, n in getattr(session.mlp.dev, "by_op", {}).items()}}
+            **{f"sdram_{op}": n for op, n in getattr(session.mlp.dev, "by_op", {}).items()},
+            **{f"cycles_{op}": n for op, n in
+               getattr(session.mlp.dev, "cycles_by_op", {}).items()}}
 
 
 def bench_train(out_dir="build/bench", epochs=10, sim_seconds=600, docs=None,
@@ -603,6 +619,15 @@ def render(r):
         ulx += ("\nIts link bytes a step by command (emu://, wire bytes both ways): "
                 + ", ".join(f"{op} {n:,.0f}" for op, n in ux["link_bytes_by_command"].items()
                             if n) + "\n")
+        if ux.get("cycles_by_command"):
+            ulx += ("\nIts device cycles a step by command (simulated: from a command's first "
+                    "load to its last store) and the SDRAM bytes it moved; the SDRAM's "
+                    "share is the cycles those bytes take at its peak over the command's "
+                    "cycles\n\n") + markdown_table(_by_command(ux), [
+                ("command", "op", "{}"), ("device cycles / step", "cycles", "{:,.0f}"),
+                ("SDRAM bytes loaded", "load", "{:,.0f}"),
+                ("SDRAM bytes stored", "store", "{:,.0f}"),
+                ("SDRAM's share", "share", "{:.2f}")])
     ice = r.get("icebreaker_digits")
     if ice:
         ulx += ("\nThe iCEBreaker configuration (simulated: a {array} array, {words:,} words of "

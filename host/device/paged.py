@@ -114,6 +114,8 @@ class PagedDevice:
                          "programs_stored": 0, "program_bytes": 0}
         #: SDRAM bytes the paging moved, by command and direction ("UPDATE load": ...)
         self.by_op, self._op = {}, "WRITE"
+        #: device cycles (measured only with ``measure``) by command ("GEMM+UPDATE": ...)
+        self.cycles_by_op = {}
         self.measure = False
         #: split commands run in the scratchpad's two halves, transfers beside compute
         self.overlap = True
@@ -412,7 +414,7 @@ class PagedDevice:
                     total["cycles"] = stats["cycles"]
         if self.measure:      # else the stores run on: the next DMA queues behind them, and
             # a GEMM or VECTOR waits for every unit, a WRITE or READ is BUSY until then
-            self.counters["cycles"] += dev.wait()["cycles"] - c0
+            self._cycles(dev.wait()["cycles"] - c0)
         return total
 
     def _placed(self, parts, overlap, kind="fused"):
@@ -466,7 +468,7 @@ class PagedDevice:
             if o == Op.DMA:
                 self._moved(c)
         if self.measure:
-            self.counters["cycles"] += stats["cycles"] - c0
+            self._cycles(stats["cycles"] - c0)
         return stats
 
     def _store(self, program, entries):
@@ -513,6 +515,10 @@ class PagedDevice:
             yield {"store": store, "rows": r, "bursts": k,
                    "mem_addr": mem + off * self.wpb, "mem_stride": k * self.wpb,
                    "ext_addr": burst + off, "ext_stride": ext_stride if r > 1 else k}
+
+    def _cycles(self, n):
+        self.counters["cycles"] += n
+        self.cycles_by_op[self._op] = self.cycles_by_op.get(self._op, 0) + n
 
     def _moved(self, cfg):
         self.counters["dma_stores" if cfg["store"] else "dma_loads"] += 1
