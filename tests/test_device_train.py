@@ -233,6 +233,26 @@ def test_projection_rescales_gemms_and_names_the_bound():
     assert slow["bound"] == "array" and retime({"baud": 1}, 5e6, "x", uart, 0) is None
 
 
+def test_a_measured_board_row_replaces_its_projection():
+    """The ULX3S's row in bench-train's projections is its own configuration's measurement
+    (the state in the SDRAM), not the 2x4 device's cycles scaled as if the state were in
+    block RAM; retimed, it keeps the measured cycles."""
+    from nibble.host.bench.train import measured_row, project, retime
+    uart = {"kind": "uart", "baud": 3_000_000}
+    p = project([(64, 784, 128, 1_000_050, 1_000_000)], 10_000, 1, 1_000, 5, 0.001, 8, 16,
+                uart, 50e6, 64)
+    ux = {"array": "8x32", "device_cycles_per_step": 1_500_000, "gemm_cycles_per_step": 100_000,
+          "link_bytes_per_step": 900, "link_commands_per_step": 4, "link": uart,
+          "link_text": "UART", "clock_mhz": 50.0, "clock": "PLL clock, met", "compute_s": 0.03,
+          "link_s": 0.004, "host_s": 0.001, "step_s": 0.035, "steps_per_second": 1 / 0.035,
+          "images_per_second": 64 / 0.035, "bound": "SDRAM"}
+    row = measured_row(p, ux)
+    kept = {k: v for k, v in ux.items() if k != "gemm_cycles_per_step"}
+    assert {k: row[k] for k in kept} == kept
+    assert (row["array_cycles_per_step"], row["vec_cycles_per_step"]) == (100_000, 1_400_000)
+    assert retime(row, 25e6, "x", uart, 4)["compute_s"] == 1_500_000 / 25e6
+
+
 def test_usb_link_time_is_bytes_at_the_measured_rate_and_a_round_trip_a_command():
     """The ULX3S's USB link in a projection: wire bytes at the stream rate bench-link
     measured, plus each command's round trip less its own bytes' time."""
