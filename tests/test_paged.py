@@ -192,3 +192,23 @@ def test_a_gemm_and_its_update_fused_equal_them_apart(pair, aligned):
     assert not touching(g)
     assert [c["store"] for c in touching(plan.a)] == [False]      # A: loaded once, for all
     assert {c["store"] for c in dmas} == {False, True}
+
+
+def test_a_fused_program_too_long_for_its_area_is_declined_uncounted():
+    """A GEMM and its UPDATE whose program does not fit the program area: ``gemm_update``
+    declines (None) before anything moves, and counts no split command (the caller runs
+    the two apart, and those count)."""
+    with Device.open(SMALL.replace("1024", "2048")) as small:
+        paged = PagedDevice(small, program_words=2 * 4)     # two bursts: no program fits
+        rng = np.random.default_rng(7)
+        m, red, n = 8, 24, 160
+        gemm = Gemm(rng.integers(-8, 8, (m, red)), rng.integers(0, 16, (red, n)),
+                    Operand.FP4, Operand.UINT4)
+        plan = plan_gemm(gemm, lane_cfg(OutputPath.RAW, phase=1), paged.word_nibbles,
+                         paged.rows, paged.cols, base=100)
+        wm = -(-plan.out.end // paged.wpb) * paged.wpb
+        update = vector_args(VecOp.UPDATE, n, m, (plan.out.addr, plan.out.stride), (wm, m),
+                             wm + n * m + 8, mu=900, m=20000, s=18)
+        assert paged.scratch < small.mem_words
+        assert paged.gemm_update(plan.cfg, update) is None
+        assert paged.counters["split_commands"] == paged.counters["dma_loads"] == 0

@@ -180,7 +180,10 @@ class PagedDevice:
             return None
         self._op = "GEMM+UPDATE"
         parts, overlap = self._parts("fused", _fused(gemm, update))
-        return self._run_program("fused", self._placed(parts, overlap), overlap)
+        stats = self._run_program("fused", self._placed(parts, overlap), overlap)
+        if stats is not None:          # (else the caller runs them apart, and they count)
+            self._count_split(len(parts), overlap)
+        return stats
 
     def wait(self):
         return self.dev.wait()
@@ -391,6 +394,7 @@ class PagedDevice:
         it) the host sends every step and reads a part's STATS before it starts the next."""
         dev = self.dev
         placed = self._placed(parts, overlap, kind)
+        self._count_split(len(parts), overlap)
         if self.scratch < self.dev.mem_words:
             stats = self._run_program(kind, placed, overlap)
             if stats is not None:
@@ -423,9 +427,6 @@ class PagedDevice:
         loaded with the first part only."""
         key, sw = (self._shared(kind, parts[0]) if len(parts) > 1 else None) or (None, 0)
         half = (self.scratch - sw) // 2 // self.wpb * self.wpb
-        if len(parts) > 1:
-            self.counters["split_commands"] += 1
-            self.counters["overlapped_commands"] += overlap
         placed = []
         for i, p in enumerate(parts):
             blocks, places, moved = self._place(kind, p, sw + ((i % 2) * half if overlap
@@ -435,6 +436,11 @@ class PagedDevice:
                           for b in blocks]
             placed.append((blocks, places, moved))
         return placed
+
+    def _count_split(self, parts, overlap):
+        if parts > 1:
+            self.counters["split_commands"] += 1
+            self.counters["overlapped_commands"] += overlap
 
     def _run_program(self, kind, placed, overlap):
         """``_run`` as one stored program: its schedule's loads, parts and stores in the
