@@ -17,6 +17,13 @@
 
 It moves one byte (WRITE, READ) or one code (SUMS) per cycle while the memory grants its
 requests, and waits when it does not. The decoder has checked every argument before.
+
+Its read port is ``rd2`` (:data:`READ_PORT`), the one the compute units use least (the
+engine's mask, UPDATE's V): a RUN's program reaches the decoder through READs, and on
+``rd0``, which the engine's A and REQUANT and TRANSPOSE read every cycle, the next entry
+waited for the unit beside it to end, so a program's DMA transfers never ran beside its
+parts (a Fashion-MNIST step's REQUANT on the ULX3S configuration took its transfers'
+cycles plus its own).
 """
 
 from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, signed
@@ -28,7 +35,10 @@ from nibble.rtl.memory import TensorBus
 
 from .framing import BUFFER_BYTES
 
-__all__ = ["Transfer", "TransferControl", "TransferOp"]
+__all__ = ["READ_PORT", "Transfer", "TransferControl", "TransferOp"]
+
+#: The tensor-memory read port a transfer reads through (see the module).
+READ_PORT = "rd2"
 
 #: Frame-buffer addresses.
 FB_ADDR = (BUFFER_BYTES - 1).bit_length()
@@ -63,14 +73,14 @@ class Transfer(wiring.Component):
         The last SUMS' statistics (0 without ``sums``).
     buf_rd, buf_wr : the frame buffer's ports (``amaranth.lib.memory`` signatures).
     bus : Out(TensorBus.Signature)
-        Tensor memory: ``rd0`` and ``wr``.
+        Tensor memory: :data:`READ_PORT` and ``wr``.
     """
 
     def __init__(self, addr_width, nibbles, sums=True):
         self.nib, self.sums = nibbles, sums
         # A READ takes its word in the cycle it arrives (into ``word``, then shifted out a
         # byte a cycle); SUMS reads its codes from the word held on the port.
-        self.held_reads = ("rd0",) if sums else ()
+        self.held_reads = (READ_PORT,) if sums else ()
         super().__init__({
             "ctl": In(TransferControl.Signature(addr_width)),
             "sum_abs": Out(32), "sum_sq": Out(32),
@@ -82,6 +92,7 @@ class Transfer(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         nib, bus = self.nib, self.bus
+        rd = getattr(bus, READ_PORT)
         wb = nib // 2                                 # bytes per word
         p = Signal(FB_ADDR + 1)                       # frame-buffer index
         q = Signal(range(max(wb, nib) + 1))           # byte or code within the word
@@ -96,7 +107,7 @@ class Transfer(wiring.Component):
         code, code_valid = Signal(signed(CODE_BITS)), Signal()
         mag = Signal(CODE_BITS)
         m.d.comb += [mag.eq(Mux(code < 0, -code, code)),
-                     bus.rd0.addr.eq(addr), bus.wr.addr.eq(addr), bus.wr.data.eq(word),
+                     rd.addr.eq(addr), bus.wr.addr.eq(addr), bus.wr.data.eq(word),
                      self.buf_rd.addr.eq(p), self.buf_wr.addr.eq(p)]
         if self.sums:
             with m.If(code_valid):
@@ -138,15 +149,15 @@ class Transfer(wiring.Component):
 
             with m.State("READ"):         # one word read, then its bytes written one a cycle
                 with m.If(q == 0):
-                    m.d.comb += bus.rd0.en.eq(1)
-                    with m.If(bus.rd0.ready):
+                    m.d.comb += rd.en.eq(1)
+                    with m.If(rd.ready):
                         m.d.sync += [q.eq(1), addr.eq(addr + 1)]
                 with m.Else():            # byte 0 as the word arrives, the rest from `word`
                     arrived = q == 1
                     m.d.comb += [self.buf_wr.en.eq(1),
-                                 self.buf_wr.data.eq(Mux(arrived, bus.rd0.data, word)[:8])]
+                                 self.buf_wr.data.eq(Mux(arrived, rd.data, word)[:8])]
                     m.d.sync += [p.eq(p + 1), q.eq(Mux(q == wb, 0, q + 1)),
-                                 word.eq(Mux(arrived, bus.rd0.data, word) >> 8)]
+                                 word.eq(Mux(arrived, rd.data, word) >> 8)]
                     with m.If(q == wb):
                         m.d.sync += count.eq(count - 1)
                         with m.If(count == 1):
@@ -160,12 +171,12 @@ class Transfer(wiring.Component):
                         m.d.comb += ctl.done.eq(1)
                         m.next = "IDLE"
                     with m.Elif(q == 0):
-                        m.d.comb += bus.rd0.en.eq(1)
+                        m.d.comb += rd.en.eq(1)
                         m.d.sync += code_valid.eq(0)
-                        with m.If(bus.rd0.ready):
+                        with m.If(rd.ready):
                             m.d.sync += [q.eq(1), addr.eq(addr + 1)]
                     with m.Else():
-                        code_now = bus.rd0.data.word_select((q - 1)[:len(q)], CODE_BITS)
+                        code_now = rd.data.word_select((q - 1)[:len(q)], CODE_BITS)
                         m.d.sync += [code.eq(code_now), code_valid.eq(1),
                                      q.eq(Mux(q == nib, 0, q + 1)), count.eq(count - 1),
                                      ended.eq(count == 1)]

@@ -124,7 +124,7 @@ class Dma(wiring.Component):
         self.aw, self.nib, self.mem_words, self.chip = addr_width, nibbles, mem_words, chip
         self.wpb = words_per_burst(nibbles)
         self.ext_bursts = chip.bytes // (BURST_BITS // 8)
-        self.held_reads = ("rd0",)  # a STORE's words wait in its reader for the burst
+        self.held_reads = ("rd2",)  # a STORE's words wait in its reader for the burst
         super().__init__({
             "cfg": In(DMA_CFG), "start": In(1), "busy": Out(1), "checked": Out(1),
             "ok": Out(1), "cycles": Out(32),
@@ -171,12 +171,15 @@ class Dma(wiring.Component):
                      mw.rows.eq(cfg.rows), mw.cols.eq(row_words), mw.launch.eq(launch)]
         m.d.comb += self.req.payload.addr.eq(ew.addr)
 
-        # -- tensor memory: a writer (LOAD) on wr, a reader (STORE) on rd0 ------------------
+        # -- tensor memory: a writer (LOAD) on wr, a reader (STORE) on rd2 ------------------
+        # (rd2 is what the compute units use least, the engine's mask and UPDATE's V: on
+        # rd0, which REQUANT, TRANSPOSE and every GEMM read each cycle, a part's stores
+        # waited for the part beside them to end, and the next part's loads behind them)
         m.submodules.writer = wr = Writer(aw, self.nib)
         m.submodules.reader = rd = Reader(aw, self.nib, 1)
         wiring.connect(m, wr.port, wiring.flipped(self.bus.wr))
-        wiring.connect(m, rd.port, wiring.flipped(self.bus.rd0))
-        for port in read_ports(self.bus)[1:]:
+        wiring.connect(m, rd.port, wiring.flipped(self.bus.rd2))
+        for port in read_ports(self.bus)[:2]:
             m.d.comb += port.en.eq(0)
         k = Signal(range(wpb))                        # the word of the burst at hand
         burst = Signal(BURST_BITS)                    # STORE: the burst being gathered

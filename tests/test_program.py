@@ -275,3 +275,28 @@ def test_command_stats_replace_or_combine():
     sim.add_testbench(bench)
     sim.run()
     assert seen == [(5, -3), (2, 7), (4, 10), (9, 9), (9, 109), 0, 11, 41, 6]
+
+
+def test_a_programs_transfers_run_beside_its_unit():
+    """A RUN of a REQUANT and then a DMA load and store (on ``pysim://``): the decoder
+    fetches the next entries, and the DMA stores, through the read port the REQUANT does
+    not read, so the transfers run while it does and the RUN ends sooner than the three
+    alone one after the other (on the port REQUANT reads, the entries waited for it)."""
+    with Device.open(URLS[1]) as dev:
+        rng = np.random.default_rng(3)
+        dev.write(0, rng.integers(0, 256, 1024 * dev.word_bytes, dtype=np.uint8).tobytes())
+        requant = vector_args(VecOp.REQUANT, 16, 64, (0, 64), (1024, 8), m=30000, s=20)
+        load = {"store": 0, "rows": 1, "bursts": 64, "mem_addr": 1200, "mem_stride": 256,
+                "ext_addr": 0, "ext_stride": 64}
+        keep = dict(load, store=1, ext_addr=100)
+        alone = dev.vector(requant)["vec_cycles"]
+        for dma in (load, keep):
+            dev.dma(dma)
+            alone += dev.stats()["dma_cycles"]
+        codes = dev.read(1024, 128)
+        dev.write(1024, bytes(128 * dev.word_bytes))
+        at = store(dev, [(Op.VECTOR, dict(requant, m=0, s=0)), (Op.DMA, load), (Op.DMA, keep)])
+        before = dev.stats()["cycles"]
+        run = dev.run(at, 3, program_params(Op.VECTOR, requant))
+        assert dev.read(1024, 128) == codes
+        assert run["cycles"] - before < alone
