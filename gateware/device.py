@@ -34,6 +34,7 @@ from nibble.rtl.engine import GEMM_CFG, GemmEngine
 from nibble.rtl.formats import VEC_OPS_ALL, VecOp, word_nibbles
 from nibble.rtl.memory import BlockRAM, ForwardRegister, TensorArbiter, TensorBus
 from nibble.rtl.sdram import BURST_BITS, SdramController, SdramPins
+from nibble.rtl.sdram_clock import SdramCrossing
 from nibble.rtl.spram import SpramMemory, spram_words
 from nibble.rtl.transpose import Transposer
 from nibble.rtl.vector import VEC_CFG, VectorUnit
@@ -68,7 +69,11 @@ class Device(wiring.Component):
     timeout : int
         Watchdog: cycles without a byte after which a half-received frame is dropped.
     sdram : SdramChip or None
-        An SDRAM behind a DMA (its controller runs at ``clk_hz``), or none.
+        An SDRAM behind a DMA, or none.
+    sdram_hz : int or None
+        The SDRAM's clock: None, the design's (the controller in ``sync``); else the
+        controller runs at ``sdram_hz`` in clock domain ``sdram``, which the top provides,
+        behind clock-crossing FIFOs (:class:`~nibble.rtl.sdram_clock.SdramCrossing`).
     vec_ops : int
         The element-wise unit's operations (a mask, bit ``VecOp``; INFO reports it). With
         none the device has no element-wise unit and refuses every VECTOR command (its
@@ -93,12 +98,13 @@ class Device(wiring.Component):
     listening : Out(1)
         No frame is being received, carried out or answered (a GEMM or VECTOR may run).
     sdram : Out(SdramPins.Signature(sdram))
-        With an SDRAM only.
+        With an SDRAM only (in clock domain ``sdram`` with ``sdram_hz``).
     """
 
     def __init__(self, rows, cols, mem_words, clk_hz=0, timeout=None, sdram=None,
-                 vec_ops=VEC_OPS_ALL, memory="bram", dsp_pes=0):
+                 vec_ops=VEC_OPS_ALL, memory="bram", dsp_pes=0, sdram_hz=None):
         self.rows, self.cols, self.mem_words, self.clk_hz = rows, cols, mem_words, clk_hz
+        self.sdram_hz = sdram_hz
         self.dsp_pes = dsp_pes
         self.vec_ops, self.memory = vec_ops, memory
         self.nib = word_nibbles(rows, cols)
@@ -136,7 +142,9 @@ class Device(wiring.Component):
             units.insert(1, vec)
         if self.chip:
             m.submodules.dma = dma = Dma(aw, nib, words, self.chip)
-            m.submodules.sdram = ctrl = SdramController(self.chip, self.clk_hz)
+            m.submodules.sdram = ctrl = (
+                SdramController(self.chip, self.clk_hz) if self.sdram_hz is None
+                else SdramCrossing(self.chip, self.sdram_hz))
             wiring.connect(m, dma.req, ctrl.req)
             wiring.connect(m, ctrl.rdata, dma.rdata)
             wiring.connect(m, ctrl.pins, wiring.flipped(self.sdram))

@@ -87,9 +87,10 @@ def traffic(chip, n, rng):
     return out
 
 
-def run(bench, requests, rng, p_stall=0.1, settle=200, clk_hz=CLK):
+def run(bench, requests, rng, p_stall=0.1, settle=200, clk_hz=CLK, domains=None):
     """Feed ``requests`` (reads stall the consumer at random); returns the read bursts in
-    order and the bench's final (flags, violations, refreshes)."""
+    order and the bench's final (flags, violations, refreshes). ``domains``: other clock
+    domains and their frequencies."""
     reads = []
     n_reads = sum(not w for _, w, _, _ in requests)
     end = {}
@@ -118,6 +119,8 @@ def run(bench, requests, rng, p_stall=0.1, settle=200, clk_hz=CLK):
 
     sim = Simulator(bench)
     sim.add_clock(1 / clk_hz)
+    for domain, hz in (domains or {}).items():
+        sim.add_clock(1 / hz, domain=domain)
     sim.add_testbench(producer)
     sim.add_testbench(consumer)
     sim.run()

@@ -23,7 +23,7 @@ frames, transactions, NAKs, payload bytes each way): the link's time on the wire
 
 import warnings
 
-from amaranth.hdl import Module
+from amaranth.hdl import DomainRenamer, Module
 from amaranth.lib import wiring
 from amaranth.sim import Simulator
 
@@ -41,7 +41,7 @@ __all__ = ["PYSIM_DEVICE", "PysimTransport"]
 #: simulator keeps every word as a Python integer) and a short watchdog.
 PYSIM_DEVICE = {"rows": 2, "cols": 4, "words": 1 << 14, "clk_hz": 36_000_000,
                 "timeout": 4096, "sdram": "", "vec_ops": VEC_OPS_ALL, "memory": "bram",
-                "dsp_pes": 0, "link": ""}
+                "dsp_pes": 0, "link": "", "sdram_hz": 0}
 
 #: The USB device's address after enumeration.
 USB_ADDRESS = 5
@@ -73,7 +73,7 @@ class PysimTransport:
 
     def __init__(self, rows=2, cols=4, words=1 << 14, clk_hz=36_000_000, timeout=4096,
                  max_cycles=2_000_000, idle_cycles=2048, sdram="", vec_ops=VEC_OPS_ALL,
-                 memory="bram", dsp_pes=0, link=""):
+                 memory="bram", dsp_pes=0, link="", sdram_hz=0):
         if link not in ("", "usb"):
             raise ValueError(f"link={link}: '' (the device's byte streams) or 'usb'")
         chip = CHIPS[sdram] if sdram else None
@@ -86,19 +86,21 @@ class PysimTransport:
                 from luna.gateware.interface.utmi import UTMIInterface
             self.utmi = UTMIInterface()
             self.dut = UsbTop(self.utmi, rows, cols, words, clk_hz, sdram=chip,
-                              vec_ops=vec_ops, memory=memory, dsp_pes=dsp_pes, timeout=timeout)
+                              vec_ops=vec_ops, memory=memory, dsp_pes=dsp_pes, timeout=timeout,
+                              sdram_hz=sdram_hz or None)
             self.host = UsbHost(self.utmi)
         else:
             self.dut = Device(rows, cols, words, clk_hz=clk_hz, timeout=timeout, sdram=chip,
-                              vec_ops=vec_ops, memory=memory, dsp_pes=dsp_pes)
+                              vec_ops=vec_ops, memory=memory, dsp_pes=dsp_pes,
+                              sdram_hz=sdram_hz or None)
         top = self.dut
         if chip:                     # the chip model on the device's SDRAM pins
-            model = SdramChipModel(chip, clk_hz)
+            model = SdramChipModel(chip, sdram_hz or clk_hz)
             if model.storage != "memory":
                 raise ValueError(f"sdram={sdram}: the simulator holds only small SDRAMs "
                                  "(sdram=tiny); the large parts' storage is Verilog, for "
                                  "the Verilator model (sim:)")
-            top = _WithSdram(self.dut, model)
+            top = _WithSdram(self.dut, DomainRenamer("sdram")(model) if sdram_hz else model)
         self.model = top.model if chip else None
         self.max_cycles, self.idle_cycles = max_cycles, idle_cycles
         self.cycles = 0                        # clock cycles simulated
@@ -114,6 +116,8 @@ class PysimTransport:
         else:
             self._sim.add_testbench(self._io, background=True)
         self._sim.add_clock(self.period)
+        if sdram_hz:                 # the SDRAM's own clock, at its rate to the design's
+            self._sim.add_clock(self.period * clk_hz / sdram_hz, domain="sdram")
         self.timeout = 0
 
     async def _io(self, ctx):
