@@ -96,6 +96,9 @@ class Board:
     pll: str | None = None    # "ice40" or "ecp5": derive clk_hz from the board clock
     pll_pad: bool = True      # iCE40: the oscillator is on a PLL pad (else SB_PLL40_CORE)
     sdram: str | None = None  # a part of rtl.sdram.CHIPS on the board's `sdram` resource
+    #: the SDRAM's own clock (rtl.sdram_clock; resolve() sets what the PLL makes at or below
+    #: it), None: the design's
+    sdram_hz: int | None = None
     vec_ops: int = VEC_OPS_ALL  # the element-wise unit's operations (the rest on the host)
     memory: str = "bram"      # tensor memory: block RAM, or "spram" (the UP5K's SPRAM)
     dsp_pes: int = 0          # PEs multiplying in a DSP (rtl.array: BroadcastRow, PEPair)
@@ -125,7 +128,8 @@ BOARDS = {
     "ulx3s-85f": Board("ulx3s-85f", "amaranth_boards.ulx3s:ULX3S_85F_Platform",
                        rows=8, cols=16, mem_words=16384, baud=3_000_000, clk_hz=48_000_000,
                        pll="ecp5", sdram="is42s16160", nextpnr_opts=("--router", "router2"),
-                       cable=("-b", "ulx3s"), seed=3, link="usb", dsp_pes=128),
+                       cable=("-b", "ulx3s"), seed=3, link="usb", dsp_pes=128,
+                       sdram_hz=90_000_000),
 }
 
 
@@ -154,7 +158,8 @@ def pll_setting(board, fin):
     def search(accept):
         if board.pll == "ice40":
             return ice40_pll(fin, board.clk_hz, accept)
-        return ecp5_pll(fin, board.clk_hz, usb=board.link == "usb", accept=accept)
+        return ecp5_pll(fin, board.clk_hz, usb=board.link == "usb", accept=accept,
+                        sdram=board.sdram_hz if board.sdram else None)
     if board.link != "uart":
         return search(None)
     try:
@@ -226,9 +231,12 @@ def resolve(name, rows=None, cols=None, baud=None, mem_words=None, clk_hz=None, 
     if board.pll:                 # the clock the PLL makes, nearest at or below the target
         fin = board.make_platform().default_clk_frequency
         try:
-            board = dataclasses.replace(board, clk_hz=int(pll_setting(board, fin).hz))
+            setting = pll_setting(board, fin)
         except PllError as e:
             raise BoardError(f"{board.name}: {e}") from None
+        sdram_hz = getattr(setting, "sdram_hz", None)
+        board = dataclasses.replace(board, clk_hz=int(setting.hz),
+                                    sdram_hz=round(sdram_hz) if sdram_hz else None)
     return board
 
 
@@ -240,8 +248,9 @@ class UartTop(wiring.Component):
     """
 
     def __init__(self, rows, cols, mem_words, clk_hz, divisor, sdram=None,
-                 vec_ops=VEC_OPS_ALL, memory="bram", dsp_pes=0, ddr_rx=False):
+                 vec_ops=VEC_OPS_ALL, memory="bram", dsp_pes=0, ddr_rx=False, sdram_hz=None):
         self.rows, self.cols, self.mem_words, self.vec_ops = rows, cols, mem_words, vec_ops
+        self.sdram_hz = sdram_hz
         self.memory, self.dsp_pes, self.ddr_rx = memory, dsp_pes, ddr_rx
         self.clk_hz, self.divisor, self.chip = clk_hz, divisor, sdram
         pins = {"sdram": Out(SdramPins.Signature(sdram))} if sdram else {}
@@ -256,7 +265,7 @@ class UartTop(wiring.Component):
         m.submodules.device = dev = Device(self.rows, self.cols, self.mem_words,
                                            clk_hz=self.clk_hz, sdram=self.chip,
                                            vec_ops=self.vec_ops, memory=self.memory,
-                                           dsp_pes=self.dsp_pes)
+                                           dsp_pes=self.dsp_pes, sdram_hz=self.sdram_hz)
         if self.chip:
             wiring.connect(m, dev.sdram, wiring.flipped(self.sdram))
         m.d.comb += [rx.rx.eq(self.rx), self.tx.eq(tx.tx), self.idle.eq(dev.idle)]
@@ -276,11 +285,11 @@ class UsbTop(wiring.Component):
     """
 
     def __init__(self, bus, rows, cols, mem_words, clk_hz, sdram=None, vec_ops=VEC_OPS_ALL,
-                 memory="bram", dsp_pes=0, timeout=None):
+                 memory="bram", dsp_pes=0, timeout=None, sdram_hz=None):
         self.bus = bus
         self.device = Device(rows, cols, mem_words, clk_hz=clk_hz, sdram=sdram,
                              vec_ops=vec_ops, memory=memory, dsp_pes=dsp_pes,
-                             timeout=timeout)
+                             timeout=timeout, sdram_hz=sdram_hz)
         pins = {"sdram": Out(SdramPins.Signature(sdram))} if sdram else {}
         super().__init__({"idle": Out(1), "listening": Out(1), **pins})
 
@@ -321,7 +330,7 @@ class BoardTop(Elaboratable):
                 raise BoardError(f"{b.name}: the PLL makes {setting.hz / 1e6:g} MHz, not "
                                  f"{b.clk_hz / 1e6:g} (use resolve() to make a Board)")
             pin = platform.request(platform.default_clk, dir="-")
-            usb_io, usb = Signal(), Signal()
+            usb_io, usb, sdram_clk = Signal(), Signal(), Signal()
             if b.pll == "ice40" and b.pll_pad:
                 m.submodules.pll = Ice40Pll(setting, pin.io, clk, lock)
             else:
@@ -329,7 +338,7 @@ class BoardTop(Elaboratable):
                 m.submodules.pll = (Ice40Pll(setting, clk_buf.i, clk, lock, pad=False)
                                     if b.pll == "ice40" else
                                     Ecp5Pll(setting, fin, clk_buf.i, clk, lock, clk90,
-                                            usb_io=usb_io, usb=usb))
+                                            usb_io=usb_io, usb=usb, sdram=sdram_clk))
             # hold the design in reset until the PLL locks
             m.d.comb += [ClockSignal("sync").eq(clk), ResetSignal("sync").eq(~lock)]
             if not getattr(setting, "clk_on_usb_io", False):
@@ -342,12 +351,21 @@ class BoardTop(Elaboratable):
                     m.d.comb += [ClockSignal(name).eq(sig), ResetSignal(name).eq(~lock)]
                     if not (name == "usb_io" and setting.clk_on_usb_io):
                         platform.add_clock_constraint(sig, hz)
+            if getattr(setting, "sdram_div", None):   # the SDRAM's own clock
+                if round(setting.sdram_hz) != b.sdram_hz:
+                    raise BoardError(f"{b.name}: the PLL makes the SDRAM "
+                                     f"{setting.sdram_hz / 1e6:g} MHz, not "
+                                     f"{b.sdram_hz / 1e6:g} (use resolve() to make a Board)")
+                m.domains.sdram = ClockDomain("sdram")
+                m.d.comb += [ClockSignal("sdram").eq(sdram_clk),
+                             ResetSignal("sdram").eq(~lock)]
+                platform.add_clock_constraint(sdram_clk, setting.sdram_hz)
         chip = CHIPS[b.sdram] if b.sdram else None
         if b.link == "usb":
             m.submodules.top = top = UsbTop(platform.request("usb", 0), b.rows, b.cols,
                                             b.mem_words, b.clk_hz, sdram=chip,
                                             vec_ops=b.vec_ops, memory=b.memory,
-                                            dsp_pes=b.dsp_pes)
+                                            dsp_pes=b.dsp_pes, sdram_hz=b.sdram_hz)
         else:
             top = self._uart(m, platform, chip)
         if chip:
@@ -370,7 +388,8 @@ class BoardTop(Elaboratable):
         m.submodules.uart_tx = uart_tx = io.Buffer("o", uart.tx)
         m.submodules.top = top = UartTop(b.rows, b.cols, b.mem_words, b.clk_hz, self.divisor,
                                          sdram=chip, vec_ops=b.vec_ops, memory=b.memory,
-                                         dsp_pes=b.dsp_pes, ddr_rx=b.ddr_rx)
+                                         dsp_pes=b.dsp_pes, ddr_rx=b.ddr_rx,
+                                         sdram_hz=b.sdram_hz)
         m.d.comb += [top.rx.eq(rx_line), uart_tx.o.eq(top.tx)]
         return top
 
@@ -526,7 +545,8 @@ def _placed(board, out, seed, seconds):
     def used(*names):
         return sum(util[n]["used"] for n in names if n in util)
 
-    clocks = _clocks(report, board.clk_hz / 1e6)
+    clocks = _clocks(report, board.clk_hz / 1e6,
+                     board.sdram_hz / 1e6 if board.sdram and board.sdram_hz else None)
     luts = used("ICESTORM_LC", "TRELLIS_COMB")
     cells = _yosys_cells(out)
     result = {
@@ -582,6 +602,7 @@ def _configuration(board):
             # what a model's training state can occupy: the on-chip memory the engine
             # streams from, and the SDRAM behind it (DMA)
             "scratchpad_bytes": scratch, "sdram": board.sdram, "sdram_bytes": sdram,
+            "sdram_mhz": (board.sdram_hz or board.clk_hz) / 1e6 if board.sdram else None,
             "tensor_memory_bytes": scratch + sdram, "link": board.link,
             "baud": board.baud if board.link == "uart" else None}
 
@@ -619,7 +640,7 @@ def _budget(board, platform, out, total, progress):
         return UartTop(board.rows, board.cols, board.mem_words, board.clk_hz,
                        divisor_for(board.clk_hz, board.baud, board.ddr_rx), sdram=chip,
                        vec_ops=board.vec_ops, memory=board.memory, dsp_pes=board.dsp_pes,
-                       ddr_rx=board.ddr_rx)
+                       ddr_rx=board.ddr_rx, sdram_hz=board.sdram_hz)
 
     def show(path):
         if progress:
@@ -662,17 +683,21 @@ def _overfull(out):
     return None
 
 
-def _clocks(report, sync_mhz):
+def _clocks(report, sync_mhz, sdram_mhz=None):
     """Each constrained clock's fmax and target (MHz) from nextpnr's report: ``sync`` (the
     design clock: the one constrained nearest ``sync_mhz``) and, on a USB board, ``usb_io``
-    (48 MHz) and ``usb`` (12 MHz), named by their constraints."""
+    (48 MHz) and ``usb`` (12 MHz), and ``sdram`` (``sdram_mhz``) where the SDRAM has a
+    clock of its own, named by their constraints."""
     nets = report["fmax"]
     sync = min(nets, key=lambda n: abs(nets[n]["constraint"] - sync_mhz))
     names = {sync: "sync"}
+    known = [("usb_io", USB_IO_HZ / 1e6), ("usb", USB_HZ / 1e6)]
+    if sdram_mhz:
+        known.append(("sdram", sdram_mhz))
     for net, v in nets.items():
         if net != sync:
-            names[net] = next((name for name, hz in (("usb_io", USB_IO_HZ), ("usb", USB_HZ))
-                               if abs(v["constraint"] - hz / 1e6) < 0.01), net)
+            names[net] = next((name for name, mhz in known
+                               if abs(v["constraint"] - mhz) < 0.01), net)
     clocks = {names[n]: {"fmax_mhz": round(v["achieved"], 2),
                          "target_mhz": round(v["constraint"], 3)} for n, v in nets.items()}
     if "usb" in clocks and "usb_io" not in clocks and abs(sync_mhz - USB_IO_HZ / 1e6) < 0.01:

@@ -18,13 +18,18 @@ documented ranges, the way the vendors' ``icepll`` and ``ecppll`` do:
   design clock between has a VCO that 48 MHz divides (CLKOP feedback). So for a target
   from 48 MHz to below 60 the design runs on the 48 MHz clock itself (``clk_on_usb_io``):
   CLKOS2 drives both the design and ``usb_io``, CLKOS is it 90 degrees later, and CLKOP
-  (45 MHz at a 720 MHz VCO) only closes the loop.
+  (45 MHz at a 720 MHz VCO) only closes the loop;
+* the SDRAM on a clock of its own (``sdram``: :mod:`nibble.rtl.sdram_clock`): where CLKOP
+  only closes the loop it is that clock, the loop chosen for the highest CLKOP at or below
+  the SDRAM's target whose VCO still divides to 48 and 12 MHz (the ULX3S: 90 MHz, 720 / 8),
+  and CLKOS is it 90 degrees later for the SDRAM's clock pin; without USB it is CLKOS2.
 
 The parameters reproduce the hand-derived ones the iCEBreaker (12 -> 36 MHz, now 24) and
 ULX3S (25 -> 45 MHz) builds used.
 """
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -58,6 +63,18 @@ class Ecp5Setting:
     usb_io_div: int | None = None   # CLKOS2: 48 MHz (with ``usb``)
     usb_div: int | None = None      # CLKOS3: 12 MHz
     clk_on_usb_io: bool = False     # the design clock is CLKOS2's 48 MHz; CLKOP only feeds back
+    #: the SDRAM's own clock (``sdram``), as a divider of the VCO: CLKOP itself where the
+    #: design is on CLKOS2's 48 MHz, else CLKOS2 (no USB); None: the SDRAM on the design's
+    sdram_div: int | None = None
+
+    @property
+    def vco_hz(self):
+        return float(Fraction(self.hz) * (self.usb_io_div if self.clk_on_usb_io
+                                          else self.clkop_div))
+
+    @property
+    def sdram_hz(self):
+        return self.vco_hz / self.sdram_div if self.sdram_div else None
 
 
 def ice40_pll(fin, target, accept=None):
@@ -85,10 +102,30 @@ def ice40_pll(fin, target, accept=None):
     return best
 
 
-def ecp5_pll(fin, target, usb=False, accept=None):
+def ecp5_pll(fin, target, usb=False, accept=None, sdram=None):
     """The EHXPLLL setting with the highest output at or below ``target`` Hz (that
     ``accept(hz)`` takes, if given); with ``usb`` one whose VCO also makes 48 and 12 MHz
-    exactly (the design clock may be that 48 MHz)."""
+    exactly (the design clock may be that 48 MHz); with ``sdram`` (Hz) also an SDRAM clock
+    of its own, the highest at or below it that an output left free makes (none where
+    there is none: the design clock beside USB's two on CLKOP)."""
+    best = _ecp5_design(fin, target, usb, accept)
+    if sdram is None:
+        return best
+    if best.clk_on_usb_io:     # CLKOP, which only fed the loop back, is the SDRAM's clock:
+        # the loop with the highest CLKOP at or below it (then the VCO nearest 600 MHz)
+        clki, fb, f, divs = max((c for c in _ecp5_loops(fin, usb) if c[2] <= sdram),
+                                key=lambda c: (c[2], -min(abs(c[2] * d - 600_000_000)
+                                                          for d in c[3])))
+        s = _ecp5_setting(clki, fb, f, divs, usb)
+        return dataclasses.replace(s, hz=float(USB_IO_HZ), clk_on_usb_io=True,
+                                   sdram_div=s.clkop_div)
+    if usb:
+        return best
+    vco = Fraction(best.hz) * best.clkop_div      # CLKOS2, free without USB
+    return dataclasses.replace(best, sdram_div=min(128, math.ceil(vco / sdram)))
+
+
+def _ecp5_design(fin, target, usb, accept):
     best = None
     for clki, fb, f, divs in _ecp5_loops(fin, usb):
         if f <= target and (best is None or f > best.hz) and (accept is None or accept(f)):
@@ -153,31 +190,46 @@ class Ice40Pll(Elaboratable):
 class Ecp5Pll(Elaboratable):
     """EHXPLLL: the design clock on CLKOP, the same clock 90 degrees later on CLKOS (a
     quarter of CLKOP_DIV in VCO steps of whole and eighth cycles); with a USB setting
-    48 MHz on CLKOS2 (``usb_io``) and 12 MHz on CLKOS3 (``usb``)."""
+    48 MHz on CLKOS2 (``usb_io``) and 12 MHz on CLKOS3 (``usb``). With the SDRAM on a clock
+    of its own (``sdram_div``) CLKOS is that clock 90 degrees later (the SDRAM's pin), and
+    the clock itself, ``sdram``, is CLKOP (the design on CLKOS2's 48 MHz) or CLKOS2."""
 
-    def __init__(self, setting, fin, clkin, clk, lock, clk90=None, usb_io=None, usb=None):
+    def __init__(self, setting, fin, clkin, clk, lock, clk90=None, usb_io=None, usb=None,
+                 sdram=None):
         self.s, self.fin, self.clkin, self.clk, self.lock = setting, fin, clkin, clk, lock
         self.clk90 = clk90 if clk90 is not None else Signal()
         self.usb_io = usb_io if usb_io is not None else Signal()
         self.usb = usb if usb is not None else Signal()
+        self.sdram = sdram if sdram is not None else Signal()
 
     def elaborate(self, platform):
         m = Module()
         s = self.s
-        # The design clock's output: CLKOP, or CLKOS2 (48 MHz, also ``usb_io``) with CLKOP
-        # left to feed the loop back.
-        div = s.usb_io_div if s.clk_on_usb_io else s.clkop_div
-        cphase = s.usb_io_div - 1 if s.clk_on_usb_io else (s.clkop_div - 1) // 2
+        # CLKOP feeds the loop back: the design clock, or (the design on CLKOS2's 48 MHz)
+        # the SDRAM's clock or nothing else
+        feedback = self.sdram if s.clk_on_usb_io and s.sdram_div else \
+            Signal() if s.clk_on_usb_io else self.clk
+        # CLKOS, 90 degrees after the clock the SDRAM's registers run on: its own
+        # (CLKOP's or CLKOS2's divider) or the design's (CLKOS2's, or CLKOP's)
+        if s.sdram_div:
+            div = s.sdram_div
+            cphase = (div - 1) // 2 if s.clk_on_usb_io else div - 1
+        else:
+            div = s.usb_io_div if s.clk_on_usb_io else s.clkop_div
+            cphase = s.usb_io_div - 1 if s.clk_on_usb_io else (s.clkop_div - 1) // 2
         quarter = 2 * div                             # a quarter cycle in eighth VCO steps
-        feedback = Signal() if s.clk_on_usb_io else self.clk
-        usb = {}
+        outs = {}
         if s.usb_div:
-            usb = dict(p_CLKOS2_ENABLE="ENABLED", p_CLKOS2_DIV=s.usb_io_div,
-                       p_CLKOS2_CPHASE=s.usb_io_div - 1, p_CLKOS2_FPHASE=0,
-                       p_CLKOS3_ENABLE="ENABLED", p_CLKOS3_DIV=s.usb_div,
-                       p_CLKOS3_CPHASE=s.usb_div - 1, p_CLKOS3_FPHASE=0,
-                       o_CLKOS2=self.clk if s.clk_on_usb_io else self.usb_io,
-                       o_CLKOS3=self.usb)
+            outs = dict(p_CLKOS2_ENABLE="ENABLED", p_CLKOS2_DIV=s.usb_io_div,
+                        p_CLKOS2_CPHASE=s.usb_io_div - 1, p_CLKOS2_FPHASE=0,
+                        p_CLKOS3_ENABLE="ENABLED", p_CLKOS3_DIV=s.usb_div,
+                        p_CLKOS3_CPHASE=s.usb_div - 1, p_CLKOS3_FPHASE=0,
+                        o_CLKOS2=self.clk if s.clk_on_usb_io else self.usb_io,
+                        o_CLKOS3=self.usb)
+        elif s.sdram_div:                             # no USB: the SDRAM's clock on CLKOS2
+            outs = dict(p_CLKOS2_ENABLE="ENABLED", p_CLKOS2_DIV=s.sdram_div,
+                        p_CLKOS2_CPHASE=s.sdram_div - 1, p_CLKOS2_FPHASE=0,
+                        o_CLKOS2=self.sdram)
         if s.clk_on_usb_io:
             m.d.comb += self.usb_io.eq(self.clk)
         m.submodules.pll = Instance(
@@ -197,5 +249,5 @@ class Ecp5Pll(Elaboratable):
             i_RST=0, i_STDBY=0, i_CLKI=self.clkin, i_CLKFB=feedback,
             i_PHASESEL0=0, i_PHASESEL1=0, i_PHASEDIR=1, i_PHASESTEP=1, i_PHASELOADREG=1,
             i_PLLWAKESYNC=0, i_ENCLKOP=0, i_ENCLKOS=0, i_ENCLKOS2=0, i_ENCLKOS3=0,
-            o_CLKOP=feedback, o_CLKOS=self.clk90, o_LOCK=self.lock, **usb)
+            o_CLKOP=feedback, o_CLKOS=self.clk90, o_LOCK=self.lock, **outs)
         return m

@@ -44,6 +44,41 @@ def test_usb_settings_make_48_and_12_mhz_exactly(target):
     assert s.clk_on_usb_io or loop == s.hz
 
 
+@pytest.mark.parametrize("usb, sdram", [(True, 90e6), (True, 143e6), (False, 90e6)])
+def test_an_sdram_clock_of_its_own(usb, sdram):
+    """The SDRAM's clock beside the design's (and USB's): beside 48 MHz on CLKOS2 it is
+    CLKOP, the loop chosen for the highest CLKOP at or below the target whose VCO still
+    divides to 48 and 12 MHz (the ULX3S's 90 MHz: 720 / 8); without USB it is CLKOS2,
+    the VCO's highest division at or below it."""
+    s = ecp5_pll(25e6, 48e6 if usb else 45e6, usb=usb, sdram=sdram)
+    vco = s.vco_hz
+    assert 400e6 <= vco <= 800e6 and 25e6 / s.clki_div >= 3.125e6
+    assert s.sdram_hz == vco / s.sdram_div <= sdram
+    assert vco / (s.sdram_div - 1) > sdram or s.sdram_div == 1      # the highest
+    if usb:
+        assert s.clk_on_usb_io and s.hz == 48e6 and s.sdram_div == s.clkop_div
+        assert 25e6 / s.clki_div * s.clkfb_div == s.sdram_hz        # the loop is CLKOP
+        assert vco / s.usb_io_div == 48e6 and vco / s.usb_div == 12e6
+    else:
+        assert s.hz == 45e6 and vco == 45e6 * s.clkop_div
+    assert {(True, 90e6): 90e6, (True, 143e6): 120e6}.get((usb, sdram), s.sdram_hz) \
+        == s.sdram_hz
+    # beside USB with the design on CLKOP, no output is left: the SDRAM on the design's
+    assert ecp5_pll(25e6, 45e6, usb=True, sdram=sdram).sdram_div is None
+
+
+def test_the_ulx3s_runs_its_sdram_at_90_mhz():
+    """The ULX3S's SDRAM at 90 MHz beside the 48 MHz design and USB; on its UART at the
+    VCO's division nearest below (the design at 45 MHz); at a design clock beside USB's on
+    CLKOP, on the design's clock. The netlist has the SDRAM's clock domain."""
+    b = resolve("ulx3s-85f")
+    assert (b.clk_hz, b.sdram_hz) == (48_000_000, 90_000_000)
+    assert resolve("ulx3s-85f", link="uart").sdram_hz == 83_571_429
+    assert resolve("ulx3s-85f", clk_hz=45_000_000).sdram_hz is None
+    il = _netlist(b)
+    assert "EHXPLLL" in il and "sdram_clk" in il
+
+
 def test_unreachable_clocks_are_one_clear_error():
     with pytest.raises(PllError, match="no iCE40 PLL setting from 1 MHz"):
         ice40_pll(1e6, 36e6)
