@@ -286,6 +286,7 @@ def board_run(name, data, cfg, steps=3, images=4096, log=print):
     full_set = len(data.x_train) * emu["row_bytes"]
     return {"board": name, "array": f"{conf['rows']}x{conf['cols']}",
             "scratch_words": conf["words"], "sdram": conf["sdram"],
+            "sdram_hz": conf["sdram_hz"],
             "state_words": sim["plan_words"], "state_in_sdram": sim["paged"],
             "steps": steps, "sim_matches_emu": bool(same),
             "sim_seconds_per_step": sim["seconds"] / (steps - 1),
@@ -355,12 +356,13 @@ def icebreaker_digits(epochs=10, log=print):
 def _by_command(ux):
     """Rows of the ULX3S configuration's cycles and SDRAM bytes by command, longest first."""
     moved = ux["sdram_bytes_by_command"]
+    # the SDRAM's peak in bytes a design cycle (its clock may be its own)
+    peak = SDRAM_PEAK_BYTES_PER_CYCLE * ux.get("sdram_mhz", ux["clock_mhz"]) / ux["clock_mhz"]
     rows = []
     for op, cycles in ux["cycles_by_command"].items():
         load, store = moved.get(f"{op} load", 0), moved.get(f"{op} store", 0)
         rows.append({"op": op, "cycles": cycles, "load": load, "store": store,
-                     "share": (load + store) / SDRAM_PEAK_BYTES_PER_CYCLE / cycles
-                     if cycles else 0.0})
+                     "share": (load + store) / peak / cycles if cycles else 0.0})
     return rows
 
 
@@ -523,7 +525,11 @@ def _board_section(res, data, cfg, out, docs, log, usb):
                "compute_s": ux["device_cycles_per_step"] / hz, "link_s": link_s,
                "host_s": res["host_seconds_per_step"], "step_s": t,
                "steps_per_second": 1 / t, "images_per_second": HYPER["batch_size"] / t,
-               "sdram_s": ux["sdram_bytes_per_step"] / SDRAM_PEAK_BYTES_PER_CYCLE / hz})
+               # the SDRAM's peak: 2 bytes a cycle of its own clock (the design's, or one
+               # of its own: rtl.sdram_clock), which the simulated configuration runs at
+               "sdram_mhz": (ux["sdram_hz"] or hz) / 1e6,
+               "sdram_s": ux["sdram_bytes_per_step"] / SDRAM_PEAK_BYTES_PER_CYCLE
+               / (ux["sdram_hz"] or hz)})
     ux["bound"] = bound({"array": ux["gemm_cycles_per_step"] / hz,
                          "element-wise": ux["vec_cycles_per_step"] / hz,
                          "SDRAM": ux["sdram_s"], "link": ux["link_s"], "host": ux["host_s"]})
@@ -617,6 +623,7 @@ def render(r):
                 ("training set upload (once) s", "upload_s", "{:.0f}"),
                 ("clock MHz", "clock_mhz", "{:g}"), ("clock", "clock", "{}"),
                 ("link", "link_text", "{}"), ("compute ms", "compute_ms", "{:.1f}"),
+                ("SDRAM MHz", "sdram_mhz", "{:g}"),
                 ("SDRAM ms at its peak", "sdram_ms", "{:.1f}"), ("link ms", "link_ms", "{:.1f}"),
                 ("host ms", "host_ms", "{:.1f}"), ("steps/s", "steps_per_second", "{:.2f}"),
                 ("images/s", "images_per_second", "{:.0f}"), ("bound", "bound", "{}"),
