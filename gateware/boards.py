@@ -490,18 +490,20 @@ def build(board, out_root="build", seed=1, progress=False, budget=True):
     for stale in ("report-nextpnr.json", "report.json", "top.tim", "top.json", "top.rpt",
                   "top.il"):
         (out / stale).unlink(missing_ok=True)
-    guard, synth_opts = {}, board.synth_opts
+    # yosys script lines around synthesis: the iCE40's DSP guard, or the ECP5's LUT mapping
+    scripts, synth_opts = {}, board.synth_opts
     if is_ice40(platform):     # synth_ice40 -dsp would rebuild the instantiated DSP blocks
         platform.add_file("nibble_dsp_stub.v", ice40_dsp_stub())
-        guard = dict(script_after_read=ICE40_DSP_GUARD[0], script_after_synth=ICE40_DSP_GUARD[1])
+        scripts = dict(script_after_read=ICE40_DSP_GUARD[0],
+                       script_after_synth=ICE40_DSP_GUARD[1])
     elif board.lut_map == "abc":
         synth_opts, after = abc_lut_map(board.synth_opts)
-        guard = dict(script_after_synth=after)
+        scripts = dict(script_after_synth=after)
     try:
         with _Progress(out, progress):
             platform.build(
                 BoardTop(board), name="top", build_dir=str(out), do_program=False,
-                synth_opts=synth_opts, **guard,
+                synth_opts=synth_opts, **scripts,
                 nextpnr_opts=" ".join([*board.nextpnr_opts, "--seed", str(seed), "--report",
                                        "report-nextpnr.json", "--timing-allow-fail"]))
     except Exception as e:      # the toolchain's own error carries the log tail

@@ -72,9 +72,9 @@ def abc_lut_map(synth_opts=""):
     0.70's abc9 asserts in ``abc9_ops -reintegrate`` on the 8x32 array with LUT PE pairs):
     synth_ecp5's options to stop before its LUT mapping, and the lines that map the LUTs
     and run the rest of it (the steps ``help synth_lattice`` lists)."""
-    return (f"{synth_opts} -run :map_luts".strip(),
-            "techmap -map +/lattice/latches_map.v\nabc -lut 4\nclean\n"
-            f"synth_ecp5 {synth_opts} -top top -run map_cells:".replace("  ", " "))
+    rest = " ".join(filter(None, ["synth_ecp5", synth_opts, "-top top -run map_cells:"]))
+    return (" ".join(filter(None, [synth_opts, "-run :map_luts"])),
+            f"techmap -map +/lattice/latches_map.v\nabc -lut 4\nclean\n{rest}")
 
 
 class SynthError(RuntimeError):
