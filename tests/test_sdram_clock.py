@@ -13,7 +13,7 @@ from amaranth.sim import Simulator
 
 from nibble.rtl.sdram_clock import SdramCrossing
 from nibble.sim.sdram_model import SdramChipModel
-from tests.test_sdram import TINY, Bench, flag_names, run, shadow_reads, traffic
+from tests.sdram_bench import TINY, Bench, flag_names, run, shadow_reads, traffic
 
 DESIGN = 48_000_000
 
