@@ -171,11 +171,12 @@ def pll_setting(board, fin):
 
 
 def resolve(name, rows=None, cols=None, baud=None, mem_words=None, clk_hz=None, link=None,
-            dsp_pes=None, lut_map=None):
+            dsp_pes=None, lut_map=None, sdram_hz=None):
     """A :class:`Board` for a known name or a ``module:Class`` amaranth-boards platform;
     ``clk_hz`` asks for another design clock (the nearest a PLL makes at or below it),
     ``link`` another host link ("uart" or "usb"), ``dsp_pes`` how many PEs multiply in DSP
-    blocks, ``lut_map`` how yosys maps an ECP5's LUTs (:attr:`Board.lut_map`)."""
+    blocks, ``lut_map`` how yosys maps an ECP5's LUTs (:attr:`Board.lut_map`), ``sdram_hz``
+    the SDRAM's own clock (:attr:`Board.sdram_hz`)."""
     if name in BOARDS:
         board = BOARDS[name]
     elif ":" in name:
@@ -202,7 +203,8 @@ def resolve(name, rows=None, cols=None, baud=None, mem_words=None, clk_hz=None, 
                          "amaranth-boards platform as module:Class")
     changes = {k: v for k, v in (("rows", rows), ("cols", cols), ("baud", baud),
                                  ("mem_words", mem_words), ("clk_hz", clk_hz),
-                                 ("link", link), ("lut_map", lut_map)) if v}
+                                 ("link", link), ("lut_map", lut_map),
+                                 ("sdram_hz", sdram_hz)) if v}
     if dsp_pes is not None:
         if dsp_pes < 0:
             raise BoardError(f"{dsp_pes} DSP PEs: 0 or more")

@@ -340,7 +340,8 @@ def cmd_bitstream(args):
 
     board = resolve(args.board, rows=args.rows, cols=args.cols, baud=args.baud,
                     mem_words=args.words, clk_hz=args.clk and round(args.clk * 1e6),
-                    link=args.link, dsp_pes=args.dsp_pes, lut_map=args.lut_map)
+                    link=args.link, dsp_pes=args.dsp_pes, lut_map=args.lut_map,
+                    sdram_hz=args.sdram_clk and round(args.sdram_clk * 1e6))
     if args.report_only:
         from nibble.gateware.boards import rereport
         r = rereport(board, out_root=args.out)
@@ -628,6 +629,9 @@ def build_parser():
                     help="design clock: the nearest the board's PLL makes at or below it "
                     "(default: the board's, or on another iCE40 / ECP5 board "
                     "36 / 45 MHz)")
+    bt.add_argument("--sdram-clk", type=float, metavar="MHZ",
+                    help="the SDRAM's own clock: the nearest the board's PLL makes at or "
+                    "below it beside the design's (default: the board's; the ULX3S's 90)")
     bt.add_argument("--dsp-pes", type=_count, metavar="N",
                     help="PEs that multiply in DSP blocks (default: the board's; the others "
                     "in LUTs)")

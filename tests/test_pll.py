@@ -75,6 +75,7 @@ def test_the_ulx3s_runs_its_sdram_at_90_mhz():
     assert (b.clk_hz, b.sdram_hz) == (48_000_000, 90_000_000)
     assert resolve("ulx3s-85f", link="uart").sdram_hz == 83_571_429
     assert resolve("ulx3s-85f", clk_hz=45_000_000).sdram_hz is None
+    assert resolve("ulx3s-85f", sdram_hz=85_000_000).sdram_hz == 80_000_000  # --sdram-clk
     il = _netlist(b)
     assert "EHXPLLL" in il and "sdram_clk" in il
 
