@@ -404,7 +404,11 @@ def boards_table(out_root):
             row["array"] = f"{row['rows']}x{row['cols']}"
             row["fits"] = "yes" if row.get("fits", True) else "**no**"
             mib = row.get("sdram_bytes", 0) / 2**20
-            row["sdram_mb"] = f"{mib:g} MiB ({row['sdram']})" if mib else "-"
+            clocks = row.get("clocks", {})
+            at = (f", {row['sdram_mhz']:g} MHz" + (f" (fmax {clocks['sdram']['fmax_mhz']:.1f})"
+                                                   if "sdram" in clocks else "")
+                  if row.get("sdram_mhz") else "")
+            row["sdram_mb"] = f"{mib:g} MiB ({row['sdram']}{at})" if mib else "-"
             row["fmax"] = "-" if row.get("fmax_mhz") is None else f"{row['fmax_mhz']:.1f}"
             row["link_text"] = "USB (CDC-ACM)" if row.get("link") == "usb" else \
                 f"UART {row['baud']:,} baud"
