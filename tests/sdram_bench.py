@@ -2,12 +2,13 @@
 clock-crossing's, tests/test_sdram_clock.py): a controller on the chip model, random
 traffic, a driver that feeds it, and the reads a Python shadow memory expects."""
 
-from amaranth.hdl import Module
+from amaranth.hdl import DomainRenamer, Module
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 from amaranth.sim import Simulator
 
 from nibble.rtl.sdram import BEATS, BURST_BITS, CHIPS, SdramController
+from nibble.rtl.sdram_clock import SdramCrossing
 from nibble.sim.sdram_model import Flag, SdramChipModel
 
 TINY = CHIPS["tiny"]
@@ -15,11 +16,18 @@ CLK = 50_000_000
 
 
 class Bench(wiring.Component):
-    """A controller (which may believe different timings: ``believed``) on a chip model."""
+    """A controller (which may believe different timings: ``believed``) on a chip model;
+    with ``sdram_hz`` the controller behind its clock crossing
+    (:class:`~nibble.rtl.sdram_clock.SdramCrossing`), it and the model in ``sdram``."""
 
-    def __init__(self, chip=TINY, believed=None, clk_hz=CLK):
-        self.ctrl = SdramController(believed or chip, clk_hz)
-        self.model = SdramChipModel(chip, clk_hz)
+    def __init__(self, chip=TINY, believed=None, clk_hz=CLK, sdram_hz=None):
+        if sdram_hz:
+            self.ctrl = SdramCrossing(believed or chip, sdram_hz)
+            self.model = DomainRenamer("sdram")(SdramChipModel(chip, sdram_hz))
+        else:
+            self.ctrl = SdramController(believed or chip, clk_hz)
+            self.model = SdramChipModel(chip, clk_hz)
+        self.controller = self.ctrl.ctrl if sdram_hz else self.ctrl
         super().__init__({
             "req": In(self.ctrl.req.signature.flip()), "rdata": Out(self.ctrl.rdata.signature),
             "ready": Out(1), "flags": Out(16), "violations": Out(32), "refreshes": Out(32),
@@ -33,7 +41,7 @@ class Bench(wiring.Component):
         wiring.connect(m, self.ctrl.rdata, wiring.flipped(self.rdata))
         m.d.comb += [self.ready.eq(self.ctrl.ready), self.flags.eq(self.model.flags),
                      self.violations.eq(self.model.violations),
-                     self.refreshes.eq(self.ctrl.refreshes)]
+                     self.refreshes.eq(self.controller.refreshes)]
         return m
 
 
