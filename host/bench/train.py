@@ -519,6 +519,7 @@ def _board_section(res, data, cfg, out, docs, log, usb):
     _, _, _, link, hz, src, _, fits = next(r for r in _board_rows(usb)
                                            if r[0] == "ulx3s-85f")
     link_s = link_seconds(link, ux["link_bytes_per_step"], ux["link_commands_per_step"])
+    sdram_hz = ux["sdram_hz"] or hz
     t = ux["device_cycles_per_step"] / hz + link_s + res["host_seconds_per_step"]
     ux.update({"clock_mhz": hz / 1e6, "clock": src, "link": link, "link_text": link_text(link),
                "upload_s": link_seconds(link, ux["upload_link_bytes"], 0),
@@ -527,9 +528,8 @@ def _board_section(res, data, cfg, out, docs, log, usb):
                "steps_per_second": 1 / t, "images_per_second": HYPER["batch_size"] / t,
                # the SDRAM's peak: 2 bytes a cycle of its own clock (the design's, or one
                # of its own: rtl.sdram_clock), which the simulated configuration runs at
-               "sdram_mhz": (ux["sdram_hz"] or hz) / 1e6,
-               "sdram_s": ux["sdram_bytes_per_step"] / SDRAM_PEAK_BYTES_PER_CYCLE
-               / (ux["sdram_hz"] or hz)})
+               "sdram_mhz": sdram_hz / 1e6,
+               "sdram_s": ux["sdram_bytes_per_step"] / SDRAM_PEAK_BYTES_PER_CYCLE / sdram_hz})
     ux["bound"] = bound({"array": ux["gemm_cycles_per_step"] / hz,
                          "element-wise": ux["vec_cycles_per_step"] / hz,
                          "SDRAM": ux["sdram_s"], "link": ux["link_s"], "host": ux["host_s"]})
