@@ -235,24 +235,31 @@ class SdramController(wiring.Component):
         starts = Signal(rl - 1 + BEATS)                # a 1 per READ decided, shifted along
         m.d.sync += starts.eq(starts << 1)
         beat = starts[rl - 1:].any()                   # dq_in holds a read beat
+        # ... and its burst's last: READs are a burst apart, so that is the top bit alone (a
+        # flip-flop: the FIFO's 128-bit write enables hang off nothing wider; as a count of
+        # beats it was the 90 MHz SDRAM domain's critical path, docs/results.md)
+        burst = starts[-1]
         rbuf = Signal(BURST_BITS)
-        rcount = Signal(range(BEATS))
-        burst = Signal()                               # ... its burst's last
-        m.d.comb += burst.eq(beat & (rcount == BEATS - 1))
         with m.If(beat):
-            m.d.sync += [rbuf.eq(Cat(rbuf[16:], dq_in)), rcount.eq(rcount + 1)]
-        # read bursts wait in a FIFO of DEPTH; a READ starts only with room for its burst
-        depth = 2
+            m.d.sync += rbuf.eq(Cat(rbuf[16:], dq_in))
+        # Read bursts wait in a ring of DEPTH entries, written at ``wptr`` and read at ``rptr``
+        # (an entry's enable is one register's compare, not the fill level's). A READ starts
+        # only with a free entry for its burst: ``free`` counts the entries neither filled nor
+        # promised to a READ in flight.
+        depth = 2                                      # a power of 2: the pointers wrap
         fifo = Array([Signal(BURST_BITS, name=f"rfifo{k}") for k in range(depth)])
-        level, inflight = Signal(range(depth + 1)), Signal(range(depth + 1))
+        wptr, rptr = Signal(range(depth)), Signal(range(depth))
+        level, free = Signal(range(depth + 1)), Signal(range(depth + 1), init=depth)
         pop = self.rdata.valid & self.rdata.ready
         read_go = Signal()
-        m.d.comb += [self.rdata.valid.eq(level != 0), self.rdata.payload.eq(fifo[0])]
-        with m.If(pop):
-            m.d.sync += [fifo[k].eq(fifo[k + 1]) for k in range(depth - 1)]
+        m.d.comb += [self.rdata.valid.eq(level != 0), self.rdata.payload.eq(fifo[rptr])]
         with m.If(burst):
-            m.d.sync += fifo[level - pop].eq(Cat(rbuf[16:], dq_in))
-        m.d.sync += [level.eq(level + burst - pop), inflight.eq(inflight + read_go - burst)]
+            m.d.sync += [fifo[wptr].eq(Cat(rbuf[16:], dq_in)), wptr.eq(wptr + 1)]
+        with m.If(pop):
+            m.d.sync += rptr.eq(rptr + 1)
+        m.d.sync += [level.eq(level + burst - pop), free.eq(free - read_go + pop)]
+        inflight = Signal()                            # a READ's data still to come
+        m.d.comb += inflight.eq(starts.any())
 
         # -- refresh: due every tREFI ---------------------------------------------------------
         ref_timer = Signal(range(t["tREFI"] + 1))
@@ -335,7 +342,7 @@ class SdramController(wiring.Component):
                                          wr_wait.eq(BEATS - 1), rd_wait.eq(BEATS - 1),
                                          since_wr[bank].eq(1)]
                         with m.Elif(~req.write & ready_rw & (rd_wait == 0)
-                                    & (inflight + level < depth)):
+                                    & (free != 0)):
                             issue(READ, bank, col)
                             m.d.comb += read_go.eq(1)
                             m.d.sync += [taken.eq(1), starts.eq((starts << 1) | 1),
