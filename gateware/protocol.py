@@ -14,6 +14,8 @@ code (``0x80`` and up) with an empty payload. A rejected frame changes no device
 ``docs/protocol.md`` gives the payload of every command.
 """
 
+import functools
+
 from amaranth.hdl import signed
 from amaranth.lib import crc, data, enum
 
@@ -148,6 +150,8 @@ def max_encoded_size(payload_len):
     return 2 * (HEADER_BYTES + payload_len + CRC_BYTES) + 2
 
 
+@functools.cache
 def layout_bytes(layout):
-    """Bytes of a packed layout on the wire (little-endian, padded to whole bytes)."""
+    """Bytes of a packed layout on the wire (little-endian, padded to whole bytes);
+    remembered, since ``data.Layout`` works its size out again on every access."""
     return (layout.size + 7) // 8

@@ -295,13 +295,14 @@ MASK_CLIPPED = UINT4_MAX
 
 
 def mask_pass(code, mode):
-    """Golden mask: does the gradient pass for activation code ``code`` under ``mode``."""
+    """Golden mask: does the gradient pass for activation code ``code`` under ``mode``.
+    ``code`` may be an int or a numpy array of them (elementwise)."""
     mode = MaskMode(mode)
     if mode is MaskMode.NONE:
-        return True
+        return code >= UINT4_MIN          # every code: the same shape as ``code``
     if mode is MaskMode.RELU:
         return code > UINT4_MIN
-    return UINT4_MIN < code < UINT4_MAX
+    return (code > UINT4_MIN) & (code < UINT4_MAX)
 
 
 # --- Tensor memory: words of 4-bit nibbles, elements of 1, 2 or 8 nibbles -------------------

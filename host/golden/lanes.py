@@ -54,7 +54,7 @@ def golden_lane(acc, lane, mask_codes=None):
     mode = MaskMode(lg["mask"])
     if mask_codes is None:
         mask_codes = np.zeros(acc.shape, np.int64)
-    keep = np.vectorize(lambda c: mask_pass(int(c), mode), otypes=[bool])(mask_codes)
+    keep = mask_pass(np.asarray(mask_codes, dtype=np.int64), mode)
     masked = np.where(keep, acc, 0) if acc.size else acc
     p0, p1 = log_quantize_tpr(masked, lg["exp"])
     pairs = np.empty(acc.shape, dtype=object)
