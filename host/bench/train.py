@@ -277,6 +277,8 @@ def board_run(name, data, cfg, steps=3, images=4096, log=print):
                          "paged": mlp.paged, "seconds": seconds, "plan_words": mlp.plan.end,
                          "upload": session.uploaded, "resident": mlp.resident.describe(),
                          "row_bytes": mlp.resident.row_bursts * 16})
+            if where != "sim":          # the host's own time a step in this configuration
+                runs[-1]["host_s"] = _host_seconds(session, HOST_STEPS)
     sim, emu = runs
     same = sim["losses"] == emu["losses"] and all(
         (a == b).all() for a, b in zip(sim["state"], emu["state"], strict=True))
@@ -303,6 +305,7 @@ def board_run(name, data, cfg, steps=3, images=4096, log=print):
             "cycles_by_command": {k[7:]: v for k, v in sorted(
                 sim["per_step"].items(), key=lambda kv: -kv[1]) if k.startswith("cycles_")},
             "link_bytes_ratio": emu["per_step"]["link"] / batch,
+            "host_seconds_per_step": emu["host_s"],
             "dataset_resident": True, "resident_images": emu["resident"]["images"],
             "resident_set_bytes": full_set,
             "upload_link_bytes": full_set * up["link_bytes"] / up["set_bytes"]}
@@ -364,6 +367,23 @@ def _by_command(ux):
         rows.append({"op": op, "cycles": cycles, "load": load, "store": store,
                      "share": (load + store) / peak / cycles if cycles else 0.0})
     return rows
+
+
+#: Steps a board's configuration runs on ``emu://`` to time the host's share of a step.
+HOST_STEPS = 20
+
+
+def _host_seconds(session, steps):
+    """The host's seconds a step over ``steps`` more steps of ``session``: the step's time
+    less the driver's wait for the device (on ``emu://`` that is the emulator's work)."""
+    dev = session.dev
+    # within the epoch: its end evaluates the test set, which is not a step's work
+    steps = min(steps, (len(session.x_train) - session.pos) // session.cfg.batch_size - 1)
+    if steps < 1:
+        raise ValueError("no steps left in the epoch to time the host on")
+    io0, t0 = dev.io_seconds, time.perf_counter()
+    session.run(progress=False, max_steps=steps)
+    return (time.perf_counter() - t0 - (dev.io_seconds - io0)) / steps
 
 
 def _board_counters(session):
@@ -520,11 +540,13 @@ def _board_section(res, data, cfg, out, docs, log, usb):
                                            if r[0] == "ulx3s-85f")
     link_s = link_seconds(link, ux["link_bytes_per_step"], ux["link_commands_per_step"])
     sdram_hz = ux["sdram_hz"] or hz
-    t = ux["device_cycles_per_step"] / hz + link_s + res["host_seconds_per_step"]
+    # the host's time a step is this configuration's (a paged state plans its parts and
+    # programs every step), not the 2x4 device's
+    t = ux["device_cycles_per_step"] / hz + link_s + ux["host_seconds_per_step"]
     ux.update({"clock_mhz": hz / 1e6, "clock": src, "link": link, "link_text": link_text(link),
                "upload_s": link_seconds(link, ux["upload_link_bytes"], 0),
                "compute_s": ux["device_cycles_per_step"] / hz, "link_s": link_s,
-               "host_s": res["host_seconds_per_step"], "step_s": t,
+               "host_s": ux["host_seconds_per_step"], "step_s": t,
                "steps_per_second": 1 / t, "images_per_second": HYPER["batch_size"] / t,
                # the SDRAM's peak: 2 bytes a cycle of its own clock (the design's, or one
                # of its own: rtl.sdram_clock), which the simulated configuration runs at
