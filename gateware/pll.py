@@ -21,7 +21,7 @@ documented ranges, the way the vendors' ``icepll`` and ``ecppll`` do:
   (45 MHz at a 720 MHz VCO) only closes the loop;
 * the SDRAM on a clock of its own (``sdram``: :mod:`nibble.rtl.sdram_clock`): where CLKOP
   only closes the loop it is that clock, the loop chosen for the highest CLKOP at or below
-  the SDRAM's target whose VCO still divides to 48 and 12 MHz (the ULX3S: 60 MHz, 480 / 8),
+  the SDRAM's target whose VCO still divides to 48 and 12 MHz (the ULX3S: 90 MHz, 720 / 8),
   and CLKOS is it 90 degrees later for the SDRAM's clock pin; without USB it is CLKOS2.
 
 The parameters reproduce the hand-derived ones the iCEBreaker (12 -> 36 MHz, now 24) and

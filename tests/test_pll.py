@@ -68,13 +68,13 @@ def test_an_sdram_clock_of_its_own(usb, sdram):
 
 
 def test_the_ulx3s_runs_its_sdram_on_a_clock_of_its_own():
-    """The ULX3S's SDRAM at 60 MHz beside the 48 MHz design and USB (90 and 80, which the
-    VCO also makes, missed timing: docs/results.md); on its UART at the VCO's division
+    """The ULX3S's SDRAM at 90 MHz beside the 48 MHz design and USB (the fastest the VCO
+    makes below the part's 100 MHz at CL 2: docs/results.md); on its UART at the VCO's division
     nearest below (the design at 45 MHz); at a design clock beside USB's on CLKOP, on the
     design's clock. The netlist has the SDRAM's clock domain."""
     b = resolve("ulx3s-85f")
-    assert (b.clk_hz, b.sdram_hz) == (48_000_000, 60_000_000)
-    assert resolve("ulx3s-85f", link="uart").sdram_hz == 58_500_000
+    assert (b.clk_hz, b.sdram_hz) == (48_000_000, 90_000_000)
+    assert resolve("ulx3s-85f", link="uart").sdram_hz == 83_571_429      # 585 MHz / 7
     assert resolve("ulx3s-85f", clk_hz=45_000_000).sdram_hz is None
     assert resolve("ulx3s-85f", sdram_hz=85_000_000).sdram_hz == 80_000_000  # --sdram-clk
     il = _netlist(b)
