@@ -78,6 +78,9 @@ _GEMM_FIELDS = [("a_addr", "a_stride"), ("b_addr", "b_stride"), ("out_addr", "ou
 #: The address field of a GEMM's A, by the kind of command it is in.
 _A_FIELD = {"gemm": "a_addr", "fused": "g.a_addr"}
 
+#: Command shapes whose programs the host remembers (a training step has about 20).
+_PLANS_KEPT = 256
+
 _SUMMED = ("clip_sum", "gemm_cycles", "beats", "vec_cycles", "w_sum_abs", "w_sum_sq")
 
 
@@ -104,6 +107,8 @@ class PagedDevice:
         #: the program area (from ``scratch`` to the end) and what it holds now: program
         #: bytes (the settings zeroed) -> (word, entries)
         self.programs, self.program_end = {}, self.scratch
+        #: each command shape's program (:meth:`_planned`)
+        self._plans = {}
         # the device reads the longest entry's words whatever the entry: keep them there
         self._slack = longest_entry_words(dev.word_nibbles)
         #: what the paging did; ``cycles``: device cycles from each command's first load to
@@ -155,11 +160,20 @@ class PagedDevice:
     # -- commands ------------------------------------------------------------------------------
     def gemm(self, cfg, wait=True):
         self._op = "GEMM"
-        return self._run("gemm", *self._parts("gemm", cfg))
+        return self._command("gemm", cfg)
 
     def vector(self, cfg, wait=True):
         self._op = VecOp(cfg["op"]).name
-        return self._run("vector", *self._parts("vector", cfg))
+        return self._command("vector", cfg)
+
+    def _command(self, kind, cfg):
+        """Run a GEMM or VECTOR: as a stored program (:meth:`_planned`) where there is a
+        program area and it fits, else paged by the host (:meth:`_run`)."""
+        if self.scratch < self.dev.mem_words:
+            stats = self._planned(kind, cfg)
+            if stats is not None:
+                return stats
+        return self._run(kind, *self._parts(kind, cfg))
 
     def gemm_update(self, gemm, update):
         """A GEMM into a RAW buffer and the UPDATE that takes it as its gradient (and is
@@ -179,11 +193,8 @@ class PagedDevice:
         if not fits:
             return None
         self._op = "GEMM+UPDATE"
-        parts, overlap = self._parts("fused", _fused(gemm, update))
-        stats = self._run_program("fused", self._placed(parts, overlap), overlap)
-        if stats is not None:          # (else the caller runs them apart, and they count)
-            self._count_split(len(parts), overlap)
-        return stats
+        # (None: the caller runs them apart, and they count)
+        return self._planned("fused", _fused(gemm, update))
 
     def wait(self):
         return self.dev.wait()
@@ -389,16 +400,12 @@ class PagedDevice:
         run and stored; with ``overlap`` in the two halves of the scratchpad in turn, part
         i+1's loads and part i-1's stores beside part i (a GEMM or VECTOR starts only when
         every DMA sent before it has ended, and the DMA runs its commands in order, so a
-        half is stored before it is loaded again). With a program area the parts run as a
-        stored program (:meth:`_run_program`); without (or for a program that does not fit
-        it) the host sends every step and reads a part's STATS before it starts the next."""
+        half is stored before it is loaded again). The host sends every step and reads a
+        part's STATS before it starts the next: on a device without a program area, or for
+        a program that does not fit it (else :meth:`_planned` runs them as one)."""
         dev = self.dev
         placed = self._placed(parts, overlap, kind)
         self._count_split(len(parts), overlap)
-        if self.scratch < self.dev.mem_words:
-            stats = self._run_program(kind, placed, overlap)
-            if stats is not None:
-                return stats
         c0 = dev.stats()["cycles"] if self.measure else None
         total = None
         for step, i in _schedule(len(placed), overlap):
@@ -442,11 +449,33 @@ class PagedDevice:
             self.counters["split_commands"] += 1
             self.counters["overlapped_commands"] += overlap
 
-    def _run_program(self, kind, placed, overlap):
-        """``_run`` as one stored program: its schedule's loads, parts and stores in the
-        same order, a wait for a part's end a FENCE unless a GEMM or VECTOR follows (it
-        waits for every unit itself); stored in the program area the first time (the
-        settings zeroed: the RUN gives them), then RUN."""
+    def _planned(self, kind, cfg):
+        """Run a command as a stored program: its parts, placement and program bytes
+        worked out once for its shape (:func:`_plan_key`: all but the settings a RUN gives)
+        and remembered, since a training step sends the same shapes every step; the RUN
+        gives this command's settings. None when the program does not fit the area."""
+        key = _plan_key(kind, cfg)
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= _PLANS_KEPT:
+                self._plans.clear()
+            parts, overlap = self._parts(kind, cfg)
+            plan = self._plans[key] = (*self._program(kind, self._placed(parts, overlap, kind),
+                                                      overlap, cfg), len(parts), overlap)
+        program, entries, op, dmas, parts, overlap = plan
+        stats = self._run_program(program, entries,
+                                  program_params(op, _unfused(cfg)[1] if kind == "fused"
+                                                 else cfg), dmas)
+        if stats is not None:
+            self._count_split(parts, overlap)
+        return stats
+
+    def _program(self, kind, placed, overlap, cfg):
+        """A command's placed parts as a program: the schedule's loads, parts and stores in
+        the same order, a wait for a part's end a FENCE unless a GEMM or VECTOR follows (it
+        waits for every unit itself). Returns ``(bytes, entries, op, DMA arguments)``: the
+        settings the RUN gives zeroed, ``op`` the kind of entry that takes them (every part
+        of ``cfg`` has the same)."""
         steps = list(_schedule(len(placed), overlap))
         entries = []                   # (opcode, arguments, settings from the RUN)
         for k, (step, i) in enumerate(steps):
@@ -460,19 +489,24 @@ class PagedDevice:
                 entries.append((Op.GEMM if kind == "gemm" else Op.VECTOR, placed[i][2], True))
             elif k + 1 == len(steps) or steps[k + 1][0] != "start":
                 entries.append((Op.FENCE, {}, False))
-        op, first = next((o, c) for o, c, given in entries if given)
-        params = program_params(op, first)
-        addr = self._store(b"".join(program_entry(o, settings_zeroed(o, c) if given else c,
-                                                  self.word_nibbles)
-                                    for o, c, given in entries), len(entries))
+        op = next(o for o, _, given in entries if given)
+        assert all(program_params(o, c) == program_params(
+            op, _unfused(cfg)[1] if kind == "fused" else cfg) for o, c, given in entries if given)
+        program = b"".join(program_entry(o, settings_zeroed(o, c) if given else c,
+                                         self.word_nibbles) for o, c, given in entries)
+        return program, len(entries), op, [c for o, c, _ in entries if o == Op.DMA]
+
+    def _run_program(self, program, entries, params, dmas):
+        """Store ``program`` in the program area the first time (:meth:`_store`), then RUN
+        it with ``params``; its STATS, or None when it does not fit the area."""
+        addr = self._store(program, entries)
         if addr is None:
             return None
         c0 = self.dev.stats()["cycles"] if self.measure else None
-        stats = self.dev.run(addr, len(entries), params)
+        stats = self.dev.run(addr, entries, params)
         self.counters["runs"] += 1
-        for o, c, _ in entries:
-            if o == Op.DMA:
-                self._moved(c)
+        for c in dmas:
+            self._moved(c)
         if self.measure:
             self._cycles(stats["cycles"] - c0)
         return stats
@@ -568,6 +602,24 @@ def _is_shared(key, fields, shared):
     """Block ``key`` (first burst, rows, bursts a row, SDRAM stride) with ``fields`` is the
     ``shared`` one (:meth:`PagedDevice._shared`)."""
     return shared is not None and (*key, fields[0][0]) == shared and len(fields) == 1
+
+
+#: The settings a RUN gives, by command kind (the fused command's GEMM keeps its own): a
+#: program's shape is its arguments without them. (A GEMM's lane path, mask and phase stay
+#: in the key: they decide its output's width and its regions.)
+_GIVEN = {"gemm": (("lane", "rescale", "m"), ("lane", "rescale", "s"), ("lane", "log4", "exp")),
+          "vector": (("mu",), ("m",), ("s",)),
+          "fused": (("u.mu",), ("u.m",), ("u.s",))}
+
+
+def _plan_key(kind, cfg):
+    """A hashable key of ``cfg``'s shape: everything but the settings a RUN gives."""
+    def frozen(value, path):
+        if isinstance(value, dict):
+            return tuple(sorted((k, frozen(v, (*path, k))) for k, v in value.items()
+                                if (*path, k) not in _GIVEN[kind]))
+        return value
+    return kind, frozen(cfg, ())
 
 
 def _fused(gemm, update):
