@@ -34,7 +34,11 @@ with that much block RAM. Per GEMM or VECTOR command:
    run with one RUN that gives them and answers with the parts' STATS combined by the
    device. The link then carries one RUN and its reply a command instead of every DMA,
    part and poll (a Fashion-MNIST step on the ULX3S configuration: 5.8 KB instead of
-   17.8 KB, ``make bench-train``); a program too long for the area is paged by the host;
+   17.8 KB, ``make bench-train``); a program too long for the area is paged by the host.
+   A step sends the same command shapes every step, so the host works out a shape's parts,
+   placement and program bytes once and remembers them (``_plan_key``: the arguments but
+   the settings a RUN gives); planning them every step was most of the host's time a step
+   on the ULX3S configuration;
 5. a backward-weight GEMM and the UPDATE that takes its gradient run **fused**
    (:meth:`PagedDevice.gemm_update`, which ``DeviceMLP`` calls where it exists): one
    program whose parts each compute some rows of the gradient into the scratchpad and
