@@ -65,6 +65,38 @@ def test_host_writes_and_reads_at_any_word(pair):
     assert paged.read(0, 6000) == big.read(0, 6000)
 
 
+def test_a_shape_is_planned_once_and_run_with_each_commands_settings(pair):
+    """The second GEMM and UPDATE of a shape reuse its plan and its stored program (one plan
+    and one program each), with their own settings: the same memory and statistics as on
+    the big device, whose results differ from the first commands'."""
+    paged, big = pair
+    if paged.scratch == paged.dev.mem_words:
+        pytest.skip("no program area: the host sends every part")
+    rng = np.random.default_rng(5)
+    m, red, n = 16, 40, 640
+    gemm = Gemm(rng.integers(-8, 8, (m, red)), rng.integers(-8, 8, (red, n)), Operand.INT4,
+                Operand.INT4)
+    base = rng.integers(0, 256, 6000 * paged.word_bytes, dtype=np.uint8).tobytes()
+    for dev in (paged, big):
+        dev.write(0, base)
+    got = [[], []]
+    for exp, (mu, mm, s) in ((2, (900, 20000, 18)), (5, (1200, 31000, 17))):
+        plan = plan_gemm(gemm, lane_cfg(OutputPath.LOG4, exp=exp, mask=MaskMode.PACT),
+                         paged.word_nibbles, paged.rows, paged.cols,
+                         mask_codes=rng.integers(0, 16, (m, n)), base=100)
+        for dev, out in zip((paged, big), got, strict=True):
+            for buf, raw in plan.uploads:
+                dev.write(buf.addr, raw)
+            st = dev.gemm(plan.cfg)
+            upd = dev.vector(vector_args(VecOp.UPDATE, 300, 4, (0, 4), (1300, 4), 2500,
+                                         mu=mu, m=mm, s=s))
+            out.append((dev.read(0, 6000), st["absmax"], st["clip_sum"],
+                        upd["w_sum_abs"], upd["w_sum_sq"]))
+    assert got[0] == got[1] and got[1][0] != got[1][1]
+    assert len(paged._plans) == 2 and paged.counters["programs_stored"] == 2
+    assert paged.counters["runs"] == 4
+
+
 @pytest.mark.parametrize("overlap", [True, False])
 @pytest.mark.parametrize("path", [OutputPath.RAW, OutputPath.LOG4])
 def test_split_commands_equal_whole_ones(pair, path, overlap):
