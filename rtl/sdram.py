@@ -24,7 +24,8 @@ Controller
     CAS latency, with a cycle of bus turnaround between a read burst and a write burst. Its
     commands go out through two registers (the decision's, then the IO register of a
     board), and read data come back through one (``read_latency`` = CL + 3 cycles after a
-    READ is decided). Requests come in through a register slice
+    READ is decided) into a ring of two bursts, which a READ starts only with a free entry
+    for. Requests come in through a register slice
     (:class:`~rtl.memory.RegisterSlice`, a cycle of latency): the controller decides from
     registered addresses, and takes a request the cycle after it decides a READ or WRITE
     for it, so that the slice's ``ready`` and a write's data capture are flip-flops' fanout,
