@@ -4,6 +4,8 @@ The layouts are defined once, in the gateware (:mod:`gateware.protocol`, :mod:`r
 these helpers turn nested dicts of field values into payload bytes and back.
 """
 
+import functools
+
 from amaranth.lib import data
 
 from nibble.gateware.protocol import layout_bytes
@@ -11,20 +13,14 @@ from nibble.gateware.protocol import layout_bytes
 __all__ = ["pack_fields", "to_int", "unpack_fields"]
 
 
-#: Each layout's fields as plain tuples: ``data.Layout``'s field offsets and widths are
-#: worked out again on every access, and packing a stored program's entries a step asked for
-#: them a quarter of a million times (most of the host's time on the ULX3S configuration).
-_FIELDS = {}
-
-
+@functools.cache
 def _fields(layout):
-    """``(name, offset, width, signed, sublayout or None)`` of each field of ``layout``."""
-    fields = _FIELDS.get(layout)
-    if fields is None:
-        fields = _FIELDS[layout] = tuple(
-            (name, f.offset, f.width, bool(getattr(f.shape, "signed", False)),
-             f.shape if isinstance(f.shape, data.Layout) else None) for name, f in layout)
-    return fields
+    """``(name, offset, width, signed, sublayout or None)`` of each field of ``layout``;
+    remembered, since ``data.Layout`` works its offsets and widths out again on every
+    access (packing a step's program entries asked a quarter of a million times: most of
+    the host's time on the ULX3S configuration)."""
+    return tuple((name, f.offset, f.width, bool(getattr(f.shape, "signed", False)),
+                  f.shape if isinstance(f.shape, data.Layout) else None) for name, f in layout)
 
 
 def to_int(layout, values):

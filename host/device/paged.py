@@ -467,9 +467,8 @@ class PagedDevice:
             plan = self._plans[key] = (*self._program(kind, self._placed(parts, overlap, kind),
                                                       overlap, cfg), len(parts), overlap)
         program, entries, op, dmas, parts, overlap = plan
-        stats = self._run_program(program, entries,
-                                  program_params(op, _unfused(cfg)[1] if kind == "fused"
-                                                 else cfg), dmas)
+        stats = self._run_program(program, entries, program_params(op, _given(kind, cfg)),
+                                  dmas)
         if stats is not None:
             self._count_split(parts, overlap)
         return stats
@@ -494,8 +493,8 @@ class PagedDevice:
             elif k + 1 == len(steps) or steps[k + 1][0] != "start":
                 entries.append((Op.FENCE, {}, False))
         op = next(o for o, _, given in entries if given)
-        assert all(program_params(o, c) == program_params(
-            op, _unfused(cfg)[1] if kind == "fused" else cfg) for o, c, given in entries if given)
+        assert all(program_params(o, c) == program_params(op, _given(kind, cfg))
+                   for o, c, given in entries if given)
         program = b"".join(program_entry(o, settings_zeroed(o, c) if given else c,
                                          self.word_nibbles) for o, c, given in entries)
         return program, len(entries), op, [c for o, c, _ in entries if o == Op.DMA]
@@ -624,6 +623,12 @@ def _plan_key(kind, cfg):
                                 if (*path, k) not in _GIVEN[kind]))
         return value
     return kind, frozen(cfg, ())
+
+
+def _given(kind, cfg):
+    """The arguments of ``cfg`` whose settings a program's RUN gives: the UPDATE's of a
+    fused command, else the command's own."""
+    return _unfused(cfg)[1] if kind == "fused" else cfg
 
 
 def _fused(gemm, update):
