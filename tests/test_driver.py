@@ -10,8 +10,10 @@ import time
 import numpy as np
 import pytest
 
+from nibble.gateware.protocol import Op
 from nibble.host.device.commands import lane_cfg
 from nibble.host.device.driver import (
+    MAX_IN_FLIGHT,
     Device,
     DeviceError,
     LinkTimeout,
@@ -187,3 +189,62 @@ def test_an_operation_the_unit_lacks_runs_on_the_host_bit_for_bit():
     assert mem0 == mem1 and mem0 != bytes(mem) and sums0 == sums1
     assert (ops0, ops1) == (7, 1)
     assert host0 == 0 and host1 == sum(c["op"] != VecOp.TRANSPOSE for c in cfgs) == 4
+
+
+class _DropReply:
+    """A transport that loses the ``n``-th reply frame the device sends (counting FLAG
+    pairs), whole."""
+
+    def __init__(self, inner, n):
+        self.inner, self.n, self.instant = inner, n, True
+        self.frames = 0
+
+    def write(self, data):
+        return self.inner.write(data)
+
+    def read(self, size=1):
+        data = self.inner.read(size)
+        out = bytearray()
+        for frame in [f for f in data.split(b"\x7e") if f]:
+            if self.frames != self.n:
+                out += b"\x7e" + frame + b"\x7e"
+            self.frames += 1
+        return bytes(out)
+
+    def close(self):
+        self.inner.close()
+
+
+def test_posted_requests_are_answered_each_its_own():
+    """Requests sent without waiting (``post``) are each answered with their own reply,
+    whatever order the host takes them in; a trace records the sends and the waits."""
+    with Device.open("emu://") as dev:
+        trace = dev.start_trace()
+        posted = [dev.post(Op.PING, bytes([k]) * (k + 1)) for k in range(8)]
+        assert [p.result() for p in reversed(posted)] == [bytes([k]) * (k + 1)
+                                                          for k in reversed(range(8))]
+        assert [kind for kind, *_ in trace] == ["send"] * 8 + ["wait"] * 8
+        assert all(p.reply_wire > 6 for p in posted)
+        assert sum(dev.wire_by_op.values()) == dev.wire_sent + dev.wire_received
+        # more than MAX_IN_FLIGHT: the oldest is waited for first
+        many = [dev.post(Op.PING, b"x") for _ in range(MAX_IN_FLIGHT + 5)]
+        assert all(p.result() == b"x" for p in many)
+
+
+def test_a_reply_lost_behind_later_requests_is_one_clear_error():
+    """The device carries a posted request out once: its lost reply cannot be asked for
+    again behind later requests, so the driver says so; the newest request alone is
+    resent as before. On a link that may lose bytes (a wrapped transport says nothing of
+    it) the driver sends a request only once the one before is answered, and resends."""
+    with Device.open("emu://", timeout=0.01, wrap=lambda t: _DropReply(t, 1)) as dev:
+        assert not dev.pipeline
+        dev.pipeline = True
+        first, second = dev.post(Op.PING, b"a"), dev.post(Op.PING, b"b")
+        with pytest.raises(LinkTimeout, match="cannot be resent behind them"):
+            first.result()
+        assert second.result() == b"b"
+    with Device.open("emu://", timeout=0.01, wrap=lambda t: _DropReply(t, 1)) as dev:
+        first, second = dev.post(Op.PING, b"a"), dev.post(Op.PING, b"b")
+        assert (first.result(), second.result(), dev.resends) == (b"a", b"b", 1)
+    with Device.open("emu://") as dev:
+        assert dev.pipeline

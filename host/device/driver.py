@@ -54,8 +54,9 @@ from nibble.host.golden.tiling import Gemm
 from nibble.rtl.dma import words_per_burst
 from nibble.rtl.formats import VEC_OPS_ALL, Operand, OutputPath
 
-__all__ = ["BadCrcError", "BadLengthError", "BusyError", "Device", "DeviceError",
-           "LinkTimeout", "OutOfRangeError", "UnknownOpError", "open_transport"]
+__all__ = ["MAX_IN_FLIGHT", "Answered", "BadCrcError", "BadLengthError", "BusyError", "Device",
+           "DeviceError", "LinkTimeout", "OutOfRangeError", "Pending", "UnknownOpError",
+           "open_transport"]
 
 #: Default baud rates by board link (the driver's default for serial ports).
 DEFAULT_BAUD = 3_000_000
@@ -98,6 +99,50 @@ class LinkTimeout(DeviceError):
 
 #: A WRITE or READ that fails every retry on a noisy link is split in halves down to this.
 MIN_SPLIT_WORDS = 8
+
+#: Requests the driver has sent and not had answered, at most (:meth:`Device.post`); far
+#: below the 256 sequence numbers, so a late reply to an earlier try is never taken for a
+#: newer request's.
+MAX_IN_FLIGHT = 64
+
+
+class Answered:
+    """A result already in hand, with :class:`Pending`'s ``result()``."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+class Pending:
+    """A request sent (:meth:`Device.post`) whose reply has not been taken yet."""
+
+    def __init__(self, dev, op, payload, wait_busy, timeout, convert=None):
+        self.dev, self.op, self.payload = dev, op, payload
+        self.wait_busy, self.timeout, self.convert = wait_busy, timeout, convert
+        self.seq, self.wire, self.reply_wire = None, b"", 0
+        self._done, self._value, self._error = False, None, None
+
+    def result(self):
+        """The reply's payload (converted), waiting for it; raises what the request met.
+        Requests sent before this one are answered first: their replies are kept."""
+        if not self._done:
+            dev = self.dev
+            dev._traced("wait", self, time.perf_counter())
+            try:
+                payload = dev._finish(self)
+                self._value = payload if self.convert is None else self.convert(payload)
+            except DeviceError as e:
+                self._error = e
+            finally:
+                self._done = True
+                dev._in_flight.pop(self.seq, None)
+                dev._host_since = time.perf_counter()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 _ERRORS = {cls.status: cls for cls in (BadCrcError, UnknownOpError, BadLengthError,
@@ -143,6 +188,9 @@ def open_transport(url, baudrate=None, timeout=0.002):
         t = serial.serial_for_url(url, baudrate=baudrate or DEFAULT_BAUD, timeout=timeout)
     except (serial.SerialException, OSError, ValueError) as e:
         raise DeviceError(f"cannot open {url}: {e}") from e
+    # a TCP socket (the simulated device) and a USB CDC-ACM port lose no byte: USB
+    # checks each packet's CRC and resends it (``Device.pipeline``)
+    t.lossless = url.startswith("socket://") or "ttyACM" in url or "usbmodem" in url
     if hasattr(t, "fileno"):
         # pyserial's read(n) waits out its whole timeout unless n bytes come: read what has
         # arrived (timeout 0) and wait for more with select() on the port instead, so a
@@ -177,6 +225,17 @@ class Device:
         self.resends = 0
         self.frames_sent = 0
         self.wire_by_op = Counter()
+        #: requests sent and not answered yet (seq -> Pending, oldest first), and replies
+        #: taken for them while waiting for another
+        self._in_flight, self._replies = {}, {}
+        #: send requests without waiting for the replies before them (:meth:`post`) only
+        #: on a link that loses no byte (``lossless``: emu://, pysim://, the simulated
+        #: device's socket, a USB CDC-ACM port): where a reply can be lost, a posted
+        #: request's could not be asked for again behind later ones
+        self.pipeline = bool(getattr(transport, "lossless", False))
+        #: a list to record the host's side of the link in (:meth:`start_trace`), or None
+        self.trace = None
+        self._host_since = 0.0
         #: VECTOR operations run on the host (the device's unit is built without them)
         self.host_vectors = 0
         self.vec_ops = VEC_OPS_ALL
@@ -224,18 +283,25 @@ class Device:
         return self._seq
 
     def _await(self, seq, deadline):
-        """The reply frame numbered ``seq``, or None at the deadline."""
+        """The reply frame numbered ``seq``, or None at the deadline. Replies to other
+        requests in flight that arrive meanwhile are kept for them; any other frame (a
+        late reply to an earlier try) is dropped."""
         instant = getattr(self.t, "instant", False)
         fileno = getattr(self.t, "fileno", None)
         while True:
+            if seq in self._replies:
+                return self._replies.pop(seq)
             # what has arrived (a port with a file number), or what arrives within the
             # transport's short read timeout
             chunk = self.t.read(4096)
             if chunk:
                 self.wire_received += len(chunk)
                 for frame in self._dec.feed(chunk):
-                    if frame.seq == seq:
-                        return frame
+                    p = self._in_flight.get(frame.seq)
+                    if p is not None:
+                        self.wire_by_op[_op_name(p.op)] += frame.wire
+                        p.reply_wire += frame.wire
+                        self._replies[frame.seq] = frame
                 continue
             left = deadline - time.monotonic()
             if instant or left < 0:
@@ -246,59 +312,112 @@ class Device:
     def request(self, op, payload=b"", wait_busy=True, timeout=None):
         """Send one request; returns the reply payload or raises. ``timeout``: seconds to
         wait for each try's reply (default: the device's ``timeout``)."""
-        wire0 = self.wire_sent + self.wire_received
-        try:
-            return self._request(op, bytes(payload), wait_busy, timeout or self.timeout)
-        finally:
-            self.wire_by_op[_op_name(op)] += self.wire_sent + self.wire_received - wire0
+        return self.post(op, payload, wait_busy, timeout).result()
 
-    def _request(self, op, payload, wait_busy, timeout):
-        seq = self._next_seq()
-        wire = encode_frame(Frame(seq, op, payload))
+    def post(self, op, payload=b"", wait_busy=True, timeout=None, convert=None):
+        """Send one request and return at once: a :class:`Pending` whose ``result()``
+        waits for the reply (``convert(payload)`` where given). The device carries out
+        frames in the order they arrive and holds a GEMM, VECTOR, DMA, RUN, GATHER or
+        FENCE until its unit is free, so the host may send the next ones while it works:
+        their bytes cross the link, and the host prepares them, while the device computes
+        (at most :data:`MAX_IN_FLIGHT` unanswered; one more waits for the oldest). A
+        request is resent only while it is the newest one sent (the device recognizes a
+        repeat of its last request and does not carry it out again): a posted request's
+        reply lost behind later ones is a :class:`LinkTimeout`. So on a link that may lose
+        bytes (not :attr:`pipeline`) a request is sent only once the one before has been
+        answered."""
+        while len(self._in_flight) >= (MAX_IN_FLIGHT if self.pipeline else 1):
+            next(iter(self._in_flight.values())).result()
+        p = Pending(self, op, bytes(payload), wait_busy, timeout or self.timeout, convert)
+        self._send(p)
+        return p
+
+    def start_trace(self):
+        """Record from now on, in :attr:`trace`, what the host does on the link: ``("send",
+        p, seconds)`` when it sends request ``p`` (a :class:`Pending`: its ``op``, ``wire``
+        and, once answered, ``reply_wire`` bytes), ``("wait", p, seconds)`` when it waits
+        for ``p``'s reply; ``seconds`` is the host's own time since it last returned from
+        the driver. :mod:`nibble.host.bench.timeline` replays a trace on a link and a
+        device of given speeds."""
+        self.trace = []
+        self._host_since = time.perf_counter()
+        return self.trace
+
+    def _traced(self, kind, p, t0):
+        if self.trace is not None:
+            self.trace.append((kind, p, max(t0 - self._host_since, 0.0)))
+
+    def _send(self, p, new_seq=True):
+        """Write ``p``'s frame (a new sequence number unless it is a resend)."""
+        t0 = time.perf_counter()
+        self._traced("send", p, t0)
+        if new_seq:
+            self._in_flight.pop(p.seq, None)
+            p.seq = self._next_seq()
+            p.wire = encode_frame(Frame(p.seq, p.op, p.payload))
+            self._in_flight[p.seq] = p
+        else:
+            self.resends += 1
+        self.t.write(p.wire)
+        self.wire_sent += len(p.wire)
+        self.wire_by_op[_op_name(p.op)] += len(p.wire)
+        self.frames_sent += 1
+        self._host_since = time.perf_counter()
+        self.io_seconds += self._host_since - t0
+
+    def _newest(self, p):
+        return next(reversed(self._in_flight)) == p.seq
+
+    def _finish(self, p):
+        """Wait for ``p``'s reply (resending it while it is the newest request) and return
+        its payload or raise (see :meth:`post`)."""
         bad_crc = 0
-        tries = 0
+        tries = 1
         heard_from = self.wire_received
         while True:
-            tries += 1
-            if tries > self.retries + 1:
-                e = LinkTimeout(f"no valid reply to {Op(op).name} from {self.url} after "
-                                f"{tries - 1} tries of {timeout:g} s")
-                e.heard = self.wire_received > heard_from
-                raise e
-            if tries > 1:
-                self.resends += 1
             t0 = time.perf_counter()
-            self.t.write(wire)
-            self.wire_sent += len(wire)
-            self.frames_sent += 1
-            reply = self._await(seq, time.monotonic() + timeout)
+            reply = self._await(p.seq, time.monotonic() + p.timeout)
             self.io_seconds += time.perf_counter() - t0
-            if reply is None:
-                continue
+            retry = reply is None
             # BAD_CRC: the frame was corrupted. BAD_LENGTH: either a real length error or two
             # frames run together because a flag byte was lost (the device cannot check the
             # CRC of an over-long frame); a resend tells them apart.
-            if reply.op in (Status.BAD_CRC, Status.BAD_LENGTH):
+            if reply is not None and reply.op in (Status.BAD_CRC, Status.BAD_LENGTH):
                 bad_crc += 1
-                if bad_crc <= self.retries:
-                    continue
-            if reply.op == Status.BUSY and wait_busy:
+                retry = bad_crc <= self.retries
+            if retry and not self._newest(p):
+                what = "no reply" if reply is None else f"{Status(reply.op).name}"
+                raise LinkTimeout(
+                    f"{what} to a {_op_name(p.op)} sent before {len(self._in_flight) - 1} "
+                    f"more requests to {self.url}: it cannot be resent behind them (the "
+                    "device carried out the later ones); a link that loses frames needs "
+                    "one request at a time")
+            if retry:
+                tries += 1
+                if tries > self.retries + 1:
+                    e = LinkTimeout(f"no valid reply to {_op_name(p.op)} from {self.url} "
+                                    f"after {tries - 1} tries of {p.timeout:g} s")
+                    e.heard = self.wire_received > heard_from
+                    raise e
+                self._send(p, new_seq=False)
+                continue
+            if reply.op == Status.BUSY and p.wait_busy and self._newest(p):
                 time.sleep(self.poll)
-                seq = self._next_seq()                       # a new request, not a retry
-                wire = encode_frame(Frame(seq, op, payload))
-                tries = 0
+                self._send(p)                          # a new request, not a retry
+                tries = 1
                 continue
             if reply.op >= 0x80:
                 status = Status(reply.op) if reply.op in set(Status) else None
                 if status is None:
                     raise DeviceError(f"unknown error reply 0x{reply.op:02x} to "
-                                      f"{Op(op).name}")
-                msg = _MESSAGES[status].format(op=_op_name(op), tries=tries, n=len(payload),
+                                      f"{_op_name(p.op)}")
+                msg = _MESSAGES[status].format(op=_op_name(p.op), tries=tries,
+                                               n=len(p.payload),
                                                words=getattr(self, "mem_words", "?"))
                 raise _ERRORS[status](msg)
-            if reply.op != op:
-                raise DeviceError(f"reply opcode 0x{reply.op:02x} to {_op_name(op)}")
-            self.payload_sent += len(payload)
+            if reply.op != p.op:
+                raise DeviceError(f"reply opcode 0x{reply.op:02x} to {_op_name(p.op)}")
+            self.payload_sent += len(p.payload)
             self.payload_received += len(reply.payload)
             return reply.payload
 
@@ -409,47 +528,61 @@ class Device:
             stats["w_sum_abs"], stats["w_sum_sq"] = sums
         return stats
 
-    def dma(self, cfg, wait=True):
+    def dma(self, cfg, wait=True, post=False):
         """Start a tile transfer between tensor memory and the SDRAM (DMA_ARGS values, see
         :mod:`nibble.rtl.dma`; missing strides default to a row's length); with ``wait``,
-        return the STATS when it is done."""
+        return the STATS when it is done. With ``post`` (and not ``wait``) return at once
+        the :class:`Pending` of the device's answer (that it has checked and started the
+        transfer: :meth:`post`); the caller must take its ``result()``, which raises
+        what the device refused."""
         if not self.ext_bursts:
             raise DeviceError(f"{self.url} has no SDRAM (INFO ext_bursts is 0)")
         wpb = words_per_burst(self.word_nibbles)
         cfg = {"mem_stride": cfg["bursts"] * wpb, "ext_stride": cfg["bursts"], **cfg}
-        self.request(Op.DMA, pack_fields(DMA_ARGS, cfg))
+        p = self.post(Op.DMA, pack_fields(DMA_ARGS, cfg))
+        if post and not wait:
+            return p
+        p.result()
         return self.wait() if wait else None
 
-    def run(self, addr, entries, params=0):
+    def run(self, addr, entries, params=0, wait=True):
         """Run the program of ``entries`` entries stored from word ``addr`` (protocol
         ``RUN``; :func:`~nibble.host.device.commands.program_entry` builds them), its GEMM
         and VECTOR entries with the settings ``params``
         (:func:`~nibble.host.device.commands.program_params`). The device answers when
         the program has ended: returns that STATS, the statistics combined over the
-        program's GEMMs and UPDATEs (absmax: the largest; the sums: the total)."""
+        program's GEMMs and UPDATEs (absmax: the largest; the sums: the total). Without
+        ``wait``, returns at once a :class:`Pending` whose ``result()`` is that STATS
+        (:meth:`post`: the host goes on while the program runs)."""
         if not self.ext_bursts:
             raise DeviceError(f"{self.url} has no SDRAM, and no RUN (INFO ext_bursts is 0)")
         payload = pack_fields(RUN_ARGS, {"addr": addr, "entries": entries, "params": params})
-        return unpack_fields(STATS_LAYOUT, self.request(
-            Op.RUN, payload, timeout=max(self.timeout, self.run_timeout)))
+        p = self.post(Op.RUN, payload, timeout=max(self.timeout, self.run_timeout),
+                      convert=lambda reply: unpack_fields(STATS_LAYOUT, reply))
+        return p.result() if wait else p
 
-    def gather(self, mem_addr, mem_stride, bursts, ext_addrs):
+    def gather(self, mem_addr, mem_stride, bursts, ext_addrs, post=False):
         """DMA LOAD ``bursts`` bursts from each SDRAM burst address of ``ext_addrs`` into
         tensor memory rows ``mem_stride`` words apart from word ``mem_addr`` (protocol
         ``GATHER``, as many addresses a frame as fit); does not wait for the loads (a GEMM
-        or VECTOR sent next waits for them)."""
+        or VECTOR sent next waits for them). With ``post`` it does not wait for the
+        answers either: returns their :class:`Pending` s (as :meth:`dma`)."""
         if not self.ext_bursts:
             raise DeviceError(f"{self.url} has no SDRAM (INFO ext_bursts is 0)")
         hb = layout_bytes(GATHER_HEADER)
         most = (MAX_PAYLOAD - hb) // GATHER_ADDR_BYTES
         ext_addrs = [int(a) for a in ext_addrs]
+        answers = []
         for k in range(0, len(ext_addrs), most):
             part = ext_addrs[k:k + most]
             head = pack_fields(GATHER_HEADER, {
                 "mem_addr": mem_addr + k * mem_stride, "mem_stride": mem_stride,
                 "bursts": bursts, "count": len(part)})
-            self.request(Op.GATHER, head + b"".join(a.to_bytes(GATHER_ADDR_BYTES, "little")
-                                                    for a in part))
+            answers.append(self.post(Op.GATHER, head + b"".join(
+                a.to_bytes(GATHER_ADDR_BYTES, "little") for a in part)))
+            if not post:
+                answers[-1].result()
+        return answers if post else None
 
     @property
     def dma_row_bursts(self):
@@ -473,13 +606,17 @@ class Device:
     def ext_write(self, burst, data, staging):
         """Write ``data`` (whole 16-byte bursts) to the SDRAM from burst ``burst`` on,
         through tensor memory at ``staging`` = (word address, words): WRITE, then DMA STORE,
-        a chunk at a time."""
+        a chunk at a time; returns once the last STORE has started."""
         data = bytes(data)
         if len(data) % 16:
             raise ValueError(f"{len(data)} bytes are not whole 16-byte bursts")
-        for at, n, addr in self._ext_chunks(burst, len(data) // 16, staging):
+        chunks = list(self._ext_chunks(burst, len(data) // 16, staging))
+        for k, (at, n, addr) in enumerate(chunks):
             self.write(addr, data[(at - burst) * 16:(at - burst + n) * 16])
-            self.dma({"store": 1, "rows": 1, "bursts": n, "mem_addr": addr, "ext_addr": at})
+            # the last chunk's store is not waited for: a WRITE, READ or STATS with a
+            # region is BUSY until it has ended, a GEMM, VECTOR, DMA or RUN waits for it
+            self.dma({"store": 1, "rows": 1, "bursts": n, "mem_addr": addr, "ext_addr": at},
+                     wait=k + 1 < len(chunks))
 
     def ext_read(self, burst, n, staging):
         """Read ``n`` 16-byte bursts of the SDRAM from burst ``burst`` on, through tensor

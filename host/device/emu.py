@@ -500,6 +500,8 @@ class EmuTransport:
         self.timeout = 0
         #: Replies are complete as soon as ``write`` returns: nothing more will arrive.
         self.instant = True
+        #: No byte is lost or damaged on the way (``Device.pipeline``).
+        self.lossless = True
 
     def write(self, data):
         self.emu.feed(data)

@@ -4,7 +4,7 @@ The wire format is defined once, in :mod:`gateware.protocol`.
 """
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from nibble.gateware.protocol import CRC_BYTES, ESC, ESC_XOR, FLAG, HEADER_BYTES, MAX_PAYLOAD
 
@@ -61,6 +61,8 @@ class Frame:
     seq: int
     op: int
     payload: bytes = b""
+    #: bytes it took on the wire, flags included (set by :class:`FrameDecoder`)
+    wire: int = field(default=0, compare=False)
 
 
 def encode_frame(frame):
@@ -84,7 +86,7 @@ def decode_body(encoded):
     data, check = body[:-CRC_BYTES], body[-CRC_BYTES:]
     if crc32(data) != int.from_bytes(check, "little"):
         raise LinkError("bad CRC")
-    return Frame(data[0], data[1], bytes(data[2:]))
+    return Frame(data[0], data[1], bytes(data[2:]), len(encoded) + 2)
 
 
 class FrameDecoder:

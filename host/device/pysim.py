@@ -70,6 +70,7 @@ class PysimTransport:
     """
 
     instant = True
+    lossless = True
 
     def __init__(self, rows=2, cols=4, words=1 << 14, clk_hz=36_000_000, timeout=4096,
                  max_cycles=2_000_000, idle_cycles=2048, sdram="", vec_ops=VEC_OPS_ALL,
