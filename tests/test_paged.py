@@ -5,6 +5,7 @@ parts (unaligned host writes, GEMMs split along N, VECTORs split along rows) are
 import numpy as np
 import pytest
 
+from nibble.gateware.protocol import Op
 from nibble.host.device.commands import lane_cfg, plan_gemm, vector_args
 from nibble.host.device.driver import Device
 from nibble.host.device.paged import PagedDevice
@@ -42,6 +43,43 @@ def test_a_model_in_the_sdram_trains_bit_identically(small, hidden):
     assert counters["dma_stores"] > 0
     assert (counters["runs"] > 0) == (small != SMALL)
     assert ("GEMM+UPDATE store" in by_op) == (small != SMALL)
+
+
+def test_posted_commands_train_as_waited_ones_and_overlap():
+    """A paged device's commands are sent without waiting for the replies the step does
+    not need yet (``DeviceMLP.posting``): the same losses and state as with every reply
+    waited for, the same counters, and RUNs sent while earlier ones are unanswered; the
+    step waits for the logits and for each layer's SAWB sums only."""
+    data = datasets.load("digits")
+    cfg = DeviceTrainConfig(sizes=[64, 320, 10], batch_size=16, seed=3)
+    runs = []
+    for posting in (False, True):
+        with Device.open("emu://?words=16384&sdram=is42s16160") as dev:
+            session = Session(dev, data, cfg, 1)
+            session.run(progress=False, max_steps=2)
+            session.mlp.posting = posting
+            trace = dev.start_trace()
+            session.run(progress=False, max_steps=3)
+            c = session.mlp.counters
+            runs.append((session.losses, session.mlp.masters(), session.mlp.weight_codes(),
+                         # (GEMMs are counted as their replies are taken)
+                         (c["gemm_cycles"], c["vec_cycles"], sorted(c["gemms"])), trace))
+    (l0, (w0, v0), c0, n0, t0), (l1, (w1, v1), c1, n1, t1) = runs
+    assert l0 == l1 and n0 == n1
+    for a, b in zip([*w0, *v0, *c0], [*w1, *v1, *c1], strict=True):
+        assert np.array_equal(a, b)
+
+    def most_unanswered_runs(trace):
+        open_, most = set(), 0
+        for kind, p, _ in trace:
+            if p.op == Op.RUN:
+                (open_.add if kind == "send" else open_.discard)(id(p))
+                most = max(most, len(open_))
+        return most
+
+    assert most_unanswered_runs(t0) == 1
+    assert most_unanswered_runs(t1) >= 4
+    assert sum(k == "send" for k, *_ in t0) == sum(k == "send" for k, *_ in t1)
 
 
 @pytest.fixture(params=[(SMALL, 0), (SMALL.replace("1024", "2048"), 1024)],

@@ -60,7 +60,7 @@ import time
 
 from nibble.gateware.protocol import RUN_ARGS, Op, longest_entry_words
 from nibble.host.device.commands import program_entry, program_params, settings_zeroed
-from nibble.host.device.driver import DeviceError
+from nibble.host.device.driver import Answered, DeviceError
 from nibble.host.device.emu import WHOLE, gemm_regions, vec_regions
 from nibble.rtl.dma import words_per_burst
 from nibble.rtl.formats import OutputPath, VecOp
@@ -123,8 +123,9 @@ class PagedDevice:
                          "programs_stored": 0, "program_bytes": 0}
         #: SDRAM bytes the paging moved, by command and direction ("UPDATE load": ...)
         self.by_op, self._op = {}, "WRITE"
-        #: device cycles (measured only with ``measure``) by command ("GEMM+UPDATE": ...)
-        self.cycles_by_op = {}
+        #: device cycles (measured only with ``measure``) by command ("GEMM+UPDATE": ...),
+        #: and of each RUN in turn
+        self.cycles_by_op, self.run_cycles = {}, []
         self.measure = False
         #: split commands run in the scratchpad's two halves, transfers beside compute
         self.overlap = True
@@ -162,30 +163,39 @@ class PagedDevice:
         return (0, self.scratch - self.scratch % self.wpb)
 
     # -- commands ------------------------------------------------------------------------------
-    def gemm(self, cfg, wait=True):
+    def gemm(self, cfg, wait=True, later=False):
+        """Run a GEMM; its STATS, or with ``later`` a handle whose ``result()`` is (see
+        :meth:`_command`)."""
         self._op = "GEMM"
-        return self._command("gemm", cfg)
+        return self._command("gemm", cfg, later)
 
-    def vector(self, cfg, wait=True):
+    def vector(self, cfg, wait=True, later=False):
+        """Run a VECTOR operation; its STATS, or with ``later`` a handle (:meth:`gemm`)."""
         self._op = VecOp(cfg["op"]).name
-        return self._command("vector", cfg)
+        return self._command("vector", cfg, later)
 
-    def _command(self, kind, cfg):
+    def _command(self, kind, cfg, later=False):
         """Run a GEMM or VECTOR: as a stored program (:meth:`_planned`) where there is a
-        program area and it fits, else paged by the host (:meth:`_run`)."""
+        program area and it fits, else paged by the host (:meth:`_run`). With ``later``
+        the result is a handle whose ``result()`` is the STATS: a program's RUN is then
+        sent without waiting for its reply (``Device.post``; not while ``measure``, which
+        reads the cycle counter before and after), so the host prepares and sends the
+        next commands while the device runs it."""
         if self.scratch < self.dev.mem_words:
-            stats = self._planned(kind, cfg)
+            stats = self._planned(kind, cfg, later)
             if stats is not None:
                 return stats
-        return self._run(kind, *self._parts(kind, cfg))
+        stats = self._run(kind, *self._parts(kind, cfg))
+        return Answered(stats) if later else stats
 
-    def gemm_update(self, gemm, update):
+    def gemm_update(self, gemm, update, later=False):
         """A GEMM into a RAW buffer and the UPDATE that takes it as its gradient (and is
         the last to read it), as one program, part by part: each part's GEMM writes its
         rows of the gradient into the scratchpad and the UPDATE of the same rows reads
         them there, so the gradient is neither stored nor loaded (its SDRAM copy keeps
-        what it held). Returns the STATS of both combined (the RUN's), or None where they
-        cannot run so (no program area, a device before protocol 8, the UPDATE's
+        what it held). Returns the STATS of both combined (the RUN's; with ``later`` a
+        handle whose ``result()`` is, as :meth:`_command`), or None where they cannot run
+        so (no program area, a device before protocol 8, the UPDATE's
         gradient not the GEMM's output, a GEMM without settings of its own: a program's
         entries of that kind take the RUN's); the caller then sends them one by one."""
         fits = (self.scratch < self.dev.mem_words and self.info.get("version", 0) >= 8
@@ -198,7 +208,7 @@ class PagedDevice:
             return None
         self._op = "GEMM+UPDATE"
         # (None: the caller runs them apart, and they count)
-        return self._planned("fused", _fused(gemm, update))
+        return self._planned("fused", _fused(gemm, update), later)
 
     def wait(self):
         return self.dev.wait()
@@ -453,11 +463,12 @@ class PagedDevice:
             self.counters["split_commands"] += 1
             self.counters["overlapped_commands"] += overlap
 
-    def _planned(self, kind, cfg):
+    def _planned(self, kind, cfg, later=False):
         """Run a command as a stored program: its parts, placement and program bytes
         worked out once for its shape (:func:`_plan_key`: all but the settings a RUN gives)
         and remembered, since a training step sends the same shapes every step; the RUN
-        gives this command's settings. None when the program does not fit the area."""
+        gives this command's settings. None when the program does not fit the area; with
+        ``later`` a handle (:meth:`_command`)."""
         key = _plan_key(kind, cfg)
         plan = self._plans.get(key)
         if plan is None:
@@ -468,7 +479,7 @@ class PagedDevice:
                                                       overlap, cfg), len(parts), overlap)
         program, entries, op, dmas, parts, overlap = plan
         stats = self._run_program(program, entries, program_params(op, _given(kind, cfg)),
-                                  dmas)
+                                  dmas, later)
         if stats is not None:
             self._count_split(parts, overlap)
         return stats
@@ -499,20 +510,24 @@ class PagedDevice:
                                          self.word_nibbles) for o, c, given in entries)
         return program, len(entries), op, [c for o, c, _ in entries if o == Op.DMA]
 
-    def _run_program(self, program, entries, params, dmas):
+    def _run_program(self, program, entries, params, dmas, later=False):
         """Store ``program`` in the program area the first time (:meth:`_store`), then RUN
-        it with ``params``; its STATS, or None when it does not fit the area."""
+        it with ``params``; its STATS (with ``later`` a handle, :meth:`_command`), or None
+        when it does not fit the area."""
         addr = self._store(program, entries)
         if addr is None:
             return None
-        c0 = self.dev.stats()["cycles"] if self.measure else None
-        stats = self.dev.run(addr, entries, params)
         self.counters["runs"] += 1
         for c in dmas:
             self._moved(c)
+        if later and not self.measure:
+            return self.dev.run(addr, entries, params, wait=False)
+        c0 = self.dev.stats()["cycles"] if self.measure else None
+        stats = self.dev.run(addr, entries, params)
         if self.measure:
             self._cycles(stats["cycles"] - c0)
-        return stats
+            self.run_cycles.append(stats["cycles"] - c0)
+        return Answered(stats) if later else stats
 
     def _store(self, program, entries):
         """The program's word in the program area: where it is already, or written after

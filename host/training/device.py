@@ -251,6 +251,10 @@ class DeviceMLP:
         #: device cycles: of GEMMs, of VECTOR operations, per layer; every GEMM's shape
         self.counters = {"gemm_cycles": 0, "vec_cycles": 0, "transpose_cycles": 0, "gemms": [],
                          "layer_cycles": [0] * self.layers}
+        #: send commands without waiting for their replies where the step does not need
+        #: them yet (a paged device: every command one RUN, :meth:`settle`)
+        self.posting = self.paged
+        self._pending = []         # (handle, [what to do with its STATS]) not settled yet
 
     # -- set-up -------------------------------------------------------------------------------
     def init_weights(self):
@@ -276,6 +280,7 @@ class DeviceMLP:
                 self._put_codes(i, codes[i])
             else:
                 self._requant(i, None)
+        self.settle()
 
     def _put_codes(self, i, codes):
         buf = self.bufs[i].wc
@@ -295,10 +300,18 @@ class DeviceMLP:
                                          _rows(self.bufs[i].wr, c * n, n)))
 
     # -- device operations ----------------------------------------------------------------
-    def _gemm(self, i, cfg):
-        """Run a GEMM of layer ``i``; returns the STATS."""
+    def _gemm(self, i, cfg, then=None, now=False):
+        """Run a GEMM of layer ``i``: returns its STATS, after ``then(stats)``; while
+        :attr:`posting` (unless ``now``) the host does not wait: returns None, and its
+        reply is counted and given to ``then`` by :meth:`settle`."""
+        if self.posting and not now:
+            self._pending.append((self.dev.gemm(cfg, later=True), [
+                lambda st: self._count_gemm(i, cfg, st), *([then] if then else [])]))
+            return None
         stats = self.dev.gemm(cfg)
         self._count_gemm(i, cfg, stats)
+        if then is not None:
+            then(stats)
         return stats
 
     def _count_gemm(self, i, cfg, stats):
@@ -307,11 +320,28 @@ class DeviceMLP:
         self.counters["gemms"].append((cfg["m"], cfg["l"], cfg["n"], stats["gemm_cycles"],
                                        stats["beats"]))
 
-    def _vector(self, i, cfg):
-        """Run a VECTOR operation of layer ``i``; returns the STATS."""
+    def _vector(self, i, cfg, now=False):
+        """Run a VECTOR operation of layer ``i``; returns the STATS (None while
+        :attr:`posting`, unless ``now``: as :meth:`_gemm`)."""
+        if self.posting and not now:
+            self._pending.append((self.dev.vector(cfg, later=True),
+                                  [lambda st: self._count_vector(i, cfg, st)]))
+            return None
         stats = self.dev.vector(cfg)
         self._count_vector(i, cfg, stats)
         return stats
+
+    def settle(self, keep=0):
+        """Take the replies of the commands sent without waiting (:attr:`posting`), in
+        order, but the last ``keep``: count them and apply what the step derives from
+        them (the next step's activation scales and GradScale, PACT's clips). The device
+        answers in order, so a reply the host waited for has brought every earlier one."""
+        cut = len(self._pending) - keep
+        pending, self._pending = self._pending[:cut], self._pending[cut:]
+        for handle, then in pending:
+            stats = handle.result()
+            for fn in then:
+                fn(stats)
 
     def _count_vector(self, i, cfg, stats):
         self.counters["vec_cycles"] += stats["vec_cycles"]
@@ -340,18 +370,23 @@ class DeviceMLP:
     def _gemm_update(self, i, gemm, ratio):
         """Layer ``i``'s backward-weight GEMM ``gemm`` into ``g``, then its UPDATE (as
         :meth:`_update`): on a device that fuses the two (``gemm_update``: a paged device,
-        whose gradient then never leaves its scratchpad) as one request. Returns the SAWB
-        sums."""
+        whose gradient then never leaves its scratchpad) as one request. Returns a
+        function that returns the SAWB sums: a posted request's reply is waited for only
+        when they are needed (the backward-data GEMM is sent first)."""
         fused = getattr(self.dev, "gemm_update", None)
         if self.cfg.masters == "device" and fused is not None:
             update = self._update_args(i, ratio)
-            stats = fused(gemm, update)
-            if stats is not None:              # (None: not fusable here; run them apart)
-                self._count_gemm(i, gemm, stats)
-                self._count_vector(i, update, stats)
-                return stats["w_sum_abs"], stats["w_sum_sq"]
+            handle = fused(gemm, update, later=self.posting)
+            if handle is not None:             # (None: not fusable here; run them apart)
+                def sums():
+                    stats = handle.result() if hasattr(handle, "result") else handle
+                    self._count_gemm(i, gemm, stats)
+                    self._count_vector(i, update, stats)
+                    return stats["w_sum_abs"], stats["w_sum_sq"]
+                return sums
         self._gemm(i, gemm)
-        return self._update(i, ratio)
+        sums = self._update(i, ratio)
+        return lambda: sums
 
     def _update(self, i, ratio):
         """UPDATE layer ``i`` with gradient factor ``ratio`` (lr x accumulator unit, in
@@ -359,7 +394,7 @@ class DeviceMLP:
         (no update)."""
         k, n = self.sizes[i], self.sizes[i + 1]
         if self.cfg.masters == "device":
-            stats = self._vector(i, self._update_args(i, ratio))
+            stats = self._vector(i, self._update_args(i, ratio), now=True)
             sums = stats["w_sum_abs"], stats["w_sum_sq"]
         else:
             mu, gm, gs = self._update_params(i, ratio)
@@ -375,10 +410,9 @@ class DeviceMLP:
         return sums
 
     def _requant(self, i, ratio, sums=None):
-        """Requantize layer ``i`` from the masters' SAWB ``sums`` (after an UPDATE with
-        ``ratio`` when not given)."""
-        if sums is None:
-            sums = self._update(i, ratio)
+        """Requantize layer ``i`` from the masters' SAWB ``sums`` (a function that returns
+        them: :meth:`_gemm_update`; after an UPDATE with ``ratio`` when not given)."""
+        sums = self._update(i, ratio) if sums is None else sums()
         k, n = self.sizes[i], self.sizes[i + 1]
         step = sawb_step_from_sums(*sums, k * n)            # master units
         qm, qs = rescale_params(1.0 / step)
@@ -428,9 +462,12 @@ class DeviceMLP:
             rs.gather(idx, xr.addr)
             return
         at = self.staging()[0]
-        rs.gather(idx, at)
-        self.raw_dev.dma({"store": 1, "rows": 1, "bursts": len(idx) * rs.row_bursts,
-                          "mem_addr": at, "ext_addr": xr.addr // rs.wpb}, wait=False)
+        # posted: their answers are taken at the step's first settle
+        answers = rs.gather(idx, at, post=self.posting) or []
+        answers.append(self.raw_dev.dma(
+            {"store": 1, "rows": 1, "bursts": len(idx) * rs.row_bursts, "mem_addr": at,
+             "ext_addr": xr.addr // rs.wpb}, wait=False, post=self.posting))
+        self._pending += [(a, []) for a in answers if a is not None]
 
     # -- a training step ----------------------------------------------------------------------
     def step(self, x_codes, labels, lr):
@@ -456,6 +493,7 @@ class DeviceMLP:
         out = self.plan.logits
         acc = unpack(dev.read(out.addr, out.words), self.sizes[-1], b, RAW_NIBBLES, nib,
                      out.stride, 32).T
+        self.settle()                 # the forward GEMMs' replies came before the READ's
         logits = (acc * (x_step[-1] * self.w_step[-1])).astype(np.float32)
         loss, dlogits = softmax_xent(logits, labels)
         d0, d1 = quantize_grad(dlogits, 1.0, SCHEME, terms=self.terms)
@@ -466,6 +504,11 @@ class DeviceMLP:
         top = self.bufs[-1].dc
         dev.write(top.addr, pack(pairs, 2, nib, top.stride))
         self._backward(b, x_step, (terms0[0].int_unit, terms1[0].int_unit), lr)
+        if not self.posting:
+            self.settle()
+        # (posting: the step's last replies are taken at the next step's first settle,
+        # after it has sent its batch's gather and transposes; :meth:`settle` before
+        # reading the counters)
         return loss
 
     def _forward(self, b, gathered=False):
@@ -477,6 +520,7 @@ class DeviceMLP:
         for i, (layer, k, n) in enumerate(zip(self.bufs, self.sizes, self.sizes[1:],
                                               strict=False)):
             copies = range(self._copies(i))
+            mark = len(self._pending)
             if i == 0 and gathered:
                 self._vector(i, vector_args(VecOp.TRANSPOSE, b, k, _rows(layer.xr, 0, b),
                                          layer.xc))
@@ -484,11 +528,13 @@ class DeviceMLP:
             for c in copies:
                 self._vector(i, vector_args(VecOp.TRANSPOSE, k, b, layer.xc,
                                          _rows(layer.xr, c * b, b)))
+            if i == 0:          # the last step's replies (its scales), while the device
+                self.settle(keep=len(self._pending) - mark)       # transposes the batch
             unit = x_step[i] * self.w_step[i]
 
-            def forward(out, lane, i=i, layer=layer, k=k, n=n):
+            def forward(out, lane, then=None, now=False, i=i, layer=layer, k=k, n=n):
                 return self._gemm(i, gemm_args(layer.xc, layer.wc, out, (b, k, n), Operand.UINT4,
-                                            Operand.INT4, lane))
+                                               Operand.INT4, lane), then, now)
 
             if i == self.layers - 1:
                 forward(self.plan.logits, lane_cfg(OutputPath.RAW))
@@ -496,15 +542,18 @@ class DeviceMLP:
             out = self.bufs[i + 1].xc
             if (self.act_amax[i] is None if self.cfg.act == "absmax"
                     else self.alpha[i] is None):                  # the first step measures
-                st = forward(out, lane_cfg(OutputPath.RESCALE, relu=1))
+                st = forward(out, lane_cfg(OutputPath.RESCALE, relu=1), now=True)
                 self.act_amax[i] = (st["absmax"] or 1) * unit
                 if self.cfg.act == "pact":
                     self.alpha[i] = self.act_amax[i] * self.cfg.act_clip
             m, s = self._act_params(i, unit)
-            st = forward(out, lane_cfg(OutputPath.RESCALE, m=m, s=s, relu=1))
+
+            def measured(st, i=i, unit=unit):      # the next step's scale (settle)
+                if st["absmax"]:
+                    self.act_amax[i] = st["absmax"] * unit
+
+            forward(out, lane_cfg(OutputPath.RESCALE, m=m, s=s, relu=1), measured)
             x_step.append(unit * math.ldexp(1.0, s) / m)
-            if st["absmax"]:
-                self.act_amax[i] = st["absmax"] * unit
         return x_step
 
     def _backward(self, b, x_step, units, lr):
@@ -536,25 +585,26 @@ class DeviceMLP:
         gs = self.gradscale[i - 1]
         pact = self.cfg.act == "pact"
 
-        def run(exp):
+        def run(exp, then=None, now=False):
             # exponents beyond the lane's range give the same codes as its ends
             lane = lane_cfg(OutputPath.LOG4, exp=int(np.clip(exp, LOG4_EXP_MIN, LOG4_EXP_MAX)),
                             mask=MaskMode.PACT if pact else MaskMode.RELU)
             return self._gemm(i, gemm_args(layer.dc, layer.wr, below.dc, (b, c * n, k),
-                                        Operand.FP4, Operand.INT4, lane, a_sel=0,
-                                        mask=layer.xc))
+                                           Operand.FP4, Operand.INT4, lane, a_sel=0,
+                                           mask=layer.xc), then, now)
+
+        def clip(st, unit=unit):      # dL/dalpha: the gradient where the code was clipped
+            if pact:                  # (SGD with momentum)
+                v = self.alpha_v[i - 1] * self.cfg.momentum + st["clip_sum"] * unit
+                self.alpha_v[i - 1] = v
+                self.alpha[i - 1] -= lr * v
 
         exp = gs.planned(unit)                               # GradScale, streaming
         if exp is None:                                      # the first step measures
-            exp = gs.update(run(0)["absmax"], unit)
-            st = run(exp)
-        else:
-            st = run(exp)
-            gs.update(st["absmax"], unit)
-        if pact:          # dL/dalpha: the gradient where the code was clipped; SGD momentum
-            v = self.alpha_v[i - 1] * self.cfg.momentum + st["clip_sum"] * unit
-            self.alpha_v[i - 1] = v
-            self.alpha[i - 1] -= lr * v
+            exp = gs.update(run(0, now=True)["absmax"], unit)
+            clip(run(exp, now=True))
+        else:               # the next step's exponent, and the clip, once it has answered
+            run(exp, lambda st, unit=unit: (gs.update(st["absmax"], unit), clip(st)))
         # the datapath unit is the same for both phases (the integer holds 2^phase)
         unit = FP4Tensor(None, 0, exp, unit).int_unit
         return unit, unit
@@ -562,6 +612,7 @@ class DeviceMLP:
     # -- reading the model back -------------------------------------------------------------
     def weight_codes(self):
         """Each layer's INT4 codes as W (N x K int8)."""
+        self.settle()
         out = []
         for i in range(self.layers):
             if self.codes[i] is None:
@@ -574,6 +625,7 @@ class DeviceMLP:
 
     def masters(self):
         """(w, v): the master weights and momenta, K x N int64 per layer."""
+        self.settle()
         if self.cfg.masters == "host":
             return [x.copy() for x in self.host_w], [x.copy() for x in self.host_v]
         w, v = [], []
@@ -587,6 +639,7 @@ class DeviceMLP:
     def predict(self, x_codes, batch=2048):
         """Predicted classes, computed on the host from the device's weight codes with the
         device's forward arithmetic (the golden model: bit-exact with a device forward)."""
+        self.settle()
         codes = self.weight_codes()
         preds = []
         for lo in range(0, len(x_codes), batch):
@@ -605,6 +658,7 @@ class DeviceMLP:
 
     # -- checkpoints ------------------------------------------------------------------------
     def state(self):
+        self.settle()
         w, v = self.masters()
         return {
             "w": w, "v": v, "codes": [c.T for c in self.weight_codes()],

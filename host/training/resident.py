@@ -172,12 +172,16 @@ class ResidentSet:
         return ok
 
     # -- a step ------------------------------------------------------------------------------
-    def gather(self, idx, addr):
+    def gather(self, idx, addr, post=False):
         """DMA images ``idx`` into consecutive rows of ``row_words`` words from scratchpad
-        word ``addr`` (burst-aligned); returns without waiting (the device queues them)."""
+        word ``addr`` (burst-aligned); returns without waiting for the loads (the device
+        queues them), with ``post`` without waiting for its answers either: returns them
+        (``Device.gather``)."""
         if addr % self.wpb:
             raise ValueError(f"gather destination {addr} is not burst-aligned")
         rb = self.row_bursts
-        self.dev.gather(addr, self.row_words, rb,
-                        [self.base + int(i) * rb for i in np.asarray(idx, np.int64)])
+        answers = self.dev.gather(addr, self.row_words, rb,
+                                  [self.base + int(i) * rb for i in np.asarray(idx, np.int64)],
+                                  post=post)
         self.counters["gathers"] += len(idx)
+        return answers

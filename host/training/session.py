@@ -215,7 +215,6 @@ class Session:
         dev, mlp, c = self.dev, self.mlp, self.counters
         idx = self.order[self.pos:self.pos + self.cfg.batch_size]
         wire0, io0 = dev.wire_sent + dev.wire_received, dev.io_seconds
-        cyc0 = mlp.counters["gemm_cycles"] + mlp.counters["vec_cycles"]
         t0 = time.perf_counter()
         lr = lr_at(self.cfg.lr, self.step, self.total)
         if mlp.resident is not None:
@@ -226,7 +225,7 @@ class Session:
         c["io"] += dev.io_seconds - io0
         c["bytes"] += dev.wire_sent + dev.wire_received - wire0
         c["batch_bytes"] += batch_bytes(len(idx), self.cfg.sizes[0], self.cfg.sizes[-1])
-        c["cycles"] += mlp.counters["gemm_cycles"] + mlp.counters["vec_cycles"] - cyc0
+        self._count_cycles()
         c["images"] += len(idx)
         c["steps"] += 1
         self.losses.append(loss)
@@ -234,9 +233,21 @@ class Session:
         self.step += 1
         return loss
 
+    def _count_cycles(self, settle=False):
+        """Add the device cycles counted since the last call to the epoch's. A device the
+        host posts commands to (``DeviceMLP.posting``) counts a step's last commands when
+        their replies are taken: at the next step, or at ``settle``."""
+        mlp = self.mlp
+        if settle:
+            mlp.settle()
+        now = mlp.counters["gemm_cycles"] + mlp.counters["vec_cycles"]
+        self.counters["cycles"] += now - self._cycles_seen
+        self._cycles_seen = now
+
     def _end_epoch(self):
         """The epoch's row: mean loss, accuracies (the golden forward on the device's
         codes), and the per-step figures."""
+        self._count_cycles(settle=True)
         mlp, d = self.mlp, self.data
         row = {"epoch": self.epoch + 1, "loss": float(np.mean(self.losses)),
                "train_accuracy": float(np.mean(mlp.predict(self.x_train) == d.y_train)),
@@ -258,6 +269,7 @@ class Session:
         bar = tqdm(total=self.total, initial=self.step, disable=not progress, unit="step",
                    desc=f"{self.data.name} on {self.dev.url}", leave=False)
         run_losses, started, stopped = [], time.perf_counter(), False
+        self._cycles_seen = self.mlp.counters["gemm_cycles"] + self.mlp.counters["vec_cycles"]
         with _StopFlag() as stop:
             while self.epoch < self.epochs and not stopped:
                 if self.pos == 0:
@@ -285,6 +297,7 @@ class Session:
                 if self.out is not None:
                     write_json(self.out / "metrics.json", self.metrics(False))
         bar.close()
+        self._count_cycles(settle=True)          # (nothing more after an epoch's end)
         if stopped:
             self.checkpoint()
         result = self.metrics(stopped)
