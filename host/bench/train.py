@@ -15,6 +15,11 @@
   RTL behind a packet-level USB host, plus a round trip for each command
   (:func:`nibble.host.bench.link.usb_link_seconds`). Each projection names its bound: the
   resource busy longest a step (array, element-wise unit, SDRAM at its peak, link, host).
+  The ULX3S row is measured on its own configuration (:func:`board_run`), and its step is
+  the host's trace replayed (:mod:`nibble.host.bench.timeline`): on a paged device the host
+  sends commands without waiting for replies it does not need yet, so the device, the link
+  and the host overlap except where one waits for another (``serial_step_s``: the three
+  one after the other, as the other rows).
 
 Writes ``train.json`` and ``train.md`` under the output folder and, with ``docs``, the
 ``bench-train`` section of that markdown file.
@@ -30,8 +35,10 @@ from pathlib import Path
 
 from threadpoolctl import threadpool_limits
 
+from nibble.gateware.protocol import Op
 from nibble.host.bench.link import usb_link_seconds
 from nibble.host.bench.system import SDRAM_PEAK_BYTES_PER_CYCLE
+from nibble.host.bench.timeline import RX_BUFFER_BYTES, Link, replay
 from nibble.host.device.driver import Device
 from nibble.host.report import markdown_table, publish
 from nibble.host.training import datasets
@@ -229,6 +236,26 @@ def measured_row(p, ux):
                 cycles_from="the board's configuration on the simulated device")
 
 
+def replayed(trace, steps, run_cycles, link, hz):
+    """A step on ``link`` at ``hz``: the host's ``trace`` of ``steps`` steps replayed
+    (:func:`~nibble.host.bench.timeline.replay`) with each RUN taking its measured
+    ``run_cycles`` (one step's, in order). Per step: ``seconds``, and the host's, the
+    device's and the link's busy seconds and the device's idle ones."""
+    runs = sum(1 for kind, p, _ in trace if kind == "send" and p.op == Op.RUN)
+    if not run_cycles or runs % len(run_cycles):
+        raise ValueError(f"the host's trace has {runs} RUNs, not a whole number of steps of "
+                         f"{len(run_cycles)}")
+    if link["kind"] == "usb":
+        lk = Link(link["stream_wire_bytes_per_second"], max(
+            link["ping_round_trip_s"] - link["ping_wire_bytes"]
+            / link["stream_wire_bytes_per_second"], 0))
+        rx = RX_BUFFER_BYTES
+    else:
+        lk, rx = Link(link["baud"] / 10, 0.0), 0
+    r = replay(trace, [run_cycles[k % len(run_cycles)] / hz for k in range(runs)], lk, rx)
+    return {k: v / steps for k, v in r.items()}
+
+
 def bound(seconds):
     """What bounds a step: the resource (``seconds``: its busy time a step) that is busy
     longest. For the SDRAM that is its bytes at the peak rate, a lower bound."""
@@ -264,6 +291,7 @@ def board_run(name, data, cfg, steps=3, images=4096, log=print):
             session.run(progress=False, max_steps=1)
             mlp = session.mlp
             mlp.dev.measure = where == "sim"
+            del mlp.dev.run_cycles[:]
             before = _board_counters(session)
             t0 = time.perf_counter()
             session.run(progress=False, max_steps=steps - 1)
@@ -276,10 +304,18 @@ def board_run(name, data, cfg, steps=3, images=4096, log=print):
                          "per_step": {k: (after[k] - before[k]) / measured for k in after},
                          "paged": mlp.paged, "seconds": seconds, "plan_words": mlp.plan.end,
                          "upload": session.uploaded, "resident": mlp.resident.describe(),
-                         "row_bytes": mlp.resident.row_bursts * 16})
+                         "row_bytes": mlp.resident.row_bursts * 16,
+                         "run_cycles": list(mlp.dev.run_cycles)})
             if where != "sim":          # the host's own time a step in this configuration
-                runs[-1]["host_s"] = _host_seconds(session, HOST_STEPS)
+                runs[-1]["host_s"], runs[-1]["trace"], runs[-1]["trace_steps"] = \
+                    _host_seconds(session, HOST_STEPS)
     sim, emu = runs
+    measured = steps - 1
+    per_step = len(sim["run_cycles"]) // measured
+    # each RUN's cycles in a step, the mean over the measured steps (they are the same
+    # commands each step)
+    run_cycles = [sum(sim["run_cycles"][j * per_step + k] for j in range(measured)) / measured
+                  for k in range(per_step)]
     same = sim["losses"] == emu["losses"] and all(
         (a == b).all() for a, b in zip(sim["state"], emu["state"], strict=True))
     b, k, n = cfg.batch_size, SIZES[0], SIZES[-1]
@@ -306,6 +342,8 @@ def board_run(name, data, cfg, steps=3, images=4096, log=print):
                 sim["per_step"].items(), key=lambda kv: -kv[1]) if k.startswith("cycles_")},
             "link_bytes_ratio": emu["per_step"]["link"] / batch,
             "host_seconds_per_step": emu["host_s"],
+            "run_cycles_per_step": run_cycles,
+            "_trace": emu["trace"], "_trace_steps": emu["trace_steps"],
             "dataset_resident": True, "resident_images": emu["resident"]["images"],
             "resident_set_bytes": full_set,
             "upload_link_bytes": full_set * up["link_bytes"] / up["set_bytes"]}
@@ -374,16 +412,21 @@ HOST_STEPS = 20
 
 
 def _host_seconds(session, steps):
-    """The host's seconds a step over ``steps`` more steps of ``session``: the step's time
-    less the driver's wait for the device (on ``emu://`` that is the emulator's work)."""
+    """The host's seconds a step over ``steps`` more steps of ``session`` (the step's time
+    less the driver's wait for the device: on ``emu://`` that is the emulator's work), the
+    trace of those steps on the link (``Device.start_trace``) and how many they were."""
     dev = session.dev
     # within the epoch: its end evaluates the test set, which is not a step's work
     steps = min(steps, (len(session.x_train) - session.pos) // session.cfg.batch_size - 1)
     if steps < 1:
         raise ValueError("no steps left in the epoch to time the host on")
+    trace = dev.start_trace()
     io0, t0 = dev.io_seconds, time.perf_counter()
-    session.run(progress=False, max_steps=steps)
-    return (time.perf_counter() - t0 - (dev.io_seconds - io0)) / steps
+    try:
+        session.run(progress=False, max_steps=steps)
+    finally:
+        dev.trace = None
+    return (time.perf_counter() - t0 - (dev.io_seconds - io0)) / steps, trace, steps
 
 
 def _board_counters(session):
@@ -541,9 +584,16 @@ def _board_section(res, data, cfg, out, docs, log, usb):
     link_s = link_seconds(link, ux["link_bytes_per_step"], ux["link_commands_per_step"])
     sdram_hz = ux["sdram_hz"] or hz
     # the host's time a step is this configuration's (a paged state plans its parts and
-    # programs every step), not the 2x4 device's
-    t = ux["device_cycles_per_step"] / hz + link_s + ux["host_seconds_per_step"]
+    # programs every step), not the 2x4 device's; the step the host's trace replayed with
+    # the link and the device (they overlap: the host posts commands), and as before with
+    # the three one after the other
+    serial = ux["device_cycles_per_step"] / hz + link_s + ux["host_seconds_per_step"]
+    rep = replayed(ux.pop("_trace"), ux.pop("_trace_steps"), ux["run_cycles_per_step"],
+                   link, hz)
+    t = rep["seconds"]
     ux.update({"clock_mhz": hz / 1e6, "clock": src, "link": link, "link_text": link_text(link),
+               "serial_step_s": serial, "serial_images_per_second": HYPER["batch_size"] / serial,
+               "device_idle_s": rep["device_idle_s"], "replayed": rep,
                "upload_s": link_seconds(link, ux["upload_link_bytes"], 0),
                "compute_s": ux["device_cycles_per_step"] / hz, "link_s": link_s,
                "host_s": ux["host_seconds_per_step"], "step_s": t,
@@ -632,7 +682,9 @@ def render(r):
                "SDRAM, each step gathering its batch by index)\n\n") + \
             markdown_table([dict(ux, match="yes" if ux["sim_matches_emu"] else "**NO**",
                                  compute_ms=1e3 * ux["compute_s"], link_ms=1e3 * ux["link_s"],
-                                 host_ms=1e3 * ux["host_s"], sdram_ms=1e3 * ux["sdram_s"])], [
+                                 host_ms=1e3 * ux["host_s"], sdram_ms=1e3 * ux["sdram_s"],
+                                 step_ms=1e3 * ux["step_s"],
+                                 idle_ms=1e3 * ux.get("device_idle_s", 0.0))], [
                 ("array", "array", "{}"), ("scratchpad words", "scratch_words", "{:,}"),
                 ("state words (in the SDRAM)", "state_words", "{:,}"),
                 ("bit-identical to emu://", "match", "{}"), ("steps", "steps", "{}"),
@@ -647,8 +699,13 @@ def render(r):
                 ("link", "link_text", "{}"), ("compute ms", "compute_ms", "{:.1f}"),
                 ("SDRAM MHz", "sdram_mhz", "{:g}"),
                 ("SDRAM ms at its peak", "sdram_ms", "{:.1f}"), ("link ms", "link_ms", "{:.1f}"),
-                ("host ms", "host_ms", "{:.1f}"), ("steps/s", "steps_per_second", "{:.2f}"),
-                ("images/s", "images_per_second", "{:.0f}"), ("bound", "bound", "{}"),
+                ("host ms", "host_ms", "{:.1f}"),
+                ("step ms (replayed: the three overlapping)", "step_ms", "{:.1f}"),
+                ("device idle ms", "idle_ms", "{:.1f}"),
+                ("steps/s", "steps_per_second", "{:.2f}"),
+                ("images/s", "images_per_second", "{:.0f}"),
+                ("images/s, the three one after the other", "serial_images_per_second",
+                 "{:.0f}"), ("bound", "bound", "{}"),
                 ("images/s with only the SDRAM (its peak)", "floor_images_per_second",
                  "{:.0f}")])
         ulx += ("\nIts link bytes a step by command (emu://, wire bytes both ways): "
