@@ -16,7 +16,12 @@ tensor memory and drives a training step through the driver, whichever device it
   step the host computes from those statistics, then TRANSPOSE for backward-data.
 
 Every scale is a function of integers the device returns (absmax, SAWB sums), so two
-devices that compute bit-exactly train bit-identically. On a device with an SDRAM whose
+devices that compute bit-exactly train bit-identically. On a paged device the host sends
+each command without waiting for its reply (:attr:`DeviceMLP.posting`) and takes the
+replies in order where a result is needed (:meth:`DeviceMLP.settle`): the logits, each
+layer's SAWB sums before its REQUANT, and the last step's statistics (the next scales)
+once the new batch's gather and transpose are on their way; the step's numbers are the
+same, the host's work and the link's bytes overlap the device's. On a device with an SDRAM whose
 scratchpad cannot hold the state, the state lives in the SDRAM and every command pages its
 buffers through the scratchpad (:class:`~nibble.host.device.paged.PagedDevice`; the same
 numbers, bit for bit). ``masters="host"`` keeps the master weights on the host instead (for
