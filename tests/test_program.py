@@ -300,3 +300,26 @@ def test_a_programs_transfers_run_beside_its_unit():
         run = dev.run(at, 3, program_params(Op.VECTOR, requant))
         assert dev.read(1024, 128) == codes
         assert run["cycles"] - before < alone
+
+
+def test_runs_sent_without_waiting_equal_runs_one_by_one():
+    """Three UPDATE programs sent back to back (``Device.post``: the later frames wait in
+    the RTL's receive path while a RUN runs), then a READ: the same masters and the same
+    STATS for each as RUNs sent one after the other, on the RTL and on ``emu://``."""
+    results = []
+    for url, posted in ((URLS[1], True), (URLS[0], True), (URLS[0], False)):
+        with Device.open(url) as dev:
+            assert dev.pipeline
+            rng = np.random.default_rng(4)
+            dev.write(0, rng.integers(0, 256, 200 * dev.word_bytes, dtype=np.uint8).tobytes())
+            cfgs = [vector_args(VecOp.UPDATE, 4, 4, (0, 4), (50, 4), 100, mu=900 + k,
+                                m=20000, s=18) for k in range(3)]
+            at = store(dev, [(Op.VECTOR, dict(cfgs[0], mu=0, m=0, s=0))])
+            runs = [dev.run(at, 1, program_params(Op.VECTOR, c), wait=not posted)
+                    for c in cfgs]
+            if posted:
+                assert len(dev._in_flight) == 3
+                runs = [r.result() for r in runs]
+            results.append(([(r["w_sum_abs"], r["w_sum_sq"]) for r in runs],
+                            dev.read(50, 40)))
+    assert results[0] == results[1] == results[2]
