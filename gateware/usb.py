@@ -11,6 +11,10 @@ it (:class:`~nibble.gateware.uart.UARTRx`'s ``o``, :class:`~nibble.gateware.uart
                                     bulk OUT 4 -> AsyncFIFO -> buffer --> o   (sync)
                                     bulk IN 4  <- AsyncFIFO <- buffer <-- i   (sync)
 
+The transmit FIFO is deep (:data:`TX_DEPTH`): a reply of a few kilobytes (a step's logits)
+goes into it at the device's clock, and the decoder takes the next frame (a RUN sent
+behind the READs) while USB carries the reply, at a twentieth of that rate.
+
 The two small buffers (``SyncFIFOBuffered``, registered both ways) keep the device's
 logic apart from the FIFOs': without them the ULX3S build's critical path ran from the
 frame buffer's read port through the reply's byte logic into the transmit FIFO's write
@@ -45,8 +49,8 @@ from amaranth.lib import stream, wiring
 from amaranth.lib.fifo import AsyncFIFO, SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
-__all__ = ["DATA_ENDPOINT", "PACKET_BYTES", "STATUS_ENDPOINT", "USB_PID", "USB_VID",
-           "USBLink", "usb_serial_device"]
+__all__ = ["DATA_ENDPOINT", "PACKET_BYTES", "RX_DEPTH", "STATUS_ENDPOINT", "TX_DEPTH", "USB_PID",
+           "USB_VID", "USBLink", "usb_serial_device"]
 
 #: pid.codes' vendor ID, and its test product ID (for devices not distributed).
 USB_VID, USB_PID = 0x1209, 0x0001
@@ -55,6 +59,11 @@ PACKET_BYTES = 64
 #: The bulk endpoints' numbers (as LUNA's ``USBSerialDevice`` and its descriptors have
 #: them: data on 4, the serial status on 3).
 DATA_ENDPOINT, STATUS_ENDPOINT = 4, 3
+#: Bytes of the clock-crossing FIFOs: from the host, a few waiting commands' frames (the
+#: OUT endpoint NAKs the rest); to the host, a step's logits (three READ replies, 2.6 KB
+#: for the Fashion-MNIST MLP) whole, so the device serves them at its clock and runs the
+#: next command while USB carries them (two DP16KD on the ECP5).
+RX_DEPTH, TX_DEPTH = 64, 4096
 
 
 def usb_serial_device(bus):
@@ -82,19 +91,19 @@ class USBLink(wiring.Component):
     ----------
     bus : the UTMI record (simulation) or the platform's ``usb`` resource (d_p, d_n,
         pullup) for LUNA's gateware PHY, which also needs a 48 MHz ``usb_io`` domain.
-    depth : each clock-crossing FIFO's bytes.
+    rx_depth, tx_depth : the clock-crossing FIFOs' bytes.
     """
 
-    def __init__(self, bus, depth=64):
-        self.bus, self.depth = bus, depth
+    def __init__(self, bus, rx_depth=RX_DEPTH, tx_depth=TX_DEPTH):
+        self.bus, self.rx_depth, self.tx_depth = bus, rx_depth, tx_depth
         super().__init__({"o": Out(stream.Signature(8)), "i": In(stream.Signature(8))})
 
     def elaborate(self, platform):
         m = Module()
         m.submodules.serial = serial = usb_serial_device(self.bus)
-        m.submodules.rx_fifo = rx = AsyncFIFO(width=8, depth=self.depth,
+        m.submodules.rx_fifo = rx = AsyncFIFO(width=8, depth=self.rx_depth,
                                               w_domain="usb", r_domain="sync")
-        m.submodules.tx_fifo = tx = AsyncFIFO(width=8, depth=self.depth,
+        m.submodules.tx_fifo = tx = AsyncFIFO(width=8, depth=self.tx_depth,
                                               w_domain="sync", r_domain="usb")
         m.submodules.rx_buf = rx_buf = SyncFIFOBuffered(width=8, depth=2)
         m.submodules.tx_buf = tx_buf = SyncFIFOBuffered(width=8, depth=2)
