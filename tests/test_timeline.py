@@ -1,8 +1,6 @@
 """The step replay (host/bench/timeline.py): the host, the link and the device each one thing
 at a time, overlapping only where the trace lets them."""
 
-import itertools
-
 import numpy as np
 import pytest
 
@@ -15,19 +13,6 @@ class _P:
 
     def __init__(self, op, out, back):
         self.op, self.wire, self.reply_wire = op, bytes(out), back
-
-
-def test_the_link_carries_one_transfer_at_a_time_and_fills_gaps():
-    link = Link(1000.0, 0.0)                     # a byte a millisecond
-    assert link.place(0.0, 0.010) == pytest.approx(0.010)
-    assert link.place(0.050, 0.010) == pytest.approx(0.060)
-    # ready at 5 ms, 20 ms long: after the first, before the second there is room
-    assert link.place(0.005, 0.020) == pytest.approx(0.030)
-    # ready at 0, 30 ms long: nowhere before the second: after it
-    assert link.place(0.0, 0.030) == pytest.approx(0.090)
-    spans = sorted(link.busy)
-    assert all(a[1] <= b[0] + 1e-12 for a, b in itertools.pairwise(spans))
-    assert link.seconds == pytest.approx(0.070)
 
 
 def test_posted_runs_overlap_the_host_and_a_wait_does_not():
@@ -91,3 +76,15 @@ def test_replay_is_never_faster_than_any_one_actor():
         r = replay(trace, runs, link)
         assert r["seconds"] >= max(r["host_s"], r["device_s"], r["link_s"]) - 1e-12
         assert r["seconds"] <= r["host_s"] + r["device_s"] + r["link_s"] + 1e-12
+
+
+def test_a_long_reply_holds_the_device_until_its_buffer_takes_the_rest():
+    """A READ's 3,000-byte reply: with a 4 KB transmit buffer the next RUN starts as soon
+    as its frame is in (after the reply's first packet: the bus takes turns), with 1,000
+    bytes once the bus has carried all but those, with none once it has carried all."""
+    for buffer, seconds in ((4096, 5.094e-3), (1000, 7.078e-3), (0, 8.030e-3)):
+        link = Link(1e6, 0.0)                          # a byte a microsecond
+        read, run = _P(Op.READ, 10, 3000), _P(Op.RUN, 10, 10)
+        r = replay([("send", read, 0.0), ("send", run, 0.0), ("wait", run, 0.0)], [0.005],
+                   link, tx_buffer=buffer)
+        assert r["seconds"] == pytest.approx(seconds)
