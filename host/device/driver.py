@@ -354,6 +354,8 @@ class Device:
         if new_seq:
             self._in_flight.pop(p.seq, None)
             p.seq = self._next_seq()
+            while p.seq in self._in_flight:     # (a request left unanswered 256 back)
+                self._in_flight[p.seq].result()
             p.wire = encode_frame(Frame(p.seq, p.op, p.payload))
             self._in_flight[p.seq] = p
         else:
@@ -445,14 +447,21 @@ class Device:
                 Op.WRITE, pack_fields(WRITE_HEADER, {"addr": a}) + d), addr + off // wb,
                 data[off:off + step])
 
-    def read(self, addr, words):
-        """Read ``words`` words from word ``addr`` on."""
+    def read(self, addr, words, later=False):
+        """Read ``words`` words from word ``addr`` on. With ``later`` the READs are sent
+        without waiting (:meth:`post`): returns their :class:`Pending` s, whose results
+        joined are the words (a READ that meets a running unit is BUSY: send it behind a
+        request answered once every unit is idle, a RUN or a FENCE)."""
         wb = self.word_bytes
         if addr < 0 or addr + words > self.mem_words:
             raise OutOfRangeError(f"read of {words} words at {addr} exceeds the device's "
                                   f"{self.mem_words} words")
-        out = bytearray()
         step = MAX_PAYLOAD // wb
+        if later:
+            return [self.post(Op.READ, pack_fields(READ_ARGS, {
+                "addr": addr + off, "words": min(step, words - off)}), wait_busy=False)
+                for off in range(0, words, step)]
+        out = bytearray()
         for off in range(0, words, step):
             n = min(step, words - off)
             out += self._halving(lambda a, d: self.request(

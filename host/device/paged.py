@@ -30,7 +30,7 @@ with that much block RAM. Per GEMM or VECTOR command:
 4. on a scratchpad of 64 KB or more (the ULX3S's is 128 KB) all of this is a **program**
    (protocol RUN): the same loads, parts and stores as entries, with a FENCE where the
    host would wait for a part to end before storing it, stored once in the program area at
-   the top of the scratchpad (``PROGRAM_NIBBLES``) with the command's settings zeroed, and
+   the top of the scratchpad (an eighth of it) with the command's settings zeroed, and
    run with one RUN that gives them and answers with the parts' STATS combined by the
    device. The link then carries one RUN and its reply a command instead of every DMA,
    part and poll (a Fashion-MNIST step on the ULX3S configuration: 5.8 KB instead of
@@ -67,9 +67,12 @@ from nibble.rtl.formats import OutputPath, VecOp
 
 __all__ = ["PagedDevice"]
 
-#: Scratchpad kept for programs by default, in nibbles (8 KB, a 16th of the ULX3S's 128 KB),
-#: on a scratchpad of 8 times that or more (a Fashion-MNIST step's 17 programs took 614
-#: words of 16 nibbles)
+#: The smallest program area, in nibbles (8 KB): a scratchpad of 8 times that or more keeps
+#: an eighth of itself for programs (the ULX3S's 128 KB: 16 KB; a Fashion-MNIST step's 17
+#: programs took 933 words of 16 nibbles, and a step that fetches its next batch early
+#: alternates two X buffers, so two of its transpose's and its first layer's fused
+#: GEMM+UPDATE's, 510 words more: in the 8 KB before, the area was written again every
+#: step)
 PROGRAM_NIBBLES = 16384
 
 #: A region a fused command writes and then reads itself, of no use after it (the
@@ -91,8 +94,8 @@ _SUMMED = ("clip_sum", "gemm_cycles", "beats", "vec_cycles", "w_sum_abs", "w_sum
 class PagedDevice:
     """``dev`` (with an SDRAM) with the SDRAM as its tensor memory (see the module).
     ``program_words``: scratchpad words kept for stored programs (0: the host sends every
-    transfer and part itself; default ``PROGRAM_NIBBLES`` worth on a scratchpad of 8
-    times that or more, else 0)."""
+    transfer and part itself; by default an eighth of a scratchpad of 8 times
+    ``PROGRAM_NIBBLES`` or more, else 0)."""
 
     def __init__(self, dev, program_words=None):
         if not dev.ext_bursts:
@@ -104,7 +107,7 @@ class PagedDevice:
         self.mem_words = dev.ext_bursts * self.wpb
         if program_words is None:             # by default a small scratchpad keeps it all
             nib = dev.word_nibbles
-            program_words = (PROGRAM_NIBBLES // nib
+            program_words = (dev.mem_words // 8
                              if dev.mem_words * nib >= 8 * PROGRAM_NIBBLES else 0)
         program_words = program_words // self.wpb * self.wpb
         self.scratch = dev.mem_words - program_words
@@ -152,12 +155,30 @@ class PagedDevice:
         raw[off:off + len(data)] = data
         self.dev.ext_write(lo, bytes(raw), self._staging())
 
-    def read(self, addr, words):
+    def read(self, addr, words, later=False):
+        """``words`` words from word ``addr`` of the SDRAM, through the staging area. With
+        ``later`` (where a program area is and the words fit the staging area at once) a
+        handle whose ``result()`` is the bytes: the load is a program (its DMA and a
+        FENCE, so the READs behind it find every unit idle) and the READs are sent without
+        waiting, so the host may send more behind them."""
         wb, wpb = self.dev.word_bytes, self.wpb
         lo, hi = addr // wpb, -(-(addr + words) // wpb)
-        raw = self.dev.ext_read(lo, hi - lo, self._staging())
         off = (addr - lo * wpb) * wb
-        return raw[off:off + words * wb]
+        chunks = list(self.dev._ext_chunks(lo, hi - lo, self._staging()))
+        if later and self.scratch < self.dev.mem_words and len(chunks) == 1:
+            at, n, mem = chunks[0]
+            load = {"store": 0, "rows": 1, "bursts": n, "mem_addr": mem, "mem_stride": n * wpb,
+                    "ext_addr": at, "ext_stride": n}
+            self._op = "READ"
+            program = (program_entry(Op.DMA, load, self.word_nibbles)
+                       + program_entry(Op.FENCE, {}, self.word_nibbles))
+            run = self._run_program(program, 2, 0, [load], later=True)
+            if run is not None:
+                reads = self.dev.read(mem, n * wpb, later=True)
+                return _Bytes(run, reads, off, words * wb)
+        raw = self.dev.ext_read(lo, hi - lo, self._staging())
+        raw = raw[off:off + words * wb]
+        return Answered(raw) if later else raw
 
     def _staging(self):
         return (0, self.scratch - self.scratch % self.wpb)
@@ -584,6 +605,18 @@ class PagedDevice:
         self.counters["dma_bytes"] += n
         key = f"{self._op} {'store' if cfg['store'] else 'load'}"
         self.by_op[key] = self.by_op.get(key, 0) + n
+
+
+class _Bytes:
+    """The bytes of posted READs behind a posted load (:meth:`PagedDevice.read`)."""
+
+    def __init__(self, run, reads, off, size):
+        self.run, self.reads, self.off, self.size = run, reads, off, size
+
+    def result(self):
+        self.run.result()
+        raw = b"".join(r.result() for r in self.reads)
+        return raw[self.off:self.off + self.size]
 
 
 def _schedule(parts, overlap):
