@@ -49,7 +49,8 @@ def test_posted_commands_train_as_waited_ones_and_overlap():
     """A paged device's commands are sent without waiting for the replies the step does
     not need yet (``DeviceMLP.posting``): the same losses and state as with every reply
     waited for, the same counters, and RUNs sent while earlier ones are unanswered; the
-    step waits for the logits and for each layer's SAWB sums only."""
+    step waits for the logits and for each layer's SAWB sums only, and the next batch is
+    gathered (and transposed) while the host computes the loss."""
     data = datasets.load("digits")
     cfg = DeviceTrainConfig(sizes=[64, 320, 10], batch_size=16, seed=3)
     runs = []
@@ -79,6 +80,16 @@ def test_posted_commands_train_as_waited_ones_and_overlap():
 
     assert most_unanswered_runs(t0) == 1
     assert most_unanswered_runs(t1) >= 4
+
+    def gathers_while_the_loss_is_computed(trace):
+        """The next batch's GATHER sent between the logits' READs and the gradient's
+        WRITE."""
+        ops = [p.op for kind, p, _ in trace if kind == "send"]
+        read = ops.index(Op.READ)
+        return Op.GATHER in ops[read:ops.index(Op.WRITE, read)]
+
+    assert not gathers_while_the_loss_is_computed(t0)
+    assert gathers_while_the_loss_is_computed(t1)
     assert sum(k == "send" for k, *_ in t0) == sum(k == "send" for k, *_ in t1)
 
 

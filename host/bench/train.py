@@ -38,7 +38,7 @@ from threadpoolctl import threadpool_limits
 from nibble.gateware.protocol import Op
 from nibble.host.bench.link import usb_link_seconds
 from nibble.host.bench.system import SDRAM_PEAK_BYTES_PER_CYCLE
-from nibble.host.bench.timeline import RX_BUFFER_BYTES, Link, replay
+from nibble.host.bench.timeline import RX_BUFFER_BYTES, TX_BUFFER_BYTES, Link, replay
 from nibble.host.device.driver import Device
 from nibble.host.report import markdown_table, publish
 from nibble.host.training import datasets
@@ -249,10 +249,10 @@ def replayed(trace, steps, run_cycles, link, hz):
         lk = Link(link["stream_wire_bytes_per_second"], max(
             link["ping_round_trip_s"] - link["ping_wire_bytes"]
             / link["stream_wire_bytes_per_second"], 0))
-        rx = RX_BUFFER_BYTES
+        rx, tx = RX_BUFFER_BYTES, TX_BUFFER_BYTES
     else:
-        lk, rx = Link(link["baud"] / 10, 0.0), 0
-    r = replay(trace, [run_cycles[k % len(run_cycles)] / hz for k in range(runs)], lk, rx)
+        lk, rx, tx = Link(link["baud"] / 10, 0.0), 0, 0
+    r = replay(trace, [run_cycles[k % len(run_cycles)] / hz for k in range(runs)], lk, rx, tx)
     return {k: v / steps for k, v in r.items()}
 
 
@@ -268,13 +268,19 @@ def head(data, images):
     return replace(data, x_train=data.x_train[:images], y_train=data.y_train[:images])
 
 
-def board_run(name, data, cfg, steps=3, images=4096, log=print):
+#: Steps a board's configuration runs before it is measured: the first measures the
+#: activation scales; the second is the first to fetch its batch early, into the other X
+#: rows, so it stores the programs of that buffer's commands.
+WARM_STEPS = 2
+
+
+def board_run(name, data, cfg, steps=4, images=4096, log=print):
     """The MLP with its whole state on the simulated device in board ``name``'s
     configuration (``ulx3s-85f``: 8 x 16 array, 16K-word scratchpad, the state in the
     SDRAM), the training set resident in the SDRAM beside it (its first ``images``
     images: the upload through the simulated link is slow), ``steps`` steps, against
     ``emu://`` in the same configuration. Per-step figures come from the steps after the
-    first (which measures the activation scales): device cycles from each paged command's
+    first :data:`WARM_STEPS`: device cycles from each paged command's
     first load to its last store (transfers, GEMMs and element-wise operations; the sim's
     socket service adds at most 256 cycles a command), GEMM and element-wise cycles, SDRAM
     bytes moved, and link bytes on ``emu://`` (where every wait is one STATS poll, and
@@ -288,13 +294,13 @@ def board_run(name, data, cfg, steps=3, images=4096, log=print):
         with (serve(**conf) if where == "sim" else nullcontext(where)) as url, \
                 Device.open(url, timeout=30) as dev:
             session = Session(dev, head(data, images), cfg, 1, resident=True)
-            session.run(progress=False, max_steps=1)
+            session.run(progress=False, max_steps=WARM_STEPS)
             mlp = session.mlp
             mlp.dev.measure = where == "sim"
             del mlp.dev.run_cycles[:]
             before = _board_counters(session)
             t0 = time.perf_counter()
-            session.run(progress=False, max_steps=steps - 1)
+            session.run(progress=False, max_steps=steps - WARM_STEPS)
             seconds = time.perf_counter() - t0
             after = _board_counters(session)
             before = {k: before.get(k, 0) for k in after}
@@ -310,7 +316,7 @@ def board_run(name, data, cfg, steps=3, images=4096, log=print):
                 runs[-1]["host_s"], runs[-1]["trace"], runs[-1]["trace_steps"] = \
                     _host_seconds(session, HOST_STEPS)
     sim, emu = runs
-    measured = steps - 1
+    measured = steps - WARM_STEPS
     per_step = len(sim["run_cycles"]) // measured
     # each RUN's cycles in a step, the mean over the measured steps (they are the same
     # commands each step)
@@ -327,7 +333,7 @@ def board_run(name, data, cfg, steps=3, images=4096, log=print):
             "sdram_hz": conf["sdram_hz"],
             "state_words": sim["plan_words"], "state_in_sdram": sim["paged"],
             "steps": steps, "sim_matches_emu": bool(same),
-            "sim_seconds_per_step": sim["seconds"] / (steps - 1),
+            "sim_seconds_per_step": sim["seconds"] / measured,
             "device_cycles_per_step": sim["per_step"]["cycles"],
             "gemm_cycles_per_step": sim["per_step"]["gemm"],
             "vec_cycles_per_step": sim["per_step"]["vec"],

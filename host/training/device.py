@@ -226,8 +226,15 @@ class DeviceMLP:
         self.raw_dev = dev                          # the driver's device, even when paged
         #: the training set in the SDRAM (:meth:`make_resident`), or None: batches streamed
         self.resident = None
+        #: layer 0's X rows for the next batch (:meth:`step_indices`' ``next_idx``): a
+        #: paged state gathers and transposes it while the host computes the loss
+        self.x_spare, self._prefetched, self._next = None, None, None
         if self.paged:
             self.dev = dev = PagedDevice(dev)
+            if self.layers > 1:            # (the top layer's X rows hold more copies)
+                xr = self.plan.layers[0].xr
+                self.x_spare = replace(xr, addr=-(-self.plan.end // self.align) * self.align)
+                self.plan = replace(self.plan, end=self.x_spare.end)
         if self.plan.end > dev.mem_words:
             need = self.plan.end
             msg = (f"the {'-'.join(map(str, self.sizes))} model at batch {cfg.batch_size} "
@@ -259,7 +266,9 @@ class DeviceMLP:
         #: send commands without waiting for their replies where the step does not need
         #: them yet (a paged device: every command one RUN, :meth:`settle`)
         self.posting = self.paged
-        self._pending = []         # (handle, [what to do with its STATS]) not settled yet
+        #: (handle, [what to do with its STATS], whether the next step's scales need it)
+        #: for the commands not settled yet
+        self._pending, self._posted = [], 0
 
     # -- set-up -------------------------------------------------------------------------------
     def init_weights(self):
@@ -273,6 +282,7 @@ class DeviceMLP:
         """Put master weights ``w`` and momenta ``v`` (K x N int64 each, i.e. W^T) in
         place and make the INT4 codes (given, or requantized from fresh statistics)."""
         dev, nib = self.dev, self.dev.word_nibbles
+        self._prefetched = None
         if self.cfg.masters == "host":
             self.host_w = [np.array(x, np.int64) for x in w]
             self.host_v = [np.array(x, np.int64) for x in v]
@@ -310,8 +320,9 @@ class DeviceMLP:
         :attr:`posting` (unless ``now``) the host does not wait: returns None, and its
         reply is counted and given to ``then`` by :meth:`settle`."""
         if self.posting and not now:
-            self._pending.append((self.dev.gemm(cfg, later=True), [
-                lambda st: self._count_gemm(i, cfg, st), *([then] if then else [])]))
+            self._post(self.dev.gemm(cfg, later=True), [
+                lambda st: self._count_gemm(i, cfg, st), *([then] if then else [])],
+                then is not None)
             return None
         stats = self.dev.gemm(cfg)
         self._count_gemm(i, cfg, stats)
@@ -329,21 +340,33 @@ class DeviceMLP:
         """Run a VECTOR operation of layer ``i``; returns the STATS (None while
         :attr:`posting`, unless ``now``: as :meth:`_gemm`)."""
         if self.posting and not now:
-            self._pending.append((self.dev.vector(cfg, later=True),
-                                  [lambda st: self._count_vector(i, cfg, st)]))
+            self._post(self.dev.vector(cfg, later=True),
+                       [lambda st: self._count_vector(i, cfg, st)])
             return None
         stats = self.dev.vector(cfg)
         self._count_vector(i, cfg, stats)
         return stats
 
-    def settle(self, keep=0):
+    def _post(self, handle, then=(), scales=False):
+        """Keep a command sent without waiting for :meth:`settle`; returns its number."""
+        self._posted += 1
+        self._pending.append((self._posted, handle, list(then), scales))
+        return self._posted
+
+    def settle(self, scales=False, before=None):
         """Take the replies of the commands sent without waiting (:attr:`posting`), in
-        order, but the last ``keep``: count them and apply what the step derives from
-        them (the next step's activation scales and GradScale, PACT's clips). The device
-        answers in order, so a reply the host waited for has brought every earlier one."""
-        cut = len(self._pending) - keep
+        order: count them and apply what the step derives from them (the next step's
+        activation scales and GradScale, PACT's clips). Only up to the last that sets a
+        scale with ``scales``, only those numbered below ``before`` (:meth:`_post`) with
+        it: where the host has waited for a later reply, so nothing is waited for."""
+        cut = len(self._pending)
+        if scales:
+            cut = max((k + 1 for k, (*_, needed) in enumerate(self._pending) if needed),
+                      default=0)
+        if before is not None:
+            cut = sum(1 for n, *_ in self._pending if n < before)
         pending, self._pending = self._pending[:cut], self._pending[cut:]
-        for handle, then in pending:
+        for _, handle, then, _ in pending:
             stats = handle.result()
             for fn in then:
                 fn(stats)
@@ -381,10 +404,12 @@ class DeviceMLP:
         fused = getattr(self.dev, "gemm_update", None)
         if self.cfg.masters == "device" and fused is not None:
             update = self._update_args(i, ratio)
+            before = self._posted + 1
             handle = fused(gemm, update, later=self.posting)
             if handle is not None:             # (None: not fusable here; run them apart)
                 def sums():
                     stats = handle.result() if hasattr(handle, "result") else handle
+                    self.settle(before=before)     # (what was sent before it is in)
                     self._count_gemm(i, gemm, stats)
                     self._count_vector(i, update, stats)
                     return stats["w_sum_abs"], stats["w_sum_sq"]
@@ -459,10 +484,11 @@ class DeviceMLP:
             return staging_area(self.raw_dev, 0, self.dev.scratch)
         return staging_area(self.raw_dev, self.plan.end)
 
-    def _gather(self, idx):
-        """Layer 0's X (B rows of K codes) from the resident set: DMAs straight into it, or
-        (paged) into the scratchpad and one DMA STORE to its place in the SDRAM."""
-        xr, rs = self.bufs[0].xr, self.resident
+    def _gather(self, idx, xr=None):
+        """Layer 0's X (B rows of K codes; or ``xr``) from the resident set: DMAs straight
+        into it, or (paged) into the scratchpad and one DMA STORE to its place in the
+        SDRAM."""
+        xr, rs = xr or self.bufs[0].xr, self.resident
         if not self.paged:
             rs.gather(idx, xr.addr)
             return
@@ -472,23 +498,49 @@ class DeviceMLP:
         answers.append(self.raw_dev.dma(
             {"store": 1, "rows": 1, "bursts": len(idx) * rs.row_bursts, "mem_addr": at,
              "ext_addr": xr.addr // rs.wpb}, wait=False, post=self.posting))
-        self._pending += [(a, []) for a in answers if a is not None]
+        for a in answers:
+            if a is not None:
+                self._post(a)
 
     # -- a training step ----------------------------------------------------------------------
     def step(self, x_codes, labels, lr):
         """One SGD step on a batch (UINT4 image codes, labels); returns the loss."""
+        self._prefetched = self._next = None
         first = self.bufs[0].xc
         self.dev.write(first.addr, pack(np.asarray(x_codes).T, 1, self.dev.word_nibbles,
                                         first.stride))
         return self._step(labels, lr, gathered=False)
 
-    def step_indices(self, idx, labels, lr):
+    def step_indices(self, idx, labels, lr, next_idx=None):
         """One SGD step on images ``idx`` of the resident set (:meth:`make_resident`, uploaded)
-        with their labels: the link carries the indices' DMAs, not the images."""
+        with their labels: the link carries the indices' DMAs, not the images. With
+        ``next_idx`` (the next step's images) a paged device gathers and transposes the
+        next batch into spare X rows while the host computes this one's loss (the logits'
+        READ replies go to the link's transmit FIFO, and the device goes on); the next
+        step then finds it there."""
         if self.resident is None:
             raise DeviceError("step_indices needs a resident training set (make_resident)")
-        self._gather(idx)
-        return self._step(labels, lr, gathered=True)
+        key = tuple(int(i) for i in idx)
+        if self._prefetched == key:       # gathered and transposed last step: its X rows
+            layer = self.bufs[0]
+            layer.xr, self.x_spare = self.x_spare, layer.xr
+            gathered = "transposed"
+        else:
+            self._gather(idx)
+            gathered = True
+        self._prefetched = None
+        self._next = (None if next_idx is None or self.x_spare is None or not self.posting
+                      else [int(i) for i in next_idx])
+        return self._step(labels, lr, gathered)
+
+    def _prefetch(self, idx):
+        """Gather images ``idx`` into the spare X rows and transpose them into layer 0's
+        Xt (this step's forward has read it; backward reads the X rows, not Xt)."""
+        layer = self.bufs[0]
+        self._gather(idx, self.x_spare)
+        self._vector(0, vector_args(VecOp.TRANSPOSE, len(idx), self.sizes[0],
+                                    _rows(self.x_spare, 0, len(idx)), layer.xc))
+        self._prefetched = tuple(idx)
 
     def _step(self, labels, lr, gathered):
         dev, b, nib = self.dev, len(labels), self.dev.word_nibbles
@@ -496,9 +548,15 @@ class DeviceMLP:
         # logits, loss, the output gradient: one FP4 pair per element and term, the terms
         # stacked along the top layer's backward reductions (dY^T as terms x N rows)
         out = self.plan.logits
-        acc = unpack(dev.read(out.addr, out.words), self.sizes[-1], b, RAW_NIBBLES, nib,
-                     out.stride, 32).T
-        self.settle()                 # the forward GEMMs' replies came before the READ's
+        if self.posting:              # the READs sent, the next batch behind them
+            raw = dev.read(out.addr, out.words, later=True)
+            if self._next:
+                self._prefetch(self._next)
+            raw = raw.result()
+        else:
+            raw = dev.read(out.addr, out.words)
+        acc = unpack(raw, self.sizes[-1], b, RAW_NIBBLES, nib, out.stride, 32).T
+        self.settle(scales=True)      # the forward GEMMs' replies came before the READ's
         logits = (acc * (x_step[-1] * self.w_step[-1])).astype(np.float32)
         loss, dlogits = softmax_xent(logits, labels)
         d0, d1 = quantize_grad(dlogits, 1.0, SCHEME, terms=self.terms)
@@ -511,9 +569,8 @@ class DeviceMLP:
         self._backward(b, x_step, (terms0[0].int_unit, terms1[0].int_unit), lr)
         if not self.posting:
             self.settle()
-        # (posting: the step's last replies are taken at the next step's first settle,
-        # after it has sent its batch's gather and transposes; :meth:`settle` before
-        # reading the counters)
+        # (posting: the step's last replies are taken later; :meth:`settle` before reading
+        # the counters)
         return loss
 
     def _forward(self, b, gathered=False):
@@ -525,16 +582,17 @@ class DeviceMLP:
         for i, (layer, k, n) in enumerate(zip(self.bufs, self.sizes, self.sizes[1:],
                                               strict=False)):
             copies = range(self._copies(i))
-            mark = len(self._pending)
-            if i == 0 and gathered:
+            if i == 0 and gathered == "transposed":
+                copies = copies[1:]
+            elif i == 0 and gathered:
                 self._vector(i, vector_args(VecOp.TRANSPOSE, b, k, _rows(layer.xr, 0, b),
                                          layer.xc))
                 copies = copies[1:]
             for c in copies:
                 self._vector(i, vector_args(VecOp.TRANSPOSE, k, b, layer.xc,
                                          _rows(layer.xr, c * b, b)))
-            if i == 0:          # the last step's replies (its scales), while the device
-                self.settle(keep=len(self._pending) - mark)       # transposes the batch
+            if i == 0:          # the last step's replies that set scales (they are in)
+                self.settle(scales=True)
             unit = x_step[i] * self.w_step[i]
 
             def forward(out, lane, then=None, now=False, i=i, layer=layer, k=k, n=n):

@@ -217,8 +217,11 @@ class Session:
         wire0, io0 = dev.wire_sent + dev.wire_received, dev.io_seconds
         t0 = time.perf_counter()
         lr = lr_at(self.cfg.lr, self.step, self.total)
-        if mlp.resident is not None:
-            loss = mlp.step_indices(idx, self.data.y_train[idx], lr)
+        if mlp.resident is not None:      # (the next batch of the epoch, to fetch early)
+            bs = self.cfg.batch_size
+            nxt = self.order[self.pos + bs:self.pos + 2 * bs]
+            loss = mlp.step_indices(idx, self.data.y_train[idx], lr,
+                                    next_idx=nxt if len(nxt) else None)
         else:
             loss = mlp.step(self.x_train[idx], self.data.y_train[idx], lr)
         c["seconds"] += time.perf_counter() - t0
