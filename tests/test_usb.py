@@ -11,6 +11,7 @@ import pytest
 from amaranth.hdl import Module
 from amaranth.sim import Simulator
 
+from nibble.gateware.protocol import Op
 from nibble.gateware.usb import (
     DATA_ENDPOINT,
     PACKET_BYTES,
@@ -145,6 +146,12 @@ def test_driver_through_usb():
         data = rng.integers(0, 256, dev.word_bytes * 300, dtype=np.uint8).tobytes()
         dev.write(17, data)                  # 1.2 KB: two frames, 19 packets
         assert dev.read(17, 300) == data
+        # sent without waiting: the frames queue behind each other (the OUT endpoint NAKs
+        # what the receive FIFO cannot take), the replies come back in order
+        pings = [dev.post(Op.PING, bytes([k]) * 100) for k in range(4)]
+        reads = dev.read(17, 300, later=True)
+        assert [p.result() for p in pings] == [bytes([k]) * 100 for k in range(4)]
+        assert b"".join(r.result() for r in reads) == data
         run_random_gemms(dev, rng, 1, 1)
         stats = dev.t.usb_stats
         assert dev.resends == 0
