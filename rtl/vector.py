@@ -59,7 +59,7 @@ overlaps the next); overlapping buffers give an undefined result.
 
 from amaranth.hdl import Const, Module, Mux, Signal, Value, signed
 from amaranth.lib import data, wiring
-from amaranth.lib.fifo import SyncFIFO
+from amaranth.lib.fifo import SyncFIFO, SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
 from .bounds import DIM_BITS, BoundsCheck
@@ -180,6 +180,8 @@ class VectorWalk(wiring.Component):
 #: only while fewer than QUEUE are pending, so the queue never overflows and a stalled write
 #: port stops the reads instead of the pipeline.
 QUEUE = 8
+#: Whole-word writes (one word, or UPDATE's V and W words) waiting for the write port.
+WRITES = 4
 
 
 class VectorUnit(wiring.Component):
@@ -273,7 +275,8 @@ class VectorUnit(wiring.Component):
         with m.If(read & walk.last):
             m.d.sync += reading.eq(0)
         stats_busy = self._pipeline(m, queue, read, walk.off)
-        popped, write_done = self._write(m, queue, wwalk)
+        # no element is on its way into the queue: the last word goes out
+        popped, write_done = self._write(m, queue, wwalk, running & ~reading & (pending == 0))
         m.d.sync += pending.eq(pending + read - popped)
         with m.If(running & ~reading & (pending == 0) & write_done & ~stats_busy):
             m.d.sync += [running.eq(0), self.busy.eq(0), self.cycles.eq(cyc + 1)]
@@ -370,34 +373,72 @@ class VectorUnit(wiring.Component):
             m.d.sync += [self.sum_abs.eq(self.sum_abs + mag), self.sum_sq.eq(self.sum_sq + sq)]
         return new | has_t | acc
 
-    def _write(self, m, queue, walk):
-        """The queue's head onto the write port, through a register (a read, its nibble
-        select, the write shift, the arbiter and the memory's data input in one cycle
-        limited the ECP5 to 44.7 MHz), at the address of ``walk``, the write side's own
-        walk, stepped as each element leaves the queue. Returns (an element left the queue
-        this cycle, the last write is out)."""
+    def _write(self, m, queue, walk, drain):
+        """The queue's head into whole words, and those onto the write port (see the
+        module): returns (an element left the queue this cycle, the last write is out).
+
+        REQUANT and UPDATE write along rows, so an element whose nibble offset is not 0
+        goes into the word of the element before (of its stream: UPDATE's V and W): the
+        *word* register collects a word's codes (REQUANT) or a word's two masters and two
+        momenta (UPDATE) and goes out when the next element starts a new word, or at the
+        end. TRANSPOSE writes each element to another row: its writes go out one by one.
+        Out means into a small FIFO of *writes* (one word, or UPDATE's V and W words), which
+        a register behind it puts on the port one word a cycle (a read, its nibble select,
+        the write shift, the arbiter and the memory's data input in one cycle limited the
+        ECP5 to 44.7 MHz). One element leaves the queue a cycle: UPDATE's two words a
+        weight are then one write cycle a weight, REQUANT's codes one a word."""
         cfg, NIB, wr = self.cfg, self.nib, self.bus.wr
         op = cfg.op
         t, u = op == VecOp.TRANSPOSE, op == VecOp.UPDATE
         head = data.View(self.entry, queue.r_stream.payload)
+        req = write_request(self.aw, NIB)
+        pair = data.StructLayout({"a": req, "b": req, "two": 1})
         nibbles = Mux(u, (1 << RAW_NIBBLES) - 1, Mux(t & cfg.pair, 0b11, 0b1))
         at = Mux(t, walk.t_at, Mux(u, walk.v_at, walk.q_at))
         woff = Mux(t, walk.t_off, Mux(u, walk.off, walk.q_off))
-        wreq = Signal(write_request(self.aw, NIB))
-        wvalid, second = Signal(), Signal()       # second: UPDATE's W write is next
-        free = ~wvalid | wr.ready
-        take = queue.r_stream.valid & free
-        popped = Signal()
-        m.d.comb += [wr.addr.eq(wreq.addr), wr.data.eq(wreq.data),
-                     wr.en.eq(Mux(wvalid, wreq.en, 0)),
-                     popped.eq(take & ~(u & ~second)),
-                     queue.r_stream.ready.eq(popped), walk.step.eq(popped)]
-        with m.If(wr.ready):
-            m.d.sync += wvalid.eq(0)
-        with m.If(take):
-            m.d.sync += [wreq.addr.eq(Mux(second, walk.w_at, at)),
-                         wreq.data.eq((Mux(second, head.val2, head.val)
-                                       if self.has(VecOp.UPDATE) else head.val) << (woff << 2)),
-                         wreq.en.eq(nibbles << woff), wvalid.eq(1),
-                         second.eq(~popped)]
-        return popped, free
+        en = (nibbles << woff)[:NIB]
+        shift = woff << 2
+        val2 = head.val2 if self.has(VecOp.UPDATE) else Const(0, MASTER_BITS)
+        new = Signal(pair)                  # the element as a write
+        m.d.comb += [new.a.addr.eq(at), new.a.data.eq(head.val << shift), new.a.en.eq(en),
+                     new.b.addr.eq(walk.w_at), new.b.data.eq(val2 << shift),
+                     new.b.en.eq(en), new.two.eq(u)]
+
+        m.submodules.writes = writes = SyncFIFOBuffered(width=pair.size, depth=WRITES)
+        word, has_word = Signal(pair), Signal()
+        joins = ~t & has_word & (woff != 0)      # the element goes into the word
+        direct = t                               # TRANSPOSE: each element a write
+        ends = ~queue.r_stream.valid & drain     # nothing more is coming
+        push_word = has_word & ((queue.r_stream.valid & ~t & ~joins) | ends)
+        take = queue.r_stream.valid & (joins | ~has_word & ~direct | writes.w_rdy)
+        m.d.comb += [
+            writes.w_en.eq(Mux(direct, take, push_word & writes.w_rdy)),
+            writes.w_data.eq(Mux(direct, new.as_value(), word.as_value())),
+            queue.r_stream.ready.eq(take), walk.step.eq(take),
+        ]
+        with m.If(push_word & writes.w_rdy):
+            m.d.sync += has_word.eq(0)
+        with m.If(take & ~direct):
+            with m.If(joins):
+                m.d.sync += [word.a.data.eq(word.a.data | new.a.data),
+                             word.a.en.eq(word.a.en | new.a.en),
+                             word.b.data.eq(word.b.data | new.b.data),
+                             word.b.en.eq(word.b.en | new.b.en)]
+            with m.Else():
+                m.d.sync += [word.eq(new), has_word.eq(1)]
+
+        # the port: a write (one word, or two) from the FIFO through a register
+        cur, has_cur, second = Signal(pair), Signal(), Signal()
+        out = Mux(second, cur.b.as_value(), cur.a.as_value())
+        outv = data.View(req, out)
+        done_cur = has_cur & wr.ready & (second | ~cur.two)
+        m.d.comb += [wr.addr.eq(outv.addr), wr.data.eq(outv.data),
+                     wr.en.eq(Mux(has_cur, outv.en, 0)),
+                     writes.r_en.eq(~has_cur | done_cur)]
+        with m.If(has_cur & wr.ready):
+            m.d.sync += second.eq(~second & cur.two)
+        with m.If(done_cur):
+            m.d.sync += has_cur.eq(0)
+        with m.If(writes.r_rdy & (~has_cur | done_cur)):
+            m.d.sync += [cur.eq(writes.r_data), has_cur.eq(1), second.eq(0)]
+        return take, ~has_word & (writes.r_level == 0) & (~has_cur | done_cur)

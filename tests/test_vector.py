@@ -8,10 +8,25 @@ from nibble.host.device.commands import vector_args
 from nibble.host.device.emu import vector_apply, vector_check
 from nibble.host.device.layout import pack, unpack
 from nibble.host.golden.numerics import master_update, requantize, sawb_sums
-from nibble.rtl.formats import MASTER_MAX, MASTER_MIN, VEC_OPS_ALL, VecOp, word_nibbles
+from nibble.rtl.formats import (
+    MASTER_MAX,
+    MASTER_MIN,
+    RAW_NIBBLES,
+    VEC_OPS_ALL,
+    VecOp,
+    word_nibbles,
+)
 from nibble.rtl.transpose import Transposer
 from nibble.rtl.vector import VEC_CFG, VectorUnit
 from tests.support import random_memory, random_vector_cfgs, run_commands
+
+
+def steady(op, nib):
+    """(cycles an element, fill) of ``op`` on a memory that grants every request: one
+    element a cycle, but UPDATE's two words an element where a word holds one master
+    (its V and W words two writes; where it holds two, two elements' are two)."""
+    return {VecOp.TRANSPOSE: (1, 6), VecOp.REQUANT: (1, 9),
+            VecOp.UPDATE: (2, 11) if nib <= RAW_NIBBLES else (1, 12)}[op]
 
 
 def run_unit(rows, cols, words, mem_bytes, cfgs, flaky=None, ops=VEC_OPS_ALL):
@@ -46,8 +61,7 @@ def test_vector_matches_emulator(rows, cols, seed):
         last = want_s if want_s is not None else last
         if last is not None:
             assert sums == last
-        per, fill = {VecOp.TRANSPOSE: (1, 4), VecOp.UPDATE: (2, 8),
-                     VecOp.REQUANT: (1, 6)}[cfg["op"]]
+        per, fill = steady(cfg["op"], word_nibbles(rows, cols))
         assert cycles == per * cfg["rows"] * cfg["cols"] + fill, (cycles, cfg)
 
 
@@ -71,7 +85,7 @@ def test_a_unit_built_without_an_operation_refuses_it():
 
 def test_vector_waits_for_grants():
     """A memory that grants requests only on some cycles: the same memory and sums as the
-    emulator, in more cycles than the steady 1, 2 and 1 per element plus the fill."""
+    emulator, in more cycles than the steady ones (:func:`steady`)."""
     rows, cols, words = 2, 4, 256
     rng = np.random.default_rng(7)
     mem = random_memory(rng, words, rows, cols)
@@ -81,9 +95,10 @@ def test_vector_waits_for_grants():
         vector_apply(want, cfg, rows, cols)
     got, results = run_unit(rows, cols, words, bytes(mem), cfgs, flaky=3)
     assert got == bytes(want) and all(ok for ok, _, _ in results)
-    per = {VecOp.TRANSPOSE: (1, 4), VecOp.UPDATE: (2, 8), VecOp.REQUANT: (1, 6)}
-    assert sum(c for _, _, c in results) > sum(per[c["op"]][0] * c["rows"] * c["cols"]
-                                               + per[c["op"]][1] for c in cfgs)
+    nib = word_nibbles(rows, cols)
+    assert sum(c for _, _, c in results) > sum(
+        steady(c["op"], nib)[0] * c["rows"] * c["cols"] + steady(c["op"], nib)[1]
+        for c in cfgs)
 
 
 def test_vector_range_checks():
