@@ -30,19 +30,24 @@ words (A; for UPDATE also W and V, all three in one cycle) while the memory gran
 The element then goes down six registered stages (pick its nibbles; the two products;
 the rounding shifts; ``v'``; ``w'``), every multiplier with registered operands and a
 registered product (the ECP5 build missed 45 MHz by a third while one multiplied a memory
-word straight after its read), into a :data:`QUEUE`-deep queue of finished elements that
-the write port drains through a register. Elements are written in the order they are read,
-so the write side keeps its own :class:`VectorWalk`, stepped as each element leaves the
-queue, and neither the stages nor the queue carry addresses: on the UP5K that took the unit
-from 3,884 to 3,491 LCs; on the ECP5 it trades 130 flip-flops for 104 LUTs
-(``gateware/budget.py``'s measurement of the unit alone). TRANSPOSE and REQUANT write one
-element a cycle, UPDATE two (V, then W): the one write port is the bound, and the unit meets
-it. With a memory that grants every request an operation of ``n`` elements takes ``n + 4``
-(TRANSPOSE), ``n + 6`` (REQUANT) or ``2n + 8`` (UPDATE) cycles: the stage where the element
-enters the queue, plus the queue and the write register. (The sequential machine this
-replaced took 2, 5 and 8 cycles per element; on the ULX3S configuration the element-wise
-unit was 59 % of a Fashion-MNIST step.) The unit reads an element only while fewer than
-QUEUE are pending, so a write port that stalls stops the reads, never the pipeline, and the
+word straight after its read), into a :data:`QUEUE`-deep queue of finished elements.
+Elements are written in the order they are read, so the write side keeps its own
+:class:`VectorWalk`, stepped as each element leaves the queue, and neither the stages nor
+the queue carry addresses: on the UP5K that took the unit from 3,884 to 3,491 LCs; on the
+ECP5 it trades 130 flip-flops for 104 LUTs (``gateware/budget.py``'s measurement of the
+unit alone). The write side writes **whole words**: REQUANT's codes and UPDATE's masters
+and momenta go along rows, so an element that does not start a word joins the word of the
+one before in a register, which goes out (UPDATE: its V and W words) when the next element
+starts a new word, through a small FIFO and a register onto the port. One element leaves
+the queue a cycle: with a memory that grants every request an operation of ``n`` elements
+takes ``n + 6`` (TRANSPOSE), ``n + 9`` (REQUANT) or, where a word holds two masters (the
+ULX3S's 16 nibbles), ``n + 12`` (UPDATE) cycles; ``2n + 11`` where it holds one. Writing
+one element a write cycle, UPDATE took two cycles a weight (V, then W) and REQUANT a write
+cycle a code: in a paged step both shared the scratchpad's one write port with the DMA's
+loads, and it bound them (the sequential machine before the pipeline took 2, 5 and 8 cycles
+per element; on the ULX3S configuration the element-wise unit was 59 % of a Fashion-MNIST
+step). The unit reads an element only while fewer than QUEUE are pending, so a write port
+that stalls stops the reads, never the pipeline, and the
 queue cannot overflow. UPDATE reads and writes the same words, but each element's nibbles
 are read once, before its own writes, so the pipeline needs no hazard check.
 
