@@ -15,6 +15,9 @@ Everything is measured on the Verilator system model through the driver, over it
   tiles whose rows each open a new SDRAM row, with the data checked by reading it back;
 * ``update_cycles_per_weight``: STATS ``vec_cycles`` of an UPDATE over the Fashion-MNIST
   layer-1 weights (784 x 128) over their number, beside REQUANT and a batch's TRANSPOSE;
+  ``update_cycles_per_weight_ulx3s`` the same in the ULX3S configuration (its 16-nibble
+  words hold two masters, which the unit writes as one: 48 of the layer's rows, what its
+  scratchpad holds);
 * ``sdram_array_utilization``: the Fashion-MNIST layer-1 forward and backward-weight GEMMs
   with every operand streamed from the SDRAM, on a second model in the ULX3S configuration
   (:mod:`nibble.host.bench.streaming`), checked bit for bit against ``emu://``.
@@ -197,6 +200,8 @@ def bench_system(out_dir="build/bench", docs=None, progress=True, seed=0):
     from nibble.host.bench.streaming import CONFIG, measure_streaming
     with serve(**CONFIG) as url:
         streaming = measure_streaming(url)
+        with Device.open(url) as dev:
+            vector_ulx3s = measure_vector(dev, k=48)
     streaming["harness_report"] = serve.last_report
     if not streaming["matches_emu"]:
         raise AssertionError("the streamed GEMMs' scratchpad differs from emu://")
@@ -217,6 +222,8 @@ def bench_system(out_dir="build/bench", docs=None, progress=True, seed=0):
         "sdram_array_utilization": streaming["sdram_array_utilization"],
         "vector": vector,
         "update_cycles_per_weight": vector and vector[0]["cycles_per_element"],
+        "vector_ulx3s": vector_ulx3s,
+        "update_cycles_per_weight_ulx3s": vector_ulx3s and vector_ulx3s[0]["cycles_per_element"],
         "streaming": streaming,
         "projected_link_mbytes_per_s": {
             f"{name} ({baud / 1e6:g} Mbaud)": round(baud / 10 * min(
@@ -266,6 +273,12 @@ def system_markdown(r):
             "The element-wise unit on the Fashion-MNIST MLP's layer 1 (STATS `vec_cycles`; "
             f"update_cycles_per_weight {r['update_cycles_per_weight']}, target <= 2):", "",
             markdown_table(r["vector"], VECTOR_COLUMNS), ""]
+    if r.get("vector_ulx3s"):
+        lines += [
+            "The same on the ULX3S configuration (16-nibble words: two masters a word, "
+            "written as one; 48 of the layer's 784 rows; "
+            f"update_cycles_per_weight_ulx3s {r['update_cycles_per_weight_ulx3s']}):", "",
+            markdown_table(r["vector_ulx3s"], VECTOR_COLUMNS), ""]
     st = r.get("streaming")
     if st:
         lines += [
