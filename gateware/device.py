@@ -134,18 +134,19 @@ class Device(wiring.Component):
         m.submodules.transfer = xfer = Transfer(aw, nib, sums=self.chip is not None)
         m.submodules.reply = reply = Reply()
         m.submodules.engine = engine = GemmEngine(self.rows, self.cols, words, self.dsp_pes)
-        # each port goes to the first of these that asks: the engine, the DMA, the
-        # decoder's transfer, the element-wise unit. An UPDATE reads rd2 (its V) every
-        # cycle, and rd2 is where a program's entries and a DMA STORE's words are read:
-        # behind it, a part's stores (and the entry that starts them) waited for its end, the
-        # SDRAM idle meanwhile (a Fashion-MNIST step's fused GEMM+UPDATE: 611 K cycles with
-        # the unit before them, 514 K after, make bench-train)
+        # each port goes to the first of these that asks. With an SDRAM: the engine, the
+        # DMA, the decoder's transfer, the element-wise unit. An UPDATE reads rd2 (its V)
+        # every cycle, and rd2 is where a program's entries and a DMA STORE's words are
+        # read: behind it, a part's stores (and the entry that starts them) waited for its
+        # end, the SDRAM idle meanwhile (a Fashion-MNIST step's fused GEMM+UPDATE: 611 K
+        # cycles with the unit before them, 510 K after, make bench-train). Without one
+        # (no programs, no DMA) the transfer goes last, as it always did.
         units = [engine, xfer]
         if self.vec_ops:
             m.submodules.vec = vec = (
                 Transposer(self.rows, self.cols, words) if self.vec_ops == 1 << VecOp.TRANSPOSE
                 else VectorUnit(self.rows, self.cols, words, self.vec_ops))
-            units.append(vec)
+            units.insert(len(units) if self.chip else 1, vec)
         if self.chip:
             m.submodules.dma = dma = Dma(aw, nib, words, self.chip)
             m.submodules.sdram = ctrl = (
