@@ -493,7 +493,7 @@ class DeviceMLP:
             rs.gather(idx, xr.addr)
             return
         at = self.staging()[0]
-        # posted: their answers are taken at the step's first settle
+        # posted: their answers are taken when the step settles
         answers = rs.gather(idx, at, post=self.posting) or []
         answers.append(self.raw_dev.dma(
             {"store": 1, "rows": 1, "bursts": len(idx) * rs.row_bursts, "mem_addr": at,
