@@ -310,12 +310,24 @@ class SdramController(wiring.Component):
         m.d.sync += [hit.eq(open_.bit_select(bank, 1) & (row[bank] == r_row)),
                      miss.eq(open_.bit_select(bank, 1) & (row[bank] != r_row)),
                      known.eq(inp.valid & ~inp.ready & ~moved)]
+        # the bank's timers against their limits, registered with it: a timer only grows
+        # until a command for its bank resets it, and every such command moves the request
+        # or the banks, so a limit met a cycle ago is met now (one met only now waits a
+        # cycle); and the bus idle a cycle ago, which it still is for a decision (a READ or
+        # WRITE decided then is the request's own, which ``taken`` holds off now)
+        ready_rw, can_close, can_open, idle_then = Signal(), Signal(), Signal(), Signal()
+        m.d.sync += [ready_rw.eq(since_act[bank] >= t["tRCD"]),
+                     can_close.eq((since_act[bank] >= t["tRAS"])
+                                  & (since_wr[bank] >= BEATS - 1 + t["tWR"])),
+                     can_open.eq((since_pre[bank] >= t["tRP"]) & (since_act[bank] >= t["tRC"])
+                                 & (since_any_act >= t["tRRD"]))]
         closable = Cat(*[~open_[b] | ((since_act[b] >= t["tRAS"])
                                       & (since_wr[b] >= BEATS - 1 + t["tWR"]))
                          for b in range(nb)]).all()
         # a write's data leave the pins a cycle after its decision's spacing says (wleft
         # counts from T + 1): its last beat, wleft == 1, is the decision's T + 7
         bus_idle = (wr_wait == 0) & (inflight == 0) & ~taken_write & (wleft <= 1)
+        m.d.sync += idle_then.eq(bus_idle)
 
         init_wait = Signal(range(t["t_init"] + 1), init=t["t_init"])
         init_refs = Signal(range(chip.init_refreshes + 1))
@@ -354,7 +366,6 @@ class SdramController(wiring.Component):
                                      self.refreshes.eq(self.refreshes + 1)]
                 with m.Elif(inp.valid & ~taken & quiet & known):
                     with m.If(hit):
-                        ready_rw = since_act[bank] >= t["tRCD"]
                         with m.If(req.write & ready_rw & (wr_wait == 0)):
                             issue(WRITE, bank, col)
                             m.d.sync += [taken.eq(1), taken_write.eq(1),
@@ -367,13 +378,11 @@ class SdramController(wiring.Component):
                             m.d.sync += [taken.eq(1), starts.eq((starts << 1) | 1),
                                          rd_wait.eq(BEATS - 1), wr_wait.eq(chip.cl + BEATS)]
                     with m.Elif(miss):                          # another row: close it
-                        with m.If((since_act[bank] >= t["tRAS"]) & bus_idle
-                                  & (since_wr[bank] >= BEATS - 1 + t["tWR"])):
+                        with m.If(can_close & idle_then):
                             issue(PRE, bank, 0)
                             m.d.sync += [open_.eq(open_ & ~(1 << bank)),
                                          since_pre[bank].eq(1)]
-                    with m.Elif((since_pre[bank] >= t["tRP"]) & (since_act[bank] >= t["tRC"])
-                                & (since_any_act >= t["tRRD"])):     # open the row
+                    with m.Elif(can_open):                      # open the row
                         issue(ACT, bank, r_row)
                         m.d.sync += [open_.eq(open_ | (1 << bank)), row[bank].eq(r_row),
                                      since_act[bank].eq(1), since_any_act.eq(1)]
