@@ -218,17 +218,38 @@ class GemmEngine(wiring.Component):
         wiring.connect(m, mslice.o, mread.i)
         wiring.connect(m, writer.port, wiring.flipped(self.bus.wr))
         wiring.connect(m, mread.port, wiring.flipped(self.bus.rd2))
+        # The lanes' settings, copied when the GEMM starts (several lanes): read from the
+        # decoder's argument register across the chip, a setting's route into a lane
+        # writer's handshake and on into its FIFO's level was a ULX3S build's critical
+        # path (37.5 MHz, seed 3); the copy is valid from the cycle after the start, and a
+        # launch comes after the check, later.
+        def setting(value, name):
+            if R == 1:
+                return value
+            reg = Signal.like(value, name=f"lane_{name}")
+            with m.If(self.start & ~self.busy):
+                m.d.sync += reg.eq(value)
+            return reg
+
+        lane_cfg = {"out_addr": setting(cfg.out_addr, "out_addr"),
+                    "out_stride": setting(cfg.out_stride, "out_stride"),
+                    "mask_addr": setting(cfg.mask_addr, "mask_addr"),
+                    "mask_stride": setting(cfg.mask_stride, "mask_stride"),
+                    "m": setting(cfg.m, "m"), "n": setting(cfg.n, "n"),
+                    "n_pad": setting(n_pad, "n_pad"), "path": setting(path, "path"),
+                    "mask_on": setting(mask_on, "mask_on")}
         lane_writers = []
         for g in range(R):
             lw = m.submodules[f"writer{g}"] = LaneWriter(R, g, aw, NIB)
             mr = m.submodules[f"mask{g}"] = MaskReader(R, g, aw, NIB)
             lane_writers.append(lw)
-            for unit, base, stride in ((lw, cfg.out_addr, cfg.out_stride),
-                                       (mr, cfg.mask_addr, cfg.mask_stride)):
-                m.d.comb += [unit.walk.base.eq(base), unit.walk.stride.eq(stride),
-                             unit.walk.m.eq(cfg.m), unit.walk.n_pad.eq(n_pad),
+            for unit, kind in ((lw, "out"), (mr, "mask")):
+                m.d.comb += [unit.walk.base.eq(lane_cfg[f"{kind}_addr"]),
+                             unit.walk.stride.eq(lane_cfg[f"{kind}_stride"]),
+                             unit.walk.m.eq(lane_cfg["m"]), unit.walk.n_pad.eq(lane_cfg["n_pad"]),
                              unit.launch.eq(launch)]
-            m.d.comb += [lw.path.eq(path), lw.n.eq(cfg.n), mr.on.eq(mask_on),
+            m.d.comb += [lw.path.eq(lane_cfg["path"]), lw.n.eq(lane_cfg["n"]),
+                         mr.on.eq(lane_cfg["mask_on"]),
                          mr.word.valid.eq(mread.o.valid & (mread.o.payload.tag == g)),
                          mr.word.payload.eq(mread.o.payload.data)]
             wiring.connect(m, dp.out[g], lw.i)
