@@ -175,6 +175,8 @@ class CommandDecoder(wiring.Component):
         # entries left; the settings its GEMMs or VECTORs take
         most = longest_entry_words(nib)
         running = Signal() if self.dma else Const(0)
+        # a BESIDE entry went: the next GEMM or VECTOR entry does not wait for the DMA
+        beside = Signal() if self.dma else Const(0)
         pc = Signal(RUN_ARGS["addr"].width + 1)
         left = Signal(RUN_ARGS["entries"].width)
         params = Signal(PARAM_BITS)
@@ -286,14 +288,16 @@ class CommandDecoder(wiring.Component):
                     else:
                         answer(last.status)
                 if self.dma:
-                    with m.Elif(running & ~(compute | is_dma | (op == Op.FENCE))):
+                    with m.Elif(running & ~(compute | is_dma | (op == Op.FENCE)
+                                            | (op == Op.BESIDE))):
                         answer(Status.UNKNOWN_OP)   # a program holds only these
-                with m.Elif(whole & (self.busy | stale | self.dma_busy) |
+                dma_waits = self.dma_busy & ~(beside & compute)
+                with m.Elif(whole & (self.busy | stale | dma_waits) |
                             is_dma & self.dma_busy):
                     m.next = "HOLD"                 # started when its units are free
                 with m.Elif(uses_mem & (self.busy | stale)):   # stale: args half-read
                     answer(Status.BUSY)
-                with m.Elif(uses_mem & self.dma_busy):
+                with m.Elif(uses_mem & dma_waits):
                     answer(Status.BUSY)
                 with m.Elif(op == Op.PING):
                     answer(op, HEADER_BYTES + plen)
@@ -313,13 +317,15 @@ class CommandDecoder(wiring.Component):
                                  HEADER_BYTES + hb, op)
                 with m.Elif(op == Op.READ):
                     with m.If((plen != layout_bytes(READ_ARGS)) | (read.words == 0)
-                              | (read.words > MAX_PAYLOAD // wb)):
+                              | (read.words > Mux(read.low16, 2 * MAX_PAYLOAD // wb,
+                                                  MAX_PAYLOAD // wb))):
                         answer(Status.BAD_LENGTH)
                     with m.Elif(read_over):
                         answer(Status.OUT_OF_RANGE)
                     with m.Else():
+                        m.d.comb += xfer.low16.eq(read.low16)
                         transfer(TransferOp.READ, read.addr, read.words, HEADER_BYTES, op,
-                                 HEADER_BYTES + read.words * wb)
+                                 HEADER_BYTES + ((read.words * wb) >> read.low16))
                 for code, layout, start in units:     # the unit answers after its check
                     with m.Elif(op == code):
                         bad_length = plen != layout_bytes(layout)
@@ -329,6 +335,8 @@ class CommandDecoder(wiring.Component):
                             answer(Status.BAD_LENGTH)
                         with m.Else():
                             m.d.comb += start.eq(1)
+                            if self.dma:
+                                m.d.sync += beside.eq(0)
                             m.next = "UNIT"
                 with m.Elif(op == Op.STATS):
                     m.d.comb += self.stats_snapshot.eq(1)
@@ -347,6 +355,9 @@ class CommandDecoder(wiring.Component):
                             transfer(TransferOp.SUMS, stats.addr, Mux(plen == 0, 0, stats.count),
                                      0, op, n, Fill.STATS)
                 if self.dma:
+                    with m.Elif((op == Op.BESIDE) & running):   # (else UNKNOWN_OP below)
+                        m.d.sync += beside.eq(1)
+                        answer(op)
                     with m.Elif(op == Op.FENCE):     # every unit is idle (HOLD before)
                         with m.If((plen != 0) & ~running):
                             answer(Status.BAD_LENGTH)
@@ -359,7 +370,7 @@ class CommandDecoder(wiring.Component):
                             answer(Status.OUT_OF_RANGE)
                         with m.Else():
                             m.d.comb += self.program_begin.eq(1)
-                            m.d.sync += [running.eq(1), pc.eq(run.addr),
+                            m.d.sync += [running.eq(1), beside.eq(0), pc.eq(run.addr),
                                          left.eq(run.entries), params.eq(run.params)]
                             m.next = "FETCH"
                     with m.Elif(op == Op.GATHER):
@@ -376,7 +387,8 @@ class CommandDecoder(wiring.Component):
                     answer(Status.UNKNOWN_OP)
 
             with m.State("HOLD"):         # then parse the frame again and start it
-                with m.If(~self.dma_busy & ~(self.busy & (op != Op.DMA))):
+                beside_ok = beside & ((op == Op.GEMM) | (op == Op.VECTOR))
+                with m.If((~self.dma_busy | beside_ok) & ~(self.busy & (op != Op.DMA))):
                     m.d.sync += [p.eq(0), have.eq(0), stale.eq(0)]
                     m.next = "PARSE"
 

@@ -39,7 +39,7 @@ ESC = 0x7D
 ESC_XOR = 0x20
 #: Largest payload of one frame.
 MAX_PAYLOAD = 1024
-VERSION = 8
+VERSION = 9
 
 
 class Op(enum.IntEnum, shape=8):
@@ -48,7 +48,7 @@ class Op(enum.IntEnum, shape=8):
     PING = 0x01       # echo the payload
     INFO = 0x02       # array size, memory size, protocol version (INFO_LAYOUT)
     WRITE = 0x10      # WRITE_HEADER, then whole words of data
-    READ = 0x11       # READ_ARGS; the reply is the words
+    READ = 0x11       # READ_ARGS; the reply is the words (low16: half their bytes)
     GEMM = 0x20       # GEMM_ARGS; starts the engine and replies at once
     STATS = 0x21      # optional STATS_ARGS; the reply is STATS_LAYOUT
     VECTOR = 0x22     # VEC_ARGS; starts the element-wise unit and replies at once
@@ -57,6 +57,8 @@ class Op(enum.IntEnum, shape=8):
                       # tensor memory, replies when it has ended with its STATS_LAYOUT
     GATHER = 0x25     # GATHER_HEADER, then 3-byte SDRAM burst addresses: one DMA LOAD each
     FENCE = 0x26      # no payload; answers once every unit (GEMM, VECTOR, DMA) is idle
+    BESIDE = 0x27     # a program's entry only (v9): the next GEMM or VECTOR entry starts
+                      # while a DMA runs (the host has made sure they share no word)
 
 
 class Status(enum.IntEnum, shape=8):
@@ -73,7 +75,10 @@ class Status(enum.IntEnum, shape=8):
 #: ``word_nibbles`` 4-bit codes (INFO), nibble 0 in the low half of byte 0, bytes
 #: little-endian.
 WRITE_HEADER = data.StructLayout({"addr": ADDR_BITS})
-READ_ARGS = data.StructLayout({"addr": ADDR_BITS, "words": 16})
+#: ``low16``: of every 4 bytes (a RAW element) only the low 2, so half the bytes (v9): for
+#: RAW values the host knows fit 16 bits, such as the logits of a layer whose reduction K
+#: keeps ``K * 15 * 8 < 2^15``; up to twice ``MAX_PAYLOAD`` bytes of words then.
+READ_ARGS = data.StructLayout({"addr": ADDR_BITS, "words": 16, "low16": 1})
 #: Optional: sums over ``count`` INT4 codes from word ``addr`` (for SAWB's E|w| and E w^2).
 STATS_ARGS = data.StructLayout({"addr": ADDR_BITS, "count": 24})
 STATS_LAYOUT = data.StructLayout({
@@ -114,12 +119,15 @@ DMA_ARGS = DMA_CFG
 
 #: A program entry (RUN) in tensor memory: the entry's opcode in byte 0, its arguments
 #: from byte 1 (the layout of its command), padded to whole words; entries follow one
-#: another. A FENCE entry waits for every unit (a part's result is stored after it). GEMM
+#: another. A FENCE entry waits for every unit (a part's result is stored after it); a
+#: BESIDE entry lets the next GEMM or VECTOR start without waiting for the DMA (it waits
+#: for the GEMM and the element-wise unit still: a part computes while the part before is
+#: stored and the one after loaded, :mod:`nibble.host.device.paged`). GEMM
 #: and VECTOR entries take their settings from ``PARAMS_FROM`` on (the output lane's; the
 #: update's and requantization's factors) from the RUN's ``params``, so a program stored
 #: once runs with the scales of every step.
 PROGRAM_OPS = {Op.GEMM: GEMM_ARGS, Op.VECTOR: VEC_ARGS, Op.DMA: DMA_ARGS,
-               Op.FENCE: data.StructLayout({})}
+               Op.FENCE: data.StructLayout({}), Op.BESIDE: data.StructLayout({})}
 PARAMS_FROM = {Op.GEMM: GEMM_ARGS["lane"].offset, Op.VECTOR: VEC_ARGS["mu"].offset}
 PARAM_BITS = max(PROGRAM_OPS[op].size - at for op, at in PARAMS_FROM.items())
 RUN_ARGS = data.StructLayout({"addr": ADDR_BITS, "entries": 16, "params": PARAM_BITS})

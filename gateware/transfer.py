@@ -5,7 +5,10 @@
 
 * WRITE: the payload bytes in the frame buffer, little-endian, become whole words written
   from ``addr`` on (every nibble enabled);
-* READ: ``count`` words from ``addr`` on become reply bytes in the frame buffer;
+* READ: ``count`` words from ``addr`` on become reply bytes in the frame buffer; with
+  ``low16`` only the low two of every four bytes (RAW elements that fit 16 bits: a
+  Fashion-MNIST step's logits cross the link in half the bytes, 1.2 ms of full-speed USB a
+  step that the device waited for);
 * SUMS: ``count`` INT4 codes from word ``addr`` on are summed as ``sum |c|`` and ``sum c^2``
   (SAWB's statistics of a weight tensor), one code per cycle: the code is registered, then
   its magnitude accumulated and its square looked up in a 9-entry table (no multiplier).
@@ -56,13 +59,13 @@ class TransferOp(enum.Enum, shape=2):
 class TransferControl:
     class Signature(wiring.Signature):
         """From the decoder's side: ``start`` (a pulse with ``op``, ``addr``, ``count`` (words
-        for WRITE and READ, codes for SUMS) and ``pos``, the first frame-buffer byte to read
-        or write), ``done`` (a pulse at the end)."""
+        for WRITE and READ, codes for SUMS), ``pos``, the first frame-buffer byte to read
+        or write, and ``low16``, a READ's), ``done`` (a pulse at the end)."""
 
         def __init__(self, addr_width):
             super().__init__({
                 "start": Out(1), "op": Out(TransferOp), "addr": Out(addr_width),
-                "count": Out(24), "pos": Out(FB_ADDR), "done": In(1),
+                "count": Out(24), "pos": Out(FB_ADDR), "low16": Out(1), "done": In(1),
             })
 
 
@@ -107,6 +110,7 @@ class Transfer(wiring.Component):
                                                       # 24-bit compare; it was the ULX3S's
                                                       # critical path into the RAM address)
         addr = Signal.like(ctl.addr)
+        low16 = Signal()                              # READ: skip bytes 2 and 3 of every 4
         word = Signal(4 * nib)
         code, code_valid = Signal(signed(CODE_BITS)), Signal()
         mag = Signal(CODE_BITS)
@@ -122,7 +126,7 @@ class Transfer(wiring.Component):
             with m.State("IDLE"):
                 with m.If(ctl.start):
                     m.d.sync += [p.eq(ctl.pos), q.eq(0), have.eq(0), count.eq(ctl.count),
-                                 addr.eq(ctl.addr), code_valid.eq(0),
+                                 addr.eq(ctl.addr), code_valid.eq(0), low16.eq(ctl.low16),
                                  ended.eq(ctl.count == 0)]
                     with m.Switch(ctl.op):
                         with m.Case(TransferOp.WRITE):
@@ -158,9 +162,12 @@ class Transfer(wiring.Component):
                         m.d.sync += [q.eq(1), addr.eq(addr + 1)]
                 with m.Else():            # byte 0 as the word arrives, the rest from `word`
                     arrived = q == 1
-                    m.d.comb += [self.buf_wr.en.eq(1),
+                    keep = ~(low16 & (q - 1)[1])          # (byte q - 1 of the word)
+                    m.d.comb += [self.buf_wr.en.eq(keep),
                                  self.buf_wr.data.eq(Mux(arrived, rd.data, word)[:8])]
-                    m.d.sync += [p.eq(p + 1), q.eq(Mux(q == wb, 0, q + 1)),
+                    with m.If(keep):
+                        m.d.sync += p.eq(p + 1)
+                    m.d.sync += [q.eq(Mux(q == wb, 0, q + 1)),
                                  word.eq(Mux(arrived, rd.data, word) >> 8)]
                     with m.If(q == wb):
                         m.d.sync += count.eq(count - 1)

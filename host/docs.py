@@ -47,7 +47,8 @@ REQUESTS = [
     (Op.PING, f"anything (up to {MAX_PAYLOAD} bytes)", "the same bytes"),
     (Op.INFO, "none", _size("INFO_LAYOUT")),
     (Op.WRITE, f"{_size('WRITE_HEADER')}, then whole words", "none"),
-    (Op.READ, f"{_size('READ_ARGS')}; at most {MAX_PAYLOAD} bytes of words", "the words"),
+    (Op.READ, f"{_size('READ_ARGS')}; at most {MAX_PAYLOAD} bytes of words (with `low16`, "
+     f"{2 * MAX_PAYLOAD})", "the words (with `low16`, the low 2 of every 4 bytes)"),
     (Op.GEMM, _size("GEMM_ARGS"), "none: the engine has checked the arguments and runs on"),
     (Op.STATS, f"none, or {_size('STATS_ARGS')} (a device with SDRAM only: BAD_LENGTH "
      "without)", _size("STATS_LAYOUT")),
@@ -62,6 +63,8 @@ REQUESTS = [
     (Op.GATHER, f"{_size('GATHER_HEADER')}, then `count` burst addresses of 3 bytes",
      "none: the last row's DMA LOAD has been checked and runs on (a device with SDRAM only)"),
     (Op.FENCE, "none", "none, once every unit has ended (a device with SDRAM only)"),
+    (Op.BESIDE, "none; a program's entry only (UNKNOWN_OP as a request)",
+     "none: the next GEMM or VECTOR entry starts while a DMA runs"),
 ]
 
 

@@ -19,6 +19,7 @@ from nibble.gateware.protocol import (
     Status,
 )
 from nibble.host.device.commands import lane_cfg, plan_gemm, vector_args
+from nibble.host.device.layout import low16
 from nibble.host.device.link import Frame, FrameDecoder
 from nibble.host.device.packing import pack_fields, unpack_fields
 from nibble.rtl.formats import Operand, OutputPath, VecOp
@@ -58,6 +59,11 @@ def test_commands_match_the_emulator():
     wire.append(bytes(bad))                                    # BAD_CRC
     wire.append(b"\x01\x02" + bytes([FLAG]))                   # garbage: dropped silently
     wire.append(frame(17, Op.PING, bytes(range(40))))
+    # low16: the low 2 of every 4 bytes, up to twice the words of a READ without it
+    wire += [frame(18, Op.READ, pack_fields(READ_ARGS, {"addr": 4, "words": 18, "low16": 1})),
+             frame(19, Op.READ, pack_fields(READ_ARGS, {"addr": 0, "words": 257, "low16": 1})),
+             frame(20, Op.READ, pack_fields(READ_ARGS, {"addr": 0, "words": 257})),
+             frame(21, Op.READ, pack_fields(READ_ARGS, {"addr": 0, "words": 513, "low16": 1}))]
     want = FrameDecoder().feed(emulate(wire))
     replies = FrameDecoder().feed(run_device(wire, replies=len(wire) - 1))
     assert comparable(replies) == comparable(want)
@@ -69,6 +75,10 @@ def test_commands_match_the_emulator():
     assert replies[16].op == Status.BAD_CRC and replies[16].seq == 16
     stats = unpack_fields(STATS_LAYOUT, replies[4].payload)
     assert stats["cycles"] > 0              # the free-running counter, sampled at the STATS
+    assert replies[18].op == Op.READ and replies[18].payload == low16(replies[3].payload)
+    assert len(replies[18].payload) == 18 * 4 // 2
+    assert [r.op for r in replies[19:22]] == [Status.OUT_OF_RANGE, Status.BAD_LENGTH,
+                                              Status.BAD_LENGTH]
 
 
 def test_too_long_frame_and_watchdog():

@@ -58,6 +58,27 @@ def test_device_and_host_masters_train_identically(small):
     assert dev["history"][-1]["loss"] < dev["history"][0]["loss"]
 
 
+def test_logits_in_16_bits_train_identically(small, monkeypatch):
+    """The logits cross the link as 16-bit integers (READ's low16) where the top layer's K
+    bounds them: the same training as reading all 32 bits, in fewer link bytes; a top
+    layer too wide for the bound reads all 32."""
+    from nibble.host.device.layout import widen16
+    from nibble.host.training.device import DeviceMLP
+
+    low = run("emu://", small)
+    assert DeviceMLP(Device.open("emu://"), DeviceTrainConfig(sizes=[64, 273, 10]))\
+        ._logits_low16()
+    assert not DeviceMLP(Device.open("emu://"), DeviceTrainConfig(sizes=[64, 274, 10]))\
+        ._logits_low16()
+    monkeypatch.setattr(DeviceMLP, "_logits_low16", lambda self: False)
+    full = run("emu://", small)
+    assert [h["loss"] for h in low["history"]] == [h["loss"] for h in full["history"]]
+    assert same_weights(low, full)
+    assert low["history"][-1]["link_bytes_per_step"] < full["history"][-1]["link_bytes_per_step"]
+    assert widen16(bytes([0x34, 0x12, 0xFE, 0xFF])) == bytes([0x34, 0x12, 0, 0, 0xFE, 0xFF,
+                                                             0xFF, 0xFF])
+
+
 def test_the_rtl_trains_bit_identically_to_the_emulator(small):
     """Through the device's RTL in Amaranth's simulator (pysim://), a 16-8-4 MLP for two
     steps of 8: same losses, master weights and codes as on emu://."""

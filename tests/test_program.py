@@ -302,6 +302,41 @@ def test_a_programs_transfers_run_beside_its_unit():
         assert run["cycles"] - before < alone
 
 
+def test_a_beside_entry_starts_its_unit_while_a_dma_runs():
+    """BESIDE (protocol v9): the next GEMM starts while the DMA store before it runs, where
+    a GEMM alone waits for every DMA sent before it: the same memory and SDRAM, in fewer
+    cycles on ``pysim://``; the entry alone in a program changes nothing, and outside a RUN
+    it is UNKNOWN_OP."""
+    rng = np.random.default_rng(8)
+    got = {}
+    for url in URLS:
+        for beside in (False, True):
+            with Device.open(url) as dev:
+                gemm = Gemm(rng.integers(-8, 8, (8, 64)), rng.integers(-8, 8, (64, 16)),
+                            Operand.INT4, Operand.INT4)
+                plan = plan_gemm(gemm, lane_cfg(OutputPath.RAW), dev.word_nibbles, dev.rows,
+                                 dev.cols, base=0)
+                for buf, raw in plan.uploads:
+                    dev.write(buf.addr, raw)
+                dev.write(1000, rng.integers(0, 256, 512 * dev.word_bytes,
+                                             dtype=np.uint8).tobytes())
+                keep = {"store": 1, "rows": 1, "bursts": 128, "mem_addr": 1000,
+                        "mem_stride": 512, "ext_addr": 300, "ext_stride": 128}
+                entries = [(Op.DMA, keep), *([(Op.BESIDE, {})] if beside else []),
+                           (Op.GEMM, zeroed(plan.cfg)), (Op.BESIDE, {}), (Op.FENCE, {})]
+                at = store(dev, entries)
+                before = dev.stats()["cycles"]
+                run = dev.run(at, len(entries), program_params(Op.GEMM, plan.cfg))
+                got[url, beside] = (dev.read(plan.out.addr, plan.out.words),
+                                    dev.ext_read(300, 128, (1024, 512)),
+                                    run["cycles"] - before)
+                with pytest.raises(UnknownOpError):
+                    dev.request(Op.BESIDE)
+            rng = np.random.default_rng(8)
+    assert len({v[:2] for v in got.values()}) == 1
+    assert got[URLS[1], True][2] < got[URLS[1], False][2]
+
+
 def test_runs_sent_without_waiting_equal_runs_one_by_one():
     """Three UPDATE programs sent back to back (``Device.post``: the later frames wait in
     the RTL's receive path while a RUN runs), then a READ: the same masters and the same

@@ -55,13 +55,15 @@ class _Frame:
         self.p, self.left, self.ready, self.sent = p, size, ready, 0
 
 
-def replay(trace, run_seconds, link, rx_buffer=RX_BUFFER_BYTES, tx_buffer=TX_BUFFER_BYTES):
+def replay(trace, run_seconds, link, rx_buffer=RX_BUFFER_BYTES, tx_buffer=TX_BUFFER_BYTES,
+           device_log=None):
     """Replay ``trace`` (``Device.start_trace``'s events) with RUN ``k`` taking
     ``run_seconds[k]`` on the device and ``link`` (a :class:`Link`) carrying the frames
     (``rx_buffer`` and ``tx_buffer``: the device's receive and transmit buffers' bytes).
     Returns ``{"seconds", "host_s", "device_s", "link_s", "device_idle_s"}``: the time
     from the first event to the host's last, each actor's busy time, and the device's
-    time without a request between its first start and its last end."""
+    time without a request between its first start and its last end. ``device_log``, a
+    list, gets ``(start, end, request)`` for each request the device takes."""
     runs = iter(run_seconds)
     trace = list(trace)
     pos, host, host_busy = 0, 0.0, 0.0
@@ -128,6 +130,8 @@ def replay(trace, run_seconds, link, rx_buffer=RX_BUFFER_BYTES, tx_buffer=TX_BUF
             first = t if first is None else first
             device_busy += took
             dev_free = last_end = t + took
+            if device_log is not None:
+                device_log.append((t, t + took, p))
             back.append(_Frame(p, p.reply_wire, t + took))
             waiting_replies += p.reply_wire
             held = waiting_replies > tx_buffer

@@ -447,26 +447,30 @@ class Device:
                 Op.WRITE, pack_fields(WRITE_HEADER, {"addr": a}) + d), addr + off // wb,
                 data[off:off + step])
 
-    def read(self, addr, words, later=False):
+    def read(self, addr, words, later=False, low16=False):
         """Read ``words`` words from word ``addr`` on. With ``later`` the READs are sent
         without waiting (:meth:`post`): returns their :class:`Pending` s, whose results
         joined are the words (a READ that meets a running unit is BUSY: send it behind a
-        request answered once every unit is idle, a RUN or a FENCE)."""
+        request answered once every unit is idle, a RUN or a FENCE). With ``low16`` only
+        the low two of every four bytes come back (half the bytes: RAW elements known to
+        fit 16 bits; :func:`~nibble.host.device.layout.widen16` gives the words back)."""
         wb = self.word_bytes
         if addr < 0 or addr + words > self.mem_words:
             raise OutOfRangeError(f"read of {words} words at {addr} exceeds the device's "
                                   f"{self.mem_words} words")
-        step = MAX_PAYLOAD // wb
+        step = (MAX_PAYLOAD // wb) << bool(low16)
+
+        def args(a, n):
+            return pack_fields(READ_ARGS, {"addr": a, "words": n, "low16": int(bool(low16))})
+
         if later:
-            return [self.post(Op.READ, pack_fields(READ_ARGS, {
-                "addr": addr + off, "words": min(step, words - off)}), wait_busy=False)
-                for off in range(0, words, step)]
+            return [self.post(Op.READ, args(addr + off, min(step, words - off)),
+                              wait_busy=False) for off in range(0, words, step)]
         out = bytearray()
         for off in range(0, words, step):
             n = min(step, words - off)
-            out += self._halving(lambda a, d: self.request(
-                Op.READ, pack_fields(READ_ARGS, {"addr": a, "words": len(d) // wb})),
-                addr + off, bytes(n * wb))
+            out += self._halving(lambda a, d: self.request(Op.READ, args(a, len(d) // wb)),
+                                 addr + off, bytes(n * wb))
         return bytes(out)
 
     def _halving(self, send, addr, data):
@@ -627,13 +631,14 @@ class Device:
             self.dma({"store": 1, "rows": 1, "bursts": n, "mem_addr": addr, "ext_addr": at},
                      wait=k + 1 < len(chunks))
 
-    def ext_read(self, burst, n, staging):
+    def ext_read(self, burst, n, staging, low16=False):
         """Read ``n`` 16-byte bursts of the SDRAM from burst ``burst`` on, through tensor
-        memory at ``staging`` (DMA LOAD, then READ, a chunk at a time)."""
+        memory at ``staging`` (DMA LOAD, then READ, a chunk at a time; ``low16`` as
+        :meth:`read`)."""
         out = bytearray()
         for at, k, addr in self._ext_chunks(burst, n, staging):
             self.dma({"store": 0, "rows": 1, "bursts": k, "mem_addr": addr, "ext_addr": at})
-            out += self.read(addr, k * 16 // self.word_bytes)
+            out += self.read(addr, k * 16 // self.word_bytes, low16=low16)
         return bytes(out)
 
     def wait(self):

@@ -33,7 +33,7 @@ from nibble.gateware.protocol import (
     layout_bytes,
     longest_entry_words,
 )
-from nibble.host.device.layout import pack, row_words, unpack
+from nibble.host.device.layout import low16, pack, row_words, unpack
 from nibble.host.device.link import Frame, crc32, encode_frame
 from nibble.host.device.packing import pack_fields, unpack_fields
 from nibble.host.golden.lanes import golden_acc, golden_clip_sum, golden_lane
@@ -372,12 +372,13 @@ class Emulator:
             if len(payload) != layout_bytes(READ_ARGS):
                 return Status.BAD_LENGTH, b""
             args = unpack_fields(READ_ARGS, payload)
-            if not 0 < args["words"] <= MAX_PAYLOAD // wb:
+            if not 0 < args["words"] <= (MAX_PAYLOAD // wb) << args["low16"]:
                 return Status.BAD_LENGTH, b""
             if args["addr"] + args["words"] > self.mem_words:
                 return Status.OUT_OF_RANGE, b""
-            return op, bytes(self.mem[args["addr"] * wb:(args["addr"] + args["words"]) * wb])
-        if op in PROGRAM_OPS and (op in (Op.GEMM, Op.VECTOR) or self.ext):
+            words = bytes(self.mem[args["addr"] * wb:(args["addr"] + args["words"]) * wb])
+            return op, low16(words) if args["low16"] else words
+        if op in PROGRAM_OPS and op != Op.BESIDE and (op in (Op.GEMM, Op.VECTOR) or self.ext):
             if len(payload) != layout_bytes(PROGRAM_OPS[op]):
                 return Status.BAD_LENGTH, b""
             return self._unit(op, payload), b""
@@ -421,7 +422,7 @@ class Emulator:
         ``update``): their statistics combine with this one's (absmax: the largest; the
         sums: the total, wrapping as the device's registers do)."""
         cfg = unpack_fields(PROGRAM_OPS[op], payload)
-        if op == Op.FENCE:              # every unit has ended: nothing to wait for here
+        if op in (Op.FENCE, Op.BESIDE):   # every unit has ended: nothing to wait for here
             return op
         if op == Op.GEMM:
             if not gemm_check(cfg, self.rows, self.cols, self.mem_words):

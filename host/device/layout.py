@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Buffer", "pack", "row_words", "unpack"]
+__all__ = ["Buffer", "low16", "pack", "row_words", "unpack", "widen16"]
 
 
 def row_words(elems, elem_nibbles, nib):
@@ -70,3 +70,15 @@ def unpack(raw, rows, elems, elem_nibbles, nib, stride=None, signed_bits=None):
     if signed_bits:
         out = np.where(out >= 1 << (signed_bits - 1), out - (1 << signed_bits), out)
     return out
+
+
+def low16(raw):
+    """A READ with ``low16``'s reply from the words' bytes: the low two of every four."""
+    b = np.frombuffer(bytes(raw), np.uint8).reshape(-1, 4)
+    return b[:, :2].tobytes()
+
+
+def widen16(raw):
+    """The words' bytes again from a ``low16`` reply: each 16-bit value sign-extended to
+    the 4 bytes it came from (exact where every RAW element fits 16 bits)."""
+    return np.frombuffer(bytes(raw), "<i2").astype("<i4").tobytes()

@@ -155,15 +155,18 @@ class PagedDevice:
         raw[off:off + len(data)] = data
         self.dev.ext_write(lo, bytes(raw), self._staging())
 
-    def read(self, addr, words, later=False):
+    def read(self, addr, words, later=False, low16=False):
         """``words`` words from word ``addr`` of the SDRAM, through the staging area. With
         ``later`` (where a program area is and the words fit the staging area at once) a
         handle whose ``result()`` is the bytes: the load is a program (its DMA and a
         FENCE, so the READs behind it find every unit idle) and the READs are sent without
-        waiting, so the host may send more behind them."""
+        waiting, so the host may send more behind them. ``low16``: only the low two of
+        every four bytes (``Device.read``)."""
         wb, wpb = self.dev.word_bytes, self.wpb
         lo, hi = addr // wpb, -(-(addr + words) // wpb)
-        off = (addr - lo * wpb) * wb
+        off, size = (addr - lo * wpb) * wb, words * wb
+        if low16:                               # (words of whole 4-byte groups)
+            off, size = off // 2, size // 2
         chunks = list(self.dev._ext_chunks(lo, hi - lo, self._staging()))
         if later and self.scratch < self.dev.mem_words and len(chunks) == 1:
             at, n, mem = chunks[0]
@@ -174,10 +177,9 @@ class PagedDevice:
                        + program_entry(Op.FENCE, {}, self.word_nibbles))
             run = self._run_program(program, 2, 0, [load], later=True)
             if run is not None:
-                reads = self.dev.read(mem, n * wpb, later=True)
-                return _Bytes(run, reads, off, words * wb)
-        raw = self.dev.ext_read(lo, hi - lo, self._staging())
-        raw = raw[off:off + words * wb]
+                reads = self.dev.read(mem, n * wpb, later=True, low16=low16)
+                return _Bytes(run, reads, off, size)
+        raw = self.dev.ext_read(lo, hi - lo, self._staging(), low16=low16)[off:off + size]
         return Answered(raw) if later else raw
 
     def _staging(self):
@@ -511,17 +513,27 @@ class PagedDevice:
         waits for every unit itself). Returns ``(bytes, entries, op, DMA arguments)``: the
         settings the RUN gives zeroed, ``op`` the kind of entry that takes them (every part
         of ``cfg`` has the same)."""
-        steps = list(_schedule(len(placed), overlap))
+        beside = self.info.get("version", 0) >= 9
+        steps = list(_schedule(len(placed), overlap, beside))
         entries = []                   # (opcode, arguments, settings from the RUN)
+        held = []                      # a store's DMAs after its first, behind the next start
         for k, (step, i) in enumerate(steps):
             if step == "load" or step == "store":
-                entries.extend((Op.DMA, c, False)
-                               for c in self._dma_list(placed[i], step == "store"))
-            elif step == "start" and kind == "fused":   # the GEMM keeps its settings
-                g, u = _unfused(placed[i][2])
-                entries += [(Op.GEMM, g, False), (Op.VECTOR, u, True)]
-            elif step == "start":
-                entries.append((Op.GEMM if kind == "gemm" else Op.VECTOR, placed[i][2], True))
+                dmas = [(Op.DMA, c, False) for c in self._dma_list(placed[i], step == "store")]
+                if step == "store" and k + 1 < len(steps) and steps[k + 1][0] == "start":
+                    dmas, held = dmas[:1], dmas[1:]    # the DMA busy while the part starts
+                entries += dmas
+                continue
+            if step == "start":
+                if kind == "fused":                     # the GEMM keeps its settings
+                    g, u = _unfused(placed[i][2])
+                    starts = [(Op.GEMM, g, False), (Op.VECTOR, u, True)]
+                else:
+                    starts = [(Op.GEMM if kind == "gemm" else Op.VECTOR, placed[i][2], True)]
+                if k and steps[k - 1][0] == "store":    # beside the stores (a FENCE before)
+                    starts = [e for s in starts for e in ((Op.BESIDE, {}, False), s)]
+                entries += starts + held
+                held = []
             elif k + 1 == len(steps) or steps[k + 1][0] != "start":
                 entries.append((Op.FENCE, {}, False))
         op = next(o for o, _, given in entries if given)
@@ -619,11 +631,13 @@ class _Bytes:
         return raw[self.off:self.off + self.size]
 
 
-def _schedule(parts, overlap):
+def _schedule(parts, overlap, beside=False):
     """The steps of ``parts`` parts through the scratchpad, ``(step, part)`` with step
     "load", "start", "wait" (for the part's end) or "store": each part loaded, started,
     waited for and stored; with ``overlap`` the next part's loads go before the wait and
-    it starts before the stores (the two halves of the scratchpad), else after them."""
+    it starts before the stores (the two halves of the scratchpad), else after them. With
+    ``beside`` (a program's BESIDE entries) the stores go first and the next part starts
+    beside them: it waits for no DMA, as a plain start does."""
     yield "load", 0
     yield "start", 0
     for i in range(parts):
@@ -631,9 +645,11 @@ def _schedule(parts, overlap):
         if more and overlap:
             yield "load", i + 1
         yield "wait", i
-        if more and overlap:
+        if more and overlap and not beside:
             yield "start", i + 1
         yield "store", i
+        if more and overlap and beside:
+            yield "start", i + 1
         if more and not overlap:
             yield "load", i + 1
             yield "start", i + 1

@@ -45,7 +45,7 @@ import numpy as np
 
 from nibble.host.device.commands import gemm_args, lane_cfg, vector_args
 from nibble.host.device.driver import DeviceError
-from nibble.host.device.layout import Buffer, pack, row_words, unpack
+from nibble.host.device.layout import Buffer, pack, row_words, unpack, widen16
 from nibble.host.device.paged import PagedDevice
 from nibble.host.golden.gemm import gemm_forward
 from nibble.host.golden.numerics import (
@@ -65,6 +65,7 @@ from nibble.host.training.model import SCHEMES, quantize_grad, softmax_xent
 from nibble.host.training.resident import ResidentSet, staging_area
 from nibble.rtl.dma import words_per_burst
 from nibble.rtl.formats import (
+    CODE_BITS,
     LOG4_EXP_MAX,
     LOG4_EXP_MIN,
     MASTER_FRAC,
@@ -229,6 +230,7 @@ class DeviceMLP:
         #: layer 0's X rows for the next batch (:meth:`step_indices`' ``next_idx``): a
         #: paged state gathers and transposes it while the host computes the loss
         self.x_spare, self._prefetched, self._next = None, None, None
+        self._rows_later = []
         if self.paged:
             self.dev = dev = PagedDevice(dev)
             if self.layers > 1:            # (the top layer's X rows hold more copies)
@@ -533,6 +535,12 @@ class DeviceMLP:
                       else [int(i) for i in next_idx])
         return self._step(labels, lr, gathered)
 
+    def _transpose_rows(self):
+        """The X rows the forward left for later (:meth:`_forward`)."""
+        for i, cfg in self._rows_later:
+            self._vector(i, cfg)
+        self._rows_later = []
+
     def _prefetch(self, idx):
         """Gather images ``idx`` into the spare X rows and transpose them into layer 0's
         Xt (this step's forward has read it; backward reads the X rows, not Xt)."""
@@ -547,14 +555,18 @@ class DeviceMLP:
         x_step = self._forward(b, gathered)
         # logits, loss, the output gradient: one FP4 pair per element and term, the terms
         # stacked along the top layer's backward reductions (dY^T as terms x N rows)
-        out = self.plan.logits
+        out, low = self.plan.logits, self._logits_low16()
         if self.posting:              # the READs sent, the next batch behind them
-            raw = dev.read(out.addr, out.words, later=True)
+            raw = dev.read(out.addr, out.words, later=True, low16=low)
+            self._transpose_rows()    # (before the prefetch writes layer 0's xc)
             if self._next:
                 self._prefetch(self._next)
             raw = raw.result()
         else:
-            raw = dev.read(out.addr, out.words)
+            raw = dev.read(out.addr, out.words, low16=low)
+            self._transpose_rows()
+        if low:
+            raw = widen16(raw)
         acc = unpack(raw, self.sizes[-1], b, RAW_NIBBLES, nib, out.stride, 32).T
         self.settle(scales=True)      # the forward GEMMs' replies came before the READ's
         logits = (acc * (x_step[-1] * self.w_step[-1])).astype(np.float32)
@@ -573,12 +585,26 @@ class DeviceMLP:
         # the counters)
         return loss
 
+    def _logits_low16(self):
+        """Whether the logits cross the link as 16-bit integers (READ's ``low16``, protocol
+        v9; half the bytes, and on the ULX3S configuration 1.2 ms a step the device waited
+        for): every logit is a sum of K products of a UINT4 code and an INT4 code, so
+        ``|logit| <= K * 15 * 8``, which fits while K is at most 273."""
+        k = self.sizes[-2]
+        info = getattr(self.dev, "info", None) or {}
+        return (info.get("version", 0) >= 9
+                and k * UINT4_MAX * (1 << (CODE_BITS - 1)) < 1 << 15)
+
     def _forward(self, b, gathered=False):
         """The forward GEMMs of a batch already in layer 0's ``xc`` (``gathered``: in the
         first copy of its ``xr``); returns each layer's input step (real value of code 1).
         Every hidden output is rescaled to UINT4 codes into the next layer's ``xc``; the
-        logits stay RAW."""
+        logits stay RAW. The X rows that backward-weight reads (each layer's ``xc``
+        transposed into its ``xr``) are left in :attr:`_rows_later`: only the backward
+        reads them, so they are made while the logits cross the link (on the ULX3S
+        configuration the hidden layer's two copies were 0.46 ms a step before the logits)."""
         x_step = [1.0 / UINT4_MAX]
+        later = self._rows_later = []
         for i, (layer, k, n) in enumerate(zip(self.bufs, self.sizes, self.sizes[1:],
                                               strict=False)):
             copies = range(self._copies(i))
@@ -589,8 +615,8 @@ class DeviceMLP:
                                          layer.xc))
                 copies = copies[1:]
             for c in copies:
-                self._vector(i, vector_args(VecOp.TRANSPOSE, k, b, layer.xc,
-                                         _rows(layer.xr, c * b, b)))
+                later.append((i, vector_args(VecOp.TRANSPOSE, k, b, layer.xc,
+                                             _rows(layer.xr, c * b, b))))
             if i == 0:          # the last step's replies that set scales (they are in)
                 self.settle(scales=True)
             unit = x_step[i] * self.w_step[i]
@@ -622,7 +648,15 @@ class DeviceMLP:
     def _backward(self, b, x_step, units, lr):
         """From the top: backward-weight into ``g``, backward-data into the layer below's
         FP4 pair (and its clip's gradient), then the updates. ``units``: the top gradient's
-        datapath units (phase 0, phase 1)."""
+        datapath units (phase 0, phase 1).
+
+        A layer's REQUANT (and its codes' transposes) goes after the next layer down's
+        backward-weight GEMM and UPDATE: nothing below reads its codes this step, and its
+        scale needs the SAWB sums of its UPDATE, so sent at once it waited for their reply
+        to cross the link with the device idle; sent later, that reply is long in, and the
+        REQUANT fills the device's wait for the lower layer's sums instead (on the ULX3S
+        configuration 0.5 ms a step less idle, ``make bench-train``)."""
+        deferred = None
         for i in reversed(range(self.layers)):
             layer, k, n, c = self.bufs[i], self.sizes[i], self.sizes[i + 1], self._copies(i)
             for t in range(c):
@@ -637,7 +671,10 @@ class DeviceMLP:
                 lane_cfg(OutputPath.RAW, phase=1), a_sel=1), ratio)
             if i > 0:
                 units = self._backward_data(i, b, units[0] * self.w_step[i], lr)
-            self._requant(i, ratio, sums)
+            if deferred is not None:
+                self._requant(*deferred)
+            deferred = i, ratio, sums
+        self._requant(*deferred)
 
     def _backward_data(self, i, b, unit, lr):
         """dX of layer ``i`` masked by layer i-1's activation and log-quantized on the
