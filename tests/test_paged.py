@@ -180,6 +180,31 @@ def test_split_commands_equal_whole_ones(pair, path, overlap):
     assert paged.counters["overlapped_commands"] == (2 if overlap else 0)
 
 
+def test_a_command_that_fits_runs_in_overlapped_parts_in_a_program(pair):
+    """A GEMM that fits the scratchpad whole, but not a quarter of it: in a program it runs
+    in overlapped parts of at most a quarter (its first part's loads before it, the rest
+    beside), host-driven whole; the same memory and statistics either way."""
+    paged, big = pair
+    rng = np.random.default_rng(11)
+    m, red, n = 16, 40, 96
+    gemm = Gemm(rng.integers(-8, 8, (m, red)), rng.integers(-8, 8, (red, n)), Operand.INT4,
+                Operand.INT4)
+    plan = plan_gemm(gemm, lane_cfg(OutputPath.RESCALE, m=40000, s=14), paged.word_nibbles,
+                     paged.rows, paged.cols, base=100)
+    assert paged._fits("gemm", plan.cfg, paged.scratch)
+    got = []
+    for dev in (paged, big):
+        for buf, raw in plan.uploads:
+            dev.write(buf.addr, raw)
+        st = dev.gemm(plan.cfg)
+        got.append((dev.read(plan.out.addr, plan.out.words), st["absmax"]))
+    assert got[0] == got[1]
+    programs = paged.scratch < paged.dev.mem_words
+    assert paged.counters["split_commands"] == paged.counters["overlapped_commands"] == programs
+    parts, _ = paged._parts("gemm", plan.cfg)
+    assert (len(parts) > 1) == programs
+
+
 def test_overlapped_parts_never_share_a_written_burst(pair):
     """A REQUANT whose codes rows are half a burst apart: split at an odd row, two parts
     would write one burst, and overlapped the later part's load would bring back the earlier
