@@ -35,6 +35,12 @@ with that much block RAM. Per GEMM or VECTOR command:
    device. The link then carries one RUN and its reply a command instead of every DMA,
    part and poll (a Fashion-MNIST step on the ULX3S configuration: 5.8 KB instead of
    17.8 KB, ``make bench-train``); a program too long for the area is paged by the host.
+   In a program a split command's next part starts beside the last part's stores (a
+   FENCE, the first store, BESIDE before the part's GEMM and VECTOR: protocol v9; a GEMM
+   or VECTOR otherwise waits for every DMA; the fused GEMM+UPDATE of a Fashion-MNIST
+   step: 528 K cycles -> 476 K), and a command that fits the scratchpad whole but not a quarter
+   of it runs in quarter parts (:data:`SMALL_PARTS`), its first part's loads before it
+   and the rest beside.
    A step sends the same command shapes every step, so the host works out a shape's parts,
    placement and program bytes once and remembers them (``_plan_key``: the arguments but
    the settings a RUN gives); planning them every step was most of the host's time a step
