@@ -34,6 +34,16 @@ def test_posted_runs_overlap_the_host_and_a_wait_does_not():
     assert r["device_idle_s"] == pytest.approx(0.002 + 0.004 + 0.002)
     assert r["host_s"] == pytest.approx(0.004)
     assert r["device_s"] == pytest.approx(0.020)
+    # the device's log: each request once, in order, its span its measured time, the
+    # gap between them the idle time
+    link = Link(10_000.0, 0.001)
+    a, b = _P(Op.RUN, 20, 10), _P(Op.RUN, 20, 10)
+    log = []
+    replay([("send", a, 0.0), ("wait", a, 0.0), ("send", b, 0.004), ("wait", b, 0.0)],
+           [0.010, 0.010], link, device_log=log)
+    assert [p for *_, p in log] == [a, b]
+    assert [end - start for start, end, _ in log] == pytest.approx([0.010, 0.010])
+    assert log[1][0] - log[0][1] == pytest.approx(0.002 + 0.004 + 0.002)
 
 
 def test_a_large_frame_waits_for_the_device_a_small_one_for_its_fifo():

@@ -343,12 +343,11 @@ class PagedDevice:
             # before it, the others' beside)
             small = (self.scratch - sw) // SMALL_PARTS // self.wpb * self.wpb
             if (not self.overlap or self.scratch == self.dev.mem_words
-                    or self._fits(kind, cfg, small, key)
-                    or (kind == "vector" and cfg["op"] == VecOp.TRANSPOSE)):
+                    or self._fits(kind, cfg, small, key)):
                 return [cfg], False
             try:
                 return split(cfg, small, True, key), True
-            except DeviceError:
+            except DeviceError:             # (a TRANSPOSE does not split)
                 return [cfg], False
         if self.overlap:
             try:
