@@ -176,6 +176,8 @@ class CommandDecoder(wiring.Component):
         most = longest_entry_words(nib)
         running = Signal() if self.dma else Const(0)
         # a BESIDE entry went: the next GEMM or VECTOR entry does not wait for the DMA
+        # (cleared when a unit starts and wherever ``running`` drops: a program that ends
+        # on BESIDE leaves the link's next GEMM waiting as any other)
         beside = Signal() if self.dma else Const(0)
         pc = Signal(RUN_ARGS["addr"].width + 1)
         left = Signal(RUN_ARGS["entries"].width)
@@ -409,7 +411,7 @@ class CommandDecoder(wiring.Component):
                         with m.Else():
                             m.next = "FETCH"
                     with m.If(~running | reply.status[7]):   # (a failing entry ends it)
-                        m.d.sync += running.eq(0)
+                        m.d.sync += [running.eq(0), beside.eq(0)]
                         send()
                 else:
                     send()
@@ -419,16 +421,17 @@ class CommandDecoder(wiring.Component):
                     m.next = "IDLE"
 
             if self.dma:
-                self._program_states(m, running=running, pc=pc, p=p, have=have, stale=stale,
-                                     op=op, answer=answer, most=most, gather=gather,
+                self._program_states(m, running=running, beside=beside, pc=pc, p=p,
+                                     have=have, stale=stale, op=op, answer=answer, most=most,
+                                     gather=gather,
                                      g_left=g_left, g_mem=g_mem, g_ext=g_ext, g_byte=g_byte)
         if self.dma:
             m.d.comb += self.program.eq(running)
         m.d.sync += have_q.eq(have & fsm.ongoing("PARSE"))
         return self._phases(m, fsm)
 
-    def _program_states(self, m, *, running, pc, p, have, stale, op, answer, most, gather,
-                        g_left, g_mem, g_ext, g_byte):
+    def _program_states(self, m, *, running, beside, pc, p, have, stale, op, answer, most,
+                        gather, g_left, g_mem, g_ext, g_byte):
         """(A device with SDRAM.) The states of RUN and GATHER, on the decoder's registers
         (see ``elaborate``) and its ``answer``."""
         xfer, words, nib = self.transfer, self.mem_words, self.nib
@@ -448,7 +451,7 @@ class CommandDecoder(wiring.Component):
         with m.State("DRAIN"):        # the last entry went: its units end, the
             with m.If(~self.busy & ~self.dma_busy & self.settled):   # statistics settle
                 m.d.comb += self.stats_snapshot.eq(1)
-                m.d.sync += [running.eq(0), op.eq(Op.RUN)]
+                m.d.sync += [running.eq(0), beside.eq(0), op.eq(Op.RUN)]
                 answer(Op.RUN, HEADER_BYTES + layout_bytes(STATS_LAYOUT), Fill.STATS)
 
         # -- GATHER: each address's bytes read, then a DMA LOAD of its row ---------------

@@ -25,6 +25,7 @@ from nibble.host.device.driver import (
 )
 from nibble.host.device.packing import pack_fields
 from nibble.host.golden.tiling import Gemm
+from nibble.rtl.dma import words_per_burst
 from nibble.rtl.formats import MaskMode, Operand, OutputPath, VecOp
 
 WORDS = 2048
@@ -335,6 +336,50 @@ def test_a_beside_entry_starts_its_unit_while_a_dma_runs():
             rng = np.random.default_rng(8)
     assert len({v[:2] for v in got.values()}) == 1
     assert got[URLS[1], True][2] < got[URLS[1], False][2]
+
+
+def test_a_program_ending_on_beside_leaves_the_next_gemm_waiting():
+    """A program whose last entry is BESIDE: its effect ends with the RUN, so the GEMM the
+    link sends next still waits for a GATHER's load of its operands sent before it (a
+    GATHER answers once its last load has started), and multiplies what the load brought
+    (on the RTL as on ``emu://``); started beside the load it would read the operands the
+    load was overwriting."""
+    rng = np.random.default_rng(9)
+    shapes = ((8, 64), (64, 16))
+    new = Gemm(rng.integers(-8, 8, shapes[0]), rng.integers(-8, 8, shapes[1]),
+               Operand.INT4, Operand.INT4)
+    old = Gemm(rng.integers(-8, 8, shapes[0]), rng.integers(-8, 8, shapes[1]),
+               Operand.INT4, Operand.INT4)
+    got = []
+    for url in URLS:
+        with Device.open(url) as dev:
+            nib = dev.word_nibbles
+            wpb = words_per_burst(nib)
+            # the operands last in a long load: it starts at word 0
+            plans = [plan_gemm(g, lane_cfg(OutputPath.RAW), nib, dev.rows, dev.cols,
+                               base=1024) for g in (new, old)]
+            hi = max(plans[0].a.end, plans[0].b.end)
+            assert plans[0].out.addr >= hi and PROGRAM >= plans[0].out.end
+            load = {"store": 0, "rows": 1, "bursts": -(-hi // wpb), "mem_addr": 0,
+                    "ext_addr": 400}
+            for plan, op in zip(plans, ("store", None), strict=True):
+                for buf, raw in plan.uploads:
+                    dev.write(buf.addr, raw)
+                if op:                            # the new operands in the SDRAM
+                    dev.dma(dict(load, store=1))
+            at = store(dev, [(Op.BESIDE, {})])
+            dev.run(at, 1, program_params(Op.GEMM, plans[1].cfg))
+            dev.gather(0, 0, load["bursts"], [load["ext_addr"]])   # (its loads not waited
+            dev.gemm(plans[1].cfg)                                  # for: the GEMM's job)
+            got.append(dev.read(plans[1].out.addr, plans[1].out.words))
+    assert got[0] == got[1]
+    with Device.open(URLS[0]) as dev:                     # and that is the new product
+        plan = plan_gemm(new, lane_cfg(OutputPath.RAW), dev.word_nibbles, dev.rows,
+                         dev.cols, base=1024)
+        for buf, raw in plan.uploads:
+            dev.write(buf.addr, raw)
+        dev.gemm(plan.cfg)
+        assert dev.read(plan.out.addr, plan.out.words) == got[0]
 
 
 def test_runs_sent_without_waiting_equal_runs_one_by_one():
