@@ -129,7 +129,7 @@ BOARDS = {
                        rows=8, cols=16, mem_words=16384, baud=3_000_000, clk_hz=48_000_000,
                        pll="ecp5", sdram="is42s16160", nextpnr_opts=("--router", "router2"),
                        cable=("-b", "ulx3s"), seed=3, link="usb", dsp_pes=128,
-                       sdram_hz=90_000_000),
+                       sdram_hz=100_000_000),
 }
 
 
@@ -239,6 +239,12 @@ def resolve(name, rows=None, cols=None, baud=None, mem_words=None, clk_hz=None, 
         sdram_hz = getattr(setting, "sdram_hz", None)
         board = dataclasses.replace(board, clk_hz=int(setting.hz),
                                     sdram_hz=round(sdram_hz) if sdram_hz else None)
+    if board.sdram:
+        chip, hz = CHIPS[board.sdram], board.sdram_hz or board.clk_hz
+        if hz > chip.cl_max_hz:
+            raise BoardError(f"{board.name}: the SDRAM at {hz / 1e6:g} MHz, above the "
+                             f"{chip.cl_max_hz / 1e6:g} MHz its CAS latency of {chip.cl} "
+                             "holds to")
     return board
 
 
@@ -353,7 +359,7 @@ class BoardTop(Elaboratable):
                     m.d.comb += [ClockSignal(name).eq(sig), ResetSignal(name).eq(~lock)]
                     if not (name == "usb_io" and setting.clk_on_usb_io):
                         platform.add_clock_constraint(sig, hz)
-            if getattr(setting, "sdram_div", None):   # the SDRAM's own clock
+            if getattr(setting, "sdram_hz", None):    # the SDRAM's own clock
                 if round(setting.sdram_hz) != b.sdram_hz:
                     raise BoardError(f"{b.name}: the PLL makes the SDRAM "
                                      f"{setting.sdram_hz / 1e6:g} MHz, not "

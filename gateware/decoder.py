@@ -43,6 +43,7 @@ from amaranth.lib.wiring import In, Out
 
 from nibble.rtl.dma import DMA_CFG, words_per_burst
 from nibble.rtl.engine import GEMM_CFG
+from nibble.rtl.formats import VecOp
 from nibble.rtl.vector import VEC_CFG
 
 from .framing import BUFFER_BYTES, RxStatus
@@ -57,9 +58,11 @@ from .protocol import (
     PARAMS_FROM,
     PROGRAM_OPS,
     READ_ARGS,
+    REQUANT_PARAM_BITS,
     RUN_ARGS,
     STATS_ARGS,
     STATS_LAYOUT,
+    VEC_ARGS,
     WRITE_HEADER,
     Op,
     Status,
@@ -182,6 +185,7 @@ class CommandDecoder(wiring.Component):
         pc = Signal(RUN_ARGS["addr"].width + 1)
         left = Signal(RUN_ARGS["entries"].width)
         params = Signal(PARAM_BITS)
+        requant = Signal(REQUANT_PARAM_BITS)      # (v10) a REQUANT entry's, where not 0
         entry_len = Signal(range(most + 1))
         run = data.View(RUN_ARGS, args[:RUN_ARGS.size])
         # a GATHER: the addresses left, the next row's word, the address being read and
@@ -198,12 +202,18 @@ class CommandDecoder(wiring.Component):
         def merged(x):
             """Argument bits ``x`` of a GEMM or VECTOR with the RUN's settings in place of
             its own, when it has none (zero): a program's entries of the other kind keep
-            theirs."""
+            theirs; a REQUANT takes the RUN's ``requant`` where that is not zero."""
             out = x
+            vec_op = VEC_ARGS["op"]
+            is_requant = ((x[vec_op.offset:vec_op.offset + vec_op.width] == VecOp.REQUANT)
+                          & requant.any())
             for code, at in PARAMS_FROM.items():
                 size = PROGRAM_OPS[code].size
+                given = params[:size - at]
+                if code == Op.VECTOR:
+                    given = Mux(is_requant, requant, given)
                 out = Mux((op == code) & (x[at:size] == 0),
-                          Cat(x[:at], params[:size - at], x[size:]), out)
+                          Cat(x[:at], given, x[size:]), out)
             return out
 
         # the units a command starts (only a device with SDRAM knows DMA)
@@ -373,7 +383,8 @@ class CommandDecoder(wiring.Component):
                         with m.Else():
                             m.d.comb += self.program_begin.eq(1)
                             m.d.sync += [running.eq(1), beside.eq(0), pc.eq(run.addr),
-                                         left.eq(run.entries), params.eq(run.params)]
+                                         left.eq(run.entries), params.eq(run.params),
+                                         requant.eq(run.requant)]
                             m.next = "FETCH"
                     with m.Elif(op == Op.GATHER):
                         with m.If(gather_bad):

@@ -21,8 +21,13 @@ documented ranges, the way the vendors' ``icepll`` and ``ecppll`` do:
   (45 MHz at a 720 MHz VCO) only closes the loop;
 * the SDRAM on a clock of its own (``sdram``: :mod:`nibble.rtl.sdram_clock`): where CLKOP
   only closes the loop it is that clock, the loop chosen for the highest CLKOP at or below
-  the SDRAM's target whose VCO still divides to 48 and 12 MHz (the ULX3S: 90 MHz, 720 / 8),
-  and CLKOS is it 90 degrees later for the SDRAM's clock pin; without USB it is CLKOS2.
+  the SDRAM's target whose VCO still divides to 48 and 12 MHz (from 25 MHz: 90 or 120 MHz,
+  720 / 8 and 480 / 4), and CLKOS is it 90 degrees later for the SDRAM's clock pin;
+  without USB it is CLKOS2. Where a **second EHXPLLL** makes a clock nearer the target
+  (every ECP5 has two or more; the clocks cross through asynchronous FIFOs, so they need
+  not be related), that one makes it on its own CLKOP loop, with CLKOS 90 degrees later
+  (``Ecp5Setting.sdram_pll``; the ULX3S: 100 MHz, 25 x 4, the parts' fastest at CAS
+  latency 2, where the design's VCO made 90).
 
 The parameters reproduce the hand-derived ones the iCEBreaker (12 -> 36 MHz, now 24) and
 ULX3S (25 -> 45 MHz) builds used.
@@ -66,6 +71,9 @@ class Ecp5Setting:
     #: the SDRAM's own clock (``sdram``), as a divider of the VCO: CLKOP itself where the
     #: design is on CLKOS2's 48 MHz, else CLKOS2 (no USB); None: the SDRAM on the design's
     sdram_div: int | None = None
+    #: or the SDRAM's clock from a second EHXPLLL (its CLKOP, and CLKOS 90 degrees later),
+    #: where this PLL's VCO makes none as near the target
+    sdram_pll: "Ecp5Setting | None" = None
 
     @property
     def vco_hz(self):
@@ -74,6 +82,8 @@ class Ecp5Setting:
 
     @property
     def sdram_hz(self):
+        if self.sdram_pll is not None:
+            return self.sdram_pll.hz
         return self.vco_hz / self.sdram_div if self.sdram_div else None
 
 
@@ -106,23 +116,29 @@ def ecp5_pll(fin, target, usb=False, accept=None, sdram=None):
     """The EHXPLLL setting with the highest output at or below ``target`` Hz (that
     ``accept(hz)`` takes, if given); with ``usb`` one whose VCO also makes 48 and 12 MHz
     exactly (the design clock may be that 48 MHz); with ``sdram`` (Hz) also an SDRAM clock
-    of its own, the highest at or below it that an output left free makes (none where
-    there is none: the design clock beside USB's two on CLKOP)."""
+    of its own, the highest at or below it: an output of this PLL left free, or a second
+    PLL's (``sdram_pll``) where that is higher."""
     best = _ecp5_design(fin, target, usb, accept)
     if sdram is None:
         return best
+    one = best
     if best.clk_on_usb_io:     # CLKOP, which only fed the loop back, is the SDRAM's clock:
         # the loop with the highest CLKOP at or below it (then the VCO nearest 600 MHz)
         clki, fb, f, divs = max((c for c in _ecp5_loops(fin, usb) if c[2] <= sdram),
                                 key=lambda c: (c[2], -min(abs(c[2] * d - 600_000_000)
                                                           for d in c[3])))
         s = _ecp5_setting(clki, fb, f, divs, usb)
-        return dataclasses.replace(s, hz=float(USB_IO_HZ), clk_on_usb_io=True,
-                                   sdram_div=s.clkop_div)
-    if usb:
-        return best
-    # CLKOS2, free without USB
-    return dataclasses.replace(best, sdram_div=min(128, math.ceil(best.vco_hz / sdram)))
+        one = dataclasses.replace(s, hz=float(USB_IO_HZ), clk_on_usb_io=True,
+                                  sdram_div=s.clkop_div)
+    elif not usb:              # CLKOS2, free without USB
+        one = dataclasses.replace(best, sdram_div=min(128, math.ceil(best.vco_hz / sdram)))
+    try:                       # a second PLL: its CLKOP (its loop) at or below the target
+        two = _ecp5_design(fin, sdram, False, None)
+    except PllError:
+        return one
+    if two.hz > (one.sdram_hz or 0):
+        return dataclasses.replace(best, sdram_pll=two)
+    return one
 
 
 def _ecp5_design(fin, target, usb, accept):
@@ -192,7 +208,9 @@ class Ecp5Pll(Elaboratable):
     quarter of CLKOP_DIV in VCO steps of whole and eighth cycles); with a USB setting
     48 MHz on CLKOS2 (``usb_io``) and 12 MHz on CLKOS3 (``usb``). With the SDRAM on a clock
     of its own (``sdram_div``) CLKOS is that clock 90 degrees later (the SDRAM's pin), and
-    the clock itself, ``sdram``, is CLKOP (the design on CLKOS2's 48 MHz) or CLKOS2."""
+    the clock itself, ``sdram``, is CLKOP (the design on CLKOS2's 48 MHz) or CLKOS2; with
+    ``sdram_pll`` a second EHXPLLL makes ``sdram`` (its CLKOP) and the pin's clock (its
+    CLKOS), and ``lock`` is both PLLs'."""
 
     def __init__(self, setting, fin, clkin, clk, lock, clk90=None, usb_io=None, usb=None,
                  sdram=None):
@@ -205,6 +223,15 @@ class Ecp5Pll(Elaboratable):
     def elaborate(self, platform):
         m = Module()
         s = self.s
+        if s.sdram_pll is not None:   # the SDRAM's clock from a PLL of its own, this as without
+            locks = Signal(2)
+            m.submodules.main = Ecp5Pll(dataclasses.replace(s, sdram_pll=None), self.fin,
+                                        self.clkin, self.clk, locks[0], usb_io=self.usb_io,
+                                        usb=self.usb)
+            m.submodules.sdram = Ecp5Pll(s.sdram_pll, self.fin, self.clkin, self.sdram,
+                                         locks[1], clk90=self.clk90)
+            m.d.comb += self.lock.eq(locks.all())
+            return m
         # CLKOP feeds the loop back: the design clock, or (the design on CLKOS2's 48 MHz)
         # the SDRAM's clock or nothing else
         feedback = self.sdram if s.clk_on_usb_io and s.sdram_div else \

@@ -26,9 +26,10 @@ from nibble.rtl.vector import VEC_CFG
 
 __all__ = ["CRC", "CRC_BYTES", "DMA_ARGS", "ESC", "ESC_XOR", "FLAG", "GATHER_ADDR_BYTES",
            "GATHER_HEADER", "GEMM_ARGS", "HEADER_BYTES", "INFO_LAYOUT", "MAX_PAYLOAD",
-           "PARAMS_FROM", "PARAM_BITS", "PROGRAM_OPS", "READ_ARGS", "RUN_ARGS", "STATS_ARGS",
-           "STATS_LAYOUT", "VEC_ARGS", "VERSION", "WRITE_HEADER", "Op", "Status", "entry_bytes",
-           "entry_words", "longest_entry_words", "max_encoded_size"]
+           "PARAMS_FROM", "PARAM_BITS", "PROGRAM_OPS", "READ_ARGS", "REQUANT_PARAM_BITS",
+           "RUN_ARGS", "STATS_ARGS", "STATS_LAYOUT", "VEC_ARGS", "VERSION", "WRITE_HEADER",
+           "Op", "Status", "entry_bytes", "entry_words", "longest_entry_words",
+           "max_encoded_size"]
 
 #: The frame CRC; ``CRC().compute(data)`` on the host, ``crc.Processor`` in the gateware.
 CRC = crc.catalog.CRC32_ISO_HDLC(data_width=8)
@@ -39,7 +40,7 @@ ESC = 0x7D
 ESC_XOR = 0x20
 #: Largest payload of one frame.
 MAX_PAYLOAD = 1024
-VERSION = 9
+VERSION = 10
 
 
 class Op(enum.IntEnum, shape=8):
@@ -130,7 +131,13 @@ PROGRAM_OPS = {Op.GEMM: GEMM_ARGS, Op.VECTOR: VEC_ARGS, Op.DMA: DMA_ARGS,
                Op.FENCE: data.StructLayout({}), Op.BESIDE: data.StructLayout({})}
 PARAMS_FROM = {Op.GEMM: GEMM_ARGS["lane"].offset, Op.VECTOR: VEC_ARGS["mu"].offset}
 PARAM_BITS = max(PROGRAM_OPS[op].size - at for op, at in PARAMS_FROM.items())
-RUN_ARGS = data.StructLayout({"addr": ADDR_BITS, "entries": 16, "params": PARAM_BITS})
+#: (v10) a REQUANT entry without settings takes the RUN's ``requant`` where that is not
+#: zero (else ``params``, as every VECTOR): one program updates a part's masters (the
+#: UPDATE's factors) and requantizes them in the scratchpad (the weight factor), both
+#: given every step
+REQUANT_PARAM_BITS = VEC_ARGS.size - PARAMS_FROM[Op.VECTOR]
+RUN_ARGS = data.StructLayout({"addr": ADDR_BITS, "entries": 16, "params": PARAM_BITS,
+                              "requant": REQUANT_PARAM_BITS})
 #: GATHER: ``count`` 3-byte SDRAM burst addresses follow; the k-th is loaded into
 #: ``bursts`` bursts of tensor memory from word ``mem_addr + k * mem_stride``.
 GATHER_HEADER = data.StructLayout({"mem_addr": ADDR_BITS, "mem_stride": 16, "bursts": 16,

@@ -77,6 +77,9 @@ class SdramChip:
     t_init: float = 200_000.0  # power-up wait before the first command
     init_refreshes: int = 8
     cl: int = 2              # CAS latency (cycles)
+    #: the fastest clock the part runs at that CAS latency (the ULX3S's -7 and -75 parts:
+    #: 100 MHz at CL 2, tCK >= 10 ns; CL 3 goes to 133-143 MHz)
+    cl_max_hz: float = 100e6
 
     @property
     def bank_bits(self):

@@ -2,6 +2,8 @@
 small trains bit-identically to one whose block RAM holds everything, and the paging's own
 parts (unaligned host writes, GEMMs split along N, VECTORs split along rows) are exact."""
 
+import collections
+
 import numpy as np
 import pytest
 
@@ -42,15 +44,17 @@ def test_a_model_in_the_sdram_trains_bit_identically(small, hidden):
     assert counters["split_commands"] >= counters["overlapped_commands"] > 0
     assert counters["dma_stores"] > 0
     assert (counters["runs"] > 0) == (small != SMALL)
-    assert ("GEMM+UPDATE store" in by_op) == (small != SMALL)
+    # (with programs, protocol v10: each part's new masters requantized in the scratchpad)
+    assert ("GEMM+UPDATE+REQUANT store" in by_op) == (small != SMALL)
 
 
 def test_posted_commands_train_as_waited_ones_and_overlap():
     """A paged device's commands are sent without waiting for the replies the step does
     not need yet (``DeviceMLP.posting``): the same losses and state as with every reply
     waited for, the same counters, and RUNs sent while earlier ones are unanswered; the
-    step waits for the logits and for each layer's SAWB sums only, and the next batch is
-    gathered (and transposed) while the host computes the loss."""
+    step waits for the logits only (a REQUANT's scale comes from the sums of the step
+    before), and the next batch is gathered (and transposed) while the host computes the
+    loss."""
     data = datasets.load("digits")
     cfg = DeviceTrainConfig(sizes=[64, 320, 10], batch_size=16, seed=3)
     runs = []
@@ -246,14 +250,17 @@ def test_an_output_written_whole_is_stored_not_loaded(pair, m):
     assert covers(loads) == (m % paged.word_nibbles != 0)
 
 
-@pytest.mark.parametrize("aligned", [False, True])
-def test_a_gemm_and_its_update_fused_equal_them_apart(pair, aligned):
-    """A GEMM into a RAW gradient and the UPDATE that takes it, fused (``gemm_update``),
-    split in parts (masters and momenta starting mid-burst: one part after the other; on
-    whole bursts: overlapped in the scratchpad's halves): every buffer but the gradient
-    ends as on the big device after the two commands, with the same SAWB sums, no DMA
-    touches the gradient (its SDRAM copy keeps what it held), and A, which every part
-    reads whole, is loaded once. Without a program area the paged device declines (None)."""
+@pytest.mark.parametrize("aligned, requant", [(False, False), (True, False), (False, True),
+                                             (True, True)])
+def test_a_gemm_and_its_update_fused_equal_them_apart(pair, aligned, requant):
+    """A GEMM into a RAW gradient and the UPDATE that takes it (and the REQUANT of its new
+    masters, protocol v10), fused (``gemm_update``), split in parts (masters and momenta
+    starting mid-burst: one part after the other; on whole bursts: overlapped in the
+    scratchpad's halves): every buffer but the gradient ends as on the big device after
+    the commands one by one, with the same SAWB sums, no DMA touches the gradient (its
+    SDRAM copy keeps what it held), A, which every part reads whole, is loaded once, and
+    the masters are loaded once (the REQUANT reads them in the scratchpad). Without a
+    program area the paged device declines (None)."""
     paged, big = pair
     rng = np.random.default_rng(7)
     m, red, n = 8, 24, 160
@@ -264,10 +271,13 @@ def test_a_gemm_and_its_update_fused_equal_them_apart(pair, aligned):
     g = plan.out
     wm = -(-g.end // paged.wpb) * paged.wpb + (0 if aligned else 2)
     vm = wm + n * m + (8 if aligned else 10)
-    words = vm + n * m + 10
+    wc = vm + n * m + (8 if aligned else 10)            # the codes: a word a row
+    words = wc + n + 10
     base = rng.integers(0, 256, words * paged.word_bytes, dtype=np.uint8).tobytes()
     update = vector_args(VecOp.UPDATE, n, m, (g.addr, g.stride), (wm, m), vm, mu=900,
                          m=20000, s=18)
+    rq = vector_args(VecOp.REQUANT, n, m, (wm, m), (wc, 1), m=30000, s=20) if requant \
+        else None
     for dev in (paged, big):
         dev.write(0, base)
         for buf, raw in plan.uploads:
@@ -275,12 +285,14 @@ def test_a_gemm_and_its_update_fused_equal_them_apart(pair, aligned):
     dmas = []
     record = paged._moved
     paged._moved = lambda cfg: (dmas.append(cfg), record(cfg))
-    fused = paged.gemm_update(plan.cfg, update)
+    fused = paged.gemm_update(plan.cfg, update, rq)
     if paged.scratch == paged.dev.mem_words:        # no program area: sent one by one
         assert fused is None and not dmas
         return
     big.gemm(plan.cfg)
     apart = big.vector(update)
+    if requant:
+        big.vector(rq)
     assert (fused["w_sum_abs"], fused["w_sum_sq"]) == (apart["w_sum_abs"], apart["w_sum_sq"])
     wb = paged.word_bytes
     mine, theirs = paged.read(0, words), big.read(0, words)
@@ -298,6 +310,17 @@ def test_a_gemm_and_its_update_fused_equal_them_apart(pair, aligned):
     assert not touching(g)
     assert [c["store"] for c in touching(plan.a)] == [False]      # A: loaded once, for all
     assert {c["store"] for c in dmas} == {False, True}
+
+    def loads(lo, hi):
+        """How many times each burst of words lo .. hi - 1 was loaded."""
+        lo, hi = lo // paged.wpb, -(-hi // paged.wpb)
+        return collections.Counter(
+            b for c in dmas if not c["store"] for r in range(c["rows"])
+            for b in range(c["ext_addr"] + r * c["ext_stride"],
+                           c["ext_addr"] + r * c["ext_stride"] + c["bursts"]) if lo <= b < hi)
+    if aligned:       # (else a burst across two parts' rows is loaded by both)
+        assert set(loads(wm, wm + n * m).values()) == {1}       # the masters: once
+        assert not requant or not loads(wc, wc + n)             # the codes: only written
 
 
 def test_a_fused_program_too_long_for_its_area_is_declined_uncounted():

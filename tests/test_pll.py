@@ -2,8 +2,8 @@
 
 import pytest
 
-from nibble.gateware.boards import BOARDS, BoardError, BoardTop, resolve
-from nibble.gateware.pll import PllError, ecp5_pll, ice40_pll
+from nibble.gateware.boards import BOARDS, BoardError, BoardTop, pll_setting, resolve
+from nibble.gateware.pll import PllError, _ecp5_loops, ecp5_pll, ice40_pll
 
 
 def test_the_boards_settings_are_the_hand_derived_ones():
@@ -44,41 +44,56 @@ def test_usb_settings_make_48_and_12_mhz_exactly(target):
     assert s.clk_on_usb_io or loop == s.hz
 
 
-@pytest.mark.parametrize("usb, sdram", [(True, 90e6), (True, 143e6), (False, 90e6)])
-def test_an_sdram_clock_of_its_own(usb, sdram):
-    """The SDRAM's clock beside the design's (and USB's): beside 48 MHz on CLKOS2 it is
-    CLKOP, the loop chosen for the highest CLKOP at or below the target whose VCO still
-    divides to 48 and 12 MHz (the ULX3S's 90 MHz: 720 / 8); without USB it is CLKOS2,
-    the VCO's highest division at or below it."""
+@pytest.mark.parametrize("usb, sdram, got", [(True, 90e6, 90e6), (True, 100e6, 100e6),
+                                             (True, 143e6, 1e9 / 7), (False, 90e6, 90e6),
+                                             (False, 97.5e6, 97.5e6)])
+def test_an_sdram_clock_of_its_own(usb, sdram, got):
+    """The SDRAM's clock beside the design's (and USB's), the highest at or below the
+    target of two ways: an output of the design's PLL (beside 48 MHz on CLKOS2 it is
+    CLKOP, the loop chosen for the highest CLKOP whose VCO still divides to 48 and 12 MHz:
+    the ULX3S's 90 MHz, 720 / 8; without USB CLKOS2, the VCO's highest division), or a
+    second PLL's CLKOP where that is higher (100 MHz: 25 x 4)."""
     s = ecp5_pll(25e6, 48e6 if usb else 45e6, usb=usb, sdram=sdram)
     vco = s.vco_hz
     assert 400e6 <= vco <= 800e6 and 25e6 / s.clki_div >= 3.125e6
-    assert s.sdram_hz == vco / s.sdram_div <= sdram
-    assert vco / (s.sdram_div - 1) > sdram or s.sdram_div == 1      # the highest
+    assert s.sdram_hz == pytest.approx(got) and s.sdram_hz <= sdram
     if usb:
-        assert s.clk_on_usb_io and s.hz == 48e6 and s.sdram_div == s.clkop_div
-        assert 25e6 / s.clki_div * s.clkfb_div == s.sdram_hz        # the loop is CLKOP
-        assert vco / s.usb_io_div == 48e6 and vco / s.usb_div == 12e6
+        assert s.hz == 48e6 and vco / s.usb_io_div == 48e6 and vco / s.usb_div == 12e6
     else:
         assert s.hz == 45e6 and vco == 45e6 * s.clkop_div
-    assert {(True, 90e6): 90e6, (True, 143e6): 120e6}.get((usb, sdram), s.sdram_hz) \
-        == s.sdram_hz
-    # beside USB with the design on CLKOP, no output is left: the SDRAM on the design's
-    assert ecp5_pll(25e6, 45e6, usb=True, sdram=sdram).sdram_div is None
+    two = s.sdram_pll
+    if two is None:                                       # on the design's PLL
+        assert s.sdram_hz == vco / s.sdram_div
+        assert vco / (s.sdram_div - 1) > sdram or s.sdram_div == 1      # the highest
+        if usb:
+            assert s.clk_on_usb_io and s.sdram_div == s.clkop_div
+            assert 25e6 / s.clki_div * s.clkfb_div == s.sdram_hz    # the loop is CLKOP
+    else:                                                 # a second PLL, on its CLKOP
+        assert s.sdram_div is None and two.sdram_pll is None and two.usb_div is None
+        assert 25e6 / two.clki_div * two.clkfb_div == two.hz
+        assert 400e6 <= two.vco_hz <= 800e6 and 25e6 / two.clki_div >= 3.125e6
+        assert not any(two.hz < c[2] <= sdram for c in _ecp5_loops(25e6, False))
+    # the design on CLKOP beside USB leaves no output: the SDRAM's clock is a second PLL's
+    assert ecp5_pll(25e6, 45e6, usb=True, sdram=sdram).sdram_pll is not None
 
 
 def test_the_ulx3s_runs_its_sdram_on_a_clock_of_its_own():
-    """The ULX3S's SDRAM at 90 MHz beside the 48 MHz design and USB (the fastest the VCO
-    makes below the part's 100 MHz at CL 2: docs/results.md); on its UART at the VCO's division
-    nearest below (the design at 45 MHz); at a design clock beside USB's on CLKOP, on the
-    design's clock. The netlist has the SDRAM's clock domain."""
+    """The ULX3S's SDRAM at 100 MHz beside the 48 MHz design and USB: the part's fastest
+    at CAS latency 2, from a second PLL (the design's VCO makes 90 or 120 beside USB's
+    clocks: docs/results.md); at a design clock beside USB's on CLKOP, on a second PLL
+    too; 90 MHz (``--sdram-clk 90``) is the design PLL's CLKOP; above 100 MHz, one clear
+    error. The netlist has both PLLs and the SDRAM's clock domain."""
     b = resolve("ulx3s-85f")
-    assert (b.clk_hz, b.sdram_hz) == (48_000_000, 90_000_000)
-    assert resolve("ulx3s-85f", link="uart").sdram_hz == 83_571_429      # 585 MHz / 7
-    assert resolve("ulx3s-85f", clk_hz=45_000_000).sdram_hz is None
-    assert resolve("ulx3s-85f", sdram_hz=85_000_000).sdram_hz == 80_000_000  # --sdram-clk
+    assert (b.clk_hz, b.sdram_hz) == (48_000_000, 100_000_000)
+    assert resolve("ulx3s-85f", link="uart").sdram_hz == 100_000_000
+    assert resolve("ulx3s-85f", clk_hz=45_000_000).sdram_hz == 100_000_000
+    assert resolve("ulx3s-85f", sdram_hz=85_000_000).sdram_hz == 85_000_000  # --sdram-clk
+    one = resolve("ulx3s-85f", sdram_hz=90_000_000)
+    assert pll_setting(one, 25e6).sdram_pll is None
+    with pytest.raises(BoardError, match="SDRAM at 120 MHz, above the 100 MHz its CAS"):
+        resolve("ulx3s-85f", sdram_hz=120_000_000)
     il = _netlist(b)
-    assert "EHXPLLL" in il and "sdram_clk" in il
+    assert il.count("EHXPLLL") == 2 and "sdram_clk" in il
 
 
 def test_unreachable_clocks_are_one_clear_error():

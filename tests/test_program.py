@@ -382,6 +382,44 @@ def test_a_program_ending_on_beside_leaves_the_next_gemm_waiting():
         assert dev.read(plan.out.addr, plan.out.words) == got[0]
 
 
+def test_a_requant_entry_takes_the_runs_requant_settings():
+    """(v10) A program of an UPDATE and a REQUANT of its new masters, both without
+    settings: the UPDATE takes the RUN's ``params``, the REQUANT its ``requant`` (with
+    ``requant`` 0 the REQUANT takes ``params`` too, as before): the same memory and SAWB
+    sums on the RTL as on ``emu://``, and as the two commands sent with their own."""
+    rng = np.random.default_rng(11)
+    rows, cols = 8, 16
+    w8 = cols                                        # a master a word
+    update = vector_args(VecOp.UPDATE, rows, cols, (0, w8), (200, w8), 400, mu=60000,
+                         m=20000, s=12)
+    requant = vector_args(VecOp.REQUANT, rows, cols, (200, w8), (600, 2), m=30000, s=28)
+    words = np.concatenate([rng.integers(-1 << 12, 1 << 12, 200),    # gradients
+                            rng.integers(-1 << 16, 1 << 16, 200),    # masters (codes -7..7)
+                            rng.integers(-1 << 12, 1 << 12, 200),    # momenta
+                            rng.integers(-1 << 31, 1 << 31, 100)])
+    image = words.astype("<i4").tobytes()
+    got = {}
+    for url in URLS:
+        for how in ("own", "run", "params"):
+            with Device.open(url) as dev:
+                dev.write(0, image[:700 * dev.word_bytes])
+                if how == "own":
+                    sums = dev.vector(update)
+                    dev.vector(requant)
+                else:
+                    at = store(dev, [(Op.VECTOR, dict(update, mu=0, m=0, s=0)),
+                                     (Op.VECTOR, dict(requant, mu=0, m=0, s=0))])
+                    sums = dev.run(at, 2, program_params(Op.VECTOR, update),
+                                   requant=program_params(Op.VECTOR, requant)
+                                   if how == "run" else 0)
+                got[url, how] = (dev.read(0, 700), sums["w_sum_abs"], sums["w_sum_sq"])
+    for how in ("own", "run", "params"):
+        assert got[URLS[0], how] == got[URLS[1], how]
+    assert got[URLS[0], "run"] == got[URLS[0], "own"]
+    assert got[URLS[0], "params"][0][:600 * 4] == got[URLS[0], "own"][0][:600 * 4]
+    assert got[URLS[0], "params"][0] != got[URLS[0], "own"][0]     # other codes
+
+
 def test_runs_sent_without_waiting_equal_runs_one_by_one():
     """Three UPDATE programs sent back to back (``Device.post``: the later frames wait in
     the RTL's receive path while a RUN runs), then a READ: the same masters and the same

@@ -558,18 +558,20 @@ class Device:
         p.result()
         return self.wait() if wait else None
 
-    def run(self, addr, entries, params=0, wait=True):
+    def run(self, addr, entries, params=0, wait=True, requant=0):
         """Run the program of ``entries`` entries stored from word ``addr`` (protocol
         ``RUN``; :func:`~nibble.host.device.commands.program_entry` builds them), its GEMM
         and VECTOR entries with the settings ``params``
-        (:func:`~nibble.host.device.commands.program_params`). The device answers when
+        (:func:`~nibble.host.device.commands.program_params`), its REQUANT entries with
+        ``requant`` where that is not 0 (v10). The device answers when
         the program has ended: returns that STATS, the statistics combined over the
         program's GEMMs and UPDATEs (absmax: the largest; the sums: the total). Without
         ``wait``, returns at once a :class:`Pending` whose ``result()`` is that STATS
         (:meth:`post`: the host goes on while the program runs)."""
         if not self.ext_bursts:
             raise DeviceError(f"{self.url} has no SDRAM, and no RUN (INFO ext_bursts is 0)")
-        payload = pack_fields(RUN_ARGS, {"addr": addr, "entries": entries, "params": params})
+        payload = pack_fields(RUN_ARGS, {"addr": addr, "entries": entries, "params": params,
+                                         "requant": requant})
         p = self.post(Op.RUN, payload, timeout=max(self.timeout, self.run_timeout),
                       convert=lambda reply: unpack_fields(STATS_LAYOUT, reply))
         return p.result() if wait else p

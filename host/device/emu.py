@@ -24,6 +24,7 @@ from nibble.gateware.protocol import (
     RUN_ARGS,
     STATS_ARGS,
     STATS_LAYOUT,
+    VEC_ARGS,
     VERSION,
     WRITE_HEADER,
     Op,
@@ -267,9 +268,10 @@ def dma_apply(mem, ext, cfg, nib):
             mem[m0:m0 + n] = ext[e0:e0 + n]
 
 
-def merge_params(op, args, params):
+def merge_params(op, args, params, requant=0):
     """A program entry's argument bytes with the RUN's ``params`` in place of its settings
-    (:data:`~nibble.gateware.protocol.PARAMS_FROM` on) when it has none (all zero)."""
+    (:data:`~nibble.gateware.protocol.PARAMS_FROM` on) when it has none (all zero); a
+    REQUANT's with the RUN's ``requant`` where that is not zero (v10)."""
     layout = PROGRAM_OPS[op]
     if op not in PARAMS_FROM:
         return args
@@ -277,6 +279,10 @@ def merge_params(op, args, params):
     bits = int.from_bytes(args, "little")
     if bits >> at & ((1 << (layout.size - at)) - 1):
         return args                     # its own settings (a program of two kinds)
+    field = VEC_ARGS["op"]
+    if op == Op.VECTOR and requant and \
+            bits >> field.offset & ((1 << field.width) - 1) == VecOp.REQUANT:
+        params = requant
     bits &= (1 << at) - 1
     bits |= (params & ((1 << (layout.size - at)) - 1)) << at
     return bits.to_bytes(layout_bytes(layout), "little")
@@ -465,7 +471,7 @@ class Emulator:
             if op not in PROGRAM_OPS:
                 return Status.UNKNOWN_OP
             raw = bytes(self.mem[pc * wb + 1:pc * wb + entry_bytes(op)])
-            status = self._unit(op, merge_params(op, raw, args["params"]), fold)
+            status = self._unit(op, merge_params(op, raw, args["params"], args["requant"]), fold)
             if status != op:
                 return status
             pc += entry_words(op, self.nib)

@@ -100,6 +100,9 @@ _A_FIELD = {"gemm": "a_addr", "fused": "g.a_addr"}
 #: Command shapes whose programs the host remembers (a training step has about 20).
 _PLANS_KEPT = 256
 
+#: A program entry whose settings the RUN's ``requant`` gives (protocol v10).
+FROM_REQUANT = "requant"
+
 _SUMMED = ("clip_sum", "gemm_cycles", "beats", "vec_cycles", "w_sum_abs", "w_sum_sq")
 
 
@@ -223,27 +226,37 @@ class PagedDevice:
         stats = self._run(kind, *self._parts(kind, cfg))
         return Answered(stats) if later else stats
 
-    def gemm_update(self, gemm, update, later=False):
+    def gemm_update(self, gemm, update, requant=None, later=False):
         """A GEMM into a RAW buffer and the UPDATE that takes it as its gradient (and is
         the last to read it), as one program, part by part: each part's GEMM writes its
         rows of the gradient into the scratchpad and the UPDATE of the same rows reads
         them there, so the gradient is neither stored nor loaded (its SDRAM copy keeps
-        what it held). Returns the STATS of both combined (the RUN's; with ``later`` a
-        handle whose ``result()`` is, as :meth:`_command`), or None where they cannot run
-        so (no program area, a device before protocol 8, the UPDATE's
-        gradient not the GEMM's output, a GEMM without settings of its own: a program's
-        entries of that kind take the RUN's); the caller then sends them one by one."""
+        what it held). With ``requant`` (a REQUANT of the UPDATE's masters, protocol v10)
+        each part also requantizes its new masters there: they are not loaded again.
+        Returns the STATS combined (the RUN's; with ``later`` a handle whose ``result()``
+        is, as :meth:`_command`), or None where they cannot run so (no program area, a
+        device before protocol 8, or 10 with a REQUANT, the UPDATE's gradient not the
+        GEMM's output, a GEMM without settings of its own: a program's entries of that
+        kind take the RUN's; a REQUANT not of the UPDATE's masters, or without settings);
+        the caller then sends them one by one."""
         fits = (self.scratch < self.dev.mem_words and self.info.get("version", 0) >= 8
                 and update["op"] == VecOp.UPDATE
                 and gemm["lane"]["path"] == OutputPath.RAW
                 and (update["a_addr"], update["a_stride"], update["rows"], update["cols"])
                 == (gemm["out_addr"], gemm["out_stride"], gemm["n"], gemm["m"])
                 and program_params(Op.GEMM, gemm) != 0)
+        if requant is not None:
+            fits = (fits and self.info.get("version", 0) >= 10
+                    and requant["op"] == VecOp.REQUANT
+                    and (requant["a_addr"], requant["a_stride"], requant["rows"],
+                         requant["cols"]) == (update["b_addr"], update["b_stride"],
+                                              update["rows"], update["cols"])
+                    and program_params(Op.VECTOR, requant) != 0)
         if not fits:
             return None
-        self._op = "GEMM+UPDATE"
+        self._op = "GEMM+UPDATE" + ("+REQUANT" if requant is not None else "")
         # (None: the caller runs them apart, and they count)
-        return self._planned("fused", _fused(gemm, update), later)
+        return self._planned("fused", _fused(gemm, update, requant), later)
 
     def wait(self):
         return self.dev.wait()
@@ -255,14 +268,16 @@ class PagedDevice:
         ``DEAD`` for one a fused command writes and reads and leaves unused (neither loaded
         nor stored)."""
         if kind == "fused":           # the GEMM's output: the UPDATE's input, then dead
-            g, u = _unfused(cfg)
+            g, u, rq = _unfused(cfg)
             gemm = [(*r[:4], DEAD if i == 2 else r[4], [("g." + fa, "g." + fs)] + (
                      [("u.a_addr", "u.a_stride")] if i == 2 else []))
                     for i, (r, (fa, fs)) in enumerate(zip(gemm_regions(g, self.rows, self.cols),
                                                           _GEMM_FIELDS, strict=False))]
-            return gemm + [(*r, [("u." + fa, None)]) for r, fa in
-                           zip(vec_regions(u, self.word_nibbles)[1:], ("b_addr", "c_addr"),
-                               strict=True)]
+            # the REQUANT's masters are the UPDATE's (their spans merge); its codes its own
+            return gemm + [(*x, [(p + fa, None)]) for p, c, fas in
+                           (("u.", u, ("b_addr", "c_addr")), ("r.", rq, ("a_addr", "b_addr")))
+                           if c for x, fa in zip(vec_regions(c, self.word_nibbles)[-2:], fas,
+                                                 strict=True)]
         if kind == "gemm":
             regions = gemm_regions(cfg, self.rows, self.cols)
             fields = _GEMM_FIELDS
@@ -394,9 +409,10 @@ class PagedDevice:
 
     def _fused_parts(self, cfg, room, apart=False, shared=None):
         """A fused GEMM and UPDATE as parts along the GEMM's N (the UPDATE's rows)."""
-        g, u = _unfused(cfg)
+        g, u, r = _unfused(cfg)
         return self._along_n("fused", cfg, g, room, apart, shared, lambda n0, n1: _fused(
-            replace_cfg(g, n0, n1, self.word_nibbles), _vec_rows(u, n0, n1)))
+            replace_cfg(g, n0, n1, self.word_nibbles), _vec_rows(u, n0, n1),
+            r and _vec_rows(r, n0, n1)))
 
     def _along_n(self, kind, cfg, gemm, room, apart, shared, cut):
         """``cut(n0, n1)`` for spans of the GEMM's N in whole words of B's codes, as few as
@@ -523,8 +539,10 @@ class PagedDevice:
             plan = self._plans[key] = (*self._program(kind, self._placed(parts, overlap, kind),
                                                       overlap, cfg), len(parts), overlap)
         program, entries, op, dmas, parts, overlap = plan
+        requant = _unfused(cfg)[2] if kind == "fused" else None
         stats = self._run_program(program, entries, program_params(op, _given(kind, cfg)),
-                                  dmas, later)
+                                  dmas, later,
+                                  program_params(Op.VECTOR, requant) if requant else 0)
         if stats is not None:
             self._count_split(parts, overlap)
         return stats
@@ -548,8 +566,9 @@ class PagedDevice:
                 continue
             if step == "start":
                 if kind == "fused":                     # the GEMM keeps its settings
-                    g, u = _unfused(placed[i][2])
-                    starts = [(Op.GEMM, g, False), (Op.VECTOR, u, True)]
+                    g, u, r = _unfused(placed[i][2])    # (the REQUANT's: the RUN's own)
+                    starts = [(Op.GEMM, g, False), (Op.VECTOR, u, True),
+                              *([(Op.VECTOR, r, FROM_REQUANT)] if r else [])]
                 else:
                     starts = [(Op.GEMM if kind == "gemm" else Op.VECTOR, placed[i][2], True)]
                 if k and steps[k - 1][0] == "store":    # beside the stores (a FENCE before)
@@ -558,17 +577,17 @@ class PagedDevice:
                 held = []
             elif k + 1 == len(steps) or steps[k + 1][0] != "start":
                 entries.append((Op.FENCE, {}, False))
-        op = next(o for o, _, given in entries if given)
+        op = next(o for o, _, given in entries if given is True)
         assert all(program_params(o, c) == program_params(op, _given(kind, cfg))
-                   for o, c, given in entries if given)
+                   for o, c, given in entries if given is True)
         program = b"".join(program_entry(o, settings_zeroed(o, c) if given else c,
                                          self.word_nibbles) for o, c, given in entries)
         return program, len(entries), op, [c for o, c, _ in entries if o == Op.DMA]
 
-    def _run_program(self, program, entries, params, dmas, later=False):
+    def _run_program(self, program, entries, params, dmas, later=False, requant=0):
         """Store ``program`` in the program area the first time (:meth:`_store`), then RUN
-        it with ``params``; its STATS (with ``later`` a handle, :meth:`_command`), or None
-        when it does not fit the area."""
+        it with ``params`` (and its REQUANTs with ``requant``); its STATS (with ``later`` a
+        handle, :meth:`_command`), or None when it does not fit the area."""
         addr = self._store(program, entries)
         if addr is None:
             return None
@@ -576,9 +595,9 @@ class PagedDevice:
         for c in dmas:
             self._moved(c)
         if later and not self.measure:
-            return self.dev.run(addr, entries, params, wait=False)
+            return self.dev.run(addr, entries, params, wait=False, requant=requant)
         c0 = self.dev.stats()["cycles"] if self.measure else None
-        stats = self.dev.run(addr, entries, params)
+        stats = self.dev.run(addr, entries, params, requant=requant)
         if self.measure:
             self._cycles(stats["cycles"] - c0)
             self.run_cycles.append(stats["cycles"] - c0)
@@ -698,7 +717,7 @@ def _is_shared(key, fields, shared):
 #: in the key: they decide its output's width and its regions.)
 _GIVEN = {"gemm": (("lane", "rescale", "m"), ("lane", "rescale", "s"), ("lane", "log4", "exp")),
           "vector": (("mu",), ("m",), ("s",)),
-          "fused": (("u.mu",), ("u.m",), ("u.s",))}
+          "fused": (("u.mu",), ("u.m",), ("u.s",), ("r.mu",), ("r.m",), ("r.s",))}
 
 
 def _plan_key(kind, cfg):
@@ -717,14 +736,18 @@ def _given(kind, cfg):
     return _unfused(cfg)[1] if kind == "fused" else cfg
 
 
-def _fused(gemm, update):
-    """A GEMM and an UPDATE as one flat argument dict (fields ``g.*`` and ``u.*``)."""
-    return {**{"g." + k: v for k, v in gemm.items()}, **{"u." + k: v for k, v in update.items()}}
+def _fused(gemm, update, requant=None):
+    """A GEMM, an UPDATE (and a REQUANT) as one flat argument dict (fields ``g.*``, ``u.*``,
+    ``r.*``)."""
+    return {f"{p}.{k}": v for p, c in (("g", gemm), ("u", update), ("r", requant or {}))
+            for k, v in c.items()}
 
 
 def _unfused(cfg):
-    """The GEMM's and the UPDATE's arguments of a :func:`_fused` dict."""
-    return tuple({k[2:]: v for k, v in cfg.items() if k.startswith(p)} for p in ("g.", "u."))
+    """The GEMM's, the UPDATE's and the REQUANT's (None without) arguments of a
+    :func:`_fused` dict."""
+    g, u, r = ({k[2:]: v for k, v in cfg.items() if k.startswith(p)} for p in ("g.", "u.", "r."))
+    return g, u, r or None
 
 
 def _vec_rows(cfg, r0, r1):

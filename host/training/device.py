@@ -12,15 +12,22 @@ tensor memory and drives a training step through the driver, whichever device it
   the layouts of :mod:`rtl.engine`; the element-wise unit (:mod:`rtl.vector`) makes the
   transposed copies backward-weight reads;
 * the weight update runs on the device: UPDATE (momentum SGD on fixed-point master weights,
-  with the SAWB statistics of the new weights), then REQUANT to INT4 codes with the SAWB
-  step the host computes from those statistics, then TRANSPOSE for backward-data.
+  with the SAWB statistics of the new weights), then REQUANT to INT4 codes, then TRANSPOSE
+  for backward-data. REQUANT's SAWB step is the one of the masters *before* the update
+  (the statistics the last UPDATE returned; at the start, of the initial masters): known
+  before the step, so a paged device requantizes each part of the masters in its
+  scratchpad right after updating it (``PagedDevice.gemm_update``), instead of reading
+  all the masters from its SDRAM again once the host has the new statistics (on the
+  ULX3S configuration 0.41 MB and 2.6 ms a step, ``make bench-train``). One step's update
+  moves the statistics by about ``lr`` times the gradient's share of the weights;
+  ``make bench-train`` measures the accuracy either way.
 
 Every scale is a function of integers the device returns (absmax, SAWB sums), so two
 devices that compute bit-exactly train bit-identically. On a paged device the host sends
 each command without waiting for its reply (:attr:`DeviceMLP.posting`) and takes the
-replies in order where a result is needed (:meth:`DeviceMLP.settle`): the logits, each
-layer's SAWB sums before its REQUANT, and the last step's statistics (the next scales)
-once the new batch's gather and transpose are on their way; the step's numbers are the
+replies in order where a result is needed (:meth:`DeviceMLP.settle`): the logits, and
+the last step's statistics (the next scales, the SAWB sums) once the new batch's gather
+and transpose are on their way; the step's numbers are the
 same, the host's work and the link's bytes overlap the device's. On a device with an SDRAM whose
 scratchpad cannot hold the state, the state lives in the SDRAM and every command pages its
 buffers through the scratchpad (:class:`~nibble.host.device.paged.PagedDevice`; the same
@@ -71,6 +78,8 @@ from nibble.rtl.formats import (
     MASTER_FRAC,
     MOMENTUM_BITS,
     RAW_NIBBLES,
+    SAWB_SQ_BITS,
+    SAWB_SUM_BITS,
     UINT4_MAX,
     UINT4_MIN,
     MaskMode,
@@ -256,6 +265,10 @@ class DeviceMLP:
         if not 0 <= self.mu < 1 << MOMENTUM_BITS:
             raise ValueError(f"momentum {cfg.momentum} outside [0, 1)")
         self.w_step = [0.0] * self.layers          # real SAWB step of each layer's codes
+        #: each layer's SAWB sums of its masters as they are now (the last UPDATE's, or
+        #: the host's of the masters it put there); the next REQUANT's step comes from them
+        self.sawb = [None] * self.layers
+        self._sawb_post = [None] * self.layers      # the posted command that brings them
         self.act_amax = [None] * (self.layers - 1)  # absmax: of each hidden output (real)
         self.alpha = [cfg.alpha_init] * (self.layers - 1)           # pact: the clips
         self.alpha_v = [0.0] * (self.layers - 1)                    # ... their momenta
@@ -282,7 +295,8 @@ class DeviceMLP:
 
     def load_masters(self, w, v, codes=None, w_step=None):
         """Put master weights ``w`` and momenta ``v`` (K x N int64 each, i.e. W^T) in
-        place and make the INT4 codes (given, or requantized from fresh statistics)."""
+        place and make the INT4 codes (given, or requantized from their statistics, which
+        the host computes as the UPDATE unit would)."""
         dev, nib = self.dev, self.dev.word_nibbles
         self._prefetched = None
         if self.cfg.masters == "host":
@@ -292,11 +306,14 @@ class DeviceMLP:
             if self.cfg.masters == "device":
                 for buf, x in ((self.bufs[i].wm, w[i]), (self.bufs[i].vm, v[i])):
                     dev.write(buf.addr, pack(x & 0xFFFFFFFF, RAW_NIBBLES, nib, buf.stride))
+            sum_abs, sum_sq = sawb_sums(w[i])                # (the unit's wrapping sums)
+            self.sawb[i] = sum_abs % (1 << SAWB_SUM_BITS), sum_sq % (1 << SAWB_SQ_BITS)
+            self._sawb_post[i] = None
             if codes is not None:
                 self.w_step[i] = w_step[i]
                 self._put_codes(i, codes[i])
             else:
-                self._requant(i, None)
+                self._requant(i, *self._requant_params(i))
         self.settle()
 
     def _put_codes(self, i, codes):
@@ -397,65 +414,81 @@ class DeviceMLP:
         return vector_args(VecOp.UPDATE, k, n, self.bufs[i].g, self.bufs[i].wm,
                            self.bufs[i].vm, mu=mu, m=gm, s=gs)
 
-    def _gemm_update(self, i, gemm, ratio):
+    def _gemm_update(self, i, gemm, ratio, requant):
         """Layer ``i``'s backward-weight GEMM ``gemm`` into ``g``, then its UPDATE (as
-        :meth:`_update`): on a device that fuses the two (``gemm_update``: a paged device,
-        whose gradient then never leaves its scratchpad) as one request. Returns a
-        function that returns the SAWB sums: a posted request's reply is waited for only
-        when they are needed (the backward-data GEMM is sent first)."""
+        :meth:`_update`), and the REQUANT ``requant`` (``(M, s, step)``,
+        :meth:`_requant_params`) of its new masters: on a device that fuses them
+        (``gemm_update``: a paged device, whose gradient then never leaves its scratchpad,
+        nor the new masters before their codes are made; protocol v10 for the REQUANT) as
+        one request. Records the new masters' SAWB sums (:attr:`sawb`; a posted request's
+        when :meth:`settle` takes its reply). Returns True when the REQUANT ran with them
+        (the caller then only transposes the codes and takes the step), else False."""
         fused = getattr(self.dev, "gemm_update", None)
         if self.cfg.masters == "device" and fused is not None:
             update = self._update_args(i, ratio)
-            before = self._posted + 1
-            handle = fused(gemm, update, later=self.posting)
-            if handle is not None:             # (None: not fusable here; run them apart)
-                def sums():
-                    stats = handle.result() if hasattr(handle, "result") else handle
-                    self.settle(before=before)     # (what was sent before it is in)
-                    self._count_gemm(i, gemm, stats)
-                    self._count_vector(i, update, stats)
-                    return stats["w_sum_abs"], stats["w_sum_sq"]
-                return sums
+            rq = self._requant_args(i, *requant[:2])
+            v10 = self.dev.info.get("version", 0) >= 10
+            for with_rq in ([rq, None] if v10 else [None]):
+                handle = fused(gemm, update, with_rq, later=self.posting)
+                if handle is not None:      # (None: not fusable here; run them apart)
+                    def done(stats, i=i, with_rq=with_rq):
+                        self._count_gemm(i, gemm, stats)
+                        self._count_vector(i, update, stats)
+                        self.sawb[i] = stats["w_sum_abs"], stats["w_sum_sq"]
+                    if self.posting and hasattr(handle, "result"):
+                        # (not a scale the next forward waits for: the next REQUANT
+                        # settles it, :meth:`_requant_params`)
+                        self._sawb_post[i] = self._post(handle, [done])
+                    else:
+                        done(handle.result() if hasattr(handle, "result") else handle)
+                    return with_rq is not None
         self._gemm(i, gemm)
-        sums = self._update(i, ratio)
-        return lambda: sums
+        self.sawb[i] = self._update(i, ratio)
+        return False
 
     def _update(self, i, ratio):
         """UPDATE layer ``i`` with gradient factor ``ratio`` (lr x accumulator unit, in
-        master units); returns the new masters' SAWB sums. ``ratio=None`` only measures
-        (no update)."""
+        master units); returns the new masters' SAWB sums."""
         k, n = self.sizes[i], self.sizes[i + 1]
         if self.cfg.masters == "device":
             stats = self._vector(i, self._update_args(i, ratio), now=True)
-            sums = stats["w_sum_abs"], stats["w_sum_sq"]
-        else:
-            mu, gm, gs = self._update_params(i, ratio)
-            if ratio is None:
-                g = np.zeros_like(self.host_w[i])
-            else:
-                gbuf = self.bufs[i].g
-                g = unpack(self.dev.read(gbuf.addr, gbuf.words), k, n, RAW_NIBBLES,
-                           self.dev.word_nibbles, gbuf.stride, 32)
-            self.host_w[i], self.host_v[i] = master_update(g, self.host_w[i], self.host_v[i],
-                                                           mu, gm, gs)
-            sums = sawb_sums(self.host_w[i])
-        return sums
+            return stats["w_sum_abs"], stats["w_sum_sq"]
+        mu, gm, gs = self._update_params(i, ratio)
+        gbuf = self.bufs[i].g
+        g = unpack(self.dev.read(gbuf.addr, gbuf.words), k, n, RAW_NIBBLES,
+                   self.dev.word_nibbles, gbuf.stride, 32)
+        self.host_w[i], self.host_v[i] = master_update(g, self.host_w[i], self.host_v[i],
+                                                       mu, gm, gs)
+        sum_abs, sum_sq = sawb_sums(self.host_w[i])
+        return sum_abs % (1 << SAWB_SUM_BITS), sum_sq % (1 << SAWB_SQ_BITS)
 
-    def _requant(self, i, ratio, sums=None):
-        """Requantize layer ``i`` from the masters' SAWB ``sums`` (a function that returns
-        them: :meth:`_gemm_update`; after an UPDATE with ``ratio`` when not given)."""
-        sums = self._update(i, ratio) if sums is None else sums()
+    def _requant_params(self, i):
+        """``(M, s, step)`` of layer ``i``'s next REQUANT: SAWB on its masters' sums as they
+        are now (:attr:`sawb`), ``step`` the real value of code 1."""
+        if self._sawb_post[i] is not None:             # the last UPDATE's reply
+            self.settle(before=self._sawb_post[i] + 1)
+            self._sawb_post[i] = None
         k, n = self.sizes[i], self.sizes[i + 1]
-        step = sawb_step_from_sums(*sums, k * n)            # master units
+        step = sawb_step_from_sums(*self.sawb[i], k * n)            # master units
         qm, qs = rescale_params(1.0 / step)
-        self.w_step[i] = math.ldexp(step, -MASTER_FRAC)
-        if self.cfg.masters == "device":
-            self._vector(i, vector_args(VecOp.REQUANT, k, n, self.bufs[i].wm,
-                                  self.bufs[i].wc, m=qm, s=qs))
-            self.codes[i] = None
-            self._transpose_weights(i)
-        else:
+        return qm, qs, math.ldexp(step, -MASTER_FRAC)
+
+    def _requant_args(self, i, qm, qs):
+        k, n = self.sizes[i], self.sizes[i + 1]
+        return vector_args(VecOp.REQUANT, k, n, self.bufs[i].wm, self.bufs[i].wc, m=qm, s=qs)
+
+    def _requant(self, i, qm, qs, step, done=False):
+        """Requantize layer ``i``'s masters with ``(qm, qs)`` (on the device, or the host's
+        masters; ``done``: the fused update did) and take ``step``; then the codes'
+        transposes."""
+        self.w_step[i] = step
+        if self.cfg.masters == "host":
             self._put_codes(i, requantize(self.host_w[i], qm, qs))
+            return
+        if not done:
+            self._vector(i, self._requant_args(i, qm, qs))
+        self.codes[i] = None
+        self._transpose_weights(i)
 
     # -- a training step ----------------------------------------------------------------------
     def _act_params(self, i, unit):
@@ -646,17 +679,12 @@ class DeviceMLP:
         return x_step
 
     def _backward(self, b, x_step, units, lr):
-        """From the top: backward-weight into ``g``, backward-data into the layer below's
-        FP4 pair (and its clip's gradient), then the updates. ``units``: the top gradient's
-        datapath units (phase 0, phase 1).
-
-        A layer's REQUANT (and its codes' transposes) goes after the next layer down's
-        backward-weight GEMM and UPDATE: nothing below reads its codes this step, and its
-        scale needs the SAWB sums of its UPDATE, so sent at once it waited for their reply
-        to cross the link with the device idle; sent later, that reply is long in, and the
-        REQUANT fills the device's wait for the lower layer's sums instead (on the ULX3S
-        configuration 0.5 ms a step less idle, ``make bench-train``)."""
-        deferred = None
+        """From the top: backward-weight into ``g``, the update and the requantization
+        (fused where the device can, :meth:`_gemm_update`), backward-data into the layer
+        below's FP4 pair (and its clip's gradient) from the codes the forward used, then
+        the new codes' transposes. ``units``: the top gradient's datapath units (phase 0,
+        phase 1). The REQUANT's step is known before the step (:attr:`sawb`), so nothing
+        here waits for a reply from this step."""
         for i in reversed(range(self.layers)):
             layer, k, n, c = self.bufs[i], self.sizes[i], self.sizes[i + 1], self._copies(i)
             for t in range(c):
@@ -664,17 +692,15 @@ class DeviceMLP:
                                          _rows(layer.dr, t * b, b), pair=1))
             unit_w = units[1] * x_step[i]
             ratio = lr * unit_w * math.ldexp(1.0, MASTER_FRAC)
+            requant = self._requant_params(i)
             # the gradient goes to the UPDATE at once (backward-data reads neither it nor
-            # the masters), so a paged device keeps it in its scratchpad
-            sums = self._gemm_update(i, gemm_args(
+            # the masters, and reads the transposed codes, wr, which the forward used)
+            done = self._gemm_update(i, gemm_args(
                 layer.dr, layer.xr, layer.g, (n, c * b, k), Operand.FP4, Operand.UINT4,
-                lane_cfg(OutputPath.RAW, phase=1), a_sel=1), ratio)
+                lane_cfg(OutputPath.RAW, phase=1), a_sel=1), ratio, requant)
             if i > 0:
                 units = self._backward_data(i, b, units[0] * self.w_step[i], lr)
-            if deferred is not None:
-                self._requant(*deferred)
-            deferred = i, ratio, sums
-        self._requant(*deferred)
+            self._requant(i, *requant, done=done)
 
     def _backward_data(self, i, b, unit, lr):
         """dX of layer ``i`` masked by layer i-1's activation and log-quantized on the
