@@ -52,7 +52,11 @@ with that much block RAM. Per GEMM or VECTOR command:
    own settings, the UPDATEs take the RUN's: protocol v8), so the gradient, 4 bytes a
    weight, is neither stored nor loaded. With A loaded once, a Fashion-MNIST step on the
    ULX3S configuration moves 2.34 MB of SDRAM instead of 3.23 (``make bench-train``,
-   ``sdram_bytes_by_command``).
+   ``sdram_bytes_by_command``). From protocol v10 the REQUANT of the new masters joins
+   them (a REQUANT entry takes the RUN's ``requant`` settings, the UPDATE its
+   ``params``): each part requantizes the masters it has just updated, in the
+   scratchpad, and stores their codes with them, so the masters are not loaded again
+   (4 bytes a weight; the step's REQUANT step is known before it, ``DeviceMLP``).
 
 WRITE and READ from the host go to the SDRAM through a staging area (the driver's
 ``ext_write``/``ext_read``). Whole commands are not overlapped with one another (each waits
@@ -555,24 +559,49 @@ class PagedDevice:
         of ``cfg`` has the same)."""
         beside = self.info.get("version", 0) >= 9
         steps = list(_schedule(len(placed), overlap, beside))
+        # a fused REQUANT in overlapped parts runs beside the next part's GEMM (the
+        # element-wise unit is free then): behind the UPDATE an entry would hold the
+        # stores and loads after it until the UPDATE ends, the DMA idle meanwhile
+        defer = kind == "fused" and overlap and _unfused(cfg)[2] is not None
+
+        def requant(i):
+            return Op.VECTOR, _unfused(placed[i][2])[2], FROM_REQUANT
+
         entries = []                   # (opcode, arguments, settings from the RUN)
         held = []                      # a store's DMAs after its first, behind the next start
         for k, (step, i) in enumerate(steps):
+            starts_next = k + 1 < len(steps) and steps[k + 1][0] == "start"
+            if step == "store" and defer:
+                # the codes stored last: behind the next part's UPDATE, which starts once
+                # the REQUANT has ended; after the last part, behind a FENCE
+                rest, codes = ([(Op.DMA, c, False) for c in
+                                self._dma_list(placed[i], True, codes=c)] for c in (False, True))
+                if starts_next:         # the first two beside the REQUANT and the GEMM
+                    entries += rest[:1]
+                    second, held = rest[1:2], rest[2:] + codes
+                else:
+                    entries += [requant(i), *rest, (Op.FENCE, {}, False), *codes]
+                continue
             if step == "load" or step == "store":
                 dmas = [(Op.DMA, c, False) for c in self._dma_list(placed[i], step == "store")]
-                if step == "store" and k + 1 < len(steps) and steps[k + 1][0] == "start":
+                if step == "store" and starts_next:
                     dmas, held = dmas[:1], dmas[1:]    # the DMA busy while the part starts
                 entries += dmas
                 continue
             if step == "start":
                 if kind == "fused":                     # the GEMM keeps its settings
                     g, u, r = _unfused(placed[i][2])    # (the REQUANT's: the RUN's own)
-                    starts = [(Op.GEMM, g, False), (Op.VECTOR, u, True),
-                              *([(Op.VECTOR, r, FROM_REQUANT)] if r else [])]
+                    starts = [(Op.GEMM, g, False), (Op.VECTOR, u, True)]
+                    if defer and i:
+                        starts.insert(0, requant(i - 1))
+                    elif r and not defer:
+                        starts.append((Op.VECTOR, r, FROM_REQUANT))
                 else:
                     starts = [(Op.GEMM if kind == "gemm" else Op.VECTOR, placed[i][2], True)]
                 if k and steps[k - 1][0] == "store":    # beside the stores (a FENCE before)
                     starts = [e for s in starts for e in ((Op.BESIDE, {}, False), s)]
+                    if defer and i:     # (the UPDATE waits for the REQUANT: a store before)
+                        starts[-2:-2] = second
                 entries += starts + held
                 held = []
             elif k + 1 == len(steps) or steps[k + 1][0] != "start":
@@ -626,11 +655,15 @@ class PagedDevice:
         self.counters["program_bytes"] += len(program)
         return addr
 
-    def _dma_list(self, placed, store):
+    def _dma_list(self, placed, store, codes=None):
         """The DMA_ARGS that load a placed command's blocks (every one but those it only
-        writes, whole) or store them (the ones it writes)."""
+        writes, whole) or store them (the ones it writes); with ``codes`` only the blocks
+        that hold a fused REQUANT's codes (True) or the others (False)."""
         blocks, places, _ = placed
-        for (lo, rows, per, ext_stride, written, _), at in zip(blocks, places, strict=True):
+        for (lo, rows, per, ext_stride, written, fields), at in zip(blocks, places,
+                                                                    strict=True):
+            if codes is not None and codes != any(f == "r.b_addr" for f, _ in fields):
+                continue
             if written is not DEAD and (written if store else written is not WHOLE):
                 yield from self._dma_cfgs(store, lo, rows, per, ext_stride, at)
 
