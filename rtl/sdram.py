@@ -359,7 +359,10 @@ class SdramController(wiring.Component):
                 m.d.comb += self.ready.eq(1)
                 with m.If(due):
                     with m.If(open_.any()):       # close every bank, then refresh
-                        with m.If(quiet & closable & bus_idle):
+                        # (the bus idle a cycle ago and no READ or WRITE decided since:
+                        # idle now. The bus's idleness through the banks' precharge timers
+                        # was the SDRAM domain's critical path at 100 MHz, 99.46 MHz)
+                        with m.If(quiet & closable & idle_then & ~taken):
                             issue(PRE, addr=1 << 10)
                             m.d.sync += [open_.eq(0), hold.eq(t["tRP"] - 1)]
                             m.d.sync += [since_pre[b].eq(1) for b in range(nb)]

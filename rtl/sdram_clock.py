@@ -14,9 +14,10 @@ tensor-memory port, so it keeps up with up to 4 bytes a design cycle.
 controller on the design's side (``req``, ``rdata``) and the pins in ``domain``. Requests
 and read bursts cross through two :class:`~amaranth.lib.fifo.AsyncFIFO` (Gray-coded
 pointers, two synchronizer stages): the clocks need not be related, so a board's PLL may
-pick any SDRAM clock its VCO makes beside the design's (the ULX3S: 90 MHz beside 48 and
-USB's 12, all from a 720 MHz VCO; it met 90 once the controller's read FIFO stopped
-deciding its entries' enables from its fill level: docs/results.md, Boards). The
+pick any SDRAM clock its VCO makes beside the design's, or a second PLL makes (the
+ULX3S: 100 MHz from a PLL of its own beside the 48 MHz design and USB's 12 from a 720 MHz
+VCO, which made 90; 90 met once the controller's read FIFO stopped deciding its entries'
+enables from its fill level: docs/results.md, Boards). The
 controller reads a request as soon as the FIFO shows it and starts a READ only with room
 in its own read FIFO for the burst (``rdata.ready`` drains it, as on the design's side),
 so neither crossing FIFO limits the bus: a burst is 8 cycles of the SDRAM's clock, and

@@ -261,9 +261,22 @@ def test_a_gemm_and_its_update_fused_equal_them_apart(pair, aligned, requant):
     SDRAM copy keeps what it held), A, which every part reads whole, is loaded once, and
     the masters are loaded once (the REQUANT reads them in the scratchpad). Without a
     program area the paged device declines (None)."""
-    paged, big = pair
+    _fused_against_apart(*pair, aligned, requant)
+
+
+def test_a_fused_requant_runs_on_the_rtl_as_apart():
+    """The fused GEMM, UPDATE and REQUANT in overlapped parts on the RTL (``pysim://`` with
+    the chip model; each part's REQUANT beside the next part's GEMM, its codes stored
+    behind that part's UPDATE): the same memory and sums as the three commands on
+    ``emu://``."""
+    with Device.open("pysim://?sdram=tiny&words=2048") as small, \
+            Device.open("emu://?words=65536&sdram=") as big:
+        _fused_against_apart(PagedDevice(small, program_words=1024), big, True, True, n=64)
+
+
+def _fused_against_apart(paged, big, aligned, requant, n=160):
     rng = np.random.default_rng(7)
-    m, red, n = 8, 24, 160
+    m, red = 8, 24
     gemm = Gemm(rng.integers(-8, 8, (m, red)), rng.integers(0, 16, (red, n)), Operand.FP4,
                 Operand.UINT4)
     plan = plan_gemm(gemm, lane_cfg(OutputPath.RAW, phase=1), paged.word_nibbles, paged.rows,

@@ -97,9 +97,10 @@ def test_the_model_flags_a_controller_that_cuts_a_timing_short(timing, flag):
     under traffic that exercises it (at 125 MHz, where each timing is several cycles; with
     400 requests the cut tRAS went unexercised once requests passed a register slice)."""
     rng = np.random.default_rng(3)
-    # one request at a time spaces ACTIVATEs beyond the tiny part's tRC and tRRD: give
-    # it longer ones to cut
-    longer = {"tRC": 160, "tRRD": 60}
+    # one request at a time spaces ACTIVATEs beyond the tiny part's tRC and tRRD, and a
+    # PRECHARGE a cycle after the bus's last write beat beyond its tWR (2 cycles): give it
+    # longer ones to cut
+    longer = {"tRC": 160, "tRRD": 60, "tWR": 60}
     chip = dataclasses.replace(TINY, **{timing: longer[timing]}) if timing in longer else TINY
     believed = dataclasses.replace(chip, **{timing: getattr(chip, timing) / 3})
     requests = traffic(chip, 800, rng)
