@@ -18,9 +18,9 @@ tensor memory and drives a training step through the driver, whichever device it
   before the step, so a paged device requantizes each part of the masters in its
   scratchpad right after updating it (``PagedDevice.gemm_update``), instead of reading
   all the masters from its SDRAM again once the host has the new statistics (on the
-  ULX3S configuration 0.41 MB and 2.6 ms a step, ``make bench-train``). One step's update
-  moves the statistics by about ``lr`` times the gradient's share of the weights;
-  ``make bench-train`` measures the accuracy either way.
+  ULX3S configuration 0.41 MB a step, ``make bench-train``). One step's update moves the
+  statistics little; ``make bench-train`` measures the accuracy (after 10 epochs 0.8785,
+  0.8762 with the updated masters' step; fp32 0.8789).
 
 Every scale is a function of integers the device returns (absmax, SAWB sums), so two
 devices that compute bit-exactly train bit-identically. On a paged device the host sends
@@ -431,7 +431,7 @@ class DeviceMLP:
             for with_rq in ([rq, None] if v10 else [None]):
                 handle = fused(gemm, update, with_rq, later=self.posting)
                 if handle is not None:      # (None: not fusable here; run them apart)
-                    def done(stats, i=i, with_rq=with_rq):
+                    def done(stats, i=i):
                         self._count_gemm(i, gemm, stats)
                         self._count_vector(i, update, stats)
                         self.sawb[i] = stats["w_sum_abs"], stats["w_sum_sq"]
