@@ -398,9 +398,9 @@ class DeviceMLP:
 
     def _update_params(self, i, ratio):
         """(mu, M, s) of layer ``i``'s UPDATE with gradient factor ``ratio`` (lr x
-        accumulator unit, in master units); ``ratio=None`` only measures (no update)."""
-        if ratio is None or ratio == 0:
-            return (self.mu if ratio == 0 else 0), 0, 0
+        accumulator unit, in master units)."""
+        if ratio == 0:
+            return self.mu, 0, 0
         try:
             gm, gs = rescale_params(ratio)
         except NumericsError as e:
