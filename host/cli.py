@@ -635,7 +635,7 @@ def build_parser():
                     "36 / 45 MHz)")
     bt.add_argument("--sdram-clk", type=float, metavar="MHZ",
                     help="the SDRAM's own clock: the nearest the board's PLL makes at or "
-                    "below it beside the design's (default: the board's; the ULX3S's 90)")
+                    "below it beside the design's (default: the board's; the ULX3S's 100)")
     bt.add_argument("--dsp-pes", type=_count, metavar="N",
                     help="PEs that multiply in DSP blocks (default: the board's; the others "
                     "in LUTs)")
