@@ -574,7 +574,9 @@ class PagedDevice:
             return Op.VECTOR, _unfused(placed[i][2])[2], FROM_REQUANT
 
         entries = []                   # (opcode, arguments, settings from the RUN)
-        held = []                      # a store's DMAs after its first, behind the next start
+        # a store's DMAs after its first, behind the next part's start: ``before`` ahead of
+        # its UPDATE (beside its REQUANT and GEMM), ``after`` behind the whole start
+        before, after = [], []
         for k, (step, i) in enumerate(steps):
             starts_next = k + 1 < len(steps) and steps[k + 1][0] == "start"
             if step == "store" and defer:
@@ -584,14 +586,14 @@ class PagedDevice:
                                 self._dma_list(placed[i], True, codes=c)] for c in (False, True))
                 if starts_next:         # the first two beside the REQUANT and the GEMM
                     entries += rest[:1]
-                    second, held = rest[1:2], rest[2:] + codes
+                    before, after = rest[1:2], rest[2:] + codes
                 else:
                     entries += [requant(i), *rest, (Op.FENCE, {}, False), *codes]
                 continue
             if step == "load" or step == "store":
                 dmas = [(Op.DMA, c, False) for c in self._dma_list(placed[i], step == "store")]
                 if step == "store" and starts_next:
-                    dmas, held = dmas[:1], dmas[1:]    # the DMA busy while the part starts
+                    dmas, after = dmas[:1], dmas[1:]   # the DMA busy while the part starts
                 entries += dmas
                 continue
             if step == "start":
@@ -606,10 +608,9 @@ class PagedDevice:
                     starts = [(Op.GEMM if kind == "gemm" else Op.VECTOR, placed[i][2], True)]
                 if k and steps[k - 1][0] == "store":    # beside the stores (a FENCE before)
                     starts = [e for s in starts for e in ((Op.BESIDE, {}, False), s)]
-                    if defer and i:     # (the UPDATE waits for the REQUANT: a store before)
-                        starts[-2:-2] = second
-                entries += starts + held
-                held = []
+                    starts[-2:-2] = before      # (the UPDATE waits for the REQUANT)
+                entries += starts + after
+                before, after = [], []
             elif k + 1 == len(steps) or steps[k + 1][0] != "start":
                 entries.append((Op.FENCE, {}, False))
         op = next(o for o, _, given in entries if given is True)
