@@ -31,10 +31,11 @@ Controller
     for it, so that the slice's ``ready`` and a write's data capture are flip-flops' fanout,
     not the open-row compare's (the 8x32 ULX3S build's critical path, 22.5 ns of routing:
     docs/results.md). A burst takes 8 cycles of the bus, so that cycle costs no bandwidth.
-    The open-row compare (hit, miss or closed), the bank's timer limits and the bus's
-    idleness are themselves registered the cycle before the decision, for a request that
-    has not moved and banks no ACT or PRECHARGE changed since; a cycle that the burst, tRCD
-    or tRP hide (the SDRAM domain's critical path at 90 MHz before: 79.05 MHz).
+    The decision itself is made from flags registered the cycle before (per command:
+    whether the request's row is open, its bank's timers and the bus allow it), and the
+    cycle after a decision decides nothing, so that those flags need not see it: a cycle
+    that the burst, tRCD or tRP hide (the SDRAM domain's critical path at 90 MHz once was
+    the open-row compare, 79.05 MHz; at 100 MHz the decision into a bank's timers).
 
 The address of a beat is ``(row, bank, column)``, column lowest: linear streams stay in one
 row for ``2^col_bits`` beats, then move to the next bank.
@@ -298,47 +299,44 @@ class SdramController(wiring.Component):
         col = Cat(Const(0, 3), req.addr[:cb])
         bank = req.addr[cb:cb + bb]
         r_row = req.addr[cb + bb:]
-        quiet = hold == 0
-        # The request's row against its bank's, registered: where it is open (hit), open at
-        # another row (miss) or closed. Worked out a cycle before the decision that uses it
-        # (``known``), from a request that has not moved and banks no ACT or PRECHARGE has
-        # changed since: both cost a cycle the burst's 8 beats, tRCD or tRP hide. The compare
-        # through the bank's row into the FSM and a bank's timers was the SDRAM domain's
-        # critical path at 90 MHz (12.6 ns at placement seed 3 with the element-wise unit's
-        # whole-word writes, 79.05 MHz).
-        hit, miss, known = Signal(), Signal(), Signal()
-        moved = Signal()                      # an ACT or a PRECHARGE is decided this cycle
-        m.d.comb += moved.eq((cmd == Cat(Const(ACT[2], 1), Const(ACT[1], 1), Const(ACT[0], 1)))
-                             | (cmd == Cat(Const(PRE[2], 1), Const(PRE[1], 1),
-                                           Const(PRE[0], 1))))
-        m.d.sync += [hit.eq(open_.bit_select(bank, 1) & (row[bank] == r_row)),
-                     miss.eq(open_.bit_select(bank, 1) & (row[bank] != r_row)),
-                     known.eq(inp.valid & ~inp.ready & ~moved)]
-        # the bank's timers against their limits, registered with it: a timer only grows
-        # until a command for its bank resets it, and every such command moves the request
-        # or the banks, so a limit met a cycle ago is met now (one met only now waits a
-        # cycle); and the bus idle a cycle ago, which it still is for a decision (a READ or
-        # WRITE decided then is the request's own, which ``taken`` holds off now)
-        ready_rw, can_close, can_open, idle_then = Signal(), Signal(), Signal(), Signal()
-        m.d.sync += [ready_rw.eq(since_act[bank] >= t["tRCD"]),
-                     can_close.eq((since_act[bank] >= t["tRAS"])
-                                  & (since_wr[bank] >= BEATS - 1 + t["tWR"])),
-                     can_open.eq((since_pre[bank] >= t["tRP"]) & (since_act[bank] >= t["tRC"])
-                                 & (since_any_act >= t["tRRD"]))]
-        # every open bank past tRAS and tWR (a refresh's PRECHARGE ALL), registered too: an
-        # ACT, a PRECHARGE or a WRITE decided a cycle ago resets what it was worked out from,
-        # so it holds only where none was (``moved`` registered; a WRITE leaves ``taken``,
-        # which the PRECHARGE ALL waits out). The timers through it into the FSM and on to
-        # ``known`` were the SDRAM domain's critical path at 100 MHz (95.17 MHz, seed 1).
-        closable, moved_then = Signal(), Signal()
-        m.d.sync += [closable.eq(Cat(*[~open_[b] | ((since_act[b] >= t["tRAS"])
-                                                    & (since_wr[b] >= BEATS - 1 + t["tWR"]))
-                                       for b in range(nb)]).all()),
-                     moved_then.eq(moved)]
-        # a write's data leave the pins a cycle after its decision's spacing says (wleft
-        # counts from T + 1): its last beat, wleft == 1, is the decision's T + 7
+        # Every decision in RUN is made from flags registered the cycle before, and a cycle
+        # in which a command is decided is followed by one that decides nothing
+        # (``decided``): the flags of T - 1 then describe T exactly, or conservatively,
+        # without the decision of T - 1 in their logic, since only a decision changes the
+        # request, a bank, ``hold`` or the bus. (Bursts are 8 cycles apart, and tRCD and tRP
+        # are a cycle or more: the gap costs nothing.) For the request (``known``: it was
+        # there a cycle ago and not taken), per command whether it could go now: WRITE or
+        # READ to its open row past tRCD with the bus free for it (a READ with a free ring
+        # entry), PRECHARGE of another open row past tRAS and tWR with the bus idle, ACT of
+        # a closed bank past tRP, tRC and tRRD. A timer only grows until a decision resets
+        # it, so a limit met a cycle ago is met now (one met only now waits a cycle). The
+        # compare through the bank's row into the FSM and a bank's timers was the SDRAM
+        # domain's critical path at 90 MHz (79.05 MHz, seed 3); then, with the compare
+        # registered, the request's ``valid`` through the decision into a bank's ACT timer
+        # at 100 MHz (98.78 MHz, seed 1).
+        is_open, same_row = open_.bit_select(bank, 1), row[bank] == r_row
         bus_idle = (wr_wait == 0) & (inflight == 0) & ~taken_write & (wleft <= 1)
-        m.d.sync += idle_then.eq(bus_idle)
+        known, decided, quiet = Signal(), Signal(), Signal(init=1)
+        can_write, can_read, can_close, can_open = Signal(), Signal(), Signal(), Signal()
+        closable, idle_then = Signal(), Signal()
+        m.d.sync += [
+            known.eq(inp.valid & ~inp.ready), decided.eq(cmd != 0), quiet.eq(hold <= 1),
+            can_write.eq(is_open & same_row & req.write & (since_act[bank] >= t["tRCD"])
+                         & (wr_wait <= 1)),
+            can_read.eq(is_open & same_row & ~req.write & (since_act[bank] >= t["tRCD"])
+                        & (rd_wait <= 1) & (free != 0)),
+            can_close.eq(is_open & ~same_row & (since_act[bank] >= t["tRAS"])
+                         & (since_wr[bank] >= BEATS - 1 + t["tWR"]) & bus_idle),
+            can_open.eq(~is_open & (since_pre[bank] >= t["tRP"])
+                        & (since_act[bank] >= t["tRC"]) & (since_any_act >= t["tRRD"])),
+            # every open bank past tRAS and tWR, for a refresh's PRECHARGE ALL
+            closable.eq(Cat(*[~open_[b] | ((since_act[b] >= t["tRAS"])
+                                           & (since_wr[b] >= BEATS - 1 + t["tWR"]))
+                              for b in range(nb)]).all()),
+            idle_then.eq(bus_idle),
+        ]
+        # (a write's data leave the pins a cycle after its decision's spacing says: wleft
+        # counts from T + 1, and its last beat, wleft == 1, is the decision's T + 7)
 
         init_wait = Signal(range(t["t_init"] + 1), init=t["t_init"])
         init_refs = Signal(range(chip.init_refreshes + 1))
@@ -351,51 +349,46 @@ class SdramController(wiring.Component):
                     m.d.sync += hold.eq(t["tRP"] - 1)
                     m.next = "INIT_REFRESH"
             with m.State("INIT_REFRESH"):
-                with m.If(quiet):
+                with m.If(hold == 0):
                     issue(REF)
                     m.d.sync += [init_refs.eq(init_refs + 1), hold.eq(t["tRFC"] - 1)]
                     with m.If(init_refs == chip.init_refreshes - 1):
                         m.next = "INIT_MODE"
             with m.State("INIT_MODE"):
-                with m.If(quiet):
+                with m.If(hold == 0):
                     # burst length 8, sequential, the CAS latency, burst writes
                     issue(MRS, addr=(chip.cl << 4) | 0b011)
                     m.d.sync += [hold.eq(t["tMRD"] - 1), ref_timer.eq(t["tREFI"]), due.eq(0)]
                     m.next = "RUN"
             with m.State("RUN"):
                 m.d.comb += self.ready.eq(1)
-                with m.If(due):
+                with m.If(decided | ~quiet):
+                    pass                          # the cycle after a decision, or hold
+                with m.Elif(due):
                     with m.If(open_.any()):       # close every bank, then refresh
-                        # (the bus idle a cycle ago and no READ or WRITE decided since:
-                        # idle now. The bus's idleness through the banks' precharge timers
-                        # was the SDRAM domain's critical path at 100 MHz, 99.46 MHz)
-                        with m.If(quiet & closable & ~moved_then & idle_then & ~taken):
+                        with m.If(closable & idle_then):
                             issue(PRE, addr=1 << 10)
                             m.d.sync += [open_.eq(0), hold.eq(t["tRP"] - 1)]
                             m.d.sync += [since_pre[b].eq(1) for b in range(nb)]
-                    with m.Elif(quiet & bus_idle):
+                    with m.Elif(idle_then):
                         issue(REF)
                         m.d.sync += [due.eq(0), ref_timer.eq(t["tREFI"]),
                                      hold.eq(t["tRFC"] - 1),
                                      self.refreshes.eq(self.refreshes + 1)]
-                with m.Elif(inp.valid & ~taken & quiet & known):
-                    with m.If(hit):
-                        with m.If(req.write & ready_rw & (wr_wait == 0)):
-                            issue(WRITE, bank, col)
-                            m.d.sync += [taken.eq(1), taken_write.eq(1),
-                                         wr_wait.eq(BEATS - 1), rd_wait.eq(BEATS - 1),
-                                         since_wr[bank].eq(1)]
-                        with m.Elif(~req.write & ready_rw & (rd_wait == 0)
-                                    & (free != 0)):
-                            issue(READ, bank, col)
-                            m.d.comb += read_go.eq(1)
-                            m.d.sync += [taken.eq(1), starts.eq((starts << 1) | 1),
-                                         rd_wait.eq(BEATS - 1), wr_wait.eq(chip.cl + BEATS)]
-                    with m.Elif(miss):                          # another row: close it
-                        with m.If(can_close & idle_then):
-                            issue(PRE, bank, 0)
-                            m.d.sync += [open_.eq(open_ & ~(1 << bank)),
-                                         since_pre[bank].eq(1)]
+                with m.Elif(known):
+                    with m.If(can_write):
+                        issue(WRITE, bank, col)
+                        m.d.sync += [taken.eq(1), taken_write.eq(1),
+                                     wr_wait.eq(BEATS - 1), rd_wait.eq(BEATS - 1),
+                                     since_wr[bank].eq(1)]
+                    with m.Elif(can_read):
+                        issue(READ, bank, col)
+                        m.d.comb += read_go.eq(1)
+                        m.d.sync += [taken.eq(1), starts.eq((starts << 1) | 1),
+                                     rd_wait.eq(BEATS - 1), wr_wait.eq(chip.cl + BEATS)]
+                    with m.Elif(can_close):                     # another row: close it
+                        issue(PRE, bank, 0)
+                        m.d.sync += [open_.eq(open_ & ~(1 << bank)), since_pre[bank].eq(1)]
                     with m.Elif(can_open):                      # open the row
                         issue(ACT, bank, r_row)
                         m.d.sync += [open_.eq(open_ | (1 << bank)), row[bank].eq(r_row),
