@@ -128,7 +128,7 @@ BOARDS = {
     "ulx3s-85f": Board("ulx3s-85f", "amaranth_boards.ulx3s:ULX3S_85F_Platform",
                        rows=8, cols=16, mem_words=16384, baud=3_000_000, clk_hz=48_000_000,
                        pll="ecp5", sdram="is42s16160", nextpnr_opts=("--router", "router2"),
-                       cable=("-b", "ulx3s"), seed=3, link="usb", dsp_pes=128,
+                       cable=("-b", "ulx3s"), seed=2, link="usb", dsp_pes=128,
                        sdram_hz=100_000_000),
 }
 
