@@ -16,7 +16,8 @@ controller, and checks them all, setting a bit of ``flags`` (sticky, one per
   is set or before ``init_refreshes`` refreshes, a mode the model does not implement;
 * refresh: more than 8 refreshes owed (every ``tREFI`` adds one, every REFRESH pays one,
   up to 8 ahead), i.e. a row's retention window missed;
-* the data bus: a READ or WRITE that cuts a burst short, the controller driving DQ while
+* the data bus: a READ or WRITE that cuts a burst short (or a PRECHARGE a read burst of
+  its bank), the controller driving DQ while
   the chip drives it (or in the cycle after, the turnaround), write beats not driven.
 
 Timing of the pins (a zero-delay simulation of the board's clocking, where the SDRAM clock
@@ -62,7 +63,7 @@ class Flag(enum.IntEnum):
     INIT = 10            # a command too early in the power-up sequence
     MODE = 11            # a mode register value the model does not implement
     REFRESH = 12         # more than 8 refreshes owed
-    BURST_CUT = 13       # READ or WRITE before the previous burst ended
+    BURST_CUT = 13       # READ, WRITE or a bank's PRECHARGE before the last burst ended
     BUS = 14             # both ends drive DQ, or a write beat is not driven
     UNSUPPORTED = 15     # auto precharge, CKE low, burst terminate
 
@@ -248,6 +249,9 @@ class SdramChipModel(wiring.Component):
         with m.Elif(r_left != 0):
             m.d.comb += [reading.eq(1), raddr.eq(Cat(burst_col(r_col, r_k), r_row, r_bank))]
             m.d.sync += [r_left.eq(r_left - 1), r_k.eq(r_k + 1)]
+        # a PRECHARGE of the reading bank ends its burst CL - 1 cycles later: before the
+        # READ's cycle + 8 it cuts the burst short
+        flag(Flag.BURST_CUT, is_["pre"] & (r_left != 0) & (a10 | (bank == r_bank)))
         got = Signal()                          # rdata holds a beat
         d1, d2, v1, v2 = Signal(16), Signal(16), Signal(), Signal()
         m.d.sync += [got.eq(reading), d1.eq(rdata), v1.eq(got), d2.eq(d1), v2.eq(v1)]

@@ -166,7 +166,8 @@ def init(t0=120):
 
 def test_a_correct_hand_sequence_is_clean():
     seq, t = init()
-    seq += [(t, ACT, 1, 5), (t + 1, READ, 1, 0), (t + 9, READ, 1, 8), (t + 20, PRE, 1, 0)]
+    seq += [(t, ACT, 1, 5), (t + 1, READ, 1, 0), (t + 9, READ, 1, 8), (t + 20, PRE, 1, 0),
+            (t + 30, ACT, 2, 5), (t + 31, READ, 2, 0), (t + 39, PRE, 2, 0)]  # burst's end
     assert sequence(seq) == []
 
 
@@ -178,6 +179,8 @@ def test_a_correct_hand_sequence_is_clean():
     ("ref_open", "BANK_OPEN"),         # REFRESH with a bank open
     ("mode", "MODE"),                  # burst length 4
     ("cut", "BURST_CUT"),              # READ 4 cycles after READ
+    ("pre_cut", "BURST_CUT"),          # PRECHARGE of its bank 7 cycles after a READ
+    ("pre_all_cut", "BURST_CUT"),      # PRECHARGE ALL likewise
     ("autopre", "UNSUPPORTED"),        # READ with auto precharge
     ("undriven", "BUS"),               # WRITE without its data on DQ
     ("contention", "BUS"),             # DQ driven in a read's turnaround cycle
@@ -199,6 +202,9 @@ def test_the_model_flags_commands_in_a_wrong_state(case, expect):
         seq = [*seq[:-1], (seq[-1][0], MRS, 0, good_mode - 1)]
     elif case == "cut":
         seq += [(t, ACT, 0, 0), (t + 2, READ, 0, 0), (t + 6, READ, 0, 8)]
+    elif case in ("pre_cut", "pre_all_cut"):
+        seq += [(t, ACT, 0, 0), (t + 10, READ, 0, 0),
+                (t + 17, PRE, 0, 1 << 10 if case == "pre_all_cut" else 0)]
     elif case == "autopre":
         seq += [(t, ACT, 0, 0), (t + 2, READ, 0, 1 << 10)]
     drive = ()
