@@ -79,6 +79,14 @@ class BoundsCheck(wiring.Component):
         super().__init__({"buffers": In(data.ArrayLayout(self.layout, n)), "start": In(1),
                           "done": Out(1), "ok": Out(1)})
 
+    def drive(self, m, buffers):
+        """Drive :attr:`buffers` in ``m`` from ``(addr, stride, rows, items, written,
+        used)`` tuples, one a buffer (the engine's and the element-wise unit's checks)."""
+        for b, (addr, stride, rows, items, written, used) in zip(self.buffers, buffers,
+                                                                strict=True):
+            m.d.comb += [b.addr.eq(addr), b.stride.eq(stride), b.rows.eq(rows),
+                         b.items.eq(items), b.written.eq(written), b.used.eq(used)]
+
     def elaborate(self, platform):
         m = Module()
         # Every term of the sum is checked in the memory's own width: a term of 2^B or more

@@ -143,11 +143,7 @@ class GemmEngine(wiring.Component):
             (cfg.out_addr, cfg.out_stride, cfg.n, out_nibbles, 1, 1),
             (cfg.mask_addr, cfg.mask_stride, cfg.n, m_pad, 0, mask_on),
         ]
-        for b, (addr, stride, rows, nibbles, written, used) in zip(check.buffers, bufs,
-                                                                    strict=True):
-            m.d.comb += [b.addr.eq(addr), b.stride.eq(stride), b.rows.eq(rows),
-                         b.items.eq(nibbles), b.written.eq(written),
-                         b.used.eq(used)]
+        check.drive(m, bufs)
 
     def elaborate(self, platform):
         m = Module()

@@ -238,11 +238,7 @@ class VectorUnit(wiring.Component):
              Mux(t, cfg.rows << cfg.pair, Mux(u, masters, cfg.cols)), 1, 1),
             (cfg.c_addr, cfg.b_stride, cfg.rows, masters, 1, u),
         ]
-        for b, (addr, stride, rows, nibbles, written, used) in zip(check.buffers, bufs,
-                                                                    strict=True):
-            m.d.comb += [b.addr.eq(addr), b.stride.eq(stride), b.rows.eq(rows),
-                         b.items.eq(nibbles), b.written.eq(written),
-                         b.used.eq(used)]
+        check.drive(m, bufs)
 
     def elaborate(self, platform):
         m = Module()
