@@ -28,6 +28,7 @@ Writes ``train.json`` and ``train.md`` under the output folder and, with ``docs`
 import json
 import math
 import platform
+import re
 import time
 from contextlib import nullcontext
 from dataclasses import replace
@@ -316,6 +317,13 @@ def board_run(name, data, cfg, steps=4, images=4096, log=print):
                 runs[-1]["host_s"], runs[-1]["trace"], runs[-1]["trace_steps"] = \
                     _host_seconds(session, HOST_STEPS)
     sim, emu = runs
+    # the chip model's verdict on the simulated run (printed when the model stops): a
+    # figure from a run that broke an SDRAM rule is no figure
+    found = re.search(r"sdram flags \S+ violations \d+", serve.last_report)
+    sdram_report = found.group(0) if found else serve.last_report
+    if conf["sdram"] and not (found and sdram_report.endswith(" violations 0")):
+        raise RuntimeError(f"{name}: the SDRAM model flagged the simulated run: "
+                           f"{sdram_report!r}")
     measured = steps - WARM_STEPS
     per_step = len(sim["run_cycles"]) // measured
     # each RUN's cycles in a step, the mean over the measured steps (they are the same
@@ -332,6 +340,7 @@ def board_run(name, data, cfg, steps=4, images=4096, log=print):
             "scratch_words": conf["words"], "sdram": conf["sdram"],
             "sdram_hz": conf["sdram_hz"],
             "state_words": sim["plan_words"], "state_in_sdram": sim["paged"],
+            "sdram_model_report": sdram_report,
             "steps": steps, "sim_matches_emu": bool(same),
             "sim_seconds_per_step": sim["seconds"] / measured,
             "device_cycles_per_step": sim["per_step"]["cycles"],
